@@ -1,0 +1,64 @@
+"""Rule objects: what a parsed config line becomes and what the engine acts on.
+
+Plain slotted data, so that 100,000 rules stay small (QEMU's BlkdebugRule is a union of
+three small structs; these are its Python twins). Parsing lives in config.py, behaviour in
+engine.py.
+"""
+
+import errno as _errno
+from dataclasses import dataclass, field
+
+from .events import DEFAULT_IOTYPES
+
+SECTOR_SIZE = 512
+
+
+@dataclass(slots=True, eq=False)
+class InjectError:
+    """`[inject-error]`: when `event` fires in `state` (0 = any), arm this rule."""
+
+    event: str
+    state: int = 0
+    errno: int = _errno.EIO
+    sector: int = -1                  # -1: any offset; else the one byte sector*512
+    once: bool = False
+    immediately: bool = False
+    iotypes: frozenset = DEFAULT_IOTYPES
+    source: str = ""                  # where it came from: "rules.conf:3", "-o inject-error.0", "control"
+    id: int = 0                       # given by the engine; also its priority (lower wins)
+    hits: int = 0                     # times this rule failed (or, errno 0, passed) a request
+
+    kind = "inject-error"
+
+    @property
+    def offset(self) -> int:
+        """The byte a sector rule tests, or -1."""
+        return self.sector * SECTOR_SIZE if self.sector >= 0 else -1
+
+
+@dataclass(slots=True, eq=False)
+class SetState:
+    """`[set-state]`: when `event` fires in `state` (0 = any), move to `new_state`."""
+
+    event: str
+    state: int = 0
+    new_state: int = 0
+    source: str = ""
+    id: int = 0
+    hits: int = 0                     # times this rule changed the state
+
+    kind = "set-state"
+
+
+Rule = InjectError | SetState
+
+
+@dataclass(slots=True)
+class Settings:
+    """Everything a mount's rules come from: what `reload` re-reads, and the block options."""
+
+    config_path: str | None = None    # the config file, re-read by `reload`
+    options: dict = field(default_factory=dict)   # blockdev-style options as given, in order
+    image: str | None = None          # from the blkdebug:RULES:IMAGE form
+    align: int | None = None
+    max_transfer: int | None = None
