@@ -1,0 +1,38 @@
+"""The `blkfuse` command: one module per subcommand, as in S3QL."""
+
+import importlib
+
+import click
+
+# subcommand name -> module in this package that defines `command`
+SUBCOMMANDS = {
+    "mount": "mount",
+    "umount": "umount",
+    "ctl": "ctl",
+    "status": "status",
+    "check": "check",
+    "events": "events",
+}
+
+
+class _LazyGroup(click.Group):
+    """Imports a subcommand's module only when it runs, so `blkfuse check` never loads pyfuse3."""
+
+    def list_commands(self, ctx):
+        return list(SUBCOMMANDS)
+
+    def get_command(self, ctx, name):
+        module = SUBCOMMANDS.get(name)
+        if module is None:
+            return None
+        return importlib.import_module(f"{__name__}.{module}").command
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="blkfuse")
+def main():
+    """Inject disk faults the way QEMU's blkdebug does, into any program.
+
+    blkfuse mounts a disk image as a single file; every read, write and fsync of that
+    file runs through blkdebug's rule engine before it reaches the image.
+    """
