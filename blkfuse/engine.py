@@ -1,0 +1,390 @@
+"""The blkdebug rule engine: state, rules per event, the active set, checks, breakpoints.
+
+Pure: no file I/O and no FUSE. It follows QEMU 7.2's block/blkdebug.c as observed
+(DESIGN.md §3):
+
+- `fire(event)` runs the event's rules against the state *at event time*: the matching
+  inject-error rules replace the active set (only if there is at least one), the first
+  matching set-state rule in file order sets the new state, then breakpoints on the event
+  suspend the request.
+- `check(iotype, offset, length)` picks the first active rule (in file order) whose iotype
+  allows the request and whose sector byte, if any, lies inside it.
+
+Breakpoint suspension uses trio primitives, so a suspended request costs one parked task.
+"""
+
+import errno as _errno
+import math
+import time
+from bisect import bisect_left
+from typing import Iterable, NamedTuple
+
+import trio
+
+from .events import EVENTS, IOTYPES, canonical_event
+from .rules import InjectError, Rule, SetState
+
+
+class EngineError(Exception):
+    """A command the engine cannot carry out; `errno` is what the control write fails with."""
+
+    def __init__(self, errno: int, message: str):
+        super().__init__(message)
+        self.errno = errno
+        self.message = message
+
+
+class Request(NamedTuple):
+    """What a request was doing when it raised an event: shown for suspended requests."""
+
+    op: str          # "read" | "write" | "flush"
+    offset: int
+    length: int
+
+
+class Suspension:
+    """A request parked at a breakpoint until each of its tags has been resumed."""
+
+    __slots__ = ("event", "tags", "request", "since", "_done", "_registry")
+
+    def __init__(self, event: str, tags: list[str], request: Request | None, registry: list):
+        self.event = event
+        self.tags = tags                  # remaining tags; one `resume` takes one
+        self.request = request
+        self.since = time.monotonic()
+        self._done = trio.Event()
+        self._registry = registry         # the engine's list of suspensions
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def release(self) -> None:
+        if self in self._registry:
+            self._registry.remove(self)
+        self.tags.clear()
+        self._done.set()
+
+    async def wait(self) -> None:
+        try:
+            await self._done.wait()
+        finally:
+            # A cancelled waiter (daemon shutting down) must not stay listed.
+            if not self._done.is_set():
+                self.release()
+
+
+class _ActiveSet:
+    """The armed inject-error rules, indexed so a check never scans all of them.
+
+    Priority is the rule id (file order). Rules without a sector are few and kept in
+    priority order, with the first one per io type cached. Sector rules live in a list
+    sorted by byte offset, searched with bisect: a check looks only at rules whose byte
+    lies inside the request.
+    """
+
+    __slots__ = ("anywhere", "first_anywhere", "offsets", "at_offset", "count")
+
+    def __init__(self):
+        self.replace(())
+
+    def replace(self, rules: Iterable[InjectError]) -> None:
+        self.anywhere = []
+        located = []
+        for rule in rules:
+            if rule.sector < 0:
+                self.anywhere.append(rule)
+            else:
+                located.append(rule)
+        self.anywhere.sort(key=_by_id)
+        located.sort(key=_by_offset_then_id)
+        self.offsets = [rule.sector * 512 for rule in located]
+        self.at_offset = located
+        self.count = len(self.anywhere) + len(located)
+        self._index_anywhere()
+
+    def add(self, rule: InjectError) -> None:
+        if rule.sector < 0:
+            self.anywhere.append(rule)
+            self.anywhere.sort(key=_by_id)
+            self._index_anywhere()
+        else:
+            offset = rule.sector * 512
+            i = bisect_left(self.offsets, offset)
+            self.offsets.insert(i, offset)
+            self.at_offset.insert(i, rule)
+        self.count += 1
+
+    def discard(self, rule: InjectError) -> bool:
+        if rule.sector < 0:
+            if rule not in self.anywhere:
+                return False
+            self.anywhere.remove(rule)
+            self._index_anywhere()
+        else:
+            offset = rule.sector * 512
+            i = bisect_left(self.offsets, offset)
+            while i < len(self.offsets) and self.offsets[i] == offset:
+                if self.at_offset[i] is rule:
+                    del self.offsets[i]
+                    del self.at_offset[i]
+                    break
+                i += 1
+            else:
+                return False
+        self.count -= 1
+        return True
+
+    def _index_anywhere(self) -> None:
+        first = {}
+        for rule in self.anywhere:
+            for iotype in rule.iotypes:
+                first.setdefault(iotype, rule)
+            if len(first) == len(IOTYPES):
+                break
+        self.first_anywhere = first
+
+    def find(self, iotype: str, offset: int, length: int) -> InjectError | None:
+        best = self.first_anywhere.get(iotype)
+        if length and self.offsets:
+            offsets = self.offsets
+            i = bisect_left(offsets, offset)
+            end = offset + length
+            rules = self.at_offset
+            while i < len(offsets) and offsets[i] < end:
+                rule = rules[i]
+                if (best is None or rule.id < best.id) and iotype in rule.iotypes:
+                    best = rule
+                i += 1
+        return best
+
+    def in_priority_order(self) -> list[InjectError]:
+        return sorted(self.anywhere + self.at_offset, key=_by_id)
+
+
+def _by_id(rule):
+    return rule.id
+
+
+def _by_offset_then_id(rule):
+    return (rule.sector, rule.id)
+
+
+class Engine:
+    """QEMU blkdebug's BDRVBlkdebugState and its operations, in Python."""
+
+    def __init__(self, rules: Iterable[Rule] = ()):
+        self.state = 1
+        self._rules: dict[int, Rule] = {}                 # id -> rule, in id (file) order
+        self._by_event: dict[str, list[Rule]] = {}        # event -> its rules, file order
+        self._breakpoints: dict[str, list[str]] = {}      # event -> tags, in order set
+        self._active = _ActiveSet()
+        self._suspended: list[Suspension] = []            # newest first, as QEMU's QLIST
+        self._changed = trio.Event()                      # set when suspensions/breakpoints change
+        self._next_id = 1
+        self.event_counts = dict.fromkeys(EVENTS, 0)
+        self.errors_injected: dict[int, int] = {}
+        for rule in rules:
+            self._insert(rule)
+        self.fire("none")
+
+    # ---- events and checks: the per-request hot path ----
+
+    def fire(self, event: str, request: Request | None = None) -> Suspension | None:
+        """Raise `event`. Returns a Suspension the caller must await, or None."""
+        self.event_counts[event] += 1
+        rules = self._by_event.get(event)
+        if rules:
+            self._run_rules(rules)
+        if self._breakpoints:
+            tags = self._breakpoints.pop(event, None)
+            if tags:
+                return self._suspend(event, tags, request)
+        return None
+
+    def _run_rules(self, rules: list[Rule]) -> None:
+        state = self.state
+        armed = []
+        new_state_rule = None
+        for rule in rules:
+            if rule.state and rule.state != state:
+                continue
+            if type(rule) is InjectError:
+                armed.append(rule)
+            elif new_state_rule is None:        # first in file order wins
+                new_state_rule = rule
+        if armed:
+            self._active.replace(armed)
+        if new_state_rule is not None:
+            new_state_rule.hits += 1
+            self.state = new_state_rule.new_state
+
+    def check(self, iotype: str, offset: int, length: int) -> int:
+        """0 if the request may go on, else the errno it fails with. `length` 0: a flush."""
+        if not self._active.count:
+            return 0
+        rule = self._active.find(iotype, offset, length)
+        if rule is None:
+            return 0
+        rule.hits += 1
+        error = rule.errno
+        if not error:
+            return 0                            # errno 0 matches and lets it through
+        if rule.once:
+            self._active.discard(rule)
+            self._delete(rule)
+        self.errors_injected[error] = self.errors_injected.get(error, 0) + 1
+        return error
+
+    # ---- breakpoints ----
+
+    def _suspend(self, event: str, tags: list[str], request: Request | None) -> Suspension:
+        suspension = Suspension(event, tags, request, self._suspended)
+        self._suspended.insert(0, suspension)
+        self._notify()
+        return suspension
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+
+    def add_breakpoint(self, event: str, tag: str) -> None:
+        name = canonical_event(event)
+        if name is None:
+            raise EngineError(_errno.ENOENT, f'no such event "{event}"')
+        self._breakpoints.setdefault(name, []).append(tag)
+        self._notify()
+
+    def resume(self, tag: str) -> None:
+        """Take `tag` off the most recently suspended request that has it (QEMU's order)."""
+        for suspension in self._suspended:
+            if tag in suspension.tags:
+                suspension.tags.remove(tag)
+                if not suspension.tags:
+                    suspension.release()
+                self._notify()
+                return
+        raise EngineError(_errno.ENOENT, f'no request is suspended at tag "{tag}"')
+
+    def remove_breakpoint(self, tag: str) -> None:
+        """Drop every breakpoint with `tag` and resume every request suspended at it."""
+        found = False
+        for event in list(self._breakpoints):
+            tags = self._breakpoints[event]
+            if tag in tags:
+                found = True
+                tags[:] = [t for t in tags if t != tag]
+                if not tags:
+                    del self._breakpoints[event]
+        for suspension in list(self._suspended):
+            if tag in suspension.tags:
+                found = True
+                suspension.tags[:] = [t for t in suspension.tags if t != tag]
+                if not suspension.tags:
+                    suspension.release()
+        if not found:
+            raise EngineError(_errno.ENOENT, f'no breakpoint or suspended request has tag "{tag}"')
+        self._notify()
+
+    def is_suspended(self, tag: str) -> bool:
+        return any(tag in s.tags for s in self._suspended)
+
+    def _has_breakpoint(self, tag: str) -> bool:
+        return any(tag in tags for tags in self._breakpoints.values())
+
+    async def wait_break(self, tag: str, timeout: float | None = None) -> None:
+        """Return once a request is suspended at `tag` (at once if one already is).
+
+        Unlike qemu-io, which would wait forever, a tag that is neither set as a
+        breakpoint nor suspended fails with ENOENT: nothing could ever satisfy the wait.
+        """
+        with trio.move_on_after(math.inf if timeout is None else timeout):
+            while not self.is_suspended(tag):
+                if not self._has_breakpoint(tag):
+                    raise EngineError(_errno.ENOENT,
+                                      f'no breakpoint or suspended request has tag "{tag}"')
+                await self._changed.wait()
+            return
+        raise EngineError(_errno.ETIMEDOUT,
+                          f'no request was suspended at tag "{tag}" within {timeout:g} s')
+
+    def resume_all(self) -> None:
+        """Shutdown: drop every breakpoint and release every suspended request."""
+        self._breakpoints.clear()
+        for suspension in list(self._suspended):
+            suspension.release()
+        self._notify()
+
+    def breakpoints(self) -> list[tuple[str, str]]:
+        return [(event, tag) for event, tags in self._breakpoints.items() for tag in tags]
+
+    def suspended(self) -> list[Suspension]:
+        return list(self._suspended)
+
+    # ---- rules at runtime ----
+
+    def _insert(self, rule: Rule) -> int:
+        rule.id = self._next_id
+        self._next_id += 1
+        self._rules[rule.id] = rule
+        self._by_event.setdefault(rule.event, []).append(rule)
+        return rule.id
+
+    def _delete(self, rule: Rule) -> None:
+        del self._rules[rule.id]
+        siblings = self._by_event[rule.event]
+        siblings.remove(rule)
+        if not siblings:
+            del self._by_event[rule.event]
+
+    def add_rule(self, rule: Rule) -> int:
+        """Add a rule after all others; returns its id.
+
+        `none` fired at mount and never fires again, so an inject-error rule added for it
+        (in state 0 or the current state) is armed at once, behind the rules already armed.
+        """
+        rule_id = self._insert(rule)
+        if (rule.event == "none" and type(rule) is InjectError
+                and rule.state in (0, self.state)):
+            self._active.add(rule)
+        return rule_id
+
+    def remove_rule(self, rule_id: int) -> None:
+        rule = self._rules.get(rule_id)
+        if rule is None:
+            raise EngineError(_errno.ENOENT, f"no rule with id {rule_id}")
+        if type(rule) is InjectError:
+            self._active.discard(rule)
+        self._delete(rule)
+
+    def clear(self) -> None:
+        """Remove every rule and disarm everything; breakpoints stay."""
+        self._rules.clear()
+        self._by_event.clear()
+        self._active.replace(())
+
+    def set_state(self, state: int) -> None:
+        self.state = state
+
+    def replace_rules(self, rules: Iterable[Rule]) -> None:
+        """Reload: new rules, as if the image were opened again (state 1, `none` fired).
+
+        Breakpoints and suspended requests are left as they are.
+        """
+        self.clear()
+        for rule in rules:
+            self._insert(rule)
+        self.state = 1
+        self.event_counts["none"] += 1
+        rules_of_none = self._by_event.get("none")
+        if rules_of_none:
+            self._run_rules(rules_of_none)
+
+    def rules(self) -> list[Rule]:
+        return list(self._rules.values())
+
+    def active(self) -> list[InjectError]:
+        return self._active.in_priority_order()
+
+
+__all__ = ["Engine", "EngineError", "Request", "Suspension", "InjectError", "SetState"]
