@@ -1,0 +1,572 @@
+"""Rules from every place a QEMU user would write them, parsed the way QEMU 7.2 parses them.
+
+Four spellings lead to the same rule objects (rules.py):
+
+- the blkdebug config file (QEMU's qemu_config_parse format):
+      [inject-error]
+      event = "read_aio"
+      errno = "28"
+- blockdev-style options: ``inject-error.0.event=read_aio,inject-error.0.errno=28,align=4096``
+- the filename form ``blkdebug:RULES:IMAGE``
+- the control file's ``inject-error event=read_aio errno=ENOSPC`` words
+
+Every error is a ConfigError whose text says where (``rules.conf:3:``, ``option
+inject-error.0.evnt:``, ``control:``), what is wrong and, for a misspelt name, the closest
+valid one. What QEMU accepts we accept, with these deliberate differences (README):
+a negative errno or sector is an error (QEMU wraps "-5" to a negative errno that silently
+skips the I/O, and "-1" to "any sector"); errno may be a name ("ENOSPC"); errno is at most
+511 (the largest error a FUSE reply can carry); pre-2015 dotted event names still work;
+whitespace-only and indented-comment lines are allowed; text after a value's closing quote
+is an error (QEMU ignores it, which hides typos); option values may be quoted; align and
+max-transfer must be positive (QEMU reads 0 as "not set").
+"""
+
+import difflib
+import errno as errno_module
+import re
+
+from .events import DEFAULT_IOTYPES, EVENTS, IOTYPES, canonical_event
+from .rules import InjectError, Rule, SetState, Settings
+
+__all__ = [
+    "ConfigError", "parse_config_text", "parse_config_file", "parse_options",
+    "parse_option_string", "parse_filename", "parse_rule_args", "load_rules",
+    "format_rule", "format_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config, option or control rule that cannot be used; str() is the whole message."""
+
+
+class _Invalid(Exception):
+    """A bad value, before the caller knows where it came from (it adds the location)."""
+
+
+# The keys of each section, in QEMU's order (block/blkdebug.c inject_error_opts, set_state_opts).
+SECTION_KEYS = {
+    "inject-error": ("event", "state", "iotype", "errno", "sector", "once", "immediately"),
+    "set-state": ("event", "state", "new_state"),
+}
+_RULE_CLASSES = {"inject-error": InjectError, "set-state": SetState}
+
+# Top-level blockdev options of the blkdebug driver that blkfuse understands.
+_SETTING_OPTIONS = ("config", "image", "x-image", "align", "max-transfer")
+
+# A FUSE reply carries -errno and the kernel refuses anything at or below -512 (-ERESTARTSYS).
+MAX_ERRNO = 511
+_UINT64_MAX = 2**64 - 1
+_INT_MAX = 2**31 - 1           # QEMU keeps states, align and max-transfer in an int
+_INT64_MAX = 2**63 - 1
+
+_ERRNO_NAMES = {name: getattr(errno_module, name)
+                for name in dir(errno_module) if name.startswith("E") and name.isupper()}
+_BOOLEANS = {"on": True, "yes": True, "true": True, "y": True,
+             "off": False, "no": False, "false": False, "n": False}
+
+
+# --- suggestions -------------------------------------------------------------------------
+
+def _did_you_mean(word: str, candidates) -> str:
+    """' (did you mean "x"?)' for the closest candidate, or '' when nothing is close."""
+    candidates = list(candidates)
+    matches = difflib.get_close_matches(word, candidates, n=1)
+    if not matches:
+        # difflib is case-sensitive: "ENOSPC" is far from "enospc" by its measure.
+        folded = {c.lower(): c for c in candidates}
+        close = difflib.get_close_matches(word.lower(), list(folded), n=1)
+        matches = [folded[close[0]]] if close else []
+    return f' (did you mean "{matches[0]}"?)' if matches else ""
+
+
+# --- values ------------------------------------------------------------------------------
+
+# QEMU reads numbers with qemu_strtou64(base 0): C whitespace, a sign, then 0x hex,
+# 0-led octal or decimal, and nothing after. Explicit digit classes keep Unicode digits out.
+_NUMBER = re.compile(r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)\Z")
+
+
+def _parse_number(key: str, text: str) -> int:
+    """A QEMU_OPT_NUMBER value as a Python int (negative only when written with '-')."""
+    match = _NUMBER.match(text)
+    if match is None:
+        raise _Invalid(f'{key} expects a number (decimal, 0x hex or 0-led octal), not "{text}"')
+    sign, digits = match.groups()
+    if digits[:2] in ("0x", "0X"):
+        value = int(digits[2:], 16)
+    elif digits[0] == "0":
+        value = int(digits, 8)
+    else:
+        value = int(digits)
+    if value > _UINT64_MAX:
+        raise _Invalid(f'{key} "{text}" is too large')
+    return -value if sign == "-" else value
+
+
+def _parse_count(key: str, text: str) -> int:
+    """state, new_state, sector: a non-negative number that fits QEMU's C field.
+
+    QEMU would keep a state in an int and a sector in an int64_t, silently wrapping a larger
+    value (a sector of 2^64-1 becomes -1, "any sector"); refusing is kinder.
+    """
+    value = _parse_number(key, text)
+    if value < 0:
+        raise _Invalid(f'{key} must not be negative, not "{text}"')
+    limit = _INT64_MAX if key == "sector" else _INT_MAX
+    if value > limit:
+        raise _Invalid(f'{key} "{text}" is too large (at most {limit})')
+    return value
+
+
+def _parse_errno(key: str, text: str) -> int:
+    """A number, or (an extension) an errno name such as ENOSPC."""
+    name = text.strip()
+    if name[:1].isalpha():
+        if name in _ERRNO_NAMES:
+            return _ERRNO_NAMES[name]
+        raise _Invalid(f'unknown errno name "{text}"{_did_you_mean(name, _ERRNO_NAMES)}')
+    value = _parse_number(key, text)
+    if value < 0:
+        raise _Invalid(f'errno must not be negative, not "{text}" (QEMU would silently '
+                       "skip the I/O; use a positive errno, or 0 to let requests through)")
+    if value > MAX_ERRNO:
+        raise _Invalid(f'errno "{text}" is too large: a FUSE reply carries at most {MAX_ERRNO}')
+    return value
+
+
+def _parse_bool(key: str, text: str) -> bool:
+    # QEMU's qapi_bool_parse: these lower-case words only; "1", "0" and "ON" are errors.
+    try:
+        return _BOOLEANS[text]
+    except KeyError:
+        raise _Invalid(f'{key} expects on or off (or yes/no, true/false, y/n), not "{text}"') from None
+
+
+def _parse_event(key: str, text: str) -> str:
+    event = canonical_event(text)
+    if event is None:
+        raise _Invalid(f'unknown event "{text}"{_did_you_mean(text, EVENTS)}')
+    return event
+
+
+def _parse_iotype(key: str, text: str) -> frozenset:
+    if text in IOTYPES:
+        return frozenset((text,))
+    if "," in text:
+        # QEMU 7.2 parses iotype as one enum value; a list is "invalid parameter value".
+        raise _Invalid(f'iotype takes one io type, not several ("{text}"); '
+                       "write one rule per io type")
+    raise _Invalid(f'unknown io type "{text}"{_did_you_mean(text, IOTYPES)}')
+
+
+# key -> (rule field it sets, parser of its text)
+_KEY_PARSERS = {
+    "event": ("event", _parse_event),
+    "state": ("state", _parse_count),
+    "new_state": ("new_state", _parse_count),
+    "sector": ("sector", _parse_count),
+    "errno": ("errno", _parse_errno),
+    "once": ("once", _parse_bool),
+    "immediately": ("immediately", _parse_bool),
+    "iotype": ("iotypes", _parse_iotype),
+}
+
+
+# --- rules from key/value entries --------------------------------------------------------
+
+def _check_key(kind: str, key: str, where: str) -> None:
+    """Refuse a key that `kind` rules do not have, naming the right section if it is there."""
+    if key in SECTION_KEYS[kind]:
+        return
+    for other, keys in SECTION_KEYS.items():
+        if other != kind and key in keys:
+            raise ConfigError(f'{where}: "{key}" is a key of {other} rules, not of {kind} rules')
+    raise ConfigError(f'{where}: unknown {kind} key "{key}"{_did_you_mean(key, SECTION_KEYS[kind])}')
+
+
+def _build_rule(kind: str, entries: dict, where: str, source: str) -> Rule:
+    """A rule from {key: (text, where-the-key-was)}; keys were checked as they were read."""
+    if "event" not in entries:
+        raise ConfigError(f'{where}: {kind} rule has no event (every rule needs one)')
+    fields = {}
+    for key, (text, key_where) in entries.items():
+        field, parse = _KEY_PARSERS[key]
+        try:
+            fields[field] = parse(key, text)
+        except _Invalid as error:
+            raise ConfigError(f"{key_where}: {error}") from None
+    return _RULE_CLASSES[kind](source=source, **fields)
+
+
+def _check_kind(kind: str, where: str, noun: str = "section") -> None:
+    if kind not in SECTION_KEYS:
+        raise ConfigError(f'{where}: unknown {noun} "{kind}"{_did_you_mean(kind, SECTION_KEYS)}')
+
+
+# --- the config file ---------------------------------------------------------------------
+
+# "[inject-error]" or QEMU's '[inject-error "ID"]'.
+_HEADER = re.compile(r'\[([^\]\s"]+)(?:[ \t]+"([^"]*)")?\]\Z')
+# key, whitespace, "=", a double-quoted value. The whitespace before "=" is not optional in
+# QEMU (sscanf's %s swallows 'event="x"' whole), so it is not here either.
+_ASSIGNMENT = re.compile(r'([^\s"]+)[ \t]+=[ \t]*"([^"]*)"(.*)\Z')
+# QemuOpts ids (id_wellformed): a letter, then letters, digits, '-', '.', '_'.
+_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
+
+
+class _Section:
+    """A section being read: its kind, where it started, its entries so far."""
+
+    __slots__ = ("kind", "where", "entries")
+
+    def __init__(self, kind: str, where: str):
+        self.kind = kind
+        self.where = where
+        self.entries = {}
+
+
+def _explain_bad_line(line: str) -> str:
+    """Why a line that is neither header, comment nor key = "value" is wrong."""
+    key, equals, value = line.partition("=")
+    if not equals:
+        return 'expected key = "value", a [section] or a # comment'
+    key, value = key.strip(), value.strip()
+    if not key:
+        return 'missing key before "="'
+    if not line.partition("=")[0][-1:].isspace():
+        return f'put a space before "=" (QEMU reads "{key}=" as the key): {key} = {value}'
+    if not value.startswith('"'):
+        return f'the value must be in double quotes: {key} = "{value}"'
+    if value.count('"') < 2:
+        return "missing closing double quote"
+    return "values cannot contain double quotes"
+
+
+def _read_assignment(line: str, where: str) -> tuple[str, str]:
+    match = _ASSIGNMENT.match(line)
+    if match is None:
+        raise ConfigError(f"{where}: {_explain_bad_line(line)}")
+    key, value, rest = match.groups()
+    if rest.strip():
+        raise ConfigError(f'{where}: unexpected text after the closing quote: "{rest.strip()}"')
+    return key, value
+
+
+class _IdRegistry:
+    """QEMU gives each section an optional id and refuses two equal ids of one kind."""
+
+    def __init__(self):
+        self.seen = set()
+
+    def claim(self, kind: str, entries: dict) -> None:
+        if "id" not in entries:
+            return
+        text, where = entries.pop("id")
+        if not _ID.match(text):
+            raise ConfigError(f'{where}: id "{text}" must start with a letter and hold only '
+                              "letters, digits, '-', '.' and '_'")
+        if (kind, text) in self.seen:
+            raise ConfigError(f'{where}: duplicate id "{text}" for {kind}')
+        self.seen.add((kind, text))
+
+
+def parse_config_text(text: str, filename: str = "<config>") -> list[Rule]:
+    """The rules of a blkdebug config file, in file order."""
+    rules = []
+    ids = _IdRegistry()
+    section = None
+
+    def finish(section):
+        ids.claim(section.kind, section.entries)
+        rules.append(_build_rule(section.kind, section.entries, section.where, section.where))
+
+    # split("\n"), not splitlines(): line numbers must count what an editor counts.
+    for lineno, line in enumerate(text.split("\n"), 1):
+        stripped = line.strip()
+        if not stripped or stripped[0] == "#":
+            continue
+        where = f"{filename}:{lineno}"
+        if stripped[0] == "[":
+            if section is not None:
+                finish(section)
+            section = _start_section(stripped, where)
+            continue
+        key, value = _read_assignment(stripped, where)
+        if section is None:
+            raise ConfigError(f"{where}: {key} is outside any section "
+                              "(start with [inject-error] or [set-state])")
+        if key != "id":
+            _check_key(section.kind, key, where)
+        # A repeated key: QEMU keeps the later value (and never looks at the earlier one).
+        section.entries.pop(key, None)
+        section.entries[key] = (value, where)
+    if section is not None:
+        finish(section)
+    return rules
+
+
+def _start_section(header: str, where: str) -> _Section:
+    match = _HEADER.match(header)
+    if match is None:
+        raise ConfigError(f"{where}: malformed section header {header!r} "
+                          "(expected [inject-error] or [set-state])")
+    kind, section_id = match.groups()
+    _check_kind(kind, where)
+    section = _Section(kind, where)
+    if section_id is not None:
+        section.entries["id"] = (section_id, where)
+    return section
+
+
+def parse_config_file(path: str) -> list[Rule]:
+    """The rules of the config file at `path`; an unreadable file is a ConfigError too."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the config file: {error.strerror}") from None
+    # QEMU reads bytes; a stray non-UTF-8 byte can only sit in a value that is then refused.
+    return parse_config_text(data.decode("utf-8", errors="replace"), path)
+
+
+# --- blockdev-style options --------------------------------------------------------------
+
+_INDEX = re.compile(r"(?:0|[1-9][0-9]*)\Z")
+# QEMU_OPT_SIZE (qemu_strtosz): decimal with an optional fraction, or hex; optional unit.
+_SIZE = re.compile(r"[ \t\n\v\f\r]*(0[xX][0-9a-fA-F]+|[0-9]+(?:\.[0-9]*)?)([bBkKmMgGtTpPeE]?)\Z")
+_SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "p": 2**50, "e": 2**60}
+
+
+def _unquote_option(value: str) -> str:
+    """Option values need no quotes; a config-file habit of adding them is forgiven."""
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        return value[1:-1]
+    return value
+
+
+def _parse_size(key: str, text: str) -> int:
+    match = _SIZE.match(text)
+    if match is None:
+        raise ConfigError(f'option {key}: expects a size (like 4096, 4k or 1M), not "{text}"')
+    number, unit = match.groups()
+    if number[:2] in ("0x", "0X"):
+        value = int(number[2:], 16) * _SIZE_UNITS[unit.lower()]
+    else:
+        whole, _, fraction = number.partition(".")
+        scale = _SIZE_UNITS[unit.lower()]
+        value = int(whole) * scale + (int(fraction) * scale // 10 ** len(fraction) if fraction else 0)
+    if value > _UINT64_MAX:
+        raise ConfigError(f'option {key}: "{text}" is too large')
+    return value
+
+
+def _parse_align(text: str) -> int:
+    align = _parse_size("align", text)
+    if align <= 0 or align > _INT_MAX or align & (align - 1):
+        raise ConfigError(f'option align: must be a positive power of two below 2^31, not "{text}"')
+    return align
+
+
+def _parse_max_transfer(text: str, align: int | None) -> int:
+    max_transfer = _parse_size("max-transfer", text)
+    if max_transfer <= 0 or max_transfer > _INT_MAX:
+        raise ConfigError(f'option max-transfer: must be positive and below 2^31, not "{text}"')
+    if align and max_transfer % align:
+        # As QEMU: a chunk must be a whole number of aligned blocks.
+        raise ConfigError(f"option max-transfer: {max_transfer} is not a multiple of align={align}")
+    return max_transfer
+
+
+def _split_rule_option(key: str) -> tuple[str, str | None, str]:
+    """'inject-error.3.errno' -> ('inject-error', '3', 'errno'); no index -> None."""
+    kind, _, rest = key.partition(".")
+    index, dot, subkey = rest.partition(".")
+    if not dot and index and not _INDEX.match(index):
+        return kind, None, index
+    if not subkey:
+        raise ConfigError(f"option {key}: which key? (like {kind}.0.event=read_aio)")
+    if not _INDEX.match(index):
+        raise ConfigError(f'option {key}: "{index}" is not a rule number '
+                          f"(write {kind}.0.KEY, {kind}.1.KEY, ...)")
+    return kind, index, subkey
+
+
+def _unknown_option(key: str) -> ConfigError:
+    head = key.partition(".")[0]
+    names = _SETTING_OPTIONS + tuple(SECTION_KEYS)
+    return ConfigError(f'option {key}: unknown option "{head}"{_did_you_mean(head, names)}')
+
+
+def _collect_rule_options(options: dict) -> dict:
+    """{kind: {index or None: {subkey: (text, where)}}}, every key checked."""
+    groups = {kind: {} for kind in SECTION_KEYS}
+    for key, value in options.items():
+        if key in _SETTING_OPTIONS:
+            continue
+        if key.partition(".")[0] not in SECTION_KEYS:
+            raise _unknown_option(key)
+        kind, index, subkey = _split_rule_option(key)
+        where = f"option {key}"
+        _check_key(kind, subkey, where)
+        groups[kind].setdefault(index, {})[subkey] = (_unquote_option(value), where)
+    return groups
+
+
+def _ordered_rule_groups(kind: str, by_index: dict) -> list[tuple[str, dict]]:
+    """(name, entries) per rule of `kind`, by number; QEMU wants 0, 1, 2... without gaps."""
+    if None in by_index:
+        if len(by_index) > 1:
+            raise ConfigError(f"option {kind}: use either {kind}.KEY (one rule) or "
+                              f"{kind}.N.KEY (numbered rules), not both")
+        return [(kind, by_index[None])]
+    numbers = sorted(int(index) for index in by_index)
+    for expected, number in enumerate(numbers):
+        if number != expected:
+            first_key = next(iter(by_index[str(number)].values()))[1]
+            raise ConfigError(f"{first_key}: rules are numbered from 0 without gaps, "
+                              f"and {kind}.{expected} is missing")
+    return [(f"{kind}.{n}", by_index[str(n)]) for n in numbers]
+
+
+def parse_options(options: dict[str, str]) -> tuple[list[Rule], Settings]:
+    """Rules and settings from blockdev-style options; rules by kind, then number."""
+    options = dict(options)
+    rules = []
+    for kind, by_index in _collect_rule_options(options).items():
+        for name, entries in _ordered_rule_groups(kind, by_index):
+            rules.append(_build_rule(kind, entries, f"option {name}", f"-o {name}"))
+    settings = Settings(options=options)
+    if "config" in options:
+        settings.config_path = _unquote_option(options["config"])
+        if not settings.config_path:
+            raise ConfigError("option config: the config file path is empty")
+    for image_key in ("image", "x-image"):
+        if image_key in options:
+            settings.image = _unquote_option(options[image_key])
+    if "align" in options:
+        settings.align = _parse_align(_unquote_option(options["align"]))
+    if "max-transfer" in options:
+        settings.max_transfer = _parse_max_transfer(_unquote_option(options["max-transfer"]),
+                                                    settings.align)
+    return rules, settings
+
+
+def parse_option_string(s: str) -> dict[str, str]:
+    """'a=1,b=2' -> {'a': '1', 'b': '2'}; as in QEMU, ',,' is a comma inside a value."""
+    options = {}
+    if not s:
+        return options
+    for item in _split_on_single_commas(s):
+        key, equals, value = item.partition("=")
+        if not item:
+            raise ConfigError(f'option string "{s}": empty option (stray comma?)')
+        if not equals or not key:
+            raise ConfigError(f'option "{item}": expected KEY=VALUE')
+        options[key] = value
+    return options
+
+
+def _split_on_single_commas(s: str) -> list[str]:
+    items, current, i = [], [], 0
+    while i < len(s):
+        if s[i] == ",":
+            if s[i + 1:i + 2] == ",":
+                current.append(",")
+                i += 2
+                continue
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(s[i])
+        i += 1
+    items.append("".join(current))
+    return items
+
+
+def parse_filename(spec: str) -> tuple[str | None, str]:
+    """'blkdebug:RULES:IMAGE' -> (RULES or None when empty, IMAGE); anything else is an image.
+
+    As QEMU, RULES ends at the first colon after the prefix: the image path may hold colons,
+    the rules path cannot.
+    """
+    prefix = "blkdebug:"
+    if not spec.startswith(prefix):
+        return None, spec
+    rules, colon, image = spec[len(prefix):].partition(":")
+    if not colon:
+        raise ConfigError(f'"{spec}": blkdebug needs both a rules path and an image path: '
+                          "blkdebug:RULES:IMAGE (RULES may be empty)")
+    if not image:
+        raise ConfigError(f'"{spec}": the image path after blkdebug:RULES: is empty')
+    return (rules or None), image
+
+
+# --- the control file ----------------------------------------------------------------------
+
+def _unquote_word(text: str, where: str) -> str:
+    if not text.startswith('"'):
+        return text
+    if len(text) < 2 or not text.endswith('"') or '"' in text[1:-1]:
+        raise ConfigError(f'{where}: badly quoted value {text}')
+    return text[1:-1]
+
+
+def parse_rule_args(kind: str, pairs: list[str], source: str = "control") -> Rule:
+    """A rule from control-file words: parse_rule_args("inject-error", ["event=read_aio"])."""
+    _check_kind(kind, source, noun="rule kind")
+    entries = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not key:
+            raise ConfigError(f'{source}: expected KEY=VALUE, not "{pair}"')
+        _check_key(kind, key, source)
+        entries.pop(key, None)              # a repeated key: the later value wins, as in files
+        entries[key] = (_unquote_word(value, source), source)
+    return _build_rule(kind, entries, source, source)
+
+
+# --- everything together, and back to text ---------------------------------------------------
+
+def load_rules(settings: Settings) -> list[Rule]:
+    """The config file's rules, then the options' rules (QEMU's order): what mount and reload use."""
+    rules = parse_config_file(settings.config_path) if settings.config_path else []
+    option_rules, _ = parse_options(settings.options)
+    return rules + option_rules
+
+
+def _rule_items(rule: Rule) -> list[tuple[str, str]]:
+    """The rule's keys and values, defaults left out except errno and new_state (the point)."""
+    items = [("event", rule.event)]
+    if rule.state:
+        items.append(("state", str(rule.state)))
+    if isinstance(rule, SetState):
+        items.append(("new_state", str(rule.new_state)))
+        return items
+    if rule.iotypes != DEFAULT_IOTYPES:
+        items.append(("iotype", ",".join(t for t in IOTYPES if t in rule.iotypes)))
+    items.append(("errno", str(rule.errno)))
+    if rule.sector >= 0:
+        items.append(("sector", str(rule.sector)))
+    if rule.once:
+        items.append(("once", "on"))
+    if rule.immediately:
+        items.append(("immediately", "on"))
+    return items
+
+
+def format_rule(rule: Rule) -> str:
+    """One line, e.g. 'inject-error event=read_aio errno=5 sector=8 once=on'.
+
+    It is also valid control-file input: parse_rule_args(*split) gives the rule back.
+    """
+    return " ".join([rule.kind] + [f"{key}={value}" for key, value in _rule_items(rule)])
+
+
+def format_config(rules) -> str:
+    """The rules as a QEMU blkdebug config file (what parse_config_text reads back)."""
+    lines = []
+    for rule in rules:
+        lines.append(f"[{rule.kind}]")
+        lines.extend(f'{key} = "{value}"' for key, value in _rule_items(rule))
+        lines.append("")
+    return "\n".join(lines)
