@@ -1,0 +1,25 @@
+"""`blkfuse ctl MNT COMMAND...`: send control commands to a mount."""
+
+import click
+
+from ._common import ControlFailed, fail, send
+
+
+@click.command("ctl", context_settings={"ignore_unknown_options": True})
+@click.argument("mountpoint", type=click.Path())
+@click.argument("words", nargs=-1, required=True)
+def command(mountpoint, words):
+    """Send COMMAND to the mount at MOUNTPOINT and print its answer.
+
+    The words are joined into one line (`blkfuse ctl /mnt break write_aio A`); an argument
+    holding newlines sends several lines in one write, applied only if all are valid.
+    `blkfuse ctl /mnt help` lists the commands. On failure the daemon's message is printed
+    and the exit status is 1.
+    """
+    text = " ".join(words)
+    try:
+        answer = send(mountpoint, text)
+    except ControlFailed as e:
+        fail(e.message)
+    if answer:
+        click.echo(answer, nl=not answer.endswith("\n"))

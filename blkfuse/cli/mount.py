@@ -1,0 +1,66 @@
+"""`blkfuse mount [OPTIONS] IMAGE MOUNTPOINT`: mount an image behind blkdebug's rule engine."""
+
+import os
+import sys
+
+import click
+
+from ._common import fail
+
+
+@click.command("mount")
+@click.option("--config", "config_path", metavar="RULES",
+              help="blkdebug config file (QEMU's format).")
+@click.option("-o", "options", multiple=True, metavar="KEY=VALUE,...",
+              help="QEMU blockdev-style options, e.g. "
+                   "inject-error.0.event=read_aio,inject-error.0.errno=28,align=4096,"
+                   "max-transfer=65536 (repeatable; option rules come after config rules).")
+@click.option("--name", help="Name of the image file in the mount (default: the image's).")
+@click.option("--allow-other", is_flag=True,
+              help="Let other users use the mount (control stays writable by you and root).")
+@click.option("--read-only", is_flag=True, help="Refuse writes (EROFS).")
+@click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground until unmounted.")
+@click.option("--log", "log_file", metavar="FILE", help="Log to FILE.")
+@click.argument("image", metavar="IMAGE")
+@click.argument("mountpoint", metavar="MOUNTPOINT")
+def command(config_path, options, name, allow_other, read_only, foreground, log_file,
+            image, mountpoint):
+    """Mount IMAGE at MOUNTPOINT as a directory holding the image file and `control`.
+
+    IMAGE may also be QEMU's `blkdebug:RULES:IMAGE` (RULES may be empty). Returns once the
+    mount is live (the daemon stays in the background unless --foreground); on failure
+    prints one line and exits 1 with nothing mounted.
+    """
+    from .. import config
+    from ..daemon import MountError, prepare, run_background, run_foreground
+
+    try:
+        rules_from_name, image = config.parse_filename(image)
+        merged = {}
+        for o in options:
+            merged.update(config.parse_option_string(o))
+        configs = [c for c in (config_path, rules_from_name,
+                               merged.get("config")) if c]
+        if len(set(configs)) > 1:
+            fail("more than one rules file given (--config, blkdebug:RULES:, -o config=): "
+                 + ", ".join(configs))
+        if configs:
+            merged["config"] = os.path.abspath(configs[0])
+        for key in ("image", "x-image"):
+            given = merged.pop(key, None)
+            if given and os.path.abspath(given) != os.path.abspath(image):
+                fail(f"-o {key}={given} names another image than {image}")
+        _, settings = config.parse_options(merged)
+        m = prepare(image, mountpoint, settings, name=name, read_only=read_only,
+                    allow_other=allow_other, log_file=log_file)
+    except config.ConfigError as e:
+        fail(str(e))
+    except MountError as e:
+        fail(str(e))
+
+    try:
+        if foreground:
+            sys.exit(run_foreground(m))
+        run_background(m)
+    except MountError as e:
+        fail(str(e))

@@ -1,0 +1,27 @@
+"""`blkfuse status MNT [--json]`: what the mount is doing."""
+
+import json
+
+import click
+
+from ._common import ControlFailed, _open_error, fail, read_status, send
+
+
+@click.command("status")
+@click.argument("mountpoint", type=click.Path())
+@click.option("--json", "as_json", is_flag=True,
+              help="Machine-readable status (needs the right to write control).")
+def command(mountpoint, as_json):
+    """Show the state, rules, breakpoints, suspended requests and counters of a mount."""
+    if as_json:
+        try:
+            text = send(mountpoint, "status json")
+        except ControlFailed as e:
+            fail(e.message)
+        click.echo(json.dumps(json.loads(text), indent=2))
+        return
+    try:
+        text = read_status(mountpoint)
+    except OSError as e:
+        fail(_open_error(mountpoint, e))
+    click.echo(text, nl=False)

@@ -1,0 +1,389 @@
+"""The control file's command language: parse a write, run it against the engine, render status.
+
+A write to `control` is a unit. It is parsed whole first: one command per line, blank lines
+and `#` comments ignored, words split like a shell does (quotes allowed). If any line is
+invalid -- unknown command, wrong arguments, unknown event, a bad rule option -- the write fails
+with that line's errno (EINVAL, or ENOENT for an unknown event) and nothing at all is applied.
+
+Then the lines run in order. A line can still fail while running (ENOENT: no request suspended
+at that tag, no rule with that id; ETIMEDOUT: wait_break timed out; EINVAL: reload found a bad
+config). Such a line changes nothing itself, the lines before it stay done and the lines after it
+are not run; the error names the line. So no line ever half-applies.
+
+Everything here is pure trio + engine: no FUSE, no files (but `reload`, which calls back).
+"""
+
+import errno as _errno
+import math
+import os
+import shlex
+import time
+
+import trio
+
+from . import config
+from .engine import EngineError
+from .events import EVENTS, IOTYPES, REACHABLE_EVENTS, canonical_event
+
+HELP = """\
+commands (one per line; a write is parsed whole and applied only if every line is valid):
+  break EVENT TAG             suspend the next request that raises EVENT under TAG
+  resume TAG                  let the request suspended at TAG go on
+  remove_break TAG            drop the breakpoint TAG (waking its request, if any)
+  wait_break TAG [SECONDS]    block until a request is suspended at TAG (ETIMEDOUT after SECONDS)
+  inject-error KEY=VALUE ...  add an [inject-error] rule (event=, errno=, sector=, once=,
+                              immediately=, state=, iotype=); its id is in the status
+  set-state KEY=VALUE ...     add a [set-state] rule (event=, state=, new_state=)
+  remove ID                   remove rule ID
+  clear                       remove every rule (breakpoints stay)
+  state N                     set the current state to N
+  reload                      re-read the config file and -o rules (replaces every rule)
+  status [json]               answer the status (read it back on the same open file)
+  help                        this text
+"""
+
+
+class ControlError(Exception):
+    """A control write failed: `.errno` for the writer, `.message` for the status."""
+
+    def __init__(self, errno: int, message: str):
+        super().__init__(message)
+        self.errno = errno
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+def errno_name(n: int) -> str:
+    return _errno.errorcode.get(n, str(n))
+
+
+# ---------------------------------------------------------------------------------------------
+# parsing
+
+def _tag(word: str) -> str:
+    if not word:
+        raise ValueError("empty tag")
+    return word
+
+
+def _nonneg_int(word: str, what: str) -> int:
+    try:
+        n = int(word, 0)
+    except ValueError:
+        raise ValueError(f"{what} must be an integer, not {word!r}") from None
+    if n < 0:
+        raise ValueError(f"{what} must not be negative, not {word}")
+    return n
+
+
+def _seconds(word: str) -> float:
+    try:
+        s = float(word)
+    except ValueError:
+        raise ValueError(f"timeout must be a number of seconds, not {word!r}") from None
+    if not math.isfinite(s) or s < 0:
+        raise ValueError(f"timeout must be a finite number of seconds >= 0, not {word!r}")
+    return s
+
+
+class _LineError(Exception):
+    def __init__(self, errno, message):
+        super().__init__(message)
+        self.errno = errno
+        self.message = message
+
+
+def _parse_line(words: list[str]):
+    """One line -> (command name, arguments ready for _run). Raises _LineError."""
+    cmd, args = words[0], words[1:]
+    # QEMU spells the rule kinds with a dash; accept the underscore too.
+    cmd = {"inject_error": "inject-error", "set_state": "set-state"}.get(cmd, cmd)
+
+    def nargs(lo, hi, usage):
+        if not lo <= len(args) <= hi:
+            raise _LineError(_errno.EINVAL, f"usage: {usage}")
+
+    try:
+        if cmd == "break":
+            nargs(2, 2, "break EVENT TAG")
+            event = canonical_event(args[0])
+            if event is None:
+                raise _LineError(_errno.ENOENT, f"unknown event {args[0]!r}")
+            return cmd, (event, _tag(args[1]))
+        if cmd in ("resume", "remove_break"):
+            nargs(1, 1, f"{cmd} TAG")
+            return cmd, (_tag(args[0]),)
+        if cmd == "wait_break":
+            nargs(1, 2, "wait_break TAG [SECONDS]")
+            timeout = _seconds(args[1]) if len(args) == 2 else None
+            return cmd, (_tag(args[0]), timeout)
+        if cmd in ("inject-error", "set-state"):
+            if not args:
+                raise _LineError(_errno.EINVAL, f"usage: {cmd} KEY=VALUE ...")
+            try:
+                rule = config.parse_rule_args(cmd, args, source="control")
+            except config.ConfigError as e:
+                raise _LineError(_errno.EINVAL, str(e)) from None
+            return cmd, (rule,)
+        if cmd == "remove":
+            nargs(1, 1, "remove ID")
+            return cmd, (_nonneg_int(args[0], "rule id"),)
+        if cmd in ("clear", "reload", "help"):
+            nargs(0, 0, cmd)
+            return cmd, ()
+        if cmd == "state":
+            nargs(1, 1, "state N")
+            return cmd, (_nonneg_int(args[0], "state"),)
+        if cmd == "status":
+            nargs(0, 1, "status [json]")
+            if args and args[0] != "json":
+                raise _LineError(_errno.EINVAL, "usage: status [json]")
+            return cmd, (bool(args),)
+    except ValueError as e:
+        raise _LineError(_errno.EINVAL, str(e)) from None
+    raise _LineError(_errno.EINVAL, f"unknown command {words[0]!r} (try \"help\")")
+
+
+def parse(text: str) -> list[tuple[int, str, tuple]]:
+    """The whole write -> [(line number, command, args)], or ControlError for the first bad line."""
+    commands = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError as e:                      # no closing quotation, ...
+            raise ControlError(_errno.EINVAL, f"line {lineno}: {e}") from None
+        if not words:
+            continue
+        try:
+            cmd, args = _parse_line(words)
+        except _LineError as e:
+            raise ControlError(e.errno, f"line {lineno}: {e.message}") from None
+        commands.append((lineno, cmd, args))
+    return commands
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+class Control:
+    """Runs control writes against one engine and renders its status.
+
+    `reload` is a callable returning the new rule list (raising config.ConfigError on a bad
+    config), or None when there is nothing to reload. `info` is shown as is in the status
+    (image, mountpoint, options...); `pid` is added.
+    """
+
+    def __init__(self, engine, reload=None, info=None):
+        self.engine = engine
+        self._reload = reload
+        self.info = dict(info or {})
+        self.info.setdefault("pid", os.getpid())
+        self.last_result: str | None = None
+        self.last_error: str | None = None
+        self.last_error_errno: int | None = None
+        self.last_error_time: float | None = None
+        self._closing = False
+        self._waits: set[trio.CancelScope] = set()
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    def close(self):
+        """Shutdown: refuse new commands, fail every pending wait_break with ESHUTDOWN."""
+        self._closing = True
+        for scope in list(self._waits):
+            scope.cancel()
+
+    # -- execute ----------------------------------------------------------------------------
+
+    async def execute(self, text: str) -> str:
+        """Run one write. Returns its answer text (may be empty); raises ControlError."""
+        try:
+            if self._closing:
+                raise ControlError(_errno.ESHUTDOWN, "the mount is shutting down")
+            commands = parse(text)
+            results = []
+            for lineno, cmd, args in commands:
+                try:
+                    results.append(await self._run(cmd, args))
+                except ControlError as e:
+                    done = f" (lines before it were applied)" if results else ""
+                    raise ControlError(e.errno, f"line {lineno}: {e.message}{done}") from None
+        except ControlError as e:
+            self.last_error = e.message
+            self.last_error_errno = e.errno
+            self.last_error_time = time.time()
+            raise
+        summary = [r for r in results if r and "\n" not in r]
+        if summary:
+            self.last_result = "; ".join(summary)
+        answers = [r for r in results if r]
+        return "\n".join(a.rstrip("\n") for a in answers) + ("\n" if answers else "")
+
+    async def _run(self, cmd, args) -> str:
+        e = self.engine
+        try:
+            if cmd == "break":
+                event, tag = args
+                e.add_breakpoint(event, tag)
+                note = "" if event in REACHABLE_EVENTS else " (no request through this mount raises it)"
+                return f"breakpoint {tag} on {event}{note}"
+            if cmd == "resume":
+                e.resume(args[0])
+                return f"resumed {args[0]}"
+            if cmd == "remove_break":
+                e.remove_breakpoint(args[0])
+                return f"removed breakpoint {args[0]}"
+            if cmd == "wait_break":
+                tag, timeout = args
+                return await self._wait_break(tag, timeout)
+            if cmd in ("inject-error", "set-state"):
+                rule = args[0]
+                rid = e.add_rule(rule)
+                return f"added rule {rid}"
+            if cmd == "remove":
+                e.remove_rule(args[0])
+                return f"removed rule {args[0]}"
+            if cmd == "clear":
+                n = len(e.rules())
+                e.clear()
+                return f"removed {n} rule{'s' if n != 1 else ''}"
+            if cmd == "state":
+                e.set_state(args[0])
+                return f"state {args[0]}"
+            if cmd == "reload":
+                return await self._do_reload()
+            if cmd == "help":
+                return HELP
+            if cmd == "status":
+                if args[0]:
+                    import json
+                    return json.dumps(self.status_dict(), indent=1) + "\n"
+                return self.status_text()
+        except EngineError as err:
+            raise ControlError(err.errno, str(err)) from None
+        raise AssertionError(cmd)   # pragma: no cover - parse() knows every command
+
+    async def _wait_break(self, tag, timeout):
+        with trio.CancelScope() as scope:
+            self._waits.add(scope)
+            try:
+                await self.engine.wait_break(tag, timeout)
+            finally:
+                self._waits.discard(scope)
+        if scope.cancelled_caught:
+            raise ControlError(_errno.ESHUTDOWN, f"wait_break {tag}: the mount is shutting down")
+        return f"suspended at {tag}"
+
+    async def _do_reload(self):
+        if self._reload is None:
+            raise ControlError(_errno.EINVAL, "reload: this mount has no config to reload")
+        try:
+            rules = await trio.to_thread.run_sync(self._reload)
+        except config.ConfigError as err:
+            raise ControlError(_errno.EINVAL, f"reload: {err} (old rules kept)") from None
+        except OSError as err:
+            raise ControlError(_errno.EINVAL, f"reload: {err} (old rules kept)") from None
+        if rules is None:
+            raise ControlError(_errno.EINVAL, "reload: this mount has no config to reload")
+        rules = list(rules)
+        self.engine.replace_rules(rules)
+        return f"reloaded {len(rules)} rule{'s' if len(rules) != 1 else ''}"
+
+    # -- status -----------------------------------------------------------------------------
+
+    def status_dict(self) -> dict:
+        """The status as plain JSON-able data. Keys are stable."""
+        e = self.engine
+        now = time.monotonic()
+        rules = [_rule_dict(r) for r in e.rules()]
+        suspended = []
+        for s in e.suspended():
+            req = s.request
+            suspended.append({
+                "tags": list(s.tags),
+                "event": s.event,
+                "op": req.op if req is not None else None,
+                "offset": req.offset if req is not None else None,
+                "length": req.length if req is not None else None,
+                "seconds": round(max(0.0, now - s.since), 3),
+            })
+        return {
+            "info": dict(self.info),
+            "state": e.state,
+            "rules": rules,
+            "active": [r.id for r in e.active()],
+            "breakpoints": [{"event": ev, "tag": tag} for ev, tag in e.breakpoints()],
+            "suspended": suspended,
+            "events": {name: e.event_counts[name] for name in EVENTS if e.event_counts.get(name)},
+            "errors_injected": [
+                {"errno": n, "name": errno_name(n), "count": c}
+                for n, c in sorted(e.errors_injected.items()) if c
+            ],
+            "last_result": self.last_result,
+            "last_error": self.last_error,
+            "last_error_errno": self.last_error_errno,
+        }
+
+    def status_text(self) -> str:
+        d = self.status_dict()
+        out = []
+        info = d["info"]
+        if info.get("image"):
+            opts = [f"{k}={info[k]}" for k in ("align", "max_transfer") if info.get(k)]
+            if info.get("read_only"):
+                opts.append("read-only")
+            out.append(f"image: {info['image']}" + (f" ({', '.join(opts)})" if opts else ""))
+        if info.get("config"):
+            out.append(f"config: {info['config']}")
+        out.append(f"state: {d['state']}")
+
+        rules = self.engine.rules()
+        out.append(f"rules: {len(rules)}" if rules else "rules: none")
+        for r in rules:
+            src = f"  [{r.source}]" if r.source else ""
+            out.append(f"  {r.id:>4}  {_format_rule(r)}  hits={r.hits}{src}")
+        out.append("active: " + (" ".join(str(i) for i in d["active"]) or "none"))
+
+        bps = d["breakpoints"]
+        out.append("breakpoints: " + (", ".join(f"{b['tag']} on {b['event']}" for b in bps)
+                                      or "none"))
+        sus = d["suspended"]
+        out.append(f"suspended: {len(sus)}" if sus else "suspended: none")
+        for s in sus:
+            where = ""
+            if s["op"] is not None:
+                where = f" {s['op']} offset={s['offset']} length={s['length']}"
+            out.append(f"  {','.join(s['tags'])} at {s['event']}:{where} for {s['seconds']:.1f}s")
+
+        ev = d["events"]
+        out.append("events: " + (" ".join(f"{k}={v}" for k, v in ev.items()) or "none"))
+        errs = d["errors_injected"]
+        out.append("errors injected: " + (" ".join(f"{x['name']}({x['errno']})={x['count']}"
+                                                    for x in errs) or "none"))
+        out.append(f"last result: {d['last_result'] or '-'}")
+        if d["last_error"]:
+            out.append(f"last error: {errno_name(d['last_error_errno'])}: {d['last_error']}")
+        else:
+            out.append("last error: none")
+        return "\n".join(out) + "\n"
+
+
+def _format_rule(rule) -> str:
+    try:
+        return config.format_rule(rule)
+    except Exception:       # status must never fail because of a formatting gap
+        return repr(rule)
+
+
+def _rule_dict(r) -> dict:
+    d = {"id": r.id, "kind": r.kind, "event": r.event, "state": r.state, "source": r.source,
+         "hits": r.hits, "text": _format_rule(r)}
+    if r.kind == "inject-error":
+        d.update({"errno": r.errno, "errno_name": errno_name(r.errno), "sector": r.sector,
+                  "once": r.once, "immediately": r.immediately,
+                  "iotypes": [t for t in IOTYPES if t in r.iotypes]})
+    else:
+        d["new_state"] = r.new_state
+    return d

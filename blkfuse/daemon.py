@@ -1,0 +1,299 @@
+"""The mount's life: build the pieces, mount, tell the parent, serve, shut down in order.
+
+    prepare(...)  -> Mount      everything that can fail before mounting (rules, image, mountpoint)
+    run(mount, foreground=...)  mounts; in the background it forks first and the parent returns
+                                only once the mount is live (or with the one-line reason it is not)
+
+Shutdown (SIGTERM, SIGINT, SIGHUP, or the kernel ending the session): every suspended request
+is resumed and every breakpoint dropped, pending `wait_break`s fail with ESHUTDOWN, the FUSE
+loop stops taking requests and finishes the ones in flight, the backing file is fsynced, the
+mount is removed (lazily, so open files cannot keep it), exit 0.
+"""
+
+import errno
+import logging
+import os
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+log = logging.getLogger("blkfuse")
+
+# A suspended request holds one pyfuse3 worker task until resumed; pyfuse3 starts a new worker
+# only while below max_tasks, so this bounds how many requests can be suspended at once
+# without blocking the others.
+MAX_TASKS = 10000
+
+
+class MountError(Exception):
+    """A reason not to mount; str(e) is the one line the user sees."""
+
+
+@dataclass
+class Mount:
+    image_path: str
+    mountpoint: str
+    name: str
+    settings: object                     # rules.Settings
+    rules: list = field(default_factory=list)
+    read_only: bool = False
+    allow_other: bool = False
+    log_file: str | None = None
+
+
+def _is_mountpoint(path: str) -> bool:
+    path = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                mnt = line.split()[4].encode().decode("unicode_escape")
+                if mnt == path:
+                    return True
+    except OSError:
+        return os.path.ismount(path)
+    return False
+
+
+def prepare(image: str, mountpoint: str, settings, *, name=None, read_only=False,
+            allow_other=False, log_file=None) -> Mount:
+    """Check everything and load the rules; MountError on the first problem."""
+    from . import config
+    try:
+        rules = config.load_rules(settings)
+    except config.ConfigError as e:
+        raise MountError(str(e)) from None
+    except OSError as e:
+        raise MountError(f"{e.filename or settings.config_path}: {e.strerror}") from None
+
+    image_path = os.path.abspath(image)
+    if not os.path.exists(image_path):
+        raise MountError(f"{image}: no such image file")
+    if os.path.isdir(image_path):
+        raise MountError(f"{image}: is a directory, not an image file")
+    if not os.access(image_path, os.R_OK if read_only else os.R_OK | os.W_OK):
+        raise MountError(f"{image}: permission denied"
+                         + ("" if read_only else " (try --read-only)"))
+
+    mnt = os.path.abspath(mountpoint)
+    if not os.path.exists(mnt):
+        raise MountError(f"{mountpoint}: mountpoint does not exist")
+    if not os.path.isdir(mnt):
+        raise MountError(f"{mountpoint}: mountpoint is not a directory")
+    if _is_mountpoint(mnt):
+        raise MountError(f"{mountpoint}: something is already mounted there")
+    if os.path.realpath(image_path).startswith(os.path.realpath(mnt) + os.sep):
+        raise MountError(f"{image}: the image must not be inside the mountpoint")
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse does not exist (load the fuse module, or give the "
+                         "container --device /dev/fuse)")
+    if log_file:
+        log_file = os.path.abspath(log_file)
+        try:
+            open(log_file, "a").close()
+        except OSError as e:
+            raise MountError(f"{log_file}: cannot write the log: {e.strerror}") from None
+
+    if name is None:
+        name = os.path.basename(image_path)
+    if not name or "/" in name or name in (".", "..", "control") or "\0" in name:
+        raise MountError(f"invalid image name {name!r} (it cannot be \"control\" or contain \"/\")")
+    return Mount(image_path=image_path, mountpoint=mnt, name=name, settings=settings,
+                 rules=rules, read_only=read_only, allow_other=allow_other, log_file=log_file)
+
+
+class Daemon:
+    """One mounted filesystem: engine, image, block device, control, FUSE operations."""
+
+    def __init__(self, m: Mount):
+        from . import config
+        from .block import BlockDevice
+        from .control import Control
+        from .engine import Engine
+        from .fs import Operations
+        from .image import Image
+
+        self.m = m
+        settings = m.settings
+        self.engine = Engine(m.rules)
+        self.image = Image(m.image_path, read_only=m.read_only)
+        self.block = BlockDevice(self.engine, self.image, align=settings.align,
+                                 max_transfer=settings.max_transfer)
+        info = {
+            "image": m.image_path,
+            "name": m.name,
+            "mountpoint": m.mountpoint,
+            "config": settings.config_path,
+            "align": settings.align,
+            "max_transfer": settings.max_transfer,
+            "read_only": m.read_only,
+        }
+        self.control = Control(self.engine, reload=lambda: config.load_rules(settings), info=info)
+        self.ops = Operations(self.block, self.image, self.control, name=m.name,
+                              read_only=m.read_only, backing_path=m.image_path)
+        self._mounted = False
+        self._stopping = False
+
+    def mount(self):
+        """Mount (pyfuse3.init). MountError with the kernel's or libfuse's reason on failure."""
+        import pyfuse3
+        options = set(pyfuse3.default_options)
+        # We check who may write `control` ourselves; the kernel must not second-guess modes.
+        options.discard("default_permissions")
+        options |= {"fsname=blkfuse", "subtype=blkfuse"}
+        if self.m.allow_other:
+            options.add("allow_other")
+        if self.m.read_only:
+            options.add("ro")
+        # libfuse reports why a mount failed on stderr; catch it for the one-line reason.
+        with tempfile.TemporaryFile() as err:
+            saved = os.dup(2)
+            os.dup2(err.fileno(), 2)
+            try:
+                pyfuse3.init(self.ops, self.m.mountpoint, options)
+            except Exception as e:
+                os.dup2(saved, 2)
+                err.seek(0)
+                why = err.read().decode(errors="replace").strip().splitlines()
+                reason = why[-1] if why else str(e)
+                raise MountError(f"cannot mount on {self.m.mountpoint}: {reason}") from None
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+        self._mounted = True
+
+    async def _main(self):
+        import pyfuse3
+        import trio
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_signals)
+            await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
+            # The loop ended: by our shutdown, or the kernel ended the session (unmounted).
+            self.stop()
+            nursery.cancel_scope.cancel()
+
+    async def _watch_signals(self):
+        import trio
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("%s: shutting down", signal.Signals(signum).name)
+                self.stop()
+                return
+
+    def stop(self):
+        """Release every suspended request and stop taking new ones (trio thread only)."""
+        if self._stopping:
+            return
+        self._stopping = True
+        import pyfuse3
+        self.control.close()
+        self.engine.resume_all()
+        # The workers finish the requests in flight, then pyfuse3.main() returns.
+        pyfuse3.terminate()
+
+    def serve(self):
+        """Run until shut down; then flush, unmount. Returns the exit status."""
+        import pyfuse3
+        import trio
+        status = 0
+        try:
+            trio.run(self._main)
+        except BaseException:
+            log.exception("the FUSE loop failed")
+            status = 1
+        finally:
+            try:
+                self.image.fsync_now()
+            except OSError as e:
+                log.error("fsync of %s failed: %s", self.m.image_path, e)
+                status = 1
+            if self._mounted:
+                pyfuse3.close(unmount=True)
+                self._mounted = False
+            try:
+                self.image.close()
+            except OSError:
+                pass
+        log.info("unmounted %s", self.m.mountpoint)
+        return status
+
+
+def _setup_logging(log_file, foreground):
+    root = logging.getLogger()
+    root.handlers.clear()
+    if log_file:
+        h = logging.FileHandler(log_file)
+    elif foreground:
+        h = logging.StreamHandler(sys.stderr)
+    else:
+        h = logging.NullHandler()
+    h.setFormatter(logging.Formatter("%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"))
+    root.addHandler(h)
+    root.setLevel(logging.INFO)
+
+
+def run_foreground(m: Mount) -> int:
+    _setup_logging(m.log_file, foreground=True)
+    d = Daemon(m)
+    d.mount()
+    log.info("mounted %s on %s", m.image_path, m.mountpoint)
+    return d.serve()
+
+
+def run_background(m: Mount) -> None:
+    """Fork; the child mounts and serves. Returns in the parent once the mount is live;
+    raises MountError there if it is not. Never returns in the child."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:                                           # parent: wait for "ok" or the reason
+        os.close(w)
+        chunks = []
+        while True:
+            b = os.read(r, 4096)
+            if not b:
+                break
+            chunks.append(b)
+        os.close(r)
+        msg = b"".join(chunks).decode(errors="replace").strip()
+        if msg == "ok":
+            return
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        raise MountError(msg or "the daemon died before the mount was ready")
+
+    # child
+    os.close(r)
+    status = 1
+    try:
+        os.setsid()
+        _setup_logging(m.log_file, foreground=False)
+        try:
+            d = Daemon(m)
+            d.mount()
+        except MountError as e:
+            os.write(w, f"{e}\n".encode())
+            os._exit(1)
+        except OSError as e:
+            os.write(w, f"{e.filename or m.image_path}: {e.strerror}\n".encode())
+            os._exit(1)
+        except Exception as e:
+            os.write(w, f"{type(e).__name__}: {e}\n".encode())
+            os._exit(1)
+        # Detach: nothing of the caller's (terminal, pipes, cwd) stays held.
+        os.chdir("/")
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        if devnull > 2:
+            os.close(devnull)
+        log.info("mounted %s on %s (pid %d)", m.image_path, m.mountpoint, os.getpid())
+        os.write(w, b"ok\n")
+        os.close(w)
+        status = d.serve()
+    except BaseException:
+        log.exception("daemon failed")
+    finally:
+        logging.shutdown()
+        os._exit(status)

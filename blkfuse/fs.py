@@ -1,0 +1,301 @@
+"""The FUSE layer: a directory with the image file and `control`, each op handed on.
+
+Thin on purpose: reads, writes and fsyncs of the image go to block.BlockDevice; writes to
+`control` go to control.Control as one unit each; reading `control` serves a snapshot of the
+status (or, on a handle that wrote a command, that command's answer or error).
+"""
+
+import errno
+import logging
+import os
+import stat
+import time
+
+import pyfuse3
+
+from .control import ControlError
+
+log = logging.getLogger(__name__)
+
+ROOT = pyfuse3.ROOT_INODE
+IMAGE = ROOT + 1
+CONTROL = ROOT + 2
+CONTROL_NAME = "control"
+
+# Names never change, so the kernel may cache lookups; the image's attributes are live.
+ENTRY_TIMEOUT = 300
+# The kernel passes O_SYNC as __O_SYNC|O_DSYNC, so testing O_DSYNC catches both.
+_WRITETHROUGH_FLAGS = os.O_DSYNC | getattr(os, "O_SYNC", 0)
+
+
+class _Handle:
+    __slots__ = ("inode", "writethrough", "answer")
+
+    def __init__(self, inode, writethrough=False):
+        self.inode = inode
+        self.writethrough = writethrough
+        self.answer = None          # control: bytes served by read(); None = status at first read
+
+
+def _guard(fn):
+    """Turn any failure into a FUSE errno: pyfuse3 ends the whole main loop on an exception."""
+    async def wrapper(self, *args):
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+class Operations(pyfuse3.Operations):
+    """pyfuse3 operations for one mount.
+
+    block: block.BlockDevice; image: image.Image (size, truncate); control: control.Control.
+    owner_uid: the mounting user (with root, the only one who may write `control`).
+    """
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, block, image, control, *, name, read_only=False,
+                 owner_uid=None, owner_gid=None, backing_path=None):
+        super().__init__()
+        if not name or "/" in name or name in (".", "..", CONTROL_NAME):
+            raise ValueError(f"invalid image name {name!r}")
+        self.block = block
+        self.image = image
+        self.control = control
+        self.name = name
+        self.name_b = os.fsencode(name)
+        self.read_only = read_only
+        self.owner_uid = os.getuid() if owner_uid is None else owner_uid
+        self.owner_gid = os.getgid() if owner_gid is None else owner_gid
+        self.backing_path = backing_path
+        self._handles: dict[int, _Handle] = {}
+        self._next_fh = 1
+        now = time.time_ns()
+        self._mtime = {ROOT: now, IMAGE: now, CONTROL: now}
+
+    # -- attributes ---------------------------------------------------------------------------
+
+    def _attr(self, inode) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode
+        a.generation = 0
+        a.entry_timeout = ENTRY_TIMEOUT
+        a.st_uid = self.owner_uid
+        a.st_gid = self.owner_gid
+        a.st_blksize = 4096
+        if inode == ROOT:
+            a.st_mode = stat.S_IFDIR | 0o755
+            a.st_nlink = 2
+            a.attr_timeout = ENTRY_TIMEOUT
+        elif inode == IMAGE:
+            a.st_mode = stat.S_IFREG | (0o444 if self.read_only else 0o644)
+            a.st_nlink = 1
+            a.st_size = self.image.size()
+            a.st_blocks = (a.st_size + 511) // 512
+            a.attr_timeout = 0          # the size is the backing file's, live
+        elif inode == CONTROL:
+            a.st_mode = stat.S_IFREG | 0o644    # writable by the owner (and root) only
+            a.st_nlink = 1
+            a.st_size = 0                       # generated on read; direct_io reads to EOF
+            a.attr_timeout = 0
+        else:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        t = self._mtime[inode]
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = t
+        return a
+
+    def _may_write_control(self, ctx) -> bool:
+        return ctx.uid == 0 or ctx.uid == self.owner_uid
+
+    @_guard
+    async def getattr(self, inode, ctx=None):
+        return self._attr(inode)
+
+    @_guard
+    async def lookup(self, parent_inode, name, ctx=None):
+        if parent_inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if name in (b".", b".."):
+            return self._attr(ROOT)
+        if name == self.name_b:
+            return self._attr(IMAGE)
+        if name == CONTROL_NAME.encode():
+            return self._attr(CONTROL)
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    @_guard
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        if inode == IMAGE:
+            if fields.update_size:
+                if self.read_only:
+                    raise pyfuse3.FUSEError(errno.EROFS)
+                self.block.truncate(attr.st_size)
+                self._mtime[IMAGE] = time.time_ns()
+        elif inode == CONTROL:
+            # `echo cmd > control` opens with O_TRUNC: a size change is accepted and ignored.
+            if fields.update_size and not self._may_write_control(ctx):
+                raise pyfuse3.FUSEError(errno.EACCES)
+        # mode, owner and times are fixed; changing them is accepted and ignored
+        return self._attr(inode)
+
+    @_guard
+    async def access(self, inode, mode, ctx):
+        if mode & os.W_OK:
+            if inode == IMAGE and self.read_only:
+                return False
+            if inode == CONTROL and not self._may_write_control(ctx):
+                return False
+        if mode & os.X_OK and inode != ROOT:
+            return False
+        return True
+
+    @_guard
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        size = self.image.size()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = (size + 4095) // 4096
+        s.f_bfree = s.f_bavail = 0
+        if self.backing_path:
+            try:
+                v = os.statvfs(self.backing_path)
+                s.f_bfree = v.f_bfree * v.f_frsize // 4096
+                s.f_bavail = v.f_bavail * v.f_frsize // 4096
+            except OSError:
+                pass
+        s.f_files = 3
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # -- directory ----------------------------------------------------------------------------
+
+    @_guard
+    async def opendir(self, inode, ctx):
+        if inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return ROOT
+
+    @_guard
+    async def readdir(self, fh, start_id, token):
+        entries = ((self.name_b, IMAGE), (CONTROL_NAME.encode(), CONTROL))
+        for i, (name, inode) in enumerate(entries, 1):
+            if i <= start_id:
+                continue
+            if not pyfuse3.readdir_reply(token, name, self._attr(inode), i):
+                break
+
+    async def releasedir(self, fh):
+        pass
+
+    # -- files --------------------------------------------------------------------------------
+
+    @_guard
+    async def open(self, inode, flags, ctx):
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if inode == IMAGE:
+            if writing and self.read_only:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            handle = _Handle(IMAGE, writethrough=bool(flags & _WRITETHROUGH_FLAGS))
+        elif inode == CONTROL:
+            if writing and not self._may_write_control(ctx):
+                raise pyfuse3.FUSEError(errno.EACCES)
+            handle = _Handle(CONTROL)
+        elif inode == ROOT:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        else:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        # direct_io: every read and write reaches us (no page cache), O_DIRECT opens work,
+        # and the control file is generated fresh.
+        return pyfuse3.FileInfo(fh=fh, direct_io=True)
+
+    def _handle(self, fh) -> _Handle:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+
+    @_guard
+    async def read(self, fh, off, size):
+        h = self._handle(fh)
+        if h.inode == IMAGE:
+            return await self.block.read(off, size)     # short at the end of the image
+        if h.answer is None:
+            h.answer = self.control.status_text().encode()
+        return h.answer[off:off + size]
+
+    @_guard
+    async def write(self, fh, off, buf):
+        h = self._handle(fh)
+        if h.inode == IMAGE:
+            if self.read_only:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            n = await self.block.write(off, bytes(buf), writethrough=h.writethrough)
+            self._mtime[IMAGE] = time.time_ns()
+            return n
+        # control: each write() is one unit of commands, whatever its offset
+        try:
+            text = bytes(buf).decode()
+        except UnicodeDecodeError:
+            h.answer = b"error: the command is not UTF-8\n"
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        try:
+            answer = await self.control.execute(text)
+        except ControlError as e:
+            h.answer = f"error: {e.message}\n".encode()
+            raise pyfuse3.FUSEError(e.errno) from None
+        h.answer = answer.encode() if answer else None
+        return len(buf)
+
+    @_guard
+    async def fsync(self, fh, datasync):
+        h = self._handle(fh)
+        if h.inode == IMAGE:
+            await self.block.flush()
+
+    async def flush(self, fh):
+        # close(): nothing to do; QEMU does not flush on close either
+        pass
+
+    async def release(self, fh):
+        self._handles.pop(fh, None)
+
+    # -- everything else: the directory is fixed ------------------------------------------------
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def unlink(self, parent_inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def rmdir(self, parent_inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
