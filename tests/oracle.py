@@ -1,0 +1,592 @@
+"""Replay QEMU 7.2's recorded blkdebug scenarios (tests/data/oracle/*.json) against blkfuse.
+
+A case is a blkdebug config plus qemu-io commands and, per command, what QEMU answered
+(see tests/data/oracle/README.md). This module turns the commands into blkfuse operations
+on one of two targets and returns, per command, an outcome in the case's vocabulary
+("ok", "EIO", "ERRNO_200", "MISCOMPARE", "NOT_RUN") plus the image bytes afterwards:
+
+  block  BlockDevice(Engine(rules), Image(path), align=..., max_transfer=...) in trio.run
+  mount  a real `blkfuse mount`: the image file opened O_DIRECT (plus O_DSYNC for
+         writethrough), os.preadv/os.pwritev/os.fsync, break commands through `control`
+
+qemu-io -> blkfuse translation:
+  read [-P B] OFF LEN     read; with -P every byte must be B, else MISCOMPARE
+  write [-P B] OFF LEN    write of B (default 0xcd); writethrough=True when cache=writethrough
+  flush                   flush / fsync
+  aio_read, aio_write     the same, started concurrently and left running (see below)
+  aio_flush               waits for every started aio request (it does not flush)
+  break E T, resume T, remove_break T, wait_break T   engine calls / control-file lines
+
+aio ordering. qemu-io runs an aio request synchronously until it yields: at a breakpoint,
+or in the thread pool doing the file I/O, and then completes it at `aio_flush`, so its
+`pwritev_done` fires during `aio_flush`. We can faithfully express "started, runs until it
+is suspended at a breakpoint or done": after starting an aio request (and after `resume`)
+the replay waits until every started request is either finished or suspended. A request
+that is not suspended therefore fires `pwritev_done` before the next command instead of
+during `aio_flush`. That is only observable when a command between `aio_write` and
+`aio_flush` depends on a `pwritev_done` rule; no case does that, and generated scenarios
+use no aio commands.
+"""
+
+import errno as _errno
+import json
+import mmap
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DATA_DIR = Path(__file__).parent / "data" / "oracle"
+REPO = Path(__file__).resolve().parent.parent
+HANG_GUARD = 30.0      # seconds before a request that never finishes is reported as a hang
+
+DEFAULT_WRITE_PATTERN = 0xCD     # qemu-io's write without -P
+
+
+# ---- cases ---------------------------------------------------------------------------
+
+def case_names() -> list[str]:
+    return sorted(p.stem for p in DATA_DIR.glob("*.json"))
+
+
+def load_case(name: str) -> dict:
+    with open(DATA_DIR / f"{name}.json") as f:
+        case = json.load(f)
+    case["name"] = name
+    return case
+
+
+def errname(number: int) -> str:
+    """errno number -> the case files' name: "EIO", or "ERRNO_200" when unnamed."""
+    return _errno.errorcode.get(number, f"ERRNO_{number}")
+
+
+def c_int(text: str) -> int:
+    """A number as C's strtol(..., 0) reads it (qemu-io patterns): 0x.. hex, 0.. octal."""
+    t = text.lower()
+    sign = -1 if t.startswith("-") else 1
+    t = t.lstrip("+-")
+    if t.startswith("0x"):
+        return sign * int(t[2:], 16)
+    if len(t) > 1 and t.startswith("0"):
+        return sign * int(t[1:], 8)
+    return sign * int(t)
+
+
+def image_from_runs(size: int, runs) -> bytes:
+    data = bytearray(size)
+    for offset, length, byte in runs or ():
+        data[offset:offset + length] = bytes([byte]) * length
+    return bytes(data)
+
+
+def runs_of(data: bytes) -> list[list[int]]:
+    """Run-length form [[offset, length, byte], ...], as the cases' final_image."""
+    runs = []
+    start = 0
+    for i in range(1, len(data) + 1):
+        if i == len(data) or data[i] != data[start]:
+            runs.append([start, i - start, data[start]])
+            start = i
+    return runs
+
+
+def image_diff(expected: bytes, got: bytes) -> str:
+    if len(expected) != len(got):
+        return f"size {len(got)}, expected {len(expected)}"
+    first = next(i for i in range(len(got)) if got[i] != expected[i])
+    last = max(i for i in range(len(got)) if got[i] != expected[i])
+    return (f"bytes differ in [{first}, {last}]: got runs {runs_of(got[first:last + 1])[:4]} "
+            f"expected runs {runs_of(expected[first:last + 1])[:4]} (relative to {first})")
+
+
+@dataclass
+class Op:
+    text: str
+    cmd: str
+    args: list = field(default_factory=list)
+    pattern: int | None = None
+    zero: bool = False
+    offset: int = 0
+    length: int = 0
+
+
+IO_COMMANDS = {"read", "write", "aio_read", "aio_write", "readv", "writev", "discard"}
+
+
+def parse_op(text: str) -> Op:
+    words = text.split()
+    op = Op(text=text, cmd=words[0])
+    if op.cmd not in IO_COMMANDS:
+        op.args = words[1:]
+        return op
+    rest = []
+    i = 1
+    while i < len(words):
+        w = words[i]
+        if w == "-P":
+            op.pattern = c_int(words[i + 1]) & 0xFF
+            i += 2
+            continue
+        if w == "-z":
+            op.zero = True
+        elif w.startswith("-"):
+            raise ValueError(f"qemu-io flag {w} not supported by the replay: {text!r}")
+        else:
+            rest.append(w)
+        i += 1
+    op.offset, op.length = int(rest[0]), int(rest[1])
+    return op
+
+
+# ---- what blkfuse cannot express, and where it deliberately differs -----------------------
+
+# Cases skipped outright: no FUSE file operation can express them.
+UNEXPRESSIBLE = {
+    "layer_direct_no_aio_events":
+        "layer=direct opens blkdebug without the raw format layer (no read_aio/write_aio/"
+        "flush_to_* events); blkfuse always models the raw layer over blkdebug",
+    "layer_direct_pwritev":
+        "layer=direct (see layer_direct_no_aio_events)",
+    "cache_unsafe_no_flush_to_disk":
+        "cache=unsafe drops flushes above blkdebug; every fsync on the mount reaches the "
+        "flush check, there is no FUSE equivalent of an ignored flush",
+    "event_write_zeroes_emit_no_write_aio":
+        "write -z is fallocate(ZERO_RANGE): pyfuse3 has no fallocate handler, the kernel "
+        "answers EOPNOTSUPP (DESIGN.md §4); the case is about write-zeroes events only",
+    "iotype_discard":
+        "discard is fallocate(PUNCH_HOLE): EOPNOTSUPP through FUSE (DESIGN.md §4)",
+    "iotype_block_status":
+        "alloc/map are block-status queries: SEEK_DATA/SEEK_HOLE get the kernel's generic "
+        "answer and never reach the engine (DESIGN.md §4)",
+    "iotype_default_excludes_block_status":
+        "alloc is a block-status query (see iotype_block_status)",
+}
+
+# Cases replayed without their write -z / discard commands (not expressible, see above).
+# Per case, why the remaining commands' expectations still hold, and whether the final
+# image can still be compared (a successful dropped write -z or discard zeroed data).
+PRUNED = {
+    "persistent_rule_hits_all_io_types": (
+        "the rule is never consumed (no once) and the dropped write -z/discard both failed "
+        "(no data change); only aio_write/aio_flush follow, no flush", True),
+    "iotype_read_only": (
+        "write -z/discard come after the last flush and the read-only rule lets them "
+        "through without consuming it; but they zeroed [0, 512)", False),
+    "iotype_write_only": (
+        "the dropped write -z passed; the writes before the next flush keep it dirty, so the "
+        "flush is checked either way; but write -z zeroed [0, 512)", False),
+    "event_qcow2_events_never_fire_on_raw": (
+        "the dropped commands are the last two; but write -z zeroed [0, 512)", False),
+}
+DROPPED_COMMANDS = ("discard", "alloc", "map")
+
+# Deliberate differences (DESIGN.md §3): blkfuse's documented behaviour replaces QEMU's.
+# name -> (why, expect override, final image override as runs or "initial")
+DELIBERATE = {
+    "data_rmw_read_failure_ignored": (
+        "QEMU 7.2 ignores a failed read-modify-write read and writes an uninitialised "
+        "buffer; blkfuse fails the write with the read's errno and leaves the data as it was",
+        ["EIO", "MISCOMPARE", "ok", "ok"], "initial"),
+    "errno_negative_skips_io": (
+        "a negative errno makes QEMU skip the I/O and lose the write; in blkfuse it is a "
+        "configuration error (nothing runs, the image is untouched)",
+        ["NOT_RUN", "NOT_RUN", "NOT_RUN", "NOT_RUN"], "initial"),
+}
+
+
+def skip_reason(name: str) -> str | None:
+    return UNEXPRESSIBLE.get(name)
+
+
+@dataclass
+class Expectation:
+    ops: list            # Op, or None for a dropped command
+    expect: list         # per command; None where not compared
+    image: bytes | None  # expected final image, or None: not compared
+    note: str = ""
+
+
+def expectation(case: dict) -> Expectation:
+    name = case["name"]
+    size = case["image_size"]
+    initial = image_from_runs(size, case.get("image_init"))
+    ops, expect = [], []
+    for text, outcome in zip(case["ops"], case["expect"]):
+        op = parse_op(text)
+        dropped = op.cmd in DROPPED_COMMANDS or (op.cmd == "write" and op.zero)
+        if dropped and name not in PRUNED:
+            raise AssertionError(f"{name}: {text!r} is not expressible; list the case")
+        ops.append(None if dropped else op)
+        expect.append(None if dropped else outcome)
+    image = None
+    if case.get("check_image", True) and "final_image" in case:
+        image = image_from_runs(size, case["final_image"])
+    note = ""
+    if name in PRUNED:
+        note, keep_image = PRUNED[name]
+        if not keep_image:
+            image = None
+    if name in DELIBERATE:
+        note, expect, final = DELIBERATE[name]
+        expect = list(expect)
+        image = initial if final == "initial" else image_from_runs(size, final)
+    return Expectation(ops, expect, image, note)
+
+
+def make_image(path: Path, case: dict) -> None:
+    path.write_bytes(image_from_runs(case["image_size"], case.get("image_init")))
+
+
+def options_for(case: dict, config_path: Path) -> dict[str, str]:
+    """Blockdev-style options as blkfuse takes them (`-o`): config, align, blkdebug_opts."""
+    options = {"config": str(config_path)}
+    if "align" in case:
+        options["align"] = str(case["align"])
+    for key, value in case.get("blkdebug_opts", {}).items():
+        options[key] = str(value)
+    return options
+
+
+@dataclass
+class Replay:
+    outcomes: list       # per command: outcome string, or None (dropped)
+    image: bytes
+    config_error: str | None = None
+
+
+def compare(case: dict, exp: Expectation, got: Replay) -> list[str]:
+    """Human-readable disagreements (empty: blkfuse matches)."""
+    problems = []
+    for i, (op, want, have) in enumerate(zip(exp.ops, exp.expect, got.outcomes)):
+        if op is None or want is None:
+            continue
+        if want != have:
+            problems.append(f"op {i} {op.text!r}: expected {want}, got {have}")
+    if exp.image is not None and exp.image != got.image:
+        problems.append("final image: " + image_diff(exp.image, got.image))
+    return problems
+
+
+# ---- target: the block layer -----------------------------------------------------------------
+
+def replay_block(case: dict, tmpdir: Path) -> Replay:
+    import trio
+
+    from blkfuse.block import BlockDevice
+    from blkfuse.config import ConfigError, load_rules, parse_options
+    from blkfuse.engine import Engine
+    from blkfuse.image import Image
+
+    exp = expectation(case)
+    image_path = tmpdir / "img.raw"
+    config_path = tmpdir / "blkdebug.conf"
+    make_image(image_path, case)
+    config_path.write_text(case["config"])
+    try:
+        _, settings = parse_options(options_for(case, config_path))
+        rules = load_rules(settings)
+    except ConfigError as e:
+        return Replay(["NOT_RUN"] * len(exp.ops), image_path.read_bytes(), str(e))
+    engine = Engine(rules)
+    image = Image(str(image_path))
+    dev = BlockDevice(engine, image, align=settings.align, max_transfer=settings.max_transfer)
+    outcomes = [None] * len(exp.ops)
+    try:
+        trio.run(_block_replay, case, exp.ops, engine, dev, outcomes)
+    finally:
+        image.close()
+    return Replay(outcomes, image_path.read_bytes())
+
+
+async def _block_io(dev, op: Op, writethrough: bool) -> str:
+    try:
+        if op.cmd in ("read", "aio_read"):
+            data = await dev.read(op.offset, op.length)
+            if len(data) != op.length:
+                return f"SHORT_{len(data)}"
+            if op.pattern is not None and data != bytes([op.pattern]) * op.length:
+                return "MISCOMPARE"
+        elif op.cmd in ("write", "aio_write"):
+            pattern = DEFAULT_WRITE_PATTERN if op.pattern is None else op.pattern
+            await dev.write(op.offset, bytes([pattern]) * op.length, writethrough=writethrough)
+        elif op.cmd == "flush":
+            await dev.flush()
+        else:
+            raise AssertionError(f"not an I/O command: {op.text}")
+    except OSError as e:
+        return errname(e.errno)
+    return "ok"
+
+
+async def _block_replay(case, ops, engine, dev, outcomes):
+    import trio
+
+    from blkfuse.engine import EngineError
+
+    writethrough = case.get("cache") == "writethrough"
+    pending: list[trio.Event] = []
+
+    async def settle():
+        # Every started aio request is finished or suspended at a breakpoint.
+        with trio.fail_after(HANG_GUARD):
+            while sum(not d.is_set() for d in pending) != len(engine.suspended()):
+                await trio.sleep(0.0005)
+
+    async with trio.open_nursery() as nursery:
+        for i, op in enumerate(ops):
+            if op is None:
+                continue
+            cmd, args = op.cmd, op.args
+            try:
+                if cmd in ("aio_read", "aio_write"):
+                    done = trio.Event()
+
+                    async def run(i=i, op=op, done=done):
+                        outcomes[i] = await _block_io(dev, op, writethrough)
+                        done.set()
+
+                    pending.append(done)
+                    nursery.start_soon(run)
+                    await settle()
+                elif cmd == "aio_flush":
+                    try:
+                        with trio.fail_after(HANG_GUARD):
+                            for done in pending:
+                                await done.wait()
+                        outcomes[i] = "ok"
+                    except trio.TooSlowError:
+                        outcomes[i] = "HANG"
+                        engine.resume_all()
+                elif cmd == "break":
+                    engine.add_breakpoint(args[0], args[1])
+                    outcomes[i] = "ok"
+                elif cmd == "resume":
+                    engine.resume(args[0])
+                    await settle()
+                    outcomes[i] = "ok"
+                elif cmd == "remove_break":
+                    engine.remove_breakpoint(args[0])
+                    await settle()
+                    outcomes[i] = "ok"
+                elif cmd == "wait_break":
+                    await engine.wait_break(args[0], timeout=HANG_GUARD)
+                    outcomes[i] = "ok"
+                else:
+                    outcomes[i] = await _block_io(dev, op, writethrough)
+            except EngineError as e:
+                outcomes[i] = errname(e.errno)
+        engine.resume_all()      # nothing may stay suspended, or the nursery never exits
+
+
+# ---- target: a real mount ------------------------------------------------------------------
+
+def blkfuse_command() -> list[str]:
+    script = Path(sys.executable).with_name("blkfuse")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from blkfuse.cli import main; sys.exit(main())"]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def mount_available() -> str | None:
+    """None if real mounts can run here, else why not."""
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if os.geteuid() != 0 and not shutil.which("fusermount3"):
+        return "not root and no fusermount3"
+    try:
+        import blkfuse.cli.mount  # noqa: F401
+    except ImportError as e:
+        return f"blkfuse mount not available: {e}"
+    return None
+
+
+def is_mounted(mountpoint: Path) -> bool:
+    target = os.path.realpath(mountpoint)
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+class MountFailed(Exception):
+    pass
+
+
+class Mount:
+    """`blkfuse mount [--config C] [-o OPTS] IMAGE MOUNTPOINT` ... `blkfuse umount`."""
+
+    def __init__(self, image: Path, mountpoint: Path, config: Path | None = None,
+                 options: dict[str, str] | None = None):
+        self.image = Path(image)
+        self.mountpoint = Path(mountpoint)
+        self.config = config
+        self.options = dict(options or {})
+        self.file = self.mountpoint / self.image.name
+        self.control = self.mountpoint / "control"
+
+    def __enter__(self):
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        argv = blkfuse_command() + ["mount"]
+        if self.config is not None:
+            argv += ["--config", str(self.config)]
+        if self.options:
+            argv += ["-o", ",".join(f"{k}={v.replace(',', ',,')}"
+                                    for k, v in self.options.items())]
+        argv += [str(self.image), str(self.mountpoint)]
+        proc = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=60)
+        if proc.returncode != 0:
+            if is_mounted(self.mountpoint):
+                self.unmount()
+            raise MountFailed((proc.stderr or proc.stdout).strip())
+        return self
+
+    def unmount(self):
+        subprocess.run(blkfuse_command() + ["umount", str(self.mountpoint)],
+                       capture_output=True, text=True, env=_env(), timeout=60)
+        if is_mounted(self.mountpoint):      # never leave a mount behind
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
+            subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
+
+    def __exit__(self, *exc):
+        self.unmount()
+
+    def ctl(self, line: str) -> str:
+        """One control-file command; "ok" or the errno name it failed with."""
+        fd = os.open(self.control, os.O_WRONLY)
+        try:
+            os.write(fd, (line + "\n").encode())
+        except OSError as e:
+            return errname(e.errno)
+        finally:
+            try:
+                os.close(fd)
+            except OSError as e:
+                return errname(e.errno)
+        return "ok"
+
+
+def aligned_buffer(length: int) -> mmap.mmap:
+    """Page-aligned memory, as O_DIRECT wants."""
+    return mmap.mmap(-1, max(mmap.PAGESIZE, -(-length // mmap.PAGESIZE) * mmap.PAGESIZE))
+
+
+def file_read(fd: int, offset: int, length: int) -> bytes | str:
+    """bytes, or the errno name."""
+    buf = aligned_buffer(length)
+    try:
+        n = os.preadv(fd, [memoryview(buf)[:length]], offset)
+        return bytes(buf[:n])
+    except OSError as e:
+        return errname(e.errno)
+    finally:
+        buf.close()
+
+
+def file_write(fd: int, offset: int, data: bytes) -> str:
+    buf = aligned_buffer(len(data))
+    buf[:len(data)] = data
+    try:
+        n = os.pwritev(fd, [memoryview(buf)[:len(data)]], offset)
+    except OSError as e:
+        return errname(e.errno)
+    finally:
+        buf.close()
+    return "ok" if n == len(data) else f"SHORT_{n}"
+
+
+def file_flush(fd: int) -> str:
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        return errname(e.errno)
+    return "ok"
+
+
+def open_flags(writethrough: bool) -> int:
+    return os.O_RDWR | os.O_DIRECT | (os.O_DSYNC if writethrough else 0)
+
+
+def _file_io(fd: int, op: Op) -> str:
+    if op.cmd in ("read", "aio_read"):
+        data = file_read(fd, op.offset, op.length)
+        if isinstance(data, str):
+            return data
+        if len(data) != op.length:
+            return f"SHORT_{len(data)}"
+        if op.pattern is not None and data != bytes([op.pattern]) * op.length:
+            return "MISCOMPARE"
+        return "ok"
+    if op.cmd in ("write", "aio_write"):
+        pattern = DEFAULT_WRITE_PATTERN if op.pattern is None else op.pattern
+        return file_write(fd, op.offset, bytes([pattern]) * op.length)
+    if op.cmd == "flush":
+        return file_flush(fd)
+    raise AssertionError(f"not an I/O command: {op.text}")
+
+
+def replay_mount(case: dict, tmpdir: Path) -> Replay:
+    exp = expectation(case)
+    image_path = tmpdir / "img.raw"
+    config_path = tmpdir / "blkdebug.conf"
+    make_image(image_path, case)
+    config_path.write_text(case["config"])
+    options = options_for(case, config_path)
+    config = Path(options.pop("config"))
+    outcomes = [None] * len(exp.ops)
+    try:
+        with Mount(image_path, tmpdir / "mnt", config=config, options=options) as m:
+            _mount_replay(case, exp.ops, m, outcomes)
+    except MountFailed as e:
+        return Replay(["NOT_RUN"] * len(exp.ops), image_path.read_bytes(), str(e))
+    return Replay(outcomes, image_path.read_bytes())
+
+
+def _mount_replay(case, ops, m: Mount, outcomes):
+    writethrough = case.get("cache") == "writethrough"
+    fd = os.open(m.file, open_flags(writethrough))
+    threads: list[threading.Thread] = []
+    breakpoints_used = False
+    try:
+        for i, op in enumerate(ops):
+            if op is None:
+                continue
+            if op.cmd in ("aio_read", "aio_write"):
+                def run(i=i, op=op):
+                    outcomes[i] = _file_io(fd, op)
+                t = threading.Thread(target=run, daemon=True)
+                t.start()
+                threads.append(t)
+                # Without a breakpoint the request must finish: wait, so the next command
+                # is ordered after it (as in the block replay). With breakpoints in play it
+                # may be suspended; the cases follow with wait_break or aio_flush.
+                if not breakpoints_used:
+                    t.join(HANG_GUARD)
+            elif op.cmd == "aio_flush":
+                deadline = time.monotonic() + HANG_GUARD
+                for t in threads:
+                    t.join(max(0.0, deadline - time.monotonic()))
+                outcomes[i] = "HANG" if any(t.is_alive() for t in threads) else "ok"
+            elif op.cmd in ("break", "resume", "remove_break", "wait_break"):
+                breakpoints_used = True
+                line = " ".join([op.cmd] + op.args)
+                if op.cmd == "wait_break":
+                    line += f" {HANG_GUARD:g}"
+                outcomes[i] = m.ctl(line)
+            else:
+                outcomes[i] = _file_io(fd, op)
+    finally:
+        if any(t.is_alive() for t in threads):
+            for tag in {o.args[-1] for o in ops if o is not None and o.cmd == "break"}:
+                m.ctl(f"remove_break {tag}")
+            for t in threads:
+                t.join(HANG_GUARD)
+        os.close(fd)
