@@ -67,7 +67,10 @@ CONFIG_CASES = [
     ("section-id", '[inject-error "first"]\n' + EV, None),
     ("section-id-not-identifier", '[inject-error "1"]\n' + EV, None),
     ("duplicate-section-id", '[inject-error "a"]\n' + EV + '[inject-error "a"]\n' + EV, None),
+    ("id-key", IE + EV + 'id = "z"\n', None),
     # --- deliberate differences ---
+    ("header-trailing-text", "[inject-error] junk\n" + EV,
+     "QEMU ignores text after a section header; blkfuse refuses"),
     ("negative-errno", IE + EV + 'errno = "-5"\n',
      "QEMU wraps -5 to an errno that silently skips the I/O; blkfuse refuses it"),
     ("negative-sector", IE + EV + 'sector = "-1"\n',
