@@ -25,6 +25,10 @@ log = logging.getLogger("blkfuse")
 # without blocking the others.
 MAX_TASKS = 10000
 
+# At shutdown, after every suspended request is released, the files still open (a writer that
+# was just released closing its file, say) get this long to finish before the mount goes.
+GRACE_SECONDS = 5.0
+
 
 class MountError(Exception):
     """A reason not to mount; str(e) is the one line the user sees."""
@@ -177,18 +181,34 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 log.info("%s: shutting down", signal.Signals(signum).name)
-                self.stop()
+                await self.shutdown()
                 return
 
+    async def shutdown(self):
+        """Release every suspended request, let in-flight requests and open files finish
+        (GRACE_SECONDS at most), then stop the FUSE loop."""
+        import trio
+        if self._stopping:
+            return
+        self.control.close()
+        self.engine.resume_all()
+        with trio.move_on_after(GRACE_SECONDS):
+            while not self.ops.quiet():
+                await trio.sleep(0.01)
+        if not self.ops.quiet():
+            log.warning("shutting down with %d request(s) in flight and files still open",
+                        self.ops.inflight)
+        self.stop()
+
     def stop(self):
-        """Release every suspended request and stop taking new ones (trio thread only)."""
+        """Stop taking requests (trio thread only); pyfuse3.main() returns once the
+        requests in flight are answered."""
         if self._stopping:
             return
         self._stopping = True
         import pyfuse3
         self.control.close()
         self.engine.resume_all()
-        # The workers finish the requests in flight, then pyfuse3.main() returns.
         pyfuse3.terminate()
 
     def serve(self):

@@ -40,6 +40,7 @@ class _Handle:
 def _guard(fn):
     """Turn any failure into a FUSE errno: pyfuse3 ends the whole main loop on an exception."""
     async def wrapper(self, *args):
+        self.inflight += 1
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -49,6 +50,8 @@ def _guard(fn):
         except Exception:
             log.exception("%s failed", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            self.inflight -= 1
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
@@ -80,9 +83,14 @@ class Operations(pyfuse3.Operations):
         self.owner_gid = os.getgid() if owner_gid is None else owner_gid
         self.backing_path = backing_path
         self._handles: dict[int, _Handle] = {}
+        self.inflight = 0           # requests being served (suspended ones included)
         self._next_fh = 1
         now = time.time_ns()
         self._mtime = {ROOT: now, IMAGE: now, CONTROL: now}
+
+    def quiet(self) -> bool:
+        """No request in flight and no file open: shutting down now loses nothing."""
+        return self.inflight == 0 and not self._handles
 
     # -- attributes ---------------------------------------------------------------------------
 

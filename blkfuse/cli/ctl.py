@@ -6,7 +6,7 @@ from ._common import ControlFailed, fail, send
 
 
 @click.command("ctl", context_settings={"ignore_unknown_options": True})
-@click.argument("mountpoint", type=click.Path())
+@click.argument("mountpoint")
 @click.argument("words", nargs=-1, required=True)
 def command(mountpoint, words):
     """Send COMMAND to the mount at MOUNTPOINT and print its answer.

@@ -8,7 +8,7 @@ from ._common import ControlFailed, _open_error, fail, read_status, send
 
 
 @click.command("status")
-@click.argument("mountpoint", type=click.Path())
+@click.argument("mountpoint")
 @click.option("--json", "as_json", is_flag=True,
               help="Machine-readable status (needs the right to write control).")
 def command(mountpoint, as_json):

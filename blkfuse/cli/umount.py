@@ -34,7 +34,7 @@ def _fusermount(mountpoint, lazy=False) -> bool:
 
 
 @click.command("umount")
-@click.argument("mountpoint", type=click.Path())
+@click.argument("mountpoint")
 @click.option("--timeout", default=60.0, show_default=True, metavar="SECONDS",
               help="How long to wait for the daemon's orderly shutdown.")
 def command(mountpoint, timeout):
