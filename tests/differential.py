@@ -1,0 +1,479 @@
+"""Generated blkdebug scenarios run through QEMU's qemu-io and through blkfuse.
+
+A scenario is a random blkdebug config ([inject-error] / [set-state] rules over the events
+a FUSE file can raise) plus a random sequence of read / write / flush at sector-aligned or
+odd offsets within a small image, under writeback or writethrough caching, optionally with
+blkdebug's align or max-transfer options. Everything derives from (seed, index).
+
+How per-command results are read from qemu-io exactly
+------------------------------------------------------
+qemu-io runs all `-c` commands of a scenario in one process (the engine state must carry
+over), prints reads and writes as "read N/N bytes ..." / "write failed: <strerror>", and
+prints NOTHING for a flush, failed or not; its exit status only says whether some command
+failed. So:
+
+* Between commands we put `-c "help sleep"`: it prints one known line and never touches the
+  block device, so the output splits into exactly one segment per command.
+* stdout is made unbuffered (`stdbuf -o0`) and stderr goes to the same pipe, so messages
+  from both streams stay in program order.
+* A flush is issued as qemu-io's `reopen` command. Reopening first flushes the node
+  (bdrv_reopen_multiple -> bdrv_flush, the same call the `flush` command makes, with the same
+  flush_to_os / flush_to_disk events and the same "written since" generations) and, when that
+  flush fails, reports "Error flushing drive: <strerror>" and abandons the reopen; a
+  successful reopen of blkdebug changes nothing (blkdebug_reopen_prepare accepts it as is).
+* We do not take that equivalence on trust: every scenario also runs a second time with the
+  real `flush` command. Both runs must print the same for every non-flush command and leave
+  the same image, and the second run's exit status must be 1 exactly when some command of
+  the first run failed. A scenario where that cross-check fails is an oracle error (the
+  test fails and says so), never silently compared.
+"""
+
+import errno as _errno
+import os
+import random
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import oracle
+
+QEMU_IO = shutil.which("qemu-io")
+STDBUF = shutil.which("stdbuf")
+MARKER_CMD = "help sleep"
+MARKER_LINE = "sleep -- waits for the given value in milliseconds"
+
+GEN_EVENTS = ["read_aio", "write_aio", "pwritev", "pwritev_done", "flush_to_os",
+              "flush_to_disk", "none"]
+RMW_EVENTS = ["pwritev_rmw_head", "pwritev_rmw_after_head", "pwritev_rmw_tail",
+              "pwritev_rmw_after_tail"]
+GEN_ERRNOS = ["5", "28", "1", "122", "0", "30", "200", "0x1c", "010", "13"]
+GEN_IOTYPES = ["read", "write", "flush", "discard", "write-zeroes"]
+
+PROFILES = {           # name -> share of the scenarios
+    "writeback": 0.40,
+    "writethrough": 0.20,
+    "align": 0.20,
+    "max-transfer": 0.20,
+}
+
+
+def qemu_io_version() -> str | None:
+    if not QEMU_IO:
+        return None
+    out = subprocess.run([QEMU_IO, "--version"], capture_output=True, text=True).stdout
+    return out.splitlines()[0] if out else None
+
+
+# ---- scenarios ------------------------------------------------------------------------------
+
+@dataclass
+class Scenario:
+    seed: int
+    index: int
+    profile: str
+    config: str
+    ops: list                      # ("read", off, len) | ("write", off, len, byte) | ("flush",)
+    cache: str = "writeback"
+    align: int | None = None
+    max_transfer: int | None = None
+    image_size: int = 16384
+    init_byte: int = 0
+
+    @property
+    def ident(self) -> str:
+        return f"seed={self.seed} index={self.index} ({self.profile})"
+
+    def image(self) -> bytes:
+        return bytes([self.init_byte]) * self.image_size
+
+    def qemu_command(self, op, flush_as: str) -> str:
+        if op[0] == "read":
+            return f"read -v {op[1]} {op[2]}"
+        if op[0] == "write":
+            return f"write -P {op[3]:#x} {op[1]} {op[2]}"
+        return flush_as
+
+    def qemu_argv(self, config_path: Path, image_path: Path, flush_as: str) -> list[str]:
+        argv = [QEMU_IO, "-t", self.cache]
+        if self.align is None and self.max_transfer is None:
+            argv += ["-f", "raw", f"blkdebug:{config_path}:{image_path}"]
+        else:
+            opts = ["driver=raw", "file.driver=blkdebug", f"file.config={config_path}"]
+            if self.align is not None:
+                opts.append(f"file.align={self.align}")
+            if self.max_transfer is not None:
+                opts.append(f"file.max-transfer={self.max_transfer}")
+            opts += ["file.image.driver=file", f"file.image.filename={image_path}"]
+            argv += ["--image-opts", ",".join(opts)]
+        for op in self.ops:
+            argv += ["-c", self.qemu_command(op, flush_as), "-c", MARKER_CMD]
+        return argv
+
+    def describe(self) -> str:
+        parts = [f"scenario {self.ident}: cache={self.cache}"]
+        if self.align:
+            parts.append(f"align={self.align}")
+        if self.max_transfer:
+            parts.append(f"max-transfer={self.max_transfer}")
+        parts.append(f"image {self.image_size} bytes of {self.init_byte:#x}")
+        lines = [" ".join(parts), "  config: " + self.config.replace("\n", " | ")]
+        lines.append("  ops: " + "; ".join(self.qemu_command(op, "flush") for op in self.ops))
+        argv = self.qemu_argv(Path("blkdebug.conf"), Path("img.raw"), "flush")
+        lines.append("  reproduce: qemu-io " + " ".join(_shell_quote(a) for a in argv[1:])
+                     .replace(" -c 'help sleep'", ""))
+        return "\n".join(lines)
+
+
+def _shell_quote(arg: str) -> str:
+    return arg if re.fullmatch(r"[\w./:=,@+-]+", arg) else "'" + arg.replace("'", "'\\''") + "'"
+
+
+def _rule_text(rng: random.Random, profile: str, sectors: int) -> str:
+    events = GEN_EVENTS + (RMW_EVENTS if profile == "align" else [])
+    event = rng.choice(events)
+    lines = []
+    if rng.random() < 0.62:
+        lines.append("[inject-error]")
+        lines.append(f'event = "{event}"')
+        if rng.random() < 0.5:
+            lines.append(f'state = "{rng.choice([0, 1, 1, 2, 3])}"')
+        if rng.random() < 0.75:
+            lines.append(f'errno = "{rng.choice(GEN_ERRNOS)}"')
+        if rng.random() < 0.45:
+            lines.append(f'sector = "{rng.randrange(sectors)}"')
+        if rng.random() < 0.6:
+            lines.append(f'once = "{rng.choice(["on", "off"])}"')
+        if rng.random() < 0.35:
+            lines.append(f'iotype = "{rng.choice(GEN_IOTYPES)}"')
+        if rng.random() < 0.1:
+            lines.append(f'immediately = "{rng.choice(["on", "off"])}"')
+    else:
+        lines.append("[set-state]")
+        lines.append(f'event = "{event}"')
+        lines.append(f'state = "{rng.choice([0, 1, 1, 2, 2, 3])}"')
+        if rng.random() < 0.9:
+            lines.append(f'new_state = "{rng.choice([0, 1, 2, 2, 3, 3])}"')
+    return "\n".join(lines) + "\n"
+
+
+def _range(rng: random.Random, size: int, big: int) -> tuple[int, int]:
+    if rng.random() < 0.6:               # sector-aligned
+        length = rng.choice([512, 1024, 2048, 4096, big])
+        offset = rng.randrange(0, size // 512) * 512
+    else:                                # odd offsets and lengths
+        length = rng.choice([1, 10, rng.randrange(1, 700), rng.randrange(1, big + 1)])
+        offset = rng.randrange(0, size)
+    length = max(1, min(length, big, size - offset))
+    return offset, length
+
+
+def generate(seed: int, index: int, profile: str) -> Scenario:
+    rng = random.Random(f"{seed}:{index}:{profile}")
+    sc = Scenario(seed=seed, index=index, profile=profile, config="", ops=[])
+    big = 4096
+    if profile == "writethrough":
+        sc.cache = "writethrough"
+    elif profile == "align":
+        sc.align = rng.choice([512, 4096, 4096])
+        sc.image_size = 32768
+        sc.cache = rng.choice(["writeback", "writeback", "writethrough"])
+        if rng.random() < 0.25:
+            sc.max_transfer = max(sc.align, rng.choice([4096, 8192]))
+            big = 3 * sc.max_transfer
+    elif profile == "max-transfer":
+        sc.max_transfer = rng.choice([4096, 8192])
+        sc.image_size = 32768
+        sc.cache = rng.choice(["writeback", "writeback", "writethrough"])
+        big = 3 * sc.max_transfer
+    sc.init_byte = rng.choice([0, 0x77])
+    sectors = sc.image_size // 512
+    sc.config = "".join(_rule_text(rng, profile, sectors) for _ in range(rng.randint(1, 4)))
+    for _ in range(rng.randint(2, 9)):
+        r = rng.random()
+        if r < 0.38:
+            sc.ops.append(("read",) + _range(rng, sc.image_size, big))
+        elif r < 0.78:
+            sc.ops.append(("write",) + _range(rng, sc.image_size, big) + (rng.randrange(1, 256),))
+        else:
+            sc.ops.append(("flush",))
+    return sc
+
+
+def generate_all(seed: int, n: int) -> list[Scenario]:
+    out = []
+    names = list(PROFILES)
+    counts = {p: int(n * PROFILES[p]) for p in names}
+    counts[names[0]] += n - sum(counts.values())
+    for profile in names:
+        for i in range(counts[profile]):
+            out.append(generate(seed, len(out), profile))
+    return out
+
+
+# ---- results -------------------------------------------------------------------------------
+
+_STRERROR = {}
+for _n in range(1, 256):
+    _STRERROR.setdefault(os.strerror(_n), _n)
+
+
+def errno_of(message: str) -> int:
+    message = message.strip()
+    if message in _STRERROR:
+        return _STRERROR[message]
+    m = re.fullmatch(r"Unknown error (-?\d+)", message)
+    if m:
+        return int(m.group(1))
+    raise ValueError(f"unknown strerror text {message!r}")
+
+
+class OracleError(Exception):
+    """qemu-io's answer could not be read exactly (not a blkfuse bug)."""
+
+
+@dataclass(frozen=True)
+class Result:
+    error: int = 0                 # 0 = ok
+    data: bytes | None = None      # what a successful read returned
+
+    def __str__(self):
+        if self.error:
+            return oracle.errname(self.error)
+        if self.data is not None:
+            return f"ok({oracle.runs_of(self.data)[:3]}{'...' if len(oracle.runs_of(self.data)) > 3 else ''})"
+        return "ok"
+
+
+OK = Result()
+_HEX = re.compile(r"^[0-9a-f]{8}:  ((?:[0-9a-f]{2} )+)")
+
+
+def _parse_segment(op, lines: list[str], flush_as: str) -> Result:
+    kind = op[0]
+    text = "\n".join(lines)
+    if kind == "read":
+        for line in lines:
+            if line.startswith("read failed: "):
+                return Result(errno_of(line[len("read failed: "):]))
+        data = bytearray()
+        for line in lines:
+            m = _HEX.match(line)
+            if m:
+                data += bytes.fromhex(m.group(1))
+        if not any(line.startswith(f"read {op[2]}/{op[2]} bytes") for line in lines):
+            raise ValueError(f"unexpected qemu-io output for {op}: {text!r}")
+        return Result(0, bytes(data))
+    if kind == "write":
+        for line in lines:
+            if line.startswith("write failed: "):
+                return Result(errno_of(line[len("write failed: "):]))
+        if not any(line.startswith(f"wrote {op[2]}/{op[2]} bytes") for line in lines):
+            raise ValueError(f"unexpected qemu-io output for {op}: {text!r}")
+        return OK
+    # flush
+    if flush_as == "reopen":
+        for line in lines:
+            m = re.search(r"Error flushing drive: (.*)$", line)
+            if m:
+                return Result(errno_of(m.group(1)))
+    if lines:
+        raise ValueError(f"unexpected qemu-io output for {flush_as}: {text!r}")
+    return OK
+
+
+def _run_qemu_once(sc: Scenario, workdir: Path, flush_as: str):
+    config = workdir / "blkdebug.conf"
+    image = workdir / f"img-{flush_as}.raw"
+    config.write_text(sc.config)
+    image.write_bytes(sc.image())
+    argv = sc.qemu_argv(config, image, flush_as)
+    if STDBUF:
+        argv = [STDBUF, "-o0", "-e0"] + argv
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=120, cwd=workdir)
+    lines = proc.stdout.splitlines()
+    segments, current = [], []
+    for line in lines:
+        if line == MARKER_LINE:
+            segments.append(current)
+            current = []
+        elif line.strip():
+            current.append(line)
+    if current or len(segments) != len(sc.ops):
+        raise ValueError(f"qemu-io output does not split into {len(sc.ops)} commands "
+                         f"(rc={proc.returncode}):\n{proc.stdout}")
+    results = [_parse_segment(op, seg, flush_as) for op, seg in zip(sc.ops, segments)]
+    return results, proc.returncode, image.read_bytes()
+
+
+@dataclass
+class QemuAnswer:
+    results: list | None = None      # from the run with `reopen` for flush
+    image: bytes | None = None
+    check: list | None = None        # from the run with the real `flush`
+    check_rc: int = 0
+    check_image: bytes | None = None
+    oracle_error: str | None = None
+
+    def inconsistency(self, sc: "Scenario", stop: int) -> str | None:
+        """Cross-check of the reopen-for-flush substitution (see the module docstring).
+
+        `stop`: index of the first op where QEMU writes its uninitialised RMW buffer (the
+        deliberate difference); from there on data is not deterministic between runs, so
+        only errors are compared and the images are not.
+        """
+        if self.oracle_error:
+            return self.oracle_error
+        for i, (op, a, b) in enumerate(zip(sc.ops, self.results, self.check)):
+            if op[0] == "flush":
+                continue
+            if a.error != b.error or (i < stop and a != b):
+                return f"reopen run and flush run differ at op {i}: {a} vs {b}"
+        if stop >= len(sc.ops) and self.image != self.check_image:
+            return "reopen run and flush run leave different images"
+        if (self.check_rc != 0) != any(r.error for r in self.results):
+            return (f"flush run exit status {self.check_rc} but reopen run results "
+                    f"{[str(r) for r in self.results]}")
+        return None
+
+
+def run_qemu(sc: Scenario) -> QemuAnswer:
+    with tempfile.TemporaryDirectory(prefix="blkfuse-diff-") as d:
+        workdir = Path(d)
+        try:
+            results, _, image = _run_qemu_once(sc, workdir, "reopen")
+            check, rc, check_image = _run_qemu_once(sc, workdir, "flush")
+        except (ValueError, subprocess.TimeoutExpired) as e:
+            return QemuAnswer(oracle_error=str(e))
+    return QemuAnswer(results, image, check, rc, check_image)
+
+
+def run_block(sc: Scenario) -> tuple[list, bytes, list]:
+    """(results, final image, deliberate) through BlockDevice; `deliberate` lists
+    (op index, errno) of writes that failed a read-modify-write padding read."""
+    import trio
+
+    from blkfuse.block import BlockDevice
+    from blkfuse.config import parse_config_text
+    from blkfuse.engine import Engine
+    from blkfuse.image import Image
+
+    class RecordingEngine(Engine):
+        def __init__(self, rules):
+            self.checks = []
+            super().__init__(rules)
+
+        def check(self, iotype, offset, length):
+            error = super().check(iotype, offset, length)
+            self.checks.append((iotype, error))
+            return error
+
+    writethrough = sc.cache == "writethrough"
+    with tempfile.TemporaryDirectory(prefix="blkfuse-diff-") as d:
+        path = Path(d) / "img.raw"
+        path.write_bytes(sc.image())
+        engine = RecordingEngine(parse_config_text(sc.config, "generated.conf"))
+        image = Image(str(path))
+        dev = BlockDevice(engine, image, align=sc.align, max_transfer=sc.max_transfer)
+        results, deliberate = [], []
+
+        async def main():
+            for i, op in enumerate(sc.ops):
+                engine.checks.clear()
+                try:
+                    if op[0] == "read":
+                        results.append(Result(0, await dev.read(op[1], op[2])))
+                    elif op[0] == "write":
+                        await dev.write(op[1], bytes([op[3]]) * op[2], writethrough=writethrough)
+                        results.append(OK)
+                    else:
+                        await dev.flush()
+                        results.append(OK)
+                except OSError as e:
+                    results.append(Result(e.errno))
+                if op[0] == "write":
+                    failed_reads = [err for kind, err in engine.checks if kind == "read" and err]
+                    if failed_reads:
+                        deliberate.append((i, failed_reads[0]))
+
+        try:
+            trio.run(main)
+        finally:
+            image.close()
+        return results, path.read_bytes(), deliberate
+
+
+def compare(sc: Scenario, qemu: QemuAnswer, ours: list, our_image: bytes,
+            deliberate: list) -> tuple[list[str], str | None]:
+    """(disagreements, note). Ops after a deliberate difference are not compared."""
+    problems = []
+    stop = deliberate[0][0] if deliberate else len(sc.ops)
+    note = None
+    inconsistent = qemu.inconsistency(sc, stop)
+    if inconsistent:
+        raise OracleError(inconsistent)
+    if deliberate:
+        i, err = deliberate[0]
+        note = f"op {i}: failed RMW read (deliberate difference), compared ops 0..{i - 1}"
+        if ours[i].error != err:
+            problems.append(f"op {i} {sc.qemu_command(sc.ops[i], 'flush')!r}: a failed "
+                            f"read-modify-write read must fail the write with "
+                            f"{oracle.errname(err)}, got {ours[i]}")
+    for i in range(stop):
+        if qemu.results[i] != ours[i]:
+            problems.append(f"op {i} {sc.qemu_command(sc.ops[i], 'flush')!r}: "
+                            f"qemu-io {qemu.results[i]}, blkfuse {ours[i]}")
+    if not deliberate and qemu.image != our_image:
+        problems.append("final image: " + oracle.image_diff(qemu.image, our_image))
+    return problems, note
+
+
+# ---- through a mount ------------------------------------------------------------------------
+
+def run_mount(sc: Scenario, tmpdir: Path) -> tuple[list, bytes]:
+    image_path = tmpdir / "img.raw"
+    config_path = tmpdir / "blkdebug.conf"
+    image_path.write_bytes(sc.image())
+    config_path.write_text(sc.config)
+    options = {}
+    if sc.align:
+        options["align"] = str(sc.align)
+    if sc.max_transfer:
+        options["max-transfer"] = str(sc.max_transfer)
+    results = []
+    with oracle.Mount(image_path, tmpdir / "mnt", config=config_path, options=options) as m:
+        fd = os.open(m.file, oracle.open_flags(sc.cache == "writethrough"))
+        try:
+            for op in sc.ops:
+                if op[0] == "read":
+                    data = oracle.file_read(fd, op[1], op[2])
+                    if isinstance(data, str):
+                        results.append(Result(_errno_number(data)))
+                    else:
+                        results.append(Result(0, data))
+                elif op[0] == "write":
+                    r = oracle.file_write(fd, op[1], bytes([op[3]]) * op[2])
+                    results.append(OK if r == "ok" else Result(_errno_number(r)))
+                else:
+                    r = oracle.file_flush(fd)
+                    results.append(OK if r == "ok" else Result(_errno_number(r)))
+        finally:
+            os.close(fd)
+    return results, image_path.read_bytes()
+
+
+def _errno_number(name: str) -> int:
+    if name.startswith("ERRNO_"):
+        return int(name[6:])
+    if name.startswith("SHORT_"):
+        return -1000 - int(name[6:])       # shows up as ERRNO_-10xx: a short transfer
+    return getattr(_errno, name)
+
+
+def mount_deliberate(sc: Scenario) -> list:
+    """The block layer's view of where a scenario hits the deliberate RMW difference."""
+    return run_block(sc)[2]
+
