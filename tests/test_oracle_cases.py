@@ -36,6 +36,11 @@ def test_case(name, target, tmp_path):
     exp = oracle.expectation(case)
     got = TARGETS[target](case, tmp_path)
     problems = oracle.compare(case, exp, got)
+    if exp.expect and all(e == "NOT_RUN" for e in exp.expect):
+        # Refused for the right reason: a message pointing into the config file.
+        if not (got.config_error and "blkdebug.conf:" in got.config_error):
+            problems.append(f"expected a config error naming blkdebug.conf:LINE, got "
+                            f"{got.config_error!r}")
     assert not problems, (
         f"{name} ({target}) disagrees with QEMU"
         + (f" [{exp.note}]" if exp.note else "") + ":\n  " + "\n  ".join(problems)
