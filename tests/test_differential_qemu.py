@@ -75,6 +75,7 @@ def test_flush_results_are_read_exactly():
 
 def test_block_layer_matches_qemu_io():
     seed = _seed()
+    print(f"BLKFUSE_DIFF_SEED={seed}")      # shown by pytest whenever this test fails
     scenarios = D.generate_all(seed, _count("BLKFUSE_DIFF_N", 240))
     with ThreadPoolExecutor(_pool_size()) as pool:
         answers = list(pool.map(D.run_qemu, scenarios))
@@ -102,6 +103,7 @@ def test_mount_matches_qemu_io(tmp_path):
     if why_not:
         pytest.skip(why_not)
     seed = _seed()
+    print(f"BLKFUSE_DIFF_SEED={seed}")
     scenarios = D.generate_all(seed, _count("BLKFUSE_DIFF_MOUNT_N", 30))
     with ThreadPoolExecutor(_pool_size()) as pool:
         answers = list(pool.map(D.run_qemu, scenarios))
