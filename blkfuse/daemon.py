@@ -13,6 +13,7 @@ mount is removed (lazily, so open files cannot keep it), exit 0.
 import errno
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -46,17 +47,33 @@ class Mount:
     log_file: str | None = None
 
 
+def _unescape(field: str) -> str:
+    """Mount tables write space, tab, newline and backslash in paths as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounts() -> list[tuple[str, str, str]]:
+    """(source, mountpoint, fstype) of every mount this process can see."""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
+            return [(_unescape(x[0]), _unescape(x[1]), x[2])
+                    for x in (line.split() for line in f) if len(x) >= 3]
+    except OSError:
+        return []
+
+
 def _is_mountpoint(path: str) -> bool:
     path = os.path.realpath(path)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                mnt = line.split()[4].encode().decode("unicode_escape")
-                if mnt == path:
-                    return True
-    except OSError:
-        return os.path.ismount(path)
-    return False
+    if os.path.ismount(path):
+        return True
+    return any(mnt == path for _, mnt, _ in mounts())
+
+
+def is_blkfuse_mount(path: str) -> bool:
+    path = os.path.realpath(path)
+    return any(mnt == path and (fstype == "fuse.blkfuse" or (src == "blkfuse"
+                                                             and fstype.startswith("fuse")))
+               for src, mnt, fstype in mounts())
 
 
 def prepare(image: str, mountpoint: str, settings, *, name=None, read_only=False,
@@ -80,6 +97,12 @@ def prepare(image: str, mountpoint: str, settings, *, name=None, read_only=False
                          + ("" if read_only else " (try --read-only)"))
 
     mnt = os.path.abspath(mountpoint)
+    try:
+        os.stat(mnt)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise MountError(f"{mountpoint}: a dead FUSE mount is there (run: blkfuse umount "
+                             f"{mountpoint})") from None
     if not os.path.exists(mnt):
         raise MountError(f"{mountpoint}: mountpoint does not exist")
     if not os.path.isdir(mnt):
@@ -137,6 +160,7 @@ class Daemon:
                               read_only=m.read_only, backing_path=m.image_path)
         self._mounted = False
         self._stopping = False
+        self._shutting_down = False
 
     def mount(self):
         """Mount (pyfuse3.init). MountError with the kernel's or libfuse's reason on failure."""
@@ -170,6 +194,7 @@ class Daemon:
         import pyfuse3
         import trio
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._watch_signals)
             await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
             # The loop ended: by our shutdown, or the kernel ended the session (unmounted).
@@ -180,9 +205,11 @@ class Daemon:
         import trio
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
+                # Later signals are absorbed: the shutdown under way finishes in order.
                 log.info("%s: shutting down", signal.Signals(signum).name)
-                await self.shutdown()
-                return
+                if not self._shutting_down:
+                    self._shutting_down = True
+                    self._nursery.start_soon(self.shutdown)
 
     async def shutdown(self):
         """Release every suspended request, let in-flight requests and open files finish

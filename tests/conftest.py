@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,8 @@ def blkfuse(*args, check=False, timeout=120, **kw):
 
 def mounted_paths() -> set[str]:
     with open("/proc/self/mounts") as f:
-        return {line.split()[1].encode().decode("unicode_escape") for line in f}
+        return {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[1])
+                for line in f}
 
 
 def is_mounted(path) -> bool:
@@ -104,7 +106,8 @@ def mount(fuse_dir):
     end of the test, passed or failed: `blkfuse umount`, then a forced lazy unmount."""
     made = []
 
-    def _mount(*args, size=1 << 20, data=None, name=None, image=None, expect_ok=True):
+    def _mount(*args, size=1 << 20, data=None, name=None, image=None, expect_ok=True,
+               mnt_name=None):
         i = len(made)
         img = Path(image) if image else fuse_dir / f"disk{i}.img"
         if not image:
@@ -113,7 +116,7 @@ def mount(fuse_dir):
                     f.write(data)
                 else:
                     f.truncate(size)
-        mnt = fuse_dir / f"mnt{i}"
+        mnt = fuse_dir / (mnt_name or f"mnt{i}")
         mnt.mkdir(exist_ok=True)
         extra = ["--name", name] if name else []
         m = Mounted(fuse_dir, img, mnt, name or img.name)

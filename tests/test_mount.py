@@ -255,6 +255,44 @@ def test_breakpoint_suspends_one_write_while_reads_go_on(mount):
     assert m.status()["suspended"] == [] and m.status()["breakpoints"] == []
 
 
+def test_many_suspended_requests_do_not_stop_the_others(mount):
+    """More suspended requests than pyfuse3's default worker limit (99)."""
+    m = mount(data=pattern(MiB))
+    n = 120
+    results = [None] * n
+
+    def reader(i):
+        fd = open_image(m, os.O_RDONLY)
+        try:
+            results[i] = os.pread(fd, 512, i * 512)
+        finally:
+            os.close(fd)
+
+    threads = []
+    for i in range(n):
+        m.ctl(f"break read_aio T{i}")
+        t = threading.Thread(target=reader, args=(i,), daemon=True)
+        t.start()
+        threads.append(t)
+        m.ctl(f"wait_break T{i} 60")
+    assert len(m.status()["suspended"]) == n
+    fd = open_image(m)                               # still served: a write and a read
+    os.pwrite(fd, b"q" * 512, 900 * KiB)
+    assert os.pread(fd, 512, 900 * KiB) == b"q" * 512
+    os.close(fd)
+    m.ctl("\n".join(f"resume T{i}" for i in range(n)))
+    for t in threads:
+        t.join(60)
+    data = pattern(MiB)
+    assert results == [data[i * 512:(i + 1) * 512] for i in range(n)]
+
+
+def test_mountpoint_with_a_space(mount):
+    m = mount(mnt_name="my mnt")
+    assert m.status()["info"]["mountpoint"].endswith("my mnt")
+    m.umount()
+
+
 def test_wait_break_times_out_with_etimedout(mount):
     m = mount()
     m.ctl("break read_aio T")

@@ -85,15 +85,5 @@ def _open_error(mountpoint, e: OSError) -> str:
 
 
 def is_blkfuse_mount(mountpoint: str) -> bool:
-    path = os.path.realpath(mountpoint)
-    try:
-        with open("/proc/self/mounts") as f:
-            for line in f:
-                fields = line.split()
-                mnt = fields[1].encode().decode("unicode_escape")
-                if mnt == path and fields[2] in ("fuse.blkfuse", "fuse"):
-                    if fields[0] == "blkfuse" or fields[2] == "fuse.blkfuse":
-                        return True
-    except OSError:
-        pass
-    return False
+    from ..daemon import is_blkfuse_mount as check
+    return check(mountpoint)

@@ -5,11 +5,37 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 import click
 
 from ._common import ControlFailed, fail, is_blkfuse_mount, send
+
+
+# How long a live daemon may take to answer `status json` before it counts as wedged.
+ANSWER_SECONDS = 10.0
+
+
+def _ask(mountpoint, text, timeout):
+    """send(), but give up after `timeout` s: an open() of a wedged mount never returns.
+    The thread left behind is a daemon thread; process exit ends its (killable) wait."""
+    box = {}
+
+    def run():
+        try:
+            box["answer"] = send(mountpoint, text)
+        except BaseException as e:       # handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError
+    if "error" in box:
+        raise box["error"]
+    return box["answer"]
 
 
 def _wait_unmounted(mountpoint, timeout) -> bool:
@@ -47,8 +73,14 @@ def command(mountpoint, timeout):
     if not is_blkfuse_mount(mountpoint):
         fail(f"{mountpoint}: not a blkfuse mount")
     try:
-        status = json.loads(send(mountpoint, "status json"))
+        status = json.loads(_ask(mountpoint, "status json", ANSWER_SECONDS))
         pid = int(status["info"]["pid"])
+    except TimeoutError:
+        # A wedged daemon: detach the mount so nothing new reaches it.
+        if _fusermount(mountpoint, lazy=True):
+            fail(f"{mountpoint}: the daemon did not answer within {ANSWER_SECONDS:g} s; "
+                 "the mount was detached lazily")
+        fail(f"{mountpoint}: the daemon does not answer and unmounting failed")
     except ControlFailed as e:
         # The daemon is gone (ENOTCONN) or does not answer: remove the mount itself.
         if _fusermount(mountpoint) or _fusermount(mountpoint, lazy=True):
