@@ -157,7 +157,8 @@ class Daemon:
         }
         self.control = Control(self.engine, reload=lambda: config.load_rules(settings), info=info)
         self.ops = Operations(self.block, self.image, self.control, name=m.name,
-                              read_only=m.read_only, backing_path=m.image_path)
+                              read_only=m.read_only, allow_other=m.allow_other,
+                              backing_path=m.image_path)
         self._mounted = False
         self._stopping = False
         self._shutting_down = False

@@ -3,6 +3,12 @@
 Thin on purpose: reads, writes and fsyncs of the image go to block.BlockDevice; writes to
 `control` go to control.Control as one unit each; reading `control` serves a snapshot of the
 status (or, on a handle that wrote a command, that command's answer or error).
+
+Every open gets direct_io. One kernel limit shows with breakpoints: FUSE takes the inode lock
+for a direct_io write (and for fsync) unless the server grants FOPEN_PARALLEL_DIRECT_WRITES,
+which libfuse 3.14 / pyfuse3 3.5 cannot. So while a *write* is suspended, other writes and
+fsyncs of the image wait in the kernel; reads, the control file and everything else flow.
+A suspended fsync holds the lock the same way; while a read is suspended, everything flows.
 """
 
 import errno
@@ -68,7 +74,7 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, block, image, control, *, name, read_only=False,
+    def __init__(self, block, image, control, *, name, read_only=False, allow_other=False,
                  owner_uid=None, owner_gid=None, backing_path=None):
         super().__init__()
         if not name or "/" in name or name in (".", "..", CONTROL_NAME):
@@ -79,6 +85,9 @@ class Operations(pyfuse3.Operations):
         self.name = name
         self.name_b = os.fsencode(name)
         self.read_only = read_only
+        # Without default_permissions the kernel checks no modes: with allow_other every user
+        # may read and write the image (and the mode says so); `control` we guard ourselves.
+        self.image_mode = 0o444 if read_only else (0o666 if allow_other else 0o644)
         self.owner_uid = os.getuid() if owner_uid is None else owner_uid
         self.owner_gid = os.getgid() if owner_gid is None else owner_gid
         self.backing_path = backing_path
@@ -107,7 +116,7 @@ class Operations(pyfuse3.Operations):
             a.st_nlink = 2
             a.attr_timeout = ENTRY_TIMEOUT
         elif inode == IMAGE:
-            a.st_mode = stat.S_IFREG | (0o444 if self.read_only else 0o644)
+            a.st_mode = stat.S_IFREG | self.image_mode
             a.st_nlink = 1
             a.st_size = self.image.size()
             a.st_blocks = (a.st_size + 511) // 512

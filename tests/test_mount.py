@@ -255,6 +255,29 @@ def test_breakpoint_suspends_one_write_while_reads_go_on(mount):
     assert m.status()["suspended"] == [] and m.status()["breakpoints"] == []
 
 
+def test_a_suspended_read_lets_writes_and_fsyncs_through(mount):
+    m = mount(data=pattern(MiB))
+    m.ctl("break read_aio R")
+    got = {}
+
+    def reader():
+        fd = open_image(m, os.O_RDONLY)
+        got["data"] = os.pread(fd, 4096, 0)
+        os.close(fd)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    m.ctl("wait_break R 60")
+    fd = open_image(m)
+    assert os.pwrite(fd, b"w" * 4096, 0) == 4096      # the write goes first
+    os.fsync(fd)
+    os.close(fd)
+    assert t.is_alive()
+    m.ctl("resume R")
+    t.join(60)
+    assert got["data"] == b"w" * 4096                # the read runs after its breakpoint
+
+
 def test_many_suspended_requests_do_not_stop_the_others(mount):
     """More suspended requests than pyfuse3's default worker limit (99)."""
     m = mount(data=pattern(MiB))
