@@ -40,6 +40,10 @@ commands (one per line; a write is parsed whole and applied only if every line i
   reload                      re-read the config file and -o rules (replaces every rule)
   status [json]               answer the status (read it back on the same open file)
   help                        this text
+A bad line (syntax, unknown event, bad rule option) fails the whole write with nothing applied.
+A line that fails while running (unknown tag or rule id, timeout, bad config on reload) stops
+the write there: the lines before it stay done, the lines after it are not run.
+Errors: EINVAL bad input, ENOENT unknown event/tag/rule, ETIMEDOUT wait_break timed out.
 """
 
 
@@ -125,7 +129,7 @@ def _parse_line(words: list[str]):
             try:
                 rule = config.parse_rule_args(cmd, args, source="control")
             except config.ConfigError as e:
-                raise _LineError(_errno.EINVAL, str(e)) from None
+                raise _LineError(_errno.EINVAL, str(e).removeprefix("control: ")) from None
             return cmd, (rule,)
         if cmd == "remove":
             nargs(1, 1, "remove ID")
