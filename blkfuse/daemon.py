@@ -31,6 +31,9 @@ MAX_TASKS = 10000
 GRACE_SECONDS = 5.0
 
 
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 class MountError(Exception):
     """A reason not to mount; str(e) is the one line the user sees."""
 
@@ -174,6 +177,9 @@ class Daemon:
             options.add("allow_other")
         if self.m.read_only:
             options.add("ro")
+        # From the moment the mount exists until the trio loop listens for them, a shutdown
+        # signal must wait, not kill the daemon and leave a dead mount behind.
+        signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
         # libfuse reports why a mount failed on stderr; catch it for the one-line reason.
         with tempfile.TemporaryFile() as err:
             saved = os.dup(2)
@@ -181,6 +187,7 @@ class Daemon:
             try:
                 pyfuse3.init(self.ops, self.m.mountpoint, options)
             except Exception as e:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)
                 os.dup2(saved, 2)
                 err.seek(0)
                 why = err.read().decode(errors="replace").strip().splitlines()
@@ -204,7 +211,8 @@ class Daemon:
 
     async def _watch_signals(self):
         import trio
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)
             async for signum in signals:
                 # Later signals are absorbed: the shutdown under way finishes in order.
                 log.info("%s: shutting down", signal.Signals(signum).name)
