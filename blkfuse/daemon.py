@@ -175,8 +175,8 @@ class Daemon:
         options |= {"fsname=blkfuse", "subtype=blkfuse"}
         if self.m.allow_other:
             options.add("allow_other")
-        if self.m.read_only:
-            options.add("ro")
+        # No "ro" mount option for --read-only: it would close `control` to writes too.
+        # The image's opens for writing fail with EROFS in fs.py instead.
         # From the moment the mount exists until the trio loop listens for them, a shutdown
         # signal must wait, not kill the daemon and leave a dead mount behind.
         signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)

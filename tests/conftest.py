@@ -4,9 +4,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -67,15 +69,40 @@ class Mounted:
     def control(self) -> Path:
         return self.mnt / "control"
 
-    def ctl(self, text: str) -> str:
-        """Write `text` to control as one write; return the answer read on the same handle.
-        Raises OSError (with the daemon's errno) on failure."""
+    # Hang guard, not a timing check: a daemon that answers nothing for this long is wedged;
+    # it is killed so that the test fails (its blocked requests end) instead of hanging.
+    WEDGED_SECONDS = 180
+    pid = None                      # the daemon's, learnt right after mounting
+
+    def _ctl(self, text: str) -> str:
         fd = os.open(self.control, os.O_RDWR)
         try:
             os.write(fd, text.encode())
             return os.pread(fd, 1 << 22, 0).decode()
         finally:
             os.close(fd)
+
+    def ctl(self, text: str) -> str:
+        """Write `text` to control as one write; return the answer read on the same handle.
+        Raises OSError (with the daemon's errno) on failure."""
+        box = {}
+
+        def run():
+            try:
+                box["answer"] = self._ctl(text)
+            except BaseException as e:
+                box["error"] = e
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(self.WEDGED_SECONDS)
+        if t.is_alive():
+            if self.pid:
+                os.kill(self.pid, signal.SIGKILL)
+            raise AssertionError(f"the daemon did not answer {text!r}; killed it")
+        if "error" in box:
+            raise box["error"]
+        return box["answer"]
 
     def status(self) -> dict:
         return json.loads(self.ctl("status json"))
@@ -126,13 +153,19 @@ def mount(fuse_dir):
             assert r.returncode == 0, r.stderr
             assert r.stdout == "" and r.stderr == ""
             assert is_mounted(mnt)
+            m.pid = m.status()["info"]["pid"]
             return m
         return m, r
 
     yield _mount
     for m in made:
         if is_mounted(m.mnt):
-            blkfuse("umount", m.mnt, "--timeout", "30")
+            r = blkfuse("umount", m.mnt, "--timeout", "30")
+            if r.returncode != 0 and m.pid:
+                try:
+                    os.kill(m.pid, signal.SIGKILL)      # wedged: end it, then the mount
+                except ProcessLookupError:
+                    pass
         force_unmount(m.mnt)
     leftover = [m.mnt for m in made if is_mounted(m.mnt)]
     assert not leftover, f"still mounted: {leftover}"

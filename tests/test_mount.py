@@ -118,9 +118,19 @@ def test_read_only_mount_refuses_writes(mount):
     with pytest.raises(OSError) as e:
         os.open(m.file, os.O_RDWR)
     assert e.value.errno == errno.EROFS
+    with pytest.raises(OSError) as e:
+        os.truncate(m.file, 0)
+    assert e.value.errno == errno.EROFS
     fd = open_image(m, os.O_RDONLY)
     assert os.pread(fd, 8 * KiB, 0) == pattern(8 * KiB)
     os.close(fd)
+    m.ctl("inject-error event=read_aio errno=ENOSPC")     # control stays writable
+    fd = open_image(m, os.O_RDONLY)
+    with pytest.raises(OSError) as e:
+        os.pread(fd, 512, 0)
+    os.close(fd)
+    assert e.value.errno == errno.ENOSPC
+    assert m.image.read_bytes() == pattern(8 * KiB)
 
 
 def test_dd_direct_hits_injected_eio(mount):
