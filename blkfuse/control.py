@@ -189,7 +189,7 @@ class Control:
         self.last_error_errno: int | None = None
         self.last_error_time: float | None = None
         self._closing = False
-        self._waits: set[trio.CancelScope] = set()
+        self._waits: dict[trio.CancelScope, str] = {}     # pending wait_break -> its tag
 
     # -- shutdown ---------------------------------------------------------------------------
 
@@ -271,11 +271,11 @@ class Control:
 
     async def _wait_break(self, tag, timeout):
         with trio.CancelScope() as scope:
-            self._waits.add(scope)
+            self._waits[scope] = tag
             try:
                 await self.engine.wait_break(tag, timeout)
             finally:
-                self._waits.discard(scope)
+                del self._waits[scope]
         if scope.cancelled_caught:
             raise ControlError(_errno.ESHUTDOWN, f"wait_break {tag}: the mount is shutting down")
         return f"suspended at {tag}"
@@ -320,6 +320,7 @@ class Control:
             "active": [r.id for r in e.active()],
             "breakpoints": [{"event": ev, "tag": tag} for ev, tag in e.breakpoints()],
             "suspended": suspended,
+            "waiting": sorted(self._waits.values()),
             "events": {name: e.event_counts[name] for name in EVENTS if e.event_counts.get(name)},
             "errors_injected": [
                 {"errno": n, "name": errno_name(n), "count": c}
@@ -361,6 +362,8 @@ class Control:
                 where = f" {s['op']} offset={s['offset']} length={s['length']}"
             out.append(f"  {','.join(s['tags'])} at {s['event']}:{where} for {s['seconds']:.1f}s")
 
+        if d["waiting"]:
+            out.append("wait_break pending: " + " ".join(d["waiting"]))
         ev = d["events"]
         out.append("events: " + (" ".join(f"{k}={v}" for k, v in ev.items()) or "none"))
         errs = d["errors_injected"]

@@ -4,6 +4,10 @@ Thin on purpose: reads, writes and fsyncs of the image go to block.BlockDevice; 
 `control` go to control.Control as one unit each; reading `control` serves a snapshot of the
 status (or, on a handle that wrote a command, that command's answer or error).
 
+`control` gets a fresh inode for every lookup (entry_timeout 0), so every open of it is its own
+inode: the kernel serializes writes per inode, and a `wait_break` blocked in one write must not
+hold back a `resume` or `status json` written by someone else.
+
 Every open gets direct_io. One kernel limit shows with breakpoints: FUSE takes the inode lock
 for a direct_io write (and for fsync) unless the server grants FOPEN_PARALLEL_DIRECT_WRITES,
 which libfuse 3.14 / pyfuse3 3.5 cannot. So while a *write* is suspended, other writes and
@@ -27,6 +31,8 @@ ROOT = pyfuse3.ROOT_INODE
 IMAGE = ROOT + 1
 CONTROL = ROOT + 2
 CONTROL_NAME = "control"
+# Every lookup of `control` answers a new inode number from here on (see Operations.lookup).
+FIRST_FRESH_CONTROL = 16
 
 # Names never change, so the kernel may cache lookups; the image's attributes are live.
 ENTRY_TIMEOUT = 300
@@ -96,12 +102,17 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         now = time.time_ns()
         self._mtime = {ROOT: now, IMAGE: now, CONTROL: now}
+        self._next_control_inode = FIRST_FRESH_CONTROL
 
     def quiet(self) -> bool:
         """No request in flight and no file open: shutting down now loses nothing."""
         return self.inflight == 0 and not self._handles
 
     # -- attributes ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _is_control(inode) -> bool:
+        return inode == CONTROL or inode >= FIRST_FRESH_CONTROL
 
     def _attr(self, inode) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -121,14 +132,15 @@ class Operations(pyfuse3.Operations):
             a.st_size = self.image.size()
             a.st_blocks = (a.st_size + 511) // 512
             a.attr_timeout = 0          # the size is the backing file's, live
-        elif inode == CONTROL:
+        elif self._is_control(inode):
             a.st_mode = stat.S_IFREG | 0o644    # writable by the owner (and root) only
             a.st_nlink = 1
             a.st_size = 0                       # generated on read; direct_io reads to EOF
             a.attr_timeout = 0
+            a.entry_timeout = 0                 # look it up again at every open
         else:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        t = self._mtime[inode]
+        t = self._mtime[CONTROL if self._is_control(inode) else inode]
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = t
         return a
 
@@ -148,7 +160,9 @@ class Operations(pyfuse3.Operations):
         if name == self.name_b:
             return self._attr(IMAGE)
         if name == CONTROL_NAME.encode():
-            return self._attr(CONTROL)
+            inode = self._next_control_inode
+            self._next_control_inode += 1
+            return self._attr(inode)
         raise pyfuse3.FUSEError(errno.ENOENT)
 
     @_guard
@@ -159,7 +173,7 @@ class Operations(pyfuse3.Operations):
                     raise pyfuse3.FUSEError(errno.EROFS)
                 self.block.truncate(attr.st_size)
                 self._mtime[IMAGE] = time.time_ns()
-        elif inode == CONTROL:
+        elif self._is_control(inode):
             # `echo cmd > control` opens with O_TRUNC: a size change is accepted and ignored.
             if fields.update_size and not self._may_write_control(ctx):
                 raise pyfuse3.FUSEError(errno.EACCES)
@@ -171,7 +185,7 @@ class Operations(pyfuse3.Operations):
         if mode & os.W_OK:
             if inode == IMAGE and self.read_only:
                 return False
-            if inode == CONTROL and not self._may_write_control(ctx):
+            if self._is_control(inode) and not self._may_write_control(ctx):
                 return False
         if mode & os.X_OK and inode != ROOT:
             return False
@@ -216,6 +230,9 @@ class Operations(pyfuse3.Operations):
     async def releasedir(self, fh):
         pass
 
+    async def forget(self, inode_list):
+        pass                        # inodes hold no state here
+
     # -- files --------------------------------------------------------------------------------
 
     @_guard
@@ -225,7 +242,7 @@ class Operations(pyfuse3.Operations):
             if writing and self.read_only:
                 raise pyfuse3.FUSEError(errno.EROFS)
             handle = _Handle(IMAGE, writethrough=bool(flags & _WRITETHROUGH_FLAGS))
-        elif inode == CONTROL:
+        elif self._is_control(inode):
             if writing and not self._may_write_control(ctx):
                 raise pyfuse3.FUSEError(errno.EACCES)
             handle = _Handle(CONTROL)

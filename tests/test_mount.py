@@ -349,6 +349,72 @@ def test_umount_releases_a_suspended_write_and_keeps_its_data(mount):
     assert m.image.read_bytes()[8192:12288] == b"\x77" * 4096
 
 
+def test_umount_fails_a_pending_wait_break_with_eshutdown(mount):
+    m = mount()
+    m.ctl("break read_aio Z")
+    box = {}
+
+    def waiter():
+        try:
+            m._ctl("wait_break Z")
+        except OSError as e:
+            box["errno"] = e.errno
+
+    t = threading.Thread(target=waiter, daemon=True)
+    t.start()
+    while m.status()["waiting"] != ["Z"]:           # the daemon holds the wait
+        assert t.is_alive()
+        time.sleep(0.01)
+    assert "wait_break pending: Z" in m.status_text()
+    m.umount()
+    t.join(60)
+    assert not t.is_alive() and box["errno"] == errno.ESHUTDOWN
+
+
+def test_a_pending_wait_break_does_not_hold_back_other_commands(mount):
+    """The kernel serializes writes per inode; each open of control is its own inode."""
+    m = mount(data=pattern(64 * KiB))
+    m.ctl("break read_aio X")
+    box = {}
+
+    def waiter():
+        box["answer"] = m._ctl("wait_break X")
+
+    t = threading.Thread(target=waiter, daemon=True)
+    t.start()
+    while m.status()["waiting"] != ["X"]:           # status json is a write: not held back
+        time.sleep(0.01)
+    m.ctl("inject-error event=write_aio errno=ENOSPC")
+    def reader():
+        fd = open_image(m, os.O_RDONLY)
+        box["read"] = os.pread(fd, 512, 0)
+        os.close(fd)
+
+    r = threading.Thread(target=reader, daemon=True)
+    r.start()
+    t.join(60)
+    assert box["answer"] == "suspended at X\n"
+    m.ctl("resume X")
+    r.join(60)
+    assert box["read"] == pattern(512)
+
+
+def test_umount_with_a_file_held_open(mount):
+    m = mount(data=pattern(64 * KiB))
+    fd = open_image(m)
+    try:
+        assert os.pwrite(fd, b"h" * 512, 0) == 512
+        m.umount()                  # the open file delays the daemon (a grace), not forever
+        assert m.image.read_bytes()[:512] == b"h" * 512
+        with pytest.raises(OSError):
+            os.pread(fd, 512, 0)
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 def test_sigkill_keeps_acknowledged_writes(mount):
     m = mount(size=MiB)
     fd = open_image(m)
@@ -479,6 +545,14 @@ def test_malformed_rules_at_mount(mount, fuse_dir):
     _assert_failed(m, r)
     m, r = mount("-o", "align=3", expect_ok=False)
     _assert_failed(m, r, "align")
+
+
+def test_two_rule_files_are_refused(mount, fuse_dir):
+    a, b = fuse_dir / "a.conf", fuse_dir / "b.conf"
+    a.write_text("")
+    b.write_text("")
+    m, r = mount("--config", a, "-o", f"config={b}", expect_ok=False)
+    _assert_failed(m, r, "more than one rules file")
 
 
 def test_missing_image_and_mountpoints(mount, fuse_dir):
