@@ -340,6 +340,8 @@ class Control:
             if info.get("read_only"):
                 opts.append("read-only")
             out.append(f"image: {info['image']}" + (f" ({', '.join(opts)})" if opts else ""))
+        if info.get("mountpoint"):
+            out.append(f"mount: {info['mountpoint']} (daemon pid {info.get('pid')})")
         if info.get("config"):
             out.append(f"config: {info['config']}")
         out.append(f"state: {d['state']}")
