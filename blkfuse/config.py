@@ -149,9 +149,13 @@ def _parse_event(key: str, text: str) -> str:
     return event
 
 
+# One shared set per io type: 100,000 rules need not hold 100,000 equal frozensets.
+_ONE_IOTYPE = {iotype: frozenset((iotype,)) for iotype in IOTYPES}
+
+
 def _parse_iotype(key: str, text: str) -> frozenset:
-    if text in IOTYPES:
-        return frozenset((text,))
+    if text in _ONE_IOTYPE:
+        return _ONE_IOTYPE[text]
     if "," in text:
         # QEMU 7.2 parses iotype as one enum value; a list is "invalid parameter value".
         raise _Invalid(f'iotype takes one io type, not several ("{text}"); '
@@ -184,7 +188,7 @@ def _check_key(kind: str, key: str, where: str) -> None:
     raise ConfigError(f'{where}: unknown {kind} key "{key}"{_did_you_mean(key, SECTION_KEYS[kind])}')
 
 
-def _build_rule(kind: str, entries: dict, where: str, source: str) -> Rule:
+def _build_rule(kind: str, entries: dict, where: str, origin: str, line: int = 0) -> Rule:
     """A rule from {key: (text, where-the-key-was)}; keys were checked as they were read."""
     if "event" not in entries:
         raise ConfigError(f'{where}: {kind} rule has no event (every rule needs one)')
@@ -195,7 +199,7 @@ def _build_rule(kind: str, entries: dict, where: str, source: str) -> Rule:
             fields[field] = parse(key, text)
         except _Invalid as error:
             raise ConfigError(f"{key_where}: {error}") from None
-    return _RULE_CLASSES[kind](source=source, **fields)
+    return _RULE_CLASSES[kind](origin=origin, line=line, **fields)
 
 
 def _check_kind(kind: str, where: str, noun: str = "section") -> None:
@@ -217,11 +221,12 @@ _ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 class _Section:
     """A section being read: its kind, where it started, its entries so far."""
 
-    __slots__ = ("kind", "where", "entries")
+    __slots__ = ("kind", "where", "line", "entries")
 
-    def __init__(self, kind: str, where: str):
+    def __init__(self, kind: str, where: str, line: int = 0):
         self.kind = kind
         self.where = where
+        self.line = line
         self.entries = {}
 
 
@@ -278,7 +283,8 @@ def parse_config_text(text: str, filename: str = "<config>") -> list[Rule]:
 
     def finish(section):
         ids.claim(section.kind, section.entries)
-        rules.append(_build_rule(section.kind, section.entries, section.where, section.where))
+        rules.append(_build_rule(section.kind, section.entries, section.where, filename,
+                                 section.line))
 
     # split("\n"), not splitlines(): line numbers must count what an editor counts.
     for lineno, line in enumerate(text.split("\n"), 1):
@@ -290,6 +296,7 @@ def parse_config_text(text: str, filename: str = "<config>") -> list[Rule]:
             if section is not None:
                 finish(section)
             section = _start_section(stripped, where)
+            section.line = lineno
             continue
         key, value = _read_assignment(stripped, where)
         if section is None:

@@ -51,11 +51,11 @@ IOTYPES = ("read", "write", "write-zeroes", "discard", "flush", "block-status")
 # QEMU's default when a rule names no iotype: everything but block-status.
 DEFAULT_IOTYPES = frozenset(IOTYPES) - {"block-status"}
 
-_EVENT_SET = frozenset(EVENTS)
+# Every spelling -> the one string object in EVENTS, so rules share their event names.
+_CANONICAL = {name: name for name in EVENTS}
+_CANONICAL.update(EVENT_ALIASES)
 
 
 def canonical_event(name: str) -> str | None:
     """Today's name for an event spelling, or None if there is no such event."""
-    if name in _EVENT_SET:
-        return name
-    return EVENT_ALIASES.get(name)
+    return _CANONICAL.get(name)
