@@ -201,6 +201,9 @@ class Daemon:
     async def _main(self):
         import pyfuse3
         import trio
+        if os.environ.get("BLKFUSE_FASTLOOP", "1") != "0":   # "0": pyfuse3's own waits, for A/B runs
+            from . import fuseloop
+            fuseloop.install()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._watch_signals)
