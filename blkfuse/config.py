@@ -67,7 +67,7 @@ _BOOLEANS = {"on": True, "yes": True, "true": True, "y": True,
 
 # --- suggestions -------------------------------------------------------------------------
 
-def _did_you_mean(word: str, candidates) -> str:
+def did_you_mean(word: str, candidates) -> str:
     """' (did you mean "x"?)' for the closest candidate, or '' when nothing is close."""
     candidates = list(candidates)
     matches = difflib.get_close_matches(word, candidates, n=1)
@@ -124,7 +124,7 @@ def _parse_errno(key: str, text: str) -> int:
     if name[:1].isalpha():
         if name in _ERRNO_NAMES:
             return _ERRNO_NAMES[name]
-        raise _Invalid(f'unknown errno name "{text}"{_did_you_mean(name, _ERRNO_NAMES)}')
+        raise _Invalid(f'unknown errno name "{text}"{did_you_mean(name, _ERRNO_NAMES)}')
     value = _parse_number(key, text)
     if value < 0:
         raise _Invalid(f'errno must not be negative, not "{text}" (QEMU would silently '
@@ -145,7 +145,7 @@ def _parse_bool(key: str, text: str) -> bool:
 def _parse_event(key: str, text: str) -> str:
     event = canonical_event(text)
     if event is None:
-        raise _Invalid(f'unknown event "{text}"{_did_you_mean(text, EVENTS)}')
+        raise _Invalid(f'unknown event "{text}"{did_you_mean(text, EVENTS)}')
     return event
 
 
@@ -160,7 +160,7 @@ def _parse_iotype(key: str, text: str) -> frozenset:
         # QEMU 7.2 parses iotype as one enum value; a list is "invalid parameter value".
         raise _Invalid(f'iotype takes one io type, not several ("{text}"); '
                        "write one rule per io type")
-    raise _Invalid(f'unknown io type "{text}"{_did_you_mean(text, IOTYPES)}')
+    raise _Invalid(f'unknown io type "{text}"{did_you_mean(text, IOTYPES)}')
 
 
 # key -> (rule field it sets, parser of its text)
@@ -185,7 +185,7 @@ def _check_key(kind: str, key: str, where: str) -> None:
     for other, keys in SECTION_KEYS.items():
         if other != kind and key in keys:
             raise ConfigError(f'{where}: "{key}" is a key of {other} rules, not of {kind} rules')
-    raise ConfigError(f'{where}: unknown {kind} key "{key}"{_did_you_mean(key, SECTION_KEYS[kind])}')
+    raise ConfigError(f'{where}: unknown {kind} key "{key}"{did_you_mean(key, SECTION_KEYS[kind])}')
 
 
 def _build_rule(kind: str, entries: dict, where: str, origin: str, line: int = 0) -> Rule:
@@ -204,7 +204,7 @@ def _build_rule(kind: str, entries: dict, where: str, origin: str, line: int = 0
 
 def _check_kind(kind: str, where: str, noun: str = "section") -> None:
     if kind not in SECTION_KEYS:
-        raise ConfigError(f'{where}: unknown {noun} "{kind}"{_did_you_mean(kind, SECTION_KEYS)}')
+        raise ConfigError(f'{where}: unknown {noun} "{kind}"{did_you_mean(kind, SECTION_KEYS)}')
 
 
 # --- the config file ---------------------------------------------------------------------
@@ -401,7 +401,7 @@ def _split_rule_option(key: str) -> tuple[str, str | None, str]:
 def _unknown_option(key: str) -> ConfigError:
     head = key.partition(".")[0]
     names = _SETTING_OPTIONS + tuple(SECTION_KEYS)
-    return ConfigError(f'option {key}: unknown option "{head}"{_did_you_mean(head, names)}')
+    return ConfigError(f'option {key}: unknown option "{head}"{did_you_mean(head, names)}')
 
 
 def _collect_rule_options(options: dict) -> dict:

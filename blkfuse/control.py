@@ -47,6 +47,10 @@ Errors: EINVAL bad input, ENOENT unknown event/tag/rule, ETIMEDOUT wait_break ti
 """
 
 
+COMMANDS = ("break", "resume", "remove_break", "wait_break", "inject-error", "set-state",
+            "remove", "clear", "state", "reload", "status", "help")
+
+
 class ControlError(Exception):
     """A control write failed: `.errno` for the writer, `.message` for the status."""
 
@@ -114,7 +118,8 @@ def _parse_line(words: list[str]):
             nargs(2, 2, "break EVENT TAG")
             event = canonical_event(args[0])
             if event is None:
-                raise _LineError(_errno.ENOENT, f"unknown event {args[0]!r}")
+                raise _LineError(_errno.ENOENT, f"unknown event {args[0]!r}"
+                                                f"{config.did_you_mean(args[0], EVENTS)}")
             return cmd, (event, _tag(args[1]))
         if cmd in ("resume", "remove_break"):
             nargs(1, 1, f"{cmd} TAG")
@@ -147,7 +152,8 @@ def _parse_line(words: list[str]):
             return cmd, (bool(args),)
     except ValueError as e:
         raise _LineError(_errno.EINVAL, str(e)) from None
-    raise _LineError(_errno.EINVAL, f"unknown command {words[0]!r} (try \"help\")")
+    hint = config.did_you_mean(words[0], COMMANDS) or ' (try "help")'
+    raise _LineError(_errno.EINVAL, f"unknown command {words[0]!r}{hint}")
 
 
 def parse(text: str) -> list[tuple[int, str, tuple]]:

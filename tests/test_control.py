@@ -272,3 +272,11 @@ def test_status_dict_is_json_and_stable():
     text = control.status_text()
     assert "ENOSPC(28)=1" in text and "read_aio=1" in text and "state: 3" in text
     assert "hits=1" in text
+
+
+def test_misspelt_command_and_event_suggest_the_closest_name():
+    engine, control = make()
+    assert 'did you mean "break"' in fails(control, "brek write_aio A", errno.EINVAL).message
+    assert 'did you mean "write_aio"' in fails(control, "break write_aoi A", errno.ENOENT).message
+    assert 'try "help"' in fails(control, "xyzzy", errno.EINVAL).message
+    assert "write_aoi" in control.status_text()       # the last error stays readable
