@@ -1,6 +1,6 @@
 # blkfuse test image.
 #   docker build -t blkfuse .                       (or: scripts/docker-test, which also runs it)
-#   docker run --rm --device /dev/fuse --cap-add SYS_ADMIN --security-opt apparmor=unconfined blkfuse
+#   docker run --rm --init --device /dev/fuse --cap-add SYS_ADMIN --security-opt apparmor=unconfined blkfuse
 #
 # BASE: any Debian 12 (bookworm) image, e.g. one made with debootstrap + `docker import`
 #   where Docker Hub is out of reach (see README, "In Docker").
