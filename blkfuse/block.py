@@ -8,7 +8,10 @@ there decides which events blkdebug sees, in which order, and when it is checked
                    since flush" generation that decides whether flush_to_disk fires
     blkdebug node  pads unaligned requests to `align` (read-modify-write, pwritev_rmw_*),
                    pwritev, the check, pwritev_done; keeps its own generation, which
-                   decides whether a flush is checked at all
+                   decides whether a flush is checked at all. A padded request longer than
+                   max-transfer is split again here, so each piece is checked on its own
+                   (found by the differential test: QEMU writes the pieces before a
+                   failing one)
     file           the backing image
 
 BlockDevice reproduces that with the engine and the image, and nothing about FUSE.
@@ -52,6 +55,20 @@ class BlockDevice:
         if suspension is not None:
             await suspension.wait()
 
+    def _pieces(self, start: int, end: int):
+        """The driver calls blkdebug's node makes for [start, end): one, or max-transfer
+        sized pieces (QEMU's bdrv_aligned_preadv/pwritev fragmenting), each checked."""
+        step = self.max_transfer
+        if not step or end - start <= step:
+            return ((start, end),)
+        return tuple((pos, min(pos + step, end)) for pos in range(start, end, step))
+
+    def _check_pieces(self, iotype: str, start: int, end: int) -> None:
+        for piece_start, piece_end in self._pieces(start, end):
+            error = self.engine.check(iotype, piece_start, piece_end - piece_start)
+            if error:
+                raise _failure(error)
+
     def _padded(self, offset: int, length: int) -> tuple[int, int]:
         align = self.align
         if align == 1:
@@ -78,9 +95,12 @@ class BlockDevice:
         if suspension is not None:
             await suspension.wait()
         start, end = self._padded(offset, length)
-        error = self.engine.check("read", start, end - start)
-        if error:
-            raise _failure(error)
+        if self.max_transfer:
+            self._check_pieces("read", start, end)
+        else:
+            error = self.engine.check("read", start, end - start)
+            if error:
+                raise _failure(error)
         if start == offset and end == offset + length:
             return self.image.pread(offset, length)
         data = self.image.pread(start, end - start)
@@ -133,9 +153,11 @@ class BlockDevice:
                 suspension = engine.fire("pwritev", request)
                 if suspension is not None:
                     await suspension.wait()
-                error = engine.check("write", start, end - start)
-                if not error:
-                    self.image.pwrite(start, data)
+                for piece_start, piece_end in self._pieces(start, end):
+                    error = engine.check("write", piece_start, piece_end - piece_start)
+                    if error:
+                        break           # pieces before it stay written, as in QEMU
+                    self.image.pwrite(piece_start, data[piece_start - start:piece_end - start])
             await self._event("pwritev_done", request)
         finally:
             self._blkdebug_written += 1
@@ -177,9 +199,7 @@ class BlockDevice:
         return padded
 
     def _padding_read(self, offset: int, length: int) -> bytes:
-        error = self.engine.check("read", offset, length)
-        if error:
-            raise _failure(error)
+        self._check_pieces("read", offset, offset + length)
         data = self.image.pread(offset, length)
         return data + bytes(length - len(data))     # past the end of the image: zeros
 
