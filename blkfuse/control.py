@@ -14,6 +14,7 @@ Everything here is pure trio + engine: no FUSE, no files (but `reload`, which ca
 """
 
 import errno as _errno
+import json
 import math
 import os
 import shlex
@@ -21,7 +22,7 @@ import time
 
 import trio
 
-from . import config
+from . import config, memory
 from .engine import EngineError
 from .events import EVENTS, IOTYPES, REACHABLE_EVENTS, canonical_event
 
@@ -46,6 +47,9 @@ the write there: the lines before it stay done, the lines after it are not run.
 Errors: EINVAL bad input, ENOENT unknown event/tag/rule, ETIMEDOUT wait_break timed out.
 """
 
+
+# A human reads the text status: 100,000 rule lines would bury everything else.
+TEXT_RULES_SHOWN = 200
 
 COMMANDS = ("break", "resume", "remove_break", "wait_break", "inject-error", "set-state",
             "remove", "clear", "state", "reload", "status", "help")
@@ -268,8 +272,10 @@ class Control:
                 return HELP
             if cmd == "status":
                 if args[0]:
-                    import json
-                    return json.dumps(self.status_dict(), indent=1) + "\n"
+                    answer = json.dumps(self.status_dict(), indent=1) + "\n"
+                    if len(answer) > (1 << 20):
+                        memory.give_back()     # the rule dicts of a huge status are garbage now
+                    return answer
                 return self.status_text()
         except EngineError as err:
             raise ControlError(err.errno, str(err)) from None
@@ -303,11 +309,12 @@ class Control:
 
     # -- status -----------------------------------------------------------------------------
 
-    def status_dict(self) -> dict:
-        """The status as plain JSON-able data. Keys are stable."""
+    def status_dict(self, *, all_rules: bool = True) -> dict:
+        """The status as plain JSON-able data. Keys are stable. `all_rules=False` leaves
+        out the rule list (the text status renders its own, capped)."""
         e = self.engine
         now = time.monotonic()
-        rules = [_rule_dict(r) for r in e.rules()]
+        rules = [_rule_dict(r) for r in e.rules()] if all_rules else None
         suspended = []
         for s in e.suspended():
             req = s.request
@@ -338,7 +345,7 @@ class Control:
         }
 
     def status_text(self) -> str:
-        d = self.status_dict()
+        d = self.status_dict(all_rules=False)
         out = []
         info = d["info"]
         if info.get("image"):
@@ -354,10 +361,16 @@ class Control:
 
         rules = self.engine.rules()
         out.append(f"rules: {len(rules)}" if rules else "rules: none")
-        for r in rules:
+        for r in rules[:TEXT_RULES_SHOWN]:
             src = f"  [{r.source}]" if r.source else ""
             out.append(f"  {r.id:>4}  {_format_rule(r)}  hits={r.hits}{src}")
-        out.append("active: " + (" ".join(str(i) for i in d["active"]) or "none"))
+        if len(rules) > TEXT_RULES_SHOWN:
+            out.append(f"  ... {len(rules) - TEXT_RULES_SHOWN} more (`status json` lists every rule)")
+        active = d["active"]
+        shown = " ".join(str(i) for i in active[:TEXT_RULES_SHOWN])
+        if len(active) > TEXT_RULES_SHOWN:
+            shown += f" ... ({len(active)} rules)"
+        out.append("active: " + (shown or "none"))
 
         bps = d["breakpoints"]
         out.append("breakpoints: " + (", ".join(f"{b['tag']} on {b['event']}" for b in bps)

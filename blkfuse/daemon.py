@@ -19,6 +19,8 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+from . import memory
+
 log = logging.getLogger("blkfuse")
 
 # A suspended request holds one pyfuse3 worker task until resumed; pyfuse3 starts a new worker
@@ -159,6 +161,7 @@ class Daemon:
             "read_only": m.read_only,
         }
         self.control = Control(self.engine, reload=lambda: config.load_rules(settings), info=info)
+        memory.give_back()              # the parser's scratch memory, before serving for hours
         self.ops = Operations(self.block, self.image, self.control, name=m.name,
                               read_only=m.read_only, allow_other=m.allow_other,
                               backing_path=m.image_path)

@@ -280,3 +280,11 @@ def test_misspelt_command_and_event_suggest_the_closest_name():
     assert 'did you mean "write_aio"' in fails(control, "break write_aoi A", errno.ENOENT).message
     assert 'try "help"' in fails(control, "xyzzy", errno.EINVAL).message
     assert "xyzzy" in control.status_text()           # the last error stays readable
+
+
+def test_text_status_caps_the_rule_list_and_json_lists_all():
+    engine, control = make([InjectError("none", sector=1000 + i) for i in range(300)])
+    text = control.status_text()
+    assert "rules: 300" in text and "... 100 more" in text and "(300 rules)" in text
+    assert text.count("inject-error event=none") == 200
+    assert len(json.loads(run(control.execute, "status json"))["rules"]) == 300
