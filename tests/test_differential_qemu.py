@@ -82,15 +82,17 @@ def test_flush_results_are_read_exactly():
     assert answer.results[3].data == bytes([0x11]) * 512
 
 
-def test_block_layer_matches_qemu_io():
+def _differential(target: str, count: int, run_ours) -> None:
+    """Generate `count` scenarios, ask qemu-io, run each through `run_ours(k, scenario)` ->
+    (results, image, deliberate differences), and fail on any disagreement."""
     seed = _seed()
-    print(f"BLKFUSE_DIFF_SEED={seed}")      # shown by pytest whenever this test fails
-    scenarios = D.generate_all(seed, _count("BLKFUSE_DIFF_N", 240))
+    print(f"BLKFUSE_DIFF_SEED={seed}")      # shown by pytest whenever the test fails
+    scenarios = D.generate_all(seed, count)
     with ThreadPoolExecutor(_pool_size()) as pool:
         answers = list(pool.map(D.run_qemu, scenarios))
     failures, oracle_errors, deliberate = [], [], []
-    for sc, qemu in zip(scenarios, answers):
-        ours, image, rmw = D.run_block(sc)
+    for k, (sc, qemu) in enumerate(zip(scenarios, answers)):
+        ours, image, rmw = run_ours(k, sc)
         try:
             problems, note = D.compare(sc, qemu, ours, image, rmw)
         except D.OracleError as e:
@@ -100,38 +102,26 @@ def test_block_layer_matches_qemu_io():
             deliberate.append((sc, note))
         if problems:
             failures.append((sc, problems))
-    print(f"\ndifferential (block): seed {seed}, {len(scenarios)} scenarios, "
+    print(f"\ndifferential ({target}): seed {seed}, {len(scenarios)} scenarios, "
           f"{len(failures)} disagreements, {len(deliberate)} cut at the deliberate RMW "
           f"difference, {len(oracle_errors)} oracle errors")
     assert not failures and not oracle_errors, _report(
-        seed, scenarios, failures, oracle_errors, deliberate, "block layer")
+        seed, scenarios, failures, oracle_errors, deliberate, target)
+
+
+def test_block_layer_matches_qemu_io():
+    _differential("block layer", _count("BLKFUSE_DIFF_N", 240), lambda k, sc: D.run_block(sc))
 
 
 def test_mount_matches_qemu_io(tmp_path):
     why_not = oracle.mount_available()
     if why_not:
         pytest.skip(why_not)
-    seed = _seed()
-    print(f"BLKFUSE_DIFF_SEED={seed}")
-    scenarios = D.generate_all(seed, _count("BLKFUSE_DIFF_MOUNT_N", 30))
-    with ThreadPoolExecutor(_pool_size()) as pool:
-        answers = list(pool.map(D.run_qemu, scenarios))
-    failures, oracle_errors, deliberate = [], [], []
-    for k, (sc, qemu) in enumerate(zip(scenarios, answers)):
+
+    def through_the_mount(k, sc):
         workdir = tmp_path / f"s{k}"
         workdir.mkdir()
         ours, image = D.run_mount(sc, workdir)
-        try:
-            problems, note = D.compare(sc, qemu, ours, image, D.mount_deliberate(sc))
-        except D.OracleError as e:
-            oracle_errors.append((sc, str(e)))
-            continue
-        if note:
-            deliberate.append((sc, note))
-        if problems:
-            failures.append((sc, problems))
-    print(f"\ndifferential (mount): seed {seed}, {len(scenarios)} scenarios, "
-          f"{len(failures)} disagreements, {len(deliberate)} cut at the deliberate RMW "
-          f"difference, {len(oracle_errors)} oracle errors")
-    assert not failures and not oracle_errors, _report(
-        seed, scenarios, failures, oracle_errors, deliberate, "mount")
+        return ours, image, D.mount_deliberate(sc)
+
+    _differential("mount", _count("BLKFUSE_DIFF_MOUNT_N", 30), through_the_mount)
