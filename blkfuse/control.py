@@ -197,7 +197,6 @@ class Control:
         self.last_result: str | None = None
         self.last_error: str | None = None
         self.last_error_errno: int | None = None
-        self.last_error_time: float | None = None
         self._closing = False
         self._waits: dict[trio.CancelScope, str] = {}     # pending wait_break -> its tag
 
@@ -227,7 +226,6 @@ class Control:
         except ControlError as e:
             self.last_error = e.message
             self.last_error_errno = e.errno
-            self.last_error_time = time.time()
             raise
         summary = [r for r in results if r and "\n" not in r]
         if summary:
