@@ -35,10 +35,19 @@ class EngineError(Exception):
         self.message = message
 
 
+class Caller(NamedTuple):
+    """Who made an image request: the FUSE request's pid, uid and gid (`comm` is read from
+    /proc/PID/comm only when something needs it)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
 class Request(NamedTuple):
     """What a request was doing when it raised an event: shown for suspended requests."""
 
-    op: str          # "read" | "write" | "flush"
+    op: str          # "read" | "write" | "write-zeroes" | "flush"
     offset: int
     length: int
 
@@ -397,4 +406,4 @@ class Engine:
         return self._active.in_priority_order()
 
 
-__all__ = ["Engine", "EngineError", "Request", "Suspension", "InjectError", "SetState"]
+__all__ = ["Caller", "Engine", "EngineError", "Request", "Suspension", "InjectError", "SetState"]
