@@ -39,15 +39,6 @@ class Caller(NamedTuple):
     gid: int
 
 
-class Caller(NamedTuple):
-    """Who made an image request: the FUSE request's pid, uid and gid (`comm` is read from
-    /proc/PID/comm only when something needs it)."""
-
-    pid: int
-    uid: int
-    gid: int
-
-
 class Request(NamedTuple):
     """What a request was doing when it raised an event: shown for suspended requests."""
 
