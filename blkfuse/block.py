@@ -15,14 +15,27 @@ there decides which events blkdebug sees, in which order, and when it is checked
     file           the backing image
 
 BlockDevice reproduces that with the engine and the image, and nothing about FUSE.
+
+Power cuts (README "Power cuts") hook in at three places, kept apart from the QEMU logic:
+every change to the image goes through _write_image/truncate (the undo log records it first),
+a successful fsync forgets the log, and while the power is off every request fails with EIO
+before raising any event (a request that was suspended when the power went fails when it
+wakes up).
 """
 
+import errno
+import logging
 import os
 
 import trio
 
 from .engine import Engine, Request
 from .image import Image
+from .rules import SECTOR_SIZE
+from .unsynced import CutReport, LogFull, UndoLog
+
+
+log = logging.getLogger(__name__)
 
 
 def _failure(error: int) -> OSError:
@@ -31,9 +44,12 @@ def _failure(error: int) -> OSError:
 
 class BlockDevice:
     def __init__(self, engine: Engine, image: Image, *, align: int | None = None,
-                 max_transfer: int | None = None):
+                 max_transfer: int | None = None, unsynced: UndoLog | None = None):
         self.engine = engine
         self.image = image
+        self.unsynced = unsynced          # the undo log (-o track-unsynced=on), or None
+        self.powered = True
+        self.cuts = 0                     # power cuts so far: a flush spanning one fails
         self.align = align or 1
         self.max_transfer = max_transfer or 0
         # "Written since the last successful flush", as QEMU's write_gen/flushed_gen pairs.
@@ -48,12 +64,16 @@ class BlockDevice:
         return self.image.size()
 
     def truncate(self, size: int) -> None:
+        self._check_power()
+        if self.unsynced is not None:
+            self.unsynced.record_resize(self.image, size)
         self.image.truncate(size)
 
     async def _event(self, event: str, request: Request) -> None:
         suspension = self.engine.fire(event, request)
         if suspension is not None:
             await suspension.wait()
+            self._check_power()
 
     def _pieces(self, start: int, end: int):
         """The driver calls blkdebug's node makes for [start, end): one, or max-transfer
@@ -79,6 +99,7 @@ class BlockDevice:
 
     async def read(self, offset: int, length: int) -> bytes:
         """Data at [offset, offset+length), short at end of image. Raises OSError."""
+        self._check_power()
         size = self.image.size()
         if length <= 0 or offset >= size:
             return b""
@@ -94,6 +115,7 @@ class BlockDevice:
         suspension = self.engine.fire("read_aio", Request("read", offset, length))
         if suspension is not None:
             await suspension.wait()
+            self._check_power()
         start, end = self._padded(offset, length)
         if self.max_transfer:
             self._check_pieces("read", start, end)
@@ -117,6 +139,7 @@ class BlockDevice:
         length = len(data)
         if length == 0:
             return 0
+        self._check_power()
         try:
             step = self.max_transfer
             if not step or length <= step:
@@ -140,6 +163,7 @@ class BlockDevice:
         suspension = engine.fire("write_aio", request)
         if suspension is not None:
             await suspension.wait()
+            self._check_power()
         start, end = self._padded(offset, length)
         error = 0
         try:
@@ -153,11 +177,21 @@ class BlockDevice:
                 suspension = engine.fire("pwritev", request)
                 if suspension is not None:
                     await suspension.wait()
+                    self._check_power()
                 for piece_start, piece_end in self._pieces(start, end):
-                    error = engine.check("write", piece_start, piece_end - piece_start)
+                    rule = engine.match("write", piece_start, piece_end - piece_start)
+                    if rule is not None:
+                        error = rule.errno
+                        if rule.torn >= 0:      # extension: the head persists, the tail is lost
+                            piece_end = min(piece_end, piece_start + rule.torn * SECTOR_SIZE)
+                        elif error:
+                            break       # pieces before it stay written, as in QEMU
+                    try:
+                        self._write_image(piece_start, data[piece_start - start:piece_end - start])
+                    except OSError as failure:      # the log is full, or the backing file
+                        error = failure.errno
                     if error:
-                        break           # pieces before it stay written, as in QEMU
-                    self.image.pwrite(piece_start, data[piece_start - start:piece_end - start])
+                        break
             await self._event("pwritev_done", request)
         finally:
             self._blkdebug_written += 1
@@ -198,6 +232,18 @@ class BlockDevice:
         padded[offset - start:offset - start + len(data)] = data
         return padded
 
+    def _write_image(self, offset: int, data) -> None:
+        """Every byte written to the image passes here: the undo log sees it first."""
+        if not data:
+            return
+        if self.unsynced is not None:
+            try:
+                self.unsynced.record_write(self.image, offset, len(data))
+            except LogFull as full:
+                log.warning("%s", full.strerror)
+                raise
+        self.image.pwrite(offset, data)
+
     def _padding_read(self, offset: int, length: int) -> bytes:
         self._check_pieces("read", offset, offset + length)
         data = self.image.pread(offset, length)
@@ -208,7 +254,9 @@ class BlockDevice:
     async def flush(self) -> None:
         """fsync: events always; the check and the real fsync only if something was
         written since the last successful flush. Raises OSError."""
+        self._check_power()
         async with self._flush_lock:
+            self._check_power()
             request = Request("flush", 0, 0)
             format_generation = self._format_written
             await self._event("flush_to_os", request)
@@ -216,9 +264,69 @@ class BlockDevice:
                 await self._event("flush_to_disk", request)
             blkdebug_generation = self._blkdebug_written
             if self._blkdebug_flushed != blkdebug_generation:
-                error = self.engine.check("flush", 0, 0)
-                if error:
-                    raise _failure(error)
-                await self.image.fsync()
+                rule = self.engine.match("flush", 0, 0)
+                if rule is not None:
+                    if rule.drop_unsynced and self.unsynced is not None:
+                        await self._drop_unsynced()
+                    if rule.errno:
+                        raise _failure(rule.errno)
+                await self._fsync_image()
                 self._blkdebug_flushed = blkdebug_generation
+            elif self.unsynced:
+                await self._fsync_image()   # only resizes since the last flush: no check
             self._format_flushed = format_generation
+
+    # ---- power cuts (README "Power cuts") ----
+
+    def _check_power(self) -> None:
+        if not self.powered:
+            raise OSError(errno.EIO, "the power is off (blkfuse powercut; poweron to restore)")
+
+    async def _fsync_image(self) -> None:
+        """fsync the image; if nothing cut the power meanwhile, the unsynced writes it
+        covered (those before it started) are synced now."""
+        cuts, covered = self.cuts, len(self.unsynced) if self.unsynced is not None else 0
+        await self.image.fsync()
+        if self.cuts != cuts:
+            raise OSError(errno.EIO, "the power was cut during the fsync")
+        if covered:
+            self.unsynced.forget(covered)
+
+    async def _drop_unsynced(self) -> None:
+        """fsyncgate: a failing flush loses the dirty data; the disk keeps the flushed image."""
+        report = self.unsynced.cut(self.image, "none")
+        log.info("a flush met a drop-unsynced rule: %d unsynced writes reverted", report.writes)
+        await self.image.fsync()
+
+    async def power_cut(self, keep: str, seed: int | None) -> CutReport:
+        """Lose the unsynced writes as `keep` says, make the image show it (fsynced), and
+        leave the power off. Suspended requests are let go first; they fail with EIO."""
+        if self.unsynced is None:
+            raise PowerError(errno.EINVAL, "powercut needs -o track-unsynced=on (without it "
+                                           "blkfuse keeps nothing to undo unsynced writes with)")
+        if not self.powered:
+            raise PowerError(errno.EINVAL, "the power is already off (poweron first)")
+        self.powered = False
+        self.cuts += 1
+        self.engine.release_suspended()
+        report = self.unsynced.cut(self.image, keep, seed)
+        await self.image.fsync()
+        return report
+
+    def power_on(self) -> bool:
+        """The device is back, nothing unsynced (the cut fsynced). False if it was on."""
+        if self.powered:
+            return False
+        self.powered = True
+        # Everything on the image is synced now, as after a successful flush.
+        self._format_flushed = self._format_written
+        self._blkdebug_flushed = self._blkdebug_written
+        return True
+
+
+class PowerError(OSError):
+    """A power command that cannot run: `.errno` for the control write, str() the reason."""
+
+    def __init__(self, error: int, message: str):
+        super().__init__(error, message)
+        self.message = message

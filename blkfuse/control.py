@@ -17,6 +17,7 @@ import errno as _errno
 import json
 import math
 import os
+import secrets
 import shlex
 import time
 
@@ -40,6 +41,10 @@ commands (one per line; a write is parsed whole and applied only if every line i
   state N                     set the current state to N
   reload                      re-read the config file and -o rules (replaces every rule)
   status [json]               answer the status (read it back on the same open file)
+  powercut [keep=none|random|prefix] [seed=N]
+                              lose the unsynced writes (-o track-unsynced=on), power off:
+                              every request fails with EIO until poweron
+  poweron                     bring the device back (the image as the cut left it)
   help                        this text
 A bad line (syntax, unknown event, bad rule option) fails the whole write with nothing applied.
 A line that fails while running (unknown tag or rule id, timeout, bad config on reload) stops
@@ -52,7 +57,7 @@ Errors: EINVAL bad input, ENOENT unknown event/tag/rule, ETIMEDOUT wait_break ti
 TEXT_RULES_SHOWN = 200
 
 COMMANDS = ("break", "resume", "remove_break", "wait_break", "inject-error", "set-state",
-            "remove", "clear", "state", "reload", "status", "help")
+            "remove", "clear", "state", "reload", "status", "help", "powercut", "poweron")
 
 
 class ControlError(Exception):
@@ -154,10 +159,44 @@ def _parse_line(words: list[str]):
             if args and args[0] != "json":
                 raise _LineError(_errno.EINVAL, "usage: status [json]")
             return cmd, (bool(args),)
+        if cmd == "powercut":
+            return cmd, _parse_powercut(args)
+        if cmd == "poweron":
+            nargs(0, 0, "poweron")
+            return cmd, ()
     except ValueError as e:
         raise _LineError(_errno.EINVAL, str(e)) from None
     hint = config.did_you_mean(words[0], COMMANDS) or ' (try "help")'
     raise _LineError(_errno.EINVAL, f"unknown command {words[0]!r}{hint}")
+
+
+POWERCUT_USAGE = "powercut [keep=none|random|prefix] [seed=N]"
+
+
+def _parse_powercut(words: list[str]) -> tuple[str, int | None]:
+    """powercut's KEY=VALUE words -> (keep, seed); seed None: pick one (and tell it)."""
+    from .unsynced import KEEP_MODES
+    given = {}
+    for word in words:
+        key, equals, value = word.partition("=")
+        if not equals or key not in ("keep", "seed"):
+            raise ValueError(f"powercut: expected keep=... or seed=..., not {word!r} "
+                             f"(usage: {POWERCUT_USAGE})")
+        if key in given:
+            raise ValueError(f"powercut: {key} given twice")
+        given[key] = value
+    keep = given.get("keep", "none")
+    if keep not in KEEP_MODES:
+        raise ValueError(f"powercut: keep must be none, random or prefix, not {keep!r}"
+                         f"{config.did_you_mean(keep, KEEP_MODES)}")
+    seed = _nonneg_int(given["seed"], "seed") if "seed" in given else None
+    return keep, seed
+
+
+def _check_power_rule(rule, block) -> None:
+    if getattr(rule, "drop_unsynced", False) and (block is None or block.unsynced is None):
+        raise ControlError(_errno.EINVAL, "drop-unsynced needs the mount option "
+                                          "track-unsynced=on (-o track-unsynced=on)")
 
 
 def parse(text: str) -> list[tuple[int, str, tuple]]:
@@ -189,8 +228,9 @@ class Control:
     (image, mountpoint, options...); `pid` is added.
     """
 
-    def __init__(self, engine, reload=None, info=None):
+    def __init__(self, engine, reload=None, info=None, block=None):
         self.engine = engine
+        self.block = block              # block.BlockDevice: power cuts and the undo log
         self._reload = reload
         self.info = dict(info or {})
         self.info.setdefault("pid", os.getpid())
@@ -252,6 +292,7 @@ class Control:
                 return await self._wait_break(tag, timeout)
             if cmd in ("inject-error", "set-state"):
                 rule = args[0]
+                _check_power_rule(rule, self.block)
                 rid = e.add_rule(rule)
                 return f"added rule {rid}"
             if cmd == "remove":
@@ -266,6 +307,10 @@ class Control:
                 return f"state {args[0]}"
             if cmd == "reload":
                 return await self._do_reload()
+            if cmd == "powercut":
+                return await self._powercut(*args)
+            if cmd == "poweron":
+                return self._poweron()
             if cmd == "help":
                 return HELP
             if cmd == "status":
@@ -278,6 +323,23 @@ class Control:
         except EngineError as err:
             raise ControlError(err.errno, str(err)) from None
         raise AssertionError(cmd)   # pragma: no cover - parse() knows every command
+
+    async def _powercut(self, keep: str, seed: int | None) -> str:
+        if self.block is None:
+            raise ControlError(_errno.EINVAL, "powercut: this control has no block device")
+        if seed is None:
+            seed = secrets.randbits(32)
+        try:
+            report = await self.block.power_cut(keep, seed)
+        except OSError as err:
+            raise ControlError(err.errno or _errno.EIO,
+                               getattr(err, "message", None) or str(err)) from None
+        return report.text() + "; the power is off (poweron brings the device back)"
+
+    def _poweron(self) -> str:
+        if self.block is None:
+            raise ControlError(_errno.EINVAL, "poweron: this control has no block device")
+        return "power on" if self.block.power_on() else "power on (it was on)"
 
     async def _wait_break(self, tag, timeout):
         with trio.CancelScope() as scope:
@@ -340,7 +402,20 @@ class Control:
             "last_result": self.last_result,
             "last_error": self.last_error,
             "last_error_errno": self.last_error_errno,
+            **self._power_status(),
         }
+
+    def _power_status(self) -> dict:
+        """"power" and "unsynced" (null when writes are not tracked) for the status."""
+        block = self.block
+        log = block.unsynced if block is not None else None
+        unsynced = None
+        if log is not None:
+            unsynced = {"writes": len(log), "bytes": log.bytes, "held": log.held(),
+                        "cap": log.cap, "refused": log.refused,
+                        "last_refusal": log.last_refusal}
+        return {"power": "off" if block is not None and not block.powered else "on",
+                "unsynced": unsynced}
 
     def status_text(self) -> str:
         d = self.status_dict(all_rules=False)
@@ -388,6 +463,13 @@ class Control:
         errs = d["errors_injected"]
         out.append("errors injected: " + (" ".join(f"{x['name']}({x['errno']})={x['count']}"
                                                     for x in errs) or "none"))
+        out.append(f"power: {d['power']}")
+        u = d["unsynced"]
+        if u is None:
+            out.append("unsynced: not tracked (-o track-unsynced=on)")
+        else:
+            out.append(f"unsynced: {u['writes']} writes, {u['bytes']} bytes (log holds "
+                       f"{u['held']} of cap {u['cap']}; {u['refused']} refused at the cap)")
         out.append(f"last result: {d['last_result'] or '-'}")
         if d["last_error"]:
             out.append(f"last error: {errno_name(d['last_error_errno'])}: {d['last_error']}")

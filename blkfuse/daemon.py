@@ -149,8 +149,13 @@ class Daemon:
         settings = m.settings
         self.engine = Engine(m.rules)
         self.image = Image(m.image_path, read_only=m.read_only)
+        self.unsynced = None
+        if settings.track_unsynced:
+            from .unsynced import DEFAULT_ATOMIC, DEFAULT_CAP, UndoLog
+            self.unsynced = UndoLog(cap=settings.unsynced_cap or DEFAULT_CAP,
+                                    atomic=settings.atomic or DEFAULT_ATOMIC)
         self.block = BlockDevice(self.engine, self.image, align=settings.align,
-                                 max_transfer=settings.max_transfer)
+                                 max_transfer=settings.max_transfer, unsynced=self.unsynced)
         info = {
             "image": m.image_path,
             "name": m.name,
@@ -160,7 +165,12 @@ class Daemon:
             "max_transfer": settings.max_transfer,
             "read_only": m.read_only,
         }
-        self.control = Control(self.engine, reload=lambda: config.load_rules(settings), info=info)
+        if self.unsynced is not None:
+            info["track_unsynced"] = True
+            info["unsynced_cap"] = self.unsynced.cap
+            info["atomic"] = self.unsynced.atomic
+        self.control = Control(self.engine, reload=lambda: config.load_rules(settings), info=info,
+                               block=self.block)
         memory.give_back()              # the parser's scratch memory, before serving for hours
         self.ops = Operations(self.block, self.image, self.control, name=m.name,
                               read_only=m.read_only, allow_other=m.allow_other,
@@ -276,6 +286,8 @@ class Daemon:
                 self.image.close()
             except OSError:
                 pass
+            if self.unsynced is not None:
+                self.unsynced.close()
         log.info("unmounted %s", self.m.mountpoint)
         return status
 

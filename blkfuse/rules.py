@@ -28,6 +28,9 @@ class InjectError:
     line: int = 0                     # the line in `origin`, 0 if none
     id: int = 0                       # given by the engine; also its priority (lower wins)
     hits: int = 0                     # times this rule failed (or, errno 0, passed) a request
+    # blkfuse extensions for power cuts (issue 10; QEMU rejects these keys):
+    torn: int = -1                    # a write it fails keeps its first `torn` sectors; -1: off
+    drop_unsynced: bool = False       # a flush it fails first reverts the unsynced writes
 
     kind = "inject-error"
 
@@ -71,3 +74,7 @@ class Settings:
     image: str | None = None          # from the blkdebug:RULES:IMAGE form
     align: int | None = None
     max_transfer: int | None = None
+    # power cuts (blkfuse extensions): the undo log, its cap, the unit a random cut keeps
+    track_unsynced: bool = False
+    unsynced_cap: int | None = None
+    atomic: int | None = None
