@@ -30,6 +30,7 @@ import os
 import trio
 
 from .engine import Engine, Request
+from .errors import BlkfuseError
 from .image import Image
 from .rules import SECTOR_SIZE
 from .unsynced import CutReport, LogFull, UndoLog
@@ -302,10 +303,11 @@ class BlockDevice:
         """Lose the unsynced writes as `keep` says, make the image show it (fsynced), and
         leave the power off. Suspended requests are let go first; they fail with EIO."""
         if self.unsynced is None:
-            raise PowerError(errno.EINVAL, "powercut needs -o track-unsynced=on (without it "
-                                           "blkfuse keeps nothing to undo unsynced writes with)")
+            raise BlkfuseError(errno.EINVAL, "powercut needs -o track-unsynced=on (without it "
+                                              "blkfuse keeps nothing to undo unsynced writes "
+                                              "with)")
         if not self.powered:
-            raise PowerError(errno.EINVAL, "the power is already off (poweron first)")
+            raise BlkfuseError(errno.EINVAL, "the power is already off (poweron first)")
         self.powered = False
         self.cuts += 1
         self.engine.release_suspended()
@@ -323,10 +325,3 @@ class BlockDevice:
         self._blkdebug_flushed = self._blkdebug_written
         return True
 
-
-class PowerError(OSError):
-    """A power command that cannot run: `.errno` for the control write, str() the reason."""
-
-    def __init__(self, error: int, message: str):
-        super().__init__(error, message)
-        self.message = message

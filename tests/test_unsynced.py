@@ -14,6 +14,7 @@ import trio
 from blkfuse import unsynced as unsynced_module
 from blkfuse.block import BlockDevice
 from blkfuse.engine import Engine
+from blkfuse.errors import BlkfuseError
 from blkfuse.image import Image
 from blkfuse.rules import InjectError
 from blkfuse.unsynced import UndoLog
@@ -217,7 +218,7 @@ def test_while_off_every_request_fails_with_eio_and_raises_no_event(tmp_path):
         with pytest.raises(OSError):
             d.block.truncate(0)
         assert d.engine.event_counts == counts
-        with pytest.raises(OSError) as again:
+        with pytest.raises(BlkfuseError) as again:
             await d.block.power_cut("none", None)
         assert again.value.errno == errno.EINVAL
         assert d.block.power_on()
@@ -231,7 +232,7 @@ def test_powercut_without_the_log_is_einval_naming_the_option(tmp_path):
     d = Dev(tmp_path, bytes(4096), track=False)
 
     async def main():
-        with pytest.raises(OSError) as failure:
+        with pytest.raises(BlkfuseError) as failure:
             await d.block.power_cut("none", None)
         assert failure.value.errno == errno.EINVAL
         assert "track-unsynced=on" in str(failure.value)
