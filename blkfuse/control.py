@@ -500,7 +500,7 @@ def _block_of(control: "Control", name: str):
 
 
 @command(POWERCUT_USAGE,
-         "lose the unsynced writes (-o track-unsynced=on) and power off:\n"
+         "\nlose the unsynced writes (-o track-unsynced=on) and power off:\n"
          "every request fails with EIO until poweron",
          nargs=(0, 2), parse=_parse_powercut)
 async def _powercut(control: "Control", keep: str, seed: int | None) -> str:
