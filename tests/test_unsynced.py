@@ -353,3 +353,31 @@ def test_unaligned_write_with_align_is_undone_exactly(tmp_path):
         await d.block.power_cut("none", None)
         assert d.data() == initial
     run(main)
+
+
+# ---- the engine side of the keys ----------------------------------------------------------
+
+def test_match_answers_the_rule_and_once_spends_a_torn_rule_even_with_errno_0():
+    plain = InjectError("none", errno=0, once=True, iotypes=frozenset({"read"}))
+    torn = InjectError("none", errno=0, torn=1, once=True, iotypes=frozenset({"write"}))
+    engine = Engine([plain, torn])
+    assert engine.match("read", 0, 512) is plain
+    assert engine.match("read", 0, 512) is plain          # errno 0, once: stays (QEMU)
+    assert engine.match("write", 0, 512) is torn
+    assert engine.match("write", 0, 512) is None          # torn, once: spent
+    assert engine.check("read", 0, 512) == 0 and plain.hits == 3
+    assert engine.errors_injected == {}
+
+
+def test_release_suspended_keeps_the_breakpoints_not_yet_hit():
+    engine = Engine()
+
+    async def main():
+        engine.add_breakpoint("read_aio", "A")
+        engine.add_breakpoint("write_aio", "B")
+        suspension = engine.fire("read_aio")
+        assert suspension is not None and not suspension.done
+        assert engine.release_suspended() == 1
+        assert suspension.done and engine.suspended() == []
+        assert engine.breakpoints() == [("write_aio", "B")]
+    run(main)
