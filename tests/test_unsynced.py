@@ -381,3 +381,25 @@ def test_release_suspended_keeps_the_breakpoints_not_yet_hit():
         assert suspension.done and engine.suspended() == []
         assert engine.breakpoints() == [("write_aio", "B")]
     run(main)
+
+
+# ---- write-zeroes and discard change data too --------------------------------------------
+
+def test_write_zeroes_and_discard_enter_the_log_and_are_undone(tmp_path):
+    initial = noise(64 * KiB, 31)
+    d = Dev(tmp_path, initial)
+
+    async def main():
+        await d.block.write_zeroes(4096, 8192)
+        await d.block.discard(32768, 16384)
+        assert d.data()[4096:12288] == bytes(8192)
+        assert d.data()[32768:49152] == bytes(16384)
+        assert len(d.log) == 2
+        await d.block.power_cut("none", None)
+        assert d.data() == initial
+        for request in (d.block.write_zeroes(0, 4096), d.block.discard(0, 4096),
+                        d.block.seek(0, os.SEEK_DATA), d.block.block_status(0, 4096)):
+            with pytest.raises(OSError) as failure:
+                await request
+            assert failure.value.errno == errno.EIO
+    run(main)
