@@ -20,7 +20,7 @@ def test_sqlite_survives_power_cuts_and_the_controls_bite():
             pytest.skip(f"{tool} is missing (Debian: e2fsprogs, mount)")
     if not os.path.exists("/dev/loop-control"):
         pytest.skip("no loop devices here (/dev/loop-control is missing)")
-    iterations = int(os.environ.get("BLKFUSE_CRASH_ITERATIONS", "4"))
+    iterations = int(os.environ.get("BLKFUSE_CRASH_ITERATIONS", "20"))
     run = subprocess.run([str(SCRIPT), "--iterations", str(iterations),
                           "--control-iterations", "10"],
                          capture_output=True, text=True, timeout=1800)
