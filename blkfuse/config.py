@@ -51,7 +51,14 @@ SECTION_KEYS = {
 _RULE_CLASSES = {"inject-error": InjectError, "set-state": SetState}
 
 # Top-level blockdev options of the blkdebug driver that blkfuse understands.
-_SETTING_OPTIONS = ("config", "image", "x-image", "align", "max-transfer")
+_BLKDEBUG_OPTIONS = ("config", "image", "x-image", "align", "max-transfer")
+# blkfuse's own options, about the mount rather than the rules (extensions: QEMU's blkdebug
+# has none of them): mount over a non-empty directory; lock the image as QEMU's file driver
+# does with locking=on|off|auto; let writes past the end and truncate resize the image, as
+# qemu-storage-daemon's FUSE export does with growable=on. `nonempty` alone means on.
+MOUNT_OPTIONS = ("nonempty", "locking", "growable")
+_FLAG_OPTIONS = ("nonempty",)
+_SETTING_OPTIONS = _BLKDEBUG_OPTIONS + MOUNT_OPTIONS
 
 # A FUSE reply carries -errno and the kernel refuses anything at or below -512 (-ERESTARTSYS).
 MAX_ERRNO = 511
@@ -455,7 +462,19 @@ def parse_options(options: dict[str, str]) -> tuple[list[Rule], Settings]:
     if "max-transfer" in options:
         settings.max_transfer = _parse_max_transfer(_unquote_option(options["max-transfer"]),
                                                     settings.align)
+    for key in MOUNT_OPTIONS:
+        if key in options:
+            setattr(settings, key, _parse_mount_flag(key, _unquote_option(options[key])))
     return rules, settings
+
+
+def _parse_mount_flag(key: str, text: str) -> bool:
+    if key == "locking" and text == "auto":
+        return True                 # QEMU: on where OFD locks exist, which is every Linux here
+    try:
+        return _parse_bool(key, text)
+    except _Invalid as error:
+        raise ConfigError(f"option {key}: {error}") from None
 
 
 def parse_option_string(s: str) -> dict[str, str]:
@@ -467,6 +486,8 @@ def parse_option_string(s: str) -> dict[str, str]:
         key, equals, value = item.partition("=")
         if not item:
             raise ConfigError(f'option string "{s}": empty option (stray comma?)')
+        if not equals and key in _FLAG_OPTIONS:
+            equals, value = "=", "on"
         if not equals or not key:
             raise ConfigError(f'option "{item}": expected KEY=VALUE')
         options[key] = value

@@ -350,6 +350,10 @@ class Control:
             opts = [f"{k}={info[k]}" for k in ("align", "max_transfer") if info.get(k)]
             if info.get("read_only"):
                 opts.append("read-only")
+            if info.get("growable"):
+                opts.append("growable")
+            if info.get("locking") is False:
+                opts.append("locking=off")
             out.append(f"image: {info['image']}" + (f" ({', '.join(opts)})" if opts else ""))
         if info.get("mountpoint"):
             out.append(f"mount: {info['mountpoint']} (daemon pid {info.get('pid')})")

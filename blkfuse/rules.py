@@ -71,3 +71,7 @@ class Settings:
     image: str | None = None          # from the blkdebug:RULES:IMAGE form
     align: int | None = None
     max_transfer: int | None = None
+    # blkfuse's own mount options (not blkdebug's): -o nonempty, locking=off, growable=on
+    nonempty: bool = False            # mount over a directory that has entries
+    locking: bool = True              # QEMU's locking=on: lock the image (lock.py)
+    growable: bool = False            # like qsd's FUSE export: writes past the end, truncate
