@@ -28,6 +28,7 @@ class InjectError:
     line: int = 0                     # the line in `origin`, 0 if none
     id: int = 0                       # given by the engine; also its priority (lower wins)
     hits: int = 0                     # times this rule failed (or, errno 0, passed) a request
+    spent: bool = False               # used up (once): listed with its hits, never matched again
 
     kind = "inject-error"
 
@@ -54,6 +55,7 @@ class SetState:
     line: int = 0
     id: int = 0
     hits: int = 0                     # times this rule changed the state
+    spent: bool = False               # (set-state rules are never used up; kept for symmetry)
 
     kind = "set-state"
     source = InjectError.source

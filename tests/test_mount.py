@@ -470,8 +470,10 @@ def test_ctl_adds_rules_and_reports_ids(mount):
     assert e.value.errno == errno.ENOSPC
     assert os.pread(fd, 512, 0) == bytes(512)           # once: gone
     os.close(fd)
-    r = blkfuse("status", m.mnt, "--json")
-    assert r.returncode == 0 and json.loads(r.stdout)["rules"] == []
+    r = blkfuse("status", m.mnt, "--json")                # used up: listed as spent
+    assert r.returncode == 0
+    assert [(x["id"], x["spent"], x["hits"]) for x in json.loads(r.stdout)["rules"]] == \
+        [(1, True, 1)]
     r = blkfuse("status", m.mnt)
     assert r.returncode == 0 and "errors injected: ENOSPC(28)=1" in r.stdout
 
