@@ -71,8 +71,17 @@ def test_zero_range_is_write_zeroes_with_its_events_and_rules(mount):
         os.close(fd)
 
 
-def test_zero_range_past_the_end_grows_the_image_unless_keep_size(mount):
-    m = mount(data=b"\xcc" * 8192)
+def test_zero_range_past_the_end_grows_a_growable_image_unless_keep_size(mount):
+    fixed = mount(data=b"\xcc" * 8192)
+    fd = _open(fixed)
+    try:
+        with pytest.raises(OSError) as e:
+            fallocate(fd, FALLOC_FL_ZERO_RANGE, 4096, 8192)  # a disk's size is fixed
+        assert e.value.errno == errno.ENOSPC
+        assert os.pread(fd, 8192, 0) == b"\xcc" * 8192
+    finally:
+        os.close(fd)
+    m = mount("-o", "growable=on", data=b"\xcc" * 8192)
     fd = _open(m)
     try:
         fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, 4096, 8192)
@@ -86,7 +95,15 @@ def test_zero_range_past_the_end_grows_the_image_unless_keep_size(mount):
 
 
 def test_plain_fallocate_only_grows_the_image_as_qemus_fuse_export(mount):
-    m = mount(size=8192)
+    fixed = mount(size=8192)
+    fd = _open(fixed)
+    try:
+        with pytest.raises(OSError) as e:
+            fallocate(fd, 0, 8192, 4096)
+        assert e.value.errno == errno.ENOSPC                 # without growable=on
+    finally:
+        os.close(fd)
+    m = mount("-o", "growable=on", size=8192)
     fd = _open(m)
     try:
         with pytest.raises(OSError) as e:
