@@ -232,6 +232,17 @@ class Control:
                 except BlkfuseError as e:
                     done = " (lines before it were applied)" if results else ""
                     raise ControlError(e.errno, f"line {lineno}: {e.message}{done}") from None
+                except trio.Cancelled:
+                    # FUSE_INTERRUPT: the writer got a signal while this line waited (a
+                    # wait_break, say); pyfuse3 answers the write EINTR. Shutdown does not
+                    # get here: it fails a pending wait with ESHUTDOWN instead.
+                    done = " (lines before it were applied)" if results else ""
+                    what = " ".join([entry.name, *(f"{a:g}" if isinstance(a, float) else str(a)
+                                                   for a in args if a is not None)])
+                    self.last_error = (f"line {lineno}: {what}: interrupted (the writer got a "
+                                       f"signal){done}")
+                    self.last_error_errno = _errno.EINTR
+                    raise
         except ControlError as e:
             self.last_error = e.message
             self.last_error_errno = e.errno
@@ -313,6 +324,8 @@ class Control:
                 {"errno": n, "name": errno_name(n), "count": c}
                 for n, c in sorted(e.errors_injected.items()) if c
             ],
+            "interrupted": {"count": e.interrupted,
+                            "last": _interrupted_dict(e.last_interrupted)},
             "last_result": self.last_result,
             "last_error": self.last_error,
             "last_error_errno": self.last_error_errno,
@@ -389,6 +402,15 @@ class Control:
         errs = d["errors_injected"]
         out.append("errors injected: " + (" ".join(f"{x['name']}({x['errno']})={x['count']}"
                                                     for x in errs) or "none"))
+        intr = d["interrupted"]
+        if intr["count"]:
+            last = intr["last"]
+            where = f" {last['op']} offset={last['offset']} length={last['length']}" \
+                if last["op"] is not None else ""
+            out.append(f"interrupted: {intr['count']} (last: {','.join(last['tags'])} at "
+                       f"{last['event']}:{where})")
+        else:
+            out.append("interrupted: none")
         out.append(f"power: {d['power']}")
         u = d["unsynced"]
         if u is None:
@@ -555,6 +577,17 @@ async def _poweron(control: "Control") -> str:
 @command("help", "this text")
 async def _help(control: "Control") -> str:
     return help_text()
+
+
+def _interrupted_dict(interrupted) -> dict | None:
+    """engine.Interrupted (a held request whose caller got a signal) as status data."""
+    if interrupted is None:
+        return None
+    req = interrupted.request
+    return {"tags": list(interrupted.tags), "event": interrupted.event,
+            "op": req.op if req is not None else None,
+            "offset": req.offset if req is not None else None,
+            "length": req.length if req is not None else None}
 
 
 def _format_rule(rule) -> str:

@@ -191,7 +191,10 @@ class Image:
         return True, min(length, max(1, hole - offset))
 
     async def fsync(self) -> None:
-        await trio.to_thread.run_sync(os.fsync, self.fd)
+        # Shielded: an fsync that started finishes and decides the reply, even if the
+        # request is interrupted meanwhile (it cannot be taken back anyway).
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(os.fsync, self.fd)
 
     def fsync_now(self) -> None:
         os.fsync(self.fd)
