@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from ..config import (EXTENSION_OPTIONS, ConfigError, format_rule, load_rules,
+from ..config import (MOUNT_OPTIONS, ConfigError, format_rule, load_rules,
                       parse_option_string, parse_options, rule_notes)
 
 
@@ -40,8 +40,17 @@ def command(path, option_strings):
         click.echo(f"blkfuse check: {error}", err=True)
         sys.exit(1)
     for rule in rules:
-        click.echo(f"{rule.source}: {format_rule(rule)}{rule_notes(rule)}")
+        click.echo(f"{rule.source}: {format_rule(rule)}{rule_notes(rule)}{_power_note(rule)}")
     click.echo(_summary(path or settings.config_path or "options", rules, settings))
+
+
+def _power_note(rule) -> str:
+    # issue 10's keys: QEMU's blkdebug rejects them
+    used = [key for key, on in (("torn", getattr(rule, "torn", -1) >= 0),
+                                ("drop-unsynced", getattr(rule, "drop_unsynced", False))) if on]
+    if not used:
+        return ""
+    return f"  (not portable: {', '.join(used)}: blkfuse extension, QEMU rejects it)"
 
 
 def _summary(path, rules, settings) -> str:
@@ -61,9 +70,14 @@ def _summary(path, rules, settings) -> str:
     if settings.format != "raw":
         parts.append("format=none (not portable: qemu-io --image-opts driver=blkdebug,...)")
     # blkfuse's own mount options: no QEMU command line has them.
-    for key in EXTENSION_OPTIONS:
-        if key in ("cache", "format") or key not in settings.options:
+    for key in MOUNT_OPTIONS:
+        if key not in settings.options:
             continue
         parts.append(f"{key}={settings.options[key] or 'on'} (not portable: a blkfuse mount "
                      "option)")
+    if settings.track_unsynced:
+        power = ["track-unsynced=on"]
+        power += [f"unsynced-cap={settings.unsynced_cap}"] if settings.unsynced_cap else []
+        power += [f"atomic={settings.atomic}"] if settings.atomic else []
+        parts.append(" ".join(power) + " (not portable: blkfuse extension options)")
     return ", ".join(parts)
