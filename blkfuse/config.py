@@ -25,13 +25,13 @@ import difflib
 import errno as errno_module
 import re
 
-from .events import DEFAULT_IOTYPES, EVENTS, IOTYPES, canonical_event
+from .events import DEFAULT_IOTYPES, EVENTS, IOTYPES, canonical_event, never_fires_note
 from .rules import CACHE_MODES, FORMATS, InjectError, Rule, SetState, Settings
 
 __all__ = [
-    "ConfigError", "parse_config_text", "parse_config_file", "parse_options",
+    "ConfigError", "UnknownEvent", "parse_config_text", "parse_config_file", "parse_options",
     "parse_option_string", "parse_filename", "parse_rule_args", "load_rules",
-    "format_rule", "format_config",
+    "format_rule", "format_config", "rule_notes",
 ]
 
 
@@ -39,8 +39,17 @@ class ConfigError(ValueError):
     """A config, option or control rule that cannot be used; str() is the whole message."""
 
 
+class UnknownEvent(ConfigError):
+    """A rule names an event that does not exist: the control file answers ENOENT for it, as
+    qemu-io's `break` does for an unknown event (every other bad rule is EINVAL)."""
+
+
 class _Invalid(Exception):
     """A bad value, before the caller knows where it came from (it adds the location)."""
+
+
+class _InvalidEvent(_Invalid):
+    """An event name that does not exist (becomes UnknownEvent)."""
 
 
 # The keys of each section, in QEMU's order (block/blkdebug.c inject_error_opts, set_state_opts).
@@ -169,7 +178,7 @@ def _parse_torn(text: str) -> int:
 def _parse_event(key: str, text: str) -> str:
     event = canonical_event(text)
     if event is None:
-        raise _Invalid(f'unknown event "{text}"{did_you_mean(text, EVENTS)}')
+        raise _InvalidEvent(f'unknown event "{text}"{did_you_mean(text, EVENTS)}')
     return event
 
 
@@ -224,7 +233,8 @@ def _build_rule(kind: str, entries: dict, where: str, origin: str, line: int = 0
         try:
             fields[field] = parse(key, text)
         except _Invalid as error:
-            raise ConfigError(f"{key_where}: {error}") from None
+            kind_of_error = UnknownEvent if isinstance(error, _InvalidEvent) else ConfigError
+            raise kind_of_error(f"{key_where}: {error}") from None
     return _RULE_CLASSES[kind](origin=origin, line=line, **fields)
 
 
@@ -674,6 +684,17 @@ def _rule_items(rule: Rule) -> list[tuple[str, str]]:
     if rule.drop_unsynced:
         items.append(("drop-unsynced", "on"))
     return items
+
+
+def rule_notes(rule: Rule) -> str:
+    """What `blkfuse check` and the control answers add to a valid rule that is surely not what
+    was meant: an event no request through a mount raises, a set-state without new_state (QEMU
+    reads it as 0, silently). '' for a plain rule."""
+    notes = never_fires_note(rule.event)
+    if isinstance(rule, SetState) and rule.new_state == 0:
+        notes += (" (warning: new_state is 0, what a missing new_state means: from then on only "
+                  "rules without a state match)")
+    return notes
 
 
 def format_rule(rule: Rule) -> str:
