@@ -101,9 +101,11 @@ class BlockDevice:
             error = self.engine.check("read", start, end - start)
             if error:
                 raise _failure(error)
+        # The image answers inline from memory, or hands a read that would wait on the
+        # disk to a worker thread (image.py): the events and the check above are done either way.
         if start == offset and end == offset + length:
-            return self.image.pread(offset, length)
-        data = self.image.pread(start, end - start)
+            return await self.image.read(offset, length)
+        data = await self.image.read(start, end - start)
         return data[offset - start:offset - start + length]
 
     # ---- write ----
@@ -157,7 +159,8 @@ class BlockDevice:
                     error = engine.check("write", piece_start, piece_end - piece_start)
                     if error:
                         break           # pieces before it stay written, as in QEMU
-                    self.image.pwrite(piece_start, data[piece_start - start:piece_end - start])
+                    await self.image.write(piece_start,
+                                           data[piece_start - start:piece_end - start])
             await self._event("pwritev_done", request)
         finally:
             self._blkdebug_written += 1
@@ -181,7 +184,7 @@ class BlockDevice:
                 await self._event("pwritev_rmw_head", request)
             if tail:
                 await self._event("pwritev_rmw_tail", request)
-            padded[:] = self._padding_read(start, end - start)
+            padded[:] = await self._padding_read(start, end - start)
             if head:
                 await self._event("pwritev_rmw_after_head", request)
             if tail:
@@ -189,18 +192,18 @@ class BlockDevice:
         else:
             if head:
                 await self._event("pwritev_rmw_head", request)
-                padded[:align] = self._padding_read(start, align)
+                padded[:align] = await self._padding_read(start, align)
                 await self._event("pwritev_rmw_after_head", request)
             if tail:
                 await self._event("pwritev_rmw_tail", request)
-                padded[-align:] = self._padding_read(end - align, align)
+                padded[-align:] = await self._padding_read(end - align, align)
                 await self._event("pwritev_rmw_after_tail", request)
         padded[offset - start:offset - start + len(data)] = data
         return padded
 
-    def _padding_read(self, offset: int, length: int) -> bytes:
+    async def _padding_read(self, offset: int, length: int) -> bytes:
         self._check_pieces("read", offset, offset + length)
-        data = self.image.pread(offset, length)
+        data = await self.image.read(offset, length)
         return data + bytes(length - len(data))     # past the end of the image: zeros
 
     # ---- flush ----

@@ -52,6 +52,9 @@ _RULE_CLASSES = {"inject-error": InjectError, "set-state": SetState}
 
 # Top-level blockdev options of the blkdebug driver that blkfuse understands.
 _SETTING_OPTIONS = ("config", "image", "x-image", "align", "max-transfer")
+# blkfuse's own daemon tuning (extensions: QEMU has no such blkdebug options).
+_SPEED_OPTIONS = {"io-threads": (1, 256), "poll-us": (0, 100_000)}
+EXTENSION_OPTIONS = tuple(_SPEED_OPTIONS)
 
 # A FUSE reply carries -errno and the kernel refuses anything at or below -512 (-ERESTARTSYS).
 MAX_ERRNO = 511
@@ -400,7 +403,7 @@ def _split_rule_option(key: str) -> tuple[str, str | None, str]:
 
 def _unknown_option(key: str) -> ConfigError:
     head = key.partition(".")[0]
-    names = _SETTING_OPTIONS + tuple(SECTION_KEYS)
+    names = _SETTING_OPTIONS + EXTENSION_OPTIONS + tuple(SECTION_KEYS)
     return ConfigError(f'option {key}: unknown option "{head}"{did_you_mean(head, names)}')
 
 
@@ -408,7 +411,7 @@ def _collect_rule_options(options: dict) -> dict:
     """{kind: {index or None: {subkey: (text, where)}}}, every key checked."""
     groups = {kind: {} for kind in SECTION_KEYS}
     for key, value in options.items():
-        if key in _SETTING_OPTIONS:
+        if key in _SETTING_OPTIONS or key in _SPEED_OPTIONS:
             continue
         if key.partition(".")[0] not in SECTION_KEYS:
             raise _unknown_option(key)
@@ -455,7 +458,24 @@ def parse_options(options: dict[str, str]) -> tuple[list[Rule], Settings]:
     if "max-transfer" in options:
         settings.max_transfer = _parse_max_transfer(_unquote_option(options["max-transfer"]),
                                                     settings.align)
+    if "io-threads" in options:
+        settings.io_threads = _parse_speed_option("io-threads", options["io-threads"])
+    if "poll-us" in options:
+        settings.poll_us = _parse_speed_option("poll-us", options["poll-us"])
     return rules, settings
+
+
+def _parse_speed_option(key: str, text: str) -> int:
+    low, high = _SPEED_OPTIONS[key]
+    text = _unquote_option(text)
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        raise ConfigError(f'option {key}: expects a whole number from {low} to {high}, '
+                          f'not "{text}"')
+    return value
 
 
 def parse_option_string(s: str) -> dict[str, str]:

@@ -143,12 +143,23 @@ class Daemon:
         from .control import Control
         from .engine import Engine
         from .fs import Operations
-        from .image import Image
+        from .fuseloop import DEFAULT_POLL_US
+        from .image import DEFAULT_IO_THREADS, Image
 
         self.m = m
         settings = m.settings
         self.engine = Engine(m.rules)
-        self.image = Image(m.image_path, read_only=m.read_only)
+        self.image = Image(m.image_path, read_only=m.read_only,
+                           io_threads=settings.io_threads or DEFAULT_IO_THREADS)
+        # -o poll-us wins; BLKFUSE_POLL_US changes the default (A/B runs, the test suite's
+        # second pass with polling off).
+        self.poll_us = settings.poll_us
+        if self.poll_us is None:
+            try:
+                self.poll_us = max(0, int(os.environ.get("BLKFUSE_POLL_US", DEFAULT_POLL_US)))
+            except ValueError:
+                log.warning("BLKFUSE_POLL_US is not a number; polling for %d us", DEFAULT_POLL_US)
+                self.poll_us = DEFAULT_POLL_US
         self.block = BlockDevice(self.engine, self.image, align=settings.align,
                                  max_transfer=settings.max_transfer)
         info = {
@@ -159,6 +170,9 @@ class Daemon:
             "align": settings.align,
             "max_transfer": settings.max_transfer,
             "read_only": m.read_only,
+            "io": self.image.io_mode,
+            "io_threads": self.image.io_threads,
+            "poll_us": self.poll_us,
         }
         self.control = Control(self.engine, reload=lambda: config.load_rules(settings), info=info)
         memory.give_back()              # the parser's scratch memory, before serving for hours
@@ -206,7 +220,8 @@ class Daemon:
         import trio
         if os.environ.get("BLKFUSE_FASTLOOP", "1") != "0":   # "0": pyfuse3's own waits, for A/B runs
             from . import fuseloop
-            fuseloop.install()
+            loop = fuseloop.install(self.poll_us)
+            self.image.loop_idle = loop.idle
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._watch_signals)

@@ -71,3 +71,5 @@ class Settings:
     image: str | None = None          # from the blkdebug:RULES:IMAGE form
     align: int | None = None
     max_transfer: int | None = None
+    io_threads: int | None = None     # -o io-threads: worker threads for disk I/O (image.py)
+    poll_us: int | None = None        # -o poll-us: busy-poll window for /dev/fuse (fuseloop.py)
