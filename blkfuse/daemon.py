@@ -149,7 +149,9 @@ class Daemon:
         self.m = m
         settings = m.settings
         self.engine = Engine(m.rules)
+        # cache=none/directsync: O_DIRECT, as QEMU's file node (BDRV_O_NOCACHE)
         self.image = Image(m.image_path, read_only=m.read_only,
+                           direct=settings.cache in ("none", "directsync"),
                            io_threads=settings.io_threads or DEFAULT_IO_THREADS)
         # -o poll-us wins; BLKFUSE_POLL_US changes the default (A/B runs, the test suite's
         # second pass with polling off).
@@ -161,14 +163,25 @@ class Daemon:
                 log.warning("BLKFUSE_POLL_US is not a number; polling for %d us", DEFAULT_POLL_US)
                 self.poll_us = DEFAULT_POLL_US
         self.block = BlockDevice(self.engine, self.image, align=settings.align,
-                                 max_transfer=settings.max_transfer)
+                                 max_transfer=settings.max_transfer,
+                                 opt_write_zero=settings.opt_write_zero,
+                                 max_write_zero=settings.max_write_zero,
+                                 opt_discard=settings.opt_discard,
+                                 max_discard=settings.max_discard,
+                                 cache=settings.cache, format=settings.format)
         info = {
             "image": m.image_path,
             "name": m.name,
             "mountpoint": m.mountpoint,
             "config": settings.config_path,
+            "cache": settings.cache,
+            "format": settings.format,
             "align": settings.align,
             "max_transfer": settings.max_transfer,
+            "opt_write_zero": settings.opt_write_zero,
+            "max_write_zero": settings.max_write_zero,
+            "opt_discard": settings.opt_discard,
+            "max_discard": settings.max_discard,
             "read_only": m.read_only,
             "io": self.image.io_mode,
             "io_threads": self.image.io_threads,

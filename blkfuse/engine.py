@@ -22,23 +22,27 @@ from typing import Iterable, NamedTuple
 
 import trio
 
+from .errors import BlkfuseError
 from .events import EVENTS, IOTYPES, canonical_event
 from .rules import InjectError, Rule, SetState
 
 
-class EngineError(Exception):
+class EngineError(BlkfuseError):
     """A command the engine cannot carry out; `errno` is what the control write fails with."""
 
-    def __init__(self, errno: int, message: str):
-        super().__init__(message)
-        self.errno = errno
-        self.message = message
+
+class Caller(NamedTuple):
+    """Who sent an image request, from the FUSE request's context (None where unknown)."""
+
+    pid: int
+    uid: int
+    gid: int
 
 
 class Request(NamedTuple):
     """What a request was doing when it raised an event: shown for suspended requests."""
 
-    op: str          # "read" | "write" | "flush"
+    op: str          # "read" | "write" | "write-zeroes" | "flush"
     offset: int
     length: int
 
@@ -397,4 +401,4 @@ class Engine:
         return self._active.in_priority_order()
 
 
-__all__ = ["Engine", "EngineError", "Request", "Suspension", "InjectError", "SetState"]
+__all__ = ["Caller", "Engine", "EngineError", "Request", "Suspension", "InjectError", "SetState"]
