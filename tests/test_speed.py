@@ -231,3 +231,13 @@ def test_check_accepts_speed_options(fuse_dir):
     rules.write_text("")
     r = blkfuse("check", rules, "-o", "poll-us=0,io-threads=2")
     assert r.returncode == 0, r.stderr
+    assert "io-threads=2 (not portable: blkfuse's own tuning)" in r.stdout
+    assert "poll-us=0 (not portable: blkfuse's own tuning)" in r.stdout
+
+
+def test_mount_polls_by_default_or_as_the_environment_says(mount):
+    m = mount()
+    expected = int(os.environ.get("BLKFUSE_POLL_US", fuseloop.DEFAULT_POLL_US))
+    info = m.status()["info"]
+    assert info["poll_us"] == expected
+    assert info["io_threads"] == 4

@@ -56,4 +56,9 @@ def _summary(path, rules, settings) -> str:
         parts.append(f"cache={settings.cache} (not portable: qemu-io -t {settings.cache})")
     if settings.format != "raw":
         parts.append("format=none (not portable: qemu-io --image-opts driver=blkdebug,...)")
+    # blkfuse's own tuning: how the daemon waits and reads, never what a request sees.
+    for key in ("io-threads", "poll-us"):
+        value = getattr(settings, key.replace("-", "_"))
+        if value is not None:
+            parts.append(f"{key}={value} (not portable: blkfuse's own tuning)")
     return ", ".join(parts)
