@@ -55,7 +55,7 @@ _BLKDEBUG_LIMITS = ("opt-write-zero", "max-write-zero", "opt-discard", "max-disc
 # Options that are not blkdebug's: what qemu-io's command line says (-t MODE, and
 # --image-opts driver=blkdebug for format=none). `blkfuse check` marks them.
 # blkfuse's own daemon tuning (image.py, fuseloop.py): the whole numbers each accepts.
-_SPEED_OPTIONS = {"io-threads": (1, 256), "poll-us": (0, 100_000)}
+_SPEED_OPTIONS = {"io-threads": (0, 256), "poll-us": (0, 100_000)}
 EXTENSION_OPTIONS = ("cache", "format") + tuple(_SPEED_OPTIONS)
 _SETTING_OPTIONS = (("config", "image", "x-image", "align", "max-transfer") + _BLKDEBUG_LIMITS
                     + EXTENSION_OPTIONS)

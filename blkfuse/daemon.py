@@ -152,7 +152,8 @@ class Daemon:
         # cache=none/directsync: O_DIRECT, as QEMU's file node (BDRV_O_NOCACHE)
         self.image = Image(m.image_path, read_only=m.read_only,
                            direct=settings.cache in ("none", "directsync"),
-                           io_threads=settings.io_threads or DEFAULT_IO_THREADS)
+                           io_threads=(DEFAULT_IO_THREADS if settings.io_threads is None
+                                       else settings.io_threads))
         # -o poll-us wins; BLKFUSE_POLL_US changes the default (A/B runs, the test suite's
         # second pass with polling off).
         self.poll_us = settings.poll_us

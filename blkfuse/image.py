@@ -26,7 +26,7 @@ awaits, and they keep the one trio thread from waiting on a disk:
                                         buffered), inline, since a buffered write only
                                         copies into the page cache
 
-The pool is `io_threads` worker threads at most, so a burst of cold reads is a bounded queue
+The pool is `io_threads` worker threads at most (0: no pool, all I/O inline), so a burst of cold reads is a bounded queue
 at the disk, not a thread per request. It is a plain job queue, not trio.to_thread, which
 cost twice the CPU per hop (measured: 240 against 130 us on the loaded test machine). With
 no other request waiting (queue depth 1) a read that would go to the pool is done inline:
@@ -103,7 +103,8 @@ class Image:
         # that would go to the pool is then done inline: at queue depth 1 the hop to a
         # thread and back costs more than it saves (measured: README).
         self.loop_idle = None
-        self._read_mode = self._write_mode = _io_mode(self.fd)
+        # io_threads=0: no pool, every read and write inline (as before it existed; A/B runs)
+        self._read_mode = self._write_mode = _io_mode(self.fd) if io_threads else INLINE
         self._miss_share = 0.0          # recent reads that missed the page cache (average)
         self._cachestat = PageCacheQuery.open(self.fd) if self._read_mode == NOWAIT else None
         # How the reads went, for `status` and the tests: served inline (page cache or a

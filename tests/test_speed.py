@@ -53,7 +53,7 @@ def test_speed_options_parse_and_check():
     assert (settings.io_threads, settings.poll_us) == (8, 0)
     _, settings = parse_options({})
     assert (settings.io_threads, settings.poll_us) == (None, None)
-    for bad, message in (("io-threads=0", "io-threads: expects a whole number from 1 to 256"),
+    for bad, message in (("io-threads=257", "io-threads: expects a whole number from 0 to 256"),
                          ("io-threads=many", 'not "many"'),
                          ("poll-us=-1", "poll-us: expects a whole number from 0 to 100000"),
                          ("poll-us=1e3", 'not "1e3"')):
@@ -151,6 +151,15 @@ def test_the_pool_path_and_a_failing_read_through_the_block_layer(disk_image):
     assert disk_image.read_bytes()[:8192] == bytes(expected[:8192])
 
 
+def test_no_io_threads_means_everything_inline(disk_image):
+    image = Image(str(disk_image), io_threads=0)
+    assert image.io_mode == INLINE
+    _drop_cache(image)
+    assert bytes(trio.run(image.read, 0, 256)) == bytes(range(256))
+    assert image.pool_reads == 0 and image._pool is None
+    image.close()
+
+
 def test_worker_pool_bounds_its_threads():
     pool = WorkerPool(2)
     barrier = threading.Barrier(2, timeout=30)
@@ -220,10 +229,10 @@ def test_cold_disk_image_through_the_mount(mount, options):
 
 
 def test_bad_speed_option_at_mount_is_one_line(mount):
-    m, r = mount("-o", "io-threads=0", expect_ok=False)
+    m, r = mount("-o", "io-threads=-1", expect_ok=False)
     assert r.returncode == 1
-    assert r.stderr.strip() == ("blkfuse: option io-threads: expects a whole number from 1 to "
-                                "256, not \"0\"")
+    assert r.stderr.strip() == ("blkfuse: option io-threads: expects a whole number from 0 to "
+                                "256, not \"-1\"")
 
 
 def test_check_accepts_speed_options(fuse_dir):
