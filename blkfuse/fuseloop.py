@@ -21,6 +21,7 @@ any other fd trio waits on ends it at once. A timer (a delayed request) can fire
 window late.
 """
 
+import os
 import select
 import time
 
@@ -91,11 +92,19 @@ class Loop:
         return bool(self._state)
 
 
+def _is_fuse_device(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "/dev/fuse"
+    except OSError:
+        return False
+
+
 def install(poll_us: int = 0) -> Loop:
     """Replace trio.lowlevel.wait_readable (pyfuse3 looks it up at every call) with the fast
     wait; `poll_us` is the longest busy-poll window (0: never spin)."""
     window = AdaptiveWindow(poll_us)
-    state = {}              # fd -> (poll object, run queue, trio's epoll fd); per trio run
+    state = {}              # /dev/fuse fd -> (poll object, run queue, trio's epoll fd)
+    others = set()          # fds that are not /dev/fuse
     fast_returns = 0
     monotonic_ns = time.monotonic_ns
 
@@ -104,6 +113,11 @@ def install(poll_us: int = 0) -> Loop:
         number = fd if isinstance(fd, int) else fd.fileno()
         entry = state.get(number)
         if entry is None:
+            if number in others or not _is_fuse_device(number):
+                # trio's own wake-up socket, the signal pipe...: trio's wait, unchanged
+                others.add(number)
+                await _original_wait_readable(fd)
+                return
             runq, trio_fd = _trio_internals()
             poller = select.poll()
             poller.register(number, select.POLLIN)

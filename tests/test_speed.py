@@ -250,3 +250,23 @@ def test_mount_polls_by_default_or_as_the_environment_says(mount):
     info = m.status()["info"]
     assert info["poll_us"] == expected
     assert info["io_threads"] == 4
+
+
+def test_only_dev_fuse_waits_are_changed():
+    """trio's own wake-up socket and any other fd keep trio's wait: no spin is spent on them."""
+    loop = fuseloop.install(50)
+    r, w = os.pipe()
+    try:
+        async def main():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.lowlevel.wait_readable, r)
+                await trio.sleep(0.05)
+                os.write(w, b"x")
+
+        trio.run(main)
+        assert not loop.idle()          # it knows no /dev/fuse fd: never "idle" by mistake
+        assert loop.window.ns == 0
+    finally:
+        fuseloop.uninstall()
+        os.close(r)
+        os.close(w)
