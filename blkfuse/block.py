@@ -170,9 +170,11 @@ class BlockDevice:
             error = self._check("read", start, end - start, caller)
             if error:
                 raise _failure(error)
+        # The image answers inline from memory, or hands a read that would wait on a disk
+        # to a worker thread (image.py): the events and the check above are done either way.
         if start == offset and end == offset + length:
-            return self.image.pread(offset, length)
-        data = self.image.pread(start, end - start)
+            return await self.image.read(offset, length)
+        data = await self.image.read(start, end - start)
         return data[offset - start:offset - start + length]
 
     # ---- write ----
@@ -251,7 +253,8 @@ class BlockDevice:
                     elif error:
                         break           # pieces before it stay written, as in QEMU
                 try:
-                    self._write_image(piece_start, data[piece_start - start:piece_end - start])
+                    await self._write_image(piece_start,
+                                            data[piece_start - start:piece_end - start])
                 except OSError as failure:      # the undo log is full, or the backing file
                     error = failure.errno
                 if error:
@@ -283,7 +286,7 @@ class BlockDevice:
                 await self._event("pwritev_rmw_head", request)
             if has_tail:
                 await self._event("pwritev_rmw_tail", request)
-            merged = self._padding_read(start, end - start, caller)
+            merged = await self._padding_read(start, end - start, caller)
             if has_head:
                 await self._event("pwritev_rmw_after_head", request)
             if has_tail:
@@ -292,11 +295,11 @@ class BlockDevice:
         head = tail = None
         if has_head:
             await self._event("pwritev_rmw_head", request)
-            head = self._padding_read(start, align, caller)
+            head = await self._padding_read(start, align, caller)
             await self._event("pwritev_rmw_after_head", request)
         if has_tail:
             await self._event("pwritev_rmw_tail", request)
-            tail = self._padding_read(end - align, align, caller)
+            tail = await self._padding_read(end - align, align, caller)
             await self._event("pwritev_rmw_after_tail", request)
         return head, tail, False
 
@@ -325,15 +328,21 @@ class BlockDevice:
                 log.warning("%s", full.strerror)
                 raise
 
-    def _write_image(self, offset: int, data) -> None:
-        """Every pwrite of the image passes here: the undo log sees it first."""
-        if data:
+    async def _write_image(self, offset: int, data) -> None:
+        """Every pwrite of the image passes here: the undo log sees it first. With the log,
+        the write is done right after the record, with no await between (unsynced.py); else
+        the image may hand it to a worker thread (image.py)."""
+        if not data:
+            return
+        if self.unsynced is not None:
             self._record(offset, len(data))
             self.image.pwrite(offset, data)
+        else:
+            await self.image.write(offset, data)
 
-    def _padding_read(self, offset: int, length: int, caller: Caller | None) -> bytes:
+    async def _padding_read(self, offset: int, length: int, caller: Caller | None) -> bytes:
         self._check_pieces("read", offset, offset + length, caller)
-        data = self.image.pread(offset, length)
+        data = await self.image.read(offset, length)
         return data + bytes(length - len(data))     # past the end of the image: zeros
 
     # ---- write-zeroes ----
@@ -438,7 +447,10 @@ class BlockDevice:
                 num = min(num, max_transfer)
                 error = self._check("write", offset, num, caller)
                 if not error:
-                    error = self._change(self._write_image, offset, bytes(num))
+                    try:
+                        await self._write_image(offset, bytes(num))
+                    except OSError as failure:
+                        error = failure.errno or _errno.EIO
             else:
                 error = self._check("write-zeroes", offset, num, caller)
                 if not error:
