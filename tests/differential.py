@@ -312,7 +312,14 @@ def generate(seed: int, index: int, profile: str) -> Scenario:
         weights = ALL_WEIGHTS
     sc.init_byte = rng.choice([0, 0x77])
     sectors = sc.image_size // 512
-    sc.config = "".join(_rule_text(rng, profile, sectors) for _ in range(rng.randint(1, 4)))
+    rules = []
+    for _ in range(rng.randint(1, 4)):
+        text = _rule_text(rng, profile, sectors)
+        if (weights is ALL_WEIGHTS and "[inject-error]" in text and "iotype" not in text
+                and rng.random() < 0.3):
+            text += 'iotype = "block-status"\n'     # what alloc and map are checked as
+        rules.append(text)
+    sc.config = "".join(rules)
     for _ in range(rng.randint(2, 9)):
         sc.ops.append(_op(rng, sc, big, weights))
     return sc

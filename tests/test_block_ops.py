@@ -171,3 +171,12 @@ def test_options_cache_format_and_limits():
         parse_options({"opt-discard": "4096", "max-discard": "6144"})
     with pytest.raises(ConfigError, match="opt-write-zero: must be positive"):
         parse_options({"opt-write-zero": "0"})
+
+
+def test_status_shows_the_cache_mode_and_format():
+    from blkfuse.control import Control
+
+    control = Control(Engine(), info={"image": "/x.img", "cache": "directsync", "format": "none",
+                                       "opt_discard": 4096})
+    first = control.status_text().splitlines()[0]
+    assert first == "image: /x.img (cache=directsync, format=none, opt-discard=4096)"
