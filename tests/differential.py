@@ -634,7 +634,7 @@ MOUNT_PENDING_KINDS = ("zero", "discard", "alloc", "map")
 def mount_pending(sc: Scenario) -> bool:
     """Until the FUSE fallocate/lseek/write-flags handlers are on main (issue 13), the mount
     cannot carry these ops; such scenarios run through the block layer only."""
-    return any(op[0] in MOUNT_PENDING_KINDS or (op[0] == "write" and len(op) > 4 and op[4])
+    return not oracle.MOUNT_HAS_FILE_OPS and any(op[0] in MOUNT_PENDING_KINDS or (op[0] == "write" and len(op) > 4 and op[4])
                for op in sc.ops)
 
 

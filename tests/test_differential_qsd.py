@@ -8,6 +8,7 @@ cache mode, with and without the raw node. Environment:
 
   BLKFUSE_DIFF_SEED     seed (default: a fresh random one; fixed under CI)
   BLKFUSE_QSD_N         scenarios through the block layer (default 40)
+  BLKFUSE_QSD_MOUNT_N   scenarios through a real mount (default 20)
 
 Scenarios run in worker processes, not threads: QEMU's export flushes the image on every
 close of the file (fuse_flush), and a thread forking a child (to start another daemon) while
@@ -68,3 +69,20 @@ def _qsd_differential(target: str, count: int, run_ours) -> None:
 
 def test_block_layer_matches_qemu_fuse_export():
     _qsd_differential("block layer", _count("BLKFUSE_QSD_N", 40), lambda k, sc: qsd.run_block(sc))
+
+
+def test_mount_matches_qemu_fuse_export(tmp_path):
+    why_not = oracle.mount_available()
+    if why_not:
+        pytest.skip(why_not)
+    if not oracle.MOUNT_HAS_FILE_OPS:
+        pytest.skip("not expressible through the mount yet: the FUSE fallocate/lseek handlers "
+                    "are not on main (issue 13)")
+
+    def through_the_mount(k, sc):
+        workdir = tmp_path / f"s{k}"
+        workdir.mkdir()
+        results, image = qsd.run_mount(sc, workdir)
+        return results, image, qsd.run_block(sc)[2]
+
+    _qsd_differential("mount", _count("BLKFUSE_QSD_MOUNT_N", 20), through_the_mount)
