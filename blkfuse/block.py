@@ -35,7 +35,7 @@ import os
 import trio
 
 from .engine import Caller, Engine, Request
-from .image import Image
+from .image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, Image
 from .rules import CACHE_MODES, FORMATS
 
 SECTOR_SIZE = 512                 # QEMU keeps a node's length in sectors (bdrv_getlength)
@@ -87,7 +87,48 @@ class BlockDevice:
         return self.image.size()
 
     def truncate(self, size: int) -> None:
+        """Resize. No event and no check, but QEMU's bdrv_co_truncate counts it as written
+        at each node (bdrv_co_write_req_finish), so the next flush is checked."""
         self.image.truncate(size)
+        self._blkdebug_written += 1
+        self._format_written += 1
+
+    async def fallocate(self, mode: int, offset: int, length: int, *,
+                        caller: Caller | None = None) -> None:
+        """fallocate(2) on the image, as QEMU 7.2's FUSE export maps it (fuse_fallocate):
+
+            PUNCH_HOLE|KEEP_SIZE   discard, the range clamped to the image
+            ZERO_RANGE             write-zeroes; the image grows first when the range ends
+                                   past it (with KEEP_SIZE: the range is clamped instead)
+            0 (allocate)           only past the end, where it grows the image (QEMU's
+                                   export tries a preallocating truncate there, which
+                                   blkdebug refuses); inside the image EOPNOTSUPP, as QEMU
+            anything else          EOPNOTSUPP (PUNCH_HOLE without KEEP_SIZE: EINVAL)
+
+        A range that starts at or past the end is a no-op for KEEP_SIZE modes (QEMU's export
+        would ask the block layer for a negative length and get EIO)."""
+        size = self.image.size()
+        keep_size = bool(mode & FALLOC_FL_KEEP_SIZE)
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            if not keep_size:
+                raise _failure(_errno.EINVAL)
+            if mode & ~(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE):
+                raise _failure(_errno.EOPNOTSUPP)
+            await self.discard(offset, min(length, size - offset), caller=caller)
+        elif mode & FALLOC_FL_ZERO_RANGE:
+            if mode & ~(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE):
+                raise _failure(_errno.EOPNOTSUPP)
+            if keep_size:
+                length = min(length, size - offset)
+            elif offset + length > size:
+                self.truncate(offset + length)
+            await self.write_zeroes(offset, length, caller=caller)
+        elif mode == 0:
+            if offset < size:
+                raise _failure(_errno.EOPNOTSUPP)
+            self.truncate(offset + length)
+        else:
+            raise _failure(_errno.EOPNOTSUPP)
 
     async def _event(self, event: str, request: Request) -> None:
         suspension = self.engine.fire(event, request)

@@ -84,7 +84,8 @@ class Scenario:
     profile: str
     config: str
     ops: list    # ("read", off, len) | ("write", off, len, byte[, fua]) | ("zero", off, len,
-                 # unmap) | ("discard", off, len) | ("alloc", off, len) | ("map",) | ("flush",)
+                 # unmap) | ("discard", off, len) | ("alloc", off, len) | ("map",) |
+                 # ("truncate", size) | ("flush",)
     cache: str = "writeback"
     align: int | None = None
     max_transfer: int | None = None
@@ -113,6 +114,8 @@ class Scenario:
             return f"{kind} {op[1]} {op[2]}"
         if kind == "map":
             return "map"
+        if kind == "truncate":
+            return f"truncate {op[1]}"
         return flush_as
 
     def blkdebug_options(self) -> list[str]:
@@ -257,12 +260,14 @@ def _op(rng: random.Random, sc: Scenario, big: int, weights: dict) -> tuple:
         return ("alloc", offset, size - offset)        # to the end: what SEEK_DATA asks
     if kind == "map":
         return ("map",)
+    if kind == "truncate":
+        return ("truncate", size + rng.choice([512, 4096, 8192]))   # grows: counts as written
     return ("flush",)
 
 
 BASE_WEIGHTS = {"read": 0.38, "write": 0.40, "flush": 0.22}
 ALL_WEIGHTS = {"read": 0.22, "write": 0.25, "flush": 0.16, "zero": 0.14, "discard": 0.12,
-               "alloc": 0.07, "map": 0.04}
+               "alloc": 0.07, "map": 0.04, "truncate": 0.03}
 
 
 def generate(seed: int, index: int, profile: str) -> Scenario:
@@ -410,6 +415,10 @@ def _parse_segment(op, lines: list[str], flush_as: str) -> Result:
         if not any(re.match(r"\d+/\d+ bytes (not )?allocated at offset", line) for line in lines):
             raise ValueError(f"unexpected qemu-io output for {op}: {text!r}")
         return OK
+    if kind == "truncate":
+        if lines:
+            raise ValueError(f"unexpected qemu-io output for {op}: {text!r}")
+        return OK
     if kind == "map":
         for line in lines:
             m = re.search(r"Failed to get allocation status: (.*)$", line)
@@ -540,6 +549,8 @@ def run_block(sc: Scenario) -> tuple[list, bytes, list]:
                 await oracle.block_alloc(dev, op[1], op[2])
             elif kind == "map":
                 await oracle.block_map(dev)
+            elif kind == "truncate":
+                dev.truncate(op[1])
             else:
                 await dev.flush()
             return OK
@@ -620,6 +631,12 @@ def run_mount(sc: Scenario, tmpdir: Path) -> tuple[list, bytes]:
                     r = oracle.file_seek_data(fd, op[1])
                 elif kind == "map":
                     r = oracle.file_seek_data(fd, 0)
+                elif kind == "truncate":
+                    try:
+                        os.ftruncate(fd, op[1])
+                        r = "ok"
+                    except OSError as e:
+                        r = oracle.errname(e.errno)
                 else:
                     r = oracle.file_flush(fd)
                 results.append(OK if r == "ok" else Result(_errno_number(r)))
@@ -629,6 +646,7 @@ def run_mount(sc: Scenario, tmpdir: Path) -> tuple[list, bytes]:
 
 
 MOUNT_PENDING_KINDS = ("zero", "discard", "alloc", "map")
+# qemu-io's truncate is ftruncate through the mount
 
 
 def mount_pending(sc: Scenario) -> bool:
