@@ -165,6 +165,8 @@ class Scenario:
             options["cache"] = self.cache
         if self.format != "raw":
             options["format"] = self.format
+        if any(op[0] == "truncate" for op in self.ops):
+            options["growable"] = "on"      # qemu-io may resize; a mount's size is fixed without
         return options
 
     def describe(self) -> str:

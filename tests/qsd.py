@@ -110,6 +110,7 @@ class FileScenario:
             options["cache"] = self.cache
         if self.format != "raw":
             options["format"] = self.format
+        options["growable"] = "on"          # QEMU's export lets ZERO_RANGE grow the image
         return options
 
     def describe(self) -> str:
