@@ -59,6 +59,18 @@ def _failure(error: int) -> OSError:
     return OSError(error, os.strerror(error))
 
 
+_REQUEST_MAX_BYTES = (2**31 - 1) // 512 * 512     # BDRV_REQUEST_MAX_BYTES, a sector multiple
+
+
+def _export_requests(offset: int, length: int):
+    """(offset, length) of each block request QEMU's FUSE export makes for a range."""
+    while length > 0:
+        count = min(length, _REQUEST_MAX_BYTES)
+        yield offset, count
+        offset += count
+        length -= count
+
+
 def _round_up(value: int, align: int) -> int:
     return -(-value // align) * align
 
@@ -112,7 +124,7 @@ class BlockDevice:
         self._format_written += 1
 
     async def fallocate(self, mode: int, offset: int, length: int, *,
-                        caller: Caller | None = None) -> None:
+                        writethrough: bool = False, caller: Caller | None = None) -> None:
         """fallocate(2) on the image, as QEMU 7.2's FUSE export maps it (fuse_fallocate):
 
             PUNCH_HOLE|KEEP_SIZE   discard, the range clamped to the image
@@ -124,7 +136,9 @@ class BlockDevice:
             anything else          EOPNOTSUPP (PUNCH_HOLE without KEEP_SIZE: EINVAL)
 
         A range that starts at or past the end is a no-op for KEEP_SIZE modes (QEMU's export
-        would ask the block layer for a negative length and get EIO)."""
+        would ask the block layer for a negative length and get EIO). Ranges are handed down
+        in requests of at most BDRV_REQUEST_MAX_BYTES, as the export's loop does; the first
+        failing one ends it. `writethrough` (a handle opened O_DSYNC): write-zeroes are FUA."""
         size = self.image.size()
         keep_size = bool(mode & FALLOC_FL_KEEP_SIZE)
         if mode & FALLOC_FL_PUNCH_HOLE:
@@ -132,7 +146,8 @@ class BlockDevice:
                 raise _failure(_errno.EINVAL)
             if mode & ~(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE):
                 raise _failure(_errno.EOPNOTSUPP)
-            await self.discard(offset, min(length, size - offset), caller=caller)
+            for piece, count in _export_requests(offset, min(length, size - offset)):
+                await self.discard(piece, count, caller=caller)
         elif mode & FALLOC_FL_ZERO_RANGE:
             if mode & ~(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE):
                 raise _failure(_errno.EOPNOTSUPP)
@@ -140,7 +155,8 @@ class BlockDevice:
                 length = min(length, size - offset)
             elif offset + length > size:
                 self.truncate(offset + length)
-            await self.write_zeroes(offset, length, caller=caller)
+            for piece, count in _export_requests(offset, length):
+                await self.write_zeroes(piece, count, writethrough=writethrough, caller=caller)
         elif mode == 0:
             if offset < size:
                 raise _failure(_errno.EOPNOTSUPP)
