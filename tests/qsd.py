@@ -36,7 +36,6 @@ import oracle
 
 QSD = shutil.which("qemu-storage-daemon")
 ZERO_RANGE_KEEP_SIZE = 0x10 | 0x01
-BDRV_REQUEST_MAX_BYTES = 2**31 - 512 - 2**31 % 512     # block.h: MIN(SIZE_MAX, INT_MAX) aligned
 
 # Which cache modes the export reproduces (qemu-io's -t, as node options):
 #   cache.direct  O_DIRECT file; cache.no-flush  unsafe; export writethrough  every write FUA
