@@ -46,6 +46,7 @@ import pyfuse3
 
 from .control import ControlError
 from .engine import Caller
+from .image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE
 
 log = logging.getLogger(__name__)
 
@@ -70,27 +71,8 @@ def missing_pyfuse3_features() -> list[str]:
 # The kernel passes O_SYNC as __O_SYNC|O_DSYNC, so testing O_DSYNC catches both.
 _WRITETHROUGH_FLAGS = os.O_DSYNC | getattr(os, "O_SYNC", 0)
 
-# fallocate modes (linux/falloc.h) and the largest request QEMU's FUSE export hands down at
-# once (BDRV_REQUEST_MAX_BYTES: INT_MAX rounded down to whole sectors).
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-QEMU_REQUEST_MAX_BYTES = (2**31 - 1) // 512 * 512
-
-
 def _caller(ctx) -> Caller:
     return Caller(ctx.pid, ctx.uid, ctx.gid)
-
-
-def _qemu_requests(offset: int, length: int):
-    """(offset, length) of each request QEMU's fuse_fallocate loop makes for a range."""
-    while True:
-        size = min(length, QEMU_REQUEST_MAX_BYTES)
-        yield offset, size
-        offset += size
-        length -= size
-        if length <= 0:
-            return
 
 
 class _Handle:
@@ -397,22 +379,11 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def fallocate(self, fh, mode, offset, length, ctx):
-        """As QEMU 7.2's FUSE export answers it (block/export/fuse.c, fuse_fallocate):
-
-        PUNCH_HOLE|KEEP_SIZE   a discard of the range (cut at the end of the image)
-        ZERO_RANGE             a write-zeroes (no unmap); without KEEP_SIZE a range past the
-                               end first grows the image; with it, the range is cut there
-        0                      grows the image to offset+length if offset is at or past
-                               its end (not preallocated); inside it EOPNOTSUPP, as a
-                               block device answers
-        anything else          EOPNOTSUPP (the kernel already refuses most combinations)
-
-        Each is handed down in requests of at most 2 GiB - 512, as QEMU's loop does. A range
-        cut to nothing is a no-op (QEMU 7.2 fails a KEEP_SIZE range starting past the end with
-        EIO, from a negative length). On a handle opened O_DSYNC a write-zeroes is FUA.
-        The image's size is fixed unless -o growable=on: a fallocate that would grow it fails
-        with ENOSPC, as a write at the end does (QEMU's export grows it regardless).
-        """
+        """fallocate(2) on the image: BlockDevice.fallocate maps the modes as QEMU 7.2's FUSE
+        export does (discard, write-zeroes, growing). Here only what the mount decides: the
+        image's size is fixed unless -o growable=on, so a fallocate that would grow it fails
+        with ENOSPC, as a write at the end does (QEMU's export grows it regardless); on a
+        handle opened O_DSYNC a write-zeroes is FUA."""
         h = self._handle(fh)
         if h.inode != IMAGE:
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)      # never ENOSYS: that is for good
@@ -420,32 +391,13 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if self.refusing:
             raise pyfuse3.FUSEError(self.refusing)
-        caller = _caller(ctx)
         size = self.block.size()
-        if mode & FALLOC_FL_KEEP_SIZE:
-            length = min(length, size - offset)
-        elif (offset + length > size and not self.growable
-              and (mode == FALLOC_FL_ZERO_RANGE or (mode == 0 and offset >= size))):
+        grows = (not mode & FALLOC_FL_KEEP_SIZE and offset + length > size
+                 and (mode == FALLOC_FL_ZERO_RANGE or (mode == 0 and offset >= size)))
+        if grows and not self.growable:
             raise pyfuse3.FUSEError(errno.ENOSPC)           # a disk's size is fixed
-        if mode == 0:
-            if offset < size:
-                raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-            self.block.truncate(offset + length)
-        elif mode & FALLOC_FL_PUNCH_HOLE:
-            if not mode & FALLOC_FL_KEEP_SIZE:
-                raise pyfuse3.FUSEError(errno.EINVAL)
-            if length > 0:
-                for piece, n in _qemu_requests(offset, length):
-                    await self.block.discard(piece, n, caller=caller)
-        elif mode & FALLOC_FL_ZERO_RANGE:
-            if not mode & FALLOC_FL_KEEP_SIZE and offset + length > size:
-                self.block.truncate(offset + length)
-            if length > 0:
-                for piece, n in _qemu_requests(offset, length):
-                    await self.block.write_zeroes(piece, n, writethrough=h.writethrough,
-                                                  caller=caller)
-        else:
-            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        await self.block.fallocate(mode, offset, length, writethrough=h.writethrough,
+                                   caller=_caller(ctx))
         self._mtime[IMAGE] = time.time_ns()
 
     @_guard
