@@ -97,7 +97,8 @@ class Image:
         if not os.path.isfile(path) and not _is_block_device(self.fd):
             os.close(self.fd)
             raise OSError(f"{path}: not a regular file or block device")
-<<<<<<< HEAD
+        # The request alignment QEMU's O_DIRECT file node would pick (write_zeroes uses it)
+        self.zero_align = _probe_alignment(self.fd) if direct else 1
         self.io_threads = io_threads
         self._pool = None               # WorkerPool, made at the first I/O that needs it
         # Set by the daemon (fuseloop.Loop.idle): True when no other request waits. A read
@@ -118,10 +119,6 @@ class Image:
     def io_mode(self) -> str:
         """inline / nowait / pool: how reads are done (the module doc says what each means)."""
         return self._read_mode
-=======
-        # The request alignment QEMU's O_DIRECT file node would pick (write_zeroes uses it)
-        self.zero_align = _probe_alignment(self.fd) if direct else 1
->>>>>>> blockops
 
     def size(self) -> int:
         return os.lseek(self.fd, 0, os.SEEK_END)
