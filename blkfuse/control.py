@@ -24,6 +24,7 @@ import trio
 
 from . import config, memory
 from .engine import EngineError
+from .errors import ControlError
 from .events import EVENTS, IOTYPES, REACHABLE_EVENTS, canonical_event
 
 HELP = """\
@@ -53,18 +54,6 @@ TEXT_RULES_SHOWN = 200
 
 COMMANDS = ("break", "resume", "remove_break", "wait_break", "inject-error", "set-state",
             "remove", "clear", "state", "reload", "status", "help")
-
-
-class ControlError(Exception):
-    """A control write failed: `.errno` for the writer, `.message` for the status."""
-
-    def __init__(self, errno: int, message: str):
-        super().__init__(message)
-        self.errno = errno
-        self.message = message
-
-    def __str__(self):
-        return self.message
 
 
 def errno_name(n: int) -> str:

@@ -13,13 +13,13 @@ mount is removed (lazily, so open files cannot keep it), exit 0.
 import errno
 import logging
 import os
-import re
 import signal
 import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from . import memory
+from . import memory, mounttab
+from .errors import MountError
 
 log = logging.getLogger("blkfuse")
 
@@ -36,10 +36,6 @@ GRACE_SECONDS = 5.0
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-class MountError(Exception):
-    """A reason not to mount; str(e) is the one line the user sees."""
-
-
 @dataclass
 class Mount:
     image_path: str
@@ -52,33 +48,8 @@ class Mount:
     log_file: str | None = None
 
 
-def _unescape(field: str) -> str:
-    """Mount tables write space, tab, newline and backslash in paths as octal escapes."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def mounts() -> list[tuple[str, str, str]]:
-    """(source, mountpoint, fstype) of every mount this process can see."""
-    try:
-        with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
-            return [(_unescape(x[0]), _unescape(x[1]), x[2])
-                    for x in (line.split() for line in f) if len(x) >= 3]
-    except OSError:
-        return []
-
-
 def _is_mountpoint(path: str) -> bool:
-    path = os.path.realpath(path)
-    if os.path.ismount(path):
-        return True
-    return any(mnt == path for _, mnt, _ in mounts())
-
-
-def is_blkfuse_mount(path: str) -> bool:
-    path = os.path.realpath(path)
-    return any(mnt == path and (fstype == "fuse.blkfuse" or (src == "blkfuse"
-                                                             and fstype.startswith("fuse")))
-               for src, mnt, fstype in mounts())
+    return os.path.ismount(os.path.realpath(path)) or mounttab.is_mounted(path)
 
 
 def prepare(image: str, mountpoint: str, settings, *, name=None, read_only=False,

@@ -22,17 +22,13 @@ from typing import Iterable, NamedTuple
 
 import trio
 
+from .errors import BlkfuseError
 from .events import EVENTS, IOTYPES, canonical_event
 from .rules import InjectError, Rule, SetState
 
 
-class EngineError(Exception):
+class EngineError(BlkfuseError):
     """A command the engine cannot carry out; `errno` is what the control write fails with."""
-
-    def __init__(self, errno: int, message: str):
-        super().__init__(message)
-        self.errno = errno
-        self.message = message
 
 
 class Request(NamedTuple):

@@ -2,13 +2,15 @@
 
 import click
 
-from ._common import ControlFailed, fail, send
+from ..client import send
+from ..errors import ControlError
+from ._common import control_failure, fail
 
 
 @click.command("ctl", context_settings={"ignore_unknown_options": True})
 @click.argument("mountpoint")
 @click.argument("words", nargs=-1, required=True)
-def command(mountpoint, words):
+def command(mountpoint: str, words: tuple[str, ...]) -> None:
     """Send COMMAND to the mount at MOUNTPOINT and print its answer.
 
     The words are joined into one line (`blkfuse ctl /mnt break write_aio A`); an argument
@@ -19,7 +21,7 @@ def command(mountpoint, words):
     text = " ".join(words)
     try:
         answer = send(mountpoint, text)
-    except ControlFailed as e:
-        fail(e.message)
+    except ControlError as e:
+        fail(control_failure(e))
     if answer:
         click.echo(answer, nl=not answer.endswith("\n"))
