@@ -263,6 +263,14 @@ class Mount:
         return result
 
 
+    def trace(self) -> client.TraceStream:
+        """The trace, live, from the requests after this call: iterate it for one dict per
+        image request as it finishes (time, op, offset, length, pid, comm, events, rules,
+        errno, us, suspended_at; see blkfuse.trace); it ends when the mount goes, or
+        close() it (it is a context manager). Iterate in another thread than the I/O's."""
+        return client.TraceStream(self.mountpoint)
+
+
 def mounts() -> Iterator[mounttab.Entry]:
     """Every blkfuse mount this process can see (live or with its daemon gone)."""
     return iter(mounttab.blkfuse_mounts())

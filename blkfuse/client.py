@@ -17,7 +17,8 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from . import mounttab
 from .errors import ControlError, MountError
@@ -112,6 +113,58 @@ def status(mountpoint: str | os.PathLike[str]) -> dict[str, Any]:
     """The mount's status as `blkfuse status --json` shows it (ControlError on failure)."""
     result: dict[str, Any] = json.loads(send(mountpoint, "status json"))
     return result
+
+
+class TraceStream:
+    """The mount's trace, live: iterating yields one dict per image request as it finishes
+    (the records `blkfuse mount --trace FILE` writes), from the requests after this object
+    was made until the mount goes away or close(). ControlError if the stream cannot be
+    opened. Iterate in another thread than the one doing the I/O."""
+
+    def __init__(self, mountpoint: str | os.PathLike[str]) -> None:
+        try:
+            self._fd: int | None = os.open(control_path(mountpoint), os.O_RDWR)
+        except OSError as e:
+            raise ControlError(e.errno or errno.EIO, open_error(mountpoint, e)) from None
+        try:
+            os.write(self._fd, b"trace\n")
+        except OSError as e:
+            answer = _read_all(self._fd).decode(errors="replace").strip()
+            self.close()
+            raise ControlError(e.errno or errno.EIO,
+                               answer.removeprefix("error: ") or os.strerror(e.errno or 0)) \
+                from None
+        self._lines: list[bytes] = []
+        self._pending = b""
+
+    def __iter__(self) -> "TraceStream":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        while not self._lines:
+            if self._fd is None:
+                raise StopIteration
+            # Each read returns within a heartbeat (a bare newline when nothing happened), so
+            # the reader can always be interrupted; b"" when the mount shuts down.
+            chunk = os.read(self._fd, 1 << 16)
+            if not chunk:
+                self.close()
+                raise StopIteration
+            *lines, self._pending = (self._pending + chunk).split(b"\n")
+            self._lines = [line for line in lines if line]
+        record: dict[str, Any] = json.loads(self._lines.pop(0))
+        return record
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "TraceStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def with_timeout(fn: Callable[[], T], timeout: float) -> T:

@@ -41,6 +41,8 @@ commands (one per line; a write is parsed whole and applied only if every line i
   state N                     set the current state to N
   reload                      re-read the config file and -o rules (replaces every rule)
   status [json]               answer the status (read it back on the same open file)
+  trace                       alone in its write: reads of this open file stream the trace,
+                              one JSON line per image request, until it is closed
   help                        this text
 A bad line (syntax, unknown event, bad rule option) fails the whole write with nothing applied.
 A line that fails while running (unknown tag or rule id, timeout, bad config on reload) stops
@@ -53,7 +55,7 @@ Errors: EINVAL bad input, ENOENT unknown event/tag/rule, ETIMEDOUT wait_break ti
 TEXT_RULES_SHOWN = 200
 
 COMMANDS = ("break", "resume", "remove_break", "wait_break", "inject-error", "set-state",
-            "remove", "clear", "state", "reload", "status", "help")
+            "remove", "clear", "state", "reload", "status", "help", "trace")
 
 
 def errno_name(n: int) -> str:
@@ -132,7 +134,7 @@ def _parse_line(words: list[str]):
         if cmd == "remove":
             nargs(1, 1, "remove ID")
             return cmd, (_nonneg_int(args[0], "rule id"),)
-        if cmd in ("clear", "reload", "help"):
+        if cmd in ("clear", "reload", "help", "trace"):
             nargs(0, 0, cmd)
             return cmd, ()
         if cmd == "state":
@@ -178,8 +180,9 @@ class Control:
     (image, mountpoint, options...); `pid` is added.
     """
 
-    def __init__(self, engine, reload=None, info=None):
+    def __init__(self, engine, reload=None, info=None, tracer=None):
         self.engine = engine
+        self.tracer = tracer            # trace.Tracer, for the `trace` command
         self._reload = reload
         self.info = dict(info or {})
         self.info.setdefault("pid", os.getpid())
@@ -196,15 +199,20 @@ class Control:
         self._closing = True
         for scope in list(self._waits):
             scope.cancel()
+        if self.tracer is not None:
+            self.tracer.end_streams()   # trace readers get end of file
 
     # -- execute ----------------------------------------------------------------------------
 
-    async def execute(self, text: str) -> str:
-        """Run one write. Returns its answer text (may be empty); raises ControlError."""
+    async def execute(self, text: str):
+        """Run one write. Returns its answer text (may be empty), or for `trace` the
+        trace.Stream the handle's reads come from; raises ControlError."""
         try:
             if self._closing:
                 raise ControlError(_errno.ESHUTDOWN, "the mount is shutting down")
             commands = parse(text)
+            if any(cmd == "trace" for _, cmd, _ in commands):
+                return self._trace(commands)
             results = []
             for lineno, cmd, args in commands:
                 try:
@@ -267,6 +275,13 @@ class Control:
         except EngineError as err:
             raise ControlError(err.errno, str(err)) from None
         raise AssertionError(cmd)   # pragma: no cover - parse() knows every command
+
+    def _trace(self, commands):
+        if len(commands) != 1:
+            raise ControlError(_errno.EINVAL, "trace must be the only command of its write")
+        if self.tracer is None:
+            raise ControlError(_errno.EINVAL, "this mount has no trace")
+        return self.tracer.open_stream()
 
     async def _wait_break(self, tag, timeout):
         with trio.CancelScope() as scope:

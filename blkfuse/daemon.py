@@ -46,6 +46,7 @@ class Mount:
     read_only: bool = False
     allow_other: bool = False
     log_file: str | None = None
+    trace_file: str | None = None
 
 
 def _is_mountpoint(path: str) -> bool:
@@ -53,7 +54,7 @@ def _is_mountpoint(path: str) -> bool:
 
 
 def prepare(image: str, mountpoint: str, settings, *, name=None, read_only=False,
-            allow_other=False, log_file=None) -> Mount:
+            allow_other=False, log_file=None, trace_file=None) -> Mount:
     """Check everything and load the rules; MountError on the first problem."""
     from . import config
     try:
@@ -96,13 +97,20 @@ def prepare(image: str, mountpoint: str, settings, *, name=None, read_only=False
             open(log_file, "a").close()
         except OSError as e:
             raise MountError(f"{log_file}: cannot write the log: {e.strerror}") from None
+    if trace_file:
+        trace_file = os.path.abspath(trace_file)
+        try:
+            open(trace_file, "a").close()
+        except OSError as e:
+            raise MountError(f"{trace_file}: cannot write the trace: {e.strerror}") from None
 
     if name is None:
         name = os.path.basename(image_path)
     if not name or "/" in name or name in (".", "..", "control") or "\0" in name:
         raise MountError(f"invalid image name {name!r} (it cannot be \"control\" or contain \"/\")")
     return Mount(image_path=image_path, mountpoint=mnt, name=name, settings=settings,
-                 rules=rules, read_only=read_only, allow_other=allow_other, log_file=log_file)
+                 rules=rules, read_only=read_only, allow_other=allow_other, log_file=log_file,
+                 trace_file=trace_file)
 
 
 class Daemon:
@@ -115,6 +123,7 @@ class Daemon:
         from .engine import Engine
         from .fs import Operations
         from .image import Image
+        from .trace import TracedBlock, Tracer
 
         self.m = m
         settings = m.settings
@@ -122,6 +131,7 @@ class Daemon:
         self.image = Image(m.image_path, read_only=m.read_only)
         self.block = BlockDevice(self.engine, self.image, align=settings.align,
                                  max_transfer=settings.max_transfer)
+        self.tracer = Tracer(self.engine, m.trace_file)
         info = {
             "image": m.image_path,
             "name": m.name,
@@ -131,11 +141,16 @@ class Daemon:
             "max_transfer": settings.max_transfer,
             "read_only": m.read_only,
         }
-        self.control = Control(self.engine, reload=lambda: config.load_rules(settings), info=info)
+        self.control = Control(self.engine, reload=lambda: config.load_rules(settings), info=info,
+                               tracer=self.tracer)
         memory.give_back()              # the parser's scratch memory, before serving for hours
         self.ops = Operations(self.block, self.image, self.control, name=m.name,
                               read_only=m.read_only, allow_other=m.allow_other,
                               backing_path=m.image_path)
+        # The FUSE layer holds the traced device only while tracing is on: free when off.
+        traced = TracedBlock(self.block, self.tracer)
+        self.tracer.on_switch = lambda on: setattr(self.ops, "block", traced if on else self.block)
+        self.tracer.on_switch(self.tracer.active)
         self._mounted = False
         self._stopping = False
         self._shutting_down = False
@@ -247,6 +262,7 @@ class Daemon:
                 self.image.close()
             except OSError:
                 pass
+            self.tracer.close()
         log.info("unmounted %s", self.m.mountpoint)
         return status
 

@@ -18,7 +18,7 @@ import math
 import time
 from array import array
 from bisect import bisect_left
-from typing import Iterable, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 import trio
 
@@ -183,6 +183,8 @@ class Engine:
         self._next_id = 1
         self.event_counts = dict.fromkeys(EVENTS, 0)
         self.errors_injected: dict[int, int] = {}
+        # trace.Tracer while a trace is on (it records events and the rules that act); else None
+        self.tracer: Any = None
         for rule in rules:
             self._insert(rule)
         self.fire("none")
@@ -192,6 +194,8 @@ class Engine:
     def fire(self, event: str, request: Request | None = None) -> Suspension | None:
         """Raise `event`. Returns a Suspension the caller must await, or None."""
         self.event_counts[event] += 1
+        if self.tracer is not None:
+            self.tracer.event(event)
         rules = self._by_event.get(event)
         if rules:
             self._run_rules(rules)
@@ -217,6 +221,8 @@ class Engine:
         if new_state_rule is not None:
             new_state_rule.hits += 1
             self.state = new_state_rule.new_state
+            if self.tracer is not None:
+                self.tracer.rule(new_state_rule.id)
 
     def check(self, iotype: str, offset: int, length: int) -> int:
         """0 if the request may go on, else the errno it fails with. `length` 0: a flush."""
@@ -226,6 +232,8 @@ class Engine:
         if rule is None:
             return 0
         rule.hits += 1
+        if self.tracer is not None:
+            self.tracer.rule(rule.id)
         error = rule.errno
         if not error:
             return 0                            # errno 0 matches and lets it through
@@ -239,6 +247,8 @@ class Engine:
 
     def _suspend(self, event: str, tags: list[str], request: Request | None) -> Suspension:
         suspension = Suspension(event, tags, request, self._suspended)
+        if self.tracer is not None:
+            self.tracer.suspended(event)
         self._suspended.insert(0, suspension)
         self._notify()
         return suspension

@@ -270,6 +270,8 @@ class Operations(pyfuse3.Operations):
             return await self.block.read(off, size)     # short at the end of the image
         if h.answer is None:
             h.answer = self.control.status_text().encode()
+        elif not isinstance(h.answer, bytes):           # after `trace`: a trace.Stream
+            return await h.answer.read(size)
         return h.answer[off:off + size]
 
     @_guard
@@ -292,7 +294,10 @@ class Operations(pyfuse3.Operations):
         except ControlError as e:
             h.answer = f"error: {e.message}\n".encode()
             raise pyfuse3.FUSEError(e.errno) from None
-        h.answer = answer.encode() if answer else None
+        if isinstance(answer, str):
+            h.answer = answer.encode() if answer else None
+        else:
+            h.answer = answer                            # trace.Stream
         return len(buf)
 
     @_guard
@@ -306,7 +311,9 @@ class Operations(pyfuse3.Operations):
         pass
 
     async def release(self, fh):
-        self._handles.pop(fh, None)
+        h = self._handles.pop(fh, None)
+        if h is not None and h.answer is not None and not isinstance(h.answer, bytes):
+            h.answer.close()                             # a trace reader went away
 
     # -- everything else: the directory is fixed ------------------------------------------------
 
