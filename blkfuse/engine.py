@@ -31,6 +31,14 @@ class EngineError(BlkfuseError):
     """A command the engine cannot carry out; `errno` is what the control write fails with."""
 
 
+class Caller(NamedTuple):
+    """Who sent an image request, from the FUSE request's context (None where unknown)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
 class Request(NamedTuple):
     """What a request was doing when it raised an event: shown for suspended requests."""
 
@@ -403,4 +411,4 @@ class Engine:
         return self._active.in_priority_order()
 
 
-__all__ = ["Engine", "EngineError", "Request", "Suspension", "InjectError", "SetState"]
+__all__ = ["Caller", "Engine", "EngineError", "Request", "Suspension", "InjectError", "SetState"]

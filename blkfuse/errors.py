@@ -1,18 +1,19 @@
-"""The exceptions that cross module boundaries.
+"""The one shape of a failure that carries an errno, and the other exceptions that cross
+module boundaries.
 
-Everything that fails with an errno (a control write, an engine command, a control command
-sent from outside the daemon) raises a BlkfuseError: `.errno` is what a writer of `control`
-sees, `.message` the text the status and the CLI show. MountError is the one-line reason a
-mount (or an unmount) did not happen; it has no errno.
+A control write, an engine command or a CLI call that fails has two audiences: the program that
+sees an errno, and the person who reads the message. Every such exception in blkfuse is a
+`BlkfuseError`, so each layer can catch one type and pass both on unchanged. MountError is the
+one-line reason a mount (or an unmount) did not happen; it has no errno.
 """
 
 import errno as _errno
 
 
 class BlkfuseError(Exception):
-    """A failure with an errno (`.errno`) and a message for people (`.message`)."""
+    """A failure with the errno a caller sees and the message a person reads."""
 
-    def __init__(self, errno: int, message: str) -> None:
+    def __init__(self, errno: int, message: str):
         super().__init__(message)
         self.errno = errno
         self.message = message
@@ -22,14 +23,19 @@ class BlkfuseError(Exception):
 
     @property
     def errno_name(self) -> str:
-        """"ENOENT", or the number when the errno has no name."""
-        return _errno.errorcode.get(self.errno, str(self.errno))
+        return errno_name(self.errno)
 
 
 class ControlError(BlkfuseError):
-    """A control command failed: in the daemon (the write to `control` fails with `.errno`)
-    or, seen from outside, the answer to `Mount.ctl` / `blkfuse ctl`."""
+    """A control write failed: `.errno` for the writer, `.message` for the status. Seen from
+    outside the daemon, the failure of `blkfuse ctl` / `blkfuse.Mount.ctl` (here rather than in
+    control.py so that `from blkfuse import ControlError` does not load the daemon's code)."""
 
 
 class MountError(Exception):
     """A reason not to mount, or not to be able to unmount; str(e) is the one line shown."""
+
+
+def errno_name(number: int) -> str:
+    """`ENOSPC` for 28; the number itself when it has no name."""
+    return _errno.errorcode.get(number, str(number))
