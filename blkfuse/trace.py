@@ -244,6 +244,11 @@ class TracedBlock:
         return await self._tracer.run("flush", 0, 0, kw.get("caller"),
                                       lambda: self._block.flush(**kw))
 
+    async def seek(self, offset: int, whence: int, **kw: Any) -> Any:
+        """SEEK_DATA/SEEK_HOLE: a block-status query from `offset` (length 0)."""
+        return await self._tracer.run("block-status", offset, 0, kw.get("caller"),
+                                      lambda: self._block.seek(offset, whence, **kw))
+
     def _ranged(self, method: str,
                 inner: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         """A traced (offset, length, ...) op, for the ops the device may have."""
