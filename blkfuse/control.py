@@ -6,9 +6,9 @@ invalid -- unknown command, wrong arguments, unknown event, a bad rule option --
 with that line's errno (EINVAL, or ENOENT for an unknown event) and nothing at all is applied.
 
 Then the lines run in order. A line can still fail while running (ENOENT: no request suspended
-at that tag, no rule with that id; ETIMEDOUT: wait_break timed out; EINVAL: reload found a bad
-config). Such a line changes nothing itself, the lines before it stay done and the lines after it
-are not run; the error names the line. So no line ever half-applies.
+at that tag, no rule with that id; ETIMEDOUT: wait_break or wait_hit timed out; EINVAL: reload
+found a bad config). Such a line changes nothing itself, the lines before it stay done and the
+lines after it are not run; the error names the line. So no line ever half-applies.
 
 Everything here is pure trio + engine: no FUSE, no files (but `reload`, which calls back).
 """
@@ -17,6 +17,7 @@ import errno as _errno
 import json
 import math
 import os
+import secrets
 import shlex
 import time
 from collections.abc import Awaitable, Callable
@@ -88,7 +89,7 @@ def help_text() -> str:
         "A line that fails while running (unknown tag or rule id, timeout, bad config on reload) "
         "stops",
         "the write there: the lines before it stay done, the lines after it are not run.",
-        "Errors: EINVAL bad input, ENOENT unknown event/tag/rule, ETIMEDOUT wait_break timed out.",
+        "Errors: EINVAL bad input, ENOENT unknown event/tag/rule, ETIMEDOUT a wait timed out.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -190,8 +191,9 @@ class Control:
     (image, mountpoint, options...); `pid` is added.
     """
 
-    def __init__(self, engine, reload=None, info=None, tracer=None):
+    def __init__(self, engine, reload=None, info=None, block=None, tracer=None):
         self.engine = engine
+        self.block = block              # block.BlockDevice: power cuts and the undo log
         self.tracer = tracer            # trace.Tracer, for the `trace` command
         self._reload = reload
         self.info = dict(info or {})
@@ -201,13 +203,15 @@ class Control:
         self.last_error_errno: int | None = None
         self._closing = False
         self._waits: dict[trio.CancelScope, str] = {}     # pending wait_break -> its tag
+        self._hit_waits: dict[trio.CancelScope, int] = {}  # pending wait_hit -> its rule id
 
     # -- shutdown ---------------------------------------------------------------------------
 
     def close(self):
-        """Shutdown: refuse new commands, fail every pending wait_break with ESHUTDOWN."""
+        """Shutdown: refuse new commands, fail every pending wait_break and wait_hit with
+        ESHUTDOWN."""
         self._closing = True
-        for scope in list(self._waits):
+        for scope in [*self._waits, *self._hit_waits]:
             scope.cancel()
         if self.tracer is not None:
             self.tracer.end_streams()   # trace readers get end of file
@@ -254,6 +258,18 @@ class Control:
             raise ControlError(_errno.ESHUTDOWN, f"wait_break {tag}: the mount is shutting down")
         return f"suspended at {tag}"
 
+    async def wait_hit(self, rule_id: int, timeout: float | None) -> str:
+        with trio.CancelScope() as scope:
+            self._hit_waits[scope] = rule_id
+            try:
+                hits = await self.engine.wait_hit(rule_id, timeout)
+            finally:
+                del self._hit_waits[scope]
+        if scope.cancelled_caught:
+            raise ControlError(_errno.ESHUTDOWN,
+                               f"wait_hit {rule_id}: the mount is shutting down")
+        return f"rule {rule_id} acted (hits={hits})"
+
     async def reload(self) -> str:
         if self._reload is None:
             raise ControlError(_errno.EINVAL, "reload: this mount has no config to reload")
@@ -296,6 +312,7 @@ class Control:
             "breakpoints": [{"event": ev, "tag": tag} for ev, tag in e.breakpoints()],
             "suspended": suspended,
             "waiting": sorted(self._waits.values()),
+            "waiting_hits": sorted(self._hit_waits.values()),
             "events": {name: e.event_counts[name] for name in EVENTS if e.event_counts.get(name)},
             "errors_injected": [
                 {"errno": n, "name": errno_name(n), "count": c}
@@ -304,7 +321,20 @@ class Control:
             "last_result": self.last_result,
             "last_error": self.last_error,
             "last_error_errno": self.last_error_errno,
+            **self._power_status(),
         }
+
+    def _power_status(self) -> dict:
+        """"power" and "unsynced" (null when writes are not tracked) for the status."""
+        block = self.block
+        log = block.unsynced if block is not None else None
+        unsynced = None
+        if log is not None:
+            unsynced = {"writes": len(log), "bytes": log.bytes, "held": log.held(),
+                        "cap": log.cap, "refused": log.refused,
+                        "last_refusal": log.last_refusal}
+        return {"power": "off" if block is not None and not block.powered else "on",
+                "unsynced": unsynced}
 
     def status_text(self) -> str:
         d = self.status_dict(all_rules=False)
@@ -319,6 +349,10 @@ class Control:
                                "opt_discard", "max_discard") if info.get(k)]
             if info.get("read_only"):
                 opts.append("read-only")
+            if info.get("growable"):
+                opts.append("growable")
+            if info.get("locking") is False:
+                opts.append("locking=off")
             out.append(f"image: {info['image']}" + (f" ({', '.join(opts)})" if opts else ""))
         if info.get("mountpoint"):
             out.append(f"mount: {info['mountpoint']} (daemon pid {info.get('pid')})")
@@ -330,7 +364,8 @@ class Control:
         out.append(f"rules: {len(rules)}" if rules else "rules: none")
         for r in rules[:TEXT_RULES_SHOWN]:
             src = f"  [{r.source}]" if r.source else ""
-            out.append(f"  {r.id:>4}  {_format_rule(r)}  hits={r.hits}{src}")
+            spent = " spent" if r.spent else ""
+            out.append(f"  {r.id:>4}  {_format_rule(r)}  hits={r.hits}{spent}{src}")
         if len(rules) > TEXT_RULES_SHOWN:
             out.append(f"  ... {len(rules) - TEXT_RULES_SHOWN} more (`status json` lists every rule)")
         active = d["active"]
@@ -352,11 +387,20 @@ class Control:
 
         if d["waiting"]:
             out.append("wait_break pending: " + " ".join(d["waiting"]))
+        if d["waiting_hits"]:
+            out.append("wait_hit pending: " + " ".join(map(str, d["waiting_hits"])))
         ev = d["events"]
         out.append("events: " + (" ".join(f"{k}={v}" for k, v in ev.items()) or "none"))
         errs = d["errors_injected"]
         out.append("errors injected: " + (" ".join(f"{x['name']}({x['errno']})={x['count']}"
                                                     for x in errs) or "none"))
+        out.append(f"power: {d['power']}")
+        u = d["unsynced"]
+        if u is None:
+            out.append("unsynced: not tracked (-o track-unsynced=on)")
+        else:
+            out.append(f"unsynced: {u['writes']} writes, {u['bytes']} bytes (log holds "
+                       f"{u['held']} of cap {u['cap']}; {u['refused']} refused at the cap)")
         out.append(f"last result: {d['last_result'] or '-'}")
         if d["last_error"]:
             out.append(f"last error: {errno_name(d['last_error_errno'])}: {d['last_error']}")
@@ -398,11 +442,21 @@ async def _wait_break(control: "Control", tag: str, timeout: float | None) -> st
     return await control.wait_break(tag, timeout)
 
 
+@command("wait_hit ID [SECONDS]",
+         "block until rule ID acts once more (fails, sets a state...);\n"
+         "ENOENT for an unknown or spent rule, ETIMEDOUT after SECONDS",
+         nargs=(1, 2),
+         parse=lambda w: (_nonneg_int(w[0], "rule id"), _seconds(w[1]) if len(w) == 2 else None))
+async def _wait_hit(control: "Control", rule_id: int, timeout: float | None) -> str:
+    return await control.wait_hit(rule_id, timeout)
+
+
 @command("inject-error KEY=VALUE ...",
          "add an [inject-error] rule (event=, errno=, sector=, once=,\n"
          "immediately=, state=, iotype=); its id is in the status",
          nargs=(1, None), parse=_rule_parser("inject-error"), aliases=("inject_error",))
 async def _inject_error(control: "Control", rule: Rule) -> str:
+    _check_power_rule(rule, control.block)
     return f"added rule {control.engine.add_rule(rule)}"
 
 
@@ -449,6 +503,60 @@ async def _status(control: "Control", as_json: bool) -> str:
     return answer
 
 
+# ---- power cuts (README "Power cuts"; blkfuse extensions) ----
+
+POWERCUT_USAGE = "powercut [keep=none|random|prefix] [seed=N]"
+
+
+def _parse_powercut(words: list[str]) -> tuple[str, int | None]:
+    """powercut's KEY=VALUE words -> (keep, seed); seed None: pick one (and tell it)."""
+    from .unsynced import KEEP_MODES
+    given = {}
+    for word in words:
+        key, equals, value = word.partition("=")
+        if not equals or key not in ("keep", "seed"):
+            raise ValueError(f"powercut: expected keep=... or seed=..., not {word!r} "
+                             f"(usage: {POWERCUT_USAGE})")
+        if key in given:
+            raise ValueError(f"powercut: {key} given twice")
+        given[key] = value
+    keep = given.get("keep", "none")
+    if keep not in KEEP_MODES:
+        raise ValueError(f"powercut: keep must be none, random or prefix, not {keep!r}"
+                         f"{config.did_you_mean(keep, KEEP_MODES)}")
+    seed = _nonneg_int(given["seed"], "seed") if "seed" in given else None
+    return keep, seed
+
+
+def _check_power_rule(rule: Rule, block) -> None:
+    if getattr(rule, "drop_unsynced", False) and (block is None or block.unsynced is None):
+        raise ControlError(_errno.EINVAL, "drop-unsynced needs the mount option "
+                                          "track-unsynced=on (-o track-unsynced=on)")
+
+
+def _block_of(control: "Control", name: str):
+    if control.block is None:
+        raise ControlError(_errno.EINVAL, f"{name}: this control has no block device")
+    return control.block
+
+
+@command(POWERCUT_USAGE,
+         "\nlose the unsynced writes (-o track-unsynced=on) and power off:\n"
+         "every request fails with EIO until poweron",
+         nargs=(0, 2), parse=_parse_powercut)
+async def _powercut(control: "Control", keep: str, seed: int | None) -> str:
+    block = _block_of(control, "powercut")
+    if seed is None:
+        seed = secrets.randbits(32)
+    report = await block.power_cut(keep, seed)
+    return report.text() + "; the power is off (poweron brings the device back)"
+
+
+@command("poweron", "bring the device back (the image as the cut left it)")
+async def _poweron(control: "Control") -> str:
+    return "power on" if _block_of(control, "poweron").power_on() else "power on (it was on)"
+
+
 @command("help", "this text")
 async def _help(control: "Control") -> str:
     return help_text()
@@ -471,7 +579,7 @@ def _format_rule(rule) -> str:
 
 def _rule_dict(r) -> dict:
     d = {"id": r.id, "kind": r.kind, "event": r.event, "state": r.state, "source": r.source,
-         "hits": r.hits, "text": _format_rule(r)}
+         "hits": r.hits, "spent": r.spent, "text": _format_rule(r)}
     if r.kind == "inject-error":
         d.update({"errno": r.errno, "errno_name": errno_name(r.errno), "sector": r.sector,
                   "once": r.once, "immediately": r.immediately,
