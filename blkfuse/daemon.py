@@ -18,6 +18,7 @@ open files get no grace: the mount goes as soon as the requests in flight are an
 import errno
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
