@@ -26,16 +26,12 @@ from dataclasses import dataclass
 import trio
 
 from . import config, memory
-from .errors import BlkfuseError, errno_name
+from .errors import BlkfuseError, ControlError, errno_name
 from .events import EVENTS, IOTYPES, canonical_event, never_fires_note
 from .rules import Rule
 
 # A human reads the text status: 100,000 rule lines would bury everything else.
 TEXT_RULES_SHOWN = 200
-
-
-class ControlError(BlkfuseError):
-    """A control write failed: `.errno` for the writer, `.message` for the status."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,9 +193,10 @@ class Control:
     (image, mountpoint, options...); `pid` is added.
     """
 
-    def __init__(self, engine, reload=None, info=None, block=None):
+    def __init__(self, engine, reload=None, info=None, block=None, tracer=None):
         self.engine = engine
         self.block = block              # block.BlockDevice: power cuts and the undo log
+        self.tracer = tracer            # trace.Tracer, for the `trace` command
         self._reload = reload
         self.info = dict(info or {})
         self.info.setdefault("pid", os.getpid())
@@ -218,15 +215,23 @@ class Control:
         self._closing = True
         for scope in [*self._waits, *self._hit_waits]:
             scope.cancel()
+        if self.tracer is not None:
+            self.tracer.end_streams()   # trace readers get end of file
 
     # -- execute ----------------------------------------------------------------------------
 
-    async def execute(self, text: str) -> str:
-        """Run one write. Returns its answer text (may be empty); raises ControlError."""
+    async def execute(self, text: str):
+        """Run one write. Returns its answer text (may be empty), or after `trace` the
+        trace.Stream the handle's reads come from; raises ControlError."""
         try:
             if self._closing:
                 raise ControlError(_errno.ESHUTDOWN, "the mount is shutting down")
             parsed = parse(text)
+            if any(entry.name == "trace" for _, entry, _ in parsed):
+                if len(parsed) != 1:
+                    raise ControlError(_errno.EINVAL,
+                                       "trace must be the only command of its write")
+                return await parsed[0][1].run(self)
             results = []
             for lineno, entry, args in parsed:
                 try:
@@ -590,6 +595,14 @@ def _interrupted_dict(interrupted) -> dict | None:
             "op": req.op if req is not None else None,
             "offset": req.offset if req is not None else None,
             "length": req.length if req is not None else None}
+
+
+@command("trace", "alone in its write: reads of this open file then stream the trace\n"
+                  "(one JSON line per image request) until it is closed")
+async def _trace(control: "Control"):
+    if control.tracer is None:
+        raise ControlError(_errno.EINVAL, "this mount has no trace")
+    return control.tracer.open_stream()     # not text: fs.py serves the handle's reads from it
 
 
 def _format_rule(rule) -> str:

@@ -18,7 +18,7 @@ import math
 import time
 from array import array
 from bisect import bisect_left
-from typing import Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import trio
 
@@ -207,6 +207,8 @@ class Engine:
         self.errors_injected: dict[int, int] = {}
         self.interrupted = 0                              # suspended requests interrupted
         self.last_interrupted: Interrupted | None = None
+        # trace.Tracer while a trace is on (it records events and the rules that act); else None
+        self.tracer: Any = None
         for rule in rules:
             self._insert(rule)
         self.fire("none")
@@ -216,6 +218,8 @@ class Engine:
     def fire(self, event: str, request: Request | None = None) -> Suspension | None:
         """Raise `event`. Returns a Suspension the caller must await, or None."""
         self.event_counts[event] += 1
+        if self.tracer is not None:
+            self.tracer.event(event)
         rules = self._by_event.get(event)
         if rules:
             self._run_rules(rules)
@@ -243,6 +247,8 @@ class Engine:
             self.state = new_state_rule.new_state
             if self._hit_waits:
                 self._wake_hit_waits(new_state_rule.id)
+            if self.tracer is not None:
+                self.tracer.rule(new_state_rule.id)
 
     def check(self, iotype: str, offset: int, length: int) -> int:
         """0 if the request may go on, else the errno it fails with. `length` 0: a flush."""
@@ -262,6 +268,8 @@ class Engine:
         rule.hits += 1
         if self._hit_waits:
             self._wake_hit_waits(rule.id)
+        if self.tracer is not None:
+            self.tracer.rule(rule.id)
         error = rule.errno
         # errno 0 matches and lets the request through; a once rule stays (QEMU). A torn
         # or drop-unsynced rule with errno 0 still does something, so once spends it.
@@ -277,6 +285,8 @@ class Engine:
 
     def _suspend(self, event: str, tags: list[str], request: Request | None) -> Suspension:
         suspension = Suspension(event, tags, request, self._suspended, self._interrupted)
+        if self.tracer is not None:
+            self.tracer.suspended(event)
         self._suspended.insert(0, suspension)
         self._notify()
         return suspension

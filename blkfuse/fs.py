@@ -334,6 +334,8 @@ class Operations(pyfuse3.Operations):
             return await self.block.read(off, size, caller=_caller(ctx))
         if h.answer is None:
             h.set_answer(self.control.status_text().encode())
+        elif not isinstance(h.answer, bytes):           # after `trace`: a trace.Stream
+            return await h.answer.read(size)
         return h.answer_at(off, size)
 
     @_guard
@@ -366,7 +368,10 @@ class Operations(pyfuse3.Operations):
         except ControlError as e:
             h.set_answer(f"error: {e.message}\n".encode())
             raise pyfuse3.FUSEError(e.errno) from None
-        h.set_answer(answer.encode() if answer else None)
+        if isinstance(answer, str):
+            h.set_answer(answer.encode() if answer else None)
+        else:
+            h.answer = answer                            # trace.Stream
         return len(buf)
 
     @_guard
@@ -416,7 +421,9 @@ class Operations(pyfuse3.Operations):
         pass
 
     async def release(self, fh):
-        self._handles.pop(fh, None)
+        h = self._handles.pop(fh, None)
+        if h is not None and h.answer is not None and not isinstance(h.answer, bytes):
+            h.answer.close()                             # a trace reader went away
 
     # -- everything else: the directory is fixed ------------------------------------------------
 
