@@ -27,7 +27,7 @@ import trio
 
 from . import config, memory
 from .errors import BlkfuseError, ControlError, errno_name
-from .events import EVENTS, IOTYPES, REACHABLE_EVENTS, canonical_event
+from .events import EVENTS, IOTYPES, canonical_event, never_fires_note
 from .rules import Rule
 
 # A human reads the text status: 100,000 rule lines would bury everything else.
@@ -107,7 +107,7 @@ def _event(word: str) -> str:
     event = canonical_event(word)
     if event is None:
         raise ControlError(_errno.ENOENT,
-                           f"unknown event {word!r}{config.did_you_mean(word, EVENTS)}")
+                           f'unknown event "{word}"{config.did_you_mean(word, EVENTS)}')
     return event
 
 
@@ -115,7 +115,7 @@ def _nonneg_int(word: str, what: str) -> int:
     try:
         n = int(word, 0)
     except ValueError:
-        raise ValueError(f"{what} must be an integer, not {word!r}") from None
+        raise ValueError(f'{what} must be an integer, not "{word}"') from None
     if n < 0:
         raise ValueError(f"{what} must not be negative, not {word}")
     return n
@@ -125,9 +125,9 @@ def _seconds(word: str) -> float:
     try:
         s = float(word)
     except ValueError:
-        raise ValueError(f"timeout must be a number of seconds, not {word!r}") from None
+        raise ValueError(f'timeout must be a number of seconds, not "{word}"') from None
     if not math.isfinite(s) or s < 0:
-        raise ValueError(f"timeout must be a finite number of seconds >= 0, not {word!r}")
+        raise ValueError(f'timeout must be a finite number of seconds >= 0, not "{word}"')
     return s
 
 
@@ -136,7 +136,9 @@ def _rule_parser(kind: str) -> Callable[[list[str]], tuple]:
         try:
             return (config.parse_rule_args(kind, words, source="control"),)
         except config.ConfigError as e:
-            raise ControlError(_errno.EINVAL, str(e).removeprefix("control: ")) from None
+            # ENOENT for an unknown event, as `break` (and qemu-io's break) answers it
+            error = _errno.ENOENT if isinstance(e, config.UnknownEvent) else _errno.EINVAL
+            raise ControlError(error, str(e).removeprefix("control: ")) from None
     return parse_rule
 
 
@@ -152,7 +154,7 @@ def _parse_line(words: list[str]) -> tuple[Command, tuple]:
     entry = COMMANDS.get(name)
     if entry is None:
         hint = config.did_you_mean(name, [c.name for c in commands()]) or ' (try "help")'
-        raise ControlError(_errno.EINVAL, f"unknown command {name!r}{hint}")
+        raise ControlError(_errno.EINVAL, f'unknown command "{name}"{hint}')
     low, high = entry.nargs
     if len(args) < low or (high is not None and len(args) > high):
         raise ControlError(_errno.EINVAL, f"usage: {entry.usage}")
@@ -237,6 +239,17 @@ class Control:
                 except BlkfuseError as e:
                     done = " (lines before it were applied)" if results else ""
                     raise ControlError(e.errno, f"line {lineno}: {e.message}{done}") from None
+                except trio.Cancelled:
+                    # FUSE_INTERRUPT: the writer got a signal while this line waited (a
+                    # wait_break, say); pyfuse3 answers the write EINTR. Shutdown does not
+                    # get here: it fails a pending wait with ESHUTDOWN instead.
+                    done = " (lines before it were applied)" if results else ""
+                    what = " ".join([entry.name, *(f"{a:g}" if isinstance(a, float) else str(a)
+                                                   for a in args if a is not None)])
+                    self.last_error = (f"line {lineno}: {what}: interrupted (the writer got a "
+                                       f"signal){done}")
+                    self.last_error_errno = _errno.EINTR
+                    raise
         except ControlError as e:
             self.last_error = e.message
             self.last_error_errno = e.errno
@@ -318,6 +331,8 @@ class Control:
                 {"errno": n, "name": errno_name(n), "count": c}
                 for n, c in sorted(e.errors_injected.items()) if c
             ],
+            "interrupted": {"count": e.interrupted,
+                            "last": _interrupted_dict(e.last_interrupted)},
             "last_result": self.last_result,
             "last_error": self.last_error,
             "last_error_errno": self.last_error_errno,
@@ -394,6 +409,15 @@ class Control:
         errs = d["errors_injected"]
         out.append("errors injected: " + (" ".join(f"{x['name']}({x['errno']})={x['count']}"
                                                     for x in errs) or "none"))
+        intr = d["interrupted"]
+        if intr["count"]:
+            last = intr["last"]
+            where = f" {last['op']} offset={last['offset']} length={last['length']}" \
+                if last["op"] is not None else ""
+            out.append(f"interrupted: {intr['count']} (last: {','.join(last['tags'])} at "
+                       f"{last['event']}:{where})")
+        else:
+            out.append("interrupted: none")
         out.append(f"power: {d['power']}")
         u = d["unsynced"]
         if u is None:
@@ -416,7 +440,7 @@ class Control:
          nargs=(2, 2), parse=lambda w: (_event(w[0]), _tag(w[1])), extension=False)
 async def _break(control: "Control", event: str, tag: str) -> str:
     control.engine.add_breakpoint(event, tag)
-    note = "" if event in REACHABLE_EVENTS else " (no request through this mount raises it)"
+    note = never_fires_note(event)
     return f"breakpoint {tag} on {event}{note}"
 
 
@@ -457,13 +481,13 @@ async def _wait_hit(control: "Control", rule_id: int, timeout: float | None) -> 
          nargs=(1, None), parse=_rule_parser("inject-error"), aliases=("inject_error",))
 async def _inject_error(control: "Control", rule: Rule) -> str:
     _check_power_rule(rule, control.block)
-    return f"added rule {control.engine.add_rule(rule)}"
+    return f"added rule {control.engine.add_rule(rule)}{config.rule_notes(rule)}"
 
 
 @command("set-state KEY=VALUE ...", "add a [set-state] rule (event=, state=, new_state=)",
          nargs=(1, None), parse=_rule_parser("set-state"), aliases=("set_state",))
 async def _set_state_rule(control: "Control", rule: Rule) -> str:
-    return f"added rule {control.engine.add_rule(rule)}"
+    return f"added rule {control.engine.add_rule(rule)}{config.rule_notes(rule)}"
 
 
 @command("remove ID", "remove rule ID",
@@ -568,6 +592,17 @@ async def _trace(control: "Control"):
     if control.tracer is None:
         raise ControlError(_errno.EINVAL, "this mount has no trace")
     return control.tracer.open_stream()     # not text: fs.py serves the handle's reads from it
+
+
+def _interrupted_dict(interrupted) -> dict | None:
+    """engine.Interrupted (a held request whose caller got a signal) as status data."""
+    if interrupted is None:
+        return None
+    req = interrupted.request
+    return {"tags": list(interrupted.tags), "event": interrupted.event,
+            "op": req.op if req is not None else None,
+            "offset": req.offset if req is not None else None,
+            "length": req.length if req is not None else None}
 
 
 def _format_rule(rule) -> str:

@@ -215,7 +215,8 @@ class Daemon:
         from .control import Control
         from .engine import Engine
         from .fs import Operations
-        from .image import Image
+        from .fuseloop import DEFAULT_POLL_US
+        from .image import DEFAULT_IO_THREADS, Image
         from .trace import TracedBlock, Tracer
 
         self.m = m
@@ -223,7 +224,9 @@ class Daemon:
         self.engine = Engine(m.rules)
         # cache=none/directsync: O_DIRECT, as QEMU's file node (BDRV_O_NOCACHE)
         self.image = Image(m.image_path, read_only=m.read_only,
-                           direct=settings.cache in ("none", "directsync"))
+                           direct=settings.cache in ("none", "directsync"),
+                           io_threads=(DEFAULT_IO_THREADS if settings.io_threads is None
+                                       else settings.io_threads))
         if settings.locking:
             try:
                 _lock_image(m, self.image.fd)
@@ -235,6 +238,15 @@ class Daemon:
             from .unsynced import DEFAULT_ATOMIC, DEFAULT_CAP, UndoLog
             self.unsynced = UndoLog(cap=settings.unsynced_cap or DEFAULT_CAP,
                                     atomic=settings.atomic or DEFAULT_ATOMIC)
+        # -o poll-us wins; BLKFUSE_POLL_US changes the default (A/B runs, the test suite's
+        # second pass with polling off).
+        self.poll_us = settings.poll_us
+        if self.poll_us is None:
+            try:
+                self.poll_us = max(0, int(os.environ.get("BLKFUSE_POLL_US", DEFAULT_POLL_US)))
+            except ValueError:
+                log.warning("BLKFUSE_POLL_US is not a number; polling for %d us", DEFAULT_POLL_US)
+                self.poll_us = DEFAULT_POLL_US
         self.block = BlockDevice(self.engine, self.image, align=settings.align,
                                  max_transfer=settings.max_transfer,
                                  opt_write_zero=settings.opt_write_zero,
@@ -260,6 +272,9 @@ class Daemon:
             "read_only": m.read_only,
             "growable": settings.growable,
             "locking": settings.locking,
+            "io": self.image.io_mode,
+            "io_threads": self.image.io_threads,
+            "poll_us": self.poll_us,
         }
         if self.unsynced is not None:
             info["track_unsynced"] = True
@@ -316,7 +331,8 @@ class Daemon:
         import trio
         if os.environ.get("BLKFUSE_FASTLOOP", "1") != "0":   # "0": pyfuse3's own waits, for A/B runs
             from . import fuseloop
-            fuseloop.install()
+            loop = fuseloop.install(self.poll_us)
+            self.image.loop_idle = loop.idle
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._watch_signals)

@@ -9,7 +9,10 @@ from ..errors import ControlError
 from ._common import control_failure, fail
 
 
-@click.command("status")
+@click.command("status", epilog="""\b
+Examples:
+  blkfuse status /mnt/faulty
+  blkfuse status --json /mnt/faulty | jq '.rules[] | {id, hits, spent}'""")
 @click.argument("mountpoint")
 @click.option("--json", "as_json", is_flag=True,
               help="Machine-readable status (needs the right to write control).")
