@@ -586,6 +586,14 @@ async def _help(control: "Control") -> str:
     return help_text()
 
 
+@command("trace", "alone in its write: reads of this open file then stream the trace\n"
+                  "(one JSON line per image request) until it is closed")
+async def _trace(control: "Control"):
+    if control.tracer is None:
+        raise ControlError(_errno.EINVAL, "this mount has no trace")
+    return control.tracer.open_stream()     # not text: fs.py serves the handle's reads from it
+
+
 def _interrupted_dict(interrupted) -> dict | None:
     """engine.Interrupted (a held request whose caller got a signal) as status data."""
     if interrupted is None:
@@ -595,14 +603,6 @@ def _interrupted_dict(interrupted) -> dict | None:
             "op": req.op if req is not None else None,
             "offset": req.offset if req is not None else None,
             "length": req.length if req is not None else None}
-
-
-@command("trace", "alone in its write: reads of this open file then stream the trace\n"
-                  "(one JSON line per image request) until it is closed")
-async def _trace(control: "Control"):
-    if control.tracer is None:
-        raise ControlError(_errno.EINVAL, "this mount has no trace")
-    return control.tracer.open_stream()     # not text: fs.py serves the handle's reads from it
 
 
 def _format_rule(rule) -> str:

@@ -32,6 +32,8 @@ import trio
 _OPS = {"read": "read", "write": "write", "flush": "flush", "discard": "discard",
         "write_zeroes": "write-zeroes", "block_status": "block-status"}
 
+_PUNCH_HOLE = 0x02         # FALLOC_FL_PUNCH_HOLE
+
 HEARTBEAT = 0.5            # seconds a stream read waits before answering a bare newline
 STREAM_BACKLOG = 100_000   # records kept for a reader that falls behind; older ones are dropped
 
@@ -243,6 +245,12 @@ class TracedBlock:
     async def flush(self, **kw: Any) -> Any:
         return await self._tracer.run("flush", 0, 0, kw.get("caller"),
                                       lambda: self._block.flush(**kw))
+
+    async def fallocate(self, mode: int, offset: int, length: int, **kw: Any) -> Any:
+        """fallocate(2): PUNCH_HOLE is a discard, the other modes write zeroes."""
+        op = "discard" if mode & _PUNCH_HOLE else "write-zeroes"
+        return await self._tracer.run(op, offset, length, kw.get("caller"),
+                                      lambda: self._block.fallocate(mode, offset, length, **kw))
 
     async def seek(self, offset: int, whence: int, **kw: Any) -> Any:
         """SEEK_DATA/SEEK_HOLE: a block-status query from `offset` (length 0)."""

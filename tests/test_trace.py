@@ -184,3 +184,29 @@ def test_blkfuse_trace_command(fuse_dir):
     r = blkfuse("trace", mnt)
     assert r.returncode == 1 and "not a blkfuse mount" in r.stderr
     assert not mounttab.is_mounted(mnt)
+
+
+def test_trace_names_the_caller_and_fallocate_ops(fuse_dir):
+    """pid and comm come from the FUSE request (the patched pyfuse3 passes its context);
+    fallocate's punch-hole is a discard, zero-range a write-zeroes."""
+    img = fuse_dir / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    mnt = fuse_dir / "mnt"
+    mnt.mkdir()
+    trace_file = fuse_dir / "trace.jsonl"
+    with Mount(img, mnt, trace=trace_file) as m:
+        fd = os.open(m.image_path, os.O_RDWR)
+        os.pwrite(fd, b"p" * 4096, 0)
+        punch = 0x02 | 0x01             # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        zero = 0x10                     # FALLOC_FL_ZERO_RANGE
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+        results = [libc.fallocate(fd, mode, 0, 4096) for mode in (punch, zero)]
+        os.close(fd)
+    records = _records(trace_file)
+    write = records[0]
+    assert (write["op"], write["pid"], write["comm"]) == ("write", os.getpid(),
+                                                          Path("/proc/self/comm").read_text().strip())
+    assert results == [0, 0]
+    assert [r["op"] for r in records[1:]] == ["discard", "write-zeroes"], records
