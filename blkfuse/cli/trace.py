@@ -9,7 +9,10 @@ from ..errors import ControlError
 from ._common import control_failure, fail
 
 
-@click.command("trace")
+@click.command("trace", epilog="""\b
+Examples:
+  blkfuse trace /mnt/faulty                   # every request from now on, until Ctrl-C
+  blkfuse trace -n 10 /mnt/faulty | jq .op    # the next ten""")
 @click.argument("mountpoint")
 @click.option("-n", "--count", type=click.IntRange(min=1), metavar="N",
               help="Stop after N records.")
