@@ -139,6 +139,7 @@ class BlockDevice:
         would ask the block layer for a negative length and get EIO). Ranges are handed down
         in requests of at most BDRV_REQUEST_MAX_BYTES, as the export's loop does; the first
         failing one ends it. `writethrough` (a handle opened O_DSYNC): write-zeroes are FUA."""
+        self._check_power()                 # even a no-op range fails while the power is off
         size = self.image.size()
         keep_size = bool(mode & FALLOC_FL_KEEP_SIZE)
         if mode & FALLOC_FL_PUNCH_HOLE:
