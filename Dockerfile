@@ -34,12 +34,17 @@ RUN set -e; if [ -n "$EXTRA_CA_CERTS" ]; then \
     fi
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc \
-        pkg-config libfuse3-dev ca-certificates \
+        pkg-config libfuse3-dev patch ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/blkfuse
+# pyfuse3 3.5.0 from its sdist with blkfuse's patch first: `pip install /src` then keeps it
+COPY scripts/pyfuse3 /src/scripts/pyfuse3
+RUN /src/scripts/pyfuse3/build /opt/blkfuse
 COPY pyproject.toml README.md /src/
 COPY blkfuse /src/blkfuse
-RUN /opt/blkfuse/bin/pip install /src && /opt/blkfuse/bin/blkfuse --version
+RUN /opt/blkfuse/bin/pip install /src && /opt/blkfuse/bin/blkfuse --version \
+    && /opt/blkfuse/bin/python -c 'from blkfuse.fs import missing_pyfuse3_features as m; \
+assert not m(), f"pyfuse3 lacks {m()}"'
 
 
 # ---- runtime: the interpreter, fuse3 (fusermount3, libfuse3) and the venv from `build`
