@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -20,13 +21,16 @@ STEPS = ("1 inject-error on one sector", "2 runtime ENOSPC after the first flush
 pytestmark = pytest.mark.vm
 
 
-def test_guest_sees_injected_faults_and_breakpoints():
+def test_guest_sees_injected_faults_and_breakpoints(tmp_path):
     for tool in ("qemu-system-x86_64", "busybox", "dpkg-deb"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} not installed (scripts/setup installs it)")
     if not os.path.exists("/dev/fuse"):
         pytest.skip("no /dev/fuse")
-    r = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, timeout=600)
+    # Its scratch directory inside ours: other mounts on the machine are not this run's.
+    tmp = tempfile.mkdtemp(dir=tmp_path)
+    r = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "TMPDIR": tmp})
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     for step in STEPS:
@@ -36,4 +40,4 @@ def test_guest_sees_injected_faults_and_breakpoints():
     assert re.search(r"I/O error, dev vda, sector 2048\b", out), out
     assert re.search(r"I/O error, dev vda, sector 8200\b", out), out
     with open("/proc/mounts") as f:
-        assert "blkfuse-e2e-" not in f.read()
+        assert tmp not in f.read()                  # nothing of this run is left mounted
