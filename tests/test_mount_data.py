@@ -25,7 +25,7 @@ def test_directory_has_exactly_the_image_and_control(mount):
 
 
 def test_name_option_and_truncate_through_the_mount(mount):
-    m = mount(name="vda.raw")
+    m = mount("-o", "growable=on", name="vda.raw")       # fixed size unless growable
     assert sorted(os.listdir(m.mnt)) == ["control", "vda.raw"]
     os.truncate(m.file, 2 * MiB)
     assert os.path.getsize(m.image) == 2 * MiB

@@ -26,7 +26,7 @@ def test_umount_releases_a_suspended_write_and_keeps_its_data(mount):
     w = Writer(m, 8192, b"\x77" * 4096)
     w.start()
     m.ctl("wait_break B 60")
-    r = blkfuse("umount", m.mnt)
+    r = blkfuse("umount", "--lazy", m.mnt)         # the writer has the image open: busy
     assert r.returncode == 0, r.stderr
     w.join(60)
     assert not w.is_alive() and w.error is None and w.result == 4096
@@ -61,7 +61,8 @@ def test_umount_with_a_file_held_open(mount):
     fd = open_image(m)
     try:
         assert os.pwrite(fd, b"h" * 512, 0) == 512
-        m.umount()                  # the open file delays the daemon (a grace), not forever
+        r = blkfuse("umount", "--lazy", m.mnt)   # the open file delays it (a grace), no more
+        assert r.returncode == 0 and not is_mounted(m.mnt), r.stderr
         assert m.image.read_bytes()[:512] == b"h" * 512
         with pytest.raises(OSError):
             os.pread(fd, 512, 0)
