@@ -24,7 +24,7 @@ import trio
 
 from .errors import BlkfuseError
 from .events import EVENTS, IOTYPES, canonical_event
-from .rules import InjectError, Rule, SetState
+from .rules import SECTOR_SIZE, InjectError, Rule, SetState
 
 
 class EngineError(BlkfuseError):
@@ -104,7 +104,7 @@ class _ActiveSet:
         self.anywhere.sort(key=_by_id)
         located.sort(key=_by_offset_then_id)
         # 8 bytes an offset in an array, not a 32-byte int object each in a list
-        self.offsets = array("q", [rule.sector * 512 for rule in located])
+        self.offsets = array("q", [rule.sector * SECTOR_SIZE for rule in located])
         self.at_offset = located
         self.count = len(self.anywhere) + len(located)
         self._index_anywhere()
@@ -115,7 +115,7 @@ class _ActiveSet:
             self.anywhere.sort(key=_by_id)
             self._index_anywhere()
         else:
-            offset = rule.sector * 512
+            offset = rule.sector * SECTOR_SIZE
             i = bisect_left(self.offsets, offset)
             self.offsets.insert(i, offset)
             self.at_offset.insert(i, rule)
@@ -128,7 +128,7 @@ class _ActiveSet:
             self.anywhere.remove(rule)
             self._index_anywhere()
         else:
-            offset = rule.sector * 512
+            offset = rule.sector * SECTOR_SIZE
             i = bisect_left(self.offsets, offset)
             while i < len(self.offsets) and self.offsets[i] == offset:
                 if self.at_offset[i] is rule:
