@@ -36,10 +36,10 @@ import trio
 
 from .engine import Caller, Engine, Request
 from .image import Image
-from .rules import CACHE_MODES, FORMATS
+from .rules import CACHE_MODES, FORMATS, SECTOR_SIZE
 
-SECTOR_SIZE = 512                 # QEMU keeps a node's length in sectors (bdrv_getlength)
-_MAX_BOUNCE_BUFFER = 32768 * 512  # io.c: the largest fallback write of zeroes
+# QEMU keeps a node's length in sectors (bdrv_getlength): SECTOR_SIZE, as for sector rules.
+_MAX_BOUNCE_BUFFER = 32768 * SECTOR_SIZE  # io.c: the largest fallback write of zeroes
 _INT64_MAX = 2**63 - 1
 
 
@@ -85,6 +85,14 @@ class BlockDevice:
 
     def size(self) -> int:
         return self.image.size()
+
+    def stat(self) -> os.stat_result:
+        """The backing file's (owner, group and mode are what the mount shows)."""
+        return self.image.stat()
+
+    def statvfs(self) -> os.statvfs_result:
+        """The file system the backing file lives on."""
+        return self.image.statvfs()
 
     def truncate(self, size: int) -> None:
         self.image.truncate(size)

@@ -196,6 +196,12 @@ class Image:
     def fsync_now(self) -> None:
         os.fsync(self.fd)
 
+    def stat(self) -> os.stat_result:
+        return os.fstat(self.fd)
+
+    def statvfs(self) -> os.statvfs_result:
+        return os.fstatvfs(self.fd)
+
     def truncate(self, size: int) -> None:
         os.ftruncate(self.fd, size)
 

@@ -3,22 +3,18 @@
 import errno
 import os
 import sys
+from typing import NoReturn
 
 import click
 
 from ..control import ControlError
+from ..layout import control_path
 
-CONTROL = "control"
 
-
-def fail(message: str):
+def fail(message: str) -> NoReturn:
     """One line on stderr, exit status 1."""
     click.echo(f"blkfuse: {message}", err=True)
     sys.exit(1)
-
-
-def control_path(mountpoint: str) -> str:
-    return os.path.join(mountpoint, CONTROL)
 
 
 def _read_all(fd) -> bytes:

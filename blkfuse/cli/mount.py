@@ -20,14 +20,16 @@ from ._common import fail
                    "after config rules).")
 @click.option("--name", help="Name of the image file in the mount (default: the image's).")
 @click.option("--allow-other", is_flag=True,
-              help="Let other users use the mount (control stays writable by you and root).")
+              help="Let other users into the mount: the image's owner and mode (the backing "
+                   "file's) decide what they may do; control stays writable by you and root.")
 @click.option("--read-only", is_flag=True, help="Refuse writes (EROFS).")
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground until unmounted.")
 @click.option("--log", "log_file", metavar="FILE", help="Log to FILE.")
 @click.argument("image", metavar="IMAGE")
 @click.argument("mountpoint", metavar="MOUNTPOINT")
-def command(config_path, options, name, allow_other, read_only, foreground, log_file,
-            image, mountpoint):
+def command(config_path: str | None, options: tuple[str, ...], name: str | None,
+            allow_other: bool, read_only: bool, foreground: bool, log_file: str | None,
+            image: str, mountpoint: str) -> None:
     """Mount IMAGE at MOUNTPOINT as a directory holding the image file and `control`.
 
     IMAGE may also be QEMU's `blkdebug:RULES:IMAGE` (RULES may be empty). Returns once the
