@@ -1,7 +1,7 @@
 """The blkdebug rule engine: state, rules per event, the active set, checks, breakpoints.
 
 Pure: no file I/O and no FUSE. It follows QEMU 7.2's block/blkdebug.c as observed
-(DESIGN.md §3):
+(docs/design.md, "Rule semantics"):
 
 - `fire(event)` runs the event's rules against the state *at event time*: the matching
   inject-error rules replace the active set (only if there is at least one), the first
