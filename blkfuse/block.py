@@ -27,20 +27,32 @@ and directsync open the file O_DIRECT (image.py; invisible to rules).
 
 BlockDevice reproduces that with the engine and the image, and nothing about FUSE. The
 `caller` keyword of each request is the FUSE caller (engine.Caller) or None.
+
+Power cuts (README "Power cuts") hook in at a few places, kept apart from the QEMU logic:
+every change to the image goes through _write_image/_record/truncate (the undo log records
+it first), a successful fsync forgets the log (_fsync_image), and while the power is off every
+request fails with EIO before raising any event (a request that was suspended when the power
+went fails when it wakes up: _check_power after each wait).
 """
 
 import errno as _errno
+import logging
 import os
 
 import trio
 
 from .engine import Caller, Engine, Request
+from .errors import BlkfuseError
 from .image import Image
-from .rules import CACHE_MODES, FORMATS, SECTOR_SIZE
+from .rules import CACHE_MODES, FORMATS, SECTOR_SIZE, InjectError
+from .unsynced import CutReport, LogFull, UndoLog
 
 # QEMU keeps a node's length in sectors (bdrv_getlength): SECTOR_SIZE, as for sector rules.
 _MAX_BOUNCE_BUFFER = 32768 * SECTOR_SIZE  # io.c: the largest fallback write of zeroes
 _INT64_MAX = 2**63 - 1
+
+
+log = logging.getLogger(__name__)
 
 
 def _failure(error: int) -> OSError:
@@ -56,13 +68,16 @@ class BlockDevice:
                  max_transfer: int | None = None, opt_write_zero: int | None = None,
                  max_write_zero: int | None = None, opt_discard: int | None = None,
                  max_discard: int | None = None, cache: str = "writeback",
-                 format: str = "raw"):
+                 format: str = "raw", unsynced: UndoLog | None = None):
         if cache not in CACHE_MODES:
             raise ValueError(f"unknown cache mode {cache!r}")
         if format not in FORMATS:
             raise ValueError(f"unknown format {format!r}")
         self.engine = engine
         self.image = image
+        self.unsynced = unsynced          # the undo log (-o track-unsynced=on), or None
+        self.powered = True
+        self.cuts = 0                     # power cuts so far: a flush spanning one fails
         self.align = align or 1
         self.max_transfer = max_transfer or 0
         self.opt_write_zero = opt_write_zero or 0
@@ -95,15 +110,24 @@ class BlockDevice:
         return self.image.statvfs()
 
     def truncate(self, size: int) -> None:
+        self._check_power()
+        if self.unsynced is not None:
+            self.unsynced.record_resize(self.image, size)
         self.image.truncate(size)
 
     async def _event(self, event: str, request: Request) -> None:
         suspension = self.engine.fire(event, request)
         if suspension is not None:
             await suspension.wait()
+            self._check_power()
 
     def _check(self, iotype: str, offset: int, length: int, caller: Caller | None) -> int:
         return self.engine.check(iotype, offset, length)
+
+    def _match(self, iotype: str, offset: int, length: int,
+               caller: Caller | None) -> InjectError | None:
+        """_check, answering the rule met (for torn= and drop-unsynced=), or None."""
+        return self.engine.match(iotype, offset, length)
 
     def _pieces(self, start: int, end: int):
         """The driver calls blkdebug's node makes for [start, end): one, or max-transfer
@@ -129,6 +153,7 @@ class BlockDevice:
 
     async def read(self, offset: int, length: int, *, caller: Caller | None = None) -> bytes:
         """Data at [offset, offset+length), short at end of image. Raises OSError."""
+        self._check_power()
         size = self.image.size()
         if length <= 0 or offset >= size:
             return b""
@@ -145,6 +170,7 @@ class BlockDevice:
             suspension = self.engine.fire("read_aio", Request("read", offset, length))
             if suspension is not None:
                 await suspension.wait()
+                self._check_power()
         start, end = self._padded(offset, length)
         if self.max_transfer:
             self._check_pieces("read", start, end, caller)
@@ -170,6 +196,7 @@ class BlockDevice:
         length = len(data)
         if length == 0:
             return 0
+        self._check_power()
         fua = writethrough or self.fua_always
         if not self.raw:
             await self._write_chunk(offset, data, caller, fua)
@@ -198,6 +225,7 @@ class BlockDevice:
             suspension = self.engine.fire("write_aio", request)
             if suspension is not None:
                 await suspension.wait()
+                self._check_power()
         start, end = self._padded(offset, length)
         if start != offset or end != offset + length:
             try:
@@ -221,11 +249,21 @@ class BlockDevice:
             suspension = engine.fire("pwritev", request)
             if suspension is not None:
                 await suspension.wait()
+                self._check_power()
             for piece_start, piece_end in self._pieces(start, start + len(data)):
-                error = self._check("write", piece_start, piece_end - piece_start, caller)
+                rule = self._match("write", piece_start, piece_end - piece_start, caller)
+                if rule is not None:
+                    error = rule.errno
+                    if rule.torn >= 0:      # extension: the head persists, the tail is lost
+                        piece_end = min(piece_end, piece_start + rule.torn * SECTOR_SIZE)
+                    elif error:
+                        break           # pieces before it stay written, as in QEMU
+                try:
+                    self._write_image(piece_start, data[piece_start - start:piece_end - start])
+                except OSError as failure:      # the undo log is full, or the backing file
+                    error = failure.errno
                 if error:
-                    break           # pieces before it stay written, as in QEMU
-                self.image.pwrite(piece_start, data[piece_start - start:piece_end - start])
+                    break
             if fua and not error:
                 # Emulated FUA: this write is not yet counted, so the flush is checked
                 # only if something before it was written since the last flush.
@@ -285,6 +323,22 @@ class BlockDevice:
         padded[offset - start:offset - start + len(data)] = data
         return padded
 
+    def _record(self, offset: int, length: int) -> None:
+        """Before any change to [offset, offset+length) of the image: the undo log keeps
+        what is there (raises LogFull, ENOSPC, at its cap; nothing is changed then)."""
+        if self.unsynced is not None and length > 0:
+            try:
+                self.unsynced.record_write(self.image, offset, length)
+            except LogFull as full:
+                log.warning("%s", full.strerror)
+                raise
+
+    def _write_image(self, offset: int, data) -> None:
+        """Every pwrite of the image passes here: the undo log sees it first."""
+        if data:
+            self._record(offset, len(data))
+            self.image.pwrite(offset, data)
+
     def _padding_read(self, offset: int, length: int, caller: Caller | None) -> bytes:
         self._check_pieces("read", offset, offset + length, caller)
         data = self.image.pread(offset, length)
@@ -299,6 +353,7 @@ class BlockDevice:
         one stay zeroed. Counts as written for the next flush, failed or not."""
         if length <= 0:
             return
+        self._check_power()
         fua = writethrough or self.fua_always
         if not self.raw:
             await self._zero_pwritev(offset, length, unmap, fua, caller)
@@ -391,17 +446,29 @@ class BlockDevice:
                 num = min(num, max_transfer)
                 error = self._check("write", offset, num, caller)
                 if not error:
-                    self.image.pwrite(offset, bytes(num))
+                    error = self._change(self._write_image, offset, bytes(num))
             else:
                 error = self._check("write-zeroes", offset, num, caller)
                 if not error:
-                    self.image.write_zeroes(offset, num, unmap)
+                    error = self._change(self._zero_image, offset, num, unmap)
             need_flush = fua
             offset += num
             length -= num
         if not error and need_flush:
             error = await self._blkdebug_flush_errno(caller)
         return error
+
+    def _change(self, change, *args) -> int:
+        """Run an image change; 0, or the errno it failed with (a full undo log: ENOSPC)."""
+        try:
+            change(*args)
+        except OSError as failure:
+            return failure.errno or _errno.EIO
+        return 0
+
+    def _zero_image(self, offset: int, length: int, unmap: bool) -> None:
+        self._record(offset, length)
+        self.image.write_zeroes(offset, length, unmap)
 
     # ---- discard ----
 
@@ -411,6 +478,7 @@ class BlockDevice:
         for the next flush, failed or not."""
         if length <= 0:
             return
+        self._check_power()
         try:
             self._pdiscard(offset, length, caller)
         finally:
@@ -447,6 +515,7 @@ class BlockDevice:
                 error = self._check("discard", offset, num, caller)
                 if error:
                     raise _failure(error)
+                self._record(offset, num)       # a discarded range reads as zeroes: undoable
                 self.image.punch_hole(offset, num)
             offset += num
             length -= num
@@ -464,6 +533,7 @@ class BlockDevice:
         `align` (iotype block-status); the answer comes from the backing file's
         SEEK_DATA/SEEK_HOLE (want_zero, as the FUSE export asks) or is "all data" (as
         qemu-io's alloc and map ask, with want_zero false). Raises OSError."""
+        self._check_power()
         total = self._length()
         if offset >= total or length <= 0:
             return False, 0
@@ -480,6 +550,7 @@ class BlockDevice:
         """lseek SEEK_DATA / SEEK_HOLE, as QEMU 7.2's FUSE export (fuse_lseek) answers it:
         one block-status query per extent from `offset` on, each checked. ENXIO past the
         end (and for SEEK_DATA at the end), EINVAL for another whence."""
+        self._check_power()
         if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
             raise _failure(_errno.EINVAL)
         if offset < 0:
@@ -501,6 +572,7 @@ class BlockDevice:
     async def flush(self, *, caller: Caller | None = None) -> None:
         """fsync: events always; the check and the real fsync only if something was
         written since the last successful flush. Raises OSError."""
+        self._check_power()
         if not self.raw:
             error = await self._blkdebug_flush_errno(caller)
             if error:
@@ -522,11 +594,69 @@ class BlockDevice:
         """bdrv_co_flush of the blkdebug node: 0 or the errno. cache=unsafe never gets
         past BDRV_O_NO_FLUSH to the check or the real fsync."""
         async with self._blkdebug_flush_lock:
+            if not self.powered:
+                return _errno.EIO
             generation = self._blkdebug_written
-            if self._blkdebug_flushed != generation and not self.no_flush:
-                error = self._check("flush", 0, 0, caller)
-                if error:
-                    return error
-                await self.image.fsync()
+            try:
+                if self._blkdebug_flushed != generation and not self.no_flush:
+                    rule = self._match("flush", 0, 0, caller)
+                    if rule is not None:
+                        if rule.drop_unsynced and self.unsynced is not None:
+                            await self._drop_unsynced()
+                        if rule.errno:
+                            return rule.errno
+                    await self._fsync_image()
+                elif self.unsynced and not self.no_flush:
+                    await self._fsync_image()   # only resizes since the last flush: no check
+            except OSError as failure:          # the power went during the fsync
+                return failure.errno or _errno.EIO
             self._blkdebug_flushed = generation
             return 0
+
+    # ---- power cuts (README "Power cuts") ----
+
+    def _check_power(self) -> None:
+        if not self.powered:
+            raise OSError(_errno.EIO, "the power is off (blkfuse powercut; poweron to restore)")
+
+    async def _fsync_image(self) -> None:
+        """fsync the image; if nothing cut the power meanwhile, the unsynced writes it
+        covered (those before it started) are synced now."""
+        cuts, covered = self.cuts, len(self.unsynced) if self.unsynced is not None else 0
+        await self.image.fsync()
+        if self.cuts != cuts:
+            raise OSError(_errno.EIO, "the power was cut during the fsync")
+        if covered:
+            self.unsynced.forget(covered)
+
+    async def _drop_unsynced(self) -> None:
+        """fsyncgate: a failing flush loses the dirty data; the disk keeps the flushed image."""
+        report = self.unsynced.cut(self.image, "none")
+        log.info("a flush met a drop-unsynced rule: %d unsynced writes reverted", report.writes)
+        await self.image.fsync()
+
+    async def power_cut(self, keep: str, seed: int | None) -> CutReport:
+        """Lose the unsynced writes as `keep` says, make the image show it (fsynced), and
+        leave the power off. Suspended requests are let go first; they fail with EIO."""
+        if self.unsynced is None:
+            raise BlkfuseError(_errno.EINVAL, "powercut needs -o track-unsynced=on (without it "
+                                              "blkfuse keeps nothing to undo unsynced writes "
+                                              "with)")
+        if not self.powered:
+            raise BlkfuseError(_errno.EINVAL, "the power is already off (poweron first)")
+        self.powered = False
+        self.cuts += 1
+        self.engine.release_suspended()
+        report = self.unsynced.cut(self.image, keep, seed)
+        await self.image.fsync()
+        return report
+
+    def power_on(self) -> bool:
+        """The device is back, nothing unsynced (the cut fsynced). False if it was on."""
+        if self.powered:
+            return False
+        self.powered = True
+        # Everything on the image is synced now, as after a successful flush.
+        self._format_flushed = self._format_written
+        self._blkdebug_flushed = self._blkdebug_written
+        return True

@@ -48,6 +48,11 @@ SECTION_KEYS = {
     "inject-error": ("event", "state", "iotype", "errno", "sector", "once", "immediately"),
     "set-state": ("event", "state", "new_state"),
 }
+# Power-cut keys and options (issue 10): blkfuse extensions, QEMU rejects them. They work
+# wherever the QEMU keys do; `blkfuse check` marks them not portable.
+POWER_KEYS = ("torn", "drop-unsynced")
+POWER_OPTIONS = ("track-unsynced", "unsynced-cap", "atomic")
+SECTION_KEYS["inject-error"] += POWER_KEYS
 _RULE_CLASSES = {"inject-error": InjectError, "set-state": SetState}
 
 # Top-level blockdev options of the blkdebug driver that blkfuse understands.
@@ -62,7 +67,7 @@ _FLAG_OPTIONS = ("nonempty",)
 # --image-opts driver=blkdebug for format=none), and the mount's own. `blkfuse check` marks them.
 EXTENSION_OPTIONS = ("cache", "format") + MOUNT_OPTIONS
 _SETTING_OPTIONS = (("config", "image", "x-image", "align", "max-transfer") + _BLKDEBUG_LIMITS
-                    + EXTENSION_OPTIONS)
+                    + EXTENSION_OPTIONS + POWER_OPTIONS)
 
 # A FUSE reply carries -errno and the kernel refuses anything at or below -512 (-ERESTARTSYS).
 MAX_ERRNO = 511
@@ -153,6 +158,14 @@ def _parse_bool(key: str, text: str) -> bool:
         raise _Invalid(f'{key} expects on or off (or yes/no, true/false, y/n), not "{text}"') from None
 
 
+def _parse_torn(text: str) -> int:
+    """torn=N: how many 512-byte sectors of a failed write persist (an extension)."""
+    value = _parse_number("torn", text)
+    if value < 0 or value > _INT_MAX:
+        raise _Invalid(f'torn must be a number of sectors from 0 to {_INT_MAX}, not "{text}"')
+    return value
+
+
 def _parse_event(key: str, text: str) -> str:
     event = canonical_event(text)
     if event is None:
@@ -184,6 +197,8 @@ _KEY_PARSERS = {
     "once": ("once", _parse_bool),
     "immediately": ("immediately", _parse_bool),
     "iotype": ("iotypes", _parse_iotype),
+    "torn": ("torn", lambda key, text: _parse_torn(text)),
+    "drop-unsynced": ("drop_unsynced", _parse_bool),
 }
 
 
@@ -504,6 +519,7 @@ def parse_options(options: dict[str, str]) -> tuple[list[Rule], Settings]:
     for key in MOUNT_OPTIONS:
         if key in options:
             setattr(settings, key, _parse_mount_flag(key, _unquote_option(options[key])))
+    _parse_power_options(options, settings)
     return rules, settings
 
 
@@ -514,6 +530,40 @@ def _parse_mount_flag(key: str, text: str) -> bool:
         return _parse_bool(key, text)
     except _Invalid as error:
         raise ConfigError(f"option {key}: {error}") from None
+
+
+def _parse_power_options(options: dict, settings: Settings) -> None:
+    """track-unsynced=on|off, unsynced-cap=SIZE, atomic=BYTES (README "Power cuts")."""
+    if "track-unsynced" in options:
+        try:
+            settings.track_unsynced = _parse_bool("track-unsynced",
+                                                  _unquote_option(options["track-unsynced"]))
+        except _Invalid as error:
+            raise ConfigError(f"option track-unsynced: {error}") from None
+    for key in ("unsynced-cap", "atomic"):
+        if key in options and not settings.track_unsynced:
+            raise ConfigError(f"option {key}: only means something with track-unsynced=on")
+    if "unsynced-cap" in options:
+        cap = _parse_size("unsynced-cap", _unquote_option(options["unsynced-cap"]))
+        if cap < 4096:
+            raise ConfigError(f'option unsynced-cap: must be at least 4096, not "{cap}"')
+        settings.unsynced_cap = cap
+    if "atomic" in options:
+        atomic = _parse_size("atomic", _unquote_option(options["atomic"]))
+        if atomic < 512 or atomic > 1 << 30 or atomic & (atomic - 1):
+            raise ConfigError(f'option atomic: must be a power of two from 512 to 1G, '
+                              f'not "{options["atomic"]}"')
+        settings.atomic = atomic
+
+
+def check_power_rules(rules, settings: Settings) -> None:
+    """drop-unsynced reverts through the undo log: a rule with it needs track-unsynced=on."""
+    if settings.track_unsynced:
+        return
+    for rule in rules:
+        if getattr(rule, "drop_unsynced", False):
+            raise ConfigError(f"{rule.source or 'rule'}: drop-unsynced needs the option "
+                              "track-unsynced=on (-o track-unsynced=on)")
 
 
 def parse_option_string(s: str) -> dict[str, str]:
@@ -598,6 +648,7 @@ def load_rules(settings: Settings) -> list[Rule]:
     """The config file's rules, then the options' rules (QEMU's order): what mount and reload use."""
     rules = parse_config_file(settings.config_path) if settings.config_path else []
     option_rules, _ = parse_options(settings.options)
+    check_power_rules(rules + option_rules, settings)
     return rules + option_rules
 
 
@@ -618,6 +669,10 @@ def _rule_items(rule: Rule) -> list[tuple[str, str]]:
         items.append(("once", "on"))
     if rule.immediately:
         items.append(("immediately", "on"))
+    if rule.torn >= 0:
+        items.append(("torn", str(rule.torn)))
+    if rule.drop_unsynced:
+        items.append(("drop-unsynced", "on"))
     return items
 
 

@@ -233,20 +233,30 @@ class Engine:
         """0 if the request may go on, else the errno it fails with. `length` 0: a flush."""
         if not self._active.count:
             return 0
+        rule = self.match(iotype, offset, length)
+        return rule.errno if rule is not None else 0
+
+    def match(self, iotype: str, offset: int, length: int) -> InjectError | None:
+        """check(), answering the rule the request met (errno 0 included), or None: the
+        block layer needs the rule itself for the torn= and drop-unsynced= extensions."""
+        if not self._active.count:
+            return None
         rule = self._active.find(iotype, offset, length)
         if rule is None:
-            return 0
+            return None
         rule.hits += 1
         if self._hit_waits:
             self._wake_hit_waits(rule.id)
         error = rule.errno
-        if not error:
-            return 0                            # errno 0 matches and lets it through
-        if rule.once:
-            self._active.discard(rule)
-            self._retire(rule)
-        self.errors_injected[error] = self.errors_injected.get(error, 0) + 1
-        return error
+        # errno 0 matches and lets the request through; a once rule stays (QEMU). A torn
+        # or drop-unsynced rule with errno 0 still does something, so once spends it.
+        if error or rule.torn >= 0 or rule.drop_unsynced:
+            if rule.once:
+                self._active.discard(rule)
+                self._retire(rule)
+            if error:
+                self.errors_injected[error] = self.errors_injected.get(error, 0) + 1
+        return rule
 
     # ---- breakpoints ----
 
@@ -319,6 +329,15 @@ class Engine:
             return
         raise EngineError(_errno.ETIMEDOUT,
                           f'no request was suspended at tag "{tag}" within {timeout:g} s')
+
+    def release_suspended(self) -> int:
+        """A power cut: let every suspended request go on (to fail), breakpoints stay set."""
+        suspended = list(self._suspended)
+        for suspension in suspended:
+            suspension.release()
+        if suspended:
+            self._notify()
+        return len(suspended)
 
     def resume_all(self) -> None:
         """Shutdown: drop every breakpoint and release every suspended request."""

@@ -29,7 +29,8 @@ def command(path, option_strings):
         click.echo(f"blkfuse check: {error}", err=True)
         sys.exit(1)
     for rule in rules:
-        click.echo(f"{rule.source}: {format_rule(rule)}{_reachability_note(rule)}")
+        click.echo(f"{rule.source}: {format_rule(rule)}{_reachability_note(rule)}"
+                   f"{_power_note(rule)}")
     click.echo(_summary(path, rules, settings))
 
 
@@ -38,6 +39,15 @@ def _reachability_note(rule) -> str:
     if rule.event in REACHABLE_EVENTS:
         return ""
     return "  (never fires through a blkfuse mount)"
+
+
+def _power_note(rule) -> str:
+    # issue 10's keys: QEMU's blkdebug rejects them
+    used = [key for key, on in (("torn", getattr(rule, "torn", -1) >= 0),
+                                ("drop-unsynced", getattr(rule, "drop_unsynced", False))) if on]
+    if not used:
+        return ""
+    return f"  (not portable: {', '.join(used)}: blkfuse extension, QEMU rejects it)"
 
 
 def _summary(path, rules, settings) -> str:
@@ -56,4 +66,9 @@ def _summary(path, rules, settings) -> str:
         parts.append(f"cache={settings.cache} (not portable: qemu-io -t {settings.cache})")
     if settings.format != "raw":
         parts.append("format=none (not portable: qemu-io --image-opts driver=blkdebug,...)")
+    if settings.track_unsynced:
+        power = ["track-unsynced=on"]
+        power += [f"unsynced-cap={settings.unsynced_cap}"] if settings.unsynced_cap else []
+        power += [f"atomic={settings.atomic}"] if settings.atomic else []
+        parts.append(" ".join(power) + " (not portable: blkfuse extension options)")
     return ", ".join(parts)
