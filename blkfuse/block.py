@@ -38,12 +38,13 @@ went fails when it wakes up: _check_power after each wait).
 import errno as _errno
 import logging
 import os
+from collections.abc import Callable
 
 import trio
 
 from .engine import Caller, Engine, Request
 from .errors import BlkfuseError
-from .image import Image
+from .image import Bytes, Image
 from .rules import CACHE_MODES, FORMATS, SECTOR_SIZE, InjectError
 from .unsynced import CutReport, LogFull, UndoLog
 
@@ -129,7 +130,7 @@ class BlockDevice:
         """_check, answering the rule met (for torn= and drop-unsynced=), or None."""
         return self.engine.match(iotype, offset, length)
 
-    def _pieces(self, start: int, end: int):
+    def _pieces(self, start: int, end: int) -> tuple[tuple[int, int], ...]:
         """The driver calls blkdebug's node makes for [start, end): one, or max-transfer
         sized pieces (QEMU's bdrv_aligned_preadv/pwritev fragmenting), each checked."""
         step = self.max_transfer
@@ -185,7 +186,7 @@ class BlockDevice:
 
     # ---- write ----
 
-    async def write(self, offset: int, data, *, writethrough: bool = False,
+    async def write(self, offset: int, data: Bytes, *, writethrough: bool = False,
                     caller: Caller | None = None) -> int:
         """Write all of `data` or raise OSError. Chunks before a failing one stay written.
 
@@ -217,7 +218,7 @@ class BlockDevice:
             self._format_written += 1
         return length
 
-    async def _write_chunk(self, offset: int, data, caller: Caller | None,
+    async def _write_chunk(self, offset: int, data: Bytes, caller: Caller | None,
                            fua: bool = False) -> None:
         length = len(data)
         request = Request("write", offset, length)
@@ -239,7 +240,8 @@ class BlockDevice:
                 raise
         await self._aligned_write(start, data, request, caller, fua)
 
-    async def _aligned_write(self, start: int, data, request: Request, caller: Caller | None,
+    async def _aligned_write(self, start: int, data: Bytes, request: Request,
+                             caller: Caller | None,
                              fua: bool) -> None:
         """bdrv_aligned_pwritev of data at the blkdebug node: pwritev, a check and a write
         per max-transfer piece, the FUA flush (format none only), pwritev_done."""
@@ -261,7 +263,7 @@ class BlockDevice:
                 try:
                     self._write_image(piece_start, data[piece_start - start:piece_end - start])
                 except OSError as failure:      # the undo log is full, or the backing file
-                    error = failure.errno
+                    error = failure.errno or _errno.EIO
                 if error:
                     break
             if fua and not error:
@@ -275,7 +277,8 @@ class BlockDevice:
             raise _failure(error)
 
     async def _rmw_read(self, offset: int, length: int, start: int, end: int,
-                        request: Request, caller: Caller | None):
+                        request: Request, caller: Caller | None
+                        ) -> tuple[bytes | None, bytes | None, bool]:
         """The padding blocks of an unaligned request: (head, tail, merged).
 
         Like QEMU's bdrv_padding_rmw_read: a padded request of one block, or of two
@@ -308,11 +311,12 @@ class BlockDevice:
             await self._event("pwritev_rmw_after_tail", request)
         return head, tail, False
 
-    async def _read_modify(self, offset: int, data, start: int, end: int, request: Request,
+    async def _read_modify(self, offset: int, data: Bytes, start: int, end: int, request: Request,
                            caller: Caller | None) -> bytearray:
         """The aligned buffer for an unaligned write, padding read from the image."""
         head, tail, merged = await self._rmw_read(offset, len(data), start, end, request, caller)
         if merged:
+            assert head is not None             # merged: head is the whole padded range
             padded = bytearray(head)
         else:
             padded = bytearray(end - start)
@@ -333,7 +337,7 @@ class BlockDevice:
                 log.warning("%s", full.strerror)
                 raise
 
-    def _write_image(self, offset: int, data) -> None:
+    def _write_image(self, offset: int, data: Bytes) -> None:
         """Every pwrite of the image passes here: the undo log sees it first."""
         if data:
             self._record(offset, len(data))
@@ -384,6 +388,7 @@ class BlockDevice:
             self._blkdebug_written += 1      # deliberate difference, as for writes
             raise
         if merged:
+            assert head is not None             # merged: head is the whole padded range
             buffer = bytearray(head)
             buffer[offset - start:end_of_request - start] = bytes(length)
             await self._aligned_write(start, buffer, request, caller, fua)
@@ -458,7 +463,7 @@ class BlockDevice:
             error = await self._blkdebug_flush_errno(caller)
         return error
 
-    def _change(self, change, *args) -> int:
+    def _change(self, change: Callable[..., object], *args: object) -> int:
         """Run an image change; 0, or the errno it failed with (a full undo log: ENOSPC)."""
         try:
             change(*args)
@@ -626,11 +631,12 @@ class BlockDevice:
         await self.image.fsync()
         if self.cuts != cuts:
             raise OSError(_errno.EIO, "the power was cut during the fsync")
-        if covered:
+        if covered and self.unsynced is not None:
             self.unsynced.forget(covered)
 
     async def _drop_unsynced(self) -> None:
         """fsyncgate: a failing flush loses the dirty data; the disk keeps the flushed image."""
+        assert self.unsynced is not None        # drop-unsynced rules need track-unsynced
         report = self.unsynced.cut(self.image, "none")
         log.info("a flush met a drop-unsynced rule: %d unsynced writes reverted", report.writes)
         await self.image.fsync()

@@ -22,13 +22,18 @@ import shlex
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from . import config, memory
 from .errors import BlkfuseError, errno_name
 from .events import EVENTS, IOTYPES, REACHABLE_EVENTS, canonical_event
-from .rules import Rule
+from .engine import Engine
+from .rules import InjectError, Rule
+
+if TYPE_CHECKING:
+    from .block import BlockDevice
 
 # A human reads the text status: 100,000 rule lines would bury everything else.
 TEXT_RULES_SHOWN = 200
@@ -195,7 +200,8 @@ class Control:
     (image, mountpoint, options...); `pid` is added.
     """
 
-    def __init__(self, engine, reload=None, info=None, block=None):
+    def __init__(self, engine: Engine, reload: Callable[[], list[Rule]] | None = None,
+                 info: dict[str, Any] | None = None, block: "BlockDevice | None" = None):
         self.engine = engine
         self.block = block              # block.BlockDevice: power cuts and the undo log
         self._reload = reload
@@ -210,7 +216,7 @@ class Control:
 
     # -- shutdown ---------------------------------------------------------------------------
 
-    def close(self):
+    def close(self) -> None:
         """Shutdown: refuse new commands, fail every pending wait_break and wait_hit with
         ESHUTDOWN."""
         self._closing = True
@@ -523,13 +529,13 @@ def _parse_powercut(words: list[str]) -> tuple[str, int | None]:
     return keep, seed
 
 
-def _check_power_rule(rule: Rule, block) -> None:
+def _check_power_rule(rule: Rule, block: "BlockDevice | None") -> None:
     if getattr(rule, "drop_unsynced", False) and (block is None or block.unsynced is None):
         raise ControlError(_errno.EINVAL, "drop-unsynced needs the mount option "
                                           "track-unsynced=on (-o track-unsynced=on)")
 
 
-def _block_of(control: "Control", name: str):
+def _block_of(control: "Control", name: str) -> "BlockDevice":
     if control.block is None:
         raise ControlError(_errno.EINVAL, f"{name}: this control has no block device")
     return control.block
@@ -557,17 +563,17 @@ async def _help(control: "Control") -> str:
     return help_text()
 
 
-def _format_rule(rule) -> str:
+def _format_rule(rule: Rule) -> str:
     try:
         return config.format_rule(rule)
     except Exception:       # status must never fail because of a formatting gap
         return repr(rule)
 
 
-def _rule_dict(r) -> dict:
+def _rule_dict(r: Rule) -> dict[str, Any]:
     d = {"id": r.id, "kind": r.kind, "event": r.event, "state": r.state, "source": r.source,
          "hits": r.hits, "spent": r.spent, "text": _format_rule(r)}
-    if r.kind == "inject-error":
+    if isinstance(r, InjectError):
         d.update({"errno": r.errno, "errno_name": errno_name(r.errno), "sector": r.sector,
                   "once": r.once, "immediately": r.immediately,
                   "iotypes": [t for t in IOTYPES if t in r.iotypes]})

@@ -90,7 +90,7 @@ class _ActiveSet:
 
     __slots__ = ("anywhere", "first_anywhere", "offsets", "at_offset", "count")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.replace(())
 
     def replace(self, rules: Iterable[InjectError]) -> None:
@@ -142,7 +142,7 @@ class _ActiveSet:
         return True
 
     def _index_anywhere(self) -> None:
-        first = {}
+        first: dict[str, InjectError] = {}
         for rule in self.anywhere:
             for iotype in rule.iotypes:
                 first.setdefault(iotype, rule)
@@ -168,11 +168,11 @@ class _ActiveSet:
         return sorted(self.anywhere + self.at_offset, key=_by_id)
 
 
-def _by_id(rule):
+def _by_id(rule: Rule) -> int:
     return rule.id
 
 
-def _by_offset_then_id(rule):
+def _by_offset_then_id(rule: InjectError) -> tuple[int, int]:
     return (rule.sector, rule.id)
 
 
@@ -212,15 +212,15 @@ class Engine:
 
     def _run_rules(self, rules: list[Rule]) -> None:
         state = self.state
-        armed = []
-        new_state_rule = None
+        armed: list[InjectError] = []
+        new_state_rule: SetState | None = None
         for rule in rules:
             if rule.state and rule.state != state:
                 continue
             if type(rule) is InjectError:
                 armed.append(rule)
             elif new_state_rule is None:        # first in file order wins
-                new_state_rule = rule
+                new_state_rule = rule  # type: ignore[assignment]  # not narrowed by `type() is`
         if armed:
             self._active.replace(armed)
         if new_state_rule is not None:

@@ -9,6 +9,7 @@ control file, shutdown) still run and cancellation still arrives.
 """
 
 import select
+from typing import Protocol
 
 import trio
 
@@ -18,13 +19,17 @@ _CHECKPOINT_EVERY = 8
 _original_wait_readable = trio.lowlevel.wait_readable
 
 
+class _HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
 def install() -> None:
     if getattr(trio.lowlevel.wait_readable, "_blkfuse_fast", False):
         return
-    pollers = {}
+    pollers: dict[int, select.poll] = {}
     fast_returns = 0
 
-    async def wait_readable(fd):
+    async def wait_readable(fd: "int | _HasFileno") -> None:
         nonlocal fast_returns
         number = fd if isinstance(fd, int) else fd.fileno()
         poller = pollers.get(number)
@@ -39,5 +44,5 @@ def install() -> None:
             return
         await _original_wait_readable(fd)
 
-    wait_readable._blkfuse_fast = True
+    wait_readable._blkfuse_fast = True  # type: ignore[attr-defined]  # marks it installed
     trio.lowlevel.wait_readable = wait_readable
