@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
@@ -21,16 +20,14 @@ STEPS = ("1 inject-error on one sector", "2 runtime ENOSPC after the first flush
 pytestmark = pytest.mark.vm
 
 
-def test_guest_sees_injected_faults_and_breakpoints(tmp_path):
+def test_guest_sees_injected_faults_and_breakpoints():
     for tool in ("qemu-system-x86_64", "busybox", "dpkg-deb"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} not installed (scripts/setup installs it)")
     if not os.path.exists("/dev/fuse"):
         pytest.skip("no /dev/fuse")
-    # Its scratch directory inside ours: other mounts on the machine are not this run's.
-    tmp = tempfile.mkdtemp(dir=tmp_path)
-    r = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "TMPDIR": tmp})
+    before = _e2e_mounts()          # other runs on this machine may have their own
+    r = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, timeout=600)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     for step in STEPS:
@@ -39,5 +36,9 @@ def test_guest_sees_injected_faults_and_breakpoints(tmp_path):
     # what the guest kernel said about the failed requests
     assert re.search(r"I/O error, dev vda, sector 2048\b", out), out
     assert re.search(r"I/O error, dev vda, sector 8200\b", out), out
+    assert _e2e_mounts() <= before, "scripts/e2e-vm left a mount behind"
+
+
+def _e2e_mounts() -> set[str]:
     with open("/proc/mounts") as f:
-        assert tmp not in f.read()                  # nothing of this run is left mounted
+        return {line for line in f if "blkfuse-e2e-" in line}
