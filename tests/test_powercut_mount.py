@@ -106,12 +106,12 @@ def test_powercut_bad_words_change_nothing(mount):
 
 def test_the_same_seed_on_the_same_history_gives_the_same_image_through_dd(mount):
     images = []
-    for run in range(2):
+    # the same unsynced history each run: deterministic data
+    pattern = bytes((i * 31 + 7) & 0xFF for i in range(256 * KiB))
+    for _ in range(2):
         m = mount(*TRACK, "-o", "atomic=4096", data=bytes(MiB))
         subprocess.run(["dd", "if=/dev/urandom", f"of={m.file}", "bs=64k", "count=2",
                         "oflag=direct", "conv=notrunc,fsync", "status=none"], check=True)
-        # the same unsynced history each run: deterministic data
-        pattern = bytes((i * 31 + 7) & 0xFF for i in range(256 * KiB))
         (m.base / "pattern").write_bytes(pattern)
         subprocess.run(["dd", f"if={m.base / 'pattern'}", f"of={m.file}", "bs=16k", "seek=4",
                         "oflag=direct", "conv=notrunc", "status=none"], check=True)
