@@ -17,8 +17,9 @@ def fail(message: str) -> NoReturn:
     sys.exit(1)
 
 
-def _read_all(fd) -> bytes:
-    chunks, off = [], 0
+def _read_all(fd: int) -> bytes:
+    chunks: list[bytes] = []
+    off = 0
     while True:
         b = os.pread(fd, 1 << 20, off)
         if not b:
@@ -48,7 +49,7 @@ def send(mountpoint: str, text: str) -> str:
     try:
         fd = os.open(path, os.O_RDWR)
     except OSError as e:
-        raise ControlError(e.errno, _open_error(mountpoint, e)) from None
+        raise ControlError(e.errno or errno.EIO, _open_error(mountpoint, e)) from None
     try:
         try:
             os.write(fd, text.encode())
@@ -57,15 +58,16 @@ def send(mountpoint: str, text: str) -> str:
                 answer = _read_all(fd).decode(errors="replace").strip()
             except OSError:
                 answer = ""
-            message = answer.removeprefix("error: ") or os.strerror(e.errno)
-            raise ControlError(e.errno, f"{message} [{errno.errorcode.get(e.errno, e.errno)}]") \
+            error = e.errno or errno.EIO
+            message = answer.removeprefix("error: ") or os.strerror(error)
+            raise ControlError(error, f"{message} [{errno.errorcode.get(error, error)}]") \
                 from None
         return _read_all(fd).decode(errors="replace")
     finally:
         os.close(fd)
 
 
-def _open_error(mountpoint, e: OSError) -> str:
+def _open_error(mountpoint: str, e: OSError) -> str:
     if e.errno == errno.ENOENT:
         return f"{mountpoint}: not a blkfuse mount (no control file)"
     if e.errno == errno.ENOTCONN:

@@ -7,19 +7,20 @@ import click
 
 from ..config import ConfigError, format_rule, load_rules, parse_option_string, parse_options
 from ..events import REACHABLE_EVENTS
+from ..rules import Rule, Settings
 
 
 @click.command(name="check")
 @click.argument("path", type=click.Path(dir_okay=False))
 @click.option("-o", "--options", "option_strings", multiple=True, metavar="KEY=VALUE,...",
               help="blkdebug options, as for mount (inject-error.0.event=read_aio,align=4096).")
-def command(path, option_strings):
+def command(path: str, option_strings: tuple[str, ...]) -> None:
     """Check the blkdebug config file PATH (and options); print each rule with its source.
 
     Exits 1 with the first error (file:line or option key) on stderr.
     """
     try:
-        options = {}
+        options: dict[str, str] = {}
         for option_string in option_strings:
             options.update(parse_option_string(option_string))
         _, settings = parse_options(options)
@@ -34,14 +35,14 @@ def command(path, option_strings):
     click.echo(_summary(path, rules, settings))
 
 
-def _reachability_note(rule) -> str:
+def _reachability_note(rule: Rule) -> str:
     # qcow2 events are accepted so configs stay portable, but a raw file never raises them.
     if rule.event in REACHABLE_EVENTS:
         return ""
     return "  (never fires through a blkfuse mount)"
 
 
-def _power_note(rule) -> str:
+def _power_note(rule: Rule) -> str:
     # issue 10's keys: QEMU's blkdebug rejects them
     used = [key for key, on in (("torn", getattr(rule, "torn", -1) >= 0),
                                 ("drop-unsynced", getattr(rule, "drop_unsynced", False))) if on]
@@ -50,7 +51,7 @@ def _power_note(rule) -> str:
     return f"  (not portable: {', '.join(used)}: blkfuse extension, QEMU rejects it)"
 
 
-def _summary(path, rules, settings) -> str:
+def _summary(path: str, rules: list[Rule], settings: Settings) -> str:
     kinds = collections.Counter(rule.kind for rule in rules)
     noun = "rule" if len(rules) == 1 else "rules"
     parts = [f"{path}: OK, {len(rules)} {noun}"]

@@ -8,7 +8,7 @@ from ._common import ControlError, fail, send
 @click.command("ctl", context_settings={"ignore_unknown_options": True})
 @click.argument("mountpoint")
 @click.argument("words", nargs=-1, required=True)
-def command(mountpoint, words):
+def command(mountpoint: str, words: tuple[str, ...]) -> None:
     """Send COMMAND to the mount at MOUNTPOINT and print its answer.
 
     The words are joined into one line (`blkfuse ctl /mnt break write_aio A`); an argument

@@ -11,7 +11,7 @@ from ._common import ControlError, _open_error, fail, read_status, send
 @click.argument("mountpoint")
 @click.option("--json", "as_json", is_flag=True,
               help="Machine-readable status (needs the right to write control).")
-def command(mountpoint, as_json):
+def command(mountpoint: str, as_json: bool) -> None:
     """Show the state, rules, breakpoints, suspended requests and counters of a mount."""
     if as_json:
         try:
