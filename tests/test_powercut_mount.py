@@ -5,35 +5,14 @@ import errno
 import os
 import signal
 import subprocess
-import threading
 import time
 
 import pytest
 
 from conftest import BLKFUSE, blkfuse, force_unmount, is_mounted
+from imageio import KiB, MiB, Writer
 
-KiB = 1024
-MiB = 1024 * KiB
 TRACK = ("-o", "track-unsynced=on")
-
-
-class Writer(threading.Thread):
-    """A pwrite in its own thread (it may block at a breakpoint)."""
-
-    def __init__(self, m, offset: int, data: bytes):
-        super().__init__(daemon=True)
-        self.m, self.offset, self.data = m, offset, data
-        self.result = self.error = None
-
-    def run(self) -> None:
-        try:
-            fd = os.open(self.m.file, os.O_RDWR)
-            try:
-                self.result = os.pwrite(fd, self.data, self.offset)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            self.error = e
 
 
 def pwrite(m, offset, data, sync=False):
