@@ -38,17 +38,18 @@ went fails when it wakes up: _check_power after each wait).
 import errno as _errno
 import logging
 import os
+from collections.abc import Callable
 
 import trio
 
 from .engine import Caller, Engine, Request
 from .errors import BlkfuseError
-from .image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, Image
-from .rules import CACHE_MODES, FORMATS, InjectError
+from .image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, Bytes, Image
+from .rules import CACHE_MODES, FORMATS, SECTOR_SIZE, InjectError
 from .unsynced import CutReport, LogFull, UndoLog
 
-SECTOR_SIZE = 512                 # QEMU keeps a node's length in sectors (bdrv_getlength)
-_MAX_BOUNCE_BUFFER = 32768 * 512  # io.c: the largest fallback write of zeroes
+# QEMU keeps a node's length in sectors (bdrv_getlength): SECTOR_SIZE, as for sector rules.
+_MAX_BOUNCE_BUFFER = 32768 * SECTOR_SIZE  # io.c: the largest fallback write of zeroes
 _INT64_MAX = 2**63 - 1
 
 
@@ -112,6 +113,14 @@ class BlockDevice:
 
     def size(self) -> int:
         return self.image.size()
+
+    def stat(self) -> os.stat_result:
+        """The backing file's (owner, group and mode are what the mount shows)."""
+        return self.image.stat()
+
+    def statvfs(self) -> os.statvfs_result:
+        """The file system the backing file lives on."""
+        return self.image.statvfs()
 
     def truncate(self, size: int) -> None:
         """Resize. No event and no check, but QEMU's bdrv_co_truncate counts it as written
@@ -179,7 +188,7 @@ class BlockDevice:
         """_check, answering the rule met (for torn= and drop-unsynced=), or None."""
         return self.engine.match(iotype, offset, length)
 
-    def _pieces(self, start: int, end: int):
+    def _pieces(self, start: int, end: int) -> tuple[tuple[int, int], ...]:
         """The driver calls blkdebug's node makes for [start, end): one, or max-transfer
         sized pieces (QEMU's bdrv_aligned_preadv/pwritev fragmenting), each checked."""
         step = self.max_transfer
@@ -237,7 +246,7 @@ class BlockDevice:
 
     # ---- write ----
 
-    async def write(self, offset: int, data, *, writethrough: bool = False,
+    async def write(self, offset: int, data: Bytes, *, writethrough: bool = False,
                     caller: Caller | None = None) -> int:
         """Write all of `data` or raise OSError. Chunks before a failing one stay written.
 
@@ -269,7 +278,7 @@ class BlockDevice:
             self._format_written += 1
         return length
 
-    async def _write_chunk(self, offset: int, data, caller: Caller | None,
+    async def _write_chunk(self, offset: int, data: Bytes, caller: Caller | None,
                            fua: bool = False) -> None:
         length = len(data)
         request = Request("write", offset, length)
@@ -291,7 +300,8 @@ class BlockDevice:
                 raise
         await self._aligned_write(start, data, request, caller, fua)
 
-    async def _aligned_write(self, start: int, data, request: Request, caller: Caller | None,
+    async def _aligned_write(self, start: int, data: Bytes, request: Request,
+                             caller: Caller | None,
                              fua: bool) -> None:
         """bdrv_aligned_pwritev of data at the blkdebug node: pwritev, a check and a write
         per max-transfer piece, the FUA flush (format none only), pwritev_done."""
@@ -314,7 +324,7 @@ class BlockDevice:
                     await self._write_image(piece_start,
                                             data[piece_start - start:piece_end - start])
                 except OSError as failure:      # the undo log is full, or the backing file
-                    error = failure.errno
+                    error = failure.errno or _errno.EIO
                 if error:
                     break
             if fua and not error:
@@ -328,7 +338,8 @@ class BlockDevice:
             raise _failure(error)
 
     async def _rmw_read(self, offset: int, length: int, start: int, end: int,
-                        request: Request, caller: Caller | None):
+                        request: Request, caller: Caller | None
+                        ) -> tuple[bytes | None, bytes | None, bool]:
         """The padding blocks of an unaligned request: (head, tail, merged).
 
         Like QEMU's bdrv_padding_rmw_read: a padded request of one block, or of two
@@ -361,11 +372,12 @@ class BlockDevice:
             await self._event("pwritev_rmw_after_tail", request)
         return head, tail, False
 
-    async def _read_modify(self, offset: int, data, start: int, end: int, request: Request,
+    async def _read_modify(self, offset: int, data: Bytes, start: int, end: int, request: Request,
                            caller: Caller | None) -> bytearray:
         """The aligned buffer for an unaligned write, padding read from the image."""
         head, tail, merged = await self._rmw_read(offset, len(data), start, end, request, caller)
         if merged:
+            assert head is not None             # merged: head is the whole padded range
             padded = bytearray(head)
         else:
             padded = bytearray(end - start)
@@ -443,6 +455,7 @@ class BlockDevice:
             self._blkdebug_written += 1      # deliberate difference, as for writes
             raise
         if merged:
+            assert head is not None             # merged: head is the whole padded range
             buffer = bytearray(head)
             buffer[offset - start:end_of_request - start] = bytes(length)
             await self._aligned_write(start, buffer, request, caller, fua)
@@ -520,7 +533,7 @@ class BlockDevice:
             error = await self._blkdebug_flush_errno(caller)
         return error
 
-    def _change(self, change, *args) -> int:
+    def _change(self, change: Callable[..., object], *args: object) -> int:
         """Run an image change; 0, or the errno it failed with (a full undo log: ENOSPC)."""
         try:
             change(*args)
@@ -688,11 +701,12 @@ class BlockDevice:
         await self.image.fsync()
         if self.cuts != cuts:
             raise OSError(_errno.EIO, "the power was cut during the fsync")
-        if covered:
+        if covered and self.unsynced is not None:
             self.unsynced.forget(covered)
 
     async def _drop_unsynced(self) -> None:
         """fsyncgate: a failing flush loses the dirty data; the disk keeps the flushed image."""
+        assert self.unsynced is not None        # drop-unsynced rules need track-unsynced
         report = self.unsynced.cut(self.image, "none")
         log.info("a flush met a drop-unsynced rule: %d unsynced writes reverted", report.writes)
         await self.image.fsync()

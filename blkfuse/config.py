@@ -22,6 +22,7 @@ max-transfer must be positive (QEMU reads 0 as "not set").
 """
 
 import difflib
+from collections.abc import Iterable, Sequence
 import errno as errno_module
 import re
 
@@ -94,7 +95,7 @@ _BOOLEANS = {"on": True, "yes": True, "true": True, "y": True,
 
 # --- suggestions -------------------------------------------------------------------------
 
-def did_you_mean(word: str, candidates) -> str:
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     """' (did you mean "x"?)' for the closest candidate, or '' when nothing is close."""
     candidates = list(candidates)
     matches = difflib.get_close_matches(word, candidates, n=1)
@@ -265,7 +266,7 @@ class _Section:
         self.kind = kind
         self.where = where
         self.line = line
-        self.entries = {}
+        self.entries: dict[str, tuple[str, str]] = {}      # key -> (value, where)
 
 
 def _explain_bad_line(line: str) -> str:
@@ -298,8 +299,8 @@ def _read_assignment(line: str, where: str) -> tuple[str, str]:
 class _IdRegistry:
     """QEMU gives each section an optional id and refuses two equal ids of one kind."""
 
-    def __init__(self):
-        self.seen = set()
+    def __init__(self) -> None:
+        self.seen: set[tuple[str, str]] = set()
 
     def claim(self, kind: str, entries: dict) -> None:
         if "id" not in entries:
@@ -319,7 +320,7 @@ def parse_config_text(text: str, filename: str = "<config>") -> list[Rule]:
     ids = _IdRegistry()
     section = None
 
-    def finish(section):
+    def finish(section: _Section) -> None:
         ids.claim(section.kind, section.entries)
         rules.append(_build_rule(section.kind, section.entries, section.where, filename,
                                  section.line))
@@ -463,7 +464,8 @@ def _unknown_option(key: str) -> ConfigError:
 
 def _collect_rule_options(options: dict) -> dict:
     """{kind: {index or None: {subkey: (text, where)}}}, every key checked."""
-    groups = {kind: {} for kind in SECTION_KEYS}
+    groups: dict[str, dict[str | None, dict[str, tuple[str, str]]]] = {
+        kind: {} for kind in SECTION_KEYS}
     for key, value in options.items():
         if key in _SETTING_OPTIONS:
             continue
@@ -585,7 +587,7 @@ def _parse_power_options(options: dict, settings: Settings) -> None:
         settings.atomic = atomic
 
 
-def check_power_rules(rules, settings: Settings) -> None:
+def check_power_rules(rules: Sequence[Rule], settings: Settings) -> None:
     """drop-unsynced reverts through the undo log: a rule with it needs track-unsynced=on."""
     if settings.track_unsynced:
         return
@@ -597,7 +599,7 @@ def check_power_rules(rules, settings: Settings) -> None:
 
 def parse_option_string(s: str) -> dict[str, str]:
     """'a=1,b=2' -> {'a': '1', 'b': '2'}; as in QEMU, ',,' is a comma inside a value."""
-    options = {}
+    options: dict[str, str] = {}
     if not s:
         return options
     for item in _split_on_single_commas(s):
@@ -660,7 +662,7 @@ def _unquote_word(text: str, where: str) -> str:
 def parse_rule_args(kind: str, pairs: list[str], source: str = "control") -> Rule:
     """A rule from control-file words: parse_rule_args("inject-error", ["event=read_aio"])."""
     _check_kind(kind, source, noun="rule kind")
-    entries = {}
+    entries: dict[str, tuple[str, str]] = {}
     for pair in pairs:
         key, equals, value = pair.partition("=")
         if not equals or not key:
@@ -724,7 +726,7 @@ def format_rule(rule: Rule) -> str:
     return " ".join([rule.kind] + [f"{key}={value}" for key, value in _rule_items(rule)])
 
 
-def format_config(rules) -> str:
+def format_config(rules: Iterable[Rule]) -> str:
     """The rules as a QEMU blkdebug config file (what parse_config_text reads back)."""
     lines = []
     for rule in rules:

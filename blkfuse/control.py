@@ -22,13 +22,17 @@ import shlex
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from . import config, memory
 from .errors import BlkfuseError, ControlError, errno_name
 from .events import EVENTS, IOTYPES, canonical_event, never_fires_note
-from .rules import Rule
+from .rules import InjectError, Rule
+
+if TYPE_CHECKING:
+    from .block import BlockDevice
 
 # A human reads the text status: 100,000 rule lines would bury everything else.
 TEXT_RULES_SHOWN = 200
@@ -209,7 +213,7 @@ class Control:
 
     # -- shutdown ---------------------------------------------------------------------------
 
-    def close(self):
+    def close(self) -> None:
         """Shutdown: refuse new commands, fail every pending wait_break and wait_hit with
         ESHUTDOWN."""
         self._closing = True
@@ -552,13 +556,13 @@ def _parse_powercut(words: list[str]) -> tuple[str, int | None]:
     return keep, seed
 
 
-def _check_power_rule(rule: Rule, block) -> None:
+def _check_power_rule(rule: Rule, block: "BlockDevice | None") -> None:
     if getattr(rule, "drop_unsynced", False) and (block is None or block.unsynced is None):
         raise ControlError(_errno.EINVAL, "drop-unsynced needs the mount option "
                                           "track-unsynced=on (-o track-unsynced=on)")
 
 
-def _block_of(control: "Control", name: str):
+def _block_of(control: "Control", name: str) -> "BlockDevice":
     if control.block is None:
         raise ControlError(_errno.EINVAL, f"{name}: this control has no block device")
     return control.block
@@ -612,10 +616,10 @@ def _format_rule(rule) -> str:
         return repr(rule)
 
 
-def _rule_dict(r) -> dict:
+def _rule_dict(r: Rule) -> dict[str, Any]:
     d = {"id": r.id, "kind": r.kind, "event": r.event, "state": r.state, "source": r.source,
          "hits": r.hits, "spent": r.spent, "text": _format_rule(r)}
-    if r.kind == "inject-error":
+    if isinstance(r, InjectError):
         d.update({"errno": r.errno, "errno_name": errno_name(r.errno), "sector": r.sector,
                   "once": r.once, "immediately": r.immediately,
                   "iotypes": [t for t in IOTYPES if t in r.iotypes]})

@@ -1,20 +1,27 @@
 """The mount's life: build the pieces, mount, tell the parent, serve, shut down in order.
 
-    prepare(...)  -> Mount      everything that can fail before mounting (rules, image, mountpoint)
-    run(mount, foreground=...)  mounts; in the background it forks first and the parent returns
-                                only once the mount is live (or with the one-line reason it is not)
+    prepare(...) -> Mount   everything that can fail before mounting (rules, image, mountpoint)
+    run_foreground(mount)   mounts and serves until shut down; returns the exit status
+    run_background(mount)   forks; the child mounts and serves, the parent returns only once
+                            the mount is live (or raises MountError with the one-line reason)
+
+A Daemon's life is one State that only moves forward: STARTING (built, not mounted), SERVING,
+STOPPING (shutdown under way), STOPPED (the FUSE loop told to end; serve() then fsyncs and
+unmounts).
 
 Shutdown (SIGTERM, SIGINT, SIGHUP, or the kernel ending the session): every suspended request
 is resumed and every breakpoint dropped, pending `wait_break`s fail with ESHUTDOWN, open files
-get GRACE_SECONDS to close, the FUSE loop stops taking requests and finishes the ones in
-flight, the backing file is fsynced, the mount is removed (lazily, so open files cannot keep
-it), exit 0. `blkfuse umount` sends SIGTERM only once nothing uses the image (or with --lazy).
+get GRACE_SECONDS to close (waited for on an event, not polled), the FUSE loop stops taking
+requests and finishes the ones in flight, the backing file is fsynced, the mount is removed
+(lazily, so open files cannot keep it), exit 0. `blkfuse umount` sends SIGTERM only once
+nothing uses the image (or with --lazy).
 
 Forced shutdown (SIGUSR1, what `blkfuse umount --force` sends): the same, except that from
 that moment every new request on the image fails with EIO, as on a disk that was pulled, and
 open files get no grace: the mount goes as soon as the requests in flight are answered.
 """
 
+import enum
 import errno
 import logging
 import os
@@ -24,8 +31,9 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from . import memory, mounttab
+from . import layout, memory, mounttab
 from .errors import MountError
+from .rules import Rule, Settings
 
 log = logging.getLogger("blkfuse")
 
@@ -49,8 +57,8 @@ class Mount:
     image_path: str
     mountpoint: str
     name: str
-    settings: object                     # rules.Settings
-    rules: list = field(default_factory=list)
+    settings: Settings
+    rules: list[Rule] = field(default_factory=list)
     read_only: bool = False
     allow_other: bool = False
     log_file: str | None = None
@@ -123,8 +131,9 @@ def prepare(image: str, mountpoint: str, settings, *, name=None, read_only=False
 
     if name is None:
         name = os.path.basename(image_path)
-    if not name or "/" in name or name in (".", "..", "control") or "\0" in name:
-        raise MountError(f"invalid image name {name!r} (it cannot be \"control\" or contain \"/\")")
+    problem = layout.image_name_problem(name)
+    if problem:
+        raise MountError(f"invalid image name {name!r}: {problem}")
     return Mount(image_path=image_path, mountpoint=mnt, name=name, settings=settings,
                  rules=rules, read_only=read_only, allow_other=allow_other, log_file=log_file,
                  trace_file=trace_file)
@@ -188,7 +197,7 @@ def _blkfuse_daemons(timeout: float = 2.0) -> dict[int, str]:
 
     def ask(mnt: str) -> None:
         try:
-            with open(os.path.join(mnt, "control"), encoding="utf-8", errors="replace") as f:
+            with open(layout.control_path(mnt), encoding="utf-8", errors="replace") as f:
                 for line in f:
                     match = re.match(r"mount: .* \(daemon pid (\d+)\)$", line.rstrip("\n"))
                     if match:
@@ -204,6 +213,15 @@ def _blkfuse_daemons(timeout: float = 2.0) -> dict[int, str]:
     for t in threads:
         t.join(timeout)
     return dict(found)
+
+
+class State(enum.Enum):
+    """Where a Daemon is in its life; it only moves forward, in this order."""
+
+    STARTING = "starting"   # built, not mounted
+    SERVING = "serving"     # mounted, answering requests
+    STOPPING = "stopping"   # control closed, suspended requests resumed, open files' grace
+    STOPPED = "stopped"     # the FUSE loop told to end: it answers what is in flight, returns
 
 
 class Daemon:
@@ -294,12 +312,13 @@ class Daemon:
         self._stopping = False
         self._shutting_down = False
 
-    def mount(self):
+    def mount(self) -> None:
         """Mount (pyfuse3.init). MountError with the kernel's or libfuse's reason on failure."""
         import pyfuse3
-        options = set(pyfuse3.default_options)
-        # We check who may write `control` ourselves; the kernel must not second-guess modes.
-        options.discard("default_permissions")
+        # default_permissions (among pyfuse3's defaults): the kernel checks the modes fs.py
+        # reports, the backing file's for the image, so --allow-other grants no one more
+        # than the backing file does.
+        options = set(pyfuse3.default_options) | {"default_permissions"}
         options |= {"fsname=blkfuse", "subtype=blkfuse"}
         if self.m.allow_other:
             options.add("allow_other")
@@ -324,9 +343,9 @@ class Daemon:
             finally:
                 os.dup2(saved, 2)
                 os.close(saved)
-        self._mounted = True
+        self.state = State.SERVING
 
-    async def _main(self):
+    async def _main(self) -> None:
         import pyfuse3
         import trio
         if os.environ.get("BLKFUSE_FASTLOOP", "1") != "0":   # "0": pyfuse3's own waits, for A/B runs
@@ -338,10 +357,10 @@ class Daemon:
             nursery.start_soon(self._watch_signals)
             await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
             # The loop ended: by our shutdown, or the kernel ended the session (unmounted).
-            self.stop()
+            self._stop()
             nursery.cancel_scope.cancel()
 
-    async def _watch_signals(self):
+    async def _watch_signals(self) -> None:
         import trio
         with trio.open_signal_receiver(*_ALL_SIGNALS) as signals:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _ALL_SIGNALS)
@@ -349,43 +368,44 @@ class Daemon:
                 forced = signum == FORCE_SIGNAL
                 log.info("%s: %s", signal.Signals(signum).name,
                          "forced shutdown" if forced else "shutting down")
-                if forced and not self._stopping:
+                if forced and self.state is not State.STOPPED:
                     # Also during an orderly shutdown's grace: --force cuts it short.
                     self.ops.refuse(errno.EIO)
-                if not self._shutting_down:
-                    self._shutting_down = True
-                    self._nursery.start_soon(self.shutdown)
+                if self.state is State.SERVING:
+                    self._release()
+                    self._nursery.start_soon(self._grace_then_stop)
                 # Later signals are absorbed: the shutdown under way finishes in order.
 
-    async def shutdown(self):
-        """Release every suspended request, let in-flight requests and open files finish
-        (GRACE_SECONDS at most; after a forced shutdown only the requests), then stop the
-        FUSE loop."""
+    def _release(self) -> None:
+        """Shutdown's first step, once (SERVING -> STOPPING): control takes no more commands
+        (pending waits fail with ESHUTDOWN), every breakpoint goes, every suspended request
+        resumes. Trio thread only."""
+        if self.state is State.SERVING:
+            self.state = State.STOPPING
+            self.control.close()
+            self.engine.resume_all()
+
+    async def _grace_then_stop(self) -> None:
+        """Let in-flight requests and open files finish (GRACE_SECONDS at most; after a forced
+        shutdown only the requests), then stop the FUSE loop."""
         import trio
-        if self._stopping:
-            return
-        self.control.close()
-        self.engine.resume_all()
         with trio.move_on_after(GRACE_SECONDS):
-            while not (self.ops.quiet() or (self.ops.refusing and not self.ops.inflight)):
-                await trio.sleep(0.01)
-        if self.ops.inflight or not self.ops.quiet() and not self.ops.refusing:
+            await self.ops.wait_settled()
+        if not self.ops.settled():
             log.warning("shutting down with %d request(s) in flight and files still open",
                         self.ops.inflight)
-        self.stop()
+        self._stop()
 
-    def stop(self):
-        """Stop taking requests (trio thread only); pyfuse3.main() returns once the
-        requests in flight are answered."""
-        if self._stopping:
-            return
-        self._stopping = True
-        import pyfuse3
-        self.control.close()
-        self.engine.resume_all()
-        pyfuse3.terminate()
+    def _stop(self) -> None:
+        """Shutdown's last step, once (-> STOPPED): the FUSE loop takes no new requests;
+        pyfuse3.main() returns once those in flight are answered. Trio thread only."""
+        self._release()
+        if self.state is State.STOPPING:
+            self.state = State.STOPPED
+            import pyfuse3
+            pyfuse3.terminate()
 
-    def serve(self):
+    def serve(self) -> int:
         """Run until shut down; then flush, unmount. Returns the exit status."""
         import pyfuse3
         import trio
@@ -401,9 +421,8 @@ class Daemon:
             except OSError as e:
                 log.error("fsync of %s failed: %s", self.m.image_path, e)
                 status = 1
-            if self._mounted:
+            if self.state is not State.STARTING:
                 pyfuse3.close(unmount=True)
-                self._mounted = False
             try:
                 self.image.close()
             except OSError:
@@ -415,9 +434,10 @@ class Daemon:
         return status
 
 
-def _setup_logging(log_file, foreground):
+def _setup_logging(log_file: str | None, foreground: bool) -> None:
     root = logging.getLogger()
     root.handlers.clear()
+    h: logging.Handler
     if log_file:
         h = logging.FileHandler(log_file)
     elif foreground:

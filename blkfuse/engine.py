@@ -1,7 +1,7 @@
 """The blkdebug rule engine: state, rules per event, the active set, checks, breakpoints.
 
 Pure: no file I/O and no FUSE. It follows QEMU 7.2's block/blkdebug.c as observed
-(DESIGN.md §3):
+(docs/design.md, "Rule semantics"):
 
 - `fire(event)` runs the event's rules against the state *at event time*: the matching
   inject-error rules replace the active set (only if there is at least one), the first
@@ -24,7 +24,7 @@ import trio
 
 from .errors import BlkfuseError
 from .events import EVENTS, IOTYPES, canonical_event
-from .rules import InjectError, Rule, SetState
+from .rules import SECTOR_SIZE, InjectError, Rule, SetState
 
 
 class EngineError(BlkfuseError):
@@ -103,7 +103,7 @@ class _ActiveSet:
 
     __slots__ = ("anywhere", "first_anywhere", "offsets", "at_offset", "count")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.replace(())
 
     def replace(self, rules: Iterable[InjectError]) -> None:
@@ -117,7 +117,7 @@ class _ActiveSet:
         self.anywhere.sort(key=_by_id)
         located.sort(key=_by_offset_then_id)
         # 8 bytes an offset in an array, not a 32-byte int object each in a list
-        self.offsets = array("q", [rule.sector * 512 for rule in located])
+        self.offsets = array("q", [rule.sector * SECTOR_SIZE for rule in located])
         self.at_offset = located
         self.count = len(self.anywhere) + len(located)
         self._index_anywhere()
@@ -128,7 +128,7 @@ class _ActiveSet:
             self.anywhere.sort(key=_by_id)
             self._index_anywhere()
         else:
-            offset = rule.sector * 512
+            offset = rule.sector * SECTOR_SIZE
             i = bisect_left(self.offsets, offset)
             self.offsets.insert(i, offset)
             self.at_offset.insert(i, rule)
@@ -141,7 +141,7 @@ class _ActiveSet:
             self.anywhere.remove(rule)
             self._index_anywhere()
         else:
-            offset = rule.sector * 512
+            offset = rule.sector * SECTOR_SIZE
             i = bisect_left(self.offsets, offset)
             while i < len(self.offsets) and self.offsets[i] == offset:
                 if self.at_offset[i] is rule:
@@ -155,7 +155,7 @@ class _ActiveSet:
         return True
 
     def _index_anywhere(self) -> None:
-        first = {}
+        first: dict[str, InjectError] = {}
         for rule in self.anywhere:
             for iotype in rule.iotypes:
                 first.setdefault(iotype, rule)
@@ -181,11 +181,11 @@ class _ActiveSet:
         return sorted(self.anywhere + self.at_offset, key=_by_id)
 
 
-def _by_id(rule):
+def _by_id(rule: Rule) -> int:
     return rule.id
 
 
-def _by_offset_then_id(rule):
+def _by_offset_then_id(rule: InjectError) -> tuple[int, int]:
     return (rule.sector, rule.id)
 
 
@@ -231,15 +231,15 @@ class Engine:
 
     def _run_rules(self, rules: list[Rule]) -> None:
         state = self.state
-        armed = []
-        new_state_rule = None
+        armed: list[InjectError] = []
+        new_state_rule: SetState | None = None
         for rule in rules:
             if rule.state and rule.state != state:
                 continue
             if type(rule) is InjectError:
                 armed.append(rule)
             elif new_state_rule is None:        # first in file order wins
-                new_state_rule = rule
+                new_state_rule = rule  # type: ignore[assignment]  # not narrowed by `type() is`
         if armed:
             self._active.replace(armed)
         if new_state_rule is not None:

@@ -39,8 +39,8 @@ EVENT_ALIASES = {
     "pwritev_rmw.after_tail": "pwritev_rmw_after_tail",
 }
 
-# The events a request through the mount can raise (DESIGN.md §4); the others are
-# accepted so that configs written for qcow2 stay portable, but never fire here.
+# The events a request through the mount can raise (docs/design.md, "Events per operation");
+# the others are accepted so that configs written for qcow2 stay portable, but never fire here.
 REACHABLE_EVENTS = frozenset({
     "none", "read_aio", "write_aio", "pwritev", "pwritev_zero", "pwritev_done", "flush_to_os",
     "flush_to_disk",

@@ -29,6 +29,13 @@ which libfuse 3.14 / pyfuse3 3.5 cannot. So while a *write* is suspended, other 
 fsyncs of the image wait in the kernel; reads, the control file and everything else flow.
 A suspended fsync holds the lock the same way; while a read is suspended, everything flows.
 
+Permissions are the kernel's (the mount uses `default_permissions`): the image file shows the
+backing file's owner, group and mode, read at every getattr like its size, so the mount grants
+no one more than the backing file does (with `--allow-other` too); a read-only mount shows it
+without write bits and fails every write with EROFS. `control` belongs to the mounting user,
+mode 0644: anyone the mount lets in may read the status, only that user and root may write
+commands (checked here as well, in case the kernel's check is ever off).
+
 The image has a fixed size, like a disk (and like qemu-storage-daemon's FUSE export with
 growable off): a write that crosses the end writes what fits (a short write), a write at or
 past the end fails with ENOSPC (as a block device answers; qsd 7.2 answers EIO), and truncate to
@@ -41,19 +48,27 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
+from pyfuse3 import (
+    EntryAttributes, FileHandleT, FileInfo, FileNameT, FlagT, InodeT, ModeT, ReaddirToken,
+    RequestContext, SetattrFields, StatvfsData,
+)
 
-from .control import ControlError
+from .block import BlockDevice
+from .control import Control, ControlError
 from .engine import Caller
 from .image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE
+from .layout import CONTROL_NAME, image_name_problem
 
 log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
 IMAGE = ROOT + 1
 CONTROL = ROOT + 2
-CONTROL_NAME = "control"
 # Every lookup of `control` answers a new inode number from here on (see Operations.lookup).
 FIRST_FRESH_CONTROL = 16
 
@@ -81,8 +96,9 @@ class _Handle:
     def __init__(self, inode: int, writethrough: bool = False):
         self.inode = inode
         self.writethrough = writethrough
-        self.answer = None          # control: bytes served by read(); None = status at first read
-        self.anchor = None          # control: the file offset where `answer` starts (first read)
+        # control: bytes served by read(); None = status at first read
+        self.answer: bytes | None = None
+        self.anchor: int | None = None      # control: the file offset where `answer` starts
 
     def set_answer(self, answer: bytes | None) -> None:
         self.answer = answer
@@ -93,15 +109,21 @@ class _Handle:
         if self.anchor is None or offset < self.anchor:
             self.anchor = offset
         start = offset - self.anchor
-        return self.answer[start:start + size]
+        return (self.answer or b"")[start:start + size]
 
 
-def _guard(fn):
-    """Turn any failure into a FUSE errno: pyfuse3 ends the whole main loop on an exception."""
-    async def wrapper(self, *args):
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _guard(fn: Callable[Concatenate["Operations", _P], Awaitable[_R]]
+           ) -> Callable[Concatenate["Operations", _P], Coroutine[Any, Any, _R]]:
+    """Turn any failure into a FUSE errno: pyfuse3 ends the whole main loop on an exception.
+    Also counts the requests in flight, which shutdown waits for (Operations.wait_settled)."""
+    async def wrapper(self: "Operations", /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         self.inflight += 1
         try:
-            return await fn(self, *args)
+            return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except OSError as e:
@@ -111,6 +133,8 @@ def _guard(fn):
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
             self.inflight -= 1
+            if not self.inflight:
+                self._wake_settled_waiter()
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
@@ -119,8 +143,9 @@ def _guard(fn):
 class Operations(pyfuse3.Operations):
     """pyfuse3 operations for one mount.
 
-    block: block.BlockDevice; image: image.Image (size, truncate); control: control.Control.
-    owner_uid: the mounting user (with root, the only one who may write `control`).
+    block: the image, through its BlockDevice; control: control.Control.
+    owner_uid, owner_gid: the mounting user's, who owns the directory and `control` (and, with
+    root, is the only one who may write commands).
     """
 
     supports_dot_lookup = True
@@ -129,27 +154,25 @@ class Operations(pyfuse3.Operations):
     enable_io_context = True        # the patch: write flags, the caller of read/write/fsync
     enable_interrupts = True        # the patch: FUSE_INTERRUPT cancels the handler
 
-    def __init__(self, block, image, control, *, name, read_only=False, allow_other=False,
-                 owner_uid=None, owner_gid=None, backing_path=None, growable=False):
+    def __init__(self, block: BlockDevice, control: Control, *, name: str,
+                 read_only: bool = False, owner_uid: int | None = None,
+                 owner_gid: int | None = None, growable: bool = False):
         super().__init__()
-        if not name or "/" in name or name in (".", "..", CONTROL_NAME):
-            raise ValueError(f"invalid image name {name!r}")
+        problem = image_name_problem(name)
+        if problem:
+            raise ValueError(f"invalid image name {name!r}: {problem}")
         self.block = block
-        self.image = image
         self.control = control
         self.name = name
         self.name_b = os.fsencode(name)
         self.read_only = read_only
-        # Without default_permissions the kernel checks no modes: with allow_other every user
-        # may read and write the image (and the mode says so); `control` we guard ourselves.
-        self.image_mode = 0o444 if read_only else (0o666 if allow_other else 0o644)
         self.owner_uid = os.getuid() if owner_uid is None else owner_uid
         self.owner_gid = os.getgid() if owner_gid is None else owner_gid
-        self.backing_path = backing_path
         self.growable = growable
         self.refusing = 0           # an errno: a forced shutdown fails every new image request
         self._handles: dict[int, _Handle] = {}
         self.inflight = 0           # requests being served (suspended ones included)
+        self._settled: trio.Event | None = None     # set for wait_settled(), if one waits
         self._next_fh = 1
         now = time.time_ns()
         self._mtime = {ROOT: now, IMAGE: now, CONTROL: now}
@@ -158,19 +181,34 @@ class Operations(pyfuse3.Operations):
     def refuse(self, error: int) -> None:
         """From now on, every new request on the image fails with `error` (forced shutdown)."""
         self.refusing = error
+        self._wake_settled_waiter()         # open files no longer count
 
-    def quiet(self) -> bool:
-        """No request in flight and no file open: shutting down now loses nothing."""
-        return self.inflight == 0 and not self._handles
+    def settled(self) -> bool:
+        """Nothing left to wait for at shutdown: no request in flight and no file open (after
+        a forced shutdown, open files do not count)."""
+        return not self.inflight and (bool(self.refusing) or not self._handles)
+
+    async def wait_settled(self) -> None:
+        """Return once settled(): woken by the last request ending or file closing, no polling.
+        One waiter at a time (the daemon's shutdown)."""
+        while not self.settled():
+            self._settled = trio.Event()
+            await self._settled.wait()
+
+    def _wake_settled_waiter(self) -> None:
+        # On the request path: one attribute test unless shutdown is waiting.
+        if self._settled is not None:
+            self._settled.set()
+            self._settled = None
 
     # -- attributes ---------------------------------------------------------------------------
 
     @staticmethod
-    def _is_control(inode) -> bool:
+    def _is_control(inode: InodeT) -> bool:
         return inode == CONTROL or inode >= FIRST_FRESH_CONTROL
 
-    def _attr(self, inode) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
+    def _attr(self, inode: InodeT) -> EntryAttributes:
+        a = EntryAttributes()
         a.st_ino = inode
         a.generation = 0
         a.entry_timeout = ENTRY_TIMEOUT
@@ -182,13 +220,20 @@ class Operations(pyfuse3.Operations):
             a.st_nlink = 2
             a.attr_timeout = ENTRY_TIMEOUT
         elif inode == IMAGE:
-            a.st_mode = stat.S_IFREG | self.image_mode
+            # The backing file's owner, group, mode and size, live; the kernel checks them.
+            backing = self.block.stat()
+            mode = stat.S_IMODE(backing.st_mode)
+            if self.read_only:
+                mode &= ~0o222
+            a.st_mode = stat.S_IFREG | mode
+            a.st_uid = backing.st_uid
+            a.st_gid = backing.st_gid
             a.st_nlink = 1
-            a.st_size = self.image.size()
+            a.st_size = self.block.size()       # a block device's stat says 0
             a.st_blocks = (a.st_size + 511) // 512
-            a.attr_timeout = 0          # the size is the backing file's, live
+            a.attr_timeout = 0
         elif self._is_control(inode):
-            a.st_mode = stat.S_IFREG | 0o644    # writable by the owner (and root) only
+            a.st_mode = stat.S_IFREG | 0o644    # the mounting user's: others may only read
             a.st_nlink = 1
             a.st_size = 0                       # generated on read; direct_io reads to EOF
             a.attr_timeout = 0
@@ -199,15 +244,17 @@ class Operations(pyfuse3.Operations):
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = t
         return a
 
-    def _may_write_control(self, ctx) -> bool:
+    def _may_write_control(self, ctx: RequestContext) -> bool:
         return ctx.uid == 0 or ctx.uid == self.owner_uid
 
     @_guard
-    async def getattr(self, inode, ctx=None):
+    async def getattr(self, inode: InodeT, ctx: RequestContext | None = None
+                      ) -> EntryAttributes:
         return self._attr(inode)
 
     @_guard
-    async def lookup(self, parent_inode, name, ctx=None):
+    async def lookup(self, parent_inode: InodeT, name: FileNameT,
+                     ctx: RequestContext | None = None) -> EntryAttributes:
         if parent_inode != ROOT:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if name in (b".", b".."):
@@ -221,14 +268,15 @@ class Operations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOENT)
 
     @_guard
-    async def setattr(self, inode, attr, fields, fh, ctx):
+    async def setattr(self, inode: InodeT, attr: EntryAttributes, fields: SetattrFields,
+                      fh: FileHandleT | None, ctx: RequestContext) -> EntryAttributes:
         if inode == IMAGE:
             if fields.update_size:
                 if self.read_only:
                     raise pyfuse3.FUSEError(errno.EROFS)
                 if self.refusing:
                     raise pyfuse3.FUSEError(self.refusing)
-                if not self.growable and attr.st_size != self.image.size():
+                if not self.growable and attr.st_size != self.block.size():
                     raise pyfuse3.FUSEError(errno.EPERM)    # a disk's size is fixed
                 self.block.truncate(attr.st_size)
                 self._mtime[IMAGE] = time.time_ns()
@@ -236,34 +284,24 @@ class Operations(pyfuse3.Operations):
             # `echo cmd > control` opens with O_TRUNC: a size change is accepted and ignored.
             if fields.update_size and not self._may_write_control(ctx):
                 raise pyfuse3.FUSEError(errno.EACCES)
-        # mode, owner and times are fixed; changing them is accepted and ignored
+        # mode, owner and times are the backing file's or fixed; a change is accepted, ignored
         return self._attr(inode)
 
-    @_guard
-    async def access(self, inode, mode, ctx):
-        if mode & os.W_OK:
-            if inode == IMAGE and self.read_only:
-                return False
-            if self._is_control(inode) and not self._may_write_control(ctx):
-                return False
-        if mode & os.X_OK and inode != ROOT:
-            return False
-        return True
+    # No access(): with default_permissions the kernel answers access(2) from the modes.
 
     @_guard
-    async def statfs(self, ctx):
-        s = pyfuse3.StatvfsData()
-        size = self.image.size()
+    async def statfs(self, ctx: RequestContext) -> StatvfsData:
+        s = StatvfsData()
+        size = self.block.size()
         s.f_bsize = s.f_frsize = 4096
         s.f_blocks = (size + 4095) // 4096
         s.f_bfree = s.f_bavail = 0
-        if self.backing_path:
-            try:
-                v = os.statvfs(self.backing_path)
-                s.f_bfree = v.f_bfree * v.f_frsize // 4096
-                s.f_bavail = v.f_bavail * v.f_frsize // 4096
-            except OSError:
-                pass
+        try:
+            v = self.block.statvfs()
+            s.f_bfree = v.f_bfree * v.f_frsize // 4096
+            s.f_bavail = v.f_bavail * v.f_frsize // 4096
+        except OSError:
+            pass
         s.f_files = 3
         s.f_ffree = s.f_favail = 0
         s.f_namemax = 255
@@ -272,13 +310,13 @@ class Operations(pyfuse3.Operations):
     # -- directory ----------------------------------------------------------------------------
 
     @_guard
-    async def opendir(self, inode, ctx):
+    async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
         if inode != ROOT:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return ROOT
 
     @_guard
-    async def readdir(self, fh, start_id, token):
+    async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
         entries = ((self.name_b, IMAGE), (CONTROL_NAME.encode(), CONTROL))
         for i, (name, inode) in enumerate(entries, 1):
             if i <= start_id:
@@ -286,16 +324,16 @@ class Operations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, self._attr(inode), i):
                 break
 
-    async def releasedir(self, fh):
+    async def releasedir(self, fh: FileHandleT) -> None:
         pass
 
-    async def forget(self, inode_list):
+    async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
         pass                        # inodes hold no state here
 
     # -- files --------------------------------------------------------------------------------
 
     @_guard
-    async def open(self, inode, flags, ctx):
+    async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> FileInfo:
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY
         if inode == IMAGE:
             if writing and self.read_only:
@@ -316,9 +354,9 @@ class Operations(pyfuse3.Operations):
         self._handles[fh] = handle
         # direct_io: every read and write reaches us (no page cache), O_DIRECT opens work,
         # and the control file is generated fresh.
-        return pyfuse3.FileInfo(fh=fh, direct_io=True)
+        return FileInfo(fh=fh, direct_io=True)
 
-    def _handle(self, fh) -> _Handle:
+    def _handle(self, fh: FileHandleT) -> _Handle:
         try:
             return self._handles[fh]
         except KeyError:
@@ -347,7 +385,7 @@ class Operations(pyfuse3.Operations):
             if self.refusing:
                 raise pyfuse3.FUSEError(self.refusing)
             if not self.growable:
-                room = self.image.size() - off
+                room = self.block.size() - off
                 if room <= 0:
                     raise pyfuse3.FUSEError(errno.ENOSPC)   # a disk's end, as a block device
                 if room < len(buf):
@@ -416,7 +454,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(self.refusing)
         return await self.block.seek(offset, whence, caller=_caller(ctx))
 
-    async def flush(self, fh):
+    async def flush(self, fh: FileHandleT) -> None:
         # close(): nothing to do; QEMU does not flush on close either
         pass
 
@@ -427,26 +465,33 @@ class Operations(pyfuse3.Operations):
 
     # -- everything else: the directory is fixed ------------------------------------------------
 
-    async def create(self, parent_inode, name, mode, flags, ctx):
+    async def create(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT,
+                     ctx: RequestContext) -> tuple[FileInfo, EntryAttributes]:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+    async def mknod(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int,
+                    ctx: RequestContext) -> EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def mkdir(self, parent_inode, name, mode, ctx):
+    async def mkdir(self, parent_inode: InodeT, name: FileNameT, mode: ModeT,
+                    ctx: RequestContext) -> EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def unlink(self, parent_inode, name, ctx):
+    async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def rmdir(self, parent_inode, name, ctx):
+    async def rmdir(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+    async def rename(self, parent_inode_old: InodeT, name_old: FileNameT,
+                     parent_inode_new: InodeT, name_new: FileNameT, flags: FlagT,
+                     ctx: RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def symlink(self, parent_inode, name, target, ctx):
+    async def symlink(self, parent_inode: InodeT, name: FileNameT, target: FileNameT,
+                      ctx: RequestContext) -> EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def link(self, inode, new_parent_inode, new_name, ctx):
+    async def link(self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT,
+                   ctx: RequestContext) -> EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)

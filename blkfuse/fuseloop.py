@@ -24,6 +24,7 @@ window late.
 import os
 import select
 import time
+from typing import Protocol
 
 import trio
 
@@ -62,6 +63,10 @@ class AdaptiveWindow:
             self.ns = 0
         elif self.ns < self.max_ns:
             self.ns = min(self.max_ns, self.ns * _GROW if self.ns else _INITIAL_WINDOW_NS)
+
+
+class _HasFileno(Protocol):
+    def fileno(self) -> int: ...
 
 
 def _trio_internals():
@@ -108,7 +113,7 @@ def install(poll_us: int = 0) -> Loop:
     fast_returns = 0
     monotonic_ns = time.monotonic_ns
 
-    async def wait_readable(fd):
+    async def wait_readable(fd: "int | _HasFileno") -> None:
         nonlocal fast_returns
         number = fd if isinstance(fd, int) else fd.fileno()
         entry = state.get(number)
@@ -150,7 +155,7 @@ def install(poll_us: int = 0) -> Loop:
             return
         await _original_wait_readable(fd)
 
-    wait_readable._blkfuse_fast = True
+    wait_readable._blkfuse_fast = True  # type: ignore[attr-defined]  # marks it installed
     trio.lowlevel.wait_readable = wait_readable
     return Loop(window, state)
 

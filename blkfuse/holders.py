@@ -65,7 +65,7 @@ def _maps(pid: int, dev: int, ino: int) -> bool:
 def loop_devices(path: str) -> list[str]:
     """The loop devices whose backing file is `path` (as /sys/block/loop*/loop/backing_file
     names it: the path the file had when it was attached)."""
-    found = []
+    found: list[str] = []
     try:
         names = os.listdir("/sys/block")
     except OSError:

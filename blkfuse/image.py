@@ -53,6 +53,8 @@ FALLOC_FL_ZERO_RANGE = 0x10
 
 # O_DIRECT alignment: 4096 satisfies every logical block size up to a 4K-native disk.
 DIRECT_ALIGN = 4096
+# What pwrite takes: any contiguous bytes (collections.abc.Buffer once Python 3.12 is the floor).
+Bytes = bytes | bytearray | memoryview
 _ZERO_CHUNK = 1 << 20
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -140,7 +142,7 @@ class Image:
             data = b"".join(chunks)
         return data
 
-    def pwrite(self, offset: int, data) -> int:
+    def pwrite(self, offset: int, data: Bytes) -> int:
         if self.direct:
             return self._direct_pwrite(offset, data)
         view = memoryview(data)
@@ -255,7 +257,7 @@ class Image:
         finally:
             buf.close()
 
-    def _direct_pwrite(self, offset: int, data) -> int:
+    def _direct_pwrite(self, offset: int, data: Bytes) -> int:
         length = len(data)
         if length == 0:
             return 0
@@ -358,6 +360,12 @@ class Image:
 
     def fsync_now(self) -> None:
         os.fsync(self.fd)
+
+    def stat(self) -> os.stat_result:
+        return os.fstat(self.fd)
+
+    def statvfs(self) -> os.statvfs_result:
+        return os.fstatvfs(self.fd)
 
     def truncate(self, size: int) -> None:
         os.ftruncate(self.fd, size)

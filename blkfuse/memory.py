@@ -6,7 +6,9 @@ work, collect garbage and ask glibc to trim (measured: ~10 MB for 100k rules).""
 
 import ctypes
 import gc
+from collections.abc import Callable
 
+_malloc_trim: Callable[[int], int] | None
 try:
     _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
 except (OSError, AttributeError):       # not glibc: nothing to give back this way

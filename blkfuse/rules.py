@@ -39,7 +39,7 @@ class InjectError:
     # string per rule, keeps 100,000 rules ~10 MB smaller.
     @property
     def source(self) -> str:
-        return f"{self.origin}:{self.line}" if self.line else self.origin
+        return _source(self.origin, self.line)
 
     @property
     def offset(self) -> int:
@@ -61,7 +61,14 @@ class SetState:
     spent: bool = False               # (set-state rules are never used up; kept for symmetry)
 
     kind = "set-state"
-    source = InjectError.source
+
+    @property
+    def source(self) -> str:
+        return _source(self.origin, self.line)
+
+
+def _source(origin: str, line: int) -> str:
+    return f"{origin}:{line}" if line else origin
 
 
 Rule = InjectError | SetState

@@ -31,6 +31,10 @@ import tempfile
 from array import array
 from bisect import bisect_right
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .image import Image
 
 MEMORY_BYTES = 8 << 20          # pre-image bytes held in memory before spilling to scratch
 ENTRY_BYTES = 32                # bookkeeping per entry (four int64s), counted in the cap
@@ -109,13 +113,13 @@ class UndoLog:
 
     # ---- recording -------------------------------------------------------------------------
 
-    def record_write(self, image, offset: int, length: int) -> None:
+    def record_write(self, image: "Image", offset: int, length: int) -> None:
         """Call right before writing [offset, offset+length) to `image` (no await between).
         Raises LogFull (ENOSPC), or OSError if the scratch file cannot be written."""
         size = image.size()
         self._add(image, offset, length, size)
 
-    def record_resize(self, image, new_size: int) -> None:
+    def record_resize(self, image: "Image", new_size: int) -> None:
         """Call right before truncating `image` to `new_size`."""
         size = image.size()
         if new_size < size:
@@ -123,7 +127,7 @@ class UndoLog:
         elif new_size > size:
             self._add(image, size, new_size - size, size)
 
-    def _add(self, image, offset: int, length: int, size: int) -> None:
+    def _add(self, image: "Image", offset: int, length: int, size: int) -> None:
         kept = max(0, min(offset + length, size) - offset)
         if self.held() + kept + ENTRY_BYTES > self.cap:
             self.refused += 1
@@ -171,6 +175,7 @@ class UndoLog:
             return self._memory[i - self._memory_first]
         offset, length, size = self._offset[i], self._length[i], self._size[i]
         kept = max(0, min(offset + length, size) - offset)
+        assert self._scratch is not None        # entries before _memory_first were spilled
         data = os.pread(self._scratch, kept, self._where[i])
         if len(data) != kept:
             raise OSError(_errno.EIO, "the unsynced-write scratch file lost data")
@@ -188,7 +193,7 @@ class UndoLog:
             self._memory = []
             self._memory_first = self._memory_bytes = 0
             self._held = self.bytes = 0
-            if self._spilled:
+            if self._spilled and self._scratch is not None:
                 os.ftruncate(self._scratch, 0)      # give the scratch space back
             self._spilled = 0
             return
@@ -213,7 +218,7 @@ class UndoLog:
 
     # ---- cutting ---------------------------------------------------------------------------
 
-    def cut(self, image, keep: str = "none", seed: int | None = None) -> CutReport:
+    def cut(self, image: "Image", keep: str = "none", seed: int | None = None) -> CutReport:
         """Apply a power cut to `image` (pwrites and a truncate; the caller fsyncs), then
         forget everything. `seed` is needed for random and prefix."""
         if keep not in KEEP_MODES:
@@ -234,7 +239,7 @@ class UndoLog:
         self.forget()
         return report
 
-    def _undo_from(self, image, first: int) -> None:
+    def _undo_from(self, image: "Image", first: int) -> None:
         """Undo entries first..n-1, newest first: the image as it was before entry `first`."""
         for i in range(len(self) - 1, first - 1, -1):
             preimage = self._preimage(i)
@@ -247,7 +252,7 @@ class UndoLog:
         atomic = self.atomic
         return self._offset[i] // atomic, -(-(self._offset[i] + self._length[i]) // atomic)
 
-    def _cut_random(self, image, rng: random.Random, report: CutReport) -> None:
+    def _cut_random(self, image: "Image", rng: random.Random, report: CutReport) -> None:
         n = len(self)
         if not n:
             return

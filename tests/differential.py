@@ -338,7 +338,7 @@ def generate_all(seed: int, n: int) -> list[Scenario]:
     counts = {p: int(n * PROFILES[p]) for p in names}
     counts[names[0]] += n - sum(counts.values())
     for profile in names:
-        for i in range(counts[profile]):
+        for _ in range(counts[profile]):
             out.append(generate(seed, len(out), profile))
     return out
 

@@ -185,7 +185,7 @@ def mount_pending(case: dict) -> str | None:
     return None
 
 
-# Deliberate differences (DESIGN.md §3): blkfuse's documented behaviour replaces QEMU's.
+# Deliberate differences (docs/design.md, "Deliberate differences"): blkfuse's documented behaviour replaces QEMU's.
 # name -> (why, expect override, final image override as runs or "initial")
 DELIBERATE = {
     "data_rmw_read_failure_ignored": (

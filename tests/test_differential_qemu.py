@@ -7,8 +7,8 @@ included, are read exactly is explained there). Environment:
   BLKFUSE_DIFF_N      scenarios through the block layer (default 240)
   BLKFUSE_DIFF_MOUNT_N  scenarios through a real mount (default 30)
 
-Where blkfuse and qemu-io disagree blkfuse is wrong, except for DESIGN.md's deliberate
-difference that generated scenarios can reach: with `align`, a failed read-modify-write read
+Where blkfuse and qemu-io disagree blkfuse is wrong, except for the one deliberate difference
+(docs/design.md, "Deliberate differences") that generated scenarios can reach: with `align`, a failed read-modify-write read
 fails the write (QEMU ignores it and writes garbage). There the test asserts blkfuse's
 documented behaviour (the write fails with the read's errno) and compares no further.
 """

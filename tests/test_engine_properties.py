@@ -1,4 +1,5 @@
-"""Property: the indexed engine agrees with a deliberately naive model of DESIGN.md §3."""
+"""Property: the indexed engine agrees with a deliberately naive model of docs/design.md,
+"Rule semantics"."""
 
 from dataclasses import dataclass
 

@@ -65,7 +65,7 @@ SCENARIOS = {
         ["resume X", "remove_break X", "break l2_load A", "write 0 512", "remove_break A",
          "read 0 512"]),
     # remove_break of a tag a request is suspended at: QEMU 7.2 wakes the request, then
-    # reports ENOENT; blkfuse reports success (deliberate difference, DESIGN.md §3).
+    # reports ENOENT; blkfuse reports success (docs/design.md, "Deliberate differences").
     "remove_break_wakes_suspended": (
         "",
         ["break write_aio A", "aio_write -P 0x12 0 512", "wait_break A", "remove_break A",

@@ -5,35 +5,14 @@ import errno
 import os
 import signal
 import subprocess
-import threading
 import time
 
 import pytest
 
 from conftest import BLKFUSE, blkfuse, force_unmount, is_mounted
+from imageio import KiB, MiB, Writer
 
-KiB = 1024
-MiB = 1024 * KiB
 TRACK = ("-o", "track-unsynced=on")
-
-
-class Writer(threading.Thread):
-    """A pwrite in its own thread (it may block at a breakpoint)."""
-
-    def __init__(self, m, offset: int, data: bytes):
-        super().__init__(daemon=True)
-        self.m, self.offset, self.data = m, offset, data
-        self.result = self.error = None
-
-    def run(self) -> None:
-        try:
-            fd = os.open(self.m.file, os.O_RDWR)
-            try:
-                self.result = os.pwrite(fd, self.data, self.offset)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            self.error = e
 
 
 def pwrite(m, offset, data, sync=False):
@@ -106,12 +85,12 @@ def test_powercut_bad_words_change_nothing(mount):
 
 def test_the_same_seed_on_the_same_history_gives_the_same_image_through_dd(mount):
     images = []
-    for run in range(2):
+    # the same unsynced history each run: deterministic data
+    pattern = bytes((i * 31 + 7) & 0xFF for i in range(256 * KiB))
+    for _ in range(2):
         m = mount(*TRACK, "-o", "atomic=4096", data=bytes(MiB))
         subprocess.run(["dd", "if=/dev/urandom", f"of={m.file}", "bs=64k", "count=2",
                         "oflag=direct", "conv=notrunc,fsync", "status=none"], check=True)
-        # the same unsynced history each run: deterministic data
-        pattern = bytes((i * 31 + 7) & 0xFF for i in range(256 * KiB))
         (m.base / "pattern").write_bytes(pattern)
         subprocess.run(["dd", f"if={m.base / 'pattern'}", f"of={m.file}", "bs=16k", "seek=4",
                         "oflag=direct", "conv=notrunc", "status=none"], check=True)

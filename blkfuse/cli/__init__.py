@@ -19,10 +19,10 @@ SUBCOMMANDS = {
 class _LazyGroup(click.Group):
     """Imports a subcommand's module only when it runs, so `blkfuse check` never loads pyfuse3."""
 
-    def list_commands(self, ctx):
+    def list_commands(self, ctx: click.Context) -> list[str]:
         return list(SUBCOMMANDS)
 
-    def get_command(self, ctx, name):
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         module = SUBCOMMANDS.get(name)
         if module is None:
             return None
@@ -40,7 +40,7 @@ Examples:
 
 "blkfuse COMMAND --help" shows each command's options and examples.""")
 @click.version_option(package_name="blkfuse")
-def main():
+def main() -> None:
     """Inject disk faults the way QEMU's blkdebug does, into any program.
 
     blkfuse mounts a disk image as a single file; every read, write and fsync of that

@@ -5,6 +5,7 @@ import sys
 
 import click
 
+from ..rules import Rule, Settings
 from ..config import (MOUNT_OPTIONS, ConfigError, format_rule, load_rules,
                       parse_option_string, parse_options, rule_notes)
 
@@ -29,7 +30,7 @@ def command(path, option_strings):
                    "(blkfuse check --help)", err=True)
         sys.exit(1)
     try:
-        options = {}
+        options: dict[str, str] = {}
         for option_string in option_strings:
             options.update(parse_option_string(option_string))
         _, settings = parse_options(options)
@@ -44,7 +45,7 @@ def command(path, option_strings):
     click.echo(_summary(path or settings.config_path or "options", rules, settings))
 
 
-def _power_note(rule) -> str:
+def _power_note(rule: Rule) -> str:
     # issue 10's keys: QEMU's blkdebug rejects them
     used = [key for key, on in (("torn", getattr(rule, "torn", -1) >= 0),
                                 ("drop-unsynced", getattr(rule, "drop_unsynced", False))) if on]
@@ -53,7 +54,7 @@ def _power_note(rule) -> str:
     return f"  (not portable: {', '.join(used)}: blkfuse extension, QEMU rejects it)"
 
 
-def _summary(path, rules, settings) -> str:
+def _summary(path: str, rules: list[Rule], settings: Settings) -> str:
     kinds = collections.Counter(rule.kind for rule in rules)
     noun = "rule" if len(rules) == 1 else "rules"
     parts = [f"{path}: OK, {len(rules)} {noun}"]

@@ -10,7 +10,7 @@ Examples:
   blkfuse events
   blkfuse events --reachable""")
 @click.option("--reachable", is_flag=True, help="Only the events a request through the mount raises.")
-def command(reachable):
+def command(reachable: bool) -> None:
     """List blkdebug's event names and io types.
 
     Events marked * are raised by requests through a mount; the others are accepted (so that

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import threading
 import time
+from typing import Any
 
 import click
 
@@ -30,12 +31,12 @@ from ._common import control_failure, fail
 ANSWER_SECONDS = 10.0
 
 
-def _ask(mountpoint, text, timeout):
+def _ask(mountpoint: str, text: str, timeout: float) -> str:
     """send(), but give up after `timeout` s: an open() of a wedged mount never returns.
     The thread left behind is a daemon thread; process exit ends its (killable) wait."""
-    box = {}
+    box: dict[str, Any] = {}
 
-    def run():
+    def run() -> None:
         try:
             box["answer"] = send(mountpoint, text)
         except BaseException as e:       # handed to the caller
@@ -51,7 +52,7 @@ def _ask(mountpoint, text, timeout):
     return box["answer"]
 
 
-def _wait_unmounted(mountpoint, timeout) -> bool:
+def _wait_unmounted(mountpoint: str, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while is_blkfuse_mount(mountpoint):
         if time.monotonic() > deadline:
@@ -60,7 +61,7 @@ def _wait_unmounted(mountpoint, timeout) -> bool:
     return True
 
 
-def _fusermount(mountpoint, lazy=False) -> bool:
+def _fusermount(mountpoint: str, lazy: bool = False) -> bool:
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     if tool:
         cmd = [tool, "-u"] + (["-z"] if lazy else []) + [mountpoint]
@@ -110,7 +111,7 @@ Examples:
 @click.option("--force", is_flag=True,
               help="Unmount even if the image is in use: suspended requests are resumed, every "
                    "new request fails with EIO at once, the mount is detached.")
-def command(mountpoint, timeout, lazy, force):
+def command(mountpoint: str, timeout: float, lazy: bool, force: bool) -> None:
     """Unmount a blkfuse mount in order, if nothing uses its image.
 
     The daemon resumes every suspended request, lets the requests in flight finish, fsyncs

@@ -1,0 +1,56 @@
+"""What the CLI prints: a failed mount is one line, exit status 1, nothing mounted; `events`."""
+
+import os
+
+from conftest import blkfuse, is_mounted
+
+
+def _assert_failed(m, r, *words):
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("blkfuse: "), r.stderr
+    for w in words:
+        assert w in r.stderr
+    assert not is_mounted(m.mnt)
+
+
+def test_malformed_rules_at_mount(mount, fuse_dir):
+    conf = fuse_dir / "bad.conf"
+    conf.write_text('[inject-error]\nevent = "read_aoi"\n')
+    m, r = mount("--config", conf, expect_ok=False)
+    _assert_failed(m, r, "bad.conf:2", "read_aoi")
+    m, r = mount("-o", "inject-error.0.event=read_aio,inject-error.0.errno=-5", expect_ok=False)
+    _assert_failed(m, r)
+    m, r = mount("-o", "align=3", expect_ok=False)
+    _assert_failed(m, r, "align")
+
+
+def test_two_rule_files_are_refused(mount, fuse_dir):
+    a, b = fuse_dir / "a.conf", fuse_dir / "b.conf"
+    a.write_text("")
+    b.write_text("")
+    m, r = mount("--config", a, "-o", f"config={b}", expect_ok=False)
+    _assert_failed(m, r, "more than one rules file")
+
+
+def test_missing_image_and_mountpoints(mount, fuse_dir):
+    m, r = mount(image=fuse_dir / "nonexistent.img", expect_ok=False)
+    _assert_failed(m, r, "nonexistent.img")
+    img = fuse_dir / "x.img"
+    img.write_bytes(bytes(4096))
+    r = blkfuse("mount", img, fuse_dir / "no-such-dir")
+    assert r.returncode == 1 and "does not exist" in r.stderr and r.stderr.count("\n") == 1
+    m = mount()
+    r = blkfuse("mount", img, m.mnt)                      # busy
+    assert r.returncode == 1 and "already mounted" in r.stderr and r.stderr.count("\n") == 1
+    assert sorted(os.listdir(m.mnt)) == ["control", m.name]
+
+
+def test_events_command_lists_every_event():
+    from blkfuse.events import EVENTS, REACHABLE_EVENTS
+    r = blkfuse("events")
+    assert r.returncode == 0
+    for name in EVENTS:
+        mark = "*" if name in REACHABLE_EVENTS else " "
+        assert f"  {mark} {name}" in r.stdout
+    assert "block-status" in r.stdout
