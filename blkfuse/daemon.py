@@ -301,16 +301,13 @@ class Daemon:
         self.control = Control(self.engine, reload=lambda: config.load_rules(settings), info=info,
                                block=self.block, tracer=self.tracer)
         memory.give_back()              # the parser's scratch memory, before serving for hours
-        self.ops = Operations(self.block, self.image, self.control, name=m.name,
-                              read_only=m.read_only, allow_other=m.allow_other,
-                              backing_path=m.image_path, growable=settings.growable)
+        self.ops = Operations(self.block, self.control, name=m.name, read_only=m.read_only,
+                              growable=settings.growable)
         # The FUSE layer holds the traced device only while tracing is on: free when off.
         traced = TracedBlock(self.block, self.tracer)
         self.tracer.on_switch = lambda on: setattr(self.ops, "block", traced if on else self.block)
         self.tracer.on_switch(self.tracer.active)
-        self._mounted = False
-        self._stopping = False
-        self._shutting_down = False
+        self.state = State.STARTING
 
     def mount(self) -> None:
         """Mount (pyfuse3.init). MountError with the kernel's or libfuse's reason on failure."""

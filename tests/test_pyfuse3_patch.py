@@ -68,6 +68,8 @@ class TinyFs:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        finally:
+            self.proc.stdout.close()
         assert not is_mounted(self.mnt)
 
 
