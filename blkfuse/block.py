@@ -15,18 +15,32 @@ there decides which events blkdebug sees, in which order, and when it is checked
     file           the backing image
 
 BlockDevice reproduces that with the engine and the image, and nothing about FUSE.
+
+A check answers 0, an errno, or (blkfuse's extension rules) an Effect: the request is held
+with trio.sleep in its own task (nothing else waits for it), then fails or goes on, and a
+corruption changes the data read or written, inside the request and the rule's sectors only.
 """
 
 import os
 
 import trio
 
-from .engine import Engine, Request
+from .effects import Effect, corrupt
+from .engine import Caller, Engine, Request
 from .image import Image
 
 
 def _failure(error: int) -> OSError:
     return OSError(error, os.strerror(error))
+
+
+async def _hold(outcome: int | Effect) -> tuple[int, Effect | None]:
+    """A check's non-zero outcome -> (errno, the corruption to apply), after its delay."""
+    if type(outcome) is int:
+        return outcome, None
+    if outcome.delay:
+        await trio.sleep(outcome.delay)
+    return outcome.errno, (outcome if outcome.corrupt else None)
 
 
 class BlockDevice:
@@ -63,11 +77,20 @@ class BlockDevice:
             return ((start, end),)
         return tuple((pos, min(pos + step, end)) for pos in range(start, end, step))
 
-    def _check_pieces(self, iotype: str, start: int, end: int) -> None:
+    async def _check_pieces(self, iotype: str, start: int, end: int,
+                            caller: Caller | None) -> list:
+        """Check each piece; raise for the first failing one. Returns the corruptions to
+        apply as (effect, piece start, piece end)."""
+        corruptions = []
         for piece_start, piece_end in self._pieces(start, end):
-            error = self.engine.check(iotype, piece_start, piece_end - piece_start)
-            if error:
-                raise _failure(error)
+            outcome = self.engine.check(iotype, piece_start, piece_end - piece_start, caller)
+            if outcome:
+                error, effect = await _hold(outcome)
+                if error:
+                    raise _failure(error)
+                if effect is not None:
+                    corruptions.append((effect, piece_start, piece_end))
+        return corruptions
 
     def _padded(self, offset: int, length: int) -> tuple[int, int]:
         align = self.align
@@ -77,7 +100,7 @@ class BlockDevice:
 
     # ---- read ----
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int, *, caller: Caller | None = None) -> bytes:
         """Data at [offset, offset+length), short at end of image. Raises OSError."""
         size = self.image.size()
         if length <= 0 or offset >= size:
@@ -85,30 +108,41 @@ class BlockDevice:
         length = min(length, size - offset)
         step = self.max_transfer
         if not step or length <= step:
-            return await self._read_chunk(offset, length)
+            return await self._read_chunk(offset, length, caller)
         end = offset + length
-        return b"".join([await self._read_chunk(pos, min(step, end - pos))
+        return b"".join([await self._read_chunk(pos, min(step, end - pos), caller)
                          for pos in range(offset, end, step)])
 
-    async def _read_chunk(self, offset: int, length: int) -> bytes:
+    async def _read_chunk(self, offset: int, length: int, caller: Caller | None) -> bytes:
         suspension = self.engine.fire("read_aio", Request("read", offset, length))
         if suspension is not None:
             await suspension.wait()
         start, end = self._padded(offset, length)
+        corruptions = None
         if self.max_transfer:
-            self._check_pieces("read", start, end)
+            corruptions = await self._check_pieces("read", start, end, caller)
         else:
-            error = self.engine.check("read", start, end - start)
-            if error:
-                raise _failure(error)
+            outcome = self.engine.check("read", start, end - start, caller)
+            if outcome:
+                error, effect = await _hold(outcome)
+                if error:
+                    raise _failure(error)
+                if effect is not None:
+                    corruptions = [(effect, start, end)]
         if start == offset and end == offset + length:
-            return self.image.pread(offset, length)
-        data = self.image.pread(start, end - start)
-        return data[offset - start:offset - start + length]
+            data = self.image.pread(offset, length)
+        else:
+            data = self.image.pread(start, end - start)[offset - start:offset - start + length]
+        if corruptions:
+            # what is returned changes, the image does not
+            for effect, piece_start, piece_end in corruptions:
+                data = corrupt(data, offset, effect, piece_start, piece_end)
+        return data
 
     # ---- write ----
 
-    async def write(self, offset: int, data, *, writethrough: bool = False) -> int:
+    async def write(self, offset: int, data, *, writethrough: bool = False,
+                    caller: Caller | None = None) -> int:
         """Write all of `data` or raise OSError. Chunks before a failing one stay written.
 
         `writethrough` (a handle opened O_SYNC/O_DSYNC): a successful write is followed
@@ -120,20 +154,20 @@ class BlockDevice:
         try:
             step = self.max_transfer
             if not step or length <= step:
-                await self._write_chunk(offset, data)
+                await self._write_chunk(offset, data, caller)
             else:
                 view = memoryview(data)
                 for pos in range(0, length, step):
-                    await self._write_chunk(offset + pos, view[pos:pos + step])
+                    await self._write_chunk(offset + pos, view[pos:pos + step], caller)
             if writethrough:
-                await self.flush()
+                await self.flush(caller=caller)
         finally:
             # The raw node counts the write only now, after its FUA flush: so that
             # flush never fires flush_to_disk for its own write (DESIGN.md §4).
             self._format_written += 1
         return length
 
-    async def _write_chunk(self, offset: int, data) -> None:
+    async def _write_chunk(self, offset: int, data, caller: Caller | None) -> None:
         length = len(data)
         request = Request("write", offset, length)
         engine = self.engine
@@ -145,7 +179,7 @@ class BlockDevice:
         try:
             if start != offset or end != offset + length:
                 try:
-                    data = await self._read_modify(offset, data, start, end, request)
+                    data = await self._read_modify(offset, data, start, end, request, caller)
                 except OSError as failure:
                     # Deliberate difference: QEMU 7.2 ignores this and writes garbage.
                     error = failure.errno
@@ -154,10 +188,20 @@ class BlockDevice:
                 if suspension is not None:
                     await suspension.wait()
                 for piece_start, piece_end in self._pieces(start, end):
-                    error = engine.check("write", piece_start, piece_end - piece_start)
+                    piece = data[piece_start - start:piece_end - start]
+                    error = engine.check("write", piece_start, piece_end - piece_start, caller)
                     if error:
-                        break           # pieces before it stay written, as in QEMU
-                    self.image.pwrite(piece_start, data[piece_start - start:piece_end - start])
+                        error, effect = await _hold(error)
+                        if error:
+                            break       # pieces before it stay written, as in QEMU
+                        if effect is not None:
+                            # silent corruption on the way to the disk: inside the data
+                            # written (never the read-modify-write padding), reported done
+                            piece = corrupt(piece, piece_start, effect,
+                                            offset, offset + length)
+                    self.image.pwrite(piece_start, piece)
+                    if engine.heal_rules:
+                        engine.written(piece_start, piece_end - piece_start)
             await self._event("pwritev_done", request)
         finally:
             self._blkdebug_written += 1
@@ -165,7 +209,7 @@ class BlockDevice:
             raise _failure(error)
 
     async def _read_modify(self, offset: int, data, start: int, end: int,
-                           request: Request) -> bytearray:
+                           request: Request, caller: Caller | None) -> bytearray:
         """The aligned buffer for an unaligned write, padding read from the image.
 
         Like QEMU's bdrv_padding_rmw_read: a padded request of one block, or of two
@@ -181,7 +225,7 @@ class BlockDevice:
                 await self._event("pwritev_rmw_head", request)
             if tail:
                 await self._event("pwritev_rmw_tail", request)
-            padded[:] = self._padding_read(start, end - start)
+            padded[:] = await self._padding_read(start, end - start, caller)
             if head:
                 await self._event("pwritev_rmw_after_head", request)
             if tail:
@@ -189,23 +233,25 @@ class BlockDevice:
         else:
             if head:
                 await self._event("pwritev_rmw_head", request)
-                padded[:align] = self._padding_read(start, align)
+                padded[:align] = await self._padding_read(start, align, caller)
                 await self._event("pwritev_rmw_after_head", request)
             if tail:
                 await self._event("pwritev_rmw_tail", request)
-                padded[-align:] = self._padding_read(end - align, align)
+                padded[-align:] = await self._padding_read(end - align, align, caller)
                 await self._event("pwritev_rmw_after_tail", request)
         padded[offset - start:offset - start + len(data)] = data
         return padded
 
-    def _padding_read(self, offset: int, length: int) -> bytes:
-        self._check_pieces("read", offset, offset + length)
+    async def _padding_read(self, offset: int, length: int, caller: Caller | None) -> bytes:
+        # A rule may delay or fail this read; a corruption is not applied: the padding is
+        # written back, and corrupting it would change bytes outside the request.
+        await self._check_pieces("read", offset, offset + length, caller)
         data = self.image.pread(offset, length)
         return data + bytes(length - len(data))     # past the end of the image: zeros
 
     # ---- flush ----
 
-    async def flush(self) -> None:
+    async def flush(self, *, caller: Caller | None = None) -> None:
         """fsync: events always; the check and the real fsync only if something was
         written since the last successful flush. Raises OSError."""
         async with self._flush_lock:
@@ -216,9 +262,11 @@ class BlockDevice:
                 await self._event("flush_to_disk", request)
             blkdebug_generation = self._blkdebug_written
             if self._blkdebug_flushed != blkdebug_generation:
-                error = self.engine.check("flush", 0, 0)
+                error = self.engine.check("flush", 0, 0, caller)
                 if error:
-                    raise _failure(error)
+                    error, _ = await _hold(error)
+                    if error:
+                        raise _failure(error)
                 await self.image.fsync()
                 self._blkdebug_flushed = blkdebug_generation
             self._format_flushed = format_generation

@@ -24,6 +24,7 @@ import trio
 
 from . import config, memory
 from .engine import EngineError
+from .rules import Extensions
 from .events import EVENTS, IOTYPES, REACHABLE_EVENTS, canonical_event
 
 HELP = """\
@@ -33,7 +34,9 @@ commands (one per line; a write is parsed whole and applied only if every line i
   remove_break TAG            drop the breakpoint TAG (waking its request, if any)
   wait_break TAG [SECONDS]    block until a request is suspended at TAG (ETIMEDOUT after SECONDS)
   inject-error KEY=VALUE ...  add an [inject-error] rule (event=, errno=, sector=, once=,
-                              immediately=, state=, iotype=); its id is in the status
+                              immediately=, state=, iotype=; extensions: probability=,
+                              after=, count=, sectors=, delay=, jitter=, corrupt=,
+                              corrupt-bytes=, pid=, comm=, uid=, heal=, persistent=)
   set-state KEY=VALUE ...     add a [set-state] rule (event=, state=, new_state=)
   remove ID                   remove rule ID
   clear                       remove every rule (breakpoints stay)
@@ -253,7 +256,9 @@ class Control:
             if cmd in ("inject-error", "set-state"):
                 rule = args[0]
                 rid = e.add_rule(rule)
-                return f"added rule {rid}"
+                warning = (config.arming_warning(e.rules_by_event())
+                           if cmd == "inject-error" else None)
+                return f"added rule {rid}" + (f" ({warning})" if warning else "")
             if cmd == "remove":
                 e.remove_rule(args[0])
                 return f"removed rule {args[0]}"
@@ -326,6 +331,7 @@ class Control:
             })
         return {
             "info": dict(self.info),
+            "seed": e.seed,
             "state": e.state,
             "rules": rules,
             "active": [r.id for r in e.active()],
@@ -337,6 +343,7 @@ class Control:
                 {"errno": n, "name": errno_name(n), "count": c}
                 for n, c in sorted(e.errors_injected.items()) if c
             ],
+            "rules_healed": e.rules_healed,
             "last_result": self.last_result,
             "last_error": self.last_error,
             "last_error_errno": self.last_error_errno,
@@ -355,13 +362,14 @@ class Control:
             out.append(f"mount: {info['mountpoint']} (daemon pid {info.get('pid')})")
         if info.get("config"):
             out.append(f"config: {info['config']}")
+        out.append(f"seed: {d['seed']} (-o seed={d['seed']} replays this run's random decisions)")
         out.append(f"state: {d['state']}")
 
         rules = self.engine.rules()
         out.append(f"rules: {len(rules)}" if rules else "rules: none")
         for r in rules[:TEXT_RULES_SHOWN]:
             src = f"  [{r.source}]" if r.source else ""
-            out.append(f"  {r.id:>4}  {_format_rule(r)}  hits={r.hits}{src}")
+            out.append(f"  {r.id:>4}  {_format_rule(r)}  hits={r.hits}{_did(r)}{src}")
         if len(rules) > TEXT_RULES_SHOWN:
             out.append(f"  ... {len(rules) - TEXT_RULES_SHOWN} more (`status json` lists every rule)")
         active = d["active"]
@@ -403,6 +411,17 @@ def _format_rule(rule) -> str:
         return repr(rule)
 
 
+def _did(r) -> str:
+    """What an extension rule did, beyond its hits: ' (failed=1 delayed=2 corrupted=0)'."""
+    ext = getattr(r, "ext", None)
+    if ext is None:
+        return ""
+    return f" (failed={ext.failed} delayed={ext.delayed} corrupted={ext.corrupted})"
+
+
+_PLAIN = Extensions()
+
+
 def _rule_dict(r) -> dict:
     d = {"id": r.id, "kind": r.kind, "event": r.event, "state": r.state, "source": r.source,
          "hits": r.hits, "text": _format_rule(r)}
@@ -410,6 +429,25 @@ def _rule_dict(r) -> dict:
         d.update({"errno": r.errno, "errno_name": errno_name(r.errno), "sector": r.sector,
                   "once": r.once, "immediately": r.immediately,
                   "iotypes": [t for t in IOTYPES if t in r.iotypes]})
+        d.update(_extension_dict(r))
     else:
         d["new_state"] = r.new_state
+    return d
+
+
+def _extension_dict(r) -> dict:
+    """Every extension key of an inject-error rule (defaults for a QEMU rule) and what the
+    rule did: failed, delayed, corrupted (a QEMU rule only fails, or with errno 0 passes)."""
+    ext = r.ext if r.ext is not None else _PLAIN
+    d = {"probability": ext.probability, "after": ext.after, "count": ext.count or None,
+         "sectors": ext.sectors or None, "delay_us": ext.delay_us, "jitter_us": ext.jitter_us,
+         "corrupt": ext.corrupt or None, "corrupt_bytes": ext.corrupt_bytes if ext.corrupt else None,
+         "pid": ext.pid if ext.pid >= 0 else None, "comm": ext.comm or None,
+         "uid": ext.uid if ext.uid >= 0 else None, "heal": ext.heal,
+         "persistent": ext.persistent, "extension": r.ext is not None}
+    if r.ext is None:
+        d.update(failed=r.hits if r.errno else 0, delayed=0, corrupted=0)
+    else:
+        d.update(failed=ext.failed, delayed=ext.delayed, corrupted=ext.corrupted,
+                 reached=ext.seen)
     return d

@@ -147,7 +147,7 @@ class Daemon:
 
         self.m = m
         settings = m.settings
-        self.engine = Engine(m.rules)
+        self.engine = Engine(m.rules, seed=settings.seed)
         self.image = Image(m.image_path, read_only=m.read_only)
         self.block = BlockDevice(self.engine, self.image, align=settings.align,
                                  max_transfer=settings.max_transfer)

@@ -10,11 +10,19 @@ Pure: no file I/O and no FUSE. It follows QEMU 7.2's block/blkdebug.c as observe
 - `check(iotype, offset, length)` picks the first active rule (in file order) whose iotype
   allows the request and whose sector byte, if any, lies inside it.
 
+blkfuse's extension keys (README "Beyond blkdebug") only add to this: a rule with any of them
+carries `rule.ext`, and while such a rule is armed `check` takes a second path that walks the
+candidates in priority order and lets each decide (caller, after, probability, heal) whether it
+acts; the first that acts decides the request. Persistent rules sit in a second active set that
+no event replaces. While no extension rule is armed, `check` is exactly the plain path.
+
 Breakpoint suspension uses trio primitives, so a suspended request costs one parked task.
 """
 
 import errno as _errno
 import math
+import random
+import secrets
 import time
 from array import array
 from bisect import bisect_left
@@ -22,8 +30,10 @@ from typing import Iterable, NamedTuple
 
 import trio
 
+from . import callers
+from .effects import Effect
 from .events import EVENTS, IOTYPES, canonical_event
-from .rules import InjectError, Rule, SetState
+from .rules import SECTOR_SIZE, InjectError, Rule, SetState
 
 
 class EngineError(Exception):
@@ -33,6 +43,14 @@ class EngineError(Exception):
         super().__init__(message)
         self.errno = errno
         self.message = message
+
+
+class Caller(NamedTuple):
+    """Who sent an image request, from the FUSE request's context (None where unknown)."""
+
+    pid: int
+    uid: int
+    gid: int
 
 
 class Request(NamedTuple):
@@ -82,9 +100,15 @@ class _ActiveSet:
     priority order, with the first one per io type cached. Sector rules live in a list
     sorted by byte offset, searched with bisect: a check looks only at rules whose byte
     lies inside the request.
+
+    Range rules (`sectors`) live in buckets by length, [2**(k-1), 2**k) bytes for bucket k,
+    each sorted by start: a range that overlaps [offset, end) starts in
+    (offset - 2**k, end), so each bucket is one bisect and a short walk, whatever the number
+    of ranges (an interval index that stays a pair of flat arrays per bucket).
     """
 
-    __slots__ = ("anywhere", "first_anywhere", "offsets", "at_offset", "count")
+    __slots__ = ("anywhere", "first_anywhere", "offsets", "at_offset", "count", "special",
+                 "ranges")
 
     def __init__(self):
         self.replace(())
@@ -92,7 +116,14 @@ class _ActiveSet:
     def replace(self, rules: Iterable[InjectError]) -> None:
         self.anywhere = []
         located = []
+        ranged = []
+        special = 0
         for rule in rules:
+            if rule.ext is not None:
+                special += 1
+                if rule.ext.sectors and rule.sector >= 0:
+                    ranged.append(rule)
+                    continue
             if rule.sector < 0:
                 self.anywhere.append(rule)
             else:
@@ -102,10 +133,29 @@ class _ActiveSet:
         # 8 bytes an offset in an array, not a 32-byte int object each in a list
         self.offsets = array("q", [rule.sector * 512 for rule in located])
         self.at_offset = located
-        self.count = len(self.anywhere) + len(located)
+        self.count = len(self.anywhere) + len(located) + len(ranged)
+        self.special = special
+        self.ranges = {}
+        ranged.sort(key=_by_offset_then_id)
+        for rule in ranged:
+            starts, rules_ = self.ranges.setdefault(_bucket(rule), (array("q"), []))
+            starts.append(rule.sector * SECTOR_SIZE)
+            rules_.append(rule)
         self._index_anywhere()
 
     def add(self, rule: InjectError) -> None:
+        if rule.ext is not None:
+            self.special += 1
+            if rule.ext.sectors and rule.sector >= 0:
+                starts, rules = self.ranges.setdefault(_bucket(rule), (array("q"), []))
+                start = rule.sector * SECTOR_SIZE
+                i = bisect_left(starts, start)
+                while i < len(starts) and starts[i] == start and rules[i].id < rule.id:
+                    i += 1
+                starts.insert(i, start)
+                rules.insert(i, rule)
+                self.count += 1
+                return
         if rule.sector < 0:
             self.anywhere.append(rule)
             self.anywhere.sort(key=_by_id)
@@ -118,6 +168,47 @@ class _ActiveSet:
         self.count += 1
 
     def discard(self, rule: InjectError) -> bool:
+        if rule.ext is not None and rule.ext.sectors and rule.sector >= 0:
+            found = self._discard_range(rule)
+        else:
+            found = self._discard_plain(rule)
+        if found:
+            self.count -= 1
+            if rule.ext is not None:
+                self.special -= 1
+        return found
+
+    def contains(self, rule: InjectError) -> bool:
+        if rule.ext is not None and rule.ext.sectors and rule.sector >= 0:
+            starts, rules = self.ranges.get(_bucket(rule), ((), ()))
+        elif rule.sector < 0:
+            return rule in self.anywhere
+        else:
+            starts, rules = self.offsets, self.at_offset
+        start = rule.sector * SECTOR_SIZE
+        i = bisect_left(starts, start)
+        while i < len(starts) and starts[i] == start:
+            if rules[i] is rule:
+                return True
+            i += 1
+        return False
+
+    def _discard_range(self, rule: InjectError) -> bool:
+        key = _bucket(rule)
+        starts, rules = self.ranges.get(key, ((), ()))
+        start = rule.sector * SECTOR_SIZE
+        i = bisect_left(starts, start)
+        while i < len(starts) and starts[i] == start:
+            if rules[i] is rule:
+                del starts[i]
+                del rules[i]
+                if not rules:
+                    del self.ranges[key]
+                return True
+            i += 1
+        return False
+
+    def _discard_plain(self, rule: InjectError) -> bool:
         if rule.sector < 0:
             if rule not in self.anywhere:
                 return False
@@ -134,7 +225,6 @@ class _ActiveSet:
                 i += 1
             else:
                 return False
-        self.count -= 1
         return True
 
     def _index_anywhere(self) -> None:
@@ -160,8 +250,36 @@ class _ActiveSet:
                 i += 1
         return best
 
+    def candidates(self, iotype: str | None, offset: int, length: int) -> list[InjectError]:
+        """Every rule whose io types allow `iotype` (None: any) and whose span overlaps
+        [offset, offset+length) (a rule without sector overlaps everything, a flush
+        (length 0) no sector rule), in no particular order."""
+        found = [rule for rule in self.anywhere if iotype is None or iotype in rule.iotypes]
+        if not length:
+            return found
+        end = offset + length
+        offsets = self.offsets
+        if offsets:
+            rules = self.at_offset
+            i = bisect_left(offsets, offset)
+            while i < len(offsets) and offsets[i] < end:
+                rule = rules[i]
+                if iotype is None or iotype in rule.iotypes:
+                    found.append(rule)
+                i += 1
+        for key, (starts, rules) in self.ranges.items():
+            i = bisect_left(starts, offset - (1 << key) + 1)
+            while i < len(starts) and starts[i] < end:
+                rule = rules[i]
+                if (starts[i] + rule.ext.sectors * SECTOR_SIZE > offset
+                        and (iotype is None or iotype in rule.iotypes)):
+                    found.append(rule)
+                i += 1
+        return found
+
     def in_priority_order(self) -> list[InjectError]:
-        return sorted(self.anywhere + self.at_offset, key=_by_id)
+        ranged = [rule for _, rules in self.ranges.values() for rule in rules]
+        return sorted(self.anywhere + self.at_offset + ranged, key=_by_id)
 
 
 def _by_id(rule):
@@ -172,16 +290,34 @@ def _by_offset_then_id(rule):
     return (rule.sector, rule.id)
 
 
+def _bucket(rule: InjectError) -> int:
+    """The length class of a range rule: its length in bytes is below 2**_bucket(rule)."""
+    return (rule.ext.sectors * SECTOR_SIZE).bit_length()
+
+
+def _is_persistent(rule: InjectError) -> bool:
+    return rule.ext is not None and rule.ext.persistent
+
+
 class Engine:
     """QEMU blkdebug's BDRVBlkdebugState and its operations, in Python."""
 
-    def __init__(self, rules: Iterable[Rule] = ()):
+    def __init__(self, rules: Iterable[Rule] = (), *, seed: int | None = None):
         self.state = 1
         self._rules: list[Rule | None] = []               # by id - _first_id; None once removed
         self._first_id = 1
         self._by_event: dict[str, list[Rule]] = {}        # event -> its rules, file order
         self._breakpoints: dict[str, list[str]] = {}      # event -> tags, in order set
         self._active = _ActiveSet()
+        self._kept = _ActiveSet()         # persistent rules once armed: no event replaces them
+        self._plain = True                # no extension rule armed: check takes the QEMU path
+        self._persistent_rules = 0        # rules with persistent = "on", armed or not
+        self.heal_rules = 0               # rules with heal = "on", armed or not
+        self.rules_healed = 0             # heal rules a write removed
+        # One generator decides every probability, jitter and corruption: a run replays
+        # with the same seed and the same request sequence.
+        self.seed = secrets.randbits(32) if seed is None else seed
+        self.random = random.Random(self.seed)
         self._suspended: list[Suspension] = []            # newest first, as QEMU's QLIST
         self._changed = trio.Event()                      # set when suspensions/breakpoints change
         self._next_id = 1
@@ -217,13 +353,22 @@ class Engine:
             elif new_state_rule is None:        # first in file order wins
                 new_state_rule = rule
         if armed:
+            if self._persistent_rules:
+                armed = self._keep_persistent(armed)
             self._active.replace(armed)
+            self._sets_changed()
         if new_state_rule is not None:
             new_state_rule.hits += 1
             self.state = new_state_rule.new_state
 
-    def check(self, iotype: str, offset: int, length: int) -> int:
-        """0 if the request may go on, else the errno it fails with. `length` 0: a flush."""
+    def check(self, iotype: str, offset: int, length: int,
+              caller: Caller | None = None) -> int | Effect:
+        """0 if the request may go on, else the errno it fails with, or (extension rules
+        only) an Effect: hold it, then fail it or change its data. `length` 0: a flush.
+
+        This is the QEMU path. While an extension rule is armed, `_sets_changed` shadows it
+        with `_check_extended` on the instance, so the plain path pays nothing for them.
+        """
         if not self._active.count:
             return 0
         rule = self._active.find(iotype, offset, length)
@@ -238,6 +383,109 @@ class Engine:
             self._delete(rule)
         self.errors_injected[error] = self.errors_injected.get(error, 0) + 1
         return error
+
+    # ---- extension rules: the second path ----
+
+    def _check_extended(self, iotype: str, offset: int, length: int,
+                        caller: Caller | None = None) -> int | Effect:
+        rules = self._active.candidates(iotype, offset, length)
+        if self._kept.count:
+            rules += self._kept.candidates(iotype, offset, length)
+            rules.sort(key=_by_id)
+        elif len(rules) > 1:
+            rules.sort(key=_by_id)
+        for rule in rules:
+            ext = rule.ext
+            if ext is None:                     # a QEMU rule decides as it always has
+                rule.hits += 1
+                error = rule.errno
+                if error:
+                    if rule.once:
+                        self._remove_armed(rule)
+                    self.errors_injected[error] = self.errors_injected.get(error, 0) + 1
+                return error
+            if ext.pid >= 0 or ext.uid >= 0 or ext.comm:
+                if not _caller_matches(ext, caller):
+                    continue
+            if ext.heal and iotype == "write":
+                start, end = rule.span
+                if offset <= start and end <= offset + length:
+                    continue                    # a write over the whole span repairs it
+            ext.seen += 1
+            if ext.seen <= ext.after:
+                continue
+            if ext.probability < 1.0 and self.random.random() >= ext.probability:
+                continue
+            return self._act(rule, ext, iotype)
+        return 0
+
+    def _act(self, rule: InjectError, ext, iotype: str) -> int | Effect:
+        """What `rule`, which acts on this request, does to it."""
+        rule.hits += 1
+        error = rule.errno
+        delay_us = ext.delay_us
+        if ext.jitter_us:
+            delay_us += self.random.randint(0, ext.jitter_us)
+        corrupt = ext.corrupt if iotype == "read" or iotype == "write" else ""
+        if not (error or delay_us or corrupt):
+            return 0                            # errno 0: lets it through, as in QEMU
+        ext.acted += 1
+        if error:
+            ext.failed += 1
+            self.errors_injected[error] = self.errors_injected.get(error, 0) + 1
+        if delay_us:
+            ext.delayed += 1
+        if corrupt:
+            ext.corrupted += 1
+        if rule.once or ext.acted == ext.count:
+            self._remove_armed(rule)
+        if not (delay_us or corrupt):
+            return error
+        start, end = rule.span
+        return Effect(error, delay_us / 1e6, corrupt, ext.corrupt_bytes, start, end,
+                      self.random.getrandbits(64) if corrupt else 0)
+
+    def written(self, offset: int, length: int) -> None:
+        """A write of [offset, offset+length) reached the image: armed heal rules whose whole
+        span it covers are removed (a bad sector remapped on write, as dm-dust does)."""
+        if not self.heal_rules or self._plain:
+            return
+        end = offset + length
+        for rules in (self._active.candidates(None, offset, length),
+                      self._kept.candidates(None, offset, length)):
+            for rule in rules:
+                if rule.ext is not None and rule.ext.heal:
+                    start, stop = rule.span
+                    if offset <= start and stop <= end:
+                        self._remove_armed(rule)
+                        self.rules_healed += 1
+
+    def _keep_persistent(self, armed: list[InjectError]) -> list[InjectError]:
+        """Move the persistent rules of `armed` to the kept set; the others are returned."""
+        others = []
+        for rule in armed:
+            if _is_persistent(rule):
+                if not self._kept.contains(rule):
+                    self._kept.add(rule)
+            else:
+                others.append(rule)
+        return others
+
+    def _remove_armed(self, rule: InjectError) -> None:
+        """An armed rule is used up: out of its active set and out of the engine."""
+        if not self._active.discard(rule):
+            self._kept.discard(rule)
+        self._delete(rule)
+        self._sets_changed()
+
+    def _sets_changed(self) -> None:
+        plain = not (self._active.special or self._kept.count)
+        if plain != self._plain:
+            self._plain = plain
+            if plain:
+                del self.check
+            else:
+                self.check = self._check_extended
 
     # ---- breakpoints ----
 
@@ -329,6 +577,9 @@ class Engine:
     def _insert(self, rule: Rule) -> int:
         rule.id = self._next_id
         self._next_id += 1
+        if type(rule) is InjectError and rule.ext is not None:
+            self._persistent_rules += rule.ext.persistent
+            self.heal_rules += rule.ext.heal
         self._rules.append(rule)
         self._by_event.setdefault(rule.event, []).append(rule)
         return rule.id
@@ -340,6 +591,9 @@ class Engine:
         return None
 
     def _delete(self, rule: Rule) -> None:
+        if type(rule) is InjectError and rule.ext is not None:
+            self._persistent_rules -= rule.ext.persistent
+            self.heal_rules -= rule.ext.heal
         self._rules[rule.id - self._first_id] = None
         siblings = self._by_event[rule.event]
         siblings.remove(rule)
@@ -355,7 +609,8 @@ class Engine:
         rule_id = self._insert(rule)
         if (rule.event == "none" and type(rule) is InjectError
                 and rule.state in (0, self.state)):
-            self._active.add(rule)
+            (self._kept if _is_persistent(rule) else self._active).add(rule)
+            self._sets_changed()
         return rule_id
 
     def remove_rule(self, rule_id: int) -> None:
@@ -363,7 +618,9 @@ class Engine:
         if rule is None:
             raise EngineError(_errno.ENOENT, f"no rule with id {rule_id}")
         if type(rule) is InjectError:
-            self._active.discard(rule)
+            if not self._active.discard(rule):
+                self._kept.discard(rule)
+            self._sets_changed()
         self._delete(rule)
 
     def clear(self) -> None:
@@ -372,6 +629,9 @@ class Engine:
         self._first_id = self._next_id
         self._by_event.clear()
         self._active.replace(())
+        self._kept.replace(())
+        self._persistent_rules = self.heal_rules = 0
+        self._sets_changed()
 
     def set_state(self, state: int) -> None:
         self.state = state
@@ -385,16 +645,39 @@ class Engine:
         for rule in rules:
             self._insert(rule)
         self.state = 1
+        self.random.seed(self.seed)           # a fresh open: the same decisions again
         self.event_counts["none"] += 1
         rules_of_none = self._by_event.get("none")
         if rules_of_none:
             self._run_rules(rules_of_none)
 
+    def rules_by_event(self) -> dict[str, list[Rule]]:
+        """event -> its rules in file order (read only: the engine's own lists)."""
+        return self._by_event
+
     def rules(self) -> list[Rule]:
         return [rule for rule in self._rules if rule is not None]
 
     def active(self) -> list[InjectError]:
-        return self._active.in_priority_order()
+        if not self._kept.count:
+            return self._active.in_priority_order()
+        return sorted(self._active.in_priority_order() + self._kept.in_priority_order(),
+                      key=_by_id)
 
 
-__all__ = ["Engine", "EngineError", "Request", "Suspension", "InjectError", "SetState"]
+def _caller_matches(ext, caller: Caller | None) -> bool:
+    """Whether the request's sender passes the rule's pid/uid/comm filters. An unknown
+    sender (an op without a request context) passes none: a filter is a restriction."""
+    if caller is None:
+        return False
+    if ext.uid >= 0 and caller.uid != ext.uid:
+        return False
+    if ext.pid >= 0 and caller.pid != ext.pid and callers.thread_group(caller.pid) != ext.pid:
+        return False
+    if ext.comm and callers.command_name(caller.pid) != ext.comm:
+        return False
+    return True
+
+
+__all__ = ["Caller", "Effect", "Engine", "EngineError", "Request", "Suspension", "InjectError",
+           "SetState"]

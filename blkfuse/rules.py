@@ -28,6 +28,7 @@ class InjectError:
     line: int = 0                     # the line in `origin`, 0 if none
     id: int = 0                       # given by the engine; also its priority (lower wins)
     hits: int = 0                     # times this rule failed (or, errno 0, passed) a request
+    ext: "Extensions | None" = None   # blkfuse's keys beyond blkdebug's; None on a QEMU rule
 
     kind = "inject-error"
 
@@ -41,6 +42,57 @@ class InjectError:
     def offset(self) -> int:
         """The byte a sector rule tests, or -1."""
         return self.sector * SECTOR_SIZE if self.sector >= 0 else -1
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """The bytes [start, end) a request must overlap to match: QEMU's one byte at
+        sector*512, or with `sectors` whole sectors; (0, 2**63) for a rule without sector."""
+        if self.sector < 0:
+            return 0, ANYWHERE_END
+        start = self.sector * SECTOR_SIZE
+        sectors = self.ext.sectors if self.ext is not None else 0
+        return start, (start + sectors * SECTOR_SIZE if sectors else start + 1)
+
+
+ANYWHERE_END = 2**63
+
+
+# What a rule may do to a request besides failing it.
+CORRUPT_MODES = ("flip", "zero", "random")
+
+
+@dataclass(slots=True, eq=False)
+class Extensions:
+    """The keys blkfuse adds to [inject-error] (README "Beyond blkdebug"), and their counters.
+
+    Kept apart so that a QEMU rule pays one empty slot for them, and so that the engine
+    can tell at a glance that a rule needs more than blkdebug's check (`rule.ext is None`).
+    """
+
+    probability: float = 1.0          # acts on a request that reaches it with this chance
+    after: int = 0                    # lets the first N requests that reach it through
+    count: int = 0                    # acts on at most N requests, then is removed; 0: no limit
+    sectors: int = 0                  # with sector: covers [sector, sector+N); 0: QEMU's one byte
+    delay_us: int = 0                 # holds the request this long ...
+    jitter_us: int = 0                # ... plus uniformly up to this much
+    corrupt: str = ""                 # "", or one of CORRUPT_MODES
+    corrupt_bytes: int = 1            # bytes changed per corrupted request
+    pid: int = -1                     # only requests sent by this process (or thread); -1: any
+    comm: str = ""                    # only requests sent by this command name; "": any
+    uid: int = -1                     # only requests sent by this user; -1: any
+    heal: bool = False                # a successful write over the whole span removes the rule
+    persistent: bool = False          # stays armed when later events replace the active set
+    # what happened: seen counts requests that reached it (for `after`), acted those it
+    # failed, delayed or corrupted (for `count` and `once`)
+    seen: int = 0
+    acted: int = 0
+    failed: int = 0
+    delayed: int = 0
+    corrupted: int = 0
+
+    @property
+    def filters_caller(self) -> bool:
+        return self.pid >= 0 or self.uid >= 0 or bool(self.comm)
 
 
 @dataclass(slots=True, eq=False)
@@ -71,3 +123,4 @@ class Settings:
     image: str | None = None          # from the blkdebug:RULES:IMAGE form
     align: int | None = None
     max_transfer: int | None = None
+    seed: int | None = None           # -o seed: the one random generator's seed; None: random

@@ -1,11 +1,12 @@
-"""`blkfuse check PATH [-o KEY=VALUE,...]`: validate rules without mounting anything."""
+"""`blkfuse check [--qemu] PATH [-o KEY=VALUE,...]`: validate rules without mounting anything."""
 
 import collections
 import sys
 
 import click
 
-from ..config import ConfigError, format_rule, load_rules, parse_option_string, parse_options
+from ..config import (EXTENSION_OPTIONS, ConfigError, arming_warning, format_rule, load_rules,
+                      parse_option_string, parse_options)
 from ..events import REACHABLE_EVENTS
 
 
@@ -13,24 +14,56 @@ from ..events import REACHABLE_EVENTS
 @click.argument("path", type=click.Path(dir_okay=False))
 @click.option("-o", "--options", "option_strings", multiple=True, metavar="KEY=VALUE,...",
               help="blkdebug options, as for mount (inject-error.0.event=read_aio,align=4096).")
-def command(path, option_strings):
+@click.option("--qemu", is_flag=True,
+              help="Fail (exit 1) naming every key and value QEMU 7.2's blkdebug would reject.")
+def command(path, option_strings, qemu):
     """Check the blkdebug config file PATH (and options); print each rule with its source.
 
-    Exits 1 with the first error (file:line or option key) on stderr.
+    Exits 1 with the first error (file:line or option key) on stderr. blkfuse's extension
+    keys are accepted and marked; with --qemu they are errors, all of them listed.
     """
+    notes = []
     try:
         options = {}
         for option_string in option_strings:
             options.update(parse_option_string(option_string))
         _, settings = parse_options(options)
         settings.config_path = path          # PATH is the config file, whatever -o says
-        rules = load_rules(settings)
+        rules = load_rules(settings, notes)
     except ConfigError as error:
         click.echo(f"blkfuse check: {error}", err=True)
         sys.exit(1)
+    extension_options = [key for key in options if key in EXTENSION_OPTIONS]
+    if qemu:
+        problems = [f"{note.where}: {note.text}" for note in notes]
+        problems += [f'option {key}: "{key}" is a blkfuse extension option'
+                     for key in extension_options]
+        if problems:
+            for problem in problems:
+                click.echo(f"blkfuse check: {problem}", err=True)
+            click.echo(f"blkfuse check: {path}: QEMU 7.2 would reject {len(problems)} "
+                       f"key{'s' if len(problems) != 1 else ''} or value"
+                       f"{'s' if len(problems) != 1 else ''} (listed above)", err=True)
+            sys.exit(1)
+    marked = collections.defaultdict(list)
+    for note in notes:
+        marked[id(note.rule)].append(note.label)
     for rule in rules:
-        click.echo(f"{rule.source}: {format_rule(rule)}{_reachability_note(rule)}")
-    click.echo(_summary(path, rules, settings))
+        mark = ""
+        if id(rule) in marked:
+            mark = f"  (not portable to QEMU: {', '.join(marked[id(rule)])})"
+        click.echo(f"{rule.source}: {format_rule(rule)}{_reachability_note(rule)}{mark}")
+    warning = arming_warning(_by_event(rules))
+    if warning:
+        click.echo(warning)
+    click.echo(_summary(path, rules, settings, notes, extension_options))
+
+
+def _by_event(rules) -> dict:
+    by_event = {}
+    for rule in rules:
+        by_event.setdefault(rule.event, []).append(rule)
+    return by_event
 
 
 def _reachability_note(rule) -> str:
@@ -40,7 +73,7 @@ def _reachability_note(rule) -> str:
     return "  (never fires through a blkfuse mount)"
 
 
-def _summary(path, rules, settings) -> str:
+def _summary(path, rules, settings, notes, extension_options) -> str:
     kinds = collections.Counter(rule.kind for rule in rules)
     noun = "rule" if len(rules) == 1 else "rules"
     parts = [f"{path}: OK, {len(rules)} {noun}"]
@@ -50,4 +83,10 @@ def _summary(path, rules, settings) -> str:
         parts.append(f"align={settings.align}")
     if settings.max_transfer:
         parts.append(f"max-transfer={settings.max_transfer}")
+    if settings.seed is not None:
+        parts.append(f"seed={settings.seed}")
+    if notes or extension_options:
+        parts.append(f"{len(notes) + len(extension_options)} blkfuse extension"
+                     f"{'s' if len(notes) + len(extension_options) != 1 else ''} "
+                     "(QEMU would reject them; check --qemu lists them)")
     return ", ".join(parts)
