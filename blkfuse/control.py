@@ -19,68 +19,99 @@ import math
 import os
 import shlex
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import trio
 
 from . import config, memory
-from .engine import EngineError
-from .rules import Extensions
+from .errors import BlkfuseError, errno_name
 from .events import EVENTS, IOTYPES, REACHABLE_EVENTS, canonical_event
-
-HELP = """\
-commands (one per line; a write is parsed whole and applied only if every line is valid):
-  break EVENT TAG             suspend the next request that raises EVENT under TAG
-  resume TAG                  let the request suspended at TAG go on
-  remove_break TAG            drop the breakpoint TAG (waking its request, if any)
-  wait_break TAG [SECONDS]    block until a request is suspended at TAG (ETIMEDOUT after SECONDS)
-  inject-error KEY=VALUE ...  add an [inject-error] rule (event=, errno=, sector=, once=,
-                              immediately=, state=, iotype=; extensions: probability=,
-                              after=, count=, sectors=, delay=, jitter=, corrupt=,
-                              corrupt-bytes=, pid=, comm=, uid=, heal=, persistent=)
-  set-state KEY=VALUE ...     add a [set-state] rule (event=, state=, new_state=)
-  remove ID                   remove rule ID
-  clear                       remove every rule (breakpoints stay)
-  state N                     set the current state to N
-  reload                      re-read the config file and -o rules (replaces every rule)
-  status [json]               answer the status (read it back on the same open file)
-  help                        this text
-A bad line (syntax, unknown event, bad rule option) fails the whole write with nothing applied.
-A line that fails while running (unknown tag or rule id, timeout, bad config on reload) stops
-the write there: the lines before it stay done, the lines after it are not run.
-Errors: EINVAL bad input, ENOENT unknown event/tag/rule, ETIMEDOUT wait_break timed out.
-"""
-
+from .rules import Extensions, Rule
 
 # A human reads the text status: 100,000 rule lines would bury everything else.
 TEXT_RULES_SHOWN = 200
 
-COMMANDS = ("break", "resume", "remove_break", "wait_break", "inject-error", "set-state",
-            "remove", "clear", "state", "reload", "status", "help")
 
-
-class ControlError(Exception):
+class ControlError(BlkfuseError):
     """A control write failed: `.errno` for the writer, `.message` for the status."""
-
-    def __init__(self, errno: int, message: str):
-        super().__init__(message)
-        self.errno = errno
-        self.message = message
-
-    def __str__(self):
-        return self.message
-
-
-def errno_name(n: int) -> str:
-    return _errno.errorcode.get(n, str(n))
 
 
 # ---------------------------------------------------------------------------------------------
-# parsing
+# the command table: every command is defined once, here; help and parsing come from it
+
+Runner = Callable[..., Awaitable[str]]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One control command: how it is written, what it does, how its words are read."""
+
+    name: str
+    usage: str                       # "break EVENT TAG": the usage line and the help's left column
+    summary: str                     # the help's right column (may span lines)
+    nargs: tuple[int, int | None]    # how many words may follow the name (None: any number)
+    parse: Callable[[list[str]], tuple]   # the words after the name -> run's arguments
+    run: Runner                      # async run(control, *arguments) -> the answer text
+    aliases: tuple[str, ...] = ()
+    extension: bool = True           # qemu-io has no such command (break/resume/... it has)
+
+
+COMMANDS: dict[str, Command] = {}    # by name and alias, in the order help lists them
+
+
+def command(usage: str, summary: str, *, nargs: tuple[int, int | None] = (0, 0),
+            parse: Callable[[list[str]], tuple] = tuple, aliases: tuple[str, ...] = (),
+            extension: bool = True) -> Callable[[Runner], Runner]:
+    """Register the decorated `async run(control, *args)` as a command; `usage` names it."""
+    def register(run: Runner) -> Runner:
+        name = usage.split()[0]
+        entry = Command(name, usage, summary, nargs, parse, run, aliases, extension)
+        for word in (name, *aliases):
+            assert word not in COMMANDS, word
+            COMMANDS[word] = entry
+        return run
+    return register
+
+
+def commands() -> list[Command]:
+    """Each command once, in help order."""
+    return list({id(c): c for c in COMMANDS.values()}.values())
+
+
+def help_text() -> str:
+    lines = ["commands (one per line; a write is parsed whole and applied only if every line "
+             "is valid):"]
+    for c in commands():
+        first, *rest = c.summary.splitlines()
+        lines.append(f"  {c.usage:<27} {first}".rstrip())
+        lines.extend(f"  {'':<27} {more}" for more in rest)
+    lines += [
+        "A bad line (syntax, unknown event, bad rule option) fails the whole write with nothing "
+        "applied.",
+        "A line that fails while running (unknown tag or rule id, timeout, bad config on reload) "
+        "stops",
+        "the write there: the lines before it stay done, the lines after it are not run.",
+        "Errors: EINVAL bad input, ENOENT unknown event/tag/rule, ETIMEDOUT wait_break timed out.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the words of a command
 
 def _tag(word: str) -> str:
     if not word:
         raise ValueError("empty tag")
     return word
+
+
+def _event(word: str) -> str:
+    event = canonical_event(word)
+    if event is None:
+        raise ControlError(_errno.ENOENT,
+                           f"unknown event {word!r}{config.did_you_mean(word, EVENTS)}")
+    return event
 
 
 def _nonneg_int(word: str, what: str) -> int:
@@ -103,69 +134,40 @@ def _seconds(word: str) -> float:
     return s
 
 
-class _LineError(Exception):
-    def __init__(self, errno, message):
-        super().__init__(message)
-        self.errno = errno
-        self.message = message
+def _rule_parser(kind: str) -> Callable[[list[str]], tuple]:
+    def parse_rule(words: list[str]) -> tuple:
+        try:
+            return (config.parse_rule_args(kind, words, source="control"),)
+        except config.ConfigError as e:
+            raise ControlError(_errno.EINVAL, str(e).removeprefix("control: ")) from None
+    return parse_rule
 
 
-def _parse_line(words: list[str]):
-    """One line -> (command name, arguments ready for _run). Raises _LineError."""
-    cmd, args = words[0], words[1:]
-    # QEMU spells the rule kinds with a dash; accept the underscore too.
-    cmd = {"inject_error": "inject-error", "set_state": "set-state"}.get(cmd, cmd)
+def _status_format(words: list[str]) -> tuple:
+    if words and words[0] != "json":
+        raise ValueError("usage: status [json]")
+    return (bool(words),)
 
-    def nargs(lo, hi, usage):
-        if not lo <= len(args) <= hi:
-            raise _LineError(_errno.EINVAL, f"usage: {usage}")
 
+def _parse_line(words: list[str]) -> tuple[Command, tuple]:
+    """One line -> (its command, the arguments for its run). Raises ControlError."""
+    name, args = words[0], words[1:]
+    entry = COMMANDS.get(name)
+    if entry is None:
+        hint = config.did_you_mean(name, [c.name for c in commands()]) or ' (try "help")'
+        raise ControlError(_errno.EINVAL, f"unknown command {name!r}{hint}")
+    low, high = entry.nargs
+    if len(args) < low or (high is not None and len(args) > high):
+        raise ControlError(_errno.EINVAL, f"usage: {entry.usage}")
     try:
-        if cmd == "break":
-            nargs(2, 2, "break EVENT TAG")
-            event = canonical_event(args[0])
-            if event is None:
-                raise _LineError(_errno.ENOENT, f"unknown event {args[0]!r}"
-                                                f"{config.did_you_mean(args[0], EVENTS)}")
-            return cmd, (event, _tag(args[1]))
-        if cmd in ("resume", "remove_break"):
-            nargs(1, 1, f"{cmd} TAG")
-            return cmd, (_tag(args[0]),)
-        if cmd == "wait_break":
-            nargs(1, 2, "wait_break TAG [SECONDS]")
-            timeout = _seconds(args[1]) if len(args) == 2 else None
-            return cmd, (_tag(args[0]), timeout)
-        if cmd in ("inject-error", "set-state"):
-            if not args:
-                raise _LineError(_errno.EINVAL, f"usage: {cmd} KEY=VALUE ...")
-            try:
-                rule = config.parse_rule_args(cmd, args, source="control")
-            except config.ConfigError as e:
-                raise _LineError(_errno.EINVAL, str(e).removeprefix("control: ")) from None
-            return cmd, (rule,)
-        if cmd == "remove":
-            nargs(1, 1, "remove ID")
-            return cmd, (_nonneg_int(args[0], "rule id"),)
-        if cmd in ("clear", "reload", "help"):
-            nargs(0, 0, cmd)
-            return cmd, ()
-        if cmd == "state":
-            nargs(1, 1, "state N")
-            return cmd, (_nonneg_int(args[0], "state"),)
-        if cmd == "status":
-            nargs(0, 1, "status [json]")
-            if args and args[0] != "json":
-                raise _LineError(_errno.EINVAL, "usage: status [json]")
-            return cmd, (bool(args),)
+        return entry, entry.parse(args)
     except ValueError as e:
-        raise _LineError(_errno.EINVAL, str(e)) from None
-    hint = config.did_you_mean(words[0], COMMANDS) or ' (try "help")'
-    raise _LineError(_errno.EINVAL, f"unknown command {words[0]!r}{hint}")
+        raise ControlError(_errno.EINVAL, str(e)) from None
 
 
-def parse(text: str) -> list[tuple[int, str, tuple]]:
+def parse(text: str) -> list[tuple[int, Command, tuple]]:
     """The whole write -> [(line number, command, args)], or ControlError for the first bad line."""
-    commands = []
+    parsed = []
     for lineno, line in enumerate(text.splitlines(), 1):
         try:
             words = shlex.split(line, comments=True)
@@ -174,11 +176,11 @@ def parse(text: str) -> list[tuple[int, str, tuple]]:
         if not words:
             continue
         try:
-            cmd, args = _parse_line(words)
-        except _LineError as e:
+            entry, args = _parse_line(words)
+        except ControlError as e:
             raise ControlError(e.errno, f"line {lineno}: {e.message}") from None
-        commands.append((lineno, cmd, args))
-    return commands
+        parsed.append((lineno, entry, args))
+    return parsed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,13 +220,13 @@ class Control:
         try:
             if self._closing:
                 raise ControlError(_errno.ESHUTDOWN, "the mount is shutting down")
-            commands = parse(text)
+            parsed = parse(text)
             results = []
-            for lineno, cmd, args in commands:
+            for lineno, entry, args in parsed:
                 try:
-                    results.append(await self._run(cmd, args))
-                except ControlError as e:
-                    done = f" (lines before it were applied)" if results else ""
+                    results.append(await entry.run(self, *args))
+                except BlkfuseError as e:
+                    done = " (lines before it were applied)" if results else ""
                     raise ControlError(e.errno, f"line {lineno}: {e.message}{done}") from None
         except ControlError as e:
             self.last_error = e.message
@@ -236,55 +238,7 @@ class Control:
         answers = [r for r in results if r]
         return "\n".join(a.rstrip("\n") for a in answers) + ("\n" if answers else "")
 
-    async def _run(self, cmd, args) -> str:
-        e = self.engine
-        try:
-            if cmd == "break":
-                event, tag = args
-                e.add_breakpoint(event, tag)
-                note = "" if event in REACHABLE_EVENTS else " (no request through this mount raises it)"
-                return f"breakpoint {tag} on {event}{note}"
-            if cmd == "resume":
-                e.resume(args[0])
-                return f"resumed {args[0]}"
-            if cmd == "remove_break":
-                e.remove_breakpoint(args[0])
-                return f"removed breakpoint {args[0]}"
-            if cmd == "wait_break":
-                tag, timeout = args
-                return await self._wait_break(tag, timeout)
-            if cmd in ("inject-error", "set-state"):
-                rule = args[0]
-                rid = e.add_rule(rule)
-                warning = (config.arming_warning(e.rules_by_event())
-                           if cmd == "inject-error" else None)
-                return f"added rule {rid}" + (f" ({warning})" if warning else "")
-            if cmd == "remove":
-                e.remove_rule(args[0])
-                return f"removed rule {args[0]}"
-            if cmd == "clear":
-                n = len(e.rules())
-                e.clear()
-                return f"removed {n} rule{'s' if n != 1 else ''}"
-            if cmd == "state":
-                e.set_state(args[0])
-                return f"state {args[0]}"
-            if cmd == "reload":
-                return await self._do_reload()
-            if cmd == "help":
-                return HELP
-            if cmd == "status":
-                if args[0]:
-                    answer = json.dumps(self.status_dict(), indent=1) + "\n"
-                    if len(answer) > (1 << 20):
-                        memory.give_back()     # the rule dicts of a huge status are garbage now
-                    return answer
-                return self.status_text()
-        except EngineError as err:
-            raise ControlError(err.errno, str(err)) from None
-        raise AssertionError(cmd)   # pragma: no cover - parse() knows every command
-
-    async def _wait_break(self, tag, timeout):
+    async def wait_break(self, tag: str, timeout: float | None) -> str:
         with trio.CancelScope() as scope:
             self._waits[scope] = tag
             try:
@@ -295,7 +249,7 @@ class Control:
             raise ControlError(_errno.ESHUTDOWN, f"wait_break {tag}: the mount is shutting down")
         return f"suspended at {tag}"
 
-    async def _do_reload(self):
+    async def reload(self) -> str:
         if self._reload is None:
             raise ControlError(_errno.EINVAL, "reload: this mount has no config to reload")
         try:
@@ -404,6 +358,100 @@ class Control:
         return "\n".join(out) + "\n"
 
 
+# ---------------------------------------------------------------------------------------------
+# the commands, in help order
+
+@command("break EVENT TAG", "suspend the next request that raises EVENT under TAG",
+         nargs=(2, 2), parse=lambda w: (_event(w[0]), _tag(w[1])), extension=False)
+async def _break(control: "Control", event: str, tag: str) -> str:
+    control.engine.add_breakpoint(event, tag)
+    note = "" if event in REACHABLE_EVENTS else " (no request through this mount raises it)"
+    return f"breakpoint {tag} on {event}{note}"
+
+
+@command("resume TAG", "let the request suspended at TAG go on",
+         nargs=(1, 1), parse=lambda w: (_tag(w[0]),), extension=False)
+async def _resume(control: "Control", tag: str) -> str:
+    control.engine.resume(tag)
+    return f"resumed {tag}"
+
+
+@command("remove_break TAG", "drop the breakpoint TAG (waking its request, if any)",
+         nargs=(1, 1), parse=lambda w: (_tag(w[0]),), extension=False)
+async def _remove_break(control: "Control", tag: str) -> str:
+    control.engine.remove_breakpoint(tag)
+    return f"removed breakpoint {tag}"
+
+
+@command("wait_break TAG [SECONDS]",
+         "block until a request is suspended at TAG (ETIMEDOUT after SECONDS)",
+         nargs=(1, 2), extension=False,
+         parse=lambda w: (_tag(w[0]), _seconds(w[1]) if len(w) == 2 else None))
+async def _wait_break(control: "Control", tag: str, timeout: float | None) -> str:
+    return await control.wait_break(tag, timeout)
+
+
+@command("inject-error KEY=VALUE ...",
+         "add an [inject-error] rule (event=, errno=, sector=, once=,\n"
+         "immediately=, state=, iotype=; extensions: probability=, after=,\n"
+         "count=, sectors=, delay=, jitter=, corrupt=, corrupt-bytes=,\n"
+         "pid=, comm=, uid=, heal=, persistent=); its id is in the status",
+         nargs=(1, None), parse=_rule_parser("inject-error"), aliases=("inject_error",))
+async def _inject_error(control: "Control", rule: Rule) -> str:
+    rule_id = control.engine.add_rule(rule)
+    # rules armed by `none` next to rules armed later: the first later arming drops them
+    warning = config.arming_warning(control.engine.rules_by_event())
+    return f"added rule {rule_id}" + (f" ({warning})" if warning else "")
+
+
+@command("set-state KEY=VALUE ...", "add a [set-state] rule (event=, state=, new_state=)",
+         nargs=(1, None), parse=_rule_parser("set-state"), aliases=("set_state",))
+async def _set_state_rule(control: "Control", rule: Rule) -> str:
+    return f"added rule {control.engine.add_rule(rule)}"
+
+
+@command("remove ID", "remove rule ID",
+         nargs=(1, 1), parse=lambda w: (_nonneg_int(w[0], "rule id"),))
+async def _remove(control: "Control", rule_id: int) -> str:
+    control.engine.remove_rule(rule_id)
+    return f"removed rule {rule_id}"
+
+
+@command("clear", "remove every rule (breakpoints stay)")
+async def _clear(control: "Control") -> str:
+    n = len(control.engine.rules())
+    control.engine.clear()
+    return f"removed {n} rule{'s' if n != 1 else ''}"
+
+
+@command("state N", "set the current state to N",
+         nargs=(1, 1), parse=lambda w: (_nonneg_int(w[0], "state"),))
+async def _state(control: "Control", state: int) -> str:
+    control.engine.set_state(state)
+    return f"state {state}"
+
+
+@command("reload", "re-read the config file and -o rules (replaces every rule)")
+async def _reload(control: "Control") -> str:
+    return await control.reload()
+
+
+@command("status [json]", "answer the status (read it back on the same open file)",
+         nargs=(0, 1), parse=_status_format)
+async def _status(control: "Control", as_json: bool) -> str:
+    if not as_json:
+        return control.status_text()
+    answer = json.dumps(control.status_dict(), indent=1) + "\n"
+    if len(answer) > (1 << 20):
+        memory.give_back()     # the rule dicts of a huge status are garbage now
+    return answer
+
+
+@command("help", "this text")
+async def _help(control: "Control") -> str:
+    return help_text()
+
+
 def _format_rule(rule) -> str:
     try:
         return config.format_rule(rule)
@@ -441,12 +489,13 @@ def _extension_dict(r) -> dict:
     ext = r.ext if r.ext is not None else _PLAIN
     d = {"probability": ext.probability, "after": ext.after, "count": ext.count or None,
          "sectors": ext.sectors or None, "delay_us": ext.delay_us, "jitter_us": ext.jitter_us,
-         "corrupt": ext.corrupt or None, "corrupt_bytes": ext.corrupt_bytes if ext.corrupt else None,
+         "corrupt": ext.corrupt or None,
+         "corrupt_bytes": ext.corrupt_bytes if ext.corrupt else None,
          "pid": ext.pid if ext.pid >= 0 else None, "comm": ext.comm or None,
          "uid": ext.uid if ext.uid >= 0 else None, "heal": ext.heal,
          "persistent": ext.persistent, "extension": r.ext is not None}
     if r.ext is None:
-        d.update(failed=r.hits if r.errno else 0, delayed=0, corrupted=0)
+        d.update(failed=r.hits if r.errno else 0, delayed=0, corrupted=0, reached=r.hits)
     else:
         d.update(failed=ext.failed, delayed=ext.delayed, corrupted=ext.corrupted,
                  reached=ext.seen)

@@ -32,17 +32,13 @@ import trio
 
 from . import callers
 from .effects import Effect
+from .errors import BlkfuseError
 from .events import EVENTS, IOTYPES, canonical_event
 from .rules import SECTOR_SIZE, InjectError, Rule, SetState
 
 
-class EngineError(Exception):
+class EngineError(BlkfuseError):
     """A command the engine cannot carry out; `errno` is what the control write fails with."""
-
-    def __init__(self, errno: int, message: str):
-        super().__init__(message)
-        self.errno = errno
-        self.message = message
 
 
 class Caller(NamedTuple):
@@ -665,6 +661,7 @@ class Engine:
                       key=_by_id)
 
 
+<<<<<<< HEAD
 def _caller_matches(ext, caller: Caller | None) -> bool:
     """Whether the request's sender passes the rule's pid/uid/comm filters. An unknown
     sender (an op without a request context) passes none: a filter is a restriction."""
@@ -681,3 +678,6 @@ def _caller_matches(ext, caller: Caller | None) -> bool:
 
 __all__ = ["Caller", "Effect", "Engine", "EngineError", "Request", "Suspension", "InjectError",
            "SetState"]
+=======
+__all__ = ["Caller", "Engine", "EngineError", "Request", "Suspension", "InjectError", "SetState"]
+>>>>>>> main

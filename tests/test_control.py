@@ -48,12 +48,23 @@ def ok(control, text):
 def test_blank_lines_and_comments_are_ignored():
     assert parse("\n   \n# a comment\n  # another\n") == []
     cmds = parse("break read_aio A   # trailing comment\n\nresume A\n")
-    assert [(n, c) for n, c, _ in cmds] == [(1, "break"), (3, "resume")]
+    assert [(n, c.name) for n, c, _ in cmds] == [(1, "break"), (3, "resume")]
 
 
 def test_dotted_event_alias_is_accepted():
     [(_, cmd, args)] = parse("break pwritev_rmw.head T")
+    assert cmd.name == "break"
     assert args == ("pwritev_rmw_head", "T")
+
+
+def test_every_command_has_usage_help_and_a_parser():
+    from blkfuse.control import COMMANDS, commands, help_text
+    text = help_text()
+    for c in commands():
+        assert c.usage.split()[0] == c.name
+        assert c.usage in text and c.summary.splitlines()[0] in text
+        for alias in c.aliases:
+            assert COMMANDS[alias] is c
 
 
 @pytest.mark.parametrize("text, err, words", [

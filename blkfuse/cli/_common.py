@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from ..control import ControlError
+
 CONTROL = "control"
 
 
@@ -38,17 +40,10 @@ def read_status(mountpoint: str) -> str:
         os.close(fd)
 
 
-class ControlFailed(Exception):
-    def __init__(self, errno_, message):
-        super().__init__(message)
-        self.errno = errno_
-        self.message = message
-
-
 def send(mountpoint: str, text: str) -> str:
     """Write `text` as one unit to the mount's control file; return the answer text.
 
-    On failure raise ControlFailed with the daemon's own message (which the daemon leaves on
+    On failure raise ControlError with the daemon's own message (which the daemon leaves on
     the handle that wrote the command), or the plain errno text if there is none.
     """
     if not text.endswith("\n"):
@@ -57,7 +52,7 @@ def send(mountpoint: str, text: str) -> str:
     try:
         fd = os.open(path, os.O_RDWR)
     except OSError as e:
-        raise ControlFailed(e.errno, _open_error(mountpoint, e)) from None
+        raise ControlError(e.errno, _open_error(mountpoint, e)) from None
     try:
         try:
             os.write(fd, text.encode())
@@ -67,7 +62,7 @@ def send(mountpoint: str, text: str) -> str:
             except OSError:
                 answer = ""
             message = answer.removeprefix("error: ") or os.strerror(e.errno)
-            raise ControlFailed(e.errno, f"{message} [{errno.errorcode.get(e.errno, e.errno)}]") \
+            raise ControlError(e.errno, f"{message} [{errno.errorcode.get(e.errno, e.errno)}]") \
                 from None
         return _read_all(fd).decode(errors="replace")
     finally:

@@ -2,7 +2,7 @@
 
 import click
 
-from ._common import ControlFailed, fail, send
+from ._common import ControlError, fail, send
 
 
 @click.command("ctl", context_settings={"ignore_unknown_options": True})
@@ -19,7 +19,7 @@ def command(mountpoint, words):
     text = " ".join(words)
     try:
         answer = send(mountpoint, text)
-    except ControlFailed as e:
+    except ControlError as e:
         fail(e.message)
     if answer:
         click.echo(answer, nl=not answer.endswith("\n"))

@@ -4,7 +4,7 @@ import json
 
 import click
 
-from ._common import ControlFailed, _open_error, fail, read_status, send
+from ._common import ControlError, _open_error, fail, read_status, send
 
 
 @click.command("status")
@@ -16,7 +16,7 @@ def command(mountpoint, as_json):
     if as_json:
         try:
             text = send(mountpoint, "status json")
-        except ControlFailed as e:
+        except ControlError as e:
             fail(e.message)
         click.echo(json.dumps(json.loads(text), indent=2))
         return

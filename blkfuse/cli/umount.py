@@ -10,7 +10,7 @@ import time
 
 import click
 
-from ._common import ControlFailed, fail, is_blkfuse_mount, send
+from ._common import ControlError, fail, is_blkfuse_mount, send
 
 
 # How long a live daemon may take to answer `status json` before it counts as wedged.
@@ -81,7 +81,7 @@ def command(mountpoint, timeout):
             fail(f"{mountpoint}: the daemon did not answer within {ANSWER_SECONDS:g} s; "
                  "the mount was detached lazily")
         fail(f"{mountpoint}: the daemon does not answer and unmounting failed")
-    except ControlFailed as e:
+    except ControlError as e:
         # The daemon is gone (ENOTCONN) or does not answer: remove the mount itself.
         if _fusermount(mountpoint) or _fusermount(mountpoint, lazy=True):
             return
