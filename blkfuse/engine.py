@@ -661,7 +661,6 @@ class Engine:
                       key=_by_id)
 
 
-<<<<<<< HEAD
 def _caller_matches(ext, caller: Caller | None) -> bool:
     """Whether the request's sender passes the rule's pid/uid/comm filters. An unknown
     sender (an op without a request context) passes none: a filter is a restriction."""
@@ -678,6 +677,3 @@ def _caller_matches(ext, caller: Caller | None) -> bool:
 
 __all__ = ["Caller", "Effect", "Engine", "EngineError", "Request", "Suspension", "InjectError",
            "SetState"]
-=======
-__all__ = ["Caller", "Engine", "EngineError", "Request", "Suspension", "InjectError", "SetState"]
->>>>>>> main
