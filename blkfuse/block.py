@@ -34,12 +34,12 @@ def _failure(error: int) -> OSError:
     return OSError(error, os.strerror(error))
 
 
-async def _hold(outcome: int | Effect) -> tuple[int, Effect | None]:
+async def _hold(engine: Engine, outcome: int | Effect) -> tuple[int, Effect | None]:
     """A check's non-zero outcome -> (errno, the corruption to apply), after its delay."""
     if type(outcome) is int:
         return outcome, None
     if outcome.delay:
-        await trio.sleep(outcome.delay)
+        await engine.hold(outcome.delay)
     return outcome.errno, (outcome if outcome.corrupt else None)
 
 
@@ -83,9 +83,12 @@ class BlockDevice:
         apply as (effect, piece start, piece end)."""
         corruptions = []
         for piece_start, piece_end in self._pieces(start, end):
-            outcome = self.engine.check(iotype, piece_start, piece_end - piece_start, caller)
+            length = piece_end - piece_start
+            # (without a caller, QEMU's three arguments: engines that wrap check keep working)
+            outcome = (self.engine.check(iotype, piece_start, length) if caller is None
+                       else self.engine.check(iotype, piece_start, length, caller))
             if outcome:
-                error, effect = await _hold(outcome)
+                error, effect = await _hold(self.engine, outcome)
                 if error:
                     raise _failure(error)
                 if effect is not None:
@@ -122,9 +125,10 @@ class BlockDevice:
         if self.max_transfer:
             corruptions = await self._check_pieces("read", start, end, caller)
         else:
-            outcome = self.engine.check("read", start, end - start, caller)
+            outcome = (self.engine.check("read", start, end - start) if caller is None
+                       else self.engine.check("read", start, end - start, caller))
             if outcome:
-                error, effect = await _hold(outcome)
+                error, effect = await _hold(self.engine, outcome)
                 if error:
                     raise _failure(error)
                 if effect is not None:
@@ -189,9 +193,11 @@ class BlockDevice:
                     await suspension.wait()
                 for piece_start, piece_end in self._pieces(start, end):
                     piece = data[piece_start - start:piece_end - start]
-                    error = engine.check("write", piece_start, piece_end - piece_start, caller)
+                    size = piece_end - piece_start
+                    error = (engine.check("write", piece_start, size) if caller is None
+                             else engine.check("write", piece_start, size, caller))
                     if error:
-                        error, effect = await _hold(error)
+                        error, effect = await _hold(self.engine, error)
                         if error:
                             break       # pieces before it stay written, as in QEMU
                         if effect is not None:
@@ -262,9 +268,10 @@ class BlockDevice:
                 await self._event("flush_to_disk", request)
             blkdebug_generation = self._blkdebug_written
             if self._blkdebug_flushed != blkdebug_generation:
-                error = self.engine.check("flush", 0, 0, caller)
+                error = (self.engine.check("flush", 0, 0) if caller is None
+                         else self.engine.check("flush", 0, 0, caller))
                 if error:
-                    error, _ = await _hold(error)
+                    error, _ = await _hold(self.engine, error)
                     if error:
                         raise _failure(error)
                 await self.image.fsync()

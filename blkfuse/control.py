@@ -298,6 +298,7 @@ class Control:
                 for n, c in sorted(e.errors_injected.items()) if c
             ],
             "rules_healed": e.rules_healed,
+            "held": e.held(),
             "last_result": self.last_result,
             "last_error": self.last_error,
             "last_error_errno": self.last_error_errno,
@@ -342,6 +343,8 @@ class Control:
             if s["op"] is not None:
                 where = f" {s['op']} offset={s['offset']} length={s['length']}"
             out.append(f"  {','.join(s['tags'])} at {s['event']}:{where} for {s['seconds']:.1f}s")
+        if d["held"]:
+            out.append(f"held by a delay rule: {d['held']}")
 
         if d["waiting"]:
             out.append("wait_break pending: " + " ".join(d["waiting"]))

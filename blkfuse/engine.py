@@ -315,6 +315,7 @@ class Engine:
         self.seed = secrets.randbits(32) if seed is None else seed
         self.random = random.Random(self.seed)
         self._suspended: list[Suspension] = []            # newest first, as QEMU's QLIST
+        self._holds: set[trio.CancelScope] = set()        # requests a delay rule is holding
         self._changed = trio.Event()                      # set when suspensions/breakpoints change
         self._next_id = 1
         self.event_counts = dict.fromkeys(EVENTS, 0)
@@ -556,11 +557,28 @@ class Engine:
                           f'no request was suspended at tag "{tag}" within {timeout:g} s')
 
     def resume_all(self) -> None:
-        """Shutdown: drop every breakpoint and release every suspended request."""
+        """Shutdown: drop every breakpoint, release every suspended request and end every
+        delay early (the held requests go on, or fail with their rule's errno)."""
         self._breakpoints.clear()
         for suspension in list(self._suspended):
             suspension.release()
+        for hold in list(self._holds):
+            hold.cancel()
         self._notify()
+
+    async def hold(self, seconds: float) -> None:
+        """A delay rule's hold: sleep in the request's own task (nothing else waits), cut
+        short by resume_all so that unmounting never waits out a long delay."""
+        with trio.move_on_after(seconds) as scope:
+            self._holds.add(scope)
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._holds.discard(scope)
+
+    def held(self) -> int:
+        """How many requests a delay rule is holding right now."""
+        return len(self._holds)
 
     def breakpoints(self) -> list[tuple[str, str]]:
         return [(event, tag) for event, tags in self._breakpoints.items() for tag in tags]

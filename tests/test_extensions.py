@@ -393,3 +393,31 @@ def test_check_marks_extensions_and_qemu_mode_names_every_one(tmp_path):
     plain.write_text('[inject-error]\nevent = "read_aio"\nerrno = "5"\nsector = "3"\n')
     r = blkfuse("check", "--qemu", plain)
     assert r.returncode == 0 and "not portable" not in r.stdout and "blkfuse extension" not in r.stdout
+
+
+def test_shutdown_ends_a_hold_early(device):
+    """resume_all (unmount) cuts a delay short: the held request goes on, or fails with its
+    rule's errno; nothing waits out a long delay."""
+    dev, _ = device(rule("event=none", "delay=3600s", "errno=5", "iotype=write"),
+                    rule("event=none", "delay=3600s", "iotype=read"))
+    outcomes = []
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            async def write():
+                try:
+                    await dev.write(0, b"x" * 512)
+                except OSError as e:
+                    outcomes.append(("write", e.errno))
+
+            async def read():
+                outcomes.append(("read", len(await dev.read(0, 512))))
+            nursery.start_soon(write)
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            assert dev.engine.held() == 2
+            dev.engine.resume_all()
+    import trio.testing
+    trio.run(main)
+    assert sorted(outcomes) == [("read", 512), ("write", 5)]
+    assert dev.engine.held() == 0
