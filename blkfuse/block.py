@@ -1,26 +1,40 @@
-"""What QEMU's block layer does around blkdebug, for one image (DESIGN.md §4).
+"""What QEMU's block layer does around blkdebug, for one image (docs: README "Events").
 
 QEMU stacks a raw format node over the blkdebug node over the file. A request's life
 there decides which events blkdebug sees, in which order, and when it is checked:
 
     raw node       read_aio / write_aio per chunk of max-transfer; writethrough emulates
                    FUA with a flush after the last chunk; keeps the format-layer "written
-                   since flush" generation that decides whether flush_to_disk fires
+                   since flush" generation that decides whether flush_to_disk fires.
+                   Absent with format=none (qemu-io --image-opts driver=blkdebug): then
+                   no read_aio / write_aio / flush_to_* at all, and FUA is emulated at
+                   the blkdebug node instead
     blkdebug node  pads unaligned requests to `align` (read-modify-write, pwritev_rmw_*),
-                   pwritev, the check, pwritev_done; keeps its own generation, which
-                   decides whether a flush is checked at all. A padded request longer than
-                   max-transfer is split again here, so each piece is checked on its own
-                   (found by the differential test: QEMU writes the pieces before a
-                   failing one)
-    file           the backing image
+                   pwritev or pwritev_zero, the check, pwritev_done; keeps its own
+                   generation, which decides whether a flush is checked at all. A padded
+                   request longer than max-transfer is split again here, so each piece is
+                   checked on its own (found by the differential test: QEMU writes the
+                   pieces before a failing one). Write-zeroes and discard are split by
+                   opt-/max-write-zero and opt-/max-discard as bdrv_co_do_pwrite_zeroes
+                   and bdrv_co_pdiscard split them; a write-zeroes piece shorter than
+                   its alignment falls back to a plain write (iotype write, no event),
+                   a discard piece shorter than `align` is dropped unchecked
+    file           the backing image (image.py)
 
-BlockDevice reproduces that with the engine and the image, and nothing about FUSE.
+Cache modes are qemu-io's -t: writethrough and directsync make every write FUA, unsafe
+acknowledges flushes after flush_to_os without reaching blkdebug (BDRV_O_NO_FLUSH), none
+and directsync open the file O_DIRECT (image.py; invisible to rules).
+
+BlockDevice reproduces that with the engine and the image, and nothing about FUSE. The
+`caller` keyword of each request is the FUSE caller (engine.Caller) or None.
 
 A check answers 0, an errno, or (blkfuse's extension rules) an Effect: the request is held
-with trio.sleep in its own task (nothing else waits for it), then fails or goes on, and a
-corruption changes the data read or written, inside the request and the rule's sectors only.
+in its own task (engine.hold: nothing else waits for it), then fails or goes on, and a
+corruption changes the data of a read or write, inside the request and the rule's sectors
+only (never read-modify-write padding, never write-zeroes, discard or block status).
 """
 
+import errno as _errno
 import os
 
 import trio
@@ -28,13 +42,18 @@ import trio
 from .effects import Effect, corrupt
 from .engine import Caller, Engine, Request
 from .image import Image
+from .rules import CACHE_MODES, FORMATS
+
+SECTOR_SIZE = 512                 # QEMU keeps a node's length in sectors (bdrv_getlength)
+_MAX_BOUNCE_BUFFER = 32768 * 512  # io.c: the largest fallback write of zeroes
+_INT64_MAX = 2**63 - 1
 
 
 def _failure(error: int) -> OSError:
     return OSError(error, os.strerror(error))
 
 
-async def _hold(engine: Engine, outcome: int | Effect) -> tuple[int, Effect | None]:
+async def _settle(engine: Engine, outcome: int | Effect) -> tuple[int, Effect | None]:
     """A check's non-zero outcome -> (errno, the corruption to apply), after its delay."""
     if type(outcome) is int:
         return outcome, None
@@ -43,20 +62,41 @@ async def _hold(engine: Engine, outcome: int | Effect) -> tuple[int, Effect | No
     return outcome.errno, (outcome if outcome.corrupt else None)
 
 
+def _round_up(value: int, align: int) -> int:
+    return -(-value // align) * align
+
+
 class BlockDevice:
     def __init__(self, engine: Engine, image: Image, *, align: int | None = None,
-                 max_transfer: int | None = None):
+                 max_transfer: int | None = None, opt_write_zero: int | None = None,
+                 max_write_zero: int | None = None, opt_discard: int | None = None,
+                 max_discard: int | None = None, cache: str = "writeback",
+                 format: str = "raw"):
+        if cache not in CACHE_MODES:
+            raise ValueError(f"unknown cache mode {cache!r}")
+        if format not in FORMATS:
+            raise ValueError(f"unknown format {format!r}")
         self.engine = engine
         self.image = image
         self.align = align or 1
         self.max_transfer = max_transfer or 0
+        self.opt_write_zero = opt_write_zero or 0
+        self.max_write_zero = max_write_zero or 0
+        self.opt_discard = opt_discard or 0
+        self.max_discard = max_discard or 0
+        self.cache = cache
+        self.format = format
+        self.raw = format == "raw"
+        self.fua_always = cache in ("writethrough", "directsync")
+        self.no_flush = cache == "unsafe"
         # "Written since the last successful flush", as QEMU's write_gen/flushed_gen pairs.
         # Failed writes count too; a failed flush leaves its generation dirty.
         self._format_written = 0
         self._format_flushed = 0
         self._blkdebug_written = 0
         self._blkdebug_flushed = 0
-        self._flush_lock = trio.Lock()    # QEMU lets one flush per node run at a time
+        self._flush_lock = trio.Lock()            # QEMU lets one flush per node run at a time
+        self._blkdebug_flush_lock = trio.Lock()
 
     def size(self) -> int:
         return self.image.size()
@@ -69,6 +109,22 @@ class BlockDevice:
         if suspension is not None:
             await suspension.wait()
 
+    def _check(self, iotype: str, offset: int, length: int,
+               caller: Caller | None) -> int | Effect:
+        """0, an errno, or an Effect (for _settle). Without a caller, QEMU's three
+        arguments: engines that wrap check (the tests' recording engine) keep working."""
+        if caller is None:
+            return self.engine.check(iotype, offset, length)
+        return self.engine.check(iotype, offset, length, caller)
+
+    async def _check_errno(self, iotype: str, offset: int, length: int,
+                           caller: Caller | None) -> int:
+        """A check where there is no data to corrupt: 0 or the errno, after any delay."""
+        error = self._check(iotype, offset, length, caller)
+        if error:
+            error, _ = await _settle(self.engine, error)
+        return error
+
     def _pieces(self, start: int, end: int):
         """The driver calls blkdebug's node makes for [start, end): one, or max-transfer
         sized pieces (QEMU's bdrv_aligned_preadv/pwritev fragmenting), each checked."""
@@ -80,15 +136,12 @@ class BlockDevice:
     async def _check_pieces(self, iotype: str, start: int, end: int,
                             caller: Caller | None) -> list:
         """Check each piece; raise for the first failing one. Returns the corruptions to
-        apply as (effect, piece start, piece end)."""
+        apply, as (effect, piece start, piece end)."""
         corruptions = []
         for piece_start, piece_end in self._pieces(start, end):
-            length = piece_end - piece_start
-            # (without a caller, QEMU's three arguments: engines that wrap check keep working)
-            outcome = (self.engine.check(iotype, piece_start, length) if caller is None
-                       else self.engine.check(iotype, piece_start, length, caller))
+            outcome = self._check(iotype, piece_start, piece_end - piece_start, caller)
             if outcome:
-                error, effect = await _hold(self.engine, outcome)
+                error, effect = await _settle(self.engine, outcome)
                 if error:
                     raise _failure(error)
                 if effect is not None:
@@ -110,25 +163,25 @@ class BlockDevice:
             return b""
         length = min(length, size - offset)
         step = self.max_transfer
-        if not step or length <= step:
+        if not step or length <= step or not self.raw:
             return await self._read_chunk(offset, length, caller)
         end = offset + length
         return b"".join([await self._read_chunk(pos, min(step, end - pos), caller)
                          for pos in range(offset, end, step)])
 
     async def _read_chunk(self, offset: int, length: int, caller: Caller | None) -> bytes:
-        suspension = self.engine.fire("read_aio", Request("read", offset, length))
-        if suspension is not None:
-            await suspension.wait()
+        if self.raw:
+            suspension = self.engine.fire("read_aio", Request("read", offset, length))
+            if suspension is not None:
+                await suspension.wait()
         start, end = self._padded(offset, length)
         corruptions = None
         if self.max_transfer:
             corruptions = await self._check_pieces("read", start, end, caller)
         else:
-            outcome = (self.engine.check("read", start, end - start) if caller is None
-                       else self.engine.check("read", start, end - start, caller))
+            outcome = self._check("read", start, end - start, caller)
             if outcome:
-                error, effect = await _hold(self.engine, outcome)
+                error, effect = await _settle(self.engine, outcome)
                 if error:
                     raise _failure(error)
                 if effect is not None:
@@ -149,12 +202,17 @@ class BlockDevice:
                     caller: Caller | None = None) -> int:
         """Write all of `data` or raise OSError. Chunks before a failing one stay written.
 
-        `writethrough` (a handle opened O_SYNC/O_DSYNC): a successful write is followed
-        by a flush, whose failure fails the write although the data reached the image.
+        `writethrough` (a FUA write: a handle opened O_SYNC/O_DSYNC, RWF_DSYNC, or cache
+        writethrough/directsync): a successful write is followed by a flush, whose
+        failure fails the write although the data reached the image.
         """
         length = len(data)
         if length == 0:
             return 0
+        fua = writethrough or self.fua_always
+        if not self.raw:
+            await self._write_chunk(offset, data, caller, fua)
+            return length
         try:
             step = self.max_transfer
             if not step or length <= step:
@@ -163,88 +221,116 @@ class BlockDevice:
                 view = memoryview(data)
                 for pos in range(0, length, step):
                     await self._write_chunk(offset + pos, view[pos:pos + step], caller)
-            if writethrough:
+            if fua:
                 await self.flush(caller=caller)
         finally:
             # The raw node counts the write only now, after its FUA flush: so that
-            # flush never fires flush_to_disk for its own write (DESIGN.md §4).
+            # flush never fires flush_to_disk for its own write.
             self._format_written += 1
         return length
 
-    async def _write_chunk(self, offset: int, data, caller: Caller | None) -> None:
+    async def _write_chunk(self, offset: int, data, caller: Caller | None,
+                           fua: bool = False) -> None:
         length = len(data)
         request = Request("write", offset, length)
-        engine = self.engine
-        suspension = engine.fire("write_aio", request)
-        if suspension is not None:
-            await suspension.wait()
+        if self.raw:
+            suspension = self.engine.fire("write_aio", request)
+            if suspension is not None:
+                await suspension.wait()
         start, end = self._padded(offset, length)
+        if start != offset or end != offset + length:
+            try:
+                data = await self._read_modify(offset, data, start, end, request, caller)
+            except OSError:
+                # Deliberate difference: QEMU 7.2 ignores this and writes garbage.
+                try:
+                    await self._event("pwritev_done", request)
+                finally:
+                    self._blkdebug_written += 1
+                raise
+        await self._aligned_write(start, data, request, caller, fua)
+
+    async def _aligned_write(self, start: int, data, request: Request, caller: Caller | None,
+                             fua: bool) -> None:
+        """bdrv_aligned_pwritev of data at the blkdebug node: pwritev, a check and a write
+        per max-transfer piece, the FUA flush (format none only), pwritev_done."""
+        engine = self.engine
         error = 0
         try:
-            if start != offset or end != offset + length:
-                try:
-                    data = await self._read_modify(offset, data, start, end, request, caller)
-                except OSError as failure:
-                    # Deliberate difference: QEMU 7.2 ignores this and writes garbage.
-                    error = failure.errno
-            if not error:
-                suspension = engine.fire("pwritev", request)
-                if suspension is not None:
-                    await suspension.wait()
-                for piece_start, piece_end in self._pieces(start, end):
-                    piece = data[piece_start - start:piece_end - start]
-                    size = piece_end - piece_start
-                    error = (engine.check("write", piece_start, size) if caller is None
-                             else engine.check("write", piece_start, size, caller))
+            suspension = engine.fire("pwritev", request)
+            if suspension is not None:
+                await suspension.wait()
+            for piece_start, piece_end in self._pieces(start, start + len(data)):
+                piece = data[piece_start - start:piece_end - start]
+                error = self._check("write", piece_start, piece_end - piece_start, caller)
+                if error:
+                    error, effect = await _settle(engine, error)
                     if error:
-                        error, effect = await _hold(self.engine, error)
-                        if error:
-                            break       # pieces before it stay written, as in QEMU
-                        if effect is not None:
-                            # silent corruption on the way to the disk: inside the data
-                            # written (never the read-modify-write padding), reported done
-                            piece = corrupt(piece, piece_start, effect,
-                                            offset, offset + length)
-                    self.image.pwrite(piece_start, piece)
-                    if engine.heal_rules:
-                        engine.written(piece_start, piece_end - piece_start)
+                        break       # pieces before it stay written, as in QEMU
+                    if effect is not None:
+                        # silent corruption on the way to the disk, reported done: only
+                        # inside the caller's data, never the read-modify-write padding
+                        piece = corrupt(piece, piece_start, effect, request.offset,
+                                        request.offset + request.length)
+                self.image.pwrite(piece_start, piece)
+                if engine.heal_rules:
+                    engine.written(piece_start, piece_end - piece_start)
+            if fua and not error:
+                # Emulated FUA: this write is not yet counted, so the flush is checked
+                # only if something before it was written since the last flush.
+                error = await self._blkdebug_flush_errno(caller)
             await self._event("pwritev_done", request)
         finally:
             self._blkdebug_written += 1
         if error:
             raise _failure(error)
 
-    async def _read_modify(self, offset: int, data, start: int, end: int,
-                           request: Request, caller: Caller | None) -> bytearray:
-        """The aligned buffer for an unaligned write, padding read from the image.
+    async def _rmw_read(self, offset: int, length: int, start: int, end: int,
+                        request: Request, caller: Caller | None):
+        """The padding blocks of an unaligned request: (head, tail, merged).
 
         Like QEMU's bdrv_padding_rmw_read: a padded request of one block, or of two
-        blocks with both ends unaligned, is read in one go; otherwise head and tail
-        blocks are read separately, each between its own pair of events.
+        blocks with both ends unaligned, is read in one go (merged: `head` is all of
+        [start, end)); otherwise head and tail blocks are read separately, each between
+        its own pair of events. A failed read raises.
         """
         align = self.align
-        head = offset != start
-        tail = offset + len(data) != end
-        padded = bytearray(end - start)
-        if end - start == align or (end - start == 2 * align and head and tail):
-            if head:
+        has_head = offset != start
+        has_tail = offset + length != end
+        if end - start == align or (end - start == 2 * align and has_head and has_tail):
+            if has_head:
                 await self._event("pwritev_rmw_head", request)
-            if tail:
+            if has_tail:
                 await self._event("pwritev_rmw_tail", request)
-            padded[:] = await self._padding_read(start, end - start, caller)
-            if head:
+            merged = await self._padding_read(start, end - start, caller)
+            if has_head:
                 await self._event("pwritev_rmw_after_head", request)
-            if tail:
+            if has_tail:
                 await self._event("pwritev_rmw_after_tail", request)
+            return merged, None, True
+        head = tail = None
+        if has_head:
+            await self._event("pwritev_rmw_head", request)
+            head = await self._padding_read(start, align, caller)
+            await self._event("pwritev_rmw_after_head", request)
+        if has_tail:
+            await self._event("pwritev_rmw_tail", request)
+            tail = await self._padding_read(end - align, align, caller)
+            await self._event("pwritev_rmw_after_tail", request)
+        return head, tail, False
+
+    async def _read_modify(self, offset: int, data, start: int, end: int, request: Request,
+                           caller: Caller | None) -> bytearray:
+        """The aligned buffer for an unaligned write, padding read from the image."""
+        head, tail, merged = await self._rmw_read(offset, len(data), start, end, request, caller)
+        if merged:
+            padded = bytearray(head)
         else:
-            if head:
-                await self._event("pwritev_rmw_head", request)
-                padded[:align] = await self._padding_read(start, align, caller)
-                await self._event("pwritev_rmw_after_head", request)
-            if tail:
-                await self._event("pwritev_rmw_tail", request)
-                padded[-align:] = await self._padding_read(end - align, align, caller)
-                await self._event("pwritev_rmw_after_tail", request)
+            padded = bytearray(end - start)
+            if head is not None:
+                padded[:self.align] = head
+            if tail is not None:
+                padded[-self.align:] = tail
         padded[offset - start:offset - start + len(data)] = data
         return padded
 
@@ -255,25 +341,245 @@ class BlockDevice:
         data = self.image.pread(offset, length)
         return data + bytes(length - len(data))     # past the end of the image: zeros
 
+    # ---- write-zeroes ----
+
+    async def write_zeroes(self, offset: int, length: int, *, unmap: bool = False,
+                           writethrough: bool = False, caller: Caller | None = None) -> None:
+        """Zero [offset, offset+length) (fallocate ZERO_RANGE; with `unmap` the backing
+        file may punch a hole, as `write -z -u`). Raises OSError; pieces before a failing
+        one stay zeroed. Counts as written for the next flush, failed or not."""
+        if length <= 0:
+            return
+        fua = writethrough or self.fua_always
+        if not self.raw:
+            await self._zero_pwritev(offset, length, unmap, fua, caller)
+            return
+        try:
+            # The raw node passes the request down whole (no event: raw_co_pwrite_zeroes)
+            await self._zero_pwritev(offset, length, unmap, False, caller)
+            if fua:
+                await self.flush(caller=caller)
+        finally:
+            self._format_written += 1
+
+    async def _zero_pwritev(self, offset: int, length: int, unmap: bool, fua: bool,
+                            caller: Caller | None) -> None:
+        """bdrv_co_do_zero_pwritev at the blkdebug node: unaligned ends are padded and
+        written as data (pwritev, iotype write), the aligned middle as zeroes."""
+        request = Request("write-zeroes", offset, length)
+        end_of_request = offset + length
+        start, end = self._padded(offset, length)
+        if start == offset and end == end_of_request:
+            await self._aligned_zero(offset, end, unmap, fua, request, caller)
+            return
+        align = self.align
+        try:
+            head, tail, merged = await self._rmw_read(offset, length, start, end, request,
+                                                      caller)
+        except OSError:
+            self._blkdebug_written += 1      # deliberate difference, as for writes
+            raise
+        if merged:
+            buffer = bytearray(head)
+            buffer[offset - start:end_of_request - start] = bytes(length)
+            await self._aligned_write(start, buffer, request, caller, fua)
+            return
+        position = offset
+        if head is not None:
+            buffer = bytearray(head)
+            buffer[offset - start:] = bytes(align - (offset - start))
+            await self._aligned_write(start, buffer, request, caller, fua)
+            position = start + align
+        middle_end = end - align if tail is not None else end
+        if middle_end > position:
+            await self._aligned_zero(position, middle_end, unmap, fua, request, caller)
+        if tail is not None:
+            buffer = bytearray(tail)
+            buffer[:end_of_request - middle_end] = bytes(end_of_request - middle_end)
+            await self._aligned_write(middle_end, buffer, request, caller, fua)
+
+    async def _aligned_zero(self, start: int, end: int, unmap: bool, fua: bool,
+                            request: Request, caller: Caller | None) -> None:
+        """bdrv_aligned_pwritev with BDRV_REQ_ZERO_WRITE: pwritev_zero, the pieces,
+        pwritev_done."""
+        error = 0
+        try:
+            await self._event("pwritev_zero", request)
+            error = await self._do_pwrite_zeroes(start, end - start, unmap, fua, caller)
+            await self._event("pwritev_done", request)
+        finally:
+            self._blkdebug_written += 1
+        if error:
+            raise _failure(error)
+
+    async def _do_pwrite_zeroes(self, offset: int, length: int, unmap: bool, fua: bool,
+                                caller: Caller | None) -> int:
+        """bdrv_co_do_pwrite_zeroes at the blkdebug node; 0 or the errno.
+
+        Pieces: up to the first opt-write-zero boundary, then at most max-write-zero,
+        then the tail after the last boundary. blkdebug refuses (ENOTSUP) a piece shorter
+        than its alignment, and QEMU falls back to writing a buffer of zeroes: checked as
+        iotype write, at most max-transfer long.
+        """
+        alignment = max(self.opt_write_zero, self.align)
+        max_zeroes = self.max_write_zero or _INT64_MAX
+        max_zeroes -= max_zeroes % alignment
+        max_transfer = self.max_transfer or _MAX_BOUNCE_BUFFER
+        head = offset % alignment
+        tail = (offset + length) % alignment
+        need_flush = False
+        error = 0
+        while length > 0 and not error:
+            num = length
+            if head:
+                num = min(length, max_transfer, alignment - head)
+                head = (head + num) % alignment
+            elif tail and num > alignment:
+                num -= tail
+            num = min(num, max_zeroes)
+            if num < alignment:
+                # blkdebug_co_pwrite_zeroes: -ENOTSUP; the fallback write of zeroes
+                num = min(num, max_transfer)
+                error = await self._check_errno("write", offset, num, caller)
+                if not error:
+                    self.image.pwrite(offset, bytes(num))
+            else:
+                error = await self._check_errno("write-zeroes", offset, num, caller)
+                if not error:
+                    self.image.write_zeroes(offset, num, unmap)
+            need_flush = fua
+            offset += num
+            length -= num
+        if not error and need_flush:
+            error = await self._blkdebug_flush_errno(caller)
+        return error
+
+    # ---- discard ----
+
+    async def discard(self, offset: int, length: int, *, caller: Caller | None = None) -> None:
+        """Discard [offset, offset+length) (fallocate PUNCH_HOLE|KEEP_SIZE). No event.
+        Raises OSError; pieces before a failing one stay discarded. Counts as written
+        for the next flush, failed or not."""
+        if length <= 0:
+            return
+        try:
+            await self._pdiscard(offset, length, caller)
+        finally:
+            self._blkdebug_written += 1
+            if self.raw:
+                self._format_written += 1
+
+    async def _pdiscard(self, offset: int, length: int, caller: Caller | None) -> None:
+        """bdrv_co_pdiscard at the blkdebug node: pieces up to the first opt-discard
+        boundary, then at most max-discard, then the tail; blkdebug drops (ENOTSUP, no
+        check) a piece shorter than `align`. The raw node above splits at the same
+        opt-discard boundaries, which changes nothing a rule can see."""
+        request_align = self.align
+        align = max(self.opt_discard, request_align)
+        head = offset % align
+        tail = (offset + length) % align
+        max_discard = self.max_discard or _INT64_MAX
+        max_discard -= max_discard % align
+        while length > 0:
+            num = length
+            if head:
+                num = min(length, align - head)
+                if num % request_align:
+                    num %= request_align
+                head = (head + num) % align
+            elif tail:
+                if num > align:
+                    num -= tail
+                elif tail % request_align and tail > request_align:
+                    tail %= request_align
+                    num -= tail
+            num = min(num, max_discard)
+            if num >= request_align:
+                error = await self._check_errno("discard", offset, num, caller)
+                if error:
+                    raise _failure(error)
+                self.image.punch_hole(offset, num)
+            offset += num
+            length -= num
+
+    # ---- block status (SEEK_DATA / SEEK_HOLE) ----
+
+    def _length(self) -> int:
+        """The node's length as QEMU sees it: whole sectors (bdrv_getlength rounds up)."""
+        return _round_up(self.image.size(), SECTOR_SIZE)
+
+    async def block_status(self, offset: int, length: int, *, want_zero: bool = True,
+                           caller: Caller | None = None) -> tuple[bool, int]:
+        """(data?, bytes): the extent at `offset`, at most `length` long; (False, 0) at or
+        past the end. The blkdebug node checks [offset, offset+length) rounded out to
+        `align` (iotype block-status); the answer comes from the backing file's
+        SEEK_DATA/SEEK_HOLE (want_zero, as the FUSE export asks) or is "all data" (as
+        qemu-io's alloc and map ask, with want_zero false). Raises OSError."""
+        total = self._length()
+        if offset >= total or length <= 0:
+            return False, 0
+        length = min(length, total - offset)
+        start, end = self._padded(offset, length)
+        error = await self._check_errno("block-status", start, end - start, caller)
+        if error:
+            raise _failure(error)
+        if not want_zero:
+            return True, length
+        return self.image.extent(offset, length)
+
+    async def seek(self, offset: int, whence: int, *, caller: Caller | None = None) -> int:
+        """lseek SEEK_DATA / SEEK_HOLE, as QEMU 7.2's FUSE export (fuse_lseek) answers it:
+        one block-status query per extent from `offset` on, each checked. ENXIO past the
+        end (and for SEEK_DATA at the end), EINVAL for another whence."""
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise _failure(_errno.EINVAL)
+        if offset < 0:
+            raise _failure(_errno.ENXIO)
+        want_data = whence == os.SEEK_DATA
+        while True:
+            total = self._length()
+            is_data, count = await self.block_status(offset, total - offset, caller=caller)
+            if not count:
+                if offset > total or want_data:
+                    raise _failure(_errno.ENXIO)
+                return offset
+            if is_data == want_data:
+                return offset
+            offset += count
+
     # ---- flush ----
 
     async def flush(self, *, caller: Caller | None = None) -> None:
         """fsync: events always; the check and the real fsync only if something was
         written since the last successful flush. Raises OSError."""
+        if not self.raw:
+            error = await self._blkdebug_flush_errno(caller)
+            if error:
+                raise _failure(error)
+            return
         async with self._flush_lock:
             request = Request("flush", 0, 0)
             format_generation = self._format_written
             await self._event("flush_to_os", request)
-            if self._format_flushed != format_generation:
-                await self._event("flush_to_disk", request)
-            blkdebug_generation = self._blkdebug_written
-            if self._blkdebug_flushed != blkdebug_generation:
-                error = (self.engine.check("flush", 0, 0) if caller is None
-                         else self.engine.check("flush", 0, 0, caller))
+            if not self.no_flush:
+                if self._format_flushed != format_generation:
+                    await self._event("flush_to_disk", request)
+                error = await self._blkdebug_flush_errno(caller)
                 if error:
-                    error, _ = await _hold(self.engine, error)
-                    if error:
-                        raise _failure(error)
-                await self.image.fsync()
-                self._blkdebug_flushed = blkdebug_generation
+                    raise _failure(error)
             self._format_flushed = format_generation
+
+    async def _blkdebug_flush_errno(self, caller: Caller | None) -> int:
+        """bdrv_co_flush of the blkdebug node: 0 or the errno. cache=unsafe never gets
+        past BDRV_O_NO_FLUSH to the check or the real fsync."""
+        async with self._blkdebug_flush_lock:
+            generation = self._blkdebug_written
+            if self._blkdebug_flushed != generation and not self.no_flush:
+                error = self._check("flush", 0, 0, caller)
+                if error:
+                    error, _ = await _settle(self.engine, error)
+                if error:
+                    return error
+                await self.image.fsync()
+            self._blkdebug_flushed = generation
+            return 0

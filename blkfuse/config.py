@@ -29,7 +29,8 @@ from fractions import Fraction
 from typing import NamedTuple
 
 from .events import DEFAULT_IOTYPES, EVENTS, IOTYPES, canonical_event
-from .rules import CORRUPT_MODES, Extensions, InjectError, Rule, SetState, Settings
+from .rules import (CACHE_MODES, CORRUPT_MODES, FORMATS, Extensions, InjectError, Rule, SetState,
+                    Settings)
 
 __all__ = [
     "ConfigError", "parse_config_text", "parse_config_file", "parse_options",
@@ -64,9 +65,13 @@ SECTION_KEYS = {kind: QEMU_KEYS[kind] + EXTENSION_KEYS[kind] for kind in QEMU_KE
 _RULE_CLASSES = {"inject-error": InjectError, "set-state": SetState}
 
 # Top-level blockdev options of the blkdebug driver that blkfuse understands.
-_SETTING_OPTIONS = ("config", "image", "x-image", "align", "max-transfer")
-# Top-level options QEMU does not have (extensions, like EXTENSION_KEYS).
-EXTENSION_OPTIONS = ("seed",)
+_BLKDEBUG_LIMITS = ("opt-write-zero", "max-write-zero", "opt-discard", "max-discard")
+# Options that are not blkdebug's: what qemu-io's command line says (-t MODE, and
+# --image-opts driver=blkdebug for format=none), and blkfuse's own (seed). The one list of
+# extension options, as EXTENSION_KEYS is of keys: `blkfuse check` marks them.
+EXTENSION_OPTIONS = ("cache", "format", "seed")
+_SETTING_OPTIONS = (("config", "image", "x-image", "align", "max-transfer") + _BLKDEBUG_LIMITS
+                    + EXTENSION_OPTIONS)
 
 # A FUSE reply carries -errno and the kernel refuses anything at or below -512 (-ERESTARTSYS).
 MAX_ERRNO = 511
@@ -555,6 +560,25 @@ def _parse_max_transfer(text: str, align: int | None) -> int:
     return max_transfer
 
 
+def _parse_limit(key: str, text: str, multiple_of: int) -> int:
+    """opt-/max-write-zero, opt-/max-discard: positive, below 2^31, a multiple of the
+    alignment QEMU's blkdebug_open wants ("Cannot meet constraints with ...")."""
+    value = _parse_size(key, text)
+    if value <= 0 or value >= _INT_MAX:
+        raise ConfigError(f'option {key}: must be positive and below 2^31, not "{text}"')
+    if value % multiple_of:
+        raise ConfigError(f"option {key}: {value} is not a multiple of {multiple_of} "
+                          "(align, or the matching opt- value)")
+    return value
+
+
+def _parse_choice(key: str, text: str, choices: tuple[str, ...], meaning: str) -> str:
+    if text not in choices:
+        raise ConfigError(f'option {key}: unknown {meaning} "{text}"{did_you_mean(text, choices)}'
+                          f" (one of {', '.join(choices)})")
+    return text
+
+
 def _split_rule_option(key: str) -> tuple[str, str | None, str]:
     """'inject-error.3.errno' -> ('inject-error', '3', 'errno'); no index -> None."""
     kind, _, rest = key.partition(".")
@@ -628,6 +652,22 @@ def parse_options(options: dict[str, str],
     if "max-transfer" in options:
         settings.max_transfer = _parse_max_transfer(_unquote_option(options["max-transfer"]),
                                                     settings.align)
+    align = settings.align or 1
+    for key in _BLKDEBUG_LIMITS:
+        if key in options:
+            base = align
+            if key == "max-write-zero":
+                base = max(align, settings.opt_write_zero or 0)
+            elif key == "max-discard":
+                base = max(align, settings.opt_discard or 0)
+            setattr(settings, key.replace("-", "_"),
+                    _parse_limit(key, _unquote_option(options[key]), base))
+    if "cache" in options:
+        settings.cache = _parse_choice("cache", _unquote_option(options["cache"]), CACHE_MODES,
+                                       "cache mode (qemu-io -t)")
+    if "format" in options:
+        settings.format = _parse_choice("format", _unquote_option(options["format"]), FORMATS,
+                                        "format")
     if "seed" in options:
         text = _unquote_option(options["seed"])
         try:

@@ -309,7 +309,12 @@ class Control:
         out = []
         info = d["info"]
         if info.get("image"):
-            opts = [f"{k}={info[k]}" for k in ("align", "max_transfer") if info.get(k)]
+            opts = [f"cache={info.get('cache', 'writeback')}"]
+            if info.get("format", "raw") != "raw":
+                opts.append(f"format={info['format']}")
+            opts += [f"{k.replace('_', '-')}={info[k]}"
+                     for k in ("align", "max_transfer", "opt_write_zero", "max_write_zero",
+                               "opt_discard", "max_discard") if info.get(k)]
             if info.get("read_only"):
                 opts.append("read-only")
             out.append(f"image: {info['image']}" + (f" ({', '.join(opts)})" if opts else ""))

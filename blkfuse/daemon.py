@@ -148,16 +148,29 @@ class Daemon:
         self.m = m
         settings = m.settings
         self.engine = Engine(m.rules, seed=settings.seed)
-        self.image = Image(m.image_path, read_only=m.read_only)
+        # cache=none/directsync: O_DIRECT, as QEMU's file node (BDRV_O_NOCACHE)
+        self.image = Image(m.image_path, read_only=m.read_only,
+                           direct=settings.cache in ("none", "directsync"))
         self.block = BlockDevice(self.engine, self.image, align=settings.align,
-                                 max_transfer=settings.max_transfer)
+                                 max_transfer=settings.max_transfer,
+                                 opt_write_zero=settings.opt_write_zero,
+                                 max_write_zero=settings.max_write_zero,
+                                 opt_discard=settings.opt_discard,
+                                 max_discard=settings.max_discard,
+                                 cache=settings.cache, format=settings.format)
         info = {
             "image": m.image_path,
             "name": m.name,
             "mountpoint": m.mountpoint,
             "config": settings.config_path,
+            "cache": settings.cache,
+            "format": settings.format,
             "align": settings.align,
             "max_transfer": settings.max_transfer,
+            "opt_write_zero": settings.opt_write_zero,
+            "max_write_zero": settings.max_write_zero,
+            "opt_discard": settings.opt_discard,
+            "max_discard": settings.max_discard,
             "read_only": m.read_only,
         }
         self.control = Control(self.engine, reload=lambda: config.load_rules(settings), info=info)

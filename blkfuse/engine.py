@@ -52,7 +52,7 @@ class Caller(NamedTuple):
 class Request(NamedTuple):
     """What a request was doing when it raised an event: shown for suspended requests."""
 
-    op: str          # "read" | "write" | "flush"
+    op: str          # "read" | "write" | "write-zeroes" | "flush"
     offset: int
     length: int
 

@@ -114,6 +114,12 @@ class SetState:
 Rule = InjectError | SetState
 
 
+# qemu-io's -t cache modes, and the layers over blkdebug (raw: -f raw; none: blkdebug alone,
+# as --image-opts driver=blkdebug).
+CACHE_MODES = ("writeback", "writethrough", "directsync", "none", "unsafe")
+FORMATS = ("raw", "none")
+
+
 @dataclass(slots=True)
 class Settings:
     """Everything a mount's rules come from: what `reload` re-reads, and the block options."""
@@ -123,4 +129,10 @@ class Settings:
     image: str | None = None          # from the blkdebug:RULES:IMAGE form
     align: int | None = None
     max_transfer: int | None = None
+    opt_write_zero: int | None = None
+    max_write_zero: int | None = None
+    opt_discard: int | None = None
+    max_discard: int | None = None
+    cache: str = "writeback"          # qemu-io -t: writeback writethrough directsync none unsafe
+    format: str = "raw"               # raw: raw node over blkdebug; none: blkdebug on top
     seed: int | None = None           # -o seed: the one random generator's seed; None: random

@@ -11,11 +11,19 @@ on one of two targets and returns, per command, an outcome in the case's vocabul
 
 qemu-io -> blkfuse translation:
   read [-P B] OFF LEN     read; with -P every byte must be B, else MISCOMPARE
-  write [-P B] OFF LEN    write of B (default 0xcd); writethrough=True when cache=writethrough
+  write [-P B] [-f] OFF LEN   write of B (default 0xcd); -f (FUA) and cache=writethrough/
+                          directsync: a writethrough write (mount: RWF_DSYNC / O_DSYNC)
+  write -z [-u] OFF LEN   write-zeroes (mount: fallocate ZERO_RANGE; -u only lets the file
+                          punch a hole, which no rule can tell apart)
+  discard OFF LEN         discard (mount: fallocate PUNCH_HOLE|KEEP_SIZE)
+  alloc OFF [LEN], map    block-status queries (mount: lseek SEEK_DATA, as QEMU's FUSE export
+                          answers it)
   flush                   flush / fsync
   aio_read, aio_write     the same, started concurrently and left running (see below)
   aio_flush               waits for every started aio request (it does not flush)
   break E T, resume T, remove_break T, wait_break T   engine calls / control-file lines
+  cache (-t)              -o cache=MODE; layer "direct" (--image-opts driver=blkdebug) is
+                          -o format=none
 
 aio ordering. qemu-io runs an aio request synchronously until it yields: at a breakpoint,
 or in the thread pool doing the file I/O, and then completes it at `aio_flush`, so its
@@ -111,11 +119,13 @@ class Op:
     args: list = field(default_factory=list)
     pattern: int | None = None
     zero: bool = False
+    unmap: bool = False
+    fua: bool = False
     offset: int = 0
-    length: int = 0
+    length: int | None = None
 
 
-IO_COMMANDS = {"read", "write", "aio_read", "aio_write", "readv", "writev", "discard"}
+IO_COMMANDS = {"read", "write", "aio_read", "aio_write", "readv", "writev", "discard", "alloc"}
 
 
 def parse_op(text: str) -> Op:
@@ -134,56 +144,36 @@ def parse_op(text: str) -> Op:
             continue
         if w == "-z":
             op.zero = True
+        elif w == "-u":
+            op.unmap = True
+        elif w == "-f":
+            op.fua = True
         elif w.startswith("-"):
             raise ValueError(f"qemu-io flag {w} not supported by the replay: {text!r}")
         else:
             rest.append(w)
         i += 1
-    op.offset, op.length = int(rest[0]), int(rest[1])
+    op.offset = int(rest[0])
+    op.length = int(rest[1]) if len(rest) > 1 else (512 if op.cmd == "alloc" else None)
     return op
 
 
-# ---- what blkfuse cannot express, and where it deliberately differs -----------------------
+# ---- where blkfuse deliberately differs -------------------------------------------------
 
-# Cases skipped outright: no FUSE file operation can express them.
-UNEXPRESSIBLE = {
-    "layer_direct_no_aio_events":
-        "layer=direct opens blkdebug without the raw format layer (no read_aio/write_aio/"
-        "flush_to_* events); blkfuse always models the raw layer over blkdebug",
-    "layer_direct_pwritev":
-        "layer=direct (see layer_direct_no_aio_events)",
-    "cache_unsafe_no_flush_to_disk":
-        "cache=unsafe drops flushes above blkdebug; every fsync on the mount reaches the "
-        "flush check, there is no FUSE equivalent of an ignored flush",
-    "event_write_zeroes_emit_no_write_aio":
-        "write -z is fallocate(ZERO_RANGE): pyfuse3 has no fallocate handler, the kernel "
-        "answers EOPNOTSUPP (DESIGN.md §4); the case is about write-zeroes events only",
-    "iotype_discard":
-        "discard is fallocate(PUNCH_HOLE): EOPNOTSUPP through FUSE (DESIGN.md §4)",
-    "iotype_block_status":
-        "alloc/map are block-status queries: SEEK_DATA/SEEK_HOLE get the kernel's generic "
-        "answer and never reach the engine (DESIGN.md §4)",
-    "iotype_default_excludes_block_status":
-        "alloc is a block-status query (see iotype_block_status)",
-}
+# Ops the mount cannot carry until the FUSE fallocate/lseek/write-flags handlers are on main
+# (issue 13, helper pyfuse3): cases using them are skipped on the mount target only.
+MOUNT_PENDING_OPS = ("write -z", "discard", "alloc", "map", "write -f")
 
-# Cases replayed without their write -z / discard commands (not expressible, see above).
-# Per case, why the remaining commands' expectations still hold, and whether the final
-# image can still be compared (a successful dropped write -z or discard zeroed data).
-PRUNED = {
-    "persistent_rule_hits_all_io_types": (
-        "the rule is never consumed (no once) and the dropped write -z/discard both failed "
-        "(no data change); only aio_write/aio_flush follow, no flush", True),
-    "iotype_read_only": (
-        "write -z/discard come after the last flush and the read-only rule lets them "
-        "through without consuming it; but they zeroed [0, 512)", False),
-    "iotype_write_only": (
-        "the dropped write -z passed; the writes before the next flush keep it dirty, so the "
-        "flush is checked either way; but write -z zeroed [0, 512)", False),
-    "event_qcow2_events_never_fire_on_raw": (
-        "the dropped commands are the last two; but write -z zeroed [0, 512)", False),
-}
-DROPPED_COMMANDS = ("discard", "alloc", "map")
+
+def mount_pending(case: dict) -> str | None:
+    for text in case["ops"]:
+        op = parse_op(text)
+        if (op.cmd == "discard" or op.cmd in ("alloc", "map")
+                or (op.cmd in ("write", "aio_write") and (op.zero or op.fua))):
+            return (f"not expressible through the mount yet: {text!r} needs the FUSE "
+                    "fallocate/lseek/write-flags handlers (issue 13)")
+    return None
+
 
 # Deliberate differences (DESIGN.md §3): blkfuse's documented behaviour replaces QEMU's.
 # name -> (why, expect override, final image override as runs or "initial")
@@ -199,14 +189,10 @@ DELIBERATE = {
 }
 
 
-def skip_reason(name: str) -> str | None:
-    return UNEXPRESSIBLE.get(name)
-
-
 @dataclass
 class Expectation:
-    ops: list            # Op, or None for a dropped command
-    expect: list         # per command; None where not compared
+    ops: list            # Op
+    expect: list         # per command
     image: bytes | None  # expected final image, or None: not compared
     note: str = ""
 
@@ -215,22 +201,12 @@ def expectation(case: dict) -> Expectation:
     name = case["name"]
     size = case["image_size"]
     initial = image_from_runs(size, case.get("image_init"))
-    ops, expect = [], []
-    for text, outcome in zip(case["ops"], case["expect"]):
-        op = parse_op(text)
-        dropped = op.cmd in DROPPED_COMMANDS or (op.cmd == "write" and op.zero)
-        if dropped and name not in PRUNED:
-            raise AssertionError(f"{name}: {text!r} is not expressible; list the case")
-        ops.append(None if dropped else op)
-        expect.append(None if dropped else outcome)
+    ops = [parse_op(text) for text in case["ops"]]
+    expect = list(case["expect"])
     image = None
     if case.get("check_image", True) and "final_image" in case:
         image = image_from_runs(size, case["final_image"])
     note = ""
-    if name in PRUNED:
-        note, keep_image = PRUNED[name]
-        if not keep_image:
-            image = None
     if name in DELIBERATE:
         note, expect, final = DELIBERATE[name]
         expect = list(expect)
@@ -243,8 +219,13 @@ def make_image(path: Path, case: dict) -> None:
 
 
 def options_for(case: dict, config_path: Path) -> dict[str, str]:
-    """Blockdev-style options as blkfuse takes them (`-o`): config, align, blkdebug_opts."""
+    """Blockdev-style options as blkfuse takes them (`-o`): config, cache, format, align,
+    blkdebug_opts."""
     options = {"config": str(config_path)}
+    if case.get("cache", "writeback") != "writeback":
+        options["cache"] = case["cache"]
+    if case.get("layer", "raw") == "direct":
+        options["format"] = "none"
     if "align" in case:
         options["align"] = str(case["align"])
     for key, value in case.get("blkdebug_opts", {}).items():
@@ -263,7 +244,7 @@ def compare(case: dict, exp: Expectation, got: Replay) -> list[str]:
     """Human-readable disagreements (empty: blkfuse matches)."""
     problems = []
     for i, (op, want, have) in enumerate(zip(exp.ops, exp.expect, got.outcomes)):
-        if op is None or want is None:
+        if want is None:
             continue
         if want != have:
             problems.append(f"op {i} {op.text!r}: expected {want}, got {have}")
@@ -277,7 +258,6 @@ def compare(case: dict, exp: Expectation, got: Replay) -> list[str]:
 def replay_block(case: dict, tmpdir: Path) -> Replay:
     import trio
 
-    from blkfuse.block import BlockDevice
     from blkfuse.config import ConfigError, load_rules, parse_options
     from blkfuse.engine import Engine
     from blkfuse.image import Image
@@ -293,8 +273,8 @@ def replay_block(case: dict, tmpdir: Path) -> Replay:
     except ConfigError as e:
         return Replay(["NOT_RUN"] * len(exp.ops), image_path.read_bytes(), str(e))
     engine = Engine(rules)
-    image = Image(str(image_path))
-    dev = BlockDevice(engine, image, align=settings.align, max_transfer=settings.max_transfer)
+    image = Image(str(image_path), direct=settings.cache in ("none", "directsync"))
+    dev = block_device(engine, image, settings)
     outcomes = [None] * len(exp.ops)
     try:
         trio.run(_block_replay, case, exp.ops, engine, dev, outcomes)
@@ -303,7 +283,34 @@ def replay_block(case: dict, tmpdir: Path) -> Replay:
     return Replay(outcomes, image_path.read_bytes())
 
 
-async def _block_io(dev, op: Op, writethrough: bool) -> str:
+def block_device(engine, image, settings):
+    """The BlockDevice the daemon would build from these settings."""
+    from blkfuse.block import BlockDevice
+
+    return BlockDevice(engine, image, align=settings.align, max_transfer=settings.max_transfer,
+                       opt_write_zero=settings.opt_write_zero,
+                       max_write_zero=settings.max_write_zero,
+                       opt_discard=settings.opt_discard, max_discard=settings.max_discard,
+                       cache=settings.cache, format=settings.format)
+
+
+async def block_alloc(dev, offset: int, length: int) -> None:
+    """qemu-io's `alloc OFF LEN`: bdrv_is_allocated (block status, want_zero off) until
+    LEN is covered or the image ends. Raises OSError."""
+    while length > 0:
+        _, count = await dev.block_status(offset, length, want_zero=False)
+        if not count:
+            return
+        offset += count
+        length -= count
+
+
+async def block_map(dev) -> None:
+    """qemu-io's `map`: the same over the whole image."""
+    await block_alloc(dev, 0, dev.size())
+
+
+async def _block_io(dev, op: Op) -> str:
     try:
         if op.cmd in ("read", "aio_read"):
             data = await dev.read(op.offset, op.length)
@@ -311,9 +318,17 @@ async def _block_io(dev, op: Op, writethrough: bool) -> str:
                 return f"SHORT_{len(data)}"
             if op.pattern is not None and data != bytes([op.pattern]) * op.length:
                 return "MISCOMPARE"
+        elif op.cmd in ("write", "aio_write") and op.zero:
+            await dev.write_zeroes(op.offset, op.length, unmap=op.unmap, writethrough=op.fua)
         elif op.cmd in ("write", "aio_write"):
             pattern = DEFAULT_WRITE_PATTERN if op.pattern is None else op.pattern
-            await dev.write(op.offset, bytes([pattern]) * op.length, writethrough=writethrough)
+            await dev.write(op.offset, bytes([pattern]) * op.length, writethrough=op.fua)
+        elif op.cmd == "discard":
+            await dev.discard(op.offset, op.length)
+        elif op.cmd == "alloc":
+            await block_alloc(dev, op.offset, op.length)
+        elif op.cmd == "map":
+            await block_map(dev)
         elif op.cmd == "flush":
             await dev.flush()
         else:
@@ -328,7 +343,6 @@ async def _block_replay(case, ops, engine, dev, outcomes):
 
     from blkfuse.engine import EngineError
 
-    writethrough = case.get("cache") == "writethrough"
     pending: list[trio.Event] = []
 
     async def settle():
@@ -339,15 +353,13 @@ async def _block_replay(case, ops, engine, dev, outcomes):
 
     async with trio.open_nursery() as nursery:
         for i, op in enumerate(ops):
-            if op is None:
-                continue
             cmd, args = op.cmd, op.args
             try:
                 if cmd in ("aio_read", "aio_write"):
                     done = trio.Event()
 
                     async def run(i=i, op=op, done=done):
-                        outcomes[i] = await _block_io(dev, op, writethrough)
+                        outcomes[i] = await _block_io(dev, op)
                         done.set()
 
                     pending.append(done)
@@ -377,7 +389,7 @@ async def _block_replay(case, ops, engine, dev, outcomes):
                     await engine.wait_break(args[0], timeout=HANG_GUARD)
                     outcomes[i] = "ok"
                 else:
-                    outcomes[i] = await _block_io(dev, op, writethrough)
+                    outcomes[i] = await _block_io(dev, op)
             except EngineError as e:
                 outcomes[i] = errname(e.errno)
         engine.resume_all()      # nothing may stay suspended, or the nursery never exits
@@ -503,6 +515,52 @@ def file_write(fd: int, offset: int, data: bytes) -> str:
     return "ok" if n == len(data) else f"SHORT_{n}"
 
 
+def file_write_fua(fd: int, offset: int, data: bytes) -> str:
+    """pwritev2(RWF_DSYNC): one FUA write, whatever the fd's flags."""
+    buf = aligned_buffer(len(data))
+    buf[:len(data)] = data
+    try:
+        n = os.pwritev(fd, [memoryview(buf)[:len(data)]], offset, os.RWF_DSYNC)
+    except OSError as e:
+        return errname(e.errno)
+    finally:
+        buf.close()
+    return "ok" if n == len(data) else f"SHORT_{n}"
+
+
+def file_fallocate(fd: int, mode: int, offset: int, length: int) -> str:
+    from blkfuse.image import fallocate
+
+    try:
+        fallocate(fd, mode, offset, length)
+    except OSError as e:
+        return errname(e.errno)
+    return "ok"
+
+
+def file_zero(fd: int, offset: int, length: int) -> str:
+    """write -z: fallocate(ZERO_RANGE), what QEMU's FUSE export makes a write-zeroes of."""
+    from blkfuse.image import FALLOC_FL_ZERO_RANGE
+
+    return file_fallocate(fd, FALLOC_FL_ZERO_RANGE, offset, length)
+
+
+def file_discard(fd: int, offset: int, length: int) -> str:
+    from blkfuse.image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+
+    return file_fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+
+
+def file_seek_data(fd: int, offset: int) -> str:
+    """A block-status query through the mount: lseek(SEEK_DATA); reaching the end is fine."""
+    try:
+        os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as e:
+        if e.errno != _errno.ENXIO:
+            return errname(e.errno)
+    return "ok"
+
+
 def file_flush(fd: int) -> str:
     try:
         os.fsync(fd)
@@ -525,9 +583,19 @@ def _file_io(fd: int, op: Op) -> str:
         if op.pattern is not None and data != bytes([op.pattern]) * op.length:
             return "MISCOMPARE"
         return "ok"
+    if op.cmd in ("write", "aio_write") and op.zero:
+        return file_zero(fd, op.offset, op.length)
     if op.cmd in ("write", "aio_write"):
         pattern = DEFAULT_WRITE_PATTERN if op.pattern is None else op.pattern
+        if op.fua:
+            return file_write_fua(fd, op.offset, bytes([pattern]) * op.length)
         return file_write(fd, op.offset, bytes([pattern]) * op.length)
+    if op.cmd == "discard":
+        return file_discard(fd, op.offset, op.length)
+    if op.cmd == "alloc":
+        return file_seek_data(fd, op.offset)
+    if op.cmd == "map":
+        return file_seek_data(fd, 0)
     if op.cmd == "flush":
         return file_flush(fd)
     raise AssertionError(f"not an I/O command: {op.text}")
@@ -557,8 +625,6 @@ def _mount_replay(case, ops, m: Mount, outcomes):
     breakpoints_used = False
     try:
         for i, op in enumerate(ops):
-            if op is None:
-                continue
             if op.cmd in ("aio_read", "aio_write"):
                 def run(i=i, op=op):
                     outcomes[i] = _file_io(fd, op)
@@ -585,7 +651,7 @@ def _mount_replay(case, ops, m: Mount, outcomes):
                 outcomes[i] = _file_io(fd, op)
     finally:
         if any(t.is_alive() for t in threads):
-            for tag in {o.args[-1] for o in ops if o is not None and o.cmd == "break"}:
+            for tag in {o.args[-1] for o in ops if o.cmd == "break"}:
                 m.ctl(f"remove_break {tag}")
             for t in threads:
                 t.join(HANG_GUARD)

@@ -66,8 +66,9 @@ def _report(seed, scenarios, failures, oracle_errors, deliberate, what) -> str:
 def test_generator_is_deterministic():
     a = D.generate_all(1234, 40)
     b = D.generate_all(1234, 40)
-    assert [(s.config, s.ops, s.cache, s.align, s.max_transfer) for s in a] == \
-           [(s.config, s.ops, s.cache, s.align, s.max_transfer) for s in b]
+    assert [(s.config, s.ops, s.cache, s.align, s.max_transfer, s.format, s.limits)
+            for s in a] == \
+           [(s.config, s.ops, s.cache, s.align, s.max_transfer, s.format, s.limits) for s in b]
     assert {s.profile for s in a} == set(D.PROFILES)
 
 
@@ -82,12 +83,26 @@ def test_flush_results_are_read_exactly():
     assert answer.results[3].data == bytes([0x11]) * 512
 
 
-def _differential(target: str, count: int, run_ours) -> None:
+def _op_counts(scenarios, answers) -> list:
+    """[(op kind, (count, failed in qemu-io))]: what a run exercised."""
+    counts = {}
+    for sc, qemu in zip(scenarios, answers):
+        for i, op in enumerate(sc.ops):
+            kind = "write -f" if op[0] == "write" and len(op) > 4 and op[4] else op[0]
+            n, bad = counts.get(kind, (0, 0))
+            failed = bool(qemu.results and qemu.results[i].error)
+            counts[kind] = (n + 1, bad + failed)
+    return sorted(counts.items())
+
+
+def _differential(target: str, count: int, run_ours, keep=None) -> None:
     """Generate `count` scenarios, ask qemu-io, run each through `run_ours(k, scenario)` ->
     (results, image, deliberate differences), and fail on any disagreement."""
     seed = _seed()
     print(f"BLKFUSE_DIFF_SEED={seed}")      # shown by pytest whenever the test fails
     scenarios = D.generate_all(seed, count)
+    if keep is not None:
+        scenarios = [sc for sc in scenarios if keep(sc)]
     with ThreadPoolExecutor(_pool_size()) as pool:
         answers = list(pool.map(D.run_qemu, scenarios))
     failures, oracle_errors, deliberate = [], [], []
@@ -104,7 +119,8 @@ def _differential(target: str, count: int, run_ours) -> None:
             failures.append((sc, problems))
     print(f"\ndifferential ({target}): seed {seed}, {len(scenarios)} scenarios, "
           f"{len(failures)} disagreements, {len(deliberate)} cut at the deliberate RMW "
-          f"difference, {len(oracle_errors)} oracle errors")
+          f"difference, {len(oracle_errors)} oracle errors; ops (failed in qemu-io): "
+          + ", ".join(f"{kind} {n} ({bad})" for kind, (n, bad) in _op_counts(scenarios, answers)))
     assert not failures and not oracle_errors, _report(
         seed, scenarios, failures, oracle_errors, deliberate, target)
 
@@ -124,4 +140,5 @@ def test_mount_matches_qemu_io(tmp_path):
         ours, image = D.run_mount(sc, workdir)
         return ours, image, D.mount_deliberate(sc)
 
-    _differential("mount", _count("BLKFUSE_DIFF_MOUNT_N", 30), through_the_mount)
+    _differential("mount", _count("BLKFUSE_DIFF_MOUNT_N", 30), through_the_mount,
+                  keep=lambda sc: not D.mount_pending(sc))

@@ -79,14 +79,19 @@ def _summary(path, rules, settings, notes, extension_options) -> str:
     parts = [f"{path}: OK, {len(rules)} {noun}"]
     if rules:
         parts[0] += " (" + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) + ")"
-    if settings.align:
-        parts.append(f"align={settings.align}")
-    if settings.max_transfer:
-        parts.append(f"max-transfer={settings.max_transfer}")
+    for key in ("align", "max-transfer", "opt-write-zero", "max-write-zero", "opt-discard",
+                "max-discard"):
+        value = getattr(settings, key.replace("-", "_"))
+        if value:
+            parts.append(f"{key}={value}")
+    # Not blkdebug options: qemu-io's -t MODE and --image-opts driver=blkdebug say these.
+    if settings.cache != "writeback":
+        parts.append(f"cache={settings.cache} (not portable: qemu-io -t {settings.cache})")
+    if settings.format != "raw":
+        parts.append("format=none (not portable: qemu-io --image-opts driver=blkdebug,...)")
     if settings.seed is not None:
-        parts.append(f"seed={settings.seed}")
-    if notes or extension_options:
-        parts.append(f"{len(notes) + len(extension_options)} blkfuse extension"
-                     f"{'s' if len(notes) + len(extension_options) != 1 else ''} "
-                     "(QEMU would reject them; check --qemu lists them)")
+        parts.append(f"seed={settings.seed} (not portable)")
+    if notes:
+        parts.append(f"{len(notes)} blkfuse extension{'s' if len(notes) != 1 else ''} in the "
+                     "rules (QEMU would reject them; check --qemu lists them)")
     return ", ".join(parts)

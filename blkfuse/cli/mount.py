@@ -14,7 +14,10 @@ from ._common import fail
 @click.option("-o", "options", multiple=True, metavar="KEY=VALUE,...",
               help="QEMU blockdev-style options, e.g. "
                    "inject-error.0.event=read_aio,inject-error.0.errno=28,align=4096,"
-                   "max-transfer=65536 (repeatable; option rules come after config rules).")
+                   "max-transfer=65536, opt-/max-write-zero, opt-/max-discard; and qemu-io's "
+                   "cache=writeback|writethrough|directsync|none|unsafe (-t), format=raw|none "
+                   "(none: blkdebug without the raw node) (repeatable; option rules come "
+                   "after config rules).")
 @click.option("--name", help="Name of the image file in the mount (default: the image's).")
 @click.option("--allow-other", is_flag=True,
               help="Let other users use the mount (control stays writable by you and root).")
