@@ -66,10 +66,17 @@ _RULE_CLASSES = {"inject-error": InjectError, "set-state": SetState}
 
 # Top-level blockdev options of the blkdebug driver that blkfuse understands.
 _BLKDEBUG_LIMITS = ("opt-write-zero", "max-write-zero", "opt-discard", "max-discard")
+# blkfuse's own options, about the mount rather than the rules: mount over a non-empty
+# directory; lock the image as QEMU's file driver does with locking=on|off|auto; let writes past
+# the end and truncate resize the image, as qemu-storage-daemon's FUSE export does with
+# growable=on. `nonempty` alone means on.
+MOUNT_OPTIONS = ("nonempty", "locking", "growable")
+_FLAG_OPTIONS = ("nonempty",)
 # Options that are not blkdebug's: what qemu-io's command line says (-t MODE, and
-# --image-opts driver=blkdebug for format=none), and blkfuse's own (seed). The one list of
-# extension options, as EXTENSION_KEYS is of keys: `blkfuse check` marks them.
-EXTENSION_OPTIONS = ("cache", "format", "seed")
+# --image-opts driver=blkdebug for format=none), the mount's own, and the seed of the random
+# decisions. The one list of extension options, as EXTENSION_KEYS is of keys: `blkfuse check`
+# marks them.
+EXTENSION_OPTIONS = ("cache", "format") + MOUNT_OPTIONS + ("seed",)
 _SETTING_OPTIONS = (("config", "image", "x-image", "align", "max-transfer") + _BLKDEBUG_LIMITS
                     + EXTENSION_OPTIONS)
 
@@ -668,6 +675,9 @@ def parse_options(options: dict[str, str],
     if "format" in options:
         settings.format = _parse_choice("format", _unquote_option(options["format"]), FORMATS,
                                         "format")
+    for key in MOUNT_OPTIONS:
+        if key in options:
+            setattr(settings, key, _parse_mount_flag(key, _unquote_option(options[key])))
     if "seed" in options:
         text = _unquote_option(options["seed"])
         try:
@@ -675,6 +685,15 @@ def parse_options(options: dict[str, str],
         except _Invalid as error:
             raise ConfigError(f"option seed: {error}") from None
     return rules, settings
+
+
+def _parse_mount_flag(key: str, text: str) -> bool:
+    if key == "locking" and text == "auto":
+        return True                 # QEMU: on where OFD locks exist, which is every Linux here
+    try:
+        return _parse_bool(key, text)
+    except _Invalid as error:
+        raise ConfigError(f"option {key}: {error}") from None
 
 
 def parse_option_string(s: str) -> dict[str, str]:
@@ -686,6 +705,8 @@ def parse_option_string(s: str) -> dict[str, str]:
         key, equals, value = item.partition("=")
         if not item:
             raise ConfigError(f'option string "{s}": empty option (stray comma?)')
+        if not equals and key in _FLAG_OPTIONS:
+            equals, value = "=", "on"
         if not equals or not key:
             raise ConfigError(f'option "{item}": expected KEY=VALUE')
         options[key] = value

@@ -6,9 +6,9 @@ invalid -- unknown command, wrong arguments, unknown event, a bad rule option --
 with that line's errno (EINVAL, or ENOENT for an unknown event) and nothing at all is applied.
 
 Then the lines run in order. A line can still fail while running (ENOENT: no request suspended
-at that tag, no rule with that id; ETIMEDOUT: wait_break timed out; EINVAL: reload found a bad
-config). Such a line changes nothing itself, the lines before it stay done and the lines after it
-are not run; the error names the line. So no line ever half-applies.
+at that tag, no rule with that id; ETIMEDOUT: wait_break or wait_hit timed out; EINVAL: reload
+found a bad config). Such a line changes nothing itself, the lines before it stay done and the
+lines after it are not run; the error names the line. So no line ever half-applies.
 
 Everything here is pure trio + engine: no FUSE, no files (but `reload`, which calls back).
 """
@@ -92,7 +92,7 @@ def help_text() -> str:
         "A line that fails while running (unknown tag or rule id, timeout, bad config on reload) "
         "stops",
         "the write there: the lines before it stay done, the lines after it are not run.",
-        "Errors: EINVAL bad input, ENOENT unknown event/tag/rule, ETIMEDOUT wait_break timed out.",
+        "Errors: EINVAL bad input, ENOENT unknown event/tag/rule, ETIMEDOUT a wait timed out.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -204,13 +204,15 @@ class Control:
         self.last_error_errno: int | None = None
         self._closing = False
         self._waits: dict[trio.CancelScope, str] = {}     # pending wait_break -> its tag
+        self._hit_waits: dict[trio.CancelScope, int] = {}  # pending wait_hit -> its rule id
 
     # -- shutdown ---------------------------------------------------------------------------
 
     def close(self):
-        """Shutdown: refuse new commands, fail every pending wait_break with ESHUTDOWN."""
+        """Shutdown: refuse new commands, fail every pending wait_break and wait_hit with
+        ESHUTDOWN."""
         self._closing = True
-        for scope in list(self._waits):
+        for scope in [*self._waits, *self._hit_waits]:
             scope.cancel()
 
     # -- execute ----------------------------------------------------------------------------
@@ -248,6 +250,18 @@ class Control:
         if scope.cancelled_caught:
             raise ControlError(_errno.ESHUTDOWN, f"wait_break {tag}: the mount is shutting down")
         return f"suspended at {tag}"
+
+    async def wait_hit(self, rule_id: int, timeout: float | None) -> str:
+        with trio.CancelScope() as scope:
+            self._hit_waits[scope] = rule_id
+            try:
+                hits = await self.engine.wait_hit(rule_id, timeout)
+            finally:
+                del self._hit_waits[scope]
+        if scope.cancelled_caught:
+            raise ControlError(_errno.ESHUTDOWN,
+                               f"wait_hit {rule_id}: the mount is shutting down")
+        return f"rule {rule_id} acted (hits={hits})"
 
     async def reload(self) -> str:
         if self._reload is None:
@@ -292,6 +306,7 @@ class Control:
             "breakpoints": [{"event": ev, "tag": tag} for ev, tag in e.breakpoints()],
             "suspended": suspended,
             "waiting": sorted(self._waits.values()),
+            "waiting_hits": sorted(self._hit_waits.values()),
             "events": {name: e.event_counts[name] for name in EVENTS if e.event_counts.get(name)},
             "errors_injected": [
                 {"errno": n, "name": errno_name(n), "count": c}
@@ -317,6 +332,10 @@ class Control:
                                "opt_discard", "max_discard") if info.get(k)]
             if info.get("read_only"):
                 opts.append("read-only")
+            if info.get("growable"):
+                opts.append("growable")
+            if info.get("locking") is False:
+                opts.append("locking=off")
             out.append(f"image: {info['image']}" + (f" ({', '.join(opts)})" if opts else ""))
         if info.get("mountpoint"):
             out.append(f"mount: {info['mountpoint']} (daemon pid {info.get('pid')})")
@@ -329,7 +348,8 @@ class Control:
         out.append(f"rules: {len(rules)}" if rules else "rules: none")
         for r in rules[:TEXT_RULES_SHOWN]:
             src = f"  [{r.source}]" if r.source else ""
-            out.append(f"  {r.id:>4}  {_format_rule(r)}  hits={r.hits}{_did(r)}{src}")
+            spent = " spent" if r.spent else ""
+            out.append(f"  {r.id:>4}  {_format_rule(r)}  hits={r.hits}{_did(r)}{spent}{src}")
         if len(rules) > TEXT_RULES_SHOWN:
             out.append(f"  ... {len(rules) - TEXT_RULES_SHOWN} more (`status json` lists every rule)")
         active = d["active"]
@@ -353,6 +373,8 @@ class Control:
 
         if d["waiting"]:
             out.append("wait_break pending: " + " ".join(d["waiting"]))
+        if d["waiting_hits"]:
+            out.append("wait_hit pending: " + " ".join(map(str, d["waiting_hits"])))
         ev = d["events"]
         out.append("events: " + (" ".join(f"{k}={v}" for k, v in ev.items()) or "none"))
         errs = d["errors_injected"]
@@ -397,6 +419,15 @@ async def _remove_break(control: "Control", tag: str) -> str:
          parse=lambda w: (_tag(w[0]), _seconds(w[1]) if len(w) == 2 else None))
 async def _wait_break(control: "Control", tag: str, timeout: float | None) -> str:
     return await control.wait_break(tag, timeout)
+
+
+@command("wait_hit ID [SECONDS]",
+         "block until rule ID acts once more (fails, sets a state...);\n"
+         "ENOENT for an unknown or spent rule, ETIMEDOUT after SECONDS",
+         nargs=(1, 2),
+         parse=lambda w: (_nonneg_int(w[0], "rule id"), _seconds(w[1]) if len(w) == 2 else None))
+async def _wait_hit(control: "Control", rule_id: int, timeout: float | None) -> str:
+    return await control.wait_hit(rule_id, timeout)
 
 
 @command("inject-error KEY=VALUE ...",
@@ -480,7 +511,7 @@ _PLAIN = Extensions()
 
 def _rule_dict(r) -> dict:
     d = {"id": r.id, "kind": r.kind, "event": r.event, "state": r.state, "source": r.source,
-         "hits": r.hits, "text": _format_rule(r)}
+         "hits": r.hits, "spent": r.spent, "text": _format_rule(r)}
     if r.kind == "inject-error":
         d.update({"errno": r.errno, "errno_name": errno_name(r.errno), "sector": r.sector,
                   "once": r.once, "immediately": r.immediately,

@@ -5,9 +5,14 @@
                                 only once the mount is live (or with the one-line reason it is not)
 
 Shutdown (SIGTERM, SIGINT, SIGHUP, or the kernel ending the session): every suspended request
-is resumed and every breakpoint dropped, pending `wait_break`s fail with ESHUTDOWN, the FUSE
-loop stops taking requests and finishes the ones in flight, the backing file is fsynced, the
-mount is removed (lazily, so open files cannot keep it), exit 0.
+is resumed and every breakpoint dropped, pending `wait_break`s fail with ESHUTDOWN, open files
+get GRACE_SECONDS to close, the FUSE loop stops taking requests and finishes the ones in
+flight, the backing file is fsynced, the mount is removed (lazily, so open files cannot keep
+it), exit 0. `blkfuse umount` sends SIGTERM only once nothing uses the image (or with --lazy).
+
+Forced shutdown (SIGUSR1, what `blkfuse umount --force` sends): the same, except that from
+that moment every new request on the image fails with EIO, as on a disk that was pulled, and
+open files get no grace: the mount goes as soon as the requests in flight are answered.
 """
 
 import errno
@@ -34,6 +39,8 @@ GRACE_SECONDS = 5.0
 
 
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+FORCE_SIGNAL = signal.SIGUSR1
+_ALL_SIGNALS = SHUTDOWN_SIGNALS + (FORCE_SIGNAL,)
 
 
 class MountError(Exception):
@@ -114,6 +121,8 @@ def prepare(image: str, mountpoint: str, settings, *, name=None, read_only=False
         raise MountError(f"{mountpoint}: mountpoint is not a directory")
     if _is_mountpoint(mnt):
         raise MountError(f"{mountpoint}: something is already mounted there")
+    if not settings.nonempty:
+        _refuse_nonempty(mountpoint, mnt)
     if os.path.realpath(image_path).startswith(os.path.realpath(mnt) + os.sep):
         raise MountError(f"{image}: the image must not be inside the mountpoint")
     if not os.path.exists("/dev/fuse"):
@@ -134,6 +143,82 @@ def prepare(image: str, mountpoint: str, settings, *, name=None, read_only=False
                  rules=rules, read_only=read_only, allow_other=allow_other, log_file=log_file)
 
 
+def _refuse_nonempty(mountpoint: str, mnt: str) -> None:
+    """Mounting over entries hides them until the unmount; say so instead (-o nonempty)."""
+    try:
+        entries = sorted(os.listdir(mnt))
+    except OSError:
+        return                      # unreadable to us: the kernel decides
+    if entries:
+        more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
+        raise MountError(f"{mountpoint}: mountpoint is not empty ({entries[0]!r}{more}); "
+                         "the mount would hide it (-o nonempty to mount anyway)")
+
+
+def _lock_image(m: "Mount", fd: int) -> None:
+    """QEMU's locking=on on the open image; MountError naming the holder on a conflict."""
+    from . import lock
+    try:
+        lock.acquire(fd, read_only=m.read_only, growable=m.settings.growable)
+    except lock.LockConflict as e:
+        raise MountError(f"{m.image_path}: in use by {lock_holder(m.image_path)}: its lock "
+                         f'{e.theirs} "{lock.PERM_NAMES[e.perm]}" (QEMU\'s locking=on; '
+                         "-o locking=off to mount anyway)") from None
+    except OSError as e:
+        raise MountError(f"{m.image_path}: cannot lock it ({e.strerror}; -o locking=off to "
+                         "mount without the lock)") from None
+
+
+def lock_holder(image_path: str) -> str:
+    """Who holds the image: 'the blkfuse mount at /mnt/a (pid 12)', 'pid 7 (qemu-system-x86)'.
+
+    An OFD lock does not say (F_OFD_GETLK answers pid -1): the holder is one of the processes
+    that have the image open (holders.py), and a blkfuse daemon among them is named by its
+    mountpoint, which its status gives.
+    """
+    from . import holders
+    path = os.path.realpath(image_path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "another process"
+    found = holders.find(path, st.st_dev, st.st_ino)
+    daemons = _blkfuse_daemons()
+    names = [f"the blkfuse mount at {daemons[pid]} (pid {pid})" if pid in daemons
+             else f"pid {pid} ({comm})" for pid, comm in found.processes]
+    names += [f"loop device {dev}" for dev in found.loops]
+    if not names:
+        return ("another process (one we may not inspect)" if found.unreadable
+                else "another process")
+    return " or ".join(names) if len(names) <= 3 else ", ".join(names[:3]) + ", ..."
+
+
+def _blkfuse_daemons(timeout: float = 2.0) -> dict[int, str]:
+    """{daemon pid: mountpoint} of the blkfuse mounts here, read from their status text
+    (each in a thread: a wedged daemon must not hang the mount that asks)."""
+    import threading
+    found: dict[int, str] = {}
+
+    def ask(mnt: str) -> None:
+        try:
+            with open(os.path.join(mnt, "control"), encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    match = re.match(r"mount: .* \(daemon pid (\d+)\)$", line.rstrip("\n"))
+                    if match:
+                        found[int(match.group(1))] = mnt
+                        return
+        except OSError:
+            pass
+
+    threads = [threading.Thread(target=ask, args=(mnt,), daemon=True)
+               for _, mnt, _ in mounts() if is_blkfuse_mount(mnt)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return dict(found)
+
+
 class Daemon:
     """One mounted filesystem: engine, image, block device, control, FUSE operations."""
 
@@ -151,6 +236,12 @@ class Daemon:
         # cache=none/directsync: O_DIRECT, as QEMU's file node (BDRV_O_NOCACHE)
         self.image = Image(m.image_path, read_only=m.read_only,
                            direct=settings.cache in ("none", "directsync"))
+        if settings.locking:
+            try:
+                _lock_image(m, self.image.fd)
+            except MountError:
+                self.image.close()
+                raise
         self.block = BlockDevice(self.engine, self.image, align=settings.align,
                                  max_transfer=settings.max_transfer,
                                  opt_write_zero=settings.opt_write_zero,
@@ -172,12 +263,14 @@ class Daemon:
             "opt_discard": settings.opt_discard,
             "max_discard": settings.max_discard,
             "read_only": m.read_only,
+            "growable": settings.growable,
+            "locking": settings.locking,
         }
         self.control = Control(self.engine, reload=lambda: config.load_rules(settings), info=info)
         memory.give_back()              # the parser's scratch memory, before serving for hours
         self.ops = Operations(self.block, self.image, self.control, name=m.name,
                               read_only=m.read_only, allow_other=m.allow_other,
-                              backing_path=m.image_path)
+                              backing_path=m.image_path, growable=settings.growable)
         self._mounted = False
         self._stopping = False
         self._shutting_down = False
@@ -195,7 +288,7 @@ class Daemon:
         # The image's opens for writing fail with EROFS in fs.py instead.
         # From the moment the mount exists until the trio loop listens for them, a shutdown
         # signal must wait, not kill the daemon and leave a dead mount behind.
-        signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
         # libfuse reports why a mount failed on stderr; catch it for the one-line reason.
         with tempfile.TemporaryFile() as err:
             saved = os.dup(2)
@@ -203,7 +296,7 @@ class Daemon:
             try:
                 pyfuse3.init(self.ops, self.m.mountpoint, options)
             except Exception as e:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _ALL_SIGNALS)
                 os.dup2(saved, 2)
                 err.seek(0)
                 why = err.read().decode(errors="replace").strip().splitlines()
@@ -230,27 +323,33 @@ class Daemon:
 
     async def _watch_signals(self):
         import trio
-        with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)
+        with trio.open_signal_receiver(*_ALL_SIGNALS) as signals:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _ALL_SIGNALS)
             async for signum in signals:
-                # Later signals are absorbed: the shutdown under way finishes in order.
-                log.info("%s: shutting down", signal.Signals(signum).name)
+                forced = signum == FORCE_SIGNAL
+                log.info("%s: %s", signal.Signals(signum).name,
+                         "forced shutdown" if forced else "shutting down")
+                if forced and not self._stopping:
+                    # Also during an orderly shutdown's grace: --force cuts it short.
+                    self.ops.refuse(errno.EIO)
                 if not self._shutting_down:
                     self._shutting_down = True
                     self._nursery.start_soon(self.shutdown)
+                # Later signals are absorbed: the shutdown under way finishes in order.
 
     async def shutdown(self):
         """Release every suspended request, let in-flight requests and open files finish
-        (GRACE_SECONDS at most), then stop the FUSE loop."""
+        (GRACE_SECONDS at most; after a forced shutdown only the requests), then stop the
+        FUSE loop."""
         import trio
         if self._stopping:
             return
         self.control.close()
         self.engine.resume_all()
         with trio.move_on_after(GRACE_SECONDS):
-            while not self.ops.quiet():
+            while not (self.ops.quiet() or (self.ops.refusing and not self.ops.inflight)):
                 await trio.sleep(0.01)
-        if not self.ops.quiet():
+        if self.ops.inflight or not self.ops.quiet() and not self.ops.refusing:
             log.warning("shutting down with %d request(s) in flight and files still open",
                         self.ops.inflight)
         self.stop()

@@ -317,6 +317,7 @@ class Engine:
         self._suspended: list[Suspension] = []            # newest first, as QEMU's QLIST
         self._holds: set[trio.CancelScope] = set()        # requests a delay rule is holding
         self._changed = trio.Event()                      # set when suspensions/breakpoints change
+        self._hit_waits: dict[int, trio.Event] = {}       # rule id -> set at its next hit
         self._next_id = 1
         self.event_counts = dict.fromkeys(EVENTS, 0)
         self.errors_injected: dict[int, int] = {}
@@ -357,6 +358,8 @@ class Engine:
         if new_state_rule is not None:
             new_state_rule.hits += 1
             self.state = new_state_rule.new_state
+            if self._hit_waits:
+                self._wake_hit_waits(new_state_rule.id)
 
     def check(self, iotype: str, offset: int, length: int,
               caller: Caller | None = None) -> int | Effect:
@@ -372,12 +375,14 @@ class Engine:
         if rule is None:
             return 0
         rule.hits += 1
+        if self._hit_waits:
+            self._wake_hit_waits(rule.id)
         error = rule.errno
         if not error:
             return 0                            # errno 0 matches and lets it through
         if rule.once:
             self._active.discard(rule)
-            self._delete(rule)
+            self._retire(rule)
         self.errors_injected[error] = self.errors_injected.get(error, 0) + 1
         return error
 
@@ -395,6 +400,8 @@ class Engine:
             ext = rule.ext
             if ext is None:                     # a QEMU rule decides as it always has
                 rule.hits += 1
+                if self._hit_waits:
+                    self._wake_hit_waits(rule.id)
                 error = rule.errno
                 if error:
                     if rule.once:
@@ -419,6 +426,8 @@ class Engine:
     def _act(self, rule: InjectError, ext, iotype: str) -> int | Effect:
         """What `rule`, which acts on this request, does to it."""
         rule.hits += 1
+        if self._hit_waits:
+            self._wake_hit_waits(rule.id)
         error = rule.errno
         delay_us = ext.delay_us
         if ext.jitter_us:
@@ -469,10 +478,10 @@ class Engine:
         return others
 
     def _remove_armed(self, rule: InjectError) -> None:
-        """An armed rule is used up: out of its active set and out of the engine."""
+        """An armed rule is used up (once, count, heal): out of its active set, and spent."""
         if not self._active.discard(rule):
             self._kept.discard(rule)
-        self._delete(rule)
+        self._retire(rule)
         self._sets_changed()
 
     def _sets_changed(self) -> None:
@@ -604,15 +613,26 @@ class Engine:
             return self._rules[index]
         return None
 
-    def _delete(self, rule: Rule) -> None:
+    def _unindex(self, rule: Rule) -> None:
         if type(rule) is InjectError and rule.ext is not None:
             self._persistent_rules -= rule.ext.persistent
             self.heal_rules -= rule.ext.heal
-        self._rules[rule.id - self._first_id] = None
         siblings = self._by_event[rule.event]
         siblings.remove(rule)
         if not siblings:
             del self._by_event[rule.event]
+
+    def _retire(self, rule: Rule) -> None:
+        """A used-up rule: no event matches it again, but it stays listed (spent, with its
+        hits) until removed or cleared, so a test can still see that it fired."""
+        rule.spent = True
+        self._unindex(rule)
+
+    def _delete(self, rule: Rule) -> None:
+        self._rules[rule.id - self._first_id] = None
+        if not rule.spent:
+            self._unindex(rule)
+        self._wake_hit_waits(rule.id)           # its waiters learn that it is gone
 
     def add_rule(self, rule: Rule) -> int:
         """Add a rule after all others; returns its id.
@@ -646,6 +666,42 @@ class Engine:
         self._kept.replace(())
         self._persistent_rules = self.heal_rules = 0
         self._sets_changed()
+        for rule_id in list(self._hit_waits):
+            self._wake_hit_waits(rule_id)
+
+    # ---- waiting for a rule to act ----
+
+    def _wake_hit_waits(self, rule_id: int) -> None:
+        event = self._hit_waits.pop(rule_id, None)
+        if event is not None:
+            event.set()
+
+    async def wait_hit(self, rule_id: int, timeout: float | None = None) -> int:
+        """Return once rule `rule_id` has acted (its hits grew) since the call; its hits then.
+
+        ENOENT for an unknown rule, for one removed while waiting, and at once for a spent one
+        (it cannot act again); ETIMEDOUT after `timeout` seconds. Costs the request path
+        nothing until a rule acts, then one dict lookup while someone waits.
+        """
+        rule = self._lookup(rule_id)
+        if rule is None:
+            raise EngineError(_errno.ENOENT, f"no rule with id {rule_id}")
+        if rule.spent:
+            raise EngineError(_errno.ENOENT, f"rule {rule_id} is spent (once): it cannot act "
+                                             f"again (hits={rule.hits})")
+        start = rule.hits
+        with trio.move_on_after(math.inf if timeout is None else timeout):
+            while True:
+                event = self._hit_waits.get(rule_id)
+                if event is None:
+                    event = self._hit_waits[rule_id] = trio.Event()
+                await event.wait()
+                if rule.hits != start:
+                    return rule.hits
+                if self._lookup(rule_id) is not rule:
+                    raise EngineError(_errno.ENOENT, f"rule {rule_id} was removed while waiting")
+        raise EngineError(_errno.ETIMEDOUT,
+                          f"rule {rule_id} did not act within {timeout:g} s (hits={start})")
 
     def set_state(self, state: int) -> None:
         self.state = state

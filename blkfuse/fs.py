@@ -4,6 +4,12 @@ Thin on purpose: reads, writes and fsyncs of the image go to block.BlockDevice; 
 `control` go to control.Control as one unit each; reading `control` serves a snapshot of the
 status (or, on a handle that wrote a command, that command's answer or error).
 
+A `control` answer is read from its beginning by the first read after the write, whatever
+the file offset: the write advanced the offset, so a plain `read()` after `write()` would
+otherwise start inside the answer (or past its end). That first read anchors the answer at its
+offset; later reads continue from there, and a read below the anchor (`pread(fd, n, 0)`, what
+blkfuse's own CLI does) starts it again from the beginning.
+
 `control` gets a fresh inode for every lookup (entry_timeout 0), so every open of it is its own
 inode: the kernel serializes writes per inode, and a `wait_break` blocked in one write must not
 hold back a `resume` or `status json` written by someone else.
@@ -13,6 +19,12 @@ for a direct_io write (and for fsync) unless the server grants FOPEN_PARALLEL_DI
 which libfuse 3.14 / pyfuse3 3.5 cannot. So while a *write* is suspended, other writes and
 fsyncs of the image wait in the kernel; reads, the control file and everything else flow.
 A suspended fsync holds the lock the same way; while a read is suspended, everything flows.
+
+The image has a fixed size, like a disk (and like qemu-storage-daemon's FUSE export with
+growable off): a write that crosses the end writes what fits (a short write), a write at or
+past the end fails with ENOSPC (as a block device answers; qsd 7.2 answers EIO), and truncate to
+another size fails with EPERM (qsd 7.2 lets truncate resize: a disk does not). `growable`
+allows both, as before.
 """
 
 import errno
@@ -41,12 +53,24 @@ _WRITETHROUGH_FLAGS = os.O_DSYNC | getattr(os, "O_SYNC", 0)
 
 
 class _Handle:
-    __slots__ = ("inode", "writethrough", "answer")
+    __slots__ = ("inode", "writethrough", "answer", "anchor")
 
-    def __init__(self, inode, writethrough=False):
+    def __init__(self, inode: int, writethrough: bool = False):
         self.inode = inode
         self.writethrough = writethrough
         self.answer = None          # control: bytes served by read(); None = status at first read
+        self.anchor = None          # control: the file offset where `answer` starts (first read)
+
+    def set_answer(self, answer: bytes | None) -> None:
+        self.answer = answer
+        self.anchor = None
+
+    def answer_at(self, offset: int, size: int) -> bytes:
+        """`size` bytes of the answer for a read at file `offset` (see the module docstring)."""
+        if self.anchor is None or offset < self.anchor:
+            self.anchor = offset
+        start = offset - self.anchor
+        return self.answer[start:start + size]
 
 
 def _guard(fn):
@@ -81,7 +105,7 @@ class Operations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, block, image, control, *, name, read_only=False, allow_other=False,
-                 owner_uid=None, owner_gid=None, backing_path=None):
+                 owner_uid=None, owner_gid=None, backing_path=None, growable=False):
         super().__init__()
         if not name or "/" in name or name in (".", "..", CONTROL_NAME):
             raise ValueError(f"invalid image name {name!r}")
@@ -97,12 +121,18 @@ class Operations(pyfuse3.Operations):
         self.owner_uid = os.getuid() if owner_uid is None else owner_uid
         self.owner_gid = os.getgid() if owner_gid is None else owner_gid
         self.backing_path = backing_path
+        self.growable = growable
+        self.refusing = 0           # an errno: a forced shutdown fails every new image request
         self._handles: dict[int, _Handle] = {}
         self.inflight = 0           # requests being served (suspended ones included)
         self._next_fh = 1
         now = time.time_ns()
         self._mtime = {ROOT: now, IMAGE: now, CONTROL: now}
         self._next_control_inode = FIRST_FRESH_CONTROL
+
+    def refuse(self, error: int) -> None:
+        """From now on, every new request on the image fails with `error` (forced shutdown)."""
+        self.refusing = error
 
     def quiet(self) -> bool:
         """No request in flight and no file open: shutting down now loses nothing."""
@@ -171,6 +201,10 @@ class Operations(pyfuse3.Operations):
             if fields.update_size:
                 if self.read_only:
                     raise pyfuse3.FUSEError(errno.EROFS)
+                if self.refusing:
+                    raise pyfuse3.FUSEError(self.refusing)
+                if not self.growable and attr.st_size != self.image.size():
+                    raise pyfuse3.FUSEError(errno.EPERM)    # a disk's size is fixed
                 self.block.truncate(attr.st_size)
                 self._mtime[IMAGE] = time.time_ns()
         elif self._is_control(inode):
@@ -241,6 +275,8 @@ class Operations(pyfuse3.Operations):
         if inode == IMAGE:
             if writing and self.read_only:
                 raise pyfuse3.FUSEError(errno.EROFS)
+            if self.refusing:
+                raise pyfuse3.FUSEError(self.refusing)
             handle = _Handle(IMAGE, writethrough=bool(flags & _WRITETHROUGH_FLAGS))
         elif self._is_control(inode):
             if writing and not self._may_write_control(ctx):
@@ -267,10 +303,12 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh, off, size):
         h = self._handle(fh)
         if h.inode == IMAGE:
+            if self.refusing:
+                raise pyfuse3.FUSEError(self.refusing)
             return await self.block.read(off, size)     # short at the end of the image
         if h.answer is None:
-            h.answer = self.control.status_text().encode()
-        return h.answer[off:off + size]
+            h.set_answer(self.control.status_text().encode())
+        return h.answer_at(off, size)
 
     @_guard
     async def write(self, fh, off, buf):
@@ -278,6 +316,14 @@ class Operations(pyfuse3.Operations):
         if h.inode == IMAGE:
             if self.read_only:
                 raise pyfuse3.FUSEError(errno.EROFS)
+            if self.refusing:
+                raise pyfuse3.FUSEError(self.refusing)
+            if not self.growable:
+                room = self.image.size() - off
+                if room <= 0:
+                    raise pyfuse3.FUSEError(errno.ENOSPC)   # a disk's end, as a block device
+                if room < len(buf):
+                    buf = buf[:room]                        # a short write: what fits
             n = await self.block.write(off, bytes(buf), writethrough=h.writethrough)
             self._mtime[IMAGE] = time.time_ns()
             return n
@@ -285,20 +331,22 @@ class Operations(pyfuse3.Operations):
         try:
             text = bytes(buf).decode()
         except UnicodeDecodeError:
-            h.answer = b"error: the command is not UTF-8\n"
+            h.set_answer(b"error: the command is not UTF-8\n")
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         try:
             answer = await self.control.execute(text)
         except ControlError as e:
-            h.answer = f"error: {e.message}\n".encode()
+            h.set_answer(f"error: {e.message}\n".encode())
             raise pyfuse3.FUSEError(e.errno) from None
-        h.answer = answer.encode() if answer else None
+        h.set_answer(answer.encode() if answer else None)
         return len(buf)
 
     @_guard
     async def fsync(self, fh, datasync):
         h = self._handle(fh)
         if h.inode == IMAGE:
+            if self.refusing:
+                raise pyfuse3.FUSEError(self.refusing)
             await self.block.flush()
 
     async def flush(self, fh):

@@ -28,6 +28,7 @@ class InjectError:
     line: int = 0                     # the line in `origin`, 0 if none
     id: int = 0                       # given by the engine; also its priority (lower wins)
     hits: int = 0                     # times this rule failed (or, errno 0, passed) a request
+    spent: bool = False               # used up (once): listed with its hits, never matched again
     ext: "Extensions | None" = None   # blkfuse's keys beyond blkdebug's; None on a QEMU rule
 
     kind = "inject-error"
@@ -106,6 +107,7 @@ class SetState:
     line: int = 0
     id: int = 0
     hits: int = 0                     # times this rule changed the state
+    spent: bool = False               # (set-state rules are never used up; kept for symmetry)
 
     kind = "set-state"
     source = InjectError.source
@@ -135,4 +137,8 @@ class Settings:
     max_discard: int | None = None
     cache: str = "writeback"          # qemu-io -t: writeback writethrough directsync none unsafe
     format: str = "raw"               # raw: raw node over blkdebug; none: blkdebug on top
+    # blkfuse's own mount options (not blkdebug's): -o nonempty, locking=off, growable=on
+    nonempty: bool = False            # mount over a directory that has entries
+    locking: bool = True              # QEMU's locking=on: lock the image (lock.py)
+    growable: bool = False            # like qsd's FUSE export: writes past the end, truncate
     seed: int | None = None           # -o seed: the one random generator's seed; None: random

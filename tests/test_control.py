@@ -273,7 +273,7 @@ def test_status_dict_is_json_and_stable():
     assert engine.check("read", 0, 512) == errno.ENOSPC
     d = json.loads(json.dumps(control.status_dict()))
     assert set(d) == {"info", "state", "rules", "active", "breakpoints", "suspended", "waiting",
-                      "events", "seed", "rules_healed", "held",
+                      "waiting_hits", "events", "seed", "rules_healed", "held",
                       "errors_injected", "last_result", "last_error", "last_error_errno"}
     assert d["state"] == 3
     assert d["events"] == {"read_aio": 1, "none": 1}

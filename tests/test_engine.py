@@ -94,6 +94,10 @@ def test_once_removes_the_rule_forever():
     assert engine.check("read", 0, 1) == 0
     engine.fire("read_aio")
     assert engine.check("read", 0, 1) == 0
+    # used up: never matched again, but listed as spent with its hit until removed
+    assert [(r.kind, r.spent, r.hits) for r in engine.rules()] == \
+        [("inject-error", True, 1), ("set-state", False, 2)]
+    engine.remove_rule(1)
     assert [r.kind for r in engine.rules()] == ["set-state"]
 
 

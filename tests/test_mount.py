@@ -66,7 +66,7 @@ def test_directory_has_exactly_the_image_and_control(mount):
 
 
 def test_name_option_and_truncate_through_the_mount(mount):
-    m = mount(name="vda.raw")
+    m = mount("-o", "growable=on", name="vda.raw")       # fixed size unless growable
     assert sorted(os.listdir(m.mnt)) == ["control", "vda.raw"]
     os.truncate(m.file, 2 * MiB)
     assert os.path.getsize(m.image) == 2 * MiB
@@ -341,7 +341,7 @@ def test_umount_releases_a_suspended_write_and_keeps_its_data(mount):
     w = Writer(m, 8192, b"\x77" * 4096)
     w.start()
     m.ctl("wait_break B 60")
-    r = blkfuse("umount", m.mnt)
+    r = blkfuse("umount", "--lazy", m.mnt)         # the writer has the image open: busy
     assert r.returncode == 0, r.stderr
     w.join(60)
     assert not w.is_alive() and w.error is None and w.result == 4096
@@ -404,7 +404,8 @@ def test_umount_with_a_file_held_open(mount):
     fd = open_image(m)
     try:
         assert os.pwrite(fd, b"h" * 512, 0) == 512
-        m.umount()                  # the open file delays the daemon (a grace), not forever
+        r = blkfuse("umount", "--lazy", m.mnt)   # the open file delays it (a grace), no more
+        assert r.returncode == 0 and not is_mounted(m.mnt), r.stderr
         assert m.image.read_bytes()[:512] == b"h" * 512
         with pytest.raises(OSError):
             os.pread(fd, 512, 0)
@@ -469,8 +470,10 @@ def test_ctl_adds_rules_and_reports_ids(mount):
     assert e.value.errno == errno.ENOSPC
     assert os.pread(fd, 512, 0) == bytes(512)           # once: gone
     os.close(fd)
-    r = blkfuse("status", m.mnt, "--json")
-    assert r.returncode == 0 and json.loads(r.stdout)["rules"] == []
+    r = blkfuse("status", m.mnt, "--json")                # used up: listed as spent
+    assert r.returncode == 0
+    assert [(x["id"], x["spent"], x["hits"]) for x in json.loads(r.stdout)["rules"]] == \
+        [(1, True, 1)]
     r = blkfuse("status", m.mnt)
     assert r.returncode == 0 and "errors injected: ENOSPC(28)=1" in r.stdout
 

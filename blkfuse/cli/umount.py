@@ -1,4 +1,12 @@
-"""`blkfuse umount MOUNTPOINT`: release every suspended request, flush, unmount."""
+"""`blkfuse umount MOUNTPOINT`: unmount in order, and only what nothing uses (or say who does).
+
+Taking a disk away from a loop device or a process that still has it open leaves them on a
+dead mount (I/O errors on the loop device). So by default the image must be unused: no process
+with it open or mapped, no loop device backed by it (holders.py). --lazy keeps the older
+behaviour (the daemon resumes suspended requests, gives open files GRACE_SECONDS, then detaches
+lazily); --force fails every new request at once and detaches as soon as the requests in flight
+are answered.
+"""
 
 import json
 import os
@@ -10,6 +18,8 @@ import time
 
 import click
 
+from .. import holders
+from ..daemon import GRACE_SECONDS
 from ._common import ControlError, fail, is_blkfuse_mount, send
 
 
@@ -59,16 +69,54 @@ def _fusermount(mountpoint, lazy=False) -> bool:
                           stderr=subprocess.DEVNULL).returncode == 0
 
 
-@click.command("umount")
+def _busy_message(mountpoint: str, status: dict) -> str | None:
+    """Why the mount may not go now (what uses its image), or None."""
+    name = status["info"].get("name") or ""
+    path = os.path.join(os.path.realpath(mountpoint), name)
+    try:
+        st = os.stat(path)          # the daemon just answered: this getattr is safe
+    except OSError:
+        return None
+    found = holders.find(path, st.st_dev, st.st_ino, exclude=(int(status["info"]["pid"]),))
+    if not found:
+        return None
+    fixes = [f"losetup -d {dev}" for dev in found.loops]
+    if found.processes:
+        fixes.append("end or close those processes")
+    suspended = len(status.get("suspended") or ())
+    if suspended:
+        fixes.append(f"resume the {suspended} suspended request{'s' if suspended > 1 else ''} "
+                     f"(blkfuse ctl {mountpoint} resume TAG)")
+    return (f"{mountpoint}: busy, not unmounted: {name} is in use by {found.describe()}; "
+            f"{', '.join(fixes)}; or umount --lazy (detach after a grace of {GRACE_SECONDS:g} s) "
+            "or --force "
+            "(fail their requests now)")
+
+
+@click.command("umount", epilog="""\b
+Examples:
+  blkfuse umount /mnt/faulty           # refuses (exit 1) while anything uses the image
+  blkfuse umount --force /mnt/faulty   # fail the users' requests and detach now""")
 @click.argument("mountpoint")
 @click.option("--timeout", default=60.0, show_default=True, metavar="SECONDS",
               help="How long to wait for the daemon's orderly shutdown.")
-def command(mountpoint, timeout):
-    """Unmount a blkfuse mount in order.
+@click.option("--lazy", is_flag=True,
+              help="Unmount even if the image is in use: suspended requests are resumed, open "
+                   f"files get {GRACE_SECONDS:g} s to close, then the mount is detached (later "
+                   "requests fail).")
+@click.option("--force", is_flag=True,
+              help="Unmount even if the image is in use: suspended requests are resumed, every "
+                   "new request fails with EIO at once, the mount is detached.")
+def command(mountpoint, timeout, lazy, force):
+    """Unmount a blkfuse mount in order, if nothing uses its image.
 
     The daemon resumes every suspended request, lets the requests in flight finish, fsyncs
-    the image and unmounts. If the daemon is gone, the dead mount is removed.
+    the image and unmounts. While a process has the image open or mapped, or a loop device
+    is backed by it, umount refuses (exit 1) and names them, unless --lazy or --force.
+    If the daemon is gone, the dead mount is removed.
     """
+    if lazy and force:
+        fail("--lazy and --force: choose one")
     mountpoint = os.path.abspath(mountpoint)
     if not is_blkfuse_mount(mountpoint):
         fail(f"{mountpoint}: not a blkfuse mount")
@@ -88,8 +136,12 @@ def command(mountpoint, timeout):
         fail(f"{e.message}; and unmounting failed")
     except (ValueError, KeyError) as e:
         fail(f"{mountpoint}: the daemon's status is unreadable ({e})")
+    if not (lazy or force):
+        busy = _busy_message(mountpoint, status)
+        if busy:
+            fail(busy)
     try:
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGUSR1 if force else signal.SIGTERM)
     except ProcessLookupError:
         if not (_fusermount(mountpoint) or _fusermount(mountpoint, lazy=True)):
             fail(f"{mountpoint}: the daemon (pid {pid}) is gone and unmounting failed")

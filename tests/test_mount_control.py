@@ -1,0 +1,98 @@
+"""The control file as a program uses it, through real mounts: reading an answer back on the
+same open file, whatever the offset; waiting for a rule to act."""
+
+import errno
+import json
+import os
+import threading
+import time
+
+import pytest
+
+from conftest import blkfuse
+
+
+def test_the_answer_is_read_from_its_start_whatever_the_offset(mount):
+    m = mount()
+    fd = os.open(m.control, os.O_RDWR)
+    try:
+        os.write(fd, b"status json\n")               # the write moved the offset to 12
+        chunks = []
+        while chunk := os.read(fd, 100):             # plain read(): from the answer's start
+            chunks.append(chunk)
+        answer = b"".join(chunks)
+        assert json.loads(answer)["info"]["pid"] == m.pid
+        assert os.pread(fd, 1 << 20, 0) == answer    # pread at 0 reads it again
+        os.lseek(fd, 12345, os.SEEK_SET)             # a new command, at another offset
+        os.write(fd, b"help\n")
+        assert os.read(fd, 1 << 20).startswith(b"commands")
+    finally:
+        os.close(fd)
+    with open(m.control, "r+") as f:                 # buffered text I/O, as a script does it
+        f.write("status json\n")
+        f.flush()
+        assert json.loads(f.read())["state"] == 1
+
+
+def test_an_error_is_read_from_its_start_too(mount):
+    m = mount()
+    fd = os.open(m.control, os.O_RDWR)
+    try:
+        try:
+            os.write(fd, b"resume nobody\n")
+        except OSError:
+            pass
+        assert os.read(fd, 1 << 20).startswith(b"error: line 1: ")
+    finally:
+        os.close(fd)
+    r = blkfuse("status", m.mnt, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["last_error"].startswith("line 1")
+
+
+def test_wait_hit_returns_when_a_request_fires_the_rule(mount):
+    m = mount()
+    m.ctl("inject-error event=read_aio errno=EIO sector=0 once=on")
+    box = {}
+
+    def waiter():
+        try:
+            box["answer"] = m._ctl("wait_hit 1 600")
+        except OSError as e:
+            box["error"] = e
+
+    t = threading.Thread(target=waiter, daemon=True)
+    t.start()
+    while m.status()["waiting_hits"] != [1]:        # the daemon holds the wait
+        assert t.is_alive(), box
+        time.sleep(0.01)
+    assert "wait_hit pending: 1" in m.status_text()
+    fd = os.open(m.file, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as e:
+            os.pread(fd, 512, 0)
+        assert e.value.errno == errno.EIO
+        assert os.pread(fd, 512, 0) == bytes(512)   # once: used up
+    finally:
+        os.close(fd)
+    t.join(60)
+    assert box == {"answer": "rule 1 acted (hits=1)\n"}
+    # the spent rule stays listed with its hit until removed
+    [rule] = m.status()["rules"]
+    assert (rule["spent"], rule["hits"]) == (True, 1)
+    assert "hits=1 spent" in m.status_text()
+    r = blkfuse("ctl", m.mnt, "wait_hit", "1", "5")
+    assert r.returncode == 1 and "spent" in r.stderr and "ENOENT" in r.stderr
+    m.ctl("remove 1")
+    assert m.status()["rules"] == []
+
+
+def test_wait_hit_errors_through_the_mount(mount):
+    m = mount()
+    with pytest.raises(OSError) as e:
+        m.ctl("wait_hit 9")
+    assert e.value.errno == errno.ENOENT
+    m.ctl("set-state event=write_aio state=1 new_state=2")
+    with pytest.raises(OSError) as e:
+        m.ctl("wait_hit 1 0.01")
+    assert e.value.errno == errno.ETIMEDOUT
+    assert "rule 1 did not act" in m.status()["last_error"]
