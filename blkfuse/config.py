@@ -341,11 +341,17 @@ def _build_rule(kind: str, entries: dict, where: str, origin: str, line: int = 0
         except _Invalid as error:
             raise ConfigError(f"{key_where}: {error}") from None
     if extensions:
-        fields["ext"] = _checked_extensions(Extensions(**extensions), fields, entries, where)
+        ext = _checked_extensions(Extensions(**extensions), fields, entries, where)
+        fields["ext"] = _SHARED_EXTENSIONS.setdefault(ext, ext)
     rule = _RULE_CLASSES[kind](origin=origin, line=line, **fields)
     if notes is not None:
         notes.extend(Note(rule, *spelling) for spelling in _non_qemu_spellings(kind, entries))
     return rule
+
+
+# Rules spelt alike share one (immutable) Extensions: 100,000 bad ranges of one length hold
+# one, not 100,000.
+_SHARED_EXTENSIONS: dict = {}
 
 
 def _checked_extensions(ext: Extensions, fields: dict, entries: dict, where: str) -> Extensions:

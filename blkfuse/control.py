@@ -285,7 +285,7 @@ class Control:
         out the rule list (the text status renders its own, capped)."""
         e = self.engine
         now = time.monotonic()
-        rules = [_rule_dict(r) for r in e.rules()] if all_rules else None
+        rules = [_rule_dict(r, e) for r in e.rules()] if all_rules else None
         suspended = []
         for s in e.suspended():
             req = s.request
@@ -349,7 +349,7 @@ class Control:
         for r in rules[:TEXT_RULES_SHOWN]:
             src = f"  [{r.source}]" if r.source else ""
             spent = " spent" if r.spent else ""
-            out.append(f"  {r.id:>4}  {_format_rule(r)}  hits={r.hits}{_did(r)}{spent}{src}")
+            out.append(f"  {r.id:>4}  {_format_rule(r)}  hits={r.hits}{_did(r, self.engine)}{spent}{src}")
         if len(rules) > TEXT_RULES_SHOWN:
             out.append(f"  ... {len(rules) - TEXT_RULES_SHOWN} more (`status json` lists every rule)")
         active = d["active"]
@@ -498,31 +498,31 @@ def _format_rule(rule) -> str:
         return repr(rule)
 
 
-def _did(r) -> str:
+def _did(r, engine) -> str:
     """What an extension rule did, beyond its hits: ' (failed=1 delayed=2 corrupted=0)'."""
-    ext = getattr(r, "ext", None)
-    if ext is None:
+    if getattr(r, "ext", None) is None:
         return ""
-    return f" (failed={ext.failed} delayed={ext.delayed} corrupted={ext.corrupted})"
+    tally = engine.tally(r)
+    return f" (failed={tally.failed} delayed={tally.delayed} corrupted={tally.corrupted})"
 
 
 _PLAIN = Extensions()
 
 
-def _rule_dict(r) -> dict:
+def _rule_dict(r, engine) -> dict:
     d = {"id": r.id, "kind": r.kind, "event": r.event, "state": r.state, "source": r.source,
          "hits": r.hits, "spent": r.spent, "text": _format_rule(r)}
     if r.kind == "inject-error":
         d.update({"errno": r.errno, "errno_name": errno_name(r.errno), "sector": r.sector,
                   "once": r.once, "immediately": r.immediately,
                   "iotypes": [t for t in IOTYPES if t in r.iotypes]})
-        d.update(_extension_dict(r))
+        d.update(_extension_dict(r, engine))
     else:
         d["new_state"] = r.new_state
     return d
 
 
-def _extension_dict(r) -> dict:
+def _extension_dict(r, engine) -> dict:
     """Every extension key of an inject-error rule (defaults for a QEMU rule) and what the
     rule did: failed, delayed, corrupted (a QEMU rule only fails, or with errno 0 passes)."""
     ext = r.ext if r.ext is not None else _PLAIN
@@ -536,6 +536,7 @@ def _extension_dict(r) -> dict:
     if r.ext is None:
         d.update(failed=r.hits if r.errno else 0, delayed=0, corrupted=0, reached=r.hits)
     else:
-        d.update(failed=ext.failed, delayed=ext.delayed, corrupted=ext.corrupted,
-                 reached=ext.seen)
+        tally = engine.tally(r)
+        d.update(failed=tally.failed, delayed=tally.delayed, corrupted=tally.corrupted,
+                 reached=tally.seen)
     return d

@@ -34,7 +34,7 @@ from . import callers
 from .effects import Effect
 from .errors import BlkfuseError
 from .events import EVENTS, IOTYPES, canonical_event
-from .rules import SECTOR_SIZE, InjectError, Rule, SetState
+from .rules import SECTOR_SIZE, Extensions, InjectError, Rule, SetState, Tally
 
 
 class EngineError(BlkfuseError):
@@ -310,6 +310,7 @@ class Engine:
         self._persistent_rules = 0        # rules with persistent = "on", armed or not
         self.heal_rules = 0               # rules with heal = "on", armed or not
         self.rules_healed = 0             # heal rules a write removed
+        self._tallies: dict[int, Tally] = {}  # rule id -> what it did, from its first request
         # One generator decides every probability, jitter and corruption: a run replays
         # with the same seed and the same request sequence.
         self.seed = secrets.randbits(32) if seed is None else seed
@@ -415,15 +416,19 @@ class Engine:
                 start, end = rule.span
                 if offset <= start and end <= offset + length:
                     continue                    # a write over the whole span repairs it
-            ext.seen += 1
-            if ext.seen <= ext.after:
+            tally = self._tallies.get(rule.id)
+            if tally is None:
+                tally = self._tallies[rule.id] = Tally()
+            tally.seen += 1
+            if tally.seen <= ext.after:
                 continue
             if ext.probability < 1.0 and self.random.random() >= ext.probability:
                 continue
-            return self._act(rule, ext, iotype)
+            return self._act(rule, ext, tally, iotype)
         return 0
 
-    def _act(self, rule: InjectError, ext, iotype: str) -> int | Effect:
+    def _act(self, rule: InjectError, ext: Extensions, tally: Tally,
+             iotype: str) -> int | Effect:
         """What `rule`, which acts on this request, does to it."""
         rule.hits += 1
         if self._hit_waits:
@@ -435,15 +440,15 @@ class Engine:
         corrupt = ext.corrupt if iotype == "read" or iotype == "write" else ""
         if not (error or delay_us or corrupt):
             return 0                            # errno 0: lets it through, as in QEMU
-        ext.acted += 1
+        tally.acted += 1
         if error:
-            ext.failed += 1
+            tally.failed += 1
             self.errors_injected[error] = self.errors_injected.get(error, 0) + 1
         if delay_us:
-            ext.delayed += 1
+            tally.delayed += 1
         if corrupt:
-            ext.corrupted += 1
-        if rule.once or ext.acted == ext.count:
+            tally.corrupted += 1
+        if rule.once or tally.acted == ext.count:
             self._remove_armed(rule)
         if not (delay_us or corrupt):
             return error
@@ -630,6 +635,7 @@ class Engine:
 
     def _delete(self, rule: Rule) -> None:
         self._rules[rule.id - self._first_id] = None
+        self._tallies.pop(rule.id, None)
         if not rule.spent:
             self._unindex(rule)
         self._wake_hit_waits(rule.id)           # its waiters learn that it is gone
@@ -664,6 +670,7 @@ class Engine:
         self._by_event.clear()
         self._active.replace(())
         self._kept.replace(())
+        self._tallies.clear()
         self._persistent_rules = self.heal_rules = 0
         self._sets_changed()
         for rule_id in list(self._hit_waits):
@@ -720,6 +727,10 @@ class Engine:
         rules_of_none = self._by_event.get("none")
         if rules_of_none:
             self._run_rules(rules_of_none)
+
+    def tally(self, rule: Rule) -> Tally:
+        """What an extension rule did so far (all zero before a request reached it)."""
+        return self._tallies.get(rule.id) or Tally()
 
     def rules_by_event(self) -> dict[str, list[Rule]]:
         """event -> its rules in file order (read only: the engine's own lists)."""

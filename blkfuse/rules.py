@@ -62,17 +62,19 @@ ANYWHERE_END = 2**63
 CORRUPT_MODES = ("flip", "zero", "random")
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, frozen=True)
 class Extensions:
-    """The keys blkfuse adds to [inject-error] (README "Beyond blkdebug"), and their counters.
+    """The keys blkfuse adds to [inject-error] (README "Beyond blkdebug").
 
     Kept apart so that a QEMU rule pays one empty slot for them, and so that the engine
     can tell at a glance that a rule needs more than blkdebug's check (`rule.ext is None`).
+    Immutable and shared: 100,000 bad ranges spelt alike hold one (config.py interns them);
+    what each rule did is its Tally, kept by the engine.
     """
 
     probability: float = 1.0          # acts on a request that reaches it with this chance
     after: int = 0                    # lets the first N requests that reach it through
-    count: int = 0                    # acts on at most N requests, then is removed; 0: no limit
+    count: int = 0                    # acts on at most N requests, then is spent; 0: no limit
     sectors: int = 0                  # with sector: covers [sector, sector+N); 0: QEMU's one byte
     delay_us: int = 0                 # holds the request this long ...
     jitter_us: int = 0                # ... plus uniformly up to this much
@@ -83,17 +85,18 @@ class Extensions:
     uid: int = -1                     # only requests sent by this user; -1: any
     heal: bool = False                # a successful write over the whole span removes the rule
     persistent: bool = False          # stays armed when later events replace the active set
-    # what happened: seen counts requests that reached it (for `after`), acted those it
-    # failed, delayed or corrupted (for `count` and `once`)
+
+
+@dataclass(slots=True, eq=False)
+class Tally:
+    """What an extension rule did: `seen` requests reached it (for `after`), it `acted` on
+    some, failing, delaying or corrupting them (for `count` and `once`)."""
+
     seen: int = 0
     acted: int = 0
     failed: int = 0
     delayed: int = 0
     corrupted: int = 0
-
-    @property
-    def filters_caller(self) -> bool:
-        return self.pid >= 0 or self.uid >= 0 or bool(self.comm)
 
 
 @dataclass(slots=True, eq=False)

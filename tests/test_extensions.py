@@ -184,7 +184,8 @@ def test_delay_and_corrupt_answer_an_effect():
     assert outcome.corrupt == "zero" and outcome.corrupt_bytes == 3 and outcome.errno == 0
     assert e.check("flush", 0, 0) == 0                   # nothing to corrupt in a flush
     [r] = e.rules()
-    assert (r.ext.failed, r.ext.delayed, r.ext.corrupted) == (0, 0, 1)
+    tally = e.tally(r)
+    assert (tally.failed, tally.delayed, tally.corrupted) == (0, 0, 1)
 
 
 def test_jitter_is_uniform_and_seeded():
