@@ -32,21 +32,33 @@ A check answers 0, an errno, or (blkfuse's extension rules) an Effect: the reque
 in its own task (engine.hold: nothing else waits for it), then fails or goes on, and a
 corruption changes the data of a read or write, inside the request and the rule's sectors
 only (never read-modify-write padding, never write-zeroes, discard or block status).
+
+Power cuts (README "Power cuts") hook in at a few places, kept apart from the QEMU logic:
+every change to the image goes through _write_image/_record/truncate (the undo log records
+it first), a successful fsync forgets the log (_fsync_image), and while the power is off every
+request fails with EIO before raising any event (a request that was suspended when the power
+went fails when it wakes up: _check_power after each wait).
 """
 
 import errno as _errno
+import logging
 import os
 
 import trio
 
 from .effects import Effect, corrupt
 from .engine import Caller, Engine, Request
+from .errors import BlkfuseError
 from .image import Image
-from .rules import CACHE_MODES, FORMATS
+from .rules import CACHE_MODES, FORMATS, InjectError
+from .unsynced import CutReport, LogFull, UndoLog
 
 SECTOR_SIZE = 512                 # QEMU keeps a node's length in sectors (bdrv_getlength)
 _MAX_BOUNCE_BUFFER = 32768 * 512  # io.c: the largest fallback write of zeroes
 _INT64_MAX = 2**63 - 1
+
+
+log = logging.getLogger(__name__)
 
 
 def _failure(error: int) -> OSError:
@@ -71,13 +83,16 @@ class BlockDevice:
                  max_transfer: int | None = None, opt_write_zero: int | None = None,
                  max_write_zero: int | None = None, opt_discard: int | None = None,
                  max_discard: int | None = None, cache: str = "writeback",
-                 format: str = "raw"):
+                 format: str = "raw", unsynced: UndoLog | None = None):
         if cache not in CACHE_MODES:
             raise ValueError(f"unknown cache mode {cache!r}")
         if format not in FORMATS:
             raise ValueError(f"unknown format {format!r}")
         self.engine = engine
         self.image = image
+        self.unsynced = unsynced          # the undo log (-o track-unsynced=on), or None
+        self.powered = True
+        self.cuts = 0                     # power cuts so far: a flush spanning one fails
         self.align = align or 1
         self.max_transfer = max_transfer or 0
         self.opt_write_zero = opt_write_zero or 0
@@ -102,12 +117,16 @@ class BlockDevice:
         return self.image.size()
 
     def truncate(self, size: int) -> None:
+        self._check_power()
+        if self.unsynced is not None:
+            self.unsynced.record_resize(self.image, size)
         self.image.truncate(size)
 
     async def _event(self, event: str, request: Request) -> None:
         suspension = self.engine.fire(event, request)
         if suspension is not None:
             await suspension.wait()
+            self._check_power()
 
     def _check(self, iotype: str, offset: int, length: int,
                caller: Caller | None) -> int | Effect:
@@ -124,6 +143,13 @@ class BlockDevice:
         if error:
             error, _ = await _settle(self.engine, error)
         return error
+
+    def _decide(self, iotype: str, offset: int, length: int,
+                caller: Caller | None) -> tuple[InjectError | None, int | Effect]:
+        """_check, with the rule met (for torn= and drop-unsynced=), or None."""
+        if caller is None:
+            return self.engine.decide(iotype, offset, length)
+        return self.engine.decide(iotype, offset, length, caller)
 
     def _pieces(self, start: int, end: int):
         """The driver calls blkdebug's node makes for [start, end): one, or max-transfer
@@ -158,6 +184,7 @@ class BlockDevice:
 
     async def read(self, offset: int, length: int, *, caller: Caller | None = None) -> bytes:
         """Data at [offset, offset+length), short at end of image. Raises OSError."""
+        self._check_power()
         size = self.image.size()
         if length <= 0 or offset >= size:
             return b""
@@ -174,6 +201,7 @@ class BlockDevice:
             suspension = self.engine.fire("read_aio", Request("read", offset, length))
             if suspension is not None:
                 await suspension.wait()
+                self._check_power()
         start, end = self._padded(offset, length)
         corruptions = None
         if self.max_transfer:
@@ -209,6 +237,7 @@ class BlockDevice:
         length = len(data)
         if length == 0:
             return 0
+        self._check_power()
         fua = writethrough or self.fua_always
         if not self.raw:
             await self._write_chunk(offset, data, caller, fua)
@@ -237,6 +266,7 @@ class BlockDevice:
             suspension = self.engine.fire("write_aio", request)
             if suspension is not None:
                 await suspension.wait()
+                self._check_power()
         start, end = self._padded(offset, length)
         if start != offset or end != offset + length:
             try:
@@ -260,19 +290,29 @@ class BlockDevice:
             suspension = engine.fire("pwritev", request)
             if suspension is not None:
                 await suspension.wait()
+                self._check_power()
             for piece_start, piece_end in self._pieces(start, start + len(data)):
                 piece = data[piece_start - start:piece_end - start]
-                error = self._check("write", piece_start, piece_end - piece_start, caller)
+                rule, error = self._decide("write", piece_start, piece_end - piece_start, caller)
+                if rule is not None:
+                    if type(error) is not int:      # an extension rule's delay or corruption
+                        error, effect = await _settle(engine, error)
+                        if effect is not None:
+                            # silent corruption on the way to the disk, reported done: only
+                            # inside the caller's data, never the read-modify-write padding
+                            piece = corrupt(piece, piece_start, effect, request.offset,
+                                            request.offset + request.length)
+                    if rule.torn >= 0:      # extension: the head persists, the tail is lost
+                        piece_end = min(piece_end, piece_start + rule.torn * SECTOR_SIZE)
+                        piece = piece[:piece_end - piece_start]
+                    elif error:
+                        break           # pieces before it stay written, as in QEMU
+                try:
+                    self._write_image(piece_start, piece)
+                except OSError as failure:      # the undo log is full, or the backing file
+                    error = failure.errno
                 if error:
-                    error, effect = await _settle(engine, error)
-                    if error:
-                        break       # pieces before it stay written, as in QEMU
-                    if effect is not None:
-                        # silent corruption on the way to the disk, reported done: only
-                        # inside the caller's data, never the read-modify-write padding
-                        piece = corrupt(piece, piece_start, effect, request.offset,
-                                        request.offset + request.length)
-                self.image.pwrite(piece_start, piece)
+                    break
                 if engine.heal_rules:
                     engine.written(piece_start, piece_end - piece_start)
             if fua and not error:
@@ -334,6 +374,22 @@ class BlockDevice:
         padded[offset - start:offset - start + len(data)] = data
         return padded
 
+    def _record(self, offset: int, length: int) -> None:
+        """Before any change to [offset, offset+length) of the image: the undo log keeps
+        what is there (raises LogFull, ENOSPC, at its cap; nothing is changed then)."""
+        if self.unsynced is not None and length > 0:
+            try:
+                self.unsynced.record_write(self.image, offset, length)
+            except LogFull as full:
+                log.warning("%s", full.strerror)
+                raise
+
+    def _write_image(self, offset: int, data) -> None:
+        """Every pwrite of the image passes here: the undo log sees it first."""
+        if data:
+            self._record(offset, len(data))
+            self.image.pwrite(offset, data)
+
     async def _padding_read(self, offset: int, length: int, caller: Caller | None) -> bytes:
         # A rule may delay or fail this read; a corruption is not applied: the padding is
         # written back, and corrupting it would change bytes outside the request.
@@ -350,6 +406,7 @@ class BlockDevice:
         one stay zeroed. Counts as written for the next flush, failed or not."""
         if length <= 0:
             return
+        self._check_power()
         fua = writethrough or self.fua_always
         if not self.raw:
             await self._zero_pwritev(offset, length, unmap, fua, caller)
@@ -442,17 +499,29 @@ class BlockDevice:
                 num = min(num, max_transfer)
                 error = await self._check_errno("write", offset, num, caller)
                 if not error:
-                    self.image.pwrite(offset, bytes(num))
+                    error = self._change(self._write_image, offset, bytes(num))
             else:
                 error = await self._check_errno("write-zeroes", offset, num, caller)
                 if not error:
-                    self.image.write_zeroes(offset, num, unmap)
+                    error = self._change(self._zero_image, offset, num, unmap)
             need_flush = fua
             offset += num
             length -= num
         if not error and need_flush:
             error = await self._blkdebug_flush_errno(caller)
         return error
+
+    def _change(self, change, *args) -> int:
+        """Run an image change; 0, or the errno it failed with (a full undo log: ENOSPC)."""
+        try:
+            change(*args)
+        except OSError as failure:
+            return failure.errno or _errno.EIO
+        return 0
+
+    def _zero_image(self, offset: int, length: int, unmap: bool) -> None:
+        self._record(offset, length)
+        self.image.write_zeroes(offset, length, unmap)
 
     # ---- discard ----
 
@@ -462,6 +531,7 @@ class BlockDevice:
         for the next flush, failed or not."""
         if length <= 0:
             return
+        self._check_power()
         try:
             await self._pdiscard(offset, length, caller)
         finally:
@@ -498,6 +568,7 @@ class BlockDevice:
                 error = await self._check_errno("discard", offset, num, caller)
                 if error:
                     raise _failure(error)
+                self._record(offset, num)       # a discarded range reads as zeroes: undoable
                 self.image.punch_hole(offset, num)
             offset += num
             length -= num
@@ -515,6 +586,7 @@ class BlockDevice:
         `align` (iotype block-status); the answer comes from the backing file's
         SEEK_DATA/SEEK_HOLE (want_zero, as the FUSE export asks) or is "all data" (as
         qemu-io's alloc and map ask, with want_zero false). Raises OSError."""
+        self._check_power()
         total = self._length()
         if offset >= total or length <= 0:
             return False, 0
@@ -531,6 +603,7 @@ class BlockDevice:
         """lseek SEEK_DATA / SEEK_HOLE, as QEMU 7.2's FUSE export (fuse_lseek) answers it:
         one block-status query per extent from `offset` on, each checked. ENXIO past the
         end (and for SEEK_DATA at the end), EINVAL for another whence."""
+        self._check_power()
         if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
             raise _failure(_errno.EINVAL)
         if offset < 0:
@@ -552,6 +625,7 @@ class BlockDevice:
     async def flush(self, *, caller: Caller | None = None) -> None:
         """fsync: events always; the check and the real fsync only if something was
         written since the last successful flush. Raises OSError."""
+        self._check_power()
         if not self.raw:
             error = await self._blkdebug_flush_errno(caller)
             if error:
@@ -573,13 +647,71 @@ class BlockDevice:
         """bdrv_co_flush of the blkdebug node: 0 or the errno. cache=unsafe never gets
         past BDRV_O_NO_FLUSH to the check or the real fsync."""
         async with self._blkdebug_flush_lock:
+            if not self.powered:
+                return _errno.EIO
             generation = self._blkdebug_written
-            if self._blkdebug_flushed != generation and not self.no_flush:
-                error = self._check("flush", 0, 0, caller)
-                if error:
-                    error, _ = await _settle(self.engine, error)
-                if error:
-                    return error
-                await self.image.fsync()
+            try:
+                if self._blkdebug_flushed != generation and not self.no_flush:
+                    rule, error = self._decide("flush", 0, 0, caller)
+                    if rule is not None:
+                        if type(error) is not int:      # an extension rule's delay
+                            error, _ = await _settle(self.engine, error)
+                        if rule.drop_unsynced and self.unsynced is not None:
+                            await self._drop_unsynced()
+                        if error:
+                            return error
+                    await self._fsync_image()
+                elif self.unsynced and not self.no_flush:
+                    await self._fsync_image()   # only resizes since the last flush: no check
+            except OSError as failure:          # the power went during the fsync
+                return failure.errno or _errno.EIO
             self._blkdebug_flushed = generation
             return 0
+
+    # ---- power cuts (README "Power cuts") ----
+
+    def _check_power(self) -> None:
+        if not self.powered:
+            raise OSError(_errno.EIO, "the power is off (blkfuse powercut; poweron to restore)")
+
+    async def _fsync_image(self) -> None:
+        """fsync the image; if nothing cut the power meanwhile, the unsynced writes it
+        covered (those before it started) are synced now."""
+        cuts, covered = self.cuts, len(self.unsynced) if self.unsynced is not None else 0
+        await self.image.fsync()
+        if self.cuts != cuts:
+            raise OSError(_errno.EIO, "the power was cut during the fsync")
+        if covered:
+            self.unsynced.forget(covered)
+
+    async def _drop_unsynced(self) -> None:
+        """fsyncgate: a failing flush loses the dirty data; the disk keeps the flushed image."""
+        report = self.unsynced.cut(self.image, "none")
+        log.info("a flush met a drop-unsynced rule: %d unsynced writes reverted", report.writes)
+        await self.image.fsync()
+
+    async def power_cut(self, keep: str, seed: int | None) -> CutReport:
+        """Lose the unsynced writes as `keep` says, make the image show it (fsynced), and
+        leave the power off. Suspended requests are let go first; they fail with EIO."""
+        if self.unsynced is None:
+            raise BlkfuseError(_errno.EINVAL, "powercut needs -o track-unsynced=on (without it "
+                                              "blkfuse keeps nothing to undo unsynced writes "
+                                              "with)")
+        if not self.powered:
+            raise BlkfuseError(_errno.EINVAL, "the power is already off (poweron first)")
+        self.powered = False
+        self.cuts += 1
+        self.engine.release_suspended()
+        report = self.unsynced.cut(self.image, keep, seed)
+        await self.image.fsync()
+        return report
+
+    def power_on(self) -> bool:
+        """The device is back, nothing unsynced (the cut fsynced). False if it was on."""
+        if self.powered:
+            return False
+        self.powered = True
+        # Everything on the image is synced now, as after a successful flush.
+        self._format_flushed = self._format_written
+        self._blkdebug_flushed = self._blkdebug_written
+        return True

@@ -54,11 +54,15 @@ QEMU_KEYS = {
     "inject-error": ("event", "state", "iotype", "errno", "sector", "once", "immediately"),
     "set-state": ("event", "state", "new_state"),
 }
-# blkfuse's own keys: the one list of extensions. Every spelling accepts them (file, -o,
-# control); `blkfuse check` marks them and `check --qemu` names them as what QEMU rejects.
+# Power-cut keys and options (issue 10): blkfuse extensions, QEMU rejects them.
+POWER_KEYS = ("torn", "drop-unsynced")
+POWER_OPTIONS = ("track-unsynced", "unsynced-cap", "atomic")
+# blkfuse's own keys: the one list of extensions (add new ones here). Every spelling accepts
+# them (file, -o, control); `blkfuse check` marks them and `check --qemu` names them as what
+# QEMU rejects.
 EXTENSION_KEYS = {
     "inject-error": ("probability", "after", "count", "sectors", "delay", "jitter", "corrupt",
-                     "corrupt-bytes", "pid", "comm", "uid", "heal", "persistent"),
+                     "corrupt-bytes", "pid", "comm", "uid", "heal", "persistent") + POWER_KEYS,
     "set-state": (),
 }
 SECTION_KEYS = {kind: QEMU_KEYS[kind] + EXTENSION_KEYS[kind] for kind in QEMU_KEYS}
@@ -76,7 +80,7 @@ _FLAG_OPTIONS = ("nonempty",)
 # --image-opts driver=blkdebug for format=none), the mount's own, and the seed of the random
 # decisions. The one list of extension options, as EXTENSION_KEYS is of keys: `blkfuse check`
 # marks them.
-EXTENSION_OPTIONS = ("cache", "format") + MOUNT_OPTIONS + ("seed",)
+EXTENSION_OPTIONS = ("cache", "format") + MOUNT_OPTIONS + POWER_OPTIONS + ("seed",)
 _SETTING_OPTIONS = (("config", "image", "x-image", "align", "max-transfer") + _BLKDEBUG_LIMITS
                     + EXTENSION_OPTIONS)
 
@@ -167,6 +171,14 @@ def _parse_bool(key: str, text: str) -> bool:
         return _BOOLEANS[text]
     except KeyError:
         raise _Invalid(f'{key} expects on or off (or yes/no, true/false, y/n), not "{text}"') from None
+
+
+def _parse_torn(text: str) -> int:
+    """torn=N: how many 512-byte sectors of a failed write persist (an extension)."""
+    value = _parse_number("torn", text)
+    if value < 0 or value > _INT_MAX:
+        raise _Invalid(f'torn must be a number of sectors from 0 to {_INT_MAX}, not "{text}"')
+    return value
 
 
 def _parse_event(key: str, text: str) -> str:
@@ -279,6 +291,8 @@ _KEY_PARSERS = {
     "once": ("once", _parse_bool),
     "immediately": ("immediately", _parse_bool),
     "iotype": ("iotypes", _parse_iotype),
+    "torn": ("torn", lambda key, text: _parse_torn(text)),
+    "drop-unsynced": ("drop_unsynced", _parse_bool),
 }
 # The extension keys set fields of the rule's Extensions, not of the rule.
 _EXTENSION_PARSERS = {
@@ -684,6 +698,7 @@ def parse_options(options: dict[str, str],
     for key in MOUNT_OPTIONS:
         if key in options:
             setattr(settings, key, _parse_mount_flag(key, _unquote_option(options[key])))
+    _parse_power_options(options, settings)
     if "seed" in options:
         text = _unquote_option(options["seed"])
         try:
@@ -700,6 +715,40 @@ def _parse_mount_flag(key: str, text: str) -> bool:
         return _parse_bool(key, text)
     except _Invalid as error:
         raise ConfigError(f"option {key}: {error}") from None
+
+
+def _parse_power_options(options: dict, settings: Settings) -> None:
+    """track-unsynced=on|off, unsynced-cap=SIZE, atomic=BYTES (README "Power cuts")."""
+    if "track-unsynced" in options:
+        try:
+            settings.track_unsynced = _parse_bool("track-unsynced",
+                                                  _unquote_option(options["track-unsynced"]))
+        except _Invalid as error:
+            raise ConfigError(f"option track-unsynced: {error}") from None
+    for key in ("unsynced-cap", "atomic"):
+        if key in options and not settings.track_unsynced:
+            raise ConfigError(f"option {key}: only means something with track-unsynced=on")
+    if "unsynced-cap" in options:
+        cap = _parse_size("unsynced-cap", _unquote_option(options["unsynced-cap"]))
+        if cap < 4096:
+            raise ConfigError(f'option unsynced-cap: must be at least 4096, not "{cap}"')
+        settings.unsynced_cap = cap
+    if "atomic" in options:
+        atomic = _parse_size("atomic", _unquote_option(options["atomic"]))
+        if atomic < 512 or atomic > 1 << 30 or atomic & (atomic - 1):
+            raise ConfigError(f'option atomic: must be a power of two from 512 to 1G, '
+                              f'not "{options["atomic"]}"')
+        settings.atomic = atomic
+
+
+def check_power_rules(rules, settings: Settings) -> None:
+    """drop-unsynced reverts through the undo log: a rule with it needs track-unsynced=on."""
+    if settings.track_unsynced:
+        return
+    for rule in rules:
+        if getattr(rule, "drop_unsynced", False):
+            raise ConfigError(f"{rule.source or 'rule'}: drop-unsynced needs the option "
+                              "track-unsynced=on (-o track-unsynced=on)")
 
 
 def parse_option_string(s: str) -> dict[str, str]:
@@ -784,6 +833,7 @@ def load_rules(settings: Settings, notes: list | None = None) -> list[Rule]:
     """The config file's rules, then the options' rules (QEMU's order): what mount and reload use."""
     rules = parse_config_file(settings.config_path, notes) if settings.config_path else []
     option_rules, _ = parse_options(settings.options, notes)
+    check_power_rules(rules + option_rules, settings)
     return rules + option_rules
 
 
@@ -804,6 +854,10 @@ def _rule_items(rule: Rule) -> list[tuple[str, str]]:
         items.append(("once", "on"))
     if rule.immediately:
         items.append(("immediately", "on"))
+    if rule.torn >= 0:
+        items.append(("torn", str(rule.torn)))
+    if rule.drop_unsynced:
+        items.append(("drop-unsynced", "on"))
     if rule.ext is not None:
         items.extend(_extension_items(rule.ext))
     return items

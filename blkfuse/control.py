@@ -17,6 +17,7 @@ import errno as _errno
 import json
 import math
 import os
+import secrets
 import shlex
 import time
 from collections.abc import Awaitable, Callable
@@ -194,8 +195,9 @@ class Control:
     (image, mountpoint, options...); `pid` is added.
     """
 
-    def __init__(self, engine, reload=None, info=None):
+    def __init__(self, engine, reload=None, info=None, block=None):
         self.engine = engine
+        self.block = block              # block.BlockDevice: power cuts and the undo log
         self._reload = reload
         self.info = dict(info or {})
         self.info.setdefault("pid", os.getpid())
@@ -317,7 +319,20 @@ class Control:
             "last_result": self.last_result,
             "last_error": self.last_error,
             "last_error_errno": self.last_error_errno,
+            **self._power_status(),
         }
+
+    def _power_status(self) -> dict:
+        """"power" and "unsynced" (null when writes are not tracked) for the status."""
+        block = self.block
+        log = block.unsynced if block is not None else None
+        unsynced = None
+        if log is not None:
+            unsynced = {"writes": len(log), "bytes": log.bytes, "held": log.held(),
+                        "cap": log.cap, "refused": log.refused,
+                        "last_refusal": log.last_refusal}
+        return {"power": "off" if block is not None and not block.powered else "on",
+                "unsynced": unsynced}
 
     def status_text(self) -> str:
         d = self.status_dict(all_rules=False)
@@ -380,6 +395,13 @@ class Control:
         errs = d["errors_injected"]
         out.append("errors injected: " + (" ".join(f"{x['name']}({x['errno']})={x['count']}"
                                                     for x in errs) or "none"))
+        out.append(f"power: {d['power']}")
+        u = d["unsynced"]
+        if u is None:
+            out.append("unsynced: not tracked (-o track-unsynced=on)")
+        else:
+            out.append(f"unsynced: {u['writes']} writes, {u['bytes']} bytes (log holds "
+                       f"{u['held']} of cap {u['cap']}; {u['refused']} refused at the cap)")
         out.append(f"last result: {d['last_result'] or '-'}")
         if d["last_error"]:
             out.append(f"last error: {errno_name(d['last_error_errno'])}: {d['last_error']}")
@@ -437,6 +459,7 @@ async def _wait_hit(control: "Control", rule_id: int, timeout: float | None) -> 
          "pid=, comm=, uid=, heal=, persistent=); its id is in the status",
          nargs=(1, None), parse=_rule_parser("inject-error"), aliases=("inject_error",))
 async def _inject_error(control: "Control", rule: Rule) -> str:
+    _check_power_rule(rule, control.block)
     rule_id = control.engine.add_rule(rule)
     # rules armed by `none` next to rules armed later: the first later arming drops them
     warning = config.arming_warning(control.engine.rules_by_event())
@@ -484,6 +507,60 @@ async def _status(control: "Control", as_json: bool) -> str:
     if len(answer) > (1 << 20):
         memory.give_back()     # the rule dicts of a huge status are garbage now
     return answer
+
+
+# ---- power cuts (README "Power cuts"; blkfuse extensions) ----
+
+POWERCUT_USAGE = "powercut [keep=none|random|prefix] [seed=N]"
+
+
+def _parse_powercut(words: list[str]) -> tuple[str, int | None]:
+    """powercut's KEY=VALUE words -> (keep, seed); seed None: pick one (and tell it)."""
+    from .unsynced import KEEP_MODES
+    given = {}
+    for word in words:
+        key, equals, value = word.partition("=")
+        if not equals or key not in ("keep", "seed"):
+            raise ValueError(f"powercut: expected keep=... or seed=..., not {word!r} "
+                             f"(usage: {POWERCUT_USAGE})")
+        if key in given:
+            raise ValueError(f"powercut: {key} given twice")
+        given[key] = value
+    keep = given.get("keep", "none")
+    if keep not in KEEP_MODES:
+        raise ValueError(f"powercut: keep must be none, random or prefix, not {keep!r}"
+                         f"{config.did_you_mean(keep, KEEP_MODES)}")
+    seed = _nonneg_int(given["seed"], "seed") if "seed" in given else None
+    return keep, seed
+
+
+def _check_power_rule(rule: Rule, block) -> None:
+    if getattr(rule, "drop_unsynced", False) and (block is None or block.unsynced is None):
+        raise ControlError(_errno.EINVAL, "drop-unsynced needs the mount option "
+                                          "track-unsynced=on (-o track-unsynced=on)")
+
+
+def _block_of(control: "Control", name: str):
+    if control.block is None:
+        raise ControlError(_errno.EINVAL, f"{name}: this control has no block device")
+    return control.block
+
+
+@command(POWERCUT_USAGE,
+         "\nlose the unsynced writes (-o track-unsynced=on) and power off:\n"
+         "every request fails with EIO until poweron",
+         nargs=(0, 2), parse=_parse_powercut)
+async def _powercut(control: "Control", keep: str, seed: int | None) -> str:
+    block = _block_of(control, "powercut")
+    if seed is None:
+        seed = secrets.randbits(32)
+    report = await block.power_cut(keep, seed)
+    return report.text() + "; the power is off (poweron brings the device back)"
+
+
+@command("poweron", "bring the device back (the image as the cut left it)")
+async def _poweron(control: "Control") -> str:
+    return "power on" if _block_of(control, "poweron").power_on() else "power on (it was on)"
 
 
 @command("help", "this text")

@@ -92,6 +92,13 @@ def prepare(image: str, mountpoint: str, settings, *, name=None, read_only=False
             allow_other=False, log_file=None) -> Mount:
     """Check everything and load the rules; MountError on the first problem."""
     from . import config
+    from .fs import missing_pyfuse3_features
+    missing = missing_pyfuse3_features()
+    if missing:
+        import pyfuse3
+        raise MountError(f"pyfuse3 {pyfuse3.__version__} ({os.path.dirname(pyfuse3.__file__)}) "
+                         f"is not built with blkfuse's patch: no {', '.join(missing)}; "
+                         "run scripts/setup (see scripts/pyfuse3/README.md)")
     try:
         rules = config.load_rules(settings)
     except config.ConfigError as e:
@@ -242,13 +249,19 @@ class Daemon:
             except MountError:
                 self.image.close()
                 raise
+        self.unsynced = None
+        if settings.track_unsynced:
+            from .unsynced import DEFAULT_ATOMIC, DEFAULT_CAP, UndoLog
+            self.unsynced = UndoLog(cap=settings.unsynced_cap or DEFAULT_CAP,
+                                    atomic=settings.atomic or DEFAULT_ATOMIC)
         self.block = BlockDevice(self.engine, self.image, align=settings.align,
                                  max_transfer=settings.max_transfer,
                                  opt_write_zero=settings.opt_write_zero,
                                  max_write_zero=settings.max_write_zero,
                                  opt_discard=settings.opt_discard,
                                  max_discard=settings.max_discard,
-                                 cache=settings.cache, format=settings.format)
+                                 cache=settings.cache, format=settings.format,
+                                 unsynced=self.unsynced)
         info = {
             "image": m.image_path,
             "name": m.name,
@@ -266,7 +279,12 @@ class Daemon:
             "growable": settings.growable,
             "locking": settings.locking,
         }
-        self.control = Control(self.engine, reload=lambda: config.load_rules(settings), info=info)
+        if self.unsynced is not None:
+            info["track_unsynced"] = True
+            info["unsynced_cap"] = self.unsynced.cap
+            info["atomic"] = self.unsynced.atomic
+        self.control = Control(self.engine, reload=lambda: config.load_rules(settings), info=info,
+                               block=self.block)
         memory.give_back()              # the parser's scratch memory, before serving for hours
         self.ops = Operations(self.block, self.image, self.control, name=m.name,
                               read_only=m.read_only, allow_other=m.allow_other,
@@ -388,6 +406,8 @@ class Daemon:
                 self.image.close()
             except OSError:
                 pass
+            if self.unsynced is not None:
+                self.unsynced.close()
         log.info("unmounted %s", self.m.mountpoint)
         return status
 

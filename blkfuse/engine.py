@@ -368,29 +368,55 @@ class Engine:
         only) an Effect: hold it, then fail it or change its data. `length` 0: a flush.
 
         This is the QEMU path. While an extension rule is armed, `_sets_changed` shadows it
-        with `_check_extended` on the instance, so the plain path pays nothing for them.
+        (and match and decide) with the extension path on the instance, so the plain path
+        pays nothing for them.
         """
         if not self._active.count:
             return 0
+        rule = self.match(iotype, offset, length)
+        return rule.errno if rule is not None else 0
+
+    def match(self, iotype: str, offset: int, length: int) -> InjectError | None:
+        """check(), answering the rule the request met (errno 0 included), or None: the
+        block layer needs the rule itself for the torn= and drop-unsynced= extensions."""
+        if not self._active.count:
+            return None
         rule = self._active.find(iotype, offset, length)
         if rule is None:
-            return 0
+            return None
         rule.hits += 1
         if self._hit_waits:
             self._wake_hit_waits(rule.id)
         error = rule.errno
-        if not error:
-            return 0                            # errno 0 matches and lets it through
-        if rule.once:
-            self._active.discard(rule)
-            self._retire(rule)
-        self.errors_injected[error] = self.errors_injected.get(error, 0) + 1
-        return error
+        # errno 0 matches and lets the request through; a once rule stays (QEMU). A torn
+        # or drop-unsynced rule with errno 0 still does something, so once spends it.
+        if error or rule.torn >= 0 or rule.drop_unsynced:
+            if rule.once:
+                self._active.discard(rule)
+                self._retire(rule)
+            if error:
+                self.errors_injected[error] = self.errors_injected.get(error, 0) + 1
+        return rule
+
+    def decide(self, iotype: str, offset: int, length: int,
+               caller: Caller | None = None) -> tuple[InjectError | None, int | Effect]:
+        """check() and match() in one: (the rule that decided or None, check's answer), for
+        the block layer's writes and flushes, which need both."""
+        rule = self.match(iotype, offset, length)
+        return rule, (rule.errno if rule is not None else 0)
 
     # ---- extension rules: the second path ----
 
     def _check_extended(self, iotype: str, offset: int, length: int,
                         caller: Caller | None = None) -> int | Effect:
+        return self._decide_extended(iotype, offset, length, caller)[1]
+
+    def _match_extended(self, iotype: str, offset: int, length: int,
+                        caller: Caller | None = None) -> InjectError | None:
+        return self._decide_extended(iotype, offset, length, caller)[0]
+
+    def _decide_extended(self, iotype: str, offset: int, length: int,
+                         caller: Caller | None = None) -> tuple[InjectError | None, int | Effect]:
         rules = self._active.candidates(iotype, offset, length)
         if self._kept.count:
             rules += self._kept.candidates(iotype, offset, length)
@@ -399,16 +425,17 @@ class Engine:
             rules.sort(key=_by_id)
         for rule in rules:
             ext = rule.ext
-            if ext is None:                     # a QEMU rule decides as it always has
+            if ext is None:                     # a QEMU rule decides as it always has (match)
                 rule.hits += 1
                 if self._hit_waits:
                     self._wake_hit_waits(rule.id)
                 error = rule.errno
-                if error:
+                if error or rule.torn >= 0 or rule.drop_unsynced:
                     if rule.once:
                         self._remove_armed(rule)
-                    self.errors_injected[error] = self.errors_injected.get(error, 0) + 1
-                return error
+                    if error:
+                        self.errors_injected[error] = self.errors_injected.get(error, 0) + 1
+                return rule, error
             if ext.pid >= 0 or ext.uid >= 0 or ext.comm:
                 if not _caller_matches(ext, caller):
                     continue
@@ -424,8 +451,8 @@ class Engine:
                 continue
             if ext.probability < 1.0 and self.random.random() >= ext.probability:
                 continue
-            return self._act(rule, ext, tally, iotype)
-        return 0
+            return rule, self._act(rule, ext, tally, iotype)
+        return None, 0
 
     def _act(self, rule: InjectError, ext: Extensions, tally: Tally,
              iotype: str) -> int | Effect:
@@ -438,7 +465,7 @@ class Engine:
         if ext.jitter_us:
             delay_us += self.random.randint(0, ext.jitter_us)
         corrupt = ext.corrupt if iotype == "read" or iotype == "write" else ""
-        if not (error or delay_us or corrupt):
+        if not (error or delay_us or corrupt or rule.torn >= 0 or rule.drop_unsynced):
             return 0                            # errno 0: lets it through, as in QEMU
         tally.acted += 1
         if error:
@@ -494,9 +521,11 @@ class Engine:
         if plain != self._plain:
             self._plain = plain
             if plain:
-                del self.check
+                del self.check, self.match, self.decide
             else:
                 self.check = self._check_extended
+                self.match = self._match_extended
+                self.decide = self._decide_extended
 
     # ---- breakpoints ----
 
@@ -569,6 +598,15 @@ class Engine:
             return
         raise EngineError(_errno.ETIMEDOUT,
                           f'no request was suspended at tag "{tag}" within {timeout:g} s')
+
+    def release_suspended(self) -> int:
+        """A power cut: let every suspended request go on (to fail), breakpoints stay set."""
+        suspended = list(self._suspended)
+        for suspension in suspended:
+            suspension.release()
+        if suspended:
+            self._notify()
+        return len(suspended)
 
     def resume_all(self) -> None:
         """Shutdown: drop every breakpoint, release every suspended request and end every

@@ -29,7 +29,10 @@ class InjectError:
     id: int = 0                       # given by the engine; also its priority (lower wins)
     hits: int = 0                     # times this rule failed (or, errno 0, passed) a request
     spent: bool = False               # used up (once): listed with its hits, never matched again
-    ext: "Extensions | None" = None   # blkfuse's keys beyond blkdebug's; None on a QEMU rule
+    # blkfuse extensions for power cuts (issue 10; QEMU rejects these keys):
+    torn: int = -1                    # a write it fails keeps its first `torn` sectors; -1: off
+    drop_unsynced: bool = False       # a flush it fails first reverts the unsynced writes
+    ext: "Extensions | None" = None   # blkfuse's other keys beyond blkdebug's; None: QEMU rule
 
     kind = "inject-error"
 
@@ -144,4 +147,8 @@ class Settings:
     nonempty: bool = False            # mount over a directory that has entries
     locking: bool = True              # QEMU's locking=on: lock the image (lock.py)
     growable: bool = False            # like qsd's FUSE export: writes past the end, truncate
+    # power cuts (blkfuse extensions): the undo log, its cap, the unit a random cut keeps
+    track_unsynced: bool = False
+    unsynced_cap: int | None = None
+    atomic: int | None = None
     seed: int | None = None           # -o seed: the one random generator's seed; None: random

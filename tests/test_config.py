@@ -436,3 +436,43 @@ def test_check_missing_file(tmp_path):
     result = run_check(str(tmp_path / "nope.conf"))
     assert result.exit_code == 1
     assert "cannot read the config file" in result.output
+
+
+# ---- power-cut keys and options (blkfuse extensions, README "Power cuts") -------------------
+
+def test_power_keys_parse_in_every_spelling_and_round_trip():
+    from blkfuse.config import format_rule, parse_config_text, parse_options, parse_rule_args
+    text = '[inject-error]\nevent = "flush_to_disk"\ndrop-unsynced = "on"\ntorn = "3"\n'
+    (from_file,) = parse_config_text(text, "p.conf")
+    (from_option,), settings = parse_options({
+        "inject-error.0.event": "flush_to_disk", "inject-error.0.drop-unsynced": "on",
+        "inject-error.0.torn": "3", "track-unsynced": "on", "unsynced-cap": "1M",
+        "atomic": "4k"})
+    from_control = parse_rule_args("inject-error", ["event=flush_to_disk", "drop-unsynced=on",
+                                                    "torn=3"])
+    for rule in (from_file, from_option, from_control):
+        assert (rule.torn, rule.drop_unsynced) == (3, True)
+        again = parse_rule_args("inject-error", format_rule(rule).split()[1:])
+        assert (again.torn, again.drop_unsynced) == (3, True)
+    assert (settings.track_unsynced, settings.unsynced_cap, settings.atomic) == (True, 1 << 20,
+                                                                                 4096)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('torn = "-1"', "torn must be a number of sectors"),
+    ('torn = "many"', "torn expects a number"),
+    ('drop-unsynced = "1"', "drop-unsynced expects on or off"),
+    ('drop_unsynced = "on"', 'did you mean "drop-unsynced"'),
+])
+def test_bad_power_keys_name_the_problem(line, message):
+    from blkfuse.config import parse_config_text
+    with pytest.raises(ConfigError) as e:
+        parse_config_text(f'[inject-error]\nevent = "none"\n{line}\n', "p.conf")
+    assert "p.conf:3" in str(e.value) and message in str(e.value)
+
+
+def test_power_rules_are_not_keys_of_set_state():
+    from blkfuse.config import parse_config_text
+    with pytest.raises(ConfigError) as e:
+        parse_config_text('[set-state]\nevent = "none"\ntorn = "1"\n', "p.conf")
+    assert "inject-error rules" in str(e.value)

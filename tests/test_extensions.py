@@ -384,7 +384,7 @@ def test_check_marks_extensions_and_qemu_mode_names_every_one(tmp_path):
                     'errno = "5"\npersistent = "on"\n')
     r = blkfuse("check", conf, "-o", "seed=3")
     assert r.returncode == 0, r.stderr
-    assert "not portable to QEMU: sectors, errno name ENOSPC" in r.stdout
+    assert "not portable: sectors, errno name ENOSPC" in r.stdout
     assert "warning: rule" in r.stdout and "persistent" in r.stdout
     r = blkfuse("check", "--qemu", conf, "-o", "seed=3")
     assert r.returncode == 1

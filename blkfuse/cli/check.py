@@ -51,12 +51,12 @@ def command(path, option_strings, qemu):
     for rule in rules:
         mark = ""
         if id(rule) in marked:
-            mark = f"  (not portable to QEMU: {', '.join(marked[id(rule)])})"
+            mark = f"  (not portable: {', '.join(marked[id(rule)])}: QEMU 7.2 rejects it)"
         click.echo(f"{rule.source}: {format_rule(rule)}{_reachability_note(rule)}{mark}")
     warning = arming_warning(_by_event(rules))
     if warning:
         click.echo(warning)
-    click.echo(_summary(path, rules, settings, notes, extension_options))
+    click.echo(_summary(path, rules, settings, notes))
 
 
 def _by_event(rules) -> dict:
@@ -73,7 +73,7 @@ def _reachability_note(rule) -> str:
     return "  (never fires through a blkfuse mount)"
 
 
-def _summary(path, rules, settings, notes, extension_options) -> str:
+def _summary(path, rules, settings, notes) -> str:
     kinds = collections.Counter(rule.kind for rule in rules)
     noun = "rule" if len(rules) == 1 else "rules"
     parts = [f"{path}: OK, {len(rules)} {noun}"]
@@ -89,6 +89,11 @@ def _summary(path, rules, settings, notes, extension_options) -> str:
         parts.append(f"cache={settings.cache} (not portable: qemu-io -t {settings.cache})")
     if settings.format != "raw":
         parts.append("format=none (not portable: qemu-io --image-opts driver=blkdebug,...)")
+    if settings.track_unsynced:
+        power = ["track-unsynced=on"]
+        power += [f"unsynced-cap={settings.unsynced_cap}"] if settings.unsynced_cap else []
+        power += [f"atomic={settings.atomic}"] if settings.atomic else []
+        parts.append(" ".join(power) + " (not portable: blkfuse extension options)")
     if settings.seed is not None:
         parts.append(f"seed={settings.seed} (not portable)")
     if notes:

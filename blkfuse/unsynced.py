@@ -1,0 +1,302 @@
+"""The undo log of `-o track-unsynced=on`: what every write since the last successful flush
+overwrote, so that a power cut (or a flush failing with drop-unsynced) can take writes back.
+
+The model is a disk with a volatile write cache: a write that no successful flush has covered
+may still be lost. Each change to the image (a write, a piece of a split write, a resize) is
+one entry, in the order it reached the image: its byte range, the image size before it, and
+the bytes it overwrote (its pre-image; none for the part beyond the old end). Undoing entries
+newest first gives back exactly the image as it was before them.
+
+Pre-images are appended to one log space: the first MEMORY_BYTES in memory, and beyond that
+the whole in-memory buffer goes to an unlinked scratch file (in $TMPDIR, or `scratch_dir`),
+so memory stays bounded. The cap (`-o unsynced-cap=SIZE`) bounds pre-image bytes plus
+ENTRY_BYTES per entry: an entry that would pass it is refused with ENOSPC *before* the image
+is touched, so the write fails whole and nothing is ever lost from the log silently.
+
+A cut decides what survives:
+    none     every entry is undone (the image is as of the last successful flush)
+    prefix   entries are kept in the order they reached the image, up to a random point
+    random   each `atomic`-byte unit that an entry touched is kept (its current bytes) or
+             lost (its bytes as of the last flush) with probability 1/2, independently; the
+             image size is one more such coin (kept: the current size; lost: the flushed size)
+The coins come from random.Random(seed) in a fixed order (units by address, then the size), so
+the same seed on the same history gives the same image.
+"""
+
+import errno as _errno
+import os
+import random
+import re
+import tempfile
+from array import array
+from bisect import bisect_right
+from dataclasses import dataclass
+
+MEMORY_BYTES = 8 << 20          # pre-image bytes held in memory before spilling to scratch
+ENTRY_BYTES = 32                # bookkeeping per entry (four int64s), counted in the cap
+DEFAULT_CAP = 1 << 30
+DEFAULT_ATOMIC = 512
+KEEP_MODES = ("none", "random", "prefix")
+
+_LOST_RUN = re.compile(b"0+")
+
+
+class LogFull(OSError):
+    """The entry would pass the cap: the write that wanted it must fail (ENOSPC)."""
+
+
+@dataclass
+class CutReport:
+    """What a cut did; `text()` is the control answer."""
+
+    keep: str
+    seed: int | None
+    writes: int = 0                 # entries before the cut
+    writes_kept: int = 0
+    writes_torn: int = 0            # random: some units kept, some lost
+    writes_lost: int = 0
+    units: int = 0                  # random: atomic units touched
+    units_kept: int = 0
+    atomic: int = DEFAULT_ATOMIC
+    bytes_kept: int = 0             # prefix/none: bytes written by kept / lost entries
+    bytes_lost: int = 0
+    size: int = 0                   # the image size after the cut
+
+    def text(self) -> str:
+        seed = f" seed={self.seed}" if self.seed is not None else ""
+        head = f"powercut keep={self.keep}{seed}: "
+        if self.keep == "random":
+            return (head + f"{self.writes} unsynced writes ({self.writes_kept} kept, "
+                    f"{self.writes_torn} torn, {self.writes_lost} lost), {self.units} units "
+                    f"of {self.atomic} bytes ({self.units_kept} kept, "
+                    f"{self.units - self.units_kept} lost), size {self.size}")
+        return (head + f"{self.writes} unsynced writes ({self.writes_kept} kept, "
+                f"{self.writes_lost} lost), {self.bytes_kept} bytes kept, {self.bytes_lost} "
+                f"bytes lost, size {self.size}")
+
+
+class UndoLog:
+    """Entries since the last successful flush, oldest first. Single-threaded (trio)."""
+
+    def __init__(self, cap: int = DEFAULT_CAP, atomic: int = DEFAULT_ATOMIC,
+                 scratch_dir: str | None = None):
+        self.cap = cap
+        self.atomic = atomic
+        self.scratch_dir = scratch_dir
+        self._offset = array("q")       # per entry: first byte changed
+        self._length = array("q")       # bytes changed
+        self._size = array("q")         # image size before the entry
+        self._where = array("q")        # its pre-image's position in the log space
+        # Log space [0, spilled) is in the scratch file; the pre-images of entries from
+        # _memory_first on are in memory, one bytes object each (not one growing bytearray:
+        # appending 4 KiB to a large bytearray copies it, ~40 us a write).
+        self._memory: list[bytes] = []
+        self._memory_first = 0
+        self._memory_bytes = 0
+        self._spilled = 0
+        self._scratch: int | None = None
+        self._held = 0                  # pre-image bytes of live entries
+        self.bytes = 0                  # bytes the live entries changed (status "bytes")
+        self.refused = 0                # entries refused at the cap
+        self.last_refusal: str | None = None
+
+    def __len__(self) -> int:
+        return len(self._offset)
+
+    def held(self) -> int:
+        """What counts against the cap now."""
+        return self._held + ENTRY_BYTES * len(self._offset)
+
+    # ---- recording -------------------------------------------------------------------------
+
+    def record_write(self, image, offset: int, length: int) -> None:
+        """Call right before writing [offset, offset+length) to `image` (no await between).
+        Raises LogFull (ENOSPC), or OSError if the scratch file cannot be written."""
+        size = image.size()
+        self._add(image, offset, length, size)
+
+    def record_resize(self, image, new_size: int) -> None:
+        """Call right before truncating `image` to `new_size`."""
+        size = image.size()
+        if new_size < size:
+            self._add(image, new_size, size - new_size, size)
+        elif new_size > size:
+            self._add(image, size, new_size - size, size)
+
+    def _add(self, image, offset: int, length: int, size: int) -> None:
+        kept = max(0, min(offset + length, size) - offset)
+        if self.held() + kept + ENTRY_BYTES > self.cap:
+            self.refused += 1
+            self.last_refusal = (f"the unsynced-write log is full: a {length}-byte change at "
+                                 f"offset {offset} would pass unsynced-cap={self.cap} "
+                                 f"({len(self)} writes, {self._held} bytes of pre-images held); "
+                                 "it failed with ENOSPC (fsync the image, or raise the cap)")
+            raise LogFull(_errno.ENOSPC, self.last_refusal)
+        preimage = image.pread(offset, kept) if kept else b""
+        self._offset.append(offset)
+        self._length.append(length)
+        self._size.append(size)
+        self._where.append(self._spilled + self._memory_bytes)
+        self._memory.append(preimage)
+        self._memory_bytes += kept
+        if self._memory_bytes > MEMORY_BYTES:
+            try:
+                self._spill()
+            except OSError:             # the scratch file is full or failing: refuse whole
+                for column in (self._offset, self._length, self._size, self._where):
+                    column.pop()
+                self._memory.pop()
+                self._memory_bytes -= kept
+                raise
+        self._held += kept
+        self.bytes += length
+
+    def _spill(self) -> None:
+        if self._scratch is None:
+            directory = self.scratch_dir or tempfile.gettempdir()
+            handle, path = tempfile.mkstemp(prefix="blkfuse-unsynced-", dir=directory)
+            os.unlink(path)             # nothing to clean up, whatever happens to the daemon
+            self._scratch = handle
+        view = memoryview(b"".join(self._memory))
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._scratch, view[done:], self._spilled + done)
+        self._spilled += len(view)
+        self._memory = []
+        self._memory_first = len(self._offset)
+        self._memory_bytes = 0
+
+    def _preimage(self, i: int) -> bytes:
+        if i >= self._memory_first:
+            return self._memory[i - self._memory_first]
+        offset, length, size = self._offset[i], self._length[i], self._size[i]
+        kept = max(0, min(offset + length, size) - offset)
+        data = os.pread(self._scratch, kept, self._where[i])
+        if len(data) != kept:
+            raise OSError(_errno.EIO, "the unsynced-write scratch file lost data")
+        return data
+
+    # ---- forgetting ------------------------------------------------------------------------
+
+    def forget(self, count: int | None = None) -> None:
+        """A successful flush covered the first `count` entries (all by default)."""
+        if count is None or count >= len(self):
+            self._offset = array("q")
+            self._length = array("q")
+            self._size = array("q")
+            self._where = array("q")
+            self._memory = []
+            self._memory_first = self._memory_bytes = 0
+            self._held = self.bytes = 0
+            if self._spilled:
+                os.ftruncate(self._scratch, 0)      # give the scratch space back
+            self._spilled = 0
+            return
+        for i in range(count):
+            offset, length, size = self._offset[i], self._length[i], self._size[i]
+            self._held -= max(0, min(offset + length, size) - offset)
+            self.bytes -= length
+        for column in (self._offset, self._length, self._size, self._where):
+            del column[:count]
+        if count <= self._memory_first:
+            self._memory_first -= count
+        else:
+            gone = count - self._memory_first
+            self._memory_bytes -= sum(len(chunk) for chunk in self._memory[:gone])
+            del self._memory[:gone]
+            self._memory_first = 0
+
+    def close(self) -> None:
+        if self._scratch is not None:
+            os.close(self._scratch)
+            self._scratch = None
+
+    # ---- cutting ---------------------------------------------------------------------------
+
+    def cut(self, image, keep: str = "none", seed: int | None = None) -> CutReport:
+        """Apply a power cut to `image` (pwrites and a truncate; the caller fsyncs), then
+        forget everything. `seed` is needed for random and prefix."""
+        if keep not in KEEP_MODES:
+            raise ValueError(f"keep must be one of {', '.join(KEEP_MODES)}, not {keep!r}")
+        n = len(self)
+        report = CutReport(keep=keep, seed=seed if keep != "none" else None, writes=n,
+                           atomic=self.atomic)
+        rng = random.Random(seed)
+        if keep == "random":
+            self._cut_random(image, rng, report)
+        else:
+            first_lost = rng.randint(0, n) if keep == "prefix" else 0
+            self._undo_from(image, first_lost)
+            report.writes_kept, report.writes_lost = first_lost, n - first_lost
+            report.bytes_kept = sum(self._length[:first_lost])
+            report.bytes_lost = sum(self._length[first_lost:])
+        report.size = image.size()
+        self.forget()
+        return report
+
+    def _undo_from(self, image, first: int) -> None:
+        """Undo entries first..n-1, newest first: the image as it was before entry `first`."""
+        for i in range(len(self) - 1, first - 1, -1):
+            preimage = self._preimage(i)
+            if preimage:
+                image.pwrite(self._offset[i], preimage)
+            if image.size() != self._size[i]:
+                image.truncate(self._size[i])
+
+    def _units(self, i: int) -> tuple[int, int]:
+        atomic = self.atomic
+        return self._offset[i] // atomic, -(-(self._offset[i] + self._length[i]) // atomic)
+
+    def _cut_random(self, image, rng: random.Random, report: CutReport) -> None:
+        n = len(self)
+        if not n:
+            return
+        # The touched units as merged [first, end) runs, one coin per unit, by address.
+        spans = sorted(self._units(i) for i in range(n) if self._length[i])
+        runs: list[list[int]] = []
+        for first, end in spans:
+            if runs and first <= runs[-1][1]:
+                runs[-1][1] = max(runs[-1][1], end)
+            else:
+                runs.append([first, end])
+        starts = [first for first, _ in runs]
+        coins = []                      # per run: bit j set = unit first+j kept
+        for first, end in runs:
+            bits = rng.getrandbits(end - first)
+            coins.append(bits)
+            report.units += end - first
+            report.units_kept += bits.bit_count()
+        synced_size, current_size = self._size[0], image.size()
+        final_size = current_size if rng.getrandbits(1) else synced_size
+
+        atomic = self.atomic
+        for i in range(n - 1, -1, -1):
+            first, end = self._units(i)
+            if first == end:
+                continue
+            r = bisect_right(starts, first) - 1
+            count = end - first
+            mine = (coins[r] >> (first - runs[r][0])) & ((1 << count) - 1)
+            kept = mine.bit_count()
+            if kept == count:
+                report.writes_kept += 1
+                continue
+            if kept == 0:
+                report.writes_lost += 1
+            else:
+                report.writes_torn += 1
+            # Restore this entry's bytes in its lost units; beyond its old end, zeros.
+            offset, length, size = self._offset[i], self._length[i], self._size[i]
+            preimage = self._preimage(i)
+            lsb_first = format(mine, f"0{count}b")[::-1].encode()
+            for lost in _LOST_RUN.finditer(lsb_first):
+                lo = max(offset, (first + lost.start()) * atomic)
+                hi = min(offset + length, (first + lost.end()) * atomic, final_size)
+                if lo >= hi:
+                    continue
+                old_end = min(hi, max(lo, size))
+                data = preimage[lo - offset:old_end - offset] + bytes(hi - old_end)
+                image.pwrite(lo, data)
+        report.writes_kept += sum(1 for i in range(n) if not self._length[i])
+        if image.size() != final_size:
+            image.truncate(final_size)
