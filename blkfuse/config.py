@@ -29,34 +29,14 @@ from fractions import Fraction
 from typing import NamedTuple
 
 from .events import DEFAULT_IOTYPES, EVENTS, IOTYPES, canonical_event
-from .rules import (
-    CACHE_MODES,
-    CORRUPT_MODES,
-    FORMATS,
-    Extensions,
-    InjectError,
-    Rule,
-    SetState,
-    Settings,
-)
+from .rules import (CACHE_MODES, CORRUPT_MODES, FORMATS, Extensions, InjectError, Rule, SetState,
+                    Settings)
 
 __all__ = [
-    "ConfigError",
-    "parse_config_text",
-    "parse_config_file",
-    "parse_options",
-    "parse_option_string",
-    "parse_filename",
-    "parse_rule_args",
-    "load_rules",
-    "format_rule",
-    "format_config",
-    "format_duration",
-    "arming_warning",
-    "Note",
-    "QEMU_KEYS",
-    "EXTENSION_KEYS",
-    "EXTENSION_OPTIONS",
+    "ConfigError", "parse_config_text", "parse_config_file", "parse_options",
+    "parse_option_string", "parse_filename", "parse_rule_args", "load_rules",
+    "format_rule", "format_config", "format_duration", "arming_warning", "Note",
+    "QEMU_KEYS", "EXTENSION_KEYS", "EXTENSION_OPTIONS",
 ]
 
 
@@ -81,22 +61,8 @@ POWER_OPTIONS = ("track-unsynced", "unsynced-cap", "atomic")
 # them (file, -o, control); `blkfuse check` marks them and `check --qemu` names them as what
 # QEMU rejects.
 EXTENSION_KEYS = {
-    "inject-error": (
-        "probability",
-        "after",
-        "count",
-        "sectors",
-        "delay",
-        "jitter",
-        "corrupt",
-        "corrupt-bytes",
-        "pid",
-        "comm",
-        "uid",
-        "heal",
-        "persistent",
-    )
-    + POWER_KEYS,
+    "inject-error": ("probability", "after", "count", "sectors", "delay", "jitter", "corrupt",
+                     "corrupt-bytes", "pid", "comm", "uid", "heal", "persistent") + POWER_KEYS,
     "set-state": (),
 }
 SECTION_KEYS = {kind: QEMU_KEYS[kind] + EXTENSION_KEYS[kind] for kind in QEMU_KEYS}
@@ -115,35 +81,22 @@ _FLAG_OPTIONS = ("nonempty",)
 # decisions. The one list of extension options, as EXTENSION_KEYS is of keys: `blkfuse check`
 # marks them.
 EXTENSION_OPTIONS = ("cache", "format") + MOUNT_OPTIONS + POWER_OPTIONS + ("seed",)
-_SETTING_OPTIONS = (
-    ("config", "image", "x-image", "align", "max-transfer") + _BLKDEBUG_LIMITS + EXTENSION_OPTIONS
-)
+_SETTING_OPTIONS = (("config", "image", "x-image", "align", "max-transfer") + _BLKDEBUG_LIMITS
+                    + EXTENSION_OPTIONS)
 
 # A FUSE reply carries -errno and the kernel refuses anything at or below -512 (-ERESTARTSYS).
 MAX_ERRNO = 511
 _UINT64_MAX = 2**64 - 1
-_INT_MAX = 2**31 - 1  # QEMU keeps states, align and max-transfer in an int
+_INT_MAX = 2**31 - 1           # QEMU keeps states, align and max-transfer in an int
 _INT64_MAX = 2**63 - 1
 
-_ERRNO_NAMES = {
-    name: getattr(errno_module, name)
-    for name in dir(errno_module)
-    if name.startswith("E") and name.isupper()
-}
-_BOOLEANS = {
-    "on": True,
-    "yes": True,
-    "true": True,
-    "y": True,
-    "off": False,
-    "no": False,
-    "false": False,
-    "n": False,
-}
+_ERRNO_NAMES = {name: getattr(errno_module, name)
+                for name in dir(errno_module) if name.startswith("E") and name.isupper()}
+_BOOLEANS = {"on": True, "yes": True, "true": True, "y": True,
+             "off": False, "no": False, "false": False, "n": False}
 
 
 # --- suggestions -------------------------------------------------------------------------
-
 
 def did_you_mean(word: str, candidates) -> str:
     """' (did you mean "x"?)' for the closest candidate, or '' when nothing is close."""
@@ -205,10 +158,8 @@ def _parse_errno(key: str, text: str) -> int:
         raise _Invalid(f'unknown errno name "{text}"{did_you_mean(name, _ERRNO_NAMES)}')
     value = _parse_number(key, text)
     if value < 0:
-        raise _Invalid(
-            f'errno must not be negative, not "{text}" (QEMU would silently '
-            "skip the I/O; use a positive errno, or 0 to let requests through)"
-        )
+        raise _Invalid(f'errno must not be negative, not "{text}" (QEMU would silently '
+                       "skip the I/O; use a positive errno, or 0 to let requests through)")
     if value > MAX_ERRNO:
         raise _Invalid(f'errno "{text}" is too large: a FUSE reply carries at most {MAX_ERRNO}')
     return value
@@ -219,9 +170,7 @@ def _parse_bool(key: str, text: str) -> bool:
     try:
         return _BOOLEANS[text]
     except KeyError:
-        raise _Invalid(
-            f'{key} expects on or off (or yes/no, true/false, y/n), not "{text}"'
-        ) from None
+        raise _Invalid(f'{key} expects on or off (or yes/no, true/false, y/n), not "{text}"') from None
 
 
 def _parse_torn(text: str) -> int:
@@ -248,9 +197,8 @@ def _parse_iotype(key: str, text: str) -> frozenset:
         return _ONE_IOTYPE[text]
     if "," in text:
         # QEMU 7.2 parses iotype as one enum value; a list is "invalid parameter value".
-        raise _Invalid(
-            f'iotype takes one io type, not several ("{text}"); write one rule per io type'
-        )
+        raise _Invalid(f'iotype takes one io type, not several ("{text}"); '
+                       "write one rule per io type")
     raise _Invalid(f'unknown io type "{text}"{did_you_mean(text, IOTYPES)}')
 
 
@@ -259,10 +207,9 @@ def _parse_probability(key: str, text: str) -> float:
         value = float(text.strip())
     except ValueError:
         value = math.nan
-    if not 0 < value <= 1:  # NaN fails this too
-        raise _Invalid(
-            f'probability expects a number above 0 and at most 1 (like 0.01), not "{text}"'
-        )
+    if not 0 < value <= 1:          # NaN fails this too
+        raise _Invalid(f'probability expects a number above 0 and at most 1 (like 0.01), '
+                       f'not "{text}"')
     return value
 
 
@@ -274,7 +221,6 @@ def _parse_at_least(minimum: int):
         if value > _INT64_MAX:
             raise _Invalid(f'{key} "{text}" is too large (at most {_INT64_MAX})')
         return value
-
     return parse
 
 
@@ -294,19 +240,15 @@ def _parse_comm(key: str, text: str) -> str:
     if not text:
         raise _Invalid("comm expects a command name (as in /proc/PID/comm), not an empty one")
     if len(text.encode()) > _COMM_MAX:
-        raise _Invalid(
-            f'comm "{text}" can never match: the kernel keeps only the first '
-            f'{_COMM_MAX} bytes of a command name ("{text.encode()[:_COMM_MAX].decode(errors="ignore")}")'
-        )
+        raise _Invalid(f'comm "{text}" can never match: the kernel keeps only the first '
+                       f'{_COMM_MAX} bytes of a command name ("{text.encode()[:_COMM_MAX].decode(errors="ignore")}")')
     return text
 
 
 def _parse_corrupt(key: str, text: str) -> str:
     if text not in CORRUPT_MODES:
-        raise _Invalid(
-            f'corrupt expects one of {", ".join(CORRUPT_MODES)}, not "{text}"'
-            f"{did_you_mean(text, CORRUPT_MODES)}"
-        )
+        raise _Invalid(f'corrupt expects one of {", ".join(CORRUPT_MODES)}, not "{text}"'
+                       f"{did_you_mean(text, CORRUPT_MODES)}")
     return text
 
 
@@ -319,9 +261,8 @@ def _parse_duration(key: str, text: str) -> int:
     """'200us', '10ms', '1.5s' -> microseconds (the unit is not optional: '10' means nothing)."""
     match = _DURATION.match(text)
     if match is None:
-        raise _Invalid(
-            f'{key} expects a duration with a unit (like 200us, 10ms or 1.5s), not "{text}"'
-        )
+        raise _Invalid(f'{key} expects a duration with a unit (like 200us, 10ms or 1.5s), '
+                       f'not "{text}"')
     number, unit = match.groups()
     micros = round(Fraction(number) * _DURATION_US[unit])
     if micros > _MAX_DURATION_US:
@@ -373,7 +314,6 @@ _EXTENSION_PARSERS = {
 
 # --- rules from key/value entries --------------------------------------------------------
 
-
 def _check_key(kind: str, key: str, where: str) -> None:
     """Refuse a key that `kind` rules do not have, naming the right section if it is there."""
     if key in SECTION_KEYS[kind]:
@@ -388,14 +328,13 @@ class Note(NamedTuple):
     """A spelling QEMU 7.2 would reject, for `blkfuse check`."""
 
     rule: Rule
-    where: str  # rules.conf:7, option inject-error.0.delay
-    label: str  # what to mark the rule with: delay, errno name ENOSPC
-    text: str  # the whole sentence
+    where: str          # rules.conf:7, option inject-error.0.delay
+    label: str          # what to mark the rule with: delay, errno name ENOSPC
+    text: str           # the whole sentence
 
 
-def _build_rule(
-    kind: str, entries: dict, where: str, origin: str, line: int = 0, notes: list | None = None
-) -> Rule:
+def _build_rule(kind: str, entries: dict, where: str, origin: str, line: int = 0,
+                notes: list | None = None) -> Rule:
     """A rule from {key: (text, where-the-key-was)}; keys were checked as they were read.
 
     `notes`, if given, receives a Note for every key or value QEMU 7.2 would reject.
@@ -431,7 +370,6 @@ _SHARED_EXTENSIONS: dict = {}
 
 def _checked_extensions(ext: Extensions, fields: dict, entries: dict, where: str) -> Extensions:
     """Refuse extension keys that contradict each other; fill in what they imply."""
-
     def refuse(message):
         raise ConfigError(f"{where}: {message}")
 
@@ -446,12 +384,10 @@ def _checked_extensions(ext: Extensions, fields: dict, entries: dict, where: str
         refuse('once and count both limit the rule: once = "on" is count = "1"; use one')
     if "errno" in entries:
         if ext.corrupt and fields["errno"]:
-            refuse(
-                'corrupt lets the request succeed with changed data: errno must be 0 '
-                'or absent (write a second rule to fail requests)'
-            )
+            refuse('corrupt lets the request succeed with changed data: errno must be 0 '
+                   'or absent (write a second rule to fail requests)')
     elif ext.corrupt or ext.delay_us or ext.jitter_us:
-        fields["errno"] = 0  # a delay or a corruption alone does not fail the request
+        fields["errno"] = 0           # a delay or a corruption alone does not fail the request
     return ext
 
 
@@ -461,18 +397,11 @@ def _non_qemu_spellings(kind: str, entries: dict):
         if key in EXTENSION_KEYS[kind]:
             yield key_where, key, f'"{key}" is a blkfuse extension key'
         elif key == "errno" and text.strip()[:1].isalpha():
-            yield (
-                key_where,
-                f"errno name {text.strip()}",
-                f'errno "{text}" is a name (QEMU takes numbers only)',
-            )
+            yield (key_where, f"errno name {text.strip()}",
+                   f'errno "{text}" is a name (QEMU takes numbers only)')
         elif key == "event" and "." in text:
-            yield (
-                key_where,
-                f"event {text}",
-                f'event "{text}" is a pre-2015 spelling '
-                f'(QEMU 7.2 spells it "{canonical_event(text)}")',
-            )
+            yield (key_where, f"event {text}", f'event "{text}" is a pre-2015 spelling '
+                   f'(QEMU 7.2 spells it "{canonical_event(text)}")')
 
 
 def _check_kind(kind: str, where: str, noun: str = "section") -> None:
@@ -541,18 +470,15 @@ class _IdRegistry:
             return
         text, where = entries.pop("id")
         if not _ID.match(text):
-            raise ConfigError(
-                f'{where}: id "{text}" must start with a letter and hold only '
-                "letters, digits, '-', '.' and '_'"
-            )
+            raise ConfigError(f'{where}: id "{text}" must start with a letter and hold only '
+                              "letters, digits, '-', '.' and '_'")
         if (kind, text) in self.seen:
             raise ConfigError(f'{where}: duplicate id "{text}" for {kind}')
         self.seen.add((kind, text))
 
 
-def parse_config_text(
-    text: str, filename: str = "<config>", notes: list | None = None
-) -> list[Rule]:
+def parse_config_text(text: str, filename: str = "<config>",
+                      notes: list | None = None) -> list[Rule]:
     """The rules of a blkdebug config file, in file order (`notes`: see _build_rule)."""
     rules = []
     ids = _IdRegistry()
@@ -560,9 +486,8 @@ def parse_config_text(
 
     def finish(section):
         ids.claim(section.kind, section.entries)
-        rules.append(
-            _build_rule(section.kind, section.entries, section.where, filename, section.line, notes)
-        )
+        rules.append(_build_rule(section.kind, section.entries, section.where, filename,
+                                 section.line, notes))
 
     # split("\n"), not splitlines(): line numbers must count what an editor counts.
     for lineno, line in enumerate(text.split("\n"), 1):
@@ -578,9 +503,8 @@ def parse_config_text(
             continue
         key, value = _read_assignment(stripped, where)
         if section is None:
-            raise ConfigError(
-                f"{where}: {key} is outside any section (start with [inject-error] or [set-state])"
-            )
+            raise ConfigError(f"{where}: {key} is outside any section "
+                              "(start with [inject-error] or [set-state])")
         if key != "id":
             _check_key(section.kind, key, where)
         # A repeated key: QEMU keeps the later value (and never looks at the earlier one).
@@ -594,9 +518,8 @@ def parse_config_text(
 def _start_section(header: str, where: str) -> _Section:
     match = _HEADER.match(header)
     if match is None:
-        raise ConfigError(
-            f"{where}: malformed section header {header!r} (expected [inject-error] or [set-state])"
-        )
+        raise ConfigError(f"{where}: malformed section header {header!r} "
+                          "(expected [inject-error] or [set-state])")
     kind, section_id = match.groups()
     _check_kind(kind, where)
     section = _Section(kind, where)
@@ -621,16 +544,7 @@ def parse_config_file(path: str, notes: list | None = None) -> list[Rule]:
 _INDEX = re.compile(r"(?:0|[1-9][0-9]*)\Z")
 # QEMU_OPT_SIZE (qemu_strtosz): decimal with an optional fraction, or hex; optional unit.
 _SIZE = re.compile(r"[ \t\n\v\f\r]*(0[xX][0-9a-fA-F]+|[0-9]+(?:\.[0-9]*)?)([bBkKmMgGtTpPeE]?)\Z")
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 2**10,
-    "m": 2**20,
-    "g": 2**30,
-    "t": 2**40,
-    "p": 2**50,
-    "e": 2**60,
-}
+_SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "p": 2**50, "e": 2**60}
 
 
 def _unquote_option(value: str) -> str:
@@ -650,9 +564,7 @@ def _parse_size(key: str, text: str) -> int:
     else:
         whole, _, fraction = number.partition(".")
         scale = _SIZE_UNITS[unit.lower()]
-        value = int(whole) * scale + (
-            int(fraction) * scale // 10 ** len(fraction) if fraction else 0
-        )
+        value = int(whole) * scale + (int(fraction) * scale // 10 ** len(fraction) if fraction else 0)
     if value > _UINT64_MAX:
         raise ConfigError(f'option {key}: "{text}" is too large')
     return value
@@ -682,19 +594,15 @@ def _parse_limit(key: str, text: str, multiple_of: int) -> int:
     if value <= 0 or value >= _INT_MAX:
         raise ConfigError(f'option {key}: must be positive and below 2^31, not "{text}"')
     if value % multiple_of:
-        raise ConfigError(
-            f"option {key}: {value} is not a multiple of {multiple_of} "
-            "(align, or the matching opt- value)"
-        )
+        raise ConfigError(f"option {key}: {value} is not a multiple of {multiple_of} "
+                          "(align, or the matching opt- value)")
     return value
 
 
 def _parse_choice(key: str, text: str, choices: tuple[str, ...], meaning: str) -> str:
     if text not in choices:
-        raise ConfigError(
-            f'option {key}: unknown {meaning} "{text}"{did_you_mean(text, choices)}'
-            f" (one of {', '.join(choices)})"
-        )
+        raise ConfigError(f'option {key}: unknown {meaning} "{text}"{did_you_mean(text, choices)}'
+                          f" (one of {', '.join(choices)})")
     return text
 
 
@@ -707,9 +615,8 @@ def _split_rule_option(key: str) -> tuple[str, str | None, str]:
     if not subkey:
         raise ConfigError(f"option {key}: which key? (like {kind}.0.event=read_aio)")
     if not _INDEX.match(index):
-        raise ConfigError(
-            f'option {key}: "{index}" is not a rule number (write {kind}.0.KEY, {kind}.1.KEY, ...)'
-        )
+        raise ConfigError(f'option {key}: "{index}" is not a rule number '
+                          f"(write {kind}.0.KEY, {kind}.1.KEY, ...)")
     return kind, index, subkey
 
 
@@ -738,31 +645,27 @@ def _ordered_rule_groups(kind: str, by_index: dict) -> list[tuple[str, dict]]:
     """(name, entries) per rule of `kind`, by number; QEMU wants 0, 1, 2... without gaps."""
     if None in by_index:
         if len(by_index) > 1:
-            raise ConfigError(
-                f"option {kind}: use either {kind}.KEY (one rule) or "
-                f"{kind}.N.KEY (numbered rules), not both"
-            )
+            raise ConfigError(f"option {kind}: use either {kind}.KEY (one rule) or "
+                              f"{kind}.N.KEY (numbered rules), not both")
         return [(kind, by_index[None])]
     numbers = sorted(int(index) for index in by_index)
     for expected, number in enumerate(numbers):
         if number != expected:
             first_key = next(iter(by_index[str(number)].values()))[1]
-            raise ConfigError(
-                f"{first_key}: rules are numbered from 0 without gaps, "
-                f"and {kind}.{expected} is missing"
-            )
+            raise ConfigError(f"{first_key}: rules are numbered from 0 without gaps, "
+                              f"and {kind}.{expected} is missing")
     return [(f"{kind}.{n}", by_index[str(n)]) for n in numbers]
 
 
-def parse_options(
-    options: dict[str, str], notes: list | None = None
-) -> tuple[list[Rule], Settings]:
+def parse_options(options: dict[str, str],
+                  notes: list | None = None) -> tuple[list[Rule], Settings]:
     """Rules and settings from blockdev-style options; rules by kind, then number."""
     options = dict(options)
     rules = []
     for kind, by_index in _collect_rule_options(options).items():
         for name, entries in _ordered_rule_groups(kind, by_index):
-            rules.append(_build_rule(kind, entries, f"option {name}", f"-o {name}", notes=notes))
+            rules.append(_build_rule(kind, entries, f"option {name}", f"-o {name}",
+                                     notes=notes))
     settings = Settings(options=options)
     if "config" in options:
         settings.config_path = _unquote_option(options["config"])
@@ -774,9 +677,8 @@ def parse_options(
     if "align" in options:
         settings.align = _parse_align(_unquote_option(options["align"]))
     if "max-transfer" in options:
-        settings.max_transfer = _parse_max_transfer(
-            _unquote_option(options["max-transfer"]), settings.align
-        )
+        settings.max_transfer = _parse_max_transfer(_unquote_option(options["max-transfer"]),
+                                                    settings.align)
     align = settings.align or 1
     for key in _BLKDEBUG_LIMITS:
         if key in options:
@@ -785,19 +687,14 @@ def parse_options(
                 base = max(align, settings.opt_write_zero or 0)
             elif key == "max-discard":
                 base = max(align, settings.opt_discard or 0)
-            setattr(
-                settings,
-                key.replace("-", "_"),
-                _parse_limit(key, _unquote_option(options[key]), base),
-            )
+            setattr(settings, key.replace("-", "_"),
+                    _parse_limit(key, _unquote_option(options[key]), base))
     if "cache" in options:
-        settings.cache = _parse_choice(
-            "cache", _unquote_option(options["cache"]), CACHE_MODES, "cache mode (qemu-io -t)"
-        )
+        settings.cache = _parse_choice("cache", _unquote_option(options["cache"]), CACHE_MODES,
+                                       "cache mode (qemu-io -t)")
     if "format" in options:
-        settings.format = _parse_choice(
-            "format", _unquote_option(options["format"]), FORMATS, "format"
-        )
+        settings.format = _parse_choice("format", _unquote_option(options["format"]), FORMATS,
+                                        "format")
     for key in MOUNT_OPTIONS:
         if key in options:
             setattr(settings, key, _parse_mount_flag(key, _unquote_option(options[key])))
@@ -813,7 +710,7 @@ def parse_options(
 
 def _parse_mount_flag(key: str, text: str) -> bool:
     if key == "locking" and text == "auto":
-        return True  # QEMU: on where OFD locks exist, which is every Linux here
+        return True                 # QEMU: on where OFD locks exist, which is every Linux here
     try:
         return _parse_bool(key, text)
     except _Invalid as error:
@@ -824,9 +721,8 @@ def _parse_power_options(options: dict, settings: Settings) -> None:
     """track-unsynced=on|off, unsynced-cap=SIZE, atomic=BYTES (README "Power cuts")."""
     if "track-unsynced" in options:
         try:
-            settings.track_unsynced = _parse_bool(
-                "track-unsynced", _unquote_option(options["track-unsynced"])
-            )
+            settings.track_unsynced = _parse_bool("track-unsynced",
+                                                  _unquote_option(options["track-unsynced"]))
         except _Invalid as error:
             raise ConfigError(f"option track-unsynced: {error}") from None
     for key in ("unsynced-cap", "atomic"):
@@ -840,9 +736,8 @@ def _parse_power_options(options: dict, settings: Settings) -> None:
     if "atomic" in options:
         atomic = _parse_size("atomic", _unquote_option(options["atomic"]))
         if atomic < 512 or atomic > 1 << 30 or atomic & (atomic - 1):
-            raise ConfigError(
-                f'option atomic: must be a power of two from 512 to 1G, not "{options["atomic"]}"'
-            )
+            raise ConfigError(f'option atomic: must be a power of two from 512 to 1G, '
+                              f'not "{options["atomic"]}"')
         settings.atomic = atomic
 
 
@@ -852,10 +747,8 @@ def check_power_rules(rules, settings: Settings) -> None:
         return
     for rule in rules:
         if getattr(rule, "drop_unsynced", False):
-            raise ConfigError(
-                f"{rule.source or 'rule'}: drop-unsynced needs the option "
-                "track-unsynced=on (-o track-unsynced=on)"
-            )
+            raise ConfigError(f"{rule.source or 'rule'}: drop-unsynced needs the option "
+                              "track-unsynced=on (-o track-unsynced=on)")
 
 
 def parse_option_string(s: str) -> dict[str, str]:
@@ -879,7 +772,7 @@ def _split_on_single_commas(s: str) -> list[str]:
     items, current, i = [], [], 0
     while i < len(s):
         if s[i] == ",":
-            if s[i + 1 : i + 2] == ",":
+            if s[i + 1:i + 2] == ",":
                 current.append(",")
                 i += 2
                 continue
@@ -901,19 +794,16 @@ def parse_filename(spec: str) -> tuple[str | None, str]:
     prefix = "blkdebug:"
     if not spec.startswith(prefix):
         return None, spec
-    rules, colon, image = spec[len(prefix) :].partition(":")
+    rules, colon, image = spec[len(prefix):].partition(":")
     if not colon:
-        raise ConfigError(
-            f'"{spec}": blkdebug needs both a rules path and an image path: '
-            "blkdebug:RULES:IMAGE (RULES may be empty)"
-        )
+        raise ConfigError(f'"{spec}": blkdebug needs both a rules path and an image path: '
+                          "blkdebug:RULES:IMAGE (RULES may be empty)")
     if not image:
         raise ConfigError(f'"{spec}": the image path after blkdebug:RULES: is empty')
     return (rules or None), image
 
 
 # --- the control file ----------------------------------------------------------------------
-
 
 def _unquote_word(text: str, where: str) -> str:
     if not text.startswith('"'):
@@ -932,13 +822,12 @@ def parse_rule_args(kind: str, pairs: list[str], source: str = "control") -> Rul
         if not equals or not key:
             raise ConfigError(f'{source}: expected KEY=VALUE, not "{pair}"')
         _check_key(kind, key, source)
-        entries.pop(key, None)  # a repeated key: the later value wins, as in files
+        entries.pop(key, None)              # a repeated key: the later value wins, as in files
         entries[key] = (_unquote_word(value, source), source)
     return _build_rule(kind, entries, source, source)
 
 
 # --- everything together, and back to text ---------------------------------------------------
-
 
 def load_rules(settings: Settings, notes: list | None = None) -> list[Rule]:
     """The config file's rules, then the options' rules (QEMU's order): what mount and reload use."""
@@ -1007,14 +896,9 @@ def arming_warning(rules_by_event: dict) -> str | None:
 
     `rules_by_event`: event -> its rules, as the engine keeps them.
     """
-    at_mount = next(
-        (
-            rule
-            for rule in rules_by_event.get("none", ())
-            if type(rule) is InjectError and (rule.ext is None or not rule.ext.persistent)
-        ),
-        None,
-    )
+    at_mount = next((rule for rule in rules_by_event.get("none", ())
+                     if type(rule) is InjectError
+                     and (rule.ext is None or not rule.ext.persistent)), None)
     if at_mount is None:
         return None
     for event, rules in rules_by_event.items():
@@ -1022,11 +906,9 @@ def arming_warning(rules_by_event: dict) -> str | None:
             continue
         later = next((rule for rule in rules if type(rule) is InjectError), None)
         if later is not None:
-            return (
-                f"warning: rule {_rule_name(at_mount)} is armed by none and disarmed as soon "
-                f"as {event} arms rule {_rule_name(later)} (one active set, replaced "
-                f'whole, as in QEMU); add persistent = "on" to keep it armed'
-            )
+            return (f"warning: rule {_rule_name(at_mount)} is armed by none and disarmed as soon "
+                    f"as {event} arms rule {_rule_name(later)} (one active set, replaced "
+                    f'whole, as in QEMU); add persistent = "on" to keep it armed')
     return None
 
 

@@ -49,29 +49,22 @@ class Command:
     """One control command: how it is written, what it does, how its words are read."""
 
     name: str
-    usage: str  # "break EVENT TAG": the usage line and the help's left column
-    summary: str  # the help's right column (may span lines)
-    nargs: tuple[int, int | None]  # how many words may follow the name (None: any number)
-    parse: Callable[[list[str]], tuple]  # the words after the name -> run's arguments
-    run: Runner  # async run(control, *arguments) -> the answer text
+    usage: str                       # "break EVENT TAG": the usage line and the help's left column
+    summary: str                     # the help's right column (may span lines)
+    nargs: tuple[int, int | None]    # how many words may follow the name (None: any number)
+    parse: Callable[[list[str]], tuple]   # the words after the name -> run's arguments
+    run: Runner                      # async run(control, *arguments) -> the answer text
     aliases: tuple[str, ...] = ()
-    extension: bool = True  # qemu-io has no such command (break/resume/... it has)
+    extension: bool = True           # qemu-io has no such command (break/resume/... it has)
 
 
-COMMANDS: dict[str, Command] = {}  # by name and alias, in the order help lists them
+COMMANDS: dict[str, Command] = {}    # by name and alias, in the order help lists them
 
 
-def command(
-    usage: str,
-    summary: str,
-    *,
-    nargs: tuple[int, int | None] = (0, 0),
-    parse: Callable[[list[str]], tuple] = tuple,
-    aliases: tuple[str, ...] = (),
-    extension: bool = True,
-) -> Callable[[Runner], Runner]:
+def command(usage: str, summary: str, *, nargs: tuple[int, int | None] = (0, 0),
+            parse: Callable[[list[str]], tuple] = tuple, aliases: tuple[str, ...] = (),
+            extension: bool = True) -> Callable[[Runner], Runner]:
     """Register the decorated `async run(control, *args)` as a command; `usage` names it."""
-
     def register(run: Runner) -> Runner:
         name = usage.split()[0]
         entry = Command(name, usage, summary, nargs, parse, run, aliases, extension)
@@ -79,7 +72,6 @@ def command(
             assert word not in COMMANDS, word
             COMMANDS[word] = entry
         return run
-
     return register
 
 
@@ -89,9 +81,8 @@ def commands() -> list[Command]:
 
 
 def help_text() -> str:
-    lines = [
-        "commands (one per line; a write is parsed whole and applied only if every line is valid):"
-    ]
+    lines = ["commands (one per line; a write is parsed whole and applied only if every line "
+             "is valid):"]
     for c in commands():
         first, *rest = c.summary.splitlines()
         lines.append(f"  {c.usage:<27} {first}".rstrip())
@@ -110,7 +101,6 @@ def help_text() -> str:
 # ---------------------------------------------------------------------------------------------
 # reading the words of a command
 
-
 def _tag(word: str) -> str:
     if not word:
         raise ValueError("empty tag")
@@ -120,9 +110,8 @@ def _tag(word: str) -> str:
 def _event(word: str) -> str:
     event = canonical_event(word)
     if event is None:
-        raise ControlError(
-            _errno.ENOENT, f"unknown event {word!r}{config.did_you_mean(word, EVENTS)}"
-        )
+        raise ControlError(_errno.ENOENT,
+                           f"unknown event {word!r}{config.did_you_mean(word, EVENTS)}")
     return event
 
 
@@ -152,7 +141,6 @@ def _rule_parser(kind: str) -> Callable[[list[str]], tuple]:
             return (config.parse_rule_args(kind, words, source="control"),)
         except config.ConfigError as e:
             raise ControlError(_errno.EINVAL, str(e).removeprefix("control: ")) from None
-
     return parse_rule
 
 
@@ -184,7 +172,7 @@ def parse(text: str) -> list[tuple[int, Command, tuple]]:
     for lineno, line in enumerate(text.splitlines(), 1):
         try:
             words = shlex.split(line, comments=True)
-        except ValueError as e:  # no closing quotation, ...
+        except ValueError as e:                      # no closing quotation, ...
             raise ControlError(_errno.EINVAL, f"line {lineno}: {e}") from None
         if not words:
             continue
@@ -199,7 +187,6 @@ def parse(text: str) -> list[tuple[int, Command, tuple]]:
 # ---------------------------------------------------------------------------------------------
 # running
 
-
 class Control:
     """Runs control writes against one engine and renders its status.
 
@@ -210,7 +197,7 @@ class Control:
 
     def __init__(self, engine, reload=None, info=None, block=None):
         self.engine = engine
-        self.block = block  # block.BlockDevice: power cuts and the undo log
+        self.block = block              # block.BlockDevice: power cuts and the undo log
         self._reload = reload
         self.info = dict(info or {})
         self.info.setdefault("pid", os.getpid())
@@ -218,7 +205,7 @@ class Control:
         self.last_error: str | None = None
         self.last_error_errno: int | None = None
         self._closing = False
-        self._waits: dict[trio.CancelScope, str] = {}  # pending wait_break -> its tag
+        self._waits: dict[trio.CancelScope, str] = {}     # pending wait_break -> its tag
         self._hit_waits: dict[trio.CancelScope, int] = {}  # pending wait_hit -> its rule id
 
     # -- shutdown ---------------------------------------------------------------------------
@@ -274,7 +261,8 @@ class Control:
             finally:
                 del self._hit_waits[scope]
         if scope.cancelled_caught:
-            raise ControlError(_errno.ESHUTDOWN, f"wait_hit {rule_id}: the mount is shutting down")
+            raise ControlError(_errno.ESHUTDOWN,
+                               f"wait_hit {rule_id}: the mount is shutting down")
         return f"rule {rule_id} acted (hits={hits})"
 
     async def reload(self) -> str:
@@ -303,16 +291,14 @@ class Control:
         suspended = []
         for s in e.suspended():
             req = s.request
-            suspended.append(
-                {
-                    "tags": list(s.tags),
-                    "event": s.event,
-                    "op": req.op if req is not None else None,
-                    "offset": req.offset if req is not None else None,
-                    "length": req.length if req is not None else None,
-                    "seconds": round(max(0.0, now - s.since), 3),
-                }
-            )
+            suspended.append({
+                "tags": list(s.tags),
+                "event": s.event,
+                "op": req.op if req is not None else None,
+                "offset": req.offset if req is not None else None,
+                "length": req.length if req is not None else None,
+                "seconds": round(max(0.0, now - s.since), 3),
+            })
         return {
             "info": dict(self.info),
             "seed": e.seed,
@@ -326,8 +312,7 @@ class Control:
             "events": {name: e.event_counts[name] for name in EVENTS if e.event_counts.get(name)},
             "errors_injected": [
                 {"errno": n, "name": errno_name(n), "count": c}
-                for n, c in sorted(e.errors_injected.items())
-                if c
+                for n, c in sorted(e.errors_injected.items()) if c
             ],
             "rules_healed": e.rules_healed,
             "held": e.held(),
@@ -338,23 +323,16 @@ class Control:
         }
 
     def _power_status(self) -> dict:
-        """ "power" and "unsynced" (null when writes are not tracked) for the status."""
+        """"power" and "unsynced" (null when writes are not tracked) for the status."""
         block = self.block
         log = block.unsynced if block is not None else None
         unsynced = None
         if log is not None:
-            unsynced = {
-                "writes": len(log),
-                "bytes": log.bytes,
-                "held": log.held(),
-                "cap": log.cap,
-                "refused": log.refused,
-                "last_refusal": log.last_refusal,
-            }
-        return {
-            "power": "off" if block is not None and not block.powered else "on",
-            "unsynced": unsynced,
-        }
+            unsynced = {"writes": len(log), "bytes": log.bytes, "held": log.held(),
+                        "cap": log.cap, "refused": log.refused,
+                        "last_refusal": log.last_refusal}
+        return {"power": "off" if block is not None and not block.powered else "on",
+                "unsynced": unsynced}
 
     def status_text(self) -> str:
         d = self.status_dict(all_rules=False)
@@ -364,18 +342,9 @@ class Control:
             opts = [f"cache={info.get('cache', 'writeback')}"]
             if info.get("format", "raw") != "raw":
                 opts.append(f"format={info['format']}")
-            opts += [
-                f"{k.replace('_', '-')}={info[k]}"
-                for k in (
-                    "align",
-                    "max_transfer",
-                    "opt_write_zero",
-                    "max_write_zero",
-                    "opt_discard",
-                    "max_discard",
-                )
-                if info.get(k)
-            ]
+            opts += [f"{k.replace('_', '-')}={info[k]}"
+                     for k in ("align", "max_transfer", "opt_write_zero", "max_write_zero",
+                               "opt_discard", "max_discard") if info.get(k)]
             if info.get("read_only"):
                 opts.append("read-only")
             if info.get("growable"):
@@ -395,13 +364,9 @@ class Control:
         for r in rules[:TEXT_RULES_SHOWN]:
             src = f"  [{r.source}]" if r.source else ""
             spent = " spent" if r.spent else ""
-            out.append(
-                f"  {r.id:>4}  {_format_rule(r)}  hits={r.hits}{_did(r, self.engine)}{spent}{src}"
-            )
+            out.append(f"  {r.id:>4}  {_format_rule(r)}  hits={r.hits}{_did(r, self.engine)}{spent}{src}")
         if len(rules) > TEXT_RULES_SHOWN:
-            out.append(
-                f"  ... {len(rules) - TEXT_RULES_SHOWN} more (`status json` lists every rule)"
-            )
+            out.append(f"  ... {len(rules) - TEXT_RULES_SHOWN} more (`status json` lists every rule)")
         active = d["active"]
         shown = " ".join(str(i) for i in active[:TEXT_RULES_SHOWN])
         if len(active) > TEXT_RULES_SHOWN:
@@ -409,9 +374,8 @@ class Control:
         out.append("active: " + (shown or "none"))
 
         bps = d["breakpoints"]
-        out.append(
-            "breakpoints: " + (", ".join(f"{b['tag']} on {b['event']}" for b in bps) or "none")
-        )
+        out.append("breakpoints: " + (", ".join(f"{b['tag']} on {b['event']}" for b in bps)
+                                      or "none"))
         sus = d["suspended"]
         out.append(f"suspended: {len(sus)}" if sus else "suspended: none")
         for s in sus:
@@ -429,19 +393,15 @@ class Control:
         ev = d["events"]
         out.append("events: " + (" ".join(f"{k}={v}" for k, v in ev.items()) or "none"))
         errs = d["errors_injected"]
-        out.append(
-            "errors injected: "
-            + (" ".join(f"{x['name']}({x['errno']})={x['count']}" for x in errs) or "none")
-        )
+        out.append("errors injected: " + (" ".join(f"{x['name']}({x['errno']})={x['count']}"
+                                                    for x in errs) or "none"))
         out.append(f"power: {d['power']}")
         u = d["unsynced"]
         if u is None:
             out.append("unsynced: not tracked (-o track-unsynced=on)")
         else:
-            out.append(
-                f"unsynced: {u['writes']} writes, {u['bytes']} bytes (log holds "
-                f"{u['held']} of cap {u['cap']}; {u['refused']} refused at the cap)"
-            )
+            out.append(f"unsynced: {u['writes']} writes, {u['bytes']} bytes (log holds "
+                       f"{u['held']} of cap {u['cap']}; {u['refused']} refused at the cap)")
         out.append(f"last result: {d['last_result'] or '-'}")
         if d["last_error"]:
             out.append(f"last error: {errno_name(d['last_error_errno'])}: {d['last_error']}")
@@ -453,76 +413,51 @@ class Control:
 # ---------------------------------------------------------------------------------------------
 # the commands, in help order
 
-
-@command(
-    "break EVENT TAG",
-    "suspend the next request that raises EVENT under TAG",
-    nargs=(2, 2),
-    parse=lambda w: (_event(w[0]), _tag(w[1])),
-    extension=False,
-)
+@command("break EVENT TAG", "suspend the next request that raises EVENT under TAG",
+         nargs=(2, 2), parse=lambda w: (_event(w[0]), _tag(w[1])), extension=False)
 async def _break(control: "Control", event: str, tag: str) -> str:
     control.engine.add_breakpoint(event, tag)
     note = "" if event in REACHABLE_EVENTS else " (no request through this mount raises it)"
     return f"breakpoint {tag} on {event}{note}"
 
 
-@command(
-    "resume TAG",
-    "let the request suspended at TAG go on",
-    nargs=(1, 1),
-    parse=lambda w: (_tag(w[0]),),
-    extension=False,
-)
+@command("resume TAG", "let the request suspended at TAG go on",
+         nargs=(1, 1), parse=lambda w: (_tag(w[0]),), extension=False)
 async def _resume(control: "Control", tag: str) -> str:
     control.engine.resume(tag)
     return f"resumed {tag}"
 
 
-@command(
-    "remove_break TAG",
-    "drop the breakpoint TAG (waking its request, if any)",
-    nargs=(1, 1),
-    parse=lambda w: (_tag(w[0]),),
-    extension=False,
-)
+@command("remove_break TAG", "drop the breakpoint TAG (waking its request, if any)",
+         nargs=(1, 1), parse=lambda w: (_tag(w[0]),), extension=False)
 async def _remove_break(control: "Control", tag: str) -> str:
     control.engine.remove_breakpoint(tag)
     return f"removed breakpoint {tag}"
 
 
-@command(
-    "wait_break TAG [SECONDS]",
-    "block until a request is suspended at TAG (ETIMEDOUT after SECONDS)",
-    nargs=(1, 2),
-    extension=False,
-    parse=lambda w: (_tag(w[0]), _seconds(w[1]) if len(w) == 2 else None),
-)
+@command("wait_break TAG [SECONDS]",
+         "block until a request is suspended at TAG (ETIMEDOUT after SECONDS)",
+         nargs=(1, 2), extension=False,
+         parse=lambda w: (_tag(w[0]), _seconds(w[1]) if len(w) == 2 else None))
 async def _wait_break(control: "Control", tag: str, timeout: float | None) -> str:
     return await control.wait_break(tag, timeout)
 
 
-@command(
-    "wait_hit ID [SECONDS]",
-    "block until rule ID acts once more (fails, sets a state...);\n"
-    "ENOENT for an unknown or spent rule, ETIMEDOUT after SECONDS",
-    nargs=(1, 2),
-    parse=lambda w: (_nonneg_int(w[0], "rule id"), _seconds(w[1]) if len(w) == 2 else None),
-)
+@command("wait_hit ID [SECONDS]",
+         "block until rule ID acts once more (fails, sets a state...);\n"
+         "ENOENT for an unknown or spent rule, ETIMEDOUT after SECONDS",
+         nargs=(1, 2),
+         parse=lambda w: (_nonneg_int(w[0], "rule id"), _seconds(w[1]) if len(w) == 2 else None))
 async def _wait_hit(control: "Control", rule_id: int, timeout: float | None) -> str:
     return await control.wait_hit(rule_id, timeout)
 
 
-@command(
-    "inject-error KEY=VALUE ...",
-    "add an [inject-error] rule (event=, errno=, sector=, once=,\n"
-    "immediately=, state=, iotype=; extensions: probability=, after=,\n"
-    "count=, sectors=, delay=, jitter=, corrupt=, corrupt-bytes=,\n"
-    "pid=, comm=, uid=, heal=, persistent=); its id is in the status",
-    nargs=(1, None),
-    parse=_rule_parser("inject-error"),
-    aliases=("inject_error",),
-)
+@command("inject-error KEY=VALUE ...",
+         "add an [inject-error] rule (event=, errno=, sector=, once=,\n"
+         "immediately=, state=, iotype=; extensions: probability=, after=,\n"
+         "count=, sectors=, delay=, jitter=, corrupt=, corrupt-bytes=,\n"
+         "pid=, comm=, uid=, heal=, persistent=); its id is in the status",
+         nargs=(1, None), parse=_rule_parser("inject-error"), aliases=("inject_error",))
 async def _inject_error(control: "Control", rule: Rule) -> str:
     _check_power_rule(rule, control.block)
     rule_id = control.engine.add_rule(rule)
@@ -531,20 +466,14 @@ async def _inject_error(control: "Control", rule: Rule) -> str:
     return f"added rule {rule_id}" + (f" ({warning})" if warning else "")
 
 
-@command(
-    "set-state KEY=VALUE ...",
-    "add a [set-state] rule (event=, state=, new_state=)",
-    nargs=(1, None),
-    parse=_rule_parser("set-state"),
-    aliases=("set_state",),
-)
+@command("set-state KEY=VALUE ...", "add a [set-state] rule (event=, state=, new_state=)",
+         nargs=(1, None), parse=_rule_parser("set-state"), aliases=("set_state",))
 async def _set_state_rule(control: "Control", rule: Rule) -> str:
     return f"added rule {control.engine.add_rule(rule)}"
 
 
-@command(
-    "remove ID", "remove rule ID", nargs=(1, 1), parse=lambda w: (_nonneg_int(w[0], "rule id"),)
-)
+@command("remove ID", "remove rule ID",
+         nargs=(1, 1), parse=lambda w: (_nonneg_int(w[0], "rule id"),))
 async def _remove(control: "Control", rule_id: int) -> str:
     control.engine.remove_rule(rule_id)
     return f"removed rule {rule_id}"
@@ -557,12 +486,8 @@ async def _clear(control: "Control") -> str:
     return f"removed {n} rule{'s' if n != 1 else ''}"
 
 
-@command(
-    "state N",
-    "set the current state to N",
-    nargs=(1, 1),
-    parse=lambda w: (_nonneg_int(w[0], "state"),),
-)
+@command("state N", "set the current state to N",
+         nargs=(1, 1), parse=lambda w: (_nonneg_int(w[0], "state"),))
 async def _state(control: "Control", state: int) -> str:
     control.engine.set_state(state)
     return f"state {state}"
@@ -573,18 +498,14 @@ async def _reload(control: "Control") -> str:
     return await control.reload()
 
 
-@command(
-    "status [json]",
-    "answer the status (read it back on the same open file)",
-    nargs=(0, 1),
-    parse=_status_format,
-)
+@command("status [json]", "answer the status (read it back on the same open file)",
+         nargs=(0, 1), parse=_status_format)
 async def _status(control: "Control", as_json: bool) -> str:
     if not as_json:
         return control.status_text()
     answer = json.dumps(control.status_dict(), indent=1) + "\n"
     if len(answer) > (1 << 20):
-        memory.give_back()  # the rule dicts of a huge status are garbage now
+        memory.give_back()     # the rule dicts of a huge status are garbage now
     return answer
 
 
@@ -596,33 +517,27 @@ POWERCUT_USAGE = "powercut [keep=none|random|prefix] [seed=N]"
 def _parse_powercut(words: list[str]) -> tuple[str, int | None]:
     """powercut's KEY=VALUE words -> (keep, seed); seed None: pick one (and tell it)."""
     from .unsynced import KEEP_MODES
-
     given = {}
     for word in words:
         key, equals, value = word.partition("=")
         if not equals or key not in ("keep", "seed"):
-            raise ValueError(
-                f"powercut: expected keep=... or seed=..., not {word!r} (usage: {POWERCUT_USAGE})"
-            )
+            raise ValueError(f"powercut: expected keep=... or seed=..., not {word!r} "
+                             f"(usage: {POWERCUT_USAGE})")
         if key in given:
             raise ValueError(f"powercut: {key} given twice")
         given[key] = value
     keep = given.get("keep", "none")
     if keep not in KEEP_MODES:
-        raise ValueError(
-            f"powercut: keep must be none, random or prefix, not {keep!r}"
-            f"{config.did_you_mean(keep, KEEP_MODES)}"
-        )
+        raise ValueError(f"powercut: keep must be none, random or prefix, not {keep!r}"
+                         f"{config.did_you_mean(keep, KEEP_MODES)}")
     seed = _nonneg_int(given["seed"], "seed") if "seed" in given else None
     return keep, seed
 
 
 def _check_power_rule(rule: Rule, block) -> None:
     if getattr(rule, "drop_unsynced", False) and (block is None or block.unsynced is None):
-        raise ControlError(
-            _errno.EINVAL,
-            "drop-unsynced needs the mount option track-unsynced=on (-o track-unsynced=on)",
-        )
+        raise ControlError(_errno.EINVAL, "drop-unsynced needs the mount option "
+                                          "track-unsynced=on (-o track-unsynced=on)")
 
 
 def _block_of(control: "Control", name: str):
@@ -631,13 +546,10 @@ def _block_of(control: "Control", name: str):
     return control.block
 
 
-@command(
-    POWERCUT_USAGE,
-    "\nlose the unsynced writes (-o track-unsynced=on) and power off:\n"
-    "every request fails with EIO until poweron",
-    nargs=(0, 2),
-    parse=_parse_powercut,
-)
+@command(POWERCUT_USAGE,
+         "\nlose the unsynced writes (-o track-unsynced=on) and power off:\n"
+         "every request fails with EIO until poweron",
+         nargs=(0, 2), parse=_parse_powercut)
 async def _powercut(control: "Control", keep: str, seed: int | None) -> str:
     block = _block_of(control, "powercut")
     if seed is None:
@@ -659,7 +571,7 @@ async def _help(control: "Control") -> str:
 def _format_rule(rule) -> str:
     try:
         return config.format_rule(rule)
-    except Exception:  # status must never fail because of a formatting gap
+    except Exception:       # status must never fail because of a formatting gap
         return repr(rule)
 
 
@@ -675,27 +587,12 @@ _PLAIN = Extensions()
 
 
 def _rule_dict(r, engine) -> dict:
-    d = {
-        "id": r.id,
-        "kind": r.kind,
-        "event": r.event,
-        "state": r.state,
-        "source": r.source,
-        "hits": r.hits,
-        "spent": r.spent,
-        "text": _format_rule(r),
-    }
+    d = {"id": r.id, "kind": r.kind, "event": r.event, "state": r.state, "source": r.source,
+         "hits": r.hits, "spent": r.spent, "text": _format_rule(r)}
     if r.kind == "inject-error":
-        d.update(
-            {
-                "errno": r.errno,
-                "errno_name": errno_name(r.errno),
-                "sector": r.sector,
-                "once": r.once,
-                "immediately": r.immediately,
-                "iotypes": [t for t in IOTYPES if t in r.iotypes],
-            }
-        )
+        d.update({"errno": r.errno, "errno_name": errno_name(r.errno), "sector": r.sector,
+                  "once": r.once, "immediately": r.immediately,
+                  "iotypes": [t for t in IOTYPES if t in r.iotypes]})
         d.update(_extension_dict(r, engine))
     else:
         d["new_state"] = r.new_state
@@ -706,30 +603,17 @@ def _extension_dict(r, engine) -> dict:
     """Every extension key of an inject-error rule (defaults for a QEMU rule) and what the
     rule did: failed, delayed, corrupted (a QEMU rule only fails, or with errno 0 passes)."""
     ext = r.ext if r.ext is not None else _PLAIN
-    d = {
-        "probability": ext.probability,
-        "after": ext.after,
-        "count": ext.count or None,
-        "sectors": ext.sectors or None,
-        "delay_us": ext.delay_us,
-        "jitter_us": ext.jitter_us,
-        "corrupt": ext.corrupt or None,
-        "corrupt_bytes": ext.corrupt_bytes if ext.corrupt else None,
-        "pid": ext.pid if ext.pid >= 0 else None,
-        "comm": ext.comm or None,
-        "uid": ext.uid if ext.uid >= 0 else None,
-        "heal": ext.heal,
-        "persistent": ext.persistent,
-        "extension": r.ext is not None,
-    }
+    d = {"probability": ext.probability, "after": ext.after, "count": ext.count or None,
+         "sectors": ext.sectors or None, "delay_us": ext.delay_us, "jitter_us": ext.jitter_us,
+         "corrupt": ext.corrupt or None,
+         "corrupt_bytes": ext.corrupt_bytes if ext.corrupt else None,
+         "pid": ext.pid if ext.pid >= 0 else None, "comm": ext.comm or None,
+         "uid": ext.uid if ext.uid >= 0 else None, "heal": ext.heal,
+         "persistent": ext.persistent, "extension": r.ext is not None}
     if r.ext is None:
         d.update(failed=r.hits if r.errno else 0, delayed=0, corrupted=0, reached=r.hits)
     else:
         tally = engine.tally(r)
-        d.update(
-            failed=tally.failed,
-            delayed=tally.delayed,
-            corrupted=tally.corrupted,
-            reached=tally.seen,
-        )
+        d.update(failed=tally.failed, delayed=tally.delayed, corrupted=tally.corrupted,
+                 reached=tally.seen)
     return d

@@ -52,7 +52,7 @@ class Mount:
     image_path: str
     mountpoint: str
     name: str
-    settings: object  # rules.Settings
+    settings: object                     # rules.Settings
     rules: list = field(default_factory=list)
     read_only: bool = False
     allow_other: bool = False
@@ -68,11 +68,8 @@ def mounts() -> list[tuple[str, str, str]]:
     """(source, mountpoint, fstype) of every mount this process can see."""
     try:
         with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
-            return [
-                (_unescape(x[0]), _unescape(x[1]), x[2])
-                for x in (line.split() for line in f)
-                if len(x) >= 3
-            ]
+            return [(_unescape(x[0]), _unescape(x[1]), x[2])
+                    for x in (line.split() for line in f) if len(x) >= 3]
     except OSError:
         return []
 
@@ -86,36 +83,22 @@ def _is_mountpoint(path: str) -> bool:
 
 def is_blkfuse_mount(path: str) -> bool:
     path = os.path.realpath(path)
-    return any(
-        mnt == path
-        and (fstype == "fuse.blkfuse" or (src == "blkfuse" and fstype.startswith("fuse")))
-        for src, mnt, fstype in mounts()
-    )
+    return any(mnt == path and (fstype == "fuse.blkfuse" or (src == "blkfuse"
+                                                             and fstype.startswith("fuse")))
+               for src, mnt, fstype in mounts())
 
 
-def prepare(
-    image: str,
-    mountpoint: str,
-    settings,
-    *,
-    name=None,
-    read_only=False,
-    allow_other=False,
-    log_file=None,
-) -> Mount:
+def prepare(image: str, mountpoint: str, settings, *, name=None, read_only=False,
+            allow_other=False, log_file=None) -> Mount:
     """Check everything and load the rules; MountError on the first problem."""
     from . import config
     from .fs import missing_pyfuse3_features
-
     missing = missing_pyfuse3_features()
     if missing:
         import pyfuse3
-
-        raise MountError(
-            f"pyfuse3 {pyfuse3.__version__} ({os.path.dirname(pyfuse3.__file__)}) "
-            f"is not built with blkfuse's patch: no {', '.join(missing)}; "
-            "run scripts/setup (see scripts/pyfuse3/README.md)"
-        )
+        raise MountError(f"pyfuse3 {pyfuse3.__version__} ({os.path.dirname(pyfuse3.__file__)}) "
+                         f"is not built with blkfuse's patch: no {', '.join(missing)}; "
+                         "run scripts/setup (see scripts/pyfuse3/README.md)")
     try:
         rules = config.load_rules(settings)
     except config.ConfigError as e:
@@ -129,18 +112,16 @@ def prepare(
     if os.path.isdir(image_path):
         raise MountError(f"{image}: is a directory, not an image file")
     if not os.access(image_path, os.R_OK if read_only else os.R_OK | os.W_OK):
-        raise MountError(
-            f"{image}: permission denied" + ("" if read_only else " (try --read-only)")
-        )
+        raise MountError(f"{image}: permission denied"
+                         + ("" if read_only else " (try --read-only)"))
 
     mnt = os.path.abspath(mountpoint)
     try:
         os.stat(mnt)
     except OSError as e:
         if e.errno == errno.ENOTCONN:
-            raise MountError(
-                f"{mountpoint}: a dead FUSE mount is there (run: blkfuse umount {mountpoint})"
-            ) from None
+            raise MountError(f"{mountpoint}: a dead FUSE mount is there (run: blkfuse umount "
+                             f"{mountpoint})") from None
     if not os.path.exists(mnt):
         raise MountError(f"{mountpoint}: mountpoint does not exist")
     if not os.path.isdir(mnt):
@@ -152,10 +133,8 @@ def prepare(
     if os.path.realpath(image_path).startswith(os.path.realpath(mnt) + os.sep):
         raise MountError(f"{image}: the image must not be inside the mountpoint")
     if not os.path.exists("/dev/fuse"):
-        raise MountError(
-            "/dev/fuse does not exist (load the fuse module, or give the "
-            "container --device /dev/fuse)"
-        )
+        raise MountError("/dev/fuse does not exist (load the fuse module, or give the "
+                         "container --device /dev/fuse)")
     if log_file:
         log_file = os.path.abspath(log_file)
         try:
@@ -167,16 +146,8 @@ def prepare(
         name = os.path.basename(image_path)
     if not name or "/" in name or name in (".", "..", "control") or "\0" in name:
         raise MountError(f"invalid image name {name!r} (it cannot be \"control\" or contain \"/\")")
-    return Mount(
-        image_path=image_path,
-        mountpoint=mnt,
-        name=name,
-        settings=settings,
-        rules=rules,
-        read_only=read_only,
-        allow_other=allow_other,
-        log_file=log_file,
-    )
+    return Mount(image_path=image_path, mountpoint=mnt, name=name, settings=settings,
+                 rules=rules, read_only=read_only, allow_other=allow_other, log_file=log_file)
 
 
 def _refuse_nonempty(mountpoint: str, mnt: str) -> None:
@@ -184,32 +155,25 @@ def _refuse_nonempty(mountpoint: str, mnt: str) -> None:
     try:
         entries = sorted(os.listdir(mnt))
     except OSError:
-        return  # unreadable to us: the kernel decides
+        return                      # unreadable to us: the kernel decides
     if entries:
         more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
-        raise MountError(
-            f"{mountpoint}: mountpoint is not empty ({entries[0]!r}{more}); "
-            "the mount would hide it (-o nonempty to mount anyway)"
-        )
+        raise MountError(f"{mountpoint}: mountpoint is not empty ({entries[0]!r}{more}); "
+                         "the mount would hide it (-o nonempty to mount anyway)")
 
 
 def _lock_image(m: "Mount", fd: int) -> None:
     """QEMU's locking=on on the open image; MountError naming the holder on a conflict."""
     from . import lock
-
     try:
         lock.acquire(fd, read_only=m.read_only, growable=m.settings.growable)
     except lock.LockConflict as e:
-        raise MountError(
-            f"{m.image_path}: in use by {lock_holder(m.image_path)}: its lock "
-            f'{e.theirs} "{lock.PERM_NAMES[e.perm]}" (QEMU\'s locking=on; '
-            "-o locking=off to mount anyway)"
-        ) from None
+        raise MountError(f"{m.image_path}: in use by {lock_holder(m.image_path)}: its lock "
+                         f'{e.theirs} "{lock.PERM_NAMES[e.perm]}" (QEMU\'s locking=on; '
+                         "-o locking=off to mount anyway)") from None
     except OSError as e:
-        raise MountError(
-            f"{m.image_path}: cannot lock it ({e.strerror}; -o locking=off to "
-            "mount without the lock)"
-        ) from None
+        raise MountError(f"{m.image_path}: cannot lock it ({e.strerror}; -o locking=off to "
+                         "mount without the lock)") from None
 
 
 def lock_holder(image_path: str) -> str:
@@ -220,7 +184,6 @@ def lock_holder(image_path: str) -> str:
     mountpoint, which its status gives.
     """
     from . import holders
-
     path = os.path.realpath(image_path)
     try:
         st = os.stat(path)
@@ -228,15 +191,12 @@ def lock_holder(image_path: str) -> str:
         return "another process"
     found = holders.find(path, st.st_dev, st.st_ino)
     daemons = _blkfuse_daemons()
-    names = [
-        f"the blkfuse mount at {daemons[pid]} (pid {pid})"
-        if pid in daemons
-        else f"pid {pid} ({comm})"
-        for pid, comm in found.processes
-    ]
+    names = [f"the blkfuse mount at {daemons[pid]} (pid {pid})" if pid in daemons
+             else f"pid {pid} ({comm})" for pid, comm in found.processes]
     names += [f"loop device {dev}" for dev in found.loops]
     if not names:
-        return "another process (one we may not inspect)" if found.unreadable else "another process"
+        return ("another process (one we may not inspect)" if found.unreadable
+                else "another process")
     return " or ".join(names) if len(names) <= 3 else ", ".join(names[:3]) + ", ..."
 
 
@@ -244,7 +204,6 @@ def _blkfuse_daemons(timeout: float = 2.0) -> dict[int, str]:
     """{daemon pid: mountpoint} of the blkfuse mounts here, read from their status text
     (each in a thread: a wedged daemon must not hang the mount that asks)."""
     import threading
-
     found: dict[int, str] = {}
 
     def ask(mnt: str) -> None:
@@ -258,11 +217,8 @@ def _blkfuse_daemons(timeout: float = 2.0) -> dict[int, str]:
         except OSError:
             pass
 
-    threads = [
-        threading.Thread(target=ask, args=(mnt,), daemon=True)
-        for _, mnt, _ in mounts()
-        if is_blkfuse_mount(mnt)
-    ]
+    threads = [threading.Thread(target=ask, args=(mnt,), daemon=True)
+               for _, mnt, _ in mounts() if is_blkfuse_mount(mnt)]
     for t in threads:
         t.start()
     for t in threads:
@@ -285,9 +241,8 @@ class Daemon:
         settings = m.settings
         self.engine = Engine(m.rules, seed=settings.seed)
         # cache=none/directsync: O_DIRECT, as QEMU's file node (BDRV_O_NOCACHE)
-        self.image = Image(
-            m.image_path, read_only=m.read_only, direct=settings.cache in ("none", "directsync")
-        )
+        self.image = Image(m.image_path, read_only=m.read_only,
+                           direct=settings.cache in ("none", "directsync"))
         if settings.locking:
             try:
                 _lock_image(m, self.image.fd)
@@ -297,23 +252,16 @@ class Daemon:
         self.unsynced = None
         if settings.track_unsynced:
             from .unsynced import DEFAULT_ATOMIC, DEFAULT_CAP, UndoLog
-
-            self.unsynced = UndoLog(
-                cap=settings.unsynced_cap or DEFAULT_CAP, atomic=settings.atomic or DEFAULT_ATOMIC
-            )
-        self.block = BlockDevice(
-            self.engine,
-            self.image,
-            align=settings.align,
-            max_transfer=settings.max_transfer,
-            opt_write_zero=settings.opt_write_zero,
-            max_write_zero=settings.max_write_zero,
-            opt_discard=settings.opt_discard,
-            max_discard=settings.max_discard,
-            cache=settings.cache,
-            format=settings.format,
-            unsynced=self.unsynced,
-        )
+            self.unsynced = UndoLog(cap=settings.unsynced_cap or DEFAULT_CAP,
+                                    atomic=settings.atomic or DEFAULT_ATOMIC)
+        self.block = BlockDevice(self.engine, self.image, align=settings.align,
+                                 max_transfer=settings.max_transfer,
+                                 opt_write_zero=settings.opt_write_zero,
+                                 max_write_zero=settings.max_write_zero,
+                                 opt_discard=settings.opt_discard,
+                                 max_discard=settings.max_discard,
+                                 cache=settings.cache, format=settings.format,
+                                 unsynced=self.unsynced)
         info = {
             "image": m.image_path,
             "name": m.name,
@@ -335,20 +283,12 @@ class Daemon:
             info["track_unsynced"] = True
             info["unsynced_cap"] = self.unsynced.cap
             info["atomic"] = self.unsynced.atomic
-        self.control = Control(
-            self.engine, reload=lambda: config.load_rules(settings), info=info, block=self.block
-        )
-        memory.give_back()  # the parser's scratch memory, before serving for hours
-        self.ops = Operations(
-            self.block,
-            self.image,
-            self.control,
-            name=m.name,
-            read_only=m.read_only,
-            allow_other=m.allow_other,
-            backing_path=m.image_path,
-            growable=settings.growable,
-        )
+        self.control = Control(self.engine, reload=lambda: config.load_rules(settings), info=info,
+                               block=self.block)
+        memory.give_back()              # the parser's scratch memory, before serving for hours
+        self.ops = Operations(self.block, self.image, self.control, name=m.name,
+                              read_only=m.read_only, allow_other=m.allow_other,
+                              backing_path=m.image_path, growable=settings.growable)
         self._mounted = False
         self._stopping = False
         self._shutting_down = False
@@ -356,7 +296,6 @@ class Daemon:
     def mount(self):
         """Mount (pyfuse3.init). MountError with the kernel's or libfuse's reason on failure."""
         import pyfuse3
-
         options = set(pyfuse3.default_options)
         # We check who may write `control` ourselves; the kernel must not second-guess modes.
         options.discard("default_permissions")
@@ -389,10 +328,8 @@ class Daemon:
     async def _main(self):
         import pyfuse3
         import trio
-
-        if os.environ.get("BLKFUSE_FASTLOOP", "1") != "0":  # "0": pyfuse3's own waits, for A/B runs
+        if os.environ.get("BLKFUSE_FASTLOOP", "1") != "0":   # "0": pyfuse3's own waits, for A/B runs
             from . import fuseloop
-
             fuseloop.install()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -404,16 +341,12 @@ class Daemon:
 
     async def _watch_signals(self):
         import trio
-
         with trio.open_signal_receiver(*_ALL_SIGNALS) as signals:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _ALL_SIGNALS)
             async for signum in signals:
                 forced = signum == FORCE_SIGNAL
-                log.info(
-                    "%s: %s",
-                    signal.Signals(signum).name,
-                    "forced shutdown" if forced else "shutting down",
-                )
+                log.info("%s: %s", signal.Signals(signum).name,
+                         "forced shutdown" if forced else "shutting down")
                 if forced and not self._stopping:
                     # Also during an orderly shutdown's grace: --force cuts it short.
                     self.ops.refuse(errno.EIO)
@@ -427,7 +360,6 @@ class Daemon:
         (GRACE_SECONDS at most; after a forced shutdown only the requests), then stop the
         FUSE loop."""
         import trio
-
         if self._stopping:
             return
         self.control.close()
@@ -436,9 +368,8 @@ class Daemon:
             while not (self.ops.quiet() or (self.ops.refusing and not self.ops.inflight)):
                 await trio.sleep(0.01)
         if self.ops.inflight or not self.ops.quiet() and not self.ops.refusing:
-            log.warning(
-                "shutting down with %d request(s) in flight and files still open", self.ops.inflight
-            )
+            log.warning("shutting down with %d request(s) in flight and files still open",
+                        self.ops.inflight)
         self.stop()
 
     def stop(self):
@@ -448,7 +379,6 @@ class Daemon:
             return
         self._stopping = True
         import pyfuse3
-
         self.control.close()
         self.engine.resume_all()
         pyfuse3.terminate()
@@ -457,7 +387,6 @@ class Daemon:
         """Run until shut down; then flush, unmount. Returns the exit status."""
         import pyfuse3
         import trio
-
         status = 0
         try:
             trio.run(self._main)
@@ -510,7 +439,7 @@ def run_background(m: Mount) -> None:
     raises MountError there if it is not. Never returns in the child."""
     r, w = os.pipe()
     pid = os.fork()
-    if pid:  # parent: wait for "ok" or the reason
+    if pid:                                           # parent: wait for "ok" or the reason
         os.close(w)
         chunks = []
         while True:

@@ -5,33 +5,17 @@ import sys
 
 import click
 
-from ..config import (
-    EXTENSION_OPTIONS,
-    ConfigError,
-    arming_warning,
-    format_rule,
-    load_rules,
-    parse_option_string,
-    parse_options,
-)
+from ..config import (EXTENSION_OPTIONS, ConfigError, arming_warning, format_rule, load_rules,
+                      parse_option_string, parse_options)
 from ..events import REACHABLE_EVENTS
 
 
 @click.command(name="check")
 @click.argument("path", type=click.Path(dir_okay=False))
-@click.option(
-    "-o",
-    "--options",
-    "option_strings",
-    multiple=True,
-    metavar="KEY=VALUE,...",
-    help="blkdebug options, as for mount (inject-error.0.event=read_aio,align=4096).",
-)
-@click.option(
-    "--qemu",
-    is_flag=True,
-    help="Fail (exit 1) naming every key and value QEMU 7.2's blkdebug would reject.",
-)
+@click.option("-o", "--options", "option_strings", multiple=True, metavar="KEY=VALUE,...",
+              help="blkdebug options, as for mount (inject-error.0.event=read_aio,align=4096).")
+@click.option("--qemu", is_flag=True,
+              help="Fail (exit 1) naming every key and value QEMU 7.2's blkdebug would reject.")
 def command(path, option_strings, qemu):
     """Check the blkdebug config file PATH (and options); print each rule with its source.
 
@@ -44,7 +28,7 @@ def command(path, option_strings, qemu):
         for option_string in option_strings:
             options.update(parse_option_string(option_string))
         _, settings = parse_options(options)
-        settings.config_path = path  # PATH is the config file, whatever -o says
+        settings.config_path = path          # PATH is the config file, whatever -o says
         rules = load_rules(settings, notes)
     except ConfigError as error:
         click.echo(f"blkfuse check: {error}", err=True)
@@ -52,18 +36,14 @@ def command(path, option_strings, qemu):
     extension_options = [key for key in options if key in EXTENSION_OPTIONS]
     if qemu:
         problems = [f"{note.where}: {note.text}" for note in notes]
-        problems += [
-            f'option {key}: "{key}" is a blkfuse extension option' for key in extension_options
-        ]
+        problems += [f'option {key}: "{key}" is a blkfuse extension option'
+                     for key in extension_options]
         if problems:
             for problem in problems:
                 click.echo(f"blkfuse check: {problem}", err=True)
-            click.echo(
-                f"blkfuse check: {path}: QEMU 7.2 would reject {len(problems)} "
-                f"key{'s' if len(problems) != 1 else ''} or value"
-                f"{'s' if len(problems) != 1 else ''} (listed above)",
-                err=True,
-            )
+            click.echo(f"blkfuse check: {path}: QEMU 7.2 would reject {len(problems)} "
+                       f"key{'s' if len(problems) != 1 else ''} or value"
+                       f"{'s' if len(problems) != 1 else ''} (listed above)", err=True)
             sys.exit(1)
     marked = collections.defaultdict(list)
     for note in notes:
@@ -99,14 +79,8 @@ def _summary(path, rules, settings, notes) -> str:
     parts = [f"{path}: OK, {len(rules)} {noun}"]
     if rules:
         parts[0] += " (" + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) + ")"
-    for key in (
-        "align",
-        "max-transfer",
-        "opt-write-zero",
-        "max-write-zero",
-        "opt-discard",
-        "max-discard",
-    ):
+    for key in ("align", "max-transfer", "opt-write-zero", "max-write-zero", "opt-discard",
+                "max-discard"):
         value = getattr(settings, key.replace("-", "_"))
         if value:
             parts.append(f"{key}={value}")
@@ -123,8 +97,6 @@ def _summary(path, rules, settings, notes) -> str:
     if settings.seed is not None:
         parts.append(f"seed={settings.seed} (not portable)")
     if notes:
-        parts.append(
-            f"{len(notes)} blkfuse extension{'s' if len(notes) != 1 else ''} in the "
-            "rules (QEMU would reject them; check --qemu lists them)"
-        )
+        parts.append(f"{len(notes)} blkfuse extension{'s' if len(notes) != 1 else ''} in the "
+                     "rules (QEMU would reject them; check --qemu lists them)")
     return ", ".join(parts)
