@@ -28,14 +28,14 @@ import re
 from fractions import Fraction
 from typing import NamedTuple
 
-from .events import DEFAULT_IOTYPES, EVENTS, IOTYPES, canonical_event
+from .events import DEFAULT_IOTYPES, EVENTS, IOTYPES, canonical_event, never_fires_note
 from .rules import (CACHE_MODES, CORRUPT_MODES, FORMATS, Extensions, InjectError, Rule, SetState,
                     Settings)
 
 __all__ = [
-    "ConfigError", "parse_config_text", "parse_config_file", "parse_options",
+    "ConfigError", "UnknownEvent", "parse_config_text", "parse_config_file", "parse_options",
     "parse_option_string", "parse_filename", "parse_rule_args", "load_rules",
-    "format_rule", "format_config", "format_duration", "arming_warning", "Note",
+    "format_rule", "format_config", "rule_notes", "format_duration", "arming_warning", "Note",
     "QEMU_KEYS", "EXTENSION_KEYS", "EXTENSION_OPTIONS",
 ]
 
@@ -44,8 +44,17 @@ class ConfigError(ValueError):
     """A config, option or control rule that cannot be used; str() is the whole message."""
 
 
+class UnknownEvent(ConfigError):
+    """A rule names an event that does not exist: the control file answers ENOENT for it, as
+    qemu-io's `break` does for an unknown event (every other bad rule is EINVAL)."""
+
+
 class _Invalid(Exception):
     """A bad value, before the caller knows where it came from (it adds the location)."""
+
+
+class _InvalidEvent(_Invalid):
+    """An event name that does not exist (becomes UnknownEvent)."""
 
 
 # The keys of each section QEMU 7.2 knows, in its order (block/blkdebug.c inject_error_opts,
@@ -184,7 +193,7 @@ def _parse_torn(text: str) -> int:
 def _parse_event(key: str, text: str) -> str:
     event = canonical_event(text)
     if event is None:
-        raise _Invalid(f'unknown event "{text}"{did_you_mean(text, EVENTS)}')
+        raise _InvalidEvent(f'unknown event "{text}"{did_you_mean(text, EVENTS)}')
     return event
 
 
@@ -353,7 +362,8 @@ def _build_rule(kind: str, entries: dict, where: str, origin: str, line: int = 0
         try:
             target[field] = parse(key, text)
         except _Invalid as error:
-            raise ConfigError(f"{key_where}: {error}") from None
+            kind_of_error = UnknownEvent if isinstance(error, _InvalidEvent) else ConfigError
+            raise kind_of_error(f"{key_where}: {error}") from None
     if extensions:
         ext = _checked_extensions(Extensions(**extensions), fields, entries, where)
         fields["ext"] = _SHARED_EXTENSIONS.setdefault(ext, ext)
@@ -914,6 +924,17 @@ def arming_warning(rules_by_event: dict) -> str | None:
 
 def _rule_name(rule: Rule) -> str:
     return f"{rule.id} ({rule.source})" if rule.id else rule.source
+
+
+def rule_notes(rule: Rule) -> str:
+    """What `blkfuse check` and the control answers add to a valid rule that is surely not what
+    was meant: an event no request through a mount raises, a set-state without new_state (QEMU
+    reads it as 0, silently). '' for a plain rule."""
+    notes = never_fires_note(rule.event)
+    if isinstance(rule, SetState) and rule.new_state == 0:
+        notes += (" (warning: new_state is 0, what a missing new_state means: from then on only "
+                  "rules without a state match)")
+    return notes
 
 
 def format_rule(rule: Rule) -> str:

@@ -27,7 +27,7 @@ import trio
 
 from . import config, memory
 from .errors import BlkfuseError, errno_name
-from .events import EVENTS, IOTYPES, REACHABLE_EVENTS, canonical_event
+from .events import EVENTS, IOTYPES, canonical_event, never_fires_note
 from .rules import Extensions, Rule
 
 # A human reads the text status: 100,000 rule lines would bury everything else.
@@ -111,7 +111,7 @@ def _event(word: str) -> str:
     event = canonical_event(word)
     if event is None:
         raise ControlError(_errno.ENOENT,
-                           f"unknown event {word!r}{config.did_you_mean(word, EVENTS)}")
+                           f'unknown event "{word}"{config.did_you_mean(word, EVENTS)}')
     return event
 
 
@@ -119,7 +119,7 @@ def _nonneg_int(word: str, what: str) -> int:
     try:
         n = int(word, 0)
     except ValueError:
-        raise ValueError(f"{what} must be an integer, not {word!r}") from None
+        raise ValueError(f'{what} must be an integer, not "{word}"') from None
     if n < 0:
         raise ValueError(f"{what} must not be negative, not {word}")
     return n
@@ -129,9 +129,9 @@ def _seconds(word: str) -> float:
     try:
         s = float(word)
     except ValueError:
-        raise ValueError(f"timeout must be a number of seconds, not {word!r}") from None
+        raise ValueError(f'timeout must be a number of seconds, not "{word}"') from None
     if not math.isfinite(s) or s < 0:
-        raise ValueError(f"timeout must be a finite number of seconds >= 0, not {word!r}")
+        raise ValueError(f'timeout must be a finite number of seconds >= 0, not "{word}"')
     return s
 
 
@@ -140,7 +140,9 @@ def _rule_parser(kind: str) -> Callable[[list[str]], tuple]:
         try:
             return (config.parse_rule_args(kind, words, source="control"),)
         except config.ConfigError as e:
-            raise ControlError(_errno.EINVAL, str(e).removeprefix("control: ")) from None
+            # ENOENT for an unknown event, as `break` (and qemu-io's break) answers it
+            error = _errno.ENOENT if isinstance(e, config.UnknownEvent) else _errno.EINVAL
+            raise ControlError(error, str(e).removeprefix("control: ")) from None
     return parse_rule
 
 
@@ -156,7 +158,7 @@ def _parse_line(words: list[str]) -> tuple[Command, tuple]:
     entry = COMMANDS.get(name)
     if entry is None:
         hint = config.did_you_mean(name, [c.name for c in commands()]) or ' (try "help")'
-        raise ControlError(_errno.EINVAL, f"unknown command {name!r}{hint}")
+        raise ControlError(_errno.EINVAL, f'unknown command "{name}"{hint}')
     low, high = entry.nargs
     if len(args) < low or (high is not None and len(args) > high):
         raise ControlError(_errno.EINVAL, f"usage: {entry.usage}")
@@ -417,7 +419,7 @@ class Control:
          nargs=(2, 2), parse=lambda w: (_event(w[0]), _tag(w[1])), extension=False)
 async def _break(control: "Control", event: str, tag: str) -> str:
     control.engine.add_breakpoint(event, tag)
-    note = "" if event in REACHABLE_EVENTS else " (no request through this mount raises it)"
+    note = never_fires_note(event)
     return f"breakpoint {tag} on {event}{note}"
 
 
@@ -463,13 +465,14 @@ async def _inject_error(control: "Control", rule: Rule) -> str:
     rule_id = control.engine.add_rule(rule)
     # rules armed by `none` next to rules armed later: the first later arming drops them
     warning = config.arming_warning(control.engine.rules_by_event())
-    return f"added rule {rule_id}" + (f" ({warning})" if warning else "")
+    return (f"added rule {rule_id}{config.rule_notes(rule)}"
+            + (f" ({warning})" if warning else ""))
 
 
 @command("set-state KEY=VALUE ...", "add a [set-state] rule (event=, state=, new_state=)",
          nargs=(1, None), parse=_rule_parser("set-state"), aliases=("set_state",))
 async def _set_state_rule(control: "Control", rule: Rule) -> str:
-    return f"added rule {control.engine.add_rule(rule)}"
+    return f"added rule {control.engine.add_rule(rule)}{config.rule_notes(rule)}"
 
 
 @command("remove ID", "remove rule ID",

@@ -542,7 +542,7 @@ class Engine:
     def add_breakpoint(self, event: str, tag: str) -> None:
         name = canonical_event(event)
         if name is None:
-            raise EngineError(_errno.ENOENT, f'no such event "{event}"')
+            raise EngineError(_errno.ENOENT, f'unknown event "{event}"')
         self._breakpoints.setdefault(name, []).append(tag)
         self._notify()
 

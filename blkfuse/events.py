@@ -46,6 +46,17 @@ REACHABLE_EVENTS = frozenset({
     "pwritev_rmw_head", "pwritev_rmw_after_head", "pwritev_rmw_tail", "pwritev_rmw_after_tail",
 })
 
+def never_fires_note(event: str) -> str:
+    """' (never fires: ...)' for an event no request through a mount raises, else ''.
+
+    The one wording for every place a rule or breakpoint names such an event: `blkfuse check`,
+    the answers to `break`, `inject-error` and `set-state`, and the status.
+    """
+    if event in REACHABLE_EVENTS:
+        return ""
+    return f' (never fires: no request through a blkfuse mount raises "{event}")'
+
+
 IOTYPES = ("read", "write", "write-zeroes", "discard", "flush", "block-status")
 
 # QEMU's default when a rule names no iotype: everything but block-status.

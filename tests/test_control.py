@@ -79,7 +79,7 @@ def test_every_command_has_usage_help_and_a_parser():
     ("clear now", errno.EINVAL, "clear"),
     ("inject-error", errno.EINVAL, "usage"),
     ("inject-error event=read_aio errno=EWHAT", errno.EINVAL, "errno"),
-    ("inject-error event=nope", errno.EINVAL, "nope"),
+    ("inject-error event=nope", errno.ENOENT, "nope"),
     ("set-state event=read_aio colour=blue", errno.EINVAL, "colour"),
     ('break read_aio "A', errno.EINVAL, "quotation"),
 ])

@@ -1,38 +1,49 @@
-"""`blkfuse check [--qemu] PATH [-o KEY=VALUE,...]`: validate rules without mounting anything."""
+"""`blkfuse check [--qemu] [PATH] [-o KEY=VALUE,...]`: validate rules without mounting anything."""
 
 import collections
 import sys
 
 import click
 
-from ..config import (EXTENSION_OPTIONS, ConfigError, arming_warning, format_rule, load_rules,
-                      parse_option_string, parse_options)
-from ..events import REACHABLE_EVENTS
+from ..config import (EXTENSION_OPTIONS, MOUNT_OPTIONS, ConfigError, arming_warning, format_rule,
+                      load_rules, parse_option_string, parse_options, rule_notes)
 
 
-@click.command(name="check")
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.command(name="check", epilog="""\b
+Examples:
+  blkfuse check rules.conf
+  blkfuse check -o inject-error.0.event=read_aio,inject-error.0.errno=28,align=4096
+  blkfuse check rules.conf -o max-transfer=64k""")
+@click.argument("path", type=click.Path(dir_okay=False), required=False)
 @click.option("-o", "--options", "option_strings", multiple=True, metavar="KEY=VALUE,...",
               help="blkdebug options, as for mount (inject-error.0.event=read_aio,align=4096).")
 @click.option("--qemu", is_flag=True,
               help="Fail (exit 1) naming every key and value QEMU 7.2's blkdebug would reject.")
 def command(path, option_strings, qemu):
-    """Check the blkdebug config file PATH (and options); print each rule with its source.
+    """Check the blkdebug config file PATH and/or -o options; print each rule with its source.
 
-    Exits 1 with the first error (file:line or option key) on stderr. blkfuse's extension
-    keys are accepted and marked; with --qemu they are errors, all of them listed.
+    Notes mark rules that never fire through a mount and set-state rules without new_state;
+    options that are not blkdebug's are marked not portable. Exits 1 with the first error
+    (file:line or option key) on stderr. blkfuse's extension keys are accepted and marked;
+    with --qemu they are errors, all of them listed.
     """
     notes = []
+    if path is None and not option_strings:
+        click.echo("blkfuse check: give a config file PATH, -o options, or both "
+                   "(blkfuse check --help)", err=True)
+        sys.exit(1)
     try:
         options = {}
         for option_string in option_strings:
             options.update(parse_option_string(option_string))
         _, settings = parse_options(options)
-        settings.config_path = path          # PATH is the config file, whatever -o says
+        if path is not None:
+            settings.config_path = path      # PATH is the config file, whatever -o says
         rules = load_rules(settings, notes)
     except ConfigError as error:
         click.echo(f"blkfuse check: {error}", err=True)
         sys.exit(1)
+    name = path or settings.config_path or "options"
     extension_options = [key for key in options if key in EXTENSION_OPTIONS]
     if qemu:
         problems = [f"{note.where}: {note.text}" for note in notes]
@@ -41,7 +52,7 @@ def command(path, option_strings, qemu):
         if problems:
             for problem in problems:
                 click.echo(f"blkfuse check: {problem}", err=True)
-            click.echo(f"blkfuse check: {path}: QEMU 7.2 would reject {len(problems)} "
+            click.echo(f"blkfuse check: {name}: QEMU 7.2 would reject {len(problems)} "
                        f"key{'s' if len(problems) != 1 else ''} or value"
                        f"{'s' if len(problems) != 1 else ''} (listed above)", err=True)
             sys.exit(1)
@@ -52,11 +63,11 @@ def command(path, option_strings, qemu):
         mark = ""
         if id(rule) in marked:
             mark = f"  (not portable: {', '.join(marked[id(rule)])}: QEMU 7.2 rejects it)"
-        click.echo(f"{rule.source}: {format_rule(rule)}{_reachability_note(rule)}{mark}")
+        click.echo(f"{rule.source}: {format_rule(rule)}{rule_notes(rule)}{mark}")
     warning = arming_warning(_by_event(rules))
     if warning:
         click.echo(warning)
-    click.echo(_summary(path, rules, settings, notes))
+    click.echo(_summary(name, rules, settings, notes))
 
 
 def _by_event(rules) -> dict:
@@ -64,13 +75,6 @@ def _by_event(rules) -> dict:
     for rule in rules:
         by_event.setdefault(rule.event, []).append(rule)
     return by_event
-
-
-def _reachability_note(rule) -> str:
-    # qcow2 events are accepted so configs stay portable, but a raw file never raises them.
-    if rule.event in REACHABLE_EVENTS:
-        return ""
-    return "  (never fires through a blkfuse mount)"
 
 
 def _summary(path, rules, settings, notes) -> str:
@@ -89,6 +93,12 @@ def _summary(path, rules, settings, notes) -> str:
         parts.append(f"cache={settings.cache} (not portable: qemu-io -t {settings.cache})")
     if settings.format != "raw":
         parts.append("format=none (not portable: qemu-io --image-opts driver=blkdebug,...)")
+    # blkfuse's own mount options: no QEMU command line has them.
+    for key in MOUNT_OPTIONS:
+        if key not in settings.options:
+            continue
+        parts.append(f"{key}={settings.options[key] or 'on'} (not portable: a blkfuse mount "
+                     "option)")
     if settings.track_unsynced:
         power = ["track-unsynced=on"]
         power += [f"unsynced-cap={settings.unsynced_cap}"] if settings.unsynced_cap else []

@@ -8,7 +8,12 @@ import click
 from ._common import fail
 
 
-@click.command("mount")
+@click.command("mount", epilog="""\b
+Examples:
+  blkfuse mount --config rules.conf disk.img /mnt/faulty
+  blkfuse mount -o inject-error.0.event=read_aio,inject-error.0.sector=8 disk.img /mnt/faulty
+  blkfuse mount blkdebug:rules.conf:disk.img /mnt/faulty      # QEMU's spelling
+  blkfuse mount -o growable=on,locking=off disk.img /mnt/faulty""")
 @click.option("--config", "config_path", metavar="RULES",
               help="blkdebug config file (QEMU's format).")
 @click.option("-o", "options", multiple=True, metavar="KEY=VALUE,...",

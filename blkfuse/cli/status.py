@@ -7,7 +7,10 @@ import click
 from ._common import ControlError, _open_error, fail, read_status, send
 
 
-@click.command("status")
+@click.command("status", epilog="""\b
+Examples:
+  blkfuse status /mnt/faulty
+  blkfuse status --json /mnt/faulty | jq '.rules[] | {id, hits, spent}'""")
 @click.argument("mountpoint")
 @click.option("--json", "as_json", is_flag=True,
               help="Machine-readable status (needs the right to write control).")
