@@ -31,11 +31,13 @@ RUN set -e; if [ -n "$EXTRA_CA_CERTS" ]; then \
 
 WORKDIR /src
 
-# Layers from slowest-changing to fastest: Debian packages, Python dependencies, the source.
+# Layers from slowest-changing to fastest: Debian packages, Python dependencies (pyfuse3 built
+# from its sdist with scripts/pyfuse3's patch), the source.
 COPY scripts/setup scripts/setup
 RUN scripts/setup --system \
     && if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then update-ca-certificates; fi
 COPY pyproject.toml ./
+COPY scripts/pyfuse3 scripts/pyfuse3
 RUN scripts/setup --deps
 COPY . .
 RUN scripts/setup

@@ -92,6 +92,13 @@ def prepare(image: str, mountpoint: str, settings, *, name=None, read_only=False
             allow_other=False, log_file=None) -> Mount:
     """Check everything and load the rules; MountError on the first problem."""
     from . import config
+    from .fs import missing_pyfuse3_features
+    missing = missing_pyfuse3_features()
+    if missing:
+        import pyfuse3
+        raise MountError(f"pyfuse3 {pyfuse3.__version__} ({os.path.dirname(pyfuse3.__file__)}) "
+                         f"is not built with blkfuse's patch: no {', '.join(missing)}; "
+                         "run scripts/setup (see scripts/pyfuse3/README.md)")
     try:
         rules = config.load_rules(settings)
     except config.ConfigError as e:

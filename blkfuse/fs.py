@@ -48,6 +48,15 @@ FIRST_FRESH_CONTROL = 16
 
 # Names never change, so the kernel may cache lookups; the image's attributes are live.
 ENTRY_TIMEOUT = 300
+# What blkfuse needs from pyfuse3 beyond upstream 3.5.0: scripts/pyfuse3's patch.
+PYFUSE3_FEATURES = ("fallocate", "lseek", "enable_io_context", "enable_interrupts")
+
+
+def missing_pyfuse3_features() -> list[str]:
+    """The patch's additions this pyfuse3 lacks (empty: it is the patched build)."""
+    return [name for name in PYFUSE3_FEATURES if not hasattr(pyfuse3.Operations, name)]
+
+
 # The kernel passes O_SYNC as __O_SYNC|O_DSYNC, so testing O_DSYNC catches both.
 _WRITETHROUGH_FLAGS = os.O_DSYNC | getattr(os, "O_SYNC", 0)
 

@@ -1,0 +1,136 @@
+"""A tiny pyfuse3 filesystem for tests/test_pyfuse3_patch.py (run as a script, one per mount).
+
+    python pyfuse3_patch_fs.py MOUNTPOINT LOG [--plain]
+
+One file, `file` (1 MiB of zeros, direct_io). Every read, write, fsync, fallocate and lseek is
+logged to LOG as one JSON line with the arguments the handler got. Behaviours a test can ask
+for: a read at offset 4096 blocks until interrupted (`sleep_forever`); lseek answers
+offset + 1000 for SEEK_DATA and 777 for SEEK_HOLE. `--plain`: an Operations subclass that opts
+in to nothing and defines no fallocate or lseek (the upstream behaviour).
+"""
+
+import errno
+import json
+import os
+import stat
+import sys
+
+import pyfuse3
+import trio
+
+FILE = pyfuse3.ROOT_INODE + 1
+SIZE = 1 << 20
+BLOCKING_OFFSET = 4096
+
+
+class Log:
+    def __init__(self, path: str):
+        self.f = open(path, "a", buffering=1)
+
+    def __call__(self, **record) -> None:
+        self.f.write(json.dumps(record) + "\n")
+
+
+def _ctx(ctx) -> dict:
+    return {"pid": ctx.pid, "uid": ctx.uid, "gid": ctx.gid}
+
+
+class Plain(pyfuse3.Operations):
+    def __init__(self, log: Log):
+        super().__init__()
+        self.log = log
+        self.data = bytearray(SIZE)
+
+    def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode
+        if inode == pyfuse3.ROOT_INODE:
+            a.st_mode = stat.S_IFDIR | 0o755
+        else:
+            a.st_mode = stat.S_IFREG | 0o666
+            a.st_size = len(self.data)
+        a.st_nlink = 1
+        return a
+
+    async def getattr(self, inode, ctx=None):
+        if inode not in (pyfuse3.ROOT_INODE, FILE):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(inode)
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        if name != b"file":
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(FILE)
+
+    async def opendir(self, inode, ctx):
+        return inode
+
+    async def readdir(self, fh, start_id, token):
+        if start_id == 0:
+            pyfuse3.readdir_reply(token, b"file", self._attr(FILE), 1)
+
+    async def open(self, inode, flags, ctx):
+        return pyfuse3.FileInfo(fh=inode, direct_io=True)
+
+    async def read(self, fh, off, size):
+        self.log(op="read", off=off, size=size)
+        return bytes(self.data[off:off + size])
+
+    async def write(self, fh, off, buf):
+        self.log(op="write", off=off, size=len(buf))
+        self.data[off:off + len(buf)] = buf
+        return len(buf)
+
+    async def fsync(self, fh, datasync):
+        self.log(op="fsync", datasync=datasync)
+
+    async def release(self, fh):
+        pass
+
+
+class Patched(Plain):
+    enable_io_context = True
+    enable_interrupts = True
+
+    async def read(self, fh, off, size, ctx):
+        self.log(op="read", off=off, size=size, ctx=_ctx(ctx))
+        if off == BLOCKING_OFFSET:
+            try:
+                await trio.sleep_forever()
+            except trio.Cancelled:
+                self.log(op="read-cancelled", off=off)
+                raise
+        return bytes(self.data[off:off + size])
+
+    async def write(self, fh, off, buf, flags, ctx):
+        self.log(op="write", off=off, size=len(buf), flags=flags, ctx=_ctx(ctx))
+        self.data[off:off + len(buf)] = buf
+        return len(buf)
+
+    async def fsync(self, fh, datasync, ctx):
+        self.log(op="fsync", datasync=datasync, ctx=_ctx(ctx))
+
+    async def fallocate(self, fh, mode, offset, length, ctx):
+        self.log(op="fallocate", mode=mode, offset=offset, length=length, ctx=_ctx(ctx))
+        if mode == 0x10:                    # FALLOC_FL_ZERO_RANGE: refused, to see an errno
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+
+    async def lseek(self, fh, offset, whence, ctx):
+        self.log(op="lseek", offset=offset, whence=whence, ctx=_ctx(ctx))
+        return offset + 1000 if whence == os.SEEK_DATA else 777
+
+
+def main() -> None:
+    mountpoint, log_path = sys.argv[1], sys.argv[2]
+    ops = (Plain if "--plain" in sys.argv[3:] else Patched)(Log(log_path))
+    options = set(pyfuse3.default_options) | {"fsname=pyfuse3test"}
+    pyfuse3.init(ops, mountpoint, options)
+    print("ready", flush=True)
+    try:
+        trio.run(pyfuse3.main)
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""The pyfuse3 patch (scripts/pyfuse3/) on its own: a tiny pyfuse3 filesystem, real syscalls.
+
+fallocate and lseek reach their handlers; `enable_io_context` gives write the flags of each
+write (O_DSYNC for pwritev2 RWF_DSYNC) and read/write/fsync the caller; `enable_interrupts`
+ends a request whose caller got SIGINT or SIGKILL with EINTR; a filesystem that opts in to
+nothing behaves as with upstream pyfuse3.
+"""
+
+import ctypes
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import force_unmount, is_mounted
+
+FS = Path(__file__).with_name("pyfuse3_patch_fs.py")
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+# Hang guard, not a timing check: how long a step may take before the test fails.
+WEDGED_SECONDS = 120
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+class TinyFs:
+    def __init__(self, base: Path, plain: bool):
+        self.mnt = base / "mnt"
+        self.mnt.mkdir()
+        self.log_path = base / "log"
+        self.log_path.touch()
+        args = [sys.executable, str(FS), str(self.mnt), str(self.log_path)]
+        self.proc = subprocess.Popen(args + (["--plain"] if plain else []),
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "ready"
+        self.file = self.mnt / "file"
+
+    def log(self) -> list[dict]:
+        return [json.loads(line) for line in self.log_path.read_text().splitlines()]
+
+    def wait_for(self, predicate) -> dict:
+        deadline = time.monotonic() + WEDGED_SECONDS
+        while time.monotonic() < deadline:
+            for record in self.log():
+                if predicate(record):
+                    return record
+            time.sleep(0.01)
+        raise AssertionError(f"never logged; log: {self.log()}")
+
+    def close(self) -> None:
+        force_unmount(self.mnt)
+        try:
+            self.proc.wait(WEDGED_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        assert not is_mounted(self.mnt)
+
+
+@pytest.fixture
+def tinyfs(fuse_dir):
+    made = []
+
+    def _make(plain: bool = False) -> TinyFs:
+        sub = fuse_dir / f"fs{len(made)}"
+        sub.mkdir()
+        fs = TinyFs(sub, plain)
+        made.append(fs)
+        return fs
+
+    yield _make
+    for fs in made:
+        fs.close()
+
+
+def test_fallocate_reaches_the_handler_with_mode_range_and_caller(tinyfs):
+    fs = tinyfs()
+    fd = os.open(fs.file, os.O_RDWR)
+    try:
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4096, 8192)
+        with pytest.raises(OSError) as e:
+            fallocate(fd, FALLOC_FL_ZERO_RANGE, 0, 512)
+        assert e.value.errno == errno.EOPNOTSUPP
+    finally:
+        os.close(fd)
+    calls = [r for r in fs.log() if r["op"] == "fallocate"]
+    me = {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
+    assert calls == [
+        {"op": "fallocate", "mode": 3, "offset": 4096, "length": 8192, "ctx": me},
+        {"op": "fallocate", "mode": FALLOC_FL_ZERO_RANGE, "offset": 0, "length": 512, "ctx": me},
+    ]
+
+
+def test_lseek_data_and_hole_are_answered_by_the_handler(tinyfs):
+    fs = tinyfs()
+    fd = os.open(fs.file, os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 100, os.SEEK_DATA) == 1100
+        assert os.lseek(fd, 100, os.SEEK_HOLE) == 777
+        assert os.lseek(fd, 5, os.SEEK_SET) == 5          # the kernel's own, as before
+    finally:
+        os.close(fd)
+    assert [(r["offset"], r["whence"]) for r in fs.log() if r["op"] == "lseek"] == [
+        (100, os.SEEK_DATA), (100, os.SEEK_HOLE)]
+
+
+def test_write_gets_the_per_write_sync_flags_and_every_io_handler_the_caller(tinyfs):
+    fs = tinyfs()
+    fd = os.open(fs.file, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"a" * 512, 0)
+        os.pwritev(fd, [b"b" * 512], 512, os.RWF_DSYNC)
+        os.pwritev(fd, [b"c" * 512], 1024, os.RWF_SYNC)
+        assert os.pread(fd, 512, 512) == b"b" * 512
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    writes = {r["off"]: r for r in fs.log() if r["op"] == "write"}
+    assert not writes[0]["flags"] & os.O_DSYNC
+    assert writes[512]["flags"] & os.O_DSYNC
+    assert writes[512]["flags"] & os.O_SYNC != os.O_SYNC          # RWF_DSYNC is not O_SYNC
+    assert writes[1024]["flags"] & os.O_SYNC == os.O_SYNC
+    me = {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
+    for op in ("write", "read", "fsync"):
+        assert all(r["ctx"] == me for r in fs.log() if r["op"] == op), op
+    # a file opened O_DSYNC: every write carries it
+    fd = os.open(fs.file, os.O_RDWR | os.O_DSYNC)
+    try:
+        os.pwrite(fd, b"d" * 512, 2048)
+    finally:
+        os.close(fd)
+    assert [r for r in fs.log() if r["op"] == "write"][-1]["flags"] & os.O_DSYNC
+
+
+def test_a_filesystem_that_opts_in_to_nothing_behaves_as_before(tinyfs):
+    fs = tinyfs(plain=True)
+    fd = os.open(fs.file, os.O_RDWR)
+    try:
+        os.pwritev(fd, [b"x" * 512], 0, os.RWF_DSYNC)     # write(fh, off, buf): 3 arguments
+        assert os.pread(fd, 512, 0) == b"x" * 512
+        os.fsync(fd)
+        with pytest.raises(OSError) as e:
+            fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4096)
+        assert e.value.errno == errno.EOPNOTSUPP            # the kernel's answer to ENOSYS
+        assert os.lseek(fd, 100, os.SEEK_DATA) == 100       # the kernel's generic answers
+        assert os.lseek(fd, 100, os.SEEK_HOLE) == 1 << 20
+    finally:
+        os.close(fd)
+    assert [r["op"] for r in fs.log()] == ["write", "read", "fsync"]
+
+
+READER = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+os.pread(fd, 512, 4096)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL])
+def test_an_interrupted_request_ends_with_eintr_and_the_mount_goes_on(tinyfs, signum):
+    fs = tinyfs()
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(fs.file)],
+                              stderr=subprocess.DEVNULL)
+    fs.wait_for(lambda r: r["op"] == "read" and r["off"] == 4096
+                and r["ctx"]["pid"] == reader.pid)
+    reader.send_signal(signum)
+    try:
+        reader.wait(WEDGED_SECONDS)                         # ends: the request was answered
+    finally:
+        reader.kill()
+    assert reader.returncode != 0
+    fs.wait_for(lambda r: r["op"] == "read-cancelled")
+    fd = os.open(fs.file, os.O_RDONLY)                      # the filesystem keeps serving
+    try:
+        assert os.pread(fd, 512, 0) == bytes(512)
+    finally:
+        os.close(fd)
