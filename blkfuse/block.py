@@ -49,7 +49,7 @@ import trio
 from .effects import Effect, corrupt
 from .engine import Caller, Engine, Request
 from .errors import BlkfuseError
-from .image import Image
+from .image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, Image
 from .rules import CACHE_MODES, FORMATS, InjectError
 from .unsynced import CutReport, LogFull, UndoLog
 
@@ -72,6 +72,18 @@ async def _settle(engine: Engine, outcome: int | Effect) -> tuple[int, Effect | 
     if outcome.delay:
         await engine.hold(outcome.delay)
     return outcome.errno, (outcome if outcome.corrupt else None)
+
+
+_REQUEST_MAX_BYTES = (2**31 - 1) // 512 * 512     # BDRV_REQUEST_MAX_BYTES, a sector multiple
+
+
+def _export_requests(offset: int, length: int):
+    """(offset, length) of each block request QEMU's FUSE export makes for a range."""
+    while length > 0:
+        count = min(length, _REQUEST_MAX_BYTES)
+        yield offset, count
+        offset += count
+        length -= count
 
 
 def _round_up(value: int, align: int) -> int:
@@ -117,10 +129,55 @@ class BlockDevice:
         return self.image.size()
 
     def truncate(self, size: int) -> None:
+        """Resize. No event and no check, but QEMU's bdrv_co_truncate counts it as written
+        at each node (bdrv_co_write_req_finish), so the next flush is checked."""
         self._check_power()
         if self.unsynced is not None:
             self.unsynced.record_resize(self.image, size)
         self.image.truncate(size)
+        self._blkdebug_written += 1
+        self._format_written += 1
+
+    async def fallocate(self, mode: int, offset: int, length: int, *,
+                        writethrough: bool = False, caller: Caller | None = None) -> None:
+        """fallocate(2) on the image, as QEMU 7.2's FUSE export maps it (fuse_fallocate):
+
+            PUNCH_HOLE|KEEP_SIZE   discard, the range clamped to the image
+            ZERO_RANGE             write-zeroes; the image grows first when the range ends
+                                   past it (with KEEP_SIZE: the range is clamped instead)
+            0 (allocate)           only past the end, where it grows the image (QEMU's
+                                   export tries a preallocating truncate there, which
+                                   blkdebug refuses); inside the image EOPNOTSUPP, as QEMU
+            anything else          EOPNOTSUPP (PUNCH_HOLE without KEEP_SIZE: EINVAL)
+
+        A range that starts at or past the end is a no-op for KEEP_SIZE modes (QEMU's export
+        would ask the block layer for a negative length and get EIO). Ranges are handed down
+        in requests of at most BDRV_REQUEST_MAX_BYTES, as the export's loop does; the first
+        failing one ends it. `writethrough` (a handle opened O_DSYNC): write-zeroes are FUA."""
+        size = self.image.size()
+        keep_size = bool(mode & FALLOC_FL_KEEP_SIZE)
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            if not keep_size:
+                raise _failure(_errno.EINVAL)
+            if mode & ~(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE):
+                raise _failure(_errno.EOPNOTSUPP)
+            for piece, count in _export_requests(offset, min(length, size - offset)):
+                await self.discard(piece, count, caller=caller)
+        elif mode & FALLOC_FL_ZERO_RANGE:
+            if mode & ~(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE):
+                raise _failure(_errno.EOPNOTSUPP)
+            if keep_size:
+                length = min(length, size - offset)
+            elif offset + length > size:
+                self.truncate(offset + length)
+            for piece, count in _export_requests(offset, length):
+                await self.write_zeroes(piece, count, writethrough=writethrough, caller=caller)
+        elif mode == 0:
+            if offset < size:
+                raise _failure(_errno.EOPNOTSUPP)
+            self.truncate(offset + length)
+        else:
+            raise _failure(_errno.EOPNOTSUPP)
 
     async def _event(self, event: str, request: Request) -> None:
         suspension = self.engine.fire(event, request)

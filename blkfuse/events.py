@@ -42,7 +42,8 @@ EVENT_ALIASES = {
 # The events a request through the mount can raise (DESIGN.md §4); the others are
 # accepted so that configs written for qcow2 stay portable, but never fire here.
 REACHABLE_EVENTS = frozenset({
-    "none", "read_aio", "write_aio", "pwritev", "pwritev_done", "flush_to_os", "flush_to_disk",
+    "none", "read_aio", "write_aio", "pwritev", "pwritev_zero", "pwritev_done", "flush_to_os",
+    "flush_to_disk",
     "pwritev_rmw_head", "pwritev_rmw_after_head", "pwritev_rmw_tail", "pwritev_rmw_after_tail",
 })
 

@@ -54,6 +54,8 @@ class Image:
         if not os.path.isfile(path) and not _is_block_device(self.fd):
             os.close(self.fd)
             raise OSError(f"{path}: not a regular file or block device")
+        # The request alignment QEMU's O_DIRECT file node would pick (write_zeroes uses it)
+        self.zero_align = _probe_alignment(self.fd) if direct else 1
 
     def size(self) -> int:
         return os.lseek(self.fd, 0, os.SEEK_END)
@@ -155,6 +157,22 @@ class Image:
         the file system supports neither, write zeroes."""
         if length <= 0:
             return
+        if self.zero_align > 1:
+            # QEMU's O_DIRECT file node pads to its alignment first: partial blocks at
+            # either end are written as data (read-modify-write), which allocates them;
+            # only the aligned middle is zeroed by fallocate. SEEK_DATA sees the difference.
+            align = self.zero_align
+            end = offset + length
+            middle_start = -(-offset // align) * align
+            middle_end = end - end % align
+            if middle_start >= middle_end:
+                self.pwrite(offset, bytes(length))
+                return
+            if offset < middle_start:
+                self.pwrite(offset, bytes(middle_start - offset))
+            if middle_end < end:
+                self.pwrite(middle_end, bytes(end - middle_end))
+            offset, length = middle_start, middle_end - middle_start
         if unmap and offset + length <= self.size():
             try:
                 fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
@@ -203,6 +221,29 @@ class Image:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _probe_alignment(fd: int) -> int:
+    """The request alignment QEMU 7.2's file-posix probes for an O_DIRECT file
+    (raw_probe_alignment): the first of 1, 512, 1024, 2048, 4096 bytes that an O_DIRECT read
+    at offset 0 accepts, where 1 means "anything goes" and becomes 4096. On ext4 a 1-byte
+    read of a hole succeeds, so an image starting with a hole gets 4096 and one starting
+    with data 512: it decides which partial blocks a write-zeroes allocates."""
+    if _is_block_device(fd):
+        return 512
+    buf = mmap.mmap(-1, DIRECT_ALIGN)
+    try:
+        view = memoryview(buf)
+        for align in (1, 512, 1024, 2048, 4096):
+            try:
+                os.preadv(fd, [view[:align]], 0)
+            except OSError:
+                continue
+            return align if align != 1 else DIRECT_ALIGN
+        return DIRECT_ALIGN
+    finally:
+        del view
+        buf.close()
 
 
 def _is_block_device(fd: int) -> bool:

@@ -417,6 +417,19 @@ def test_check_lists_rules_and_summary(tmp_path):
     ]
 
 
+def test_check_marks_qemu_io_options_not_portable(tmp_path):
+    path = tmp_path / "rules.conf"
+    path.write_text('[inject-error]\nevent = "pwritev_zero"\n')
+    result = run_check(str(path), "-o", "cache=unsafe,format=none,opt-discard=4k")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        f"{path}:1: inject-error event=pwritev_zero errno=5",
+        f"{path}: OK, 1 rule (1 inject-error), opt-discard=4096, "
+        "cache=unsafe (not portable: qemu-io -t unsafe), "
+        "format=none (not portable: qemu-io --image-opts driver=blkdebug,...)",
+    ]
+
+
 def test_check_reports_error_and_exits_1(tmp_path):
     path = tmp_path / "rules.conf"
     path.write_text('[inject-error]\nevent = "write_aoi"\n')
