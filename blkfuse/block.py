@@ -154,6 +154,7 @@ class BlockDevice:
         would ask the block layer for a negative length and get EIO). Ranges are handed down
         in requests of at most BDRV_REQUEST_MAX_BYTES, as the export's loop does; the first
         failing one ends it. `writethrough` (a handle opened O_DSYNC): write-zeroes are FUA."""
+        self._check_power()                 # even a no-op range fails while the power is off
         size = self.image.size()
         keep_size = bool(mode & FALLOC_FL_KEEP_SIZE)
         if mode & FALLOC_FL_PUNCH_HOLE:
@@ -271,10 +272,12 @@ class BlockDevice:
                     raise _failure(error)
                 if effect is not None:
                     corruptions = [(effect, start, end)]
+        # The image answers inline from memory, or hands a read that would wait on a disk
+        # to a worker thread (image.py): the events and the check above are done either way.
         if start == offset and end == offset + length:
-            data = self.image.pread(offset, length)
+            data = await self.image.read(offset, length)
         else:
-            data = self.image.pread(start, end - start)[offset - start:offset - start + length]
+            data = (await self.image.read(start, end - start))[offset - start:offset - start + length]
         if corruptions:
             # what is returned changes, the image does not
             for effect, piece_start, piece_end in corruptions:
@@ -365,7 +368,7 @@ class BlockDevice:
                     elif error:
                         break           # pieces before it stay written, as in QEMU
                 try:
-                    self._write_image(piece_start, piece)
+                    await self._write_image(piece_start, piece)
                 except OSError as failure:      # the undo log is full, or the backing file
                     error = failure.errno
                 if error:
@@ -441,17 +444,23 @@ class BlockDevice:
                 log.warning("%s", full.strerror)
                 raise
 
-    def _write_image(self, offset: int, data) -> None:
-        """Every pwrite of the image passes here: the undo log sees it first."""
-        if data:
+    async def _write_image(self, offset: int, data) -> None:
+        """Every pwrite of the image passes here: the undo log sees it first. With the log,
+        the write is done right after the record, with no await between (unsynced.py); else
+        the image may hand it to a worker thread (image.py)."""
+        if not data:
+            return
+        if self.unsynced is not None:
             self._record(offset, len(data))
             self.image.pwrite(offset, data)
+        else:
+            await self.image.write(offset, data)
 
     async def _padding_read(self, offset: int, length: int, caller: Caller | None) -> bytes:
         # A rule may delay or fail this read; a corruption is not applied: the padding is
         # written back, and corrupting it would change bytes outside the request.
         await self._check_pieces("read", offset, offset + length, caller)
-        data = self.image.pread(offset, length)
+        data = await self.image.read(offset, length)
         return data + bytes(length - len(data))     # past the end of the image: zeros
 
     # ---- write-zeroes ----
@@ -556,7 +565,10 @@ class BlockDevice:
                 num = min(num, max_transfer)
                 error = await self._check_errno("write", offset, num, caller)
                 if not error:
-                    error = self._change(self._write_image, offset, bytes(num))
+                    try:
+                        await self._write_image(offset, bytes(num))
+                    except OSError as failure:
+                        error = failure.errno or _errno.EIO
             else:
                 error = await self._check_errno("write-zeroes", offset, num, caller)
                 if not error:

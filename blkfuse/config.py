@@ -86,10 +86,12 @@ _BLKDEBUG_LIMITS = ("opt-write-zero", "max-write-zero", "opt-discard", "max-disc
 MOUNT_OPTIONS = ("nonempty", "locking", "growable")
 _FLAG_OPTIONS = ("nonempty",)
 # Options that are not blkdebug's: what qemu-io's command line says (-t MODE, and
-# --image-opts driver=blkdebug for format=none), the mount's own, and the seed of the random
-# decisions. The one list of extension options, as EXTENSION_KEYS is of keys: `blkfuse check`
-# marks them.
-EXTENSION_OPTIONS = ("cache", "format") + MOUNT_OPTIONS + POWER_OPTIONS + ("seed",)
+# --image-opts driver=blkdebug for format=none), the mount's own, blkfuse's daemon tuning
+# (image.py, fuseloop.py: the whole numbers each accepts), and the seed of the random decisions.
+# The one list of extension options, as EXTENSION_KEYS is of keys: `blkfuse check` marks them.
+_SPEED_OPTIONS = {"io-threads": (0, 256), "poll-us": (0, 100_000)}
+EXTENSION_OPTIONS = (("cache", "format") + MOUNT_OPTIONS + tuple(_SPEED_OPTIONS) + POWER_OPTIONS
+                     + ("seed",))
 _SETTING_OPTIONS = (("config", "image", "x-image", "align", "max-transfer") + _BLKDEBUG_LIMITS
                     + EXTENSION_OPTIONS)
 
@@ -705,6 +707,10 @@ def parse_options(options: dict[str, str],
     if "format" in options:
         settings.format = _parse_choice("format", _unquote_option(options["format"]), FORMATS,
                                         "format")
+    if "io-threads" in options:
+        settings.io_threads = _parse_speed_option("io-threads", options["io-threads"])
+    if "poll-us" in options:
+        settings.poll_us = _parse_speed_option("poll-us", options["poll-us"])
     for key in MOUNT_OPTIONS:
         if key in options:
             setattr(settings, key, _parse_mount_flag(key, _unquote_option(options[key])))
@@ -716,6 +722,19 @@ def parse_options(options: dict[str, str],
         except _Invalid as error:
             raise ConfigError(f"option seed: {error}") from None
     return rules, settings
+
+
+def _parse_speed_option(key: str, text: str) -> int:
+    low, high = _SPEED_OPTIONS[key]
+    text = _unquote_option(text)
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        raise ConfigError(f'option {key}: expects a whole number from {low} to {high}, '
+                          f'not "{text}"')
+    return value
 
 
 def _parse_mount_flag(key: str, text: str) -> bool:

@@ -26,16 +26,12 @@ from dataclasses import dataclass
 import trio
 
 from . import config, memory
-from .errors import BlkfuseError, errno_name
+from .errors import BlkfuseError, ControlError, errno_name
 from .events import EVENTS, IOTYPES, canonical_event, never_fires_note
 from .rules import Extensions, Rule
 
 # A human reads the text status: 100,000 rule lines would bury everything else.
 TEXT_RULES_SHOWN = 200
-
-
-class ControlError(BlkfuseError):
-    """A control write failed: `.errno` for the writer, `.message` for the status."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,9 +193,10 @@ class Control:
     (image, mountpoint, options...); `pid` is added.
     """
 
-    def __init__(self, engine, reload=None, info=None, block=None):
+    def __init__(self, engine, reload=None, info=None, block=None, tracer=None):
         self.engine = engine
         self.block = block              # block.BlockDevice: power cuts and the undo log
+        self.tracer = tracer            # trace.Tracer, for the `trace` command
         self._reload = reload
         self.info = dict(info or {})
         self.info.setdefault("pid", os.getpid())
@@ -218,15 +215,23 @@ class Control:
         self._closing = True
         for scope in [*self._waits, *self._hit_waits]:
             scope.cancel()
+        if self.tracer is not None:
+            self.tracer.end_streams()   # trace readers get end of file
 
     # -- execute ----------------------------------------------------------------------------
 
-    async def execute(self, text: str) -> str:
-        """Run one write. Returns its answer text (may be empty); raises ControlError."""
+    async def execute(self, text: str):
+        """Run one write. Returns its answer text (may be empty), or after `trace` the
+        trace.Stream the handle's reads come from; raises ControlError."""
         try:
             if self._closing:
                 raise ControlError(_errno.ESHUTDOWN, "the mount is shutting down")
             parsed = parse(text)
+            if any(entry.name == "trace" for _, entry, _ in parsed):
+                if len(parsed) != 1:
+                    raise ControlError(_errno.EINVAL,
+                                       "trace must be the only command of its write")
+                return await parsed[0][1].run(self)
             results = []
             for lineno, entry, args in parsed:
                 try:
@@ -234,6 +239,17 @@ class Control:
                 except BlkfuseError as e:
                     done = " (lines before it were applied)" if results else ""
                     raise ControlError(e.errno, f"line {lineno}: {e.message}{done}") from None
+                except trio.Cancelled:
+                    # FUSE_INTERRUPT: the writer got a signal while this line waited (a
+                    # wait_break, say); pyfuse3 answers the write EINTR. Shutdown does not
+                    # get here: it fails a pending wait with ESHUTDOWN instead.
+                    done = " (lines before it were applied)" if results else ""
+                    what = " ".join([entry.name, *(f"{a:g}" if isinstance(a, float) else str(a)
+                                                   for a in args if a is not None)])
+                    self.last_error = (f"line {lineno}: {what}: interrupted (the writer got a "
+                                       f"signal){done}")
+                    self.last_error_errno = _errno.EINTR
+                    raise
         except ControlError as e:
             self.last_error = e.message
             self.last_error_errno = e.errno
@@ -318,6 +334,8 @@ class Control:
             ],
             "rules_healed": e.rules_healed,
             "held": e.held(),
+            "interrupted": {"count": e.interrupted,
+                            "last": _interrupted_dict(e.last_interrupted)},
             "last_result": self.last_result,
             "last_error": self.last_error,
             "last_error_errno": self.last_error_errno,
@@ -397,6 +415,15 @@ class Control:
         errs = d["errors_injected"]
         out.append("errors injected: " + (" ".join(f"{x['name']}({x['errno']})={x['count']}"
                                                     for x in errs) or "none"))
+        intr = d["interrupted"]
+        if intr["count"]:
+            last = intr["last"]
+            where = f" {last['op']} offset={last['offset']} length={last['length']}" \
+                if last["op"] is not None else ""
+            out.append(f"interrupted: {intr['count']} (last: {','.join(last['tags'])} at "
+                       f"{last['event']}:{where})")
+        else:
+            out.append("interrupted: none")
         out.append(f"power: {d['power']}")
         u = d["unsynced"]
         if u is None:
@@ -569,6 +596,25 @@ async def _poweron(control: "Control") -> str:
 @command("help", "this text")
 async def _help(control: "Control") -> str:
     return help_text()
+
+
+@command("trace", "alone in its write: reads of this open file then stream the trace\n"
+                  "(one JSON line per image request) until it is closed")
+async def _trace(control: "Control"):
+    if control.tracer is None:
+        raise ControlError(_errno.EINVAL, "this mount has no trace")
+    return control.tracer.open_stream()     # not text: fs.py serves the handle's reads from it
+
+
+def _interrupted_dict(interrupted) -> dict | None:
+    """engine.Interrupted (a held request whose caller got a signal) as status data."""
+    if interrupted is None:
+        return None
+    req = interrupted.request
+    return {"tags": list(interrupted.tags), "event": interrupted.event,
+            "op": req.op if req is not None else None,
+            "offset": req.offset if req is not None else None,
+            "length": req.length if req is not None else None}
 
 
 def _format_rule(rule) -> str:

@@ -151,4 +151,6 @@ class Settings:
     track_unsynced: bool = False
     unsynced_cap: int | None = None
     atomic: int | None = None
+    io_threads: int | None = None     # -o io-threads: worker threads for disk I/O (image.py)
+    poll_us: int | None = None        # -o poll-us: busy-poll window for /dev/fuse (fuseloop.py)
     seed: int | None = None           # -o seed: the one random generator's seed; None: random

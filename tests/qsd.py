@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import differential as D
+
+from blkfuse import mounttab
 import oracle
 
 QSD = shutil.which("qemu-storage-daemon")
@@ -222,7 +224,7 @@ def run_qsd(sc: FileScenario) -> tuple[list, bytes] | str:
                                 stderr=subprocess.STDOUT, text=True)
         try:
             deadline = time.monotonic() + 30
-            while not oracle.is_mounted(export):
+            while not mounttab.is_mounted(export):
                 if proc.poll() is not None:
                     return f"qemu-storage-daemon exited: {proc.stdout.read().strip()}"
                 if time.monotonic() > deadline:
@@ -230,7 +232,7 @@ def run_qsd(sc: FileScenario) -> tuple[list, bytes] | str:
                 time.sleep(0.02)
             results = run_file_ops(sc, export)
         finally:
-            if oracle.is_mounted(export):
+            if mounttab.is_mounted(export):
                 subprocess.run(["fusermount3", "-u", str(export)], capture_output=True)
             proc.send_signal(signal.SIGTERM)
             try:

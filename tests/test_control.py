@@ -274,8 +274,8 @@ def test_status_dict_is_json_and_stable():
     d = json.loads(json.dumps(control.status_dict()))
     assert set(d) == {"info", "state", "rules", "active", "breakpoints", "suspended", "waiting",
                       "waiting_hits", "events", "seed", "rules_healed", "held",
-                      "errors_injected", "last_result", "last_error", "last_error_errno",
-                      "power", "unsynced"}
+                      "errors_injected", "interrupted", "last_result", "last_error",
+                      "last_error_errno", "power", "unsynced"}
     assert d["state"] == 3
     assert d["events"] == {"read_aio": 1, "none": 1}
     assert d["errors_injected"] == [{"errno": errno.ENOSPC, "name": "ENOSPC", "count": 1}]

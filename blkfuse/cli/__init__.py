@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "status": "status",
     "check": "check",
     "events": "events",
+    "trace": "trace",
 }
 
 

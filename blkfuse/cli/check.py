@@ -104,6 +104,11 @@ def _summary(path, rules, settings, notes) -> str:
         power += [f"unsynced-cap={settings.unsynced_cap}"] if settings.unsynced_cap else []
         power += [f"atomic={settings.atomic}"] if settings.atomic else []
         parts.append(" ".join(power) + " (not portable: blkfuse extension options)")
+    # blkfuse's own tuning: how the daemon waits and reads, never what a request sees.
+    for key in ("io-threads", "poll-us"):
+        value = getattr(settings, key.replace("-", "_"))
+        if value is not None:
+            parts.append(f"{key}={value} (not portable: blkfuse's own tuning)")
     if settings.seed is not None:
         parts.append(f"seed={settings.seed} (not portable)")
     if notes:

@@ -2,7 +2,9 @@
 
 import click
 
-from ._common import ControlError, fail, send
+from ..client import send
+from ..errors import ControlError
+from ._common import control_failure, fail
 
 
 @click.command("ctl", context_settings={"ignore_unknown_options": True}, epilog="""\b
@@ -13,7 +15,7 @@ Examples:
   blkfuse ctl /mnt/faulty help""")
 @click.argument("mountpoint")
 @click.argument("words", nargs=-1, required=True, metavar="COMMAND...")
-def command(mountpoint, words):
+def command(mountpoint: str, words: tuple[str, ...]) -> None:
     """Send COMMAND to the mount at MOUNTPOINT and print its answer.
 
     COMMAND's words are joined into one line (`blkfuse ctl /mnt break write_aio A`); an
@@ -25,6 +27,6 @@ def command(mountpoint, words):
     try:
         answer = send(mountpoint, text)
     except ControlError as e:
-        fail(e.message)
+        fail(control_failure(e))
     if answer:
         click.echo(answer, nl=not answer.endswith("\n"))

@@ -29,10 +29,12 @@ Examples:
 @click.option("--read-only", is_flag=True, help="Refuse writes (EROFS).")
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground until unmounted.")
 @click.option("--log", "log_file", metavar="FILE", help="Log to FILE.")
+@click.option("--trace", "trace_file", metavar="FILE",
+              help="Append one JSON line per image request to FILE (see `blkfuse trace`).")
 @click.argument("image", metavar="IMAGE")
 @click.argument("mountpoint", metavar="MOUNTPOINT")
 def command(config_path, options, name, allow_other, read_only, foreground, log_file,
-            image, mountpoint):
+            trace_file, image, mountpoint):
     """Mount IMAGE at MOUNTPOINT as a directory holding the image file and `control`.
 
     IMAGE may also be QEMU's `blkdebug:RULES:IMAGE` (RULES may be empty). Returns once the
@@ -60,7 +62,7 @@ def command(config_path, options, name, allow_other, read_only, foreground, log_
                 fail(f"-o {key}={given} names another image than {image}")
         _, settings = config.parse_options(merged)
         m = prepare(image, mountpoint, settings, name=name, read_only=read_only,
-                    allow_other=allow_other, log_file=log_file)
+                    allow_other=allow_other, log_file=log_file, trace_file=trace_file)
     except config.ConfigError as e:
         fail(str(e))
     except MountError as e:
