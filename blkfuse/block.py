@@ -28,6 +28,11 @@ and directsync open the file O_DIRECT (image.py; invisible to rules).
 BlockDevice reproduces that with the engine and the image, and nothing about FUSE. The
 `caller` keyword of each request is the FUSE caller (engine.Caller) or None.
 
+A check answers 0, an errno, or (blkfuse's extension rules) an Effect: the request is held
+in its own task (engine.hold: nothing else waits for it), then fails or goes on, and a
+corruption changes the data of a read or write, inside the request and the rule's sectors
+only (never read-modify-write padding, never write-zeroes, discard or block status).
+
 Power cuts (README "Power cuts") hook in at a few places, kept apart from the QEMU logic:
 every change to the image goes through _write_image/_record/truncate (the undo log records
 it first), a successful fsync forgets the log (_fsync_image), and while the power is off every
@@ -42,6 +47,7 @@ from collections.abc import Callable
 
 import trio
 
+from .effects import Effect, corrupt
 from .engine import Caller, Engine, Request
 from .errors import BlkfuseError
 from .image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, Bytes, Image
@@ -58,6 +64,15 @@ log = logging.getLogger(__name__)
 
 def _failure(error: int) -> OSError:
     return OSError(error, os.strerror(error))
+
+
+async def _settle(engine: Engine, outcome: int | Effect) -> tuple[int, Effect | None]:
+    """A check's non-zero outcome -> (errno, the corruption to apply), after its delay."""
+    if type(outcome) is int:
+        return outcome, None
+    if outcome.delay:
+        await engine.hold(outcome.delay)
+    return outcome.errno, (outcome if outcome.corrupt else None)
 
 
 _REQUEST_MAX_BYTES = (2**31 - 1) // 512 * 512     # BDRV_REQUEST_MAX_BYTES, a sector multiple
@@ -180,13 +195,28 @@ class BlockDevice:
             await suspension.wait()
             self._check_power()
 
-    def _check(self, iotype: str, offset: int, length: int, caller: Caller | None) -> int:
-        return self.engine.check(iotype, offset, length)
+    def _check(self, iotype: str, offset: int, length: int,
+               caller: Caller | None) -> int | Effect:
+        """0, an errno, or an Effect (for _settle). Without a caller, QEMU's three
+        arguments: engines that wrap check (the tests' recording engine) keep working."""
+        if caller is None:
+            return self.engine.check(iotype, offset, length)
+        return self.engine.check(iotype, offset, length, caller)
 
-    def _match(self, iotype: str, offset: int, length: int,
-               caller: Caller | None) -> InjectError | None:
-        """_check, answering the rule met (for torn= and drop-unsynced=), or None."""
-        return self.engine.match(iotype, offset, length)
+    async def _check_errno(self, iotype: str, offset: int, length: int,
+                           caller: Caller | None) -> int:
+        """A check where there is no data to corrupt: 0 or the errno, after any delay."""
+        error = self._check(iotype, offset, length, caller)
+        if error:
+            error, _ = await _settle(self.engine, error)
+        return error
+
+    def _decide(self, iotype: str, offset: int, length: int,
+                caller: Caller | None) -> tuple[InjectError | None, int | Effect]:
+        """_check, with the rule met (for torn= and drop-unsynced=), or None."""
+        if caller is None:
+            return self.engine.decide(iotype, offset, length)
+        return self.engine.decide(iotype, offset, length, caller)
 
     def _pieces(self, start: int, end: int) -> tuple[tuple[int, int], ...]:
         """The driver calls blkdebug's node makes for [start, end): one, or max-transfer
@@ -196,11 +226,20 @@ class BlockDevice:
             return ((start, end),)
         return tuple((pos, min(pos + step, end)) for pos in range(start, end, step))
 
-    def _check_pieces(self, iotype: str, start: int, end: int, caller: Caller | None) -> None:
+    async def _check_pieces(self, iotype: str, start: int, end: int,
+                            caller: Caller | None) -> list:
+        """Check each piece; raise for the first failing one. Returns the corruptions to
+        apply, as (effect, piece start, piece end)."""
+        corruptions = []
         for piece_start, piece_end in self._pieces(start, end):
-            error = self._check(iotype, piece_start, piece_end - piece_start, caller)
-            if error:
-                raise _failure(error)
+            outcome = self._check(iotype, piece_start, piece_end - piece_start, caller)
+            if outcome:
+                error, effect = await _settle(self.engine, outcome)
+                if error:
+                    raise _failure(error)
+                if effect is not None:
+                    corruptions.append((effect, piece_start, piece_end))
+        return corruptions
 
     def _padded(self, offset: int, length: int) -> tuple[int, int]:
         align = self.align
@@ -231,18 +270,28 @@ class BlockDevice:
                 await suspension.wait()
                 self._check_power()
         start, end = self._padded(offset, length)
+        corruptions = None
         if self.max_transfer:
-            self._check_pieces("read", start, end, caller)
+            corruptions = await self._check_pieces("read", start, end, caller)
         else:
-            error = self._check("read", start, end - start, caller)
-            if error:
-                raise _failure(error)
+            outcome = self._check("read", start, end - start, caller)
+            if outcome:
+                error, effect = await _settle(self.engine, outcome)
+                if error:
+                    raise _failure(error)
+                if effect is not None:
+                    corruptions = [(effect, start, end)]
         # The image answers inline from memory, or hands a read that would wait on a disk
         # to a worker thread (image.py): the events and the check above are done either way.
         if start == offset and end == offset + length:
-            return await self.image.read(offset, length)
-        data = await self.image.read(start, end - start)
-        return data[offset - start:offset - start + length]
+            data = await self.image.read(offset, length)
+        else:
+            data = (await self.image.read(start, end - start))[offset - start:offset - start + length]
+        if corruptions:
+            # what is returned changes, the image does not
+            for effect, piece_start, piece_end in corruptions:
+                data = corrupt(data, offset, effect, piece_start, piece_end)
+        return data
 
     # ---- write ----
 
@@ -313,20 +362,29 @@ class BlockDevice:
                 await suspension.wait()
                 self._check_power()
             for piece_start, piece_end in self._pieces(start, start + len(data)):
-                rule = self._match("write", piece_start, piece_end - piece_start, caller)
+                piece = data[piece_start - start:piece_end - start]
+                rule, error = self._decide("write", piece_start, piece_end - piece_start, caller)
                 if rule is not None:
-                    error = rule.errno
+                    if type(error) is not int:      # an extension rule's delay or corruption
+                        error, effect = await _settle(engine, error)
+                        if effect is not None:
+                            # silent corruption on the way to the disk, reported done: only
+                            # inside the caller's data, never the read-modify-write padding
+                            piece = corrupt(piece, piece_start, effect, request.offset,
+                                            request.offset + request.length)
                     if rule.torn >= 0:      # extension: the head persists, the tail is lost
                         piece_end = min(piece_end, piece_start + rule.torn * SECTOR_SIZE)
+                        piece = piece[:piece_end - piece_start]
                     elif error:
                         break           # pieces before it stay written, as in QEMU
                 try:
-                    await self._write_image(piece_start,
-                                            data[piece_start - start:piece_end - start])
+                    await self._write_image(piece_start, piece)
                 except OSError as failure:      # the undo log is full, or the backing file
                     error = failure.errno or _errno.EIO
                 if error:
                     break
+                if engine.heal_rules:
+                    engine.written(piece_start, piece_end - piece_start)
             if fua and not error:
                 # Emulated FUA: this write is not yet counted, so the flush is checked
                 # only if something before it was written since the last flush.
@@ -411,7 +469,9 @@ class BlockDevice:
             await self.image.write(offset, data)
 
     async def _padding_read(self, offset: int, length: int, caller: Caller | None) -> bytes:
-        self._check_pieces("read", offset, offset + length, caller)
+        # A rule may delay or fail this read; a corruption is not applied: the padding is
+        # written back, and corrupting it would change bytes outside the request.
+        await self._check_pieces("read", offset, offset + length, caller)
         data = await self.image.read(offset, length)
         return data + bytes(length - len(data))     # past the end of the image: zeros
 
@@ -516,14 +576,14 @@ class BlockDevice:
             if num < alignment:
                 # blkdebug_co_pwrite_zeroes: -ENOTSUP; the fallback write of zeroes
                 num = min(num, max_transfer)
-                error = self._check("write", offset, num, caller)
+                error = await self._check_errno("write", offset, num, caller)
                 if not error:
                     try:
                         await self._write_image(offset, bytes(num))
                     except OSError as failure:
                         error = failure.errno or _errno.EIO
             else:
-                error = self._check("write-zeroes", offset, num, caller)
+                error = await self._check_errno("write-zeroes", offset, num, caller)
                 if not error:
                     error = self._change(self._zero_image, offset, num, unmap)
             need_flush = fua
@@ -555,13 +615,13 @@ class BlockDevice:
             return
         self._check_power()
         try:
-            self._pdiscard(offset, length, caller)
+            await self._pdiscard(offset, length, caller)
         finally:
             self._blkdebug_written += 1
             if self.raw:
                 self._format_written += 1
 
-    def _pdiscard(self, offset: int, length: int, caller: Caller | None) -> None:
+    async def _pdiscard(self, offset: int, length: int, caller: Caller | None) -> None:
         """bdrv_co_pdiscard at the blkdebug node: pieces up to the first opt-discard
         boundary, then at most max-discard, then the tail; blkdebug drops (ENOTSUP, no
         check) a piece shorter than `align`. The raw node above splits at the same
@@ -587,7 +647,7 @@ class BlockDevice:
                     num -= tail
             num = min(num, max_discard)
             if num >= request_align:
-                error = self._check("discard", offset, num, caller)
+                error = await self._check_errno("discard", offset, num, caller)
                 if error:
                     raise _failure(error)
                 self._record(offset, num)       # a discarded range reads as zeroes: undoable
@@ -614,7 +674,7 @@ class BlockDevice:
             return False, 0
         length = min(length, total - offset)
         start, end = self._padded(offset, length)
-        error = self._check("block-status", start, end - start, caller)
+        error = await self._check_errno("block-status", start, end - start, caller)
         if error:
             raise _failure(error)
         if not want_zero:
@@ -674,12 +734,14 @@ class BlockDevice:
             generation = self._blkdebug_written
             try:
                 if self._blkdebug_flushed != generation and not self.no_flush:
-                    rule = self._match("flush", 0, 0, caller)
+                    rule, error = self._decide("flush", 0, 0, caller)
                     if rule is not None:
+                        if type(error) is not int:      # an extension rule's delay
+                            error, _ = await _settle(self.engine, error)
                         if rule.drop_unsynced and self.unsynced is not None:
                             await self._drop_unsynced()
-                        if rule.errno:
-                            return rule.errno
+                        if error:
+                            return error
                     await self._fsync_image()
                 elif self.unsynced and not self.no_flush:
                     await self._fsync_image()   # only resizes since the last flush: no check

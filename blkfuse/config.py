@@ -24,15 +24,20 @@ max-transfer must be positive (QEMU reads 0 as "not set").
 import difflib
 from collections.abc import Iterable, Sequence
 import errno as errno_module
+import math
 import re
+from fractions import Fraction
+from typing import NamedTuple
 
 from .events import DEFAULT_IOTYPES, EVENTS, IOTYPES, canonical_event, never_fires_note
-from .rules import CACHE_MODES, FORMATS, InjectError, Rule, SetState, Settings
+from .rules import (CACHE_MODES, CORRUPT_MODES, FORMATS, Extensions, InjectError, Rule, SetState,
+                    Settings)
 
 __all__ = [
     "ConfigError", "UnknownEvent", "parse_config_text", "parse_config_file", "parse_options",
     "parse_option_string", "parse_filename", "parse_rule_args", "load_rules",
-    "format_rule", "format_config", "rule_notes",
+    "format_rule", "format_config", "rule_notes", "format_duration", "arming_warning", "Note",
+    "QEMU_KEYS", "EXTENSION_KEYS", "EXTENSION_OPTIONS",
 ]
 
 
@@ -53,16 +58,24 @@ class _InvalidEvent(_Invalid):
     """An event name that does not exist (becomes UnknownEvent)."""
 
 
-# The keys of each section, in QEMU's order (block/blkdebug.c inject_error_opts, set_state_opts).
-SECTION_KEYS = {
+# The keys of each section QEMU 7.2 knows, in its order (block/blkdebug.c inject_error_opts,
+# set_state_opts).
+QEMU_KEYS = {
     "inject-error": ("event", "state", "iotype", "errno", "sector", "once", "immediately"),
     "set-state": ("event", "state", "new_state"),
 }
-# Power-cut keys and options (issue 10): blkfuse extensions, QEMU rejects them. They work
-# wherever the QEMU keys do; `blkfuse check` marks them not portable.
+# Power-cut keys and options (issue 10): blkfuse extensions, QEMU rejects them.
 POWER_KEYS = ("torn", "drop-unsynced")
 POWER_OPTIONS = ("track-unsynced", "unsynced-cap", "atomic")
-SECTION_KEYS["inject-error"] += POWER_KEYS
+# blkfuse's own keys: the one list of extensions (add new ones here). Every spelling accepts
+# them (file, -o, control); `blkfuse check` marks them and `check --qemu` names them as what
+# QEMU rejects.
+EXTENSION_KEYS = {
+    "inject-error": ("probability", "after", "count", "sectors", "delay", "jitter", "corrupt",
+                     "corrupt-bytes", "pid", "comm", "uid", "heal", "persistent") + POWER_KEYS,
+    "set-state": (),
+}
+SECTION_KEYS = {kind: QEMU_KEYS[kind] + EXTENSION_KEYS[kind] for kind in QEMU_KEYS}
 _RULE_CLASSES = {"inject-error": InjectError, "set-state": SetState}
 
 # Top-level blockdev options of the blkdebug driver that blkfuse understands.
@@ -74,12 +87,14 @@ _BLKDEBUG_LIMITS = ("opt-write-zero", "max-write-zero", "opt-discard", "max-disc
 MOUNT_OPTIONS = ("nonempty", "locking", "growable")
 _FLAG_OPTIONS = ("nonempty",)
 # Options that are not blkdebug's: what qemu-io's command line says (-t MODE, and
-# --image-opts driver=blkdebug for format=none), and the mount's own. `blkfuse check` marks them.
-# blkfuse's own daemon tuning (image.py, fuseloop.py): the whole numbers each accepts.
+# --image-opts driver=blkdebug for format=none), the mount's own, blkfuse's daemon tuning
+# (image.py, fuseloop.py: the whole numbers each accepts), and the seed of the random decisions.
+# The one list of extension options, as EXTENSION_KEYS is of keys: `blkfuse check` marks them.
 _SPEED_OPTIONS = {"io-threads": (0, 256), "poll-us": (0, 100_000)}
-EXTENSION_OPTIONS = ("cache", "format") + MOUNT_OPTIONS + tuple(_SPEED_OPTIONS)
+EXTENSION_OPTIONS = (("cache", "format") + MOUNT_OPTIONS + tuple(_SPEED_OPTIONS) + POWER_OPTIONS
+                     + ("seed",))
 _SETTING_OPTIONS = (("config", "image", "x-image", "align", "max-transfer") + _BLKDEBUG_LIMITS
-                    + EXTENSION_OPTIONS + POWER_OPTIONS)
+                    + EXTENSION_OPTIONS)
 
 # A FUSE reply carries -errno and the kernel refuses anything at or below -512 (-ERESTARTSYS).
 MAX_ERRNO = 511
@@ -199,6 +214,85 @@ def _parse_iotype(key: str, text: str) -> frozenset:
     raise _Invalid(f'unknown io type "{text}"{did_you_mean(text, IOTYPES)}')
 
 
+def _parse_probability(key: str, text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:          # NaN fails this too
+        raise _Invalid(f'probability expects a number above 0 and at most 1 (like 0.01), '
+                       f'not "{text}"')
+    return value
+
+
+def _parse_at_least(minimum: int):
+    def parse(key: str, text: str) -> int:
+        value = _parse_number(key, text)
+        if value < minimum:
+            raise _Invalid(f'{key} must be at least {minimum}, not "{text}"')
+        if value > _INT64_MAX:
+            raise _Invalid(f'{key} "{text}" is too large (at most {_INT64_MAX})')
+        return value
+    return parse
+
+
+def _parse_id(key: str, text: str) -> int:
+    """pid and uid: what the kernel puts in a FUSE request (a 32-bit number)."""
+    value = _parse_number(key, text)
+    if not 0 <= value < 2**32 - 1:
+        raise _Invalid(f'{key} expects a number from 0 to {2**32 - 2}, not "{text}"')
+    return value
+
+
+# The kernel keeps 15 bytes of a command name (TASK_COMM_LEN 16, with its NUL).
+_COMM_MAX = 15
+
+
+def _parse_comm(key: str, text: str) -> str:
+    if not text:
+        raise _Invalid("comm expects a command name (as in /proc/PID/comm), not an empty one")
+    if len(text.encode()) > _COMM_MAX:
+        raise _Invalid(f'comm "{text}" can never match: the kernel keeps only the first '
+                       f'{_COMM_MAX} bytes of a command name ("{text.encode()[:_COMM_MAX].decode(errors="ignore")}")')
+    return text
+
+
+def _parse_corrupt(key: str, text: str) -> str:
+    if text not in CORRUPT_MODES:
+        raise _Invalid(f'corrupt expects one of {", ".join(CORRUPT_MODES)}, not "{text}"'
+                       f"{did_you_mean(text, CORRUPT_MODES)}")
+    return text
+
+
+_DURATION = re.compile(r"[ \t]*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)[ \t]*(ns|us|µs|ms|s)[ \t]*\Z")
+_DURATION_US = {"ns": Fraction(1, 1000), "us": 1, "µs": 1, "ms": 1000, "s": 1000000}
+_MAX_DURATION_US = 24 * 3600 * 1000000
+
+
+def _parse_duration(key: str, text: str) -> int:
+    """'200us', '10ms', '1.5s' -> microseconds (the unit is not optional: '10' means nothing)."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise _Invalid(f'{key} expects a duration with a unit (like 200us, 10ms or 1.5s), '
+                       f'not "{text}"')
+    number, unit = match.groups()
+    micros = round(Fraction(number) * _DURATION_US[unit])
+    if micros > _MAX_DURATION_US:
+        raise _Invalid(f'{key} "{text}" is too long (at most 24 hours)')
+    if micros == 0 and Fraction(number):
+        raise _Invalid(f'{key} "{text}" is shorter than the 1us it is counted in')
+    return micros
+
+
+def format_duration(micros: int) -> str:
+    """Microseconds as the shortest exact duration: 1500000 -> '1500ms', 2000000 -> '2s'."""
+    if micros and micros % 1000000 == 0:
+        return f"{micros // 1000000}s"
+    if micros and micros % 1000 == 0:
+        return f"{micros // 1000}ms"
+    return f"{micros}us"
+
+
 # key -> (rule field it sets, parser of its text)
 _KEY_PARSERS = {
     "event": ("event", _parse_event),
@@ -211,6 +305,22 @@ _KEY_PARSERS = {
     "iotype": ("iotypes", _parse_iotype),
     "torn": ("torn", lambda key, text: _parse_torn(text)),
     "drop-unsynced": ("drop_unsynced", _parse_bool),
+}
+# The extension keys set fields of the rule's Extensions, not of the rule.
+_EXTENSION_PARSERS = {
+    "probability": ("probability", _parse_probability),
+    "after": ("after", _parse_at_least(0)),
+    "count": ("count", _parse_at_least(1)),
+    "sectors": ("sectors", _parse_at_least(1)),
+    "delay": ("delay_us", _parse_duration),
+    "jitter": ("jitter_us", _parse_duration),
+    "corrupt": ("corrupt", _parse_corrupt),
+    "corrupt-bytes": ("corrupt_bytes", _parse_at_least(1)),
+    "pid": ("pid", _parse_id),
+    "comm": ("comm", _parse_comm),
+    "uid": ("uid", _parse_id),
+    "heal": ("heal", _parse_bool),
+    "persistent": ("persistent", _parse_bool),
 }
 
 
@@ -226,19 +336,85 @@ def _check_key(kind: str, key: str, where: str) -> None:
     raise ConfigError(f'{where}: unknown {kind} key "{key}"{did_you_mean(key, SECTION_KEYS[kind])}')
 
 
-def _build_rule(kind: str, entries: dict, where: str, origin: str, line: int = 0) -> Rule:
-    """A rule from {key: (text, where-the-key-was)}; keys were checked as they were read."""
+class Note(NamedTuple):
+    """A spelling QEMU 7.2 would reject, for `blkfuse check`."""
+
+    rule: Rule
+    where: str          # rules.conf:7, option inject-error.0.delay
+    label: str          # what to mark the rule with: delay, errno name ENOSPC
+    text: str           # the whole sentence
+
+
+def _build_rule(kind: str, entries: dict, where: str, origin: str, line: int = 0,
+                notes: list | None = None) -> Rule:
+    """A rule from {key: (text, where-the-key-was)}; keys were checked as they were read.
+
+    `notes`, if given, receives a Note for every key or value QEMU 7.2 would reject.
+    """
     if "event" not in entries:
         raise ConfigError(f'{where}: {kind} rule has no event (every rule needs one)')
     fields = {}
+    extensions = {}
     for key, (text, key_where) in entries.items():
-        field, parse = _KEY_PARSERS[key]
+        if key in _EXTENSION_PARSERS:
+            field, parse = _EXTENSION_PARSERS[key]
+            target = extensions
+        else:
+            field, parse = _KEY_PARSERS[key]
+            target = fields
         try:
-            fields[field] = parse(key, text)
+            target[field] = parse(key, text)
         except _Invalid as error:
             kind_of_error = UnknownEvent if isinstance(error, _InvalidEvent) else ConfigError
             raise kind_of_error(f"{key_where}: {error}") from None
-    return _RULE_CLASSES[kind](origin=origin, line=line, **fields)
+    if extensions:
+        ext = _checked_extensions(Extensions(**extensions), fields, entries, where)
+        fields["ext"] = _SHARED_EXTENSIONS.setdefault(ext, ext)
+    rule = _RULE_CLASSES[kind](origin=origin, line=line, **fields)
+    if notes is not None:
+        notes.extend(Note(rule, *spelling) for spelling in _non_qemu_spellings(kind, entries))
+    return rule
+
+
+# Rules spelt alike share one (immutable) Extensions: 100,000 bad ranges of one length hold
+# one, not 100,000.
+_SHARED_EXTENSIONS: dict = {}
+
+
+def _checked_extensions(ext: Extensions, fields: dict, entries: dict, where: str) -> Extensions:
+    """Refuse extension keys that contradict each other; fill in what they imply."""
+    def refuse(message):
+        raise ConfigError(f"{where}: {message}")
+
+    sector_given = "sector" in entries
+    if "sectors" in entries and not sector_given:
+        refuse('sectors needs sector (the first sector of the range)')
+    if ext.heal and not sector_given:
+        refuse('heal needs sector: it models bad sectors that a write repairs')
+    if "corrupt-bytes" in entries and not ext.corrupt:
+        refuse('corrupt-bytes needs corrupt (flip, zero or random)')
+    if "count" in entries and fields.get("once"):
+        refuse('once and count both limit the rule: once = "on" is count = "1"; use one')
+    if "errno" in entries:
+        if ext.corrupt and fields["errno"]:
+            refuse('corrupt lets the request succeed with changed data: errno must be 0 '
+                   'or absent (write a second rule to fail requests)')
+    elif ext.corrupt or ext.delay_us or ext.jitter_us:
+        fields["errno"] = 0           # a delay or a corruption alone does not fail the request
+    return ext
+
+
+def _non_qemu_spellings(kind: str, entries: dict):
+    """(where, label, why) for each key or value of a rule that QEMU 7.2 would refuse."""
+    for key, (text, key_where) in entries.items():
+        if key in EXTENSION_KEYS[kind]:
+            yield key_where, key, f'"{key}" is a blkfuse extension key'
+        elif key == "errno" and text.strip()[:1].isalpha():
+            yield (key_where, f"errno name {text.strip()}",
+                   f'errno "{text}" is a name (QEMU takes numbers only)')
+        elif key == "event" and "." in text:
+            yield (key_where, f"event {text}", f'event "{text}" is a pre-2015 spelling '
+                   f'(QEMU 7.2 spells it "{canonical_event(text)}")')
 
 
 def _check_kind(kind: str, where: str, noun: str = "section") -> None:
@@ -314,8 +490,9 @@ class _IdRegistry:
         self.seen.add((kind, text))
 
 
-def parse_config_text(text: str, filename: str = "<config>") -> list[Rule]:
-    """The rules of a blkdebug config file, in file order."""
+def parse_config_text(text: str, filename: str = "<config>",
+                      notes: list | None = None) -> list[Rule]:
+    """The rules of a blkdebug config file, in file order (`notes`: see _build_rule)."""
     rules = []
     ids = _IdRegistry()
     section = None
@@ -323,7 +500,7 @@ def parse_config_text(text: str, filename: str = "<config>") -> list[Rule]:
     def finish(section: _Section) -> None:
         ids.claim(section.kind, section.entries)
         rules.append(_build_rule(section.kind, section.entries, section.where, filename,
-                                 section.line))
+                                 section.line, notes))
 
     # split("\n"), not splitlines(): line numbers must count what an editor counts.
     for lineno, line in enumerate(text.split("\n"), 1):
@@ -364,7 +541,7 @@ def _start_section(header: str, where: str) -> _Section:
     return section
 
 
-def parse_config_file(path: str) -> list[Rule]:
+def parse_config_file(path: str, notes: list | None = None) -> list[Rule]:
     """The rules of the config file at `path`; an unreadable file is a ConfigError too."""
     try:
         with open(path, "rb") as f:
@@ -372,7 +549,7 @@ def parse_config_file(path: str) -> list[Rule]:
     except OSError as error:
         raise ConfigError(f"{path}: cannot read the config file: {error.strerror}") from None
     # QEMU reads bytes; a stray non-UTF-8 byte can only sit in a value that is then refused.
-    return parse_config_text(data.decode("utf-8", errors="replace"), path)
+    return parse_config_text(data.decode("utf-8", errors="replace"), path, notes)
 
 
 # --- blockdev-style options --------------------------------------------------------------
@@ -458,7 +635,7 @@ def _split_rule_option(key: str) -> tuple[str, str | None, str]:
 
 def _unknown_option(key: str) -> ConfigError:
     head = key.partition(".")[0]
-    names = _SETTING_OPTIONS + tuple(SECTION_KEYS)
+    names = _SETTING_OPTIONS + EXTENSION_OPTIONS + tuple(SECTION_KEYS)
     return ConfigError(f'option {key}: unknown option "{head}"{did_you_mean(head, names)}')
 
 
@@ -467,7 +644,7 @@ def _collect_rule_options(options: dict) -> dict:
     groups: dict[str, dict[str | None, dict[str, tuple[str, str]]]] = {
         kind: {} for kind in SECTION_KEYS}
     for key, value in options.items():
-        if key in _SETTING_OPTIONS:
+        if key in _SETTING_OPTIONS or key in EXTENSION_OPTIONS:
             continue
         if key.partition(".")[0] not in SECTION_KEYS:
             raise _unknown_option(key)
@@ -494,13 +671,15 @@ def _ordered_rule_groups(kind: str, by_index: dict) -> list[tuple[str, dict]]:
     return [(f"{kind}.{n}", by_index[str(n)]) for n in numbers]
 
 
-def parse_options(options: dict[str, str]) -> tuple[list[Rule], Settings]:
+def parse_options(options: dict[str, str],
+                  notes: list | None = None) -> tuple[list[Rule], Settings]:
     """Rules and settings from blockdev-style options; rules by kind, then number."""
     options = dict(options)
     rules = []
     for kind, by_index in _collect_rule_options(options).items():
         for name, entries in _ordered_rule_groups(kind, by_index):
-            rules.append(_build_rule(kind, entries, f"option {name}", f"-o {name}"))
+            rules.append(_build_rule(kind, entries, f"option {name}", f"-o {name}",
+                                     notes=notes))
     settings = Settings(options=options)
     if "config" in options:
         settings.config_path = _unquote_option(options["config"])
@@ -538,6 +717,12 @@ def parse_options(options: dict[str, str]) -> tuple[list[Rule], Settings]:
         if key in options:
             setattr(settings, key, _parse_mount_flag(key, _unquote_option(options[key])))
     _parse_power_options(options, settings)
+    if "seed" in options:
+        text = _unquote_option(options["seed"])
+        try:
+            settings.seed = _parse_at_least(0)("seed", text)
+        except _Invalid as error:
+            raise ConfigError(f"option seed: {error}") from None
     return rules, settings
 
 
@@ -675,10 +860,10 @@ def parse_rule_args(kind: str, pairs: list[str], source: str = "control") -> Rul
 
 # --- everything together, and back to text ---------------------------------------------------
 
-def load_rules(settings: Settings) -> list[Rule]:
+def load_rules(settings: Settings, notes: list | None = None) -> list[Rule]:
     """The config file's rules, then the options' rules (QEMU's order): what mount and reload use."""
-    rules = parse_config_file(settings.config_path) if settings.config_path else []
-    option_rules, _ = parse_options(settings.options)
+    rules = parse_config_file(settings.config_path, notes) if settings.config_path else []
+    option_rules, _ = parse_options(settings.options, notes)
     check_power_rules(rules + option_rules, settings)
     return rules + option_rules
 
@@ -704,7 +889,62 @@ def _rule_items(rule: Rule) -> list[tuple[str, str]]:
         items.append(("torn", str(rule.torn)))
     if rule.drop_unsynced:
         items.append(("drop-unsynced", "on"))
+    if rule.ext is not None:
+        items.extend(_extension_items(rule.ext))
     return items
+
+
+def _extension_items(ext: Extensions) -> list[tuple[str, str]]:
+    items = []
+    if ext.probability != 1.0:
+        items.append(("probability", repr(ext.probability)))
+    for key, value in (("after", ext.after), ("count", ext.count), ("sectors", ext.sectors)):
+        if value:
+            items.append((key, str(value)))
+    if ext.delay_us:
+        items.append(("delay", format_duration(ext.delay_us)))
+    if ext.jitter_us:
+        items.append(("jitter", format_duration(ext.jitter_us)))
+    if ext.corrupt:
+        items.append(("corrupt", ext.corrupt))
+        items.append(("corrupt-bytes", str(ext.corrupt_bytes)))
+    if ext.pid >= 0:
+        items.append(("pid", str(ext.pid)))
+    if ext.comm:
+        items.append(("comm", ext.comm))
+    if ext.uid >= 0:
+        items.append(("uid", str(ext.uid)))
+    if ext.heal:
+        items.append(("heal", "on"))
+    if ext.persistent:
+        items.append(("persistent", "on"))
+    return items
+
+
+def arming_warning(rules_by_event: dict) -> str | None:
+    """Warn when rules armed by `none` would be disarmed by the first other event that arms
+    rules: QEMU keeps one active set, replaced whole (README). None when nothing is at risk.
+
+    `rules_by_event`: event -> its rules, as the engine keeps them.
+    """
+    at_mount = next((rule for rule in rules_by_event.get("none", ())
+                     if type(rule) is InjectError
+                     and (rule.ext is None or not rule.ext.persistent)), None)
+    if at_mount is None:
+        return None
+    for event, rules in rules_by_event.items():
+        if event == "none":
+            continue
+        later = next((rule for rule in rules if type(rule) is InjectError), None)
+        if later is not None:
+            return (f"warning: rule {_rule_name(at_mount)} is armed by none and disarmed as soon "
+                    f"as {event} arms rule {_rule_name(later)} (one active set, replaced "
+                    f'whole, as in QEMU); add persistent = "on" to keep it armed')
+    return None
+
+
+def _rule_name(rule: Rule) -> str:
+    return f"{rule.id} ({rule.source})" if rule.id else rule.source
 
 
 def rule_notes(rule: Rule) -> str:
@@ -723,7 +963,12 @@ def format_rule(rule: Rule) -> str:
 
     It is also valid control-file input: parse_rule_args(*split) gives the rule back.
     """
-    return " ".join([rule.kind] + [f"{key}={value}" for key, value in _rule_items(rule)])
+    return " ".join([rule.kind] + [f"{key}={_word(value)}" for key, value in _rule_items(rule)])
+
+
+def _word(value: str) -> str:
+    # a comm may hold spaces: quoted, the line still splits back into KEY=VALUE words
+    return f'"{value}"' if any(c.isspace() for c in value) else value
 
 
 def format_config(rules: Iterable[Rule]) -> str:

@@ -29,7 +29,7 @@ import trio
 from . import config, memory
 from .errors import BlkfuseError, ControlError, errno_name
 from .events import EVENTS, IOTYPES, canonical_event, never_fires_note
-from .rules import InjectError, Rule
+from .rules import Extensions, InjectError, Rule
 
 if TYPE_CHECKING:
     from .block import BlockDevice
@@ -309,7 +309,7 @@ class Control:
         out the rule list (the text status renders its own, capped)."""
         e = self.engine
         now = time.monotonic()
-        rules = [_rule_dict(r) for r in e.rules()] if all_rules else None
+        rules = [_rule_dict(r, e) for r in e.rules()] if all_rules else None
         suspended = []
         for s in e.suspended():
             req = s.request
@@ -323,6 +323,7 @@ class Control:
             })
         return {
             "info": dict(self.info),
+            "seed": e.seed,
             "state": e.state,
             "rules": rules,
             "active": [r.id for r in e.active()],
@@ -335,6 +336,8 @@ class Control:
                 {"errno": n, "name": errno_name(n), "count": c}
                 for n, c in sorted(e.errors_injected.items()) if c
             ],
+            "rules_healed": e.rules_healed,
+            "held": e.held(),
             "interrupted": {"count": e.interrupted,
                             "last": _interrupted_dict(e.last_interrupted)},
             "last_result": self.last_result,
@@ -377,6 +380,7 @@ class Control:
             out.append(f"mount: {info['mountpoint']} (daemon pid {info.get('pid')})")
         if info.get("config"):
             out.append(f"config: {info['config']}")
+        out.append(f"seed: {d['seed']} (-o seed={d['seed']} replays this run's random decisions)")
         out.append(f"state: {d['state']}")
 
         rules = self.engine.rules()
@@ -384,7 +388,7 @@ class Control:
         for r in rules[:TEXT_RULES_SHOWN]:
             src = f"  [{r.source}]" if r.source else ""
             spent = " spent" if r.spent else ""
-            out.append(f"  {r.id:>4}  {_format_rule(r)}  hits={r.hits}{spent}{src}")
+            out.append(f"  {r.id:>4}  {_format_rule(r)}  hits={r.hits}{_did(r, self.engine)}{spent}{src}")
         if len(rules) > TEXT_RULES_SHOWN:
             out.append(f"  ... {len(rules) - TEXT_RULES_SHOWN} more (`status json` lists every rule)")
         active = d["active"]
@@ -403,6 +407,8 @@ class Control:
             if s["op"] is not None:
                 where = f" {s['op']} offset={s['offset']} length={s['length']}"
             out.append(f"  {','.join(s['tags'])} at {s['event']}:{where} for {s['seconds']:.1f}s")
+        if d["held"]:
+            out.append(f"held by a delay rule: {d['held']}")
 
         if d["waiting"]:
             out.append("wait_break pending: " + " ".join(d["waiting"]))
@@ -481,11 +487,17 @@ async def _wait_hit(control: "Control", rule_id: int, timeout: float | None) -> 
 
 @command("inject-error KEY=VALUE ...",
          "add an [inject-error] rule (event=, errno=, sector=, once=,\n"
-         "immediately=, state=, iotype=); its id is in the status",
+         "immediately=, state=, iotype=; extensions: probability=, after=,\n"
+         "count=, sectors=, delay=, jitter=, corrupt=, corrupt-bytes=,\n"
+         "pid=, comm=, uid=, heal=, persistent=); its id is in the status",
          nargs=(1, None), parse=_rule_parser("inject-error"), aliases=("inject_error",))
 async def _inject_error(control: "Control", rule: Rule) -> str:
     _check_power_rule(rule, control.block)
-    return f"added rule {control.engine.add_rule(rule)}{config.rule_notes(rule)}"
+    rule_id = control.engine.add_rule(rule)
+    # rules armed by `none` next to rules armed later: the first later arming drops them
+    warning = config.arming_warning(control.engine.rules_by_event())
+    return (f"added rule {rule_id}{config.rule_notes(rule)}"
+            + (f" ({warning})" if warning else ""))
 
 
 @command("set-state KEY=VALUE ...", "add a [set-state] rule (event=, state=, new_state=)",
@@ -616,13 +628,45 @@ def _format_rule(rule) -> str:
         return repr(rule)
 
 
-def _rule_dict(r: Rule) -> dict[str, Any]:
+def _did(r, engine) -> str:
+    """What an extension rule did, beyond its hits: ' (failed=1 delayed=2 corrupted=0)'."""
+    if getattr(r, "ext", None) is None:
+        return ""
+    tally = engine.tally(r)
+    return f" (failed={tally.failed} delayed={tally.delayed} corrupted={tally.corrupted})"
+
+
+_PLAIN = Extensions()
+
+
+def _rule_dict(r, engine) -> dict:
     d = {"id": r.id, "kind": r.kind, "event": r.event, "state": r.state, "source": r.source,
          "hits": r.hits, "spent": r.spent, "text": _format_rule(r)}
     if isinstance(r, InjectError):
         d.update({"errno": r.errno, "errno_name": errno_name(r.errno), "sector": r.sector,
                   "once": r.once, "immediately": r.immediately,
                   "iotypes": [t for t in IOTYPES if t in r.iotypes]})
+        d.update(_extension_dict(r, engine))
     else:
         d["new_state"] = r.new_state
+    return d
+
+
+def _extension_dict(r, engine) -> dict:
+    """Every extension key of an inject-error rule (defaults for a QEMU rule) and what the
+    rule did: failed, delayed, corrupted (a QEMU rule only fails, or with errno 0 passes)."""
+    ext = r.ext if r.ext is not None else _PLAIN
+    d = {"probability": ext.probability, "after": ext.after, "count": ext.count or None,
+         "sectors": ext.sectors or None, "delay_us": ext.delay_us, "jitter_us": ext.jitter_us,
+         "corrupt": ext.corrupt or None,
+         "corrupt_bytes": ext.corrupt_bytes if ext.corrupt else None,
+         "pid": ext.pid if ext.pid >= 0 else None, "comm": ext.comm or None,
+         "uid": ext.uid if ext.uid >= 0 else None, "heal": ext.heal,
+         "persistent": ext.persistent, "extension": r.ext is not None}
+    if r.ext is None:
+        d.update(failed=r.hits if r.errno else 0, delayed=0, corrupted=0, reached=r.hits)
+    else:
+        tally = engine.tally(r)
+        d.update(failed=tally.failed, delayed=tally.delayed, corrupted=tally.corrupted,
+                 reached=tally.seen)
     return d

@@ -239,7 +239,7 @@ class Daemon:
 
         self.m = m
         settings = m.settings
-        self.engine = Engine(m.rules)
+        self.engine = Engine(m.rules, seed=settings.seed)
         # cache=none/directsync: O_DIRECT, as QEMU's file node (BDRV_O_NOCACHE)
         self.image = Image(m.image_path, read_only=m.read_only,
                            direct=settings.cache in ("none", "directsync"),

@@ -10,11 +10,19 @@ Pure: no file I/O and no FUSE. It follows QEMU 7.2's block/blkdebug.c as observe
 - `check(iotype, offset, length)` picks the first active rule (in file order) whose iotype
   allows the request and whose sector byte, if any, lies inside it.
 
+blkfuse's extension keys (README "Beyond blkdebug") only add to this: a rule with any of them
+carries `rule.ext`, and while such a rule is armed `check` takes a second path that walks the
+candidates in priority order and lets each decide (caller, after, probability, heal) whether it
+acts; the first that acts decides the request. Persistent rules sit in a second active set that
+no event replaces. While no extension rule is armed, `check` is exactly the plain path.
+
 Breakpoint suspension uses trio primitives, so a suspended request costs one parked task.
 """
 
 import errno as _errno
 import math
+import random
+import secrets
 import time
 from array import array
 from bisect import bisect_left
@@ -22,9 +30,11 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 import trio
 
+from . import callers
+from .effects import Effect
 from .errors import BlkfuseError
 from .events import EVENTS, IOTYPES, canonical_event
-from .rules import SECTOR_SIZE, InjectError, Rule, SetState
+from .rules import SECTOR_SIZE, Extensions, InjectError, Rule, SetState, Tally
 
 
 class EngineError(BlkfuseError):
@@ -99,9 +109,15 @@ class _ActiveSet:
     priority order, with the first one per io type cached. Sector rules live in a list
     sorted by byte offset, searched with bisect: a check looks only at rules whose byte
     lies inside the request.
+
+    Range rules (`sectors`) live in buckets by length, [2**(k-1), 2**k) bytes for bucket k,
+    each sorted by start: a range that overlaps [offset, end) starts in
+    (offset - 2**k, end), so each bucket is one bisect and a short walk, whatever the number
+    of ranges (an interval index that stays a pair of flat arrays per bucket).
     """
 
-    __slots__ = ("anywhere", "first_anywhere", "offsets", "at_offset", "count")
+    __slots__ = ("anywhere", "first_anywhere", "offsets", "at_offset", "count", "special",
+                 "ranges")
 
     def __init__(self) -> None:
         self.replace(())
@@ -109,7 +125,14 @@ class _ActiveSet:
     def replace(self, rules: Iterable[InjectError]) -> None:
         self.anywhere = []
         located = []
+        ranged = []
+        special = 0
         for rule in rules:
+            if rule.ext is not None:
+                special += 1
+                if rule.ext.sectors and rule.sector >= 0:
+                    ranged.append(rule)
+                    continue
             if rule.sector < 0:
                 self.anywhere.append(rule)
             else:
@@ -119,10 +142,29 @@ class _ActiveSet:
         # 8 bytes an offset in an array, not a 32-byte int object each in a list
         self.offsets = array("q", [rule.sector * SECTOR_SIZE for rule in located])
         self.at_offset = located
-        self.count = len(self.anywhere) + len(located)
+        self.count = len(self.anywhere) + len(located) + len(ranged)
+        self.special = special
+        self.ranges = {}
+        ranged.sort(key=_by_offset_then_id)
+        for rule in ranged:
+            starts, rules_ = self.ranges.setdefault(_bucket(rule), (array("q"), []))
+            starts.append(rule.sector * SECTOR_SIZE)
+            rules_.append(rule)
         self._index_anywhere()
 
     def add(self, rule: InjectError) -> None:
+        if rule.ext is not None:
+            self.special += 1
+            if rule.ext.sectors and rule.sector >= 0:
+                starts, rules = self.ranges.setdefault(_bucket(rule), (array("q"), []))
+                start = rule.sector * SECTOR_SIZE
+                i = bisect_left(starts, start)
+                while i < len(starts) and starts[i] == start and rules[i].id < rule.id:
+                    i += 1
+                starts.insert(i, start)
+                rules.insert(i, rule)
+                self.count += 1
+                return
         if rule.sector < 0:
             self.anywhere.append(rule)
             self.anywhere.sort(key=_by_id)
@@ -135,6 +177,47 @@ class _ActiveSet:
         self.count += 1
 
     def discard(self, rule: InjectError) -> bool:
+        if rule.ext is not None and rule.ext.sectors and rule.sector >= 0:
+            found = self._discard_range(rule)
+        else:
+            found = self._discard_plain(rule)
+        if found:
+            self.count -= 1
+            if rule.ext is not None:
+                self.special -= 1
+        return found
+
+    def contains(self, rule: InjectError) -> bool:
+        if rule.ext is not None and rule.ext.sectors and rule.sector >= 0:
+            starts, rules = self.ranges.get(_bucket(rule), ((), ()))
+        elif rule.sector < 0:
+            return rule in self.anywhere
+        else:
+            starts, rules = self.offsets, self.at_offset
+        start = rule.sector * SECTOR_SIZE
+        i = bisect_left(starts, start)
+        while i < len(starts) and starts[i] == start:
+            if rules[i] is rule:
+                return True
+            i += 1
+        return False
+
+    def _discard_range(self, rule: InjectError) -> bool:
+        key = _bucket(rule)
+        starts, rules = self.ranges.get(key, ((), ()))
+        start = rule.sector * SECTOR_SIZE
+        i = bisect_left(starts, start)
+        while i < len(starts) and starts[i] == start:
+            if rules[i] is rule:
+                del starts[i]
+                del rules[i]
+                if not rules:
+                    del self.ranges[key]
+                return True
+            i += 1
+        return False
+
+    def _discard_plain(self, rule: InjectError) -> bool:
         if rule.sector < 0:
             if rule not in self.anywhere:
                 return False
@@ -151,7 +234,6 @@ class _ActiveSet:
                 i += 1
             else:
                 return False
-        self.count -= 1
         return True
 
     def _index_anywhere(self) -> None:
@@ -177,8 +259,36 @@ class _ActiveSet:
                 i += 1
         return best
 
+    def candidates(self, iotype: str | None, offset: int, length: int) -> list[InjectError]:
+        """Every rule whose io types allow `iotype` (None: any) and whose span overlaps
+        [offset, offset+length) (a rule without sector overlaps everything, a flush
+        (length 0) no sector rule), in no particular order."""
+        found = [rule for rule in self.anywhere if iotype is None or iotype in rule.iotypes]
+        if not length:
+            return found
+        end = offset + length
+        offsets = self.offsets
+        if offsets:
+            rules = self.at_offset
+            i = bisect_left(offsets, offset)
+            while i < len(offsets) and offsets[i] < end:
+                rule = rules[i]
+                if iotype is None or iotype in rule.iotypes:
+                    found.append(rule)
+                i += 1
+        for key, (starts, rules) in self.ranges.items():
+            i = bisect_left(starts, offset - (1 << key) + 1)
+            while i < len(starts) and starts[i] < end:
+                rule = rules[i]
+                if (starts[i] + rule.ext.sectors * SECTOR_SIZE > offset
+                        and (iotype is None or iotype in rule.iotypes)):
+                    found.append(rule)
+                i += 1
+        return found
+
     def in_priority_order(self) -> list[InjectError]:
-        return sorted(self.anywhere + self.at_offset, key=_by_id)
+        ranged = [rule for _, rules in self.ranges.values() for rule in rules]
+        return sorted(self.anywhere + self.at_offset + ranged, key=_by_id)
 
 
 def _by_id(rule: Rule) -> int:
@@ -189,17 +299,37 @@ def _by_offset_then_id(rule: InjectError) -> tuple[int, int]:
     return (rule.sector, rule.id)
 
 
+def _bucket(rule: InjectError) -> int:
+    """The length class of a range rule: its length in bytes is below 2**_bucket(rule)."""
+    return (rule.ext.sectors * SECTOR_SIZE).bit_length()
+
+
+def _is_persistent(rule: InjectError) -> bool:
+    return rule.ext is not None and rule.ext.persistent
+
+
 class Engine:
     """QEMU blkdebug's BDRVBlkdebugState and its operations, in Python."""
 
-    def __init__(self, rules: Iterable[Rule] = ()):
+    def __init__(self, rules: Iterable[Rule] = (), *, seed: int | None = None):
         self.state = 1
         self._rules: list[Rule | None] = []               # by id - _first_id; None once removed
         self._first_id = 1
         self._by_event: dict[str, list[Rule]] = {}        # event -> its rules, file order
         self._breakpoints: dict[str, list[str]] = {}      # event -> tags, in order set
         self._active = _ActiveSet()
+        self._kept = _ActiveSet()         # persistent rules once armed: no event replaces them
+        self._plain = True                # no extension rule armed: check takes the QEMU path
+        self._persistent_rules = 0        # rules with persistent = "on", armed or not
+        self.heal_rules = 0               # rules with heal = "on", armed or not
+        self.rules_healed = 0             # heal rules a write removed
+        self._tallies: dict[int, Tally] = {}  # rule id -> what it did, from its first request
+        # One generator decides every probability, jitter and corruption: a run replays
+        # with the same seed and the same request sequence.
+        self.seed = secrets.randbits(32) if seed is None else seed
+        self.random = random.Random(self.seed)
         self._suspended: list[Suspension] = []            # newest first, as QEMU's QLIST
+        self._holds: set[trio.CancelScope] = set()        # requests a delay rule is holding
         self._changed = trio.Event()                      # set when suspensions/breakpoints change
         self._hit_waits: dict[int, trio.Event] = {}       # rule id -> set at its next hit
         self._next_id = 1
@@ -241,7 +371,10 @@ class Engine:
             elif new_state_rule is None:        # first in file order wins
                 new_state_rule = rule  # type: ignore[assignment]  # not narrowed by `type() is`
         if armed:
+            if self._persistent_rules:
+                armed = self._keep_persistent(armed)
             self._active.replace(armed)
+            self._sets_changed()
         if new_state_rule is not None:
             new_state_rule.hits += 1
             self.state = new_state_rule.new_state
@@ -250,8 +383,15 @@ class Engine:
             if self.tracer is not None:
                 self.tracer.rule(new_state_rule.id)
 
-    def check(self, iotype: str, offset: int, length: int) -> int:
-        """0 if the request may go on, else the errno it fails with. `length` 0: a flush."""
+    def check(self, iotype: str, offset: int, length: int,
+              caller: Caller | None = None) -> int | Effect:
+        """0 if the request may go on, else the errno it fails with, or (extension rules
+        only) an Effect: hold it, then fail it or change its data. `length` 0: a flush.
+
+        This is the QEMU path. While an extension rule is armed, `_sets_changed` shadows it
+        (and match and decide) with the extension path on the instance, so the plain path
+        pays nothing for them.
+        """
         if not self._active.count:
             return 0
         rule = self.match(iotype, offset, length)
@@ -280,6 +420,135 @@ class Engine:
             if error:
                 self.errors_injected[error] = self.errors_injected.get(error, 0) + 1
         return rule
+
+    def decide(self, iotype: str, offset: int, length: int,
+               caller: Caller | None = None) -> tuple[InjectError | None, int | Effect]:
+        """check() and match() in one: (the rule that decided or None, check's answer), for
+        the block layer's writes and flushes, which need both."""
+        rule = self.match(iotype, offset, length)
+        return rule, (rule.errno if rule is not None else 0)
+
+    # ---- extension rules: the second path ----
+
+    def _check_extended(self, iotype: str, offset: int, length: int,
+                        caller: Caller | None = None) -> int | Effect:
+        return self._decide_extended(iotype, offset, length, caller)[1]
+
+    def _match_extended(self, iotype: str, offset: int, length: int,
+                        caller: Caller | None = None) -> InjectError | None:
+        return self._decide_extended(iotype, offset, length, caller)[0]
+
+    def _decide_extended(self, iotype: str, offset: int, length: int,
+                         caller: Caller | None = None) -> tuple[InjectError | None, int | Effect]:
+        rules = self._active.candidates(iotype, offset, length)
+        if self._kept.count:
+            rules += self._kept.candidates(iotype, offset, length)
+            rules.sort(key=_by_id)
+        elif len(rules) > 1:
+            rules.sort(key=_by_id)
+        for rule in rules:
+            ext = rule.ext
+            if ext is None:                     # a QEMU rule decides as it always has (match)
+                rule.hits += 1
+                if self._hit_waits:
+                    self._wake_hit_waits(rule.id)
+                error = rule.errno
+                if error or rule.torn >= 0 or rule.drop_unsynced:
+                    if rule.once:
+                        self._remove_armed(rule)
+                    if error:
+                        self.errors_injected[error] = self.errors_injected.get(error, 0) + 1
+                return rule, error
+            if ext.pid >= 0 or ext.uid >= 0 or ext.comm:
+                if not _caller_matches(ext, caller):
+                    continue
+            if ext.heal and iotype == "write":
+                start, end = rule.span
+                if offset <= start and end <= offset + length:
+                    continue                    # a write over the whole span repairs it
+            tally = self._tallies.get(rule.id)
+            if tally is None:
+                tally = self._tallies[rule.id] = Tally()
+            tally.seen += 1
+            if tally.seen <= ext.after:
+                continue
+            if ext.probability < 1.0 and self.random.random() >= ext.probability:
+                continue
+            return rule, self._act(rule, ext, tally, iotype)
+        return None, 0
+
+    def _act(self, rule: InjectError, ext: Extensions, tally: Tally,
+             iotype: str) -> int | Effect:
+        """What `rule`, which acts on this request, does to it."""
+        rule.hits += 1
+        if self._hit_waits:
+            self._wake_hit_waits(rule.id)
+        error = rule.errno
+        delay_us = ext.delay_us
+        if ext.jitter_us:
+            delay_us += self.random.randint(0, ext.jitter_us)
+        corrupt = ext.corrupt if iotype == "read" or iotype == "write" else ""
+        if not (error or delay_us or corrupt or rule.torn >= 0 or rule.drop_unsynced):
+            return 0                            # errno 0: lets it through, as in QEMU
+        tally.acted += 1
+        if error:
+            tally.failed += 1
+            self.errors_injected[error] = self.errors_injected.get(error, 0) + 1
+        if delay_us:
+            tally.delayed += 1
+        if corrupt:
+            tally.corrupted += 1
+        if rule.once or tally.acted == ext.count:
+            self._remove_armed(rule)
+        if not (delay_us or corrupt):
+            return error
+        start, end = rule.span
+        return Effect(error, delay_us / 1e6, corrupt, ext.corrupt_bytes, start, end,
+                      self.random.getrandbits(64) if corrupt else 0)
+
+    def written(self, offset: int, length: int) -> None:
+        """A write of [offset, offset+length) reached the image: armed heal rules whose whole
+        span it covers are removed (a bad sector remapped on write, as dm-dust does)."""
+        if not self.heal_rules or self._plain:
+            return
+        end = offset + length
+        for rules in (self._active.candidates(None, offset, length),
+                      self._kept.candidates(None, offset, length)):
+            for rule in rules:
+                if rule.ext is not None and rule.ext.heal:
+                    start, stop = rule.span
+                    if offset <= start and stop <= end:
+                        self._remove_armed(rule)
+                        self.rules_healed += 1
+
+    def _keep_persistent(self, armed: list[InjectError]) -> list[InjectError]:
+        """Move the persistent rules of `armed` to the kept set; the others are returned."""
+        others = []
+        for rule in armed:
+            if _is_persistent(rule):
+                if not self._kept.contains(rule):
+                    self._kept.add(rule)
+            else:
+                others.append(rule)
+        return others
+
+    def _remove_armed(self, rule: InjectError) -> None:
+        """An armed rule is used up (once, count, heal): out of its active set, and spent."""
+        if not self._active.discard(rule):
+            self._kept.discard(rule)
+        self._retire(rule)
+        self._sets_changed()
+
+    def _sets_changed(self) -> None:
+        plain = not (self._active.special or self._kept.count)
+        if plain != self._plain:
+            self._plain = plain
+            if plain:
+                del self.check, self.match, self.decide
+            else:
+                self.check = self._check_extended
+                self.match = self._match_extended
+                self.decide = self._decide_extended
 
     # ---- breakpoints ----
 
@@ -371,11 +640,28 @@ class Engine:
         return len(suspended)
 
     def resume_all(self) -> None:
-        """Shutdown: drop every breakpoint and release every suspended request."""
+        """Shutdown: drop every breakpoint, release every suspended request and end every
+        delay early (the held requests go on, or fail with their rule's errno)."""
         self._breakpoints.clear()
         for suspension in list(self._suspended):
             suspension.release()
+        for hold in list(self._holds):
+            hold.cancel()
         self._notify()
+
+    async def hold(self, seconds: float) -> None:
+        """A delay rule's hold: sleep in the request's own task (nothing else waits), cut
+        short by resume_all so that unmounting never waits out a long delay."""
+        with trio.move_on_after(seconds) as scope:
+            self._holds.add(scope)
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._holds.discard(scope)
+
+    def held(self) -> int:
+        """How many requests a delay rule is holding right now."""
+        return len(self._holds)
 
     def breakpoints(self) -> list[tuple[str, str]]:
         return [(event, tag) for event, tags in self._breakpoints.items() for tag in tags]
@@ -388,6 +674,9 @@ class Engine:
     def _insert(self, rule: Rule) -> int:
         rule.id = self._next_id
         self._next_id += 1
+        if type(rule) is InjectError and rule.ext is not None:
+            self._persistent_rules += rule.ext.persistent
+            self.heal_rules += rule.ext.heal
         self._rules.append(rule)
         self._by_event.setdefault(rule.event, []).append(rule)
         return rule.id
@@ -399,6 +688,9 @@ class Engine:
         return None
 
     def _unindex(self, rule: Rule) -> None:
+        if type(rule) is InjectError and rule.ext is not None:
+            self._persistent_rules -= rule.ext.persistent
+            self.heal_rules -= rule.ext.heal
         siblings = self._by_event[rule.event]
         siblings.remove(rule)
         if not siblings:
@@ -412,6 +704,7 @@ class Engine:
 
     def _delete(self, rule: Rule) -> None:
         self._rules[rule.id - self._first_id] = None
+        self._tallies.pop(rule.id, None)
         if not rule.spent:
             self._unindex(rule)
         self._wake_hit_waits(rule.id)           # its waiters learn that it is gone
@@ -425,7 +718,8 @@ class Engine:
         rule_id = self._insert(rule)
         if (rule.event == "none" and type(rule) is InjectError
                 and rule.state in (0, self.state)):
-            self._active.add(rule)
+            (self._kept if _is_persistent(rule) else self._active).add(rule)
+            self._sets_changed()
         return rule_id
 
     def remove_rule(self, rule_id: int) -> None:
@@ -433,7 +727,9 @@ class Engine:
         if rule is None:
             raise EngineError(_errno.ENOENT, f"no rule with id {rule_id}")
         if type(rule) is InjectError:
-            self._active.discard(rule)
+            if not self._active.discard(rule):
+                self._kept.discard(rule)
+            self._sets_changed()
         self._delete(rule)
 
     def clear(self) -> None:
@@ -442,6 +738,10 @@ class Engine:
         self._first_id = self._next_id
         self._by_event.clear()
         self._active.replace(())
+        self._kept.replace(())
+        self._tallies.clear()
+        self._persistent_rules = self.heal_rules = 0
+        self._sets_changed()
         for rule_id in list(self._hit_waits):
             self._wake_hit_waits(rule_id)
 
@@ -491,17 +791,43 @@ class Engine:
         for rule in rules:
             self._insert(rule)
         self.state = 1
+        self.random.seed(self.seed)           # a fresh open: the same decisions again
         self.event_counts["none"] += 1
         rules_of_none = self._by_event.get("none")
         if rules_of_none:
             self._run_rules(rules_of_none)
 
+    def tally(self, rule: Rule) -> Tally:
+        """What an extension rule did so far (all zero before a request reached it)."""
+        return self._tallies.get(rule.id) or Tally()
+
+    def rules_by_event(self) -> dict[str, list[Rule]]:
+        """event -> its rules in file order (read only: the engine's own lists)."""
+        return self._by_event
+
     def rules(self) -> list[Rule]:
         return [rule for rule in self._rules if rule is not None]
 
     def active(self) -> list[InjectError]:
-        return self._active.in_priority_order()
+        if not self._kept.count:
+            return self._active.in_priority_order()
+        return sorted(self._active.in_priority_order() + self._kept.in_priority_order(),
+                      key=_by_id)
 
 
-__all__ = ["Caller", "Engine", "EngineError", "Interrupted", "Request", "Suspension",
+def _caller_matches(ext, caller: Caller | None) -> bool:
+    """Whether the request's sender passes the rule's pid/uid/comm filters. An unknown
+    sender (an op without a request context) passes none: a filter is a restriction."""
+    if caller is None:
+        return False
+    if ext.uid >= 0 and caller.uid != ext.uid:
+        return False
+    if ext.pid >= 0 and caller.pid != ext.pid and callers.thread_group(caller.pid) != ext.pid:
+        return False
+    if ext.comm and callers.command_name(caller.pid) != ext.comm:
+        return False
+    return True
+
+
+__all__ = ["Caller", "Effect", "Engine", "EngineError", "Interrupted", "Request", "Suspension",
            "InjectError", "SetState"]

@@ -32,6 +32,7 @@ class InjectError:
     # blkfuse extensions for power cuts (issue 10; QEMU rejects these keys):
     torn: int = -1                    # a write it fails keeps its first `torn` sectors; -1: off
     drop_unsynced: bool = False       # a flush it fails first reverts the unsynced writes
+    ext: "Extensions | None" = None   # blkfuse's other keys beyond blkdebug's; None: QEMU rule
 
     kind = "inject-error"
 
@@ -45,6 +46,60 @@ class InjectError:
     def offset(self) -> int:
         """The byte a sector rule tests, or -1."""
         return self.sector * SECTOR_SIZE if self.sector >= 0 else -1
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """The bytes [start, end) a request must overlap to match: QEMU's one byte at
+        sector*512, or with `sectors` whole sectors; (0, 2**63) for a rule without sector."""
+        if self.sector < 0:
+            return 0, ANYWHERE_END
+        start = self.sector * SECTOR_SIZE
+        sectors = self.ext.sectors if self.ext is not None else 0
+        return start, (start + sectors * SECTOR_SIZE if sectors else start + 1)
+
+
+ANYWHERE_END = 2**63
+
+
+# What a rule may do to a request besides failing it.
+CORRUPT_MODES = ("flip", "zero", "random")
+
+
+@dataclass(slots=True, frozen=True)
+class Extensions:
+    """The keys blkfuse adds to [inject-error] (README "Beyond blkdebug").
+
+    Kept apart so that a QEMU rule pays one empty slot for them, and so that the engine
+    can tell at a glance that a rule needs more than blkdebug's check (`rule.ext is None`).
+    Immutable and shared: 100,000 bad ranges spelt alike hold one (config.py interns them);
+    what each rule did is its Tally, kept by the engine.
+    """
+
+    probability: float = 1.0          # acts on a request that reaches it with this chance
+    after: int = 0                    # lets the first N requests that reach it through
+    count: int = 0                    # acts on at most N requests, then is spent; 0: no limit
+    sectors: int = 0                  # with sector: covers [sector, sector+N); 0: QEMU's one byte
+    delay_us: int = 0                 # holds the request this long ...
+    jitter_us: int = 0                # ... plus uniformly up to this much
+    corrupt: str = ""                 # "", or one of CORRUPT_MODES
+    corrupt_bytes: int = 1            # bytes changed per corrupted request
+    pid: int = -1                     # only requests sent by this process (or thread); -1: any
+    comm: str = ""                    # only requests sent by this command name; "": any
+    uid: int = -1                     # only requests sent by this user; -1: any
+    heal: bool = False                # a successful write over the whole span removes the rule
+    persistent: bool = False          # stays armed when later events replace the active set
+
+
+@dataclass(slots=True, eq=False)
+class Tally:
+    """What an extension rule did: `seen` requests reached it (for `after`), it `acted` on
+    some, failing, delaying or corrupting them (for `count` and `once`)."""
+
+    seen: int = 0
+    acted: int = 0
+    failed: int = 0
+    delayed: int = 0
+    corrupted: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -105,3 +160,4 @@ class Settings:
     atomic: int | None = None
     io_threads: int | None = None     # -o io-threads: worker threads for disk I/O (image.py)
     poll_us: int | None = None        # -o poll-us: busy-poll window for /dev/fuse (fuseloop.py)
+    seed: int | None = None           # -o seed: the one random generator's seed; None: random

@@ -25,9 +25,9 @@ class Recorder(Engine):
         self.trace.append(event)
         return super().fire(event, request)
 
-    def check(self, iotype, offset, length):
+    def check(self, iotype, offset, length, caller=None):
         self.trace.append((iotype, offset, length))
-        return super().check(iotype, offset, length)
+        return super().check(iotype, offset, length, caller)
 
 
 def device(tmp_path, size=65536, fill=0x77, config="", **kw):

@@ -273,7 +273,7 @@ def test_status_dict_is_json_and_stable():
     assert engine.check("read", 0, 512) == errno.ENOSPC
     d = json.loads(json.dumps(control.status_dict()))
     assert set(d) == {"info", "state", "rules", "active", "breakpoints", "suspended", "waiting",
-                      "waiting_hits", "events",
+                      "waiting_hits", "events", "seed", "rules_healed", "held",
                       "errors_injected", "interrupted", "last_result", "last_error",
                       "last_error_errno", "power", "unsynced"}
     assert d["state"] == 3

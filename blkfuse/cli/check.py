@@ -1,13 +1,13 @@
-"""`blkfuse check [PATH] [-o KEY=VALUE,...]`: validate rules without mounting anything."""
+"""`blkfuse check [--qemu] [PATH] [-o KEY=VALUE,...]`: validate rules without mounting anything."""
 
 import collections
 import sys
 
 import click
 
+from ..config import (EXTENSION_OPTIONS, MOUNT_OPTIONS, ConfigError, arming_warning, format_rule,
+                      load_rules, parse_option_string, parse_options, rule_notes)
 from ..rules import Rule, Settings
-from ..config import (MOUNT_OPTIONS, ConfigError, format_rule, load_rules,
-                      parse_option_string, parse_options, rule_notes)
 
 
 @click.command(name="check", epilog="""\b
@@ -18,13 +18,17 @@ Examples:
 @click.argument("path", type=click.Path(dir_okay=False), required=False)
 @click.option("-o", "--options", "option_strings", multiple=True, metavar="KEY=VALUE,...",
               help="blkdebug options, as for mount (inject-error.0.event=read_aio,align=4096).")
-def command(path, option_strings):
+@click.option("--qemu", is_flag=True,
+              help="Fail (exit 1) naming every key and value QEMU 7.2's blkdebug would reject.")
+def command(path, option_strings, qemu):
     """Check the blkdebug config file PATH and/or -o options; print each rule with its source.
 
     Notes mark rules that never fire through a mount and set-state rules without new_state;
     options that are not blkdebug's are marked not portable. Exits 1 with the first error
-    (file:line or option key) on stderr.
+    (file:line or option key) on stderr. blkfuse's extension keys are accepted and marked;
+    with --qemu they are errors, all of them listed.
     """
+    notes = []
     if path is None and not option_strings:
         click.echo("blkfuse check: give a config file PATH, -o options, or both "
                    "(blkfuse check --help)", err=True)
@@ -36,25 +40,45 @@ def command(path, option_strings):
         _, settings = parse_options(options)
         if path is not None:
             settings.config_path = path      # PATH is the config file, whatever -o says
-        rules = load_rules(settings)
+        rules = load_rules(settings, notes)
     except ConfigError as error:
         click.echo(f"blkfuse check: {error}", err=True)
         sys.exit(1)
+    name = path or settings.config_path or "options"
+    extension_options = [key for key in options if key in EXTENSION_OPTIONS]
+    if qemu:
+        problems = [f"{note.where}: {note.text}" for note in notes]
+        problems += [f'option {key}: "{key}" is a blkfuse extension option'
+                     for key in extension_options]
+        if problems:
+            for problem in problems:
+                click.echo(f"blkfuse check: {problem}", err=True)
+            click.echo(f"blkfuse check: {name}: QEMU 7.2 would reject {len(problems)} "
+                       f"key{'s' if len(problems) != 1 else ''} or value"
+                       f"{'s' if len(problems) != 1 else ''} (listed above)", err=True)
+            sys.exit(1)
+    marked = collections.defaultdict(list)
+    for note in notes:
+        marked[id(note.rule)].append(note.label)
     for rule in rules:
-        click.echo(f"{rule.source}: {format_rule(rule)}{rule_notes(rule)}{_power_note(rule)}")
-    click.echo(_summary(path or settings.config_path or "options", rules, settings))
+        mark = ""
+        if id(rule) in marked:
+            mark = f"  (not portable: {', '.join(marked[id(rule)])}: QEMU 7.2 rejects it)"
+        click.echo(f"{rule.source}: {format_rule(rule)}{rule_notes(rule)}{mark}")
+    warning = arming_warning(_by_event(rules))
+    if warning:
+        click.echo(warning)
+    click.echo(_summary(name, rules, settings, notes))
 
 
-def _power_note(rule: Rule) -> str:
-    # issue 10's keys: QEMU's blkdebug rejects them
-    used = [key for key, on in (("torn", getattr(rule, "torn", -1) >= 0),
-                                ("drop-unsynced", getattr(rule, "drop_unsynced", False))) if on]
-    if not used:
-        return ""
-    return f"  (not portable: {', '.join(used)}: blkfuse extension, QEMU rejects it)"
+def _by_event(rules) -> dict:
+    by_event = {}
+    for rule in rules:
+        by_event.setdefault(rule.event, []).append(rule)
+    return by_event
 
 
-def _summary(path: str, rules: list[Rule], settings: Settings) -> str:
+def _summary(path, rules, settings, notes) -> str:
     kinds = collections.Counter(rule.kind for rule in rules)
     noun = "rule" if len(rules) == 1 else "rules"
     parts = [f"{path}: OK, {len(rules)} {noun}"]
@@ -86,4 +110,9 @@ def _summary(path: str, rules: list[Rule], settings: Settings) -> str:
         value = getattr(settings, key.replace("-", "_"))
         if value is not None:
             parts.append(f"{key}={value} (not portable: blkfuse's own tuning)")
+    if settings.seed is not None:
+        parts.append(f"seed={settings.seed} (not portable)")
+    if notes:
+        parts.append(f"{len(notes)} blkfuse extension{'s' if len(notes) != 1 else ''} in the "
+                     "rules (QEMU would reject them; check --qemu lists them)")
     return ", ".join(parts)
