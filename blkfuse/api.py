@@ -217,6 +217,14 @@ class Mount:
         extra = "" if timeout is None else f" {timeout:g}"
         self.ctl(f"wait_break {shlex.quote(tag)}{extra}")
 
+    def wait_hit(self, rule_id: int, timeout: float | None = None) -> int:
+        """Block until rule `rule_id` acts once more than when the wait began (fails a request,
+        sets a state); returns its hit count then. ControlError ETIMEDOUT after `timeout` s;
+        ENOENT for an unknown or spent rule."""
+        extra = "" if timeout is None else f" {timeout:g}"
+        answer = self.ctl(f"wait_hit {int(rule_id)}{extra}")
+        return int(answer.rsplit("hits=", 1)[1].split(")")[0])
+
     def resume(self, tag: str) -> None:
         """Let the request suspended at `tag` go on."""
         self.ctl(f"resume {shlex.quote(tag)}")

@@ -149,3 +149,31 @@ def test_reload_rereads_the_config(mount, fuse_dir):
     st = m.status()
     assert [r["event"] for r in st["rules"]] == ["write_aio"]
     assert "rules.conf:3" in st["last_error"] or "write_aoi" in st["last_error"]
+
+
+def test_python_api_wait_hit_from_another_thread(fuse_dir):
+    from blkfuse import ControlError, Mount
+    img = fuse_dir / "api.img"
+    img.write_bytes(bytes(64 * 1024))
+    mnt = fuse_dir / "api-mnt"
+    mnt.mkdir()
+    with Mount(img, mnt) as m:
+        rule = m.inject_error(event="write_aio", errno="ENOSPC", iotype="write", once=True)
+        box = {}
+        t = threading.Thread(target=lambda: box.update(hits=m.wait_hit(rule, 600)), daemon=True)
+        t.start()
+        while m.status()["waiting_hits"] != [rule]:
+            assert t.is_alive(), box
+            time.sleep(0.01)
+        fd = os.open(m.image_path, os.O_RDWR)
+        try:
+            with pytest.raises(OSError) as e:
+                os.pwrite(fd, b"w" * 512, 0)
+            assert e.value.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        t.join(60)
+        assert box == {"hits": 1}
+        with pytest.raises(ControlError) as e:
+            m.wait_hit(rule, 1)
+        assert e.value.errno == errno.ENOENT                # spent: it cannot act again
