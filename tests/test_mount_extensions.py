@@ -202,3 +202,19 @@ def test_bad_extension_value_fails_the_control_write(mount):
     assert info.value.errno == errno.EINVAL
     assert m.status()["rules"] == []
     assert "delay expects a duration" in m.status()["last_error"]
+
+
+def test_caller_filters_fail_dd_but_not_this_process(mount):
+    """comm: dd's reads fail, this process's do not; pid: the other way round."""
+    m = mount("-o", "inject-error.0.event=none,inject-error.0.comm=dd,inject-error.0.iotype=read",
+              data=pattern(64 * KiB))
+    dd = subprocess.run(["dd", f"if={m.file}", "of=/dev/null", "bs=4k", "count=1",
+                         "iflag=direct"], capture_output=True, text=True)
+    assert dd.returncode != 0 and "Input/output error" in dd.stderr
+    assert reads(m, 3) == [None] * 3
+    assert m.status()["rules"][0]["failed"] == 1
+    m.ctl(f"clear\ninject-error event=none iotype=read pid={os.getpid()}")
+    dd = subprocess.run(["dd", f"if={m.file}", "of=/dev/null", "bs=4k", "count=1",
+                         "iflag=direct"], capture_output=True, text=True)
+    assert dd.returncode == 0, dd.stderr
+    assert reads(m, 1) == [errno.EIO]
