@@ -647,17 +647,6 @@ def run_mount(sc: Scenario, tmpdir: Path) -> tuple[list, bytes]:
     return results, image_path.read_bytes()
 
 
-MOUNT_PENDING_KINDS = ("zero", "discard", "alloc", "map")
-# qemu-io's truncate is ftruncate through the mount
-
-
-def mount_pending(sc: Scenario) -> bool:
-    """Until the FUSE fallocate/lseek/write-flags handlers are on main (issue 13), the mount
-    cannot carry these ops; such scenarios run through the block layer only."""
-    return not oracle.MOUNT_HAS_FILE_OPS and any(op[0] in MOUNT_PENDING_KINDS or (op[0] == "write" and len(op) > 4 and op[4])
-               for op in sc.ops)
-
-
 def _errno_number(name: str) -> int:
     if name.startswith("ERRNO_"):
         return int(name[6:])

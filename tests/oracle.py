@@ -159,32 +159,6 @@ def parse_op(text: str) -> Op:
 
 # ---- where blkfuse deliberately differs -------------------------------------------------
 
-def _mount_has_file_ops() -> bool:
-    try:
-        from blkfuse.fs import Operations
-    except ImportError:
-        return False
-    return "fallocate" in vars(Operations) and "lseek" in vars(Operations)
-
-
-# Until blkfuse's FUSE layer has its fallocate and lseek handlers (issue 13), cases using
-# write -z, discard, alloc, map or write -f are skipped on the mount target only; from then on
-# they run (and this goes).
-MOUNT_HAS_FILE_OPS = _mount_has_file_ops()
-
-
-def mount_pending(case: dict) -> str | None:
-    if MOUNT_HAS_FILE_OPS:
-        return None
-    for text in case["ops"]:
-        op = parse_op(text)
-        if (op.cmd == "discard" or op.cmd in ("alloc", "map")
-                or (op.cmd in ("write", "aio_write") and (op.zero or op.fua))):
-            return (f"not expressible through the mount yet: {text!r} needs the FUSE "
-                    "fallocate/lseek/write-flags handlers (issue 13)")
-    return None
-
-
 # Deliberate differences (docs/design.md, "Deliberate differences"): blkfuse's documented behaviour replaces QEMU's.
 # name -> (why, expect override, final image override as runs or "initial")
 DELIBERATE = {

@@ -75,9 +75,6 @@ def test_mount_matches_qemu_fuse_export(tmp_path):
     why_not = oracle.mount_available()
     if why_not:
         pytest.skip(why_not)
-    if not oracle.MOUNT_HAS_FILE_OPS:
-        pytest.skip("not expressible through the mount yet: the FUSE fallocate/lseek handlers "
-                    "are not on main (issue 13)")
 
     def through_the_mount(k, sc):
         workdir = tmp_path / f"s{k}"

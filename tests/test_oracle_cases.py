@@ -28,8 +28,6 @@ def test_case(name, target, tmp_path):
         if why_not:
             pytest.skip(why_not)
     case = oracle.load_case(name)
-    if target == "mount" and oracle.mount_pending(case):
-        pytest.skip(oracle.mount_pending(case))
     exp = oracle.expectation(case)
     got = TARGETS[target](case, tmp_path)
     problems = oracle.compare(case, exp, got)
