@@ -1,3 +1,23 @@
-"""blkfuse: QEMU blkdebug's fault-injection rule engine behind a FUSE-mounted disk image."""
+"""blkfuse: QEMU blkdebug's fault-injection rule engine behind a FUSE-mounted disk image.
+
+    from blkfuse import Mount, ControlError      # see blkfuse.api
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import BlkfuseError, ControlError, MountError
+
+if TYPE_CHECKING:
+    from .api import Mount
 
 __version__ = "0.1.0"
+
+__all__ = ["Mount", "BlkfuseError", "ControlError", "MountError", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Mount is imported on first use, so the CLI (which imports this package) starts fast.
+    if name == "Mount":
+        from .api import Mount
+        return Mount
+    raise AttributeError(f"module 'blkfuse' has no attribute {name!r}")

@@ -44,7 +44,7 @@ import trio
 
 from .engine import Caller, Engine, Request
 from .errors import BlkfuseError
-from .image import Bytes, Image
+from .image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, Bytes, Image
 from .rules import CACHE_MODES, FORMATS, SECTOR_SIZE, InjectError
 from .unsynced import CutReport, LogFull, UndoLog
 
@@ -58,6 +58,18 @@ log = logging.getLogger(__name__)
 
 def _failure(error: int) -> OSError:
     return OSError(error, os.strerror(error))
+
+
+_REQUEST_MAX_BYTES = (2**31 - 1) // 512 * 512     # BDRV_REQUEST_MAX_BYTES, a sector multiple
+
+
+def _export_requests(offset: int, length: int):
+    """(offset, length) of each block request QEMU's FUSE export makes for a range."""
+    while length > 0:
+        count = min(length, _REQUEST_MAX_BYTES)
+        yield offset, count
+        offset += count
+        length -= count
 
 
 def _round_up(value: int, align: int) -> int:
@@ -111,10 +123,56 @@ class BlockDevice:
         return self.image.statvfs()
 
     def truncate(self, size: int) -> None:
+        """Resize. No event and no check, but QEMU's bdrv_co_truncate counts it as written
+        at each node (bdrv_co_write_req_finish), so the next flush is checked."""
         self._check_power()
         if self.unsynced is not None:
             self.unsynced.record_resize(self.image, size)
         self.image.truncate(size)
+        self._blkdebug_written += 1
+        self._format_written += 1
+
+    async def fallocate(self, mode: int, offset: int, length: int, *,
+                        writethrough: bool = False, caller: Caller | None = None) -> None:
+        """fallocate(2) on the image, as QEMU 7.2's FUSE export maps it (fuse_fallocate):
+
+            PUNCH_HOLE|KEEP_SIZE   discard, the range clamped to the image
+            ZERO_RANGE             write-zeroes; the image grows first when the range ends
+                                   past it (with KEEP_SIZE: the range is clamped instead)
+            0 (allocate)           only past the end, where it grows the image (QEMU's
+                                   export tries a preallocating truncate there, which
+                                   blkdebug refuses); inside the image EOPNOTSUPP, as QEMU
+            anything else          EOPNOTSUPP (PUNCH_HOLE without KEEP_SIZE: EINVAL)
+
+        A range that starts at or past the end is a no-op for KEEP_SIZE modes (QEMU's export
+        would ask the block layer for a negative length and get EIO). Ranges are handed down
+        in requests of at most BDRV_REQUEST_MAX_BYTES, as the export's loop does; the first
+        failing one ends it. `writethrough` (a handle opened O_DSYNC): write-zeroes are FUA."""
+        self._check_power()                 # even a no-op range fails while the power is off
+        size = self.image.size()
+        keep_size = bool(mode & FALLOC_FL_KEEP_SIZE)
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            if not keep_size:
+                raise _failure(_errno.EINVAL)
+            if mode & ~(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE):
+                raise _failure(_errno.EOPNOTSUPP)
+            for piece, count in _export_requests(offset, min(length, size - offset)):
+                await self.discard(piece, count, caller=caller)
+        elif mode & FALLOC_FL_ZERO_RANGE:
+            if mode & ~(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE):
+                raise _failure(_errno.EOPNOTSUPP)
+            if keep_size:
+                length = min(length, size - offset)
+            elif offset + length > size:
+                self.truncate(offset + length)
+            for piece, count in _export_requests(offset, length):
+                await self.write_zeroes(piece, count, writethrough=writethrough, caller=caller)
+        elif mode == 0:
+            if offset < size:
+                raise _failure(_errno.EOPNOTSUPP)
+            self.truncate(offset + length)
+        else:
+            raise _failure(_errno.EOPNOTSUPP)
 
     async def _event(self, event: str, request: Request) -> None:
         suspension = self.engine.fire(event, request)
@@ -179,9 +237,11 @@ class BlockDevice:
             error = self._check("read", start, end - start, caller)
             if error:
                 raise _failure(error)
+        # The image answers inline from memory, or hands a read that would wait on a disk
+        # to a worker thread (image.py): the events and the check above are done either way.
         if start == offset and end == offset + length:
-            return self.image.pread(offset, length)
-        data = self.image.pread(start, end - start)
+            return await self.image.read(offset, length)
+        data = await self.image.read(start, end - start)
         return data[offset - start:offset - start + length]
 
     # ---- write ----
@@ -261,7 +321,8 @@ class BlockDevice:
                     elif error:
                         break           # pieces before it stay written, as in QEMU
                 try:
-                    self._write_image(piece_start, data[piece_start - start:piece_end - start])
+                    await self._write_image(piece_start,
+                                            data[piece_start - start:piece_end - start])
                 except OSError as failure:      # the undo log is full, or the backing file
                     error = failure.errno or _errno.EIO
                 if error:
@@ -294,7 +355,7 @@ class BlockDevice:
                 await self._event("pwritev_rmw_head", request)
             if has_tail:
                 await self._event("pwritev_rmw_tail", request)
-            merged = self._padding_read(start, end - start, caller)
+            merged = await self._padding_read(start, end - start, caller)
             if has_head:
                 await self._event("pwritev_rmw_after_head", request)
             if has_tail:
@@ -303,11 +364,11 @@ class BlockDevice:
         head = tail = None
         if has_head:
             await self._event("pwritev_rmw_head", request)
-            head = self._padding_read(start, align, caller)
+            head = await self._padding_read(start, align, caller)
             await self._event("pwritev_rmw_after_head", request)
         if has_tail:
             await self._event("pwritev_rmw_tail", request)
-            tail = self._padding_read(end - align, align, caller)
+            tail = await self._padding_read(end - align, align, caller)
             await self._event("pwritev_rmw_after_tail", request)
         return head, tail, False
 
@@ -337,15 +398,21 @@ class BlockDevice:
                 log.warning("%s", full.strerror)
                 raise
 
-    def _write_image(self, offset: int, data: Bytes) -> None:
-        """Every pwrite of the image passes here: the undo log sees it first."""
-        if data:
+    async def _write_image(self, offset: int, data) -> None:
+        """Every pwrite of the image passes here: the undo log sees it first. With the log,
+        the write is done right after the record, with no await between (unsynced.py); else
+        the image may hand it to a worker thread (image.py)."""
+        if not data:
+            return
+        if self.unsynced is not None:
             self._record(offset, len(data))
             self.image.pwrite(offset, data)
+        else:
+            await self.image.write(offset, data)
 
-    def _padding_read(self, offset: int, length: int, caller: Caller | None) -> bytes:
+    async def _padding_read(self, offset: int, length: int, caller: Caller | None) -> bytes:
         self._check_pieces("read", offset, offset + length, caller)
-        data = self.image.pread(offset, length)
+        data = await self.image.read(offset, length)
         return data + bytes(length - len(data))     # past the end of the image: zeros
 
     # ---- write-zeroes ----
@@ -451,7 +518,10 @@ class BlockDevice:
                 num = min(num, max_transfer)
                 error = self._check("write", offset, num, caller)
                 if not error:
-                    error = self._change(self._write_image, offset, bytes(num))
+                    try:
+                        await self._write_image(offset, bytes(num))
+                    except OSError as failure:
+                        error = failure.errno or _errno.EIO
             else:
                 error = self._check("write-zeroes", offset, num, caller)
                 if not error:

@@ -26,13 +26,13 @@ from collections.abc import Iterable, Sequence
 import errno as errno_module
 import re
 
-from .events import DEFAULT_IOTYPES, EVENTS, IOTYPES, canonical_event
+from .events import DEFAULT_IOTYPES, EVENTS, IOTYPES, canonical_event, never_fires_note
 from .rules import CACHE_MODES, FORMATS, InjectError, Rule, SetState, Settings
 
 __all__ = [
-    "ConfigError", "parse_config_text", "parse_config_file", "parse_options",
+    "ConfigError", "UnknownEvent", "parse_config_text", "parse_config_file", "parse_options",
     "parse_option_string", "parse_filename", "parse_rule_args", "load_rules",
-    "format_rule", "format_config",
+    "format_rule", "format_config", "rule_notes",
 ]
 
 
@@ -40,8 +40,17 @@ class ConfigError(ValueError):
     """A config, option or control rule that cannot be used; str() is the whole message."""
 
 
+class UnknownEvent(ConfigError):
+    """A rule names an event that does not exist: the control file answers ENOENT for it, as
+    qemu-io's `break` does for an unknown event (every other bad rule is EINVAL)."""
+
+
 class _Invalid(Exception):
     """A bad value, before the caller knows where it came from (it adds the location)."""
+
+
+class _InvalidEvent(_Invalid):
+    """An event name that does not exist (becomes UnknownEvent)."""
 
 
 # The keys of each section, in QEMU's order (block/blkdebug.c inject_error_opts, set_state_opts).
@@ -66,7 +75,9 @@ MOUNT_OPTIONS = ("nonempty", "locking", "growable")
 _FLAG_OPTIONS = ("nonempty",)
 # Options that are not blkdebug's: what qemu-io's command line says (-t MODE, and
 # --image-opts driver=blkdebug for format=none), and the mount's own. `blkfuse check` marks them.
-EXTENSION_OPTIONS = ("cache", "format") + MOUNT_OPTIONS
+# blkfuse's own daemon tuning (image.py, fuseloop.py): the whole numbers each accepts.
+_SPEED_OPTIONS = {"io-threads": (0, 256), "poll-us": (0, 100_000)}
+EXTENSION_OPTIONS = ("cache", "format") + MOUNT_OPTIONS + tuple(_SPEED_OPTIONS)
 _SETTING_OPTIONS = (("config", "image", "x-image", "align", "max-transfer") + _BLKDEBUG_LIMITS
                     + EXTENSION_OPTIONS + POWER_OPTIONS)
 
@@ -170,7 +181,7 @@ def _parse_torn(text: str) -> int:
 def _parse_event(key: str, text: str) -> str:
     event = canonical_event(text)
     if event is None:
-        raise _Invalid(f'unknown event "{text}"{did_you_mean(text, EVENTS)}')
+        raise _InvalidEvent(f'unknown event "{text}"{did_you_mean(text, EVENTS)}')
     return event
 
 
@@ -225,7 +236,8 @@ def _build_rule(kind: str, entries: dict, where: str, origin: str, line: int = 0
         try:
             fields[field] = parse(key, text)
         except _Invalid as error:
-            raise ConfigError(f"{key_where}: {error}") from None
+            kind_of_error = UnknownEvent if isinstance(error, _InvalidEvent) else ConfigError
+            raise kind_of_error(f"{key_where}: {error}") from None
     return _RULE_CLASSES[kind](origin=origin, line=line, **fields)
 
 
@@ -518,11 +530,28 @@ def parse_options(options: dict[str, str]) -> tuple[list[Rule], Settings]:
     if "format" in options:
         settings.format = _parse_choice("format", _unquote_option(options["format"]), FORMATS,
                                         "format")
+    if "io-threads" in options:
+        settings.io_threads = _parse_speed_option("io-threads", options["io-threads"])
+    if "poll-us" in options:
+        settings.poll_us = _parse_speed_option("poll-us", options["poll-us"])
     for key in MOUNT_OPTIONS:
         if key in options:
             setattr(settings, key, _parse_mount_flag(key, _unquote_option(options[key])))
     _parse_power_options(options, settings)
     return rules, settings
+
+
+def _parse_speed_option(key: str, text: str) -> int:
+    low, high = _SPEED_OPTIONS[key]
+    text = _unquote_option(text)
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        raise ConfigError(f'option {key}: expects a whole number from {low} to {high}, '
+                          f'not "{text}"')
+    return value
 
 
 def _parse_mount_flag(key: str, text: str) -> bool:
@@ -676,6 +705,17 @@ def _rule_items(rule: Rule) -> list[tuple[str, str]]:
     if rule.drop_unsynced:
         items.append(("drop-unsynced", "on"))
     return items
+
+
+def rule_notes(rule: Rule) -> str:
+    """What `blkfuse check` and the control answers add to a valid rule that is surely not what
+    was meant: an event no request through a mount raises, a set-state without new_state (QEMU
+    reads it as 0, silently). '' for a plain rule."""
+    notes = never_fires_note(rule.event)
+    if isinstance(rule, SetState) and rule.new_state == 0:
+        notes += (" (warning: new_state is 0, what a missing new_state means: from then on only "
+                  "rules without a state match)")
+    return notes
 
 
 def format_rule(rule: Rule) -> str:

@@ -22,25 +22,16 @@ import shlex
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import trio
 
 from . import config, memory
-from .errors import BlkfuseError, errno_name
-from .events import EVENTS, IOTYPES, REACHABLE_EVENTS, canonical_event
-from .engine import Engine
-from .rules import InjectError, Rule
-
-if TYPE_CHECKING:
-    from .block import BlockDevice
+from .errors import BlkfuseError, ControlError, errno_name
+from .events import EVENTS, IOTYPES, canonical_event, never_fires_note
+from .rules import Rule
 
 # A human reads the text status: 100,000 rule lines would bury everything else.
 TEXT_RULES_SHOWN = 200
-
-
-class ControlError(BlkfuseError):
-    """A control write failed: `.errno` for the writer, `.message` for the status."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +107,7 @@ def _event(word: str) -> str:
     event = canonical_event(word)
     if event is None:
         raise ControlError(_errno.ENOENT,
-                           f"unknown event {word!r}{config.did_you_mean(word, EVENTS)}")
+                           f'unknown event "{word}"{config.did_you_mean(word, EVENTS)}')
     return event
 
 
@@ -124,7 +115,7 @@ def _nonneg_int(word: str, what: str) -> int:
     try:
         n = int(word, 0)
     except ValueError:
-        raise ValueError(f"{what} must be an integer, not {word!r}") from None
+        raise ValueError(f'{what} must be an integer, not "{word}"') from None
     if n < 0:
         raise ValueError(f"{what} must not be negative, not {word}")
     return n
@@ -134,9 +125,9 @@ def _seconds(word: str) -> float:
     try:
         s = float(word)
     except ValueError:
-        raise ValueError(f"timeout must be a number of seconds, not {word!r}") from None
+        raise ValueError(f'timeout must be a number of seconds, not "{word}"') from None
     if not math.isfinite(s) or s < 0:
-        raise ValueError(f"timeout must be a finite number of seconds >= 0, not {word!r}")
+        raise ValueError(f'timeout must be a finite number of seconds >= 0, not "{word}"')
     return s
 
 
@@ -145,7 +136,9 @@ def _rule_parser(kind: str) -> Callable[[list[str]], tuple]:
         try:
             return (config.parse_rule_args(kind, words, source="control"),)
         except config.ConfigError as e:
-            raise ControlError(_errno.EINVAL, str(e).removeprefix("control: ")) from None
+            # ENOENT for an unknown event, as `break` (and qemu-io's break) answers it
+            error = _errno.ENOENT if isinstance(e, config.UnknownEvent) else _errno.EINVAL
+            raise ControlError(error, str(e).removeprefix("control: ")) from None
     return parse_rule
 
 
@@ -161,7 +154,7 @@ def _parse_line(words: list[str]) -> tuple[Command, tuple]:
     entry = COMMANDS.get(name)
     if entry is None:
         hint = config.did_you_mean(name, [c.name for c in commands()]) or ' (try "help")'
-        raise ControlError(_errno.EINVAL, f"unknown command {name!r}{hint}")
+        raise ControlError(_errno.EINVAL, f'unknown command "{name}"{hint}')
     low, high = entry.nargs
     if len(args) < low or (high is not None and len(args) > high):
         raise ControlError(_errno.EINVAL, f"usage: {entry.usage}")
@@ -200,10 +193,10 @@ class Control:
     (image, mountpoint, options...); `pid` is added.
     """
 
-    def __init__(self, engine: Engine, reload: Callable[[], list[Rule]] | None = None,
-                 info: dict[str, Any] | None = None, block: "BlockDevice | None" = None):
+    def __init__(self, engine, reload=None, info=None, block=None, tracer=None):
         self.engine = engine
         self.block = block              # block.BlockDevice: power cuts and the undo log
+        self.tracer = tracer            # trace.Tracer, for the `trace` command
         self._reload = reload
         self.info = dict(info or {})
         self.info.setdefault("pid", os.getpid())
@@ -216,21 +209,29 @@ class Control:
 
     # -- shutdown ---------------------------------------------------------------------------
 
-    def close(self) -> None:
+    def close(self):
         """Shutdown: refuse new commands, fail every pending wait_break and wait_hit with
         ESHUTDOWN."""
         self._closing = True
         for scope in [*self._waits, *self._hit_waits]:
             scope.cancel()
+        if self.tracer is not None:
+            self.tracer.end_streams()   # trace readers get end of file
 
     # -- execute ----------------------------------------------------------------------------
 
-    async def execute(self, text: str) -> str:
-        """Run one write. Returns its answer text (may be empty); raises ControlError."""
+    async def execute(self, text: str):
+        """Run one write. Returns its answer text (may be empty), or after `trace` the
+        trace.Stream the handle's reads come from; raises ControlError."""
         try:
             if self._closing:
                 raise ControlError(_errno.ESHUTDOWN, "the mount is shutting down")
             parsed = parse(text)
+            if any(entry.name == "trace" for _, entry, _ in parsed):
+                if len(parsed) != 1:
+                    raise ControlError(_errno.EINVAL,
+                                       "trace must be the only command of its write")
+                return await parsed[0][1].run(self)
             results = []
             for lineno, entry, args in parsed:
                 try:
@@ -238,6 +239,17 @@ class Control:
                 except BlkfuseError as e:
                     done = " (lines before it were applied)" if results else ""
                     raise ControlError(e.errno, f"line {lineno}: {e.message}{done}") from None
+                except trio.Cancelled:
+                    # FUSE_INTERRUPT: the writer got a signal while this line waited (a
+                    # wait_break, say); pyfuse3 answers the write EINTR. Shutdown does not
+                    # get here: it fails a pending wait with ESHUTDOWN instead.
+                    done = " (lines before it were applied)" if results else ""
+                    what = " ".join([entry.name, *(f"{a:g}" if isinstance(a, float) else str(a)
+                                                   for a in args if a is not None)])
+                    self.last_error = (f"line {lineno}: {what}: interrupted (the writer got a "
+                                       f"signal){done}")
+                    self.last_error_errno = _errno.EINTR
+                    raise
         except ControlError as e:
             self.last_error = e.message
             self.last_error_errno = e.errno
@@ -319,6 +331,8 @@ class Control:
                 {"errno": n, "name": errno_name(n), "count": c}
                 for n, c in sorted(e.errors_injected.items()) if c
             ],
+            "interrupted": {"count": e.interrupted,
+                            "last": _interrupted_dict(e.last_interrupted)},
             "last_result": self.last_result,
             "last_error": self.last_error,
             "last_error_errno": self.last_error_errno,
@@ -395,6 +409,15 @@ class Control:
         errs = d["errors_injected"]
         out.append("errors injected: " + (" ".join(f"{x['name']}({x['errno']})={x['count']}"
                                                     for x in errs) or "none"))
+        intr = d["interrupted"]
+        if intr["count"]:
+            last = intr["last"]
+            where = f" {last['op']} offset={last['offset']} length={last['length']}" \
+                if last["op"] is not None else ""
+            out.append(f"interrupted: {intr['count']} (last: {','.join(last['tags'])} at "
+                       f"{last['event']}:{where})")
+        else:
+            out.append("interrupted: none")
         out.append(f"power: {d['power']}")
         u = d["unsynced"]
         if u is None:
@@ -417,7 +440,7 @@ class Control:
          nargs=(2, 2), parse=lambda w: (_event(w[0]), _tag(w[1])), extension=False)
 async def _break(control: "Control", event: str, tag: str) -> str:
     control.engine.add_breakpoint(event, tag)
-    note = "" if event in REACHABLE_EVENTS else " (no request through this mount raises it)"
+    note = never_fires_note(event)
     return f"breakpoint {tag} on {event}{note}"
 
 
@@ -458,13 +481,13 @@ async def _wait_hit(control: "Control", rule_id: int, timeout: float | None) -> 
          nargs=(1, None), parse=_rule_parser("inject-error"), aliases=("inject_error",))
 async def _inject_error(control: "Control", rule: Rule) -> str:
     _check_power_rule(rule, control.block)
-    return f"added rule {control.engine.add_rule(rule)}"
+    return f"added rule {control.engine.add_rule(rule)}{config.rule_notes(rule)}"
 
 
 @command("set-state KEY=VALUE ...", "add a [set-state] rule (event=, state=, new_state=)",
          nargs=(1, None), parse=_rule_parser("set-state"), aliases=("set_state",))
 async def _set_state_rule(control: "Control", rule: Rule) -> str:
-    return f"added rule {control.engine.add_rule(rule)}"
+    return f"added rule {control.engine.add_rule(rule)}{config.rule_notes(rule)}"
 
 
 @command("remove ID", "remove rule ID",
@@ -529,13 +552,13 @@ def _parse_powercut(words: list[str]) -> tuple[str, int | None]:
     return keep, seed
 
 
-def _check_power_rule(rule: Rule, block: "BlockDevice | None") -> None:
+def _check_power_rule(rule: Rule, block) -> None:
     if getattr(rule, "drop_unsynced", False) and (block is None or block.unsynced is None):
         raise ControlError(_errno.EINVAL, "drop-unsynced needs the mount option "
                                           "track-unsynced=on (-o track-unsynced=on)")
 
 
-def _block_of(control: "Control", name: str) -> "BlockDevice":
+def _block_of(control: "Control", name: str):
     if control.block is None:
         raise ControlError(_errno.EINVAL, f"{name}: this control has no block device")
     return control.block
@@ -563,17 +586,36 @@ async def _help(control: "Control") -> str:
     return help_text()
 
 
-def _format_rule(rule: Rule) -> str:
+@command("trace", "alone in its write: reads of this open file then stream the trace\n"
+                  "(one JSON line per image request) until it is closed")
+async def _trace(control: "Control"):
+    if control.tracer is None:
+        raise ControlError(_errno.EINVAL, "this mount has no trace")
+    return control.tracer.open_stream()     # not text: fs.py serves the handle's reads from it
+
+
+def _interrupted_dict(interrupted) -> dict | None:
+    """engine.Interrupted (a held request whose caller got a signal) as status data."""
+    if interrupted is None:
+        return None
+    req = interrupted.request
+    return {"tags": list(interrupted.tags), "event": interrupted.event,
+            "op": req.op if req is not None else None,
+            "offset": req.offset if req is not None else None,
+            "length": req.length if req is not None else None}
+
+
+def _format_rule(rule) -> str:
     try:
         return config.format_rule(rule)
     except Exception:       # status must never fail because of a formatting gap
         return repr(rule)
 
 
-def _rule_dict(r: Rule) -> dict[str, Any]:
+def _rule_dict(r) -> dict:
     d = {"id": r.id, "kind": r.kind, "event": r.event, "state": r.state, "source": r.source,
          "hits": r.hits, "spent": r.spent, "text": _format_rule(r)}
-    if isinstance(r, InjectError):
+    if r.kind == "inject-error":
         d.update({"errno": r.errno, "errno_name": errno_name(r.errno), "sector": r.sector,
                   "once": r.once, "immediately": r.immediately,
                   "iotypes": [t for t in IOTYPES if t in r.iotypes]})

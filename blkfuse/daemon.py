@@ -31,7 +31,8 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from . import layout, memory
+from . import layout, memory, mounttab
+from .errors import MountError
 from .rules import Rule, Settings
 
 log = logging.getLogger("blkfuse")
@@ -51,10 +52,6 @@ FORCE_SIGNAL = signal.SIGUSR1
 _ALL_SIGNALS = SHUTDOWN_SIGNALS + (FORCE_SIGNAL,)
 
 
-class MountError(Exception):
-    """A reason not to mount; str(e) is the one line the user sees."""
-
-
 @dataclass
 class Mount:
     image_path: str
@@ -65,40 +62,16 @@ class Mount:
     read_only: bool = False
     allow_other: bool = False
     log_file: str | None = None
-
-
-def _unescape(field: str) -> str:
-    """Mount tables write space, tab, newline and backslash in paths as octal escapes."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def mounts() -> list[tuple[str, str, str]]:
-    """(source, mountpoint, fstype) of every mount this process can see."""
-    try:
-        with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
-            return [(_unescape(x[0]), _unescape(x[1]), x[2])
-                    for x in (line.split() for line in f) if len(x) >= 3]
-    except OSError:
-        return []
+    trace_file: str | None = None
 
 
 def _is_mountpoint(path: str) -> bool:
-    path = os.path.realpath(path)
-    if os.path.ismount(path):
-        return True
-    return any(mnt == path for _, mnt, _ in mounts())
-
-
-def is_blkfuse_mount(path: str) -> bool:
-    path = os.path.realpath(path)
-    return any(mnt == path and (fstype == "fuse.blkfuse" or (src == "blkfuse"
-                                                             and fstype.startswith("fuse")))
-               for src, mnt, fstype in mounts())
+    return os.path.ismount(os.path.realpath(path)) or mounttab.is_mounted(path)
 
 
 def prepare(image: str, mountpoint: str, settings: Settings, *, name: str | None = None,
-            read_only: bool = False, allow_other: bool = False,
-            log_file: str | None = None) -> Mount:
+            read_only: bool = False, allow_other: bool = False, log_file: str | None = None,
+            trace_file: str | None = None) -> Mount:
     """Check everything and load the rules; MountError on the first problem."""
     from . import config
     from .fs import missing_pyfuse3_features
@@ -150,6 +123,12 @@ def prepare(image: str, mountpoint: str, settings: Settings, *, name: str | None
             open(log_file, "a").close()
         except OSError as e:
             raise MountError(f"{log_file}: cannot write the log: {e.strerror}") from None
+    if trace_file:
+        trace_file = os.path.abspath(trace_file)
+        try:
+            open(trace_file, "a").close()
+        except OSError as e:
+            raise MountError(f"{trace_file}: cannot write the trace: {e.strerror}") from None
 
     if name is None:
         name = os.path.basename(image_path)
@@ -157,7 +136,8 @@ def prepare(image: str, mountpoint: str, settings: Settings, *, name: str | None
     if problem:
         raise MountError(f"invalid image name {name!r}: {problem}")
     return Mount(image_path=image_path, mountpoint=mnt, name=name, settings=settings,
-                 rules=rules, read_only=read_only, allow_other=allow_other, log_file=log_file)
+                 rules=rules, read_only=read_only, allow_other=allow_other, log_file=log_file,
+                 trace_file=trace_file)
 
 
 def _refuse_nonempty(mountpoint: str, mnt: str) -> None:
@@ -228,7 +208,7 @@ def _blkfuse_daemons(timeout: float = 2.0) -> dict[int, str]:
             pass
 
     threads = [threading.Thread(target=ask, args=(mnt,), daemon=True)
-               for _, mnt, _ in mounts() if is_blkfuse_mount(mnt)]
+               for mnt in (e.mountpoint for e in mounttab.blkfuse_mounts())]
     for t in threads:
         t.start()
     for t in threads:
@@ -254,14 +234,18 @@ class Daemon:
         from .control import Control
         from .engine import Engine
         from .fs import Operations
-        from .image import Image
+        from .fuseloop import DEFAULT_POLL_US
+        from .image import DEFAULT_IO_THREADS, Image
+        from .trace import TracedBlock, Tracer
 
         self.m = m
         settings = m.settings
         self.engine = Engine(m.rules)
         # cache=none/directsync: O_DIRECT, as QEMU's file node (BDRV_O_NOCACHE)
         self.image = Image(m.image_path, read_only=m.read_only,
-                           direct=settings.cache in ("none", "directsync"))
+                           direct=settings.cache in ("none", "directsync"),
+                           io_threads=(DEFAULT_IO_THREADS if settings.io_threads is None
+                                       else settings.io_threads))
         if settings.locking:
             try:
                 _lock_image(m, self.image.fd)
@@ -273,6 +257,15 @@ class Daemon:
             from .unsynced import DEFAULT_ATOMIC, DEFAULT_CAP, UndoLog
             self.unsynced = UndoLog(cap=settings.unsynced_cap or DEFAULT_CAP,
                                     atomic=settings.atomic or DEFAULT_ATOMIC)
+        # -o poll-us wins; BLKFUSE_POLL_US changes the default (A/B runs, the test suite's
+        # second pass with polling off).
+        self.poll_us = settings.poll_us
+        if self.poll_us is None:
+            try:
+                self.poll_us = max(0, int(os.environ.get("BLKFUSE_POLL_US", DEFAULT_POLL_US)))
+            except ValueError:
+                log.warning("BLKFUSE_POLL_US is not a number; polling for %d us", DEFAULT_POLL_US)
+                self.poll_us = DEFAULT_POLL_US
         self.block = BlockDevice(self.engine, self.image, align=settings.align,
                                  max_transfer=settings.max_transfer,
                                  opt_write_zero=settings.opt_write_zero,
@@ -281,6 +274,7 @@ class Daemon:
                                  max_discard=settings.max_discard,
                                  cache=settings.cache, format=settings.format,
                                  unsynced=self.unsynced)
+        self.tracer = Tracer(self.engine, m.trace_file)
         info = {
             "image": m.image_path,
             "name": m.name,
@@ -297,16 +291,23 @@ class Daemon:
             "read_only": m.read_only,
             "growable": settings.growable,
             "locking": settings.locking,
+            "io": self.image.io_mode,
+            "io_threads": self.image.io_threads,
+            "poll_us": self.poll_us,
         }
         if self.unsynced is not None:
             info["track_unsynced"] = True
             info["unsynced_cap"] = self.unsynced.cap
             info["atomic"] = self.unsynced.atomic
         self.control = Control(self.engine, reload=lambda: config.load_rules(settings), info=info,
-                               block=self.block)
+                               block=self.block, tracer=self.tracer)
         memory.give_back()              # the parser's scratch memory, before serving for hours
         self.ops = Operations(self.block, self.control, name=m.name, read_only=m.read_only,
                               growable=settings.growable)
+        # The FUSE layer holds the traced device only while tracing is on: free when off.
+        traced = TracedBlock(self.block, self.tracer)
+        self.tracer.on_switch = lambda on: setattr(self.ops, "block", traced if on else self.block)
+        self.tracer.on_switch(self.tracer.active)
         self.state = State.STARTING
 
     def mount(self) -> None:
@@ -347,7 +348,8 @@ class Daemon:
         import trio
         if os.environ.get("BLKFUSE_FASTLOOP", "1") != "0":   # "0": pyfuse3's own waits, for A/B runs
             from . import fuseloop
-            fuseloop.install()
+            loop = fuseloop.install(self.poll_us)
+            self.image.loop_idle = loop.idle
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._watch_signals)
@@ -425,6 +427,7 @@ class Daemon:
                 pass
             if self.unsynced is not None:
                 self.unsynced.close()
+            self.tracer.close()
         log.info("unmounted %s", self.m.mountpoint)
         return status
 

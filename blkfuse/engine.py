@@ -18,7 +18,7 @@ import math
 import time
 from array import array
 from bisect import bisect_left
-from typing import Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import trio
 
@@ -47,18 +47,28 @@ class Request(NamedTuple):
     length: int
 
 
+class Interrupted(NamedTuple):
+    """A suspended request whose caller was interrupted (a signal): it ended with EINTR."""
+
+    tags: tuple[str, ...]
+    event: str
+    request: Request | None
+
+
 class Suspension:
     """A request parked at a breakpoint until each of its tags has been resumed."""
 
-    __slots__ = ("event", "tags", "request", "since", "_done", "_registry")
+    __slots__ = ("event", "tags", "request", "since", "_done", "_registry", "_on_interrupt")
 
-    def __init__(self, event: str, tags: list[str], request: Request | None, registry: list):
+    def __init__(self, event: str, tags: list[str], request: Request | None, registry: list,
+                 on_interrupt: Callable[["Suspension"], None] | None = None):
         self.event = event
         self.tags = tags                  # remaining tags; one `resume` takes one
         self.request = request
         self.since = time.monotonic()
         self._done = trio.Event()
         self._registry = registry         # the engine's list of suspensions
+        self._on_interrupt = on_interrupt
 
     @property
     def done(self) -> bool:
@@ -74,8 +84,11 @@ class Suspension:
         try:
             await self._done.wait()
         finally:
-            # A cancelled waiter (daemon shutting down) must not stay listed.
+            # Cancelled before it was resumed: its caller was interrupted (FUSE_INTERRUPT;
+            # shutdown resumes everything first). It must not stay listed.
             if not self._done.is_set():
+                if self._on_interrupt is not None:
+                    self._on_interrupt(self)
                 self.release()
 
 
@@ -192,6 +205,10 @@ class Engine:
         self._next_id = 1
         self.event_counts = dict.fromkeys(EVENTS, 0)
         self.errors_injected: dict[int, int] = {}
+        self.interrupted = 0                              # suspended requests interrupted
+        self.last_interrupted: Interrupted | None = None
+        # trace.Tracer while a trace is on (it records events and the rules that act); else None
+        self.tracer: Any = None
         for rule in rules:
             self._insert(rule)
         self.fire("none")
@@ -201,6 +218,8 @@ class Engine:
     def fire(self, event: str, request: Request | None = None) -> Suspension | None:
         """Raise `event`. Returns a Suspension the caller must await, or None."""
         self.event_counts[event] += 1
+        if self.tracer is not None:
+            self.tracer.event(event)
         rules = self._by_event.get(event)
         if rules:
             self._run_rules(rules)
@@ -228,6 +247,8 @@ class Engine:
             self.state = new_state_rule.new_state
             if self._hit_waits:
                 self._wake_hit_waits(new_state_rule.id)
+            if self.tracer is not None:
+                self.tracer.rule(new_state_rule.id)
 
     def check(self, iotype: str, offset: int, length: int) -> int:
         """0 if the request may go on, else the errno it fails with. `length` 0: a flush."""
@@ -247,6 +268,8 @@ class Engine:
         rule.hits += 1
         if self._hit_waits:
             self._wake_hit_waits(rule.id)
+        if self.tracer is not None:
+            self.tracer.rule(rule.id)
         error = rule.errno
         # errno 0 matches and lets the request through; a once rule stays (QEMU). A torn
         # or drop-unsynced rule with errno 0 still does something, so once spends it.
@@ -261,10 +284,18 @@ class Engine:
     # ---- breakpoints ----
 
     def _suspend(self, event: str, tags: list[str], request: Request | None) -> Suspension:
-        suspension = Suspension(event, tags, request, self._suspended)
+        suspension = Suspension(event, tags, request, self._suspended, self._interrupted)
+        if self.tracer is not None:
+            self.tracer.suspended(event)
         self._suspended.insert(0, suspension)
         self._notify()
         return suspension
+
+    def _interrupted(self, suspension: Suspension) -> None:
+        self.interrupted += 1
+        self.last_interrupted = Interrupted(tuple(suspension.tags), suspension.event,
+                                            suspension.request)
+        self._notify()
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, trio.Event()
@@ -273,7 +304,7 @@ class Engine:
     def add_breakpoint(self, event: str, tag: str) -> None:
         name = canonical_event(event)
         if name is None:
-            raise EngineError(_errno.ENOENT, f'no such event "{event}"')
+            raise EngineError(_errno.ENOENT, f'unknown event "{event}"')
         self._breakpoints.setdefault(name, []).append(tag)
         self._notify()
 
@@ -472,4 +503,5 @@ class Engine:
         return self._active.in_priority_order()
 
 
-__all__ = ["Caller", "Engine", "EngineError", "Request", "Suspension", "InjectError", "SetState"]
+__all__ = ["Caller", "Engine", "EngineError", "Interrupted", "Request", "Suspension",
+           "InjectError", "SetState"]

@@ -42,9 +42,21 @@ EVENT_ALIASES = {
 # The events a request through the mount can raise (docs/design.md, "Events per operation");
 # the others are accepted so that configs written for qcow2 stay portable, but never fire here.
 REACHABLE_EVENTS = frozenset({
-    "none", "read_aio", "write_aio", "pwritev", "pwritev_done", "flush_to_os", "flush_to_disk",
+    "none", "read_aio", "write_aio", "pwritev", "pwritev_zero", "pwritev_done", "flush_to_os",
+    "flush_to_disk",
     "pwritev_rmw_head", "pwritev_rmw_after_head", "pwritev_rmw_tail", "pwritev_rmw_after_tail",
 })
+
+def never_fires_note(event: str) -> str:
+    """' (never fires: ...)' for an event no request through a mount raises, else ''.
+
+    The one wording for every place a rule or breakpoint names such an event: `blkfuse check`,
+    the answers to `break`, `inject-error` and `set-state`, and the status.
+    """
+    if event in REACHABLE_EVENTS:
+        return ""
+    return f' (never fires: no request through a blkfuse mount raises "{event}")'
+
 
 IOTYPES = ("read", "write", "write-zeroes", "discard", "flush", "block-status")
 

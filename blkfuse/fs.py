@@ -1,8 +1,9 @@
 """The FUSE layer: a directory with the image file and `control`, each op handed on.
 
-Thin on purpose: reads, writes and fsyncs of the image go to block.BlockDevice; writes to
-`control` go to control.Control as one unit each; reading `control` serves a snapshot of the
-status (or, on a handle that wrote a command, that command's answer or error).
+Thin on purpose: reads, writes, fsyncs, fallocates (discard, write-zeroes) and lseeks
+(SEEK_DATA/SEEK_HOLE: block status) of the image go to block.BlockDevice, each with its
+caller; writes to `control` go to control.Control as one unit each; reading `control` serves a
+snapshot of the status (or, on a handle that wrote a command, that command's answer or error).
 
 A `control` answer is read from its beginning by the first read after the write, whatever
 the file offset: the write advanced the offset, so a plain `read()` after `write()` would
@@ -13,6 +14,14 @@ blkfuse's own CLI does) starts it again from the beginning.
 `control` gets a fresh inode for every lookup (entry_timeout 0), so every open of it is its own
 inode: the kernel serializes writes per inode, and a `wait_break` blocked in one write must not
 hold back a `resume` or `status json` written by someone else.
+
+pyfuse3 is built with blkfuse's patch (scripts/pyfuse3/README.md): write sees the flags of each
+write (O_DSYNC/O_SYNC there make it a FUA write, as on a handle opened O_DSYNC), every I/O
+handler sees its caller, and a request whose caller got a signal (FUSE_INTERRUPT) is cancelled:
+trio.Cancelled reaches whatever it awaits. In blkfuse only a hold waits (a breakpoint, a
+`wait_break`, the flush lock behind a held flush), so an interrupted request held there ends
+with EINTR and its tag is released; one already past its hold reaches no checkpoint but the
+backing file's fsync, which is shielded, and finishes normally.
 
 Every open gets direct_io. One kernel limit shows with breakpoints: FUSE takes the inode lock
 for a direct_io write (and for fsync) unless the server grants FOPEN_PARALLEL_DIRECT_WRITES,
@@ -51,6 +60,8 @@ from pyfuse3 import (
 
 from .block import BlockDevice
 from .control import Control, ControlError
+from .engine import Caller
+from .image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE
 from .layout import CONTROL_NAME, image_name_problem
 
 log = logging.getLogger(__name__)
@@ -74,6 +85,9 @@ def missing_pyfuse3_features() -> list[str]:
 
 # The kernel passes O_SYNC as __O_SYNC|O_DSYNC, so testing O_DSYNC catches both.
 _WRITETHROUGH_FLAGS = os.O_DSYNC | getattr(os, "O_SYNC", 0)
+
+def _caller(ctx) -> Caller:
+    return Caller(ctx.pid, ctx.uid, ctx.gid)
 
 
 class _Handle:
@@ -137,6 +151,8 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
+    enable_io_context = True        # the patch: write flags, the caller of read/write/fsync
+    enable_interrupts = True        # the patch: FUSE_INTERRUPT cancels the handler
 
     def __init__(self, block: BlockDevice, control: Control, *, name: str,
                  read_only: bool = False, owner_uid: int | None = None,
@@ -347,18 +363,23 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF) from None
 
     @_guard
-    async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
+    async def read(self, fh: FileHandleT, off: int, size: int,  # type: ignore[override]
+                   ctx: RequestContext) -> bytes:
         h = self._handle(fh)
         if h.inode == IMAGE:
             if self.refusing:
                 raise pyfuse3.FUSEError(self.refusing)
-            return await self.block.read(off, size)     # short at the end of the image
+            # short at the end of the image
+            return await self.block.read(off, size, caller=_caller(ctx))
         if h.answer is None:
             h.set_answer(self.control.status_text().encode())
+        elif not isinstance(h.answer, bytes):           # after `trace`: a trace.Stream
+            return await h.answer.read(size)
         return h.answer_at(off, size)
 
     @_guard
-    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
+    async def write(self, fh: FileHandleT, off: int, buf: bytes,  # type: ignore[override]
+                    flags: int, ctx: RequestContext) -> int:
         h = self._handle(fh)
         if h.inode == IMAGE:
             if self.read_only:
@@ -371,7 +392,9 @@ class Operations(pyfuse3.Operations):
                     raise pyfuse3.FUSEError(errno.ENOSPC)   # a disk's end, as a block device
                 if room < len(buf):
                     buf = buf[:room]                        # a short write: what fits
-            n = await self.block.write(off, bytes(buf), writethrough=h.writethrough)
+            # O_DSYNC in this write's flags: pwritev2(RWF_DSYNC/RWF_SYNC), or the handle's.
+            fua = h.writethrough or bool(flags & _WRITETHROUGH_FLAGS)
+            n = await self.block.write(off, bytes(buf), writethrough=fua, caller=_caller(ctx))
             self._mtime[IMAGE] = time.time_ns()
             return n
         # control: each write() is one unit of commands, whatever its offset
@@ -385,23 +408,63 @@ class Operations(pyfuse3.Operations):
         except ControlError as e:
             h.set_answer(f"error: {e.message}\n".encode())
             raise pyfuse3.FUSEError(e.errno) from None
-        h.set_answer(answer.encode() if answer else None)
+        if isinstance(answer, str):
+            h.set_answer(answer.encode() if answer else None)
+        else:
+            h.answer = answer                            # trace.Stream
         return len(buf)
 
     @_guard
-    async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
+    async def fsync(self, fh: FileHandleT, datasync: bool,  # type: ignore[override]
+                    ctx: RequestContext) -> None:
         h = self._handle(fh)
         if h.inode == IMAGE:
             if self.refusing:
                 raise pyfuse3.FUSEError(self.refusing)
-            await self.block.flush()
+            await self.block.flush(caller=_caller(ctx))
+
+    @_guard
+    async def fallocate(self, fh, mode, offset, length, ctx):
+        """fallocate(2) on the image: BlockDevice.fallocate maps the modes as QEMU 7.2's FUSE
+        export does (discard, write-zeroes, growing). Here only what the mount decides: the
+        image's size is fixed unless -o growable=on, so a fallocate that would grow it fails
+        with ENOSPC, as a write at the end does (QEMU's export grows it regardless); on a
+        handle opened O_DSYNC a write-zeroes is FUA."""
+        h = self._handle(fh)
+        if h.inode != IMAGE:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)      # never ENOSYS: that is for good
+        if self.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if self.refusing:
+            raise pyfuse3.FUSEError(self.refusing)
+        size = self.block.size()
+        grows = (not mode & FALLOC_FL_KEEP_SIZE and offset + length > size
+                 and (mode == FALLOC_FL_ZERO_RANGE or (mode == 0 and offset >= size)))
+        if grows and not self.growable:
+            raise pyfuse3.FUSEError(errno.ENOSPC)           # a disk's size is fixed
+        await self.block.fallocate(mode, offset, length, writethrough=h.writethrough,
+                                   caller=_caller(ctx))
+        self._mtime[IMAGE] = time.time_ns()
+
+    @_guard
+    async def lseek(self, fh, offset, whence, ctx):
+        """SEEK_DATA/SEEK_HOLE (the kernel answers the other whences itself): a block-status
+        query of the image, as QEMU 7.2's FUSE export (fuse_lseek) asks it."""
+        h = self._handle(fh)
+        if h.inode != IMAGE:
+            raise pyfuse3.FUSEError(errno.ENXIO)            # control's size is 0
+        if self.refusing:
+            raise pyfuse3.FUSEError(self.refusing)
+        return await self.block.seek(offset, whence, caller=_caller(ctx))
 
     async def flush(self, fh: FileHandleT) -> None:
         # close(): nothing to do; QEMU does not flush on close either
         pass
 
     async def release(self, fh: FileHandleT) -> None:
-        self._handles.pop(fh, None)
+        h = self._handles.pop(fh, None)
+        if h is not None and h.answer is not None and not isinstance(h.answer, bytes):
+            h.answer.close()                             # a trace reader went away
         if not self._handles:
             self._wake_settled_waiter()
 

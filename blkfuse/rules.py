@@ -103,3 +103,5 @@ class Settings:
     track_unsynced: bool = False
     unsynced_cap: int | None = None
     atomic: int | None = None
+    io_threads: int | None = None     # -o io-threads: worker threads for disk I/O (image.py)
+    poll_us: int | None = None        # -o poll-us: busy-poll window for /dev/fuse (fuseloop.py)

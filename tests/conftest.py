@@ -1,25 +1,25 @@
-"""Real FUSE mounts for tests: `blkfuse mount` in a subprocess, always unmounted afterwards."""
+"""Real FUSE mounts for tests, through blkfuse's own Python API (blkfuse.api.Mount); always
+unmounted afterwards, suspended requests resumed first."""
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-_BIN = Path(sys.executable).with_name("blkfuse")
-BLKFUSE = [str(_BIN)] if _BIN.exists() else [sys.executable, "-c",
-                                             "import sys; from blkfuse.cli import main; "
-                                             "sys.argv[0] = 'blkfuse'; main()"]
+from blkfuse import ControlError, Mount, MountError, client, mounttab
+
+BLKFUSE = client.blkfuse_command()
 
 
-def blkfuse(*args, check=False, timeout=120, **kw):
+def blkfuse(*args: object, check: bool = False, timeout: float = 120,
+            **kw: Any) -> subprocess.CompletedProcess[str]:
     """Run the blkfuse CLI; returns the CompletedProcess (text mode)."""
     r = subprocess.run(BLKFUSE + [str(a) for a in args], capture_output=True, text=True,
                        timeout=timeout, **kw)
@@ -29,37 +29,28 @@ def blkfuse(*args, check=False, timeout=120, **kw):
     return r
 
 
-def mounted_paths() -> set[str]:
-    with open("/proc/self/mounts") as f:
-        return {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[1])
-                for line in f}
-
-
-def is_mounted(path) -> bool:
-    return os.path.realpath(path) in mounted_paths()
-
-
-def force_unmount(path):
-    """Last resort: remove a (possibly dead) mount without asking its daemon."""
-    path = os.path.realpath(path)
-    if not is_mounted(path):
-        return
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    cmds = ([[tool, "-u", "-z", path]] if tool else []) + [["umount", "-l", path]]
-    for cmd in cmds:
-        subprocess.run(cmd, capture_output=True)
-        if not is_mounted(path):
-            return
+is_mounted = mounttab.is_mounted
+force_unmount = client.force_unmount
 
 
 class Mounted:
-    """One live mount: its backing image, mountpoint, and helpers to talk to it."""
+    """One live mount for a test: its backing image, mountpoint, and helpers to talk to it."""
 
-    def __init__(self, base: Path, image: Path, mnt: Path, name: str):
+    # Hang guard, not a timing check: a daemon that answers nothing for this long is wedged;
+    # it is killed so that the test fails (its blocked requests end) instead of hanging.
+    WEDGED_SECONDS = 180
+
+    def __init__(self, base: Path, image: Path, mnt: Path, name: str,
+                 api: Mount | None = None):
         self.base = base
         self.image = image          # the backing file
         self.mnt = mnt
         self.name = name
+        self.api = api              # None when the mount was expected to fail
+
+    @property
+    def pid(self) -> int | None:
+        return self.api.pid if self.api else None
 
     @property
     def file(self) -> Path:         # the image file inside the mount
@@ -69,55 +60,37 @@ class Mounted:
     def control(self) -> Path:
         return self.mnt / "control"
 
-    # Hang guard, not a timing check: a daemon that answers nothing for this long is wedged;
-    # it is killed so that the test fails (its blocked requests end) instead of hanging.
-    WEDGED_SECONDS = 180
-    pid = None                      # the daemon's, learnt right after mounting
-
     def _ctl(self, text: str) -> str:
-        fd = os.open(self.control, os.O_RDWR)
+        """ctl() without the hang guard (for a thread that is meant to block)."""
         try:
-            os.write(fd, text.encode())
-            return os.pread(fd, 1 << 22, 0).decode()
-        finally:
-            os.close(fd)
+            return client.send(self.mnt, text)
+        except ControlError as e:
+            raise OSError(e.errno, e.message) from None
 
     def ctl(self, text: str) -> str:
         """Write `text` to control as one write; return the answer read on the same handle.
         Raises OSError (with the daemon's errno) on failure."""
-        box = {}
-
-        def run():
-            try:
-                box["answer"] = self._ctl(text)
-            except BaseException as e:
-                box["error"] = e
-
-        t = threading.Thread(target=run, daemon=True)
-        t.start()
-        t.join(self.WEDGED_SECONDS)
-        if t.is_alive():
+        try:
+            return client.with_timeout(lambda: self._ctl(text), self.WEDGED_SECONDS)
+        except client.NoAnswer:
             if self.pid:
                 os.kill(self.pid, signal.SIGKILL)
-            raise AssertionError(f"the daemon did not answer {text!r}; killed it")
-        if "error" in box:
-            raise box["error"]
-        return box["answer"]
+            raise AssertionError(f"the daemon did not answer {text!r}; killed it") from None
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         return json.loads(self.ctl("status json"))
 
     def status_text(self) -> str:
         return self.control.read_text()
 
-    def umount(self):
+    def umount(self) -> None:
         r = blkfuse("umount", self.mnt)
         assert r.returncode == 0, r.stderr
         assert not is_mounted(self.mnt)
 
 
 @pytest.fixture
-def fuse_dir():
+def fuse_dir() -> Iterator[Path]:
     """A scratch directory every user can reach (pytest's tmp_path is 0700 root's)."""
     if not os.path.exists("/dev/fuse"):
         pytest.skip("/dev/fuse is missing")
@@ -127,16 +100,43 @@ def fuse_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture
-def mount(fuse_dir):
-    """mount(*cli_args, size=, data=, name=) -> Mounted. Every mount made is unmounted at the
-    end of the test, passed or failed: `blkfuse umount`, then a forced lazy unmount."""
-    made = []
+# `blkfuse mount` options that take a value; the others the tests use are flags.
+_VALUED = {"-o": "options", "--config": "config", "--name": "name", "--log": "log",
+           "--trace": "trace"}
 
-    def _mount(*args, size=1 << 20, data=None, name=None, image=None, expect_ok=True,
-               mnt_name=None):
+
+def _api_args(args: tuple[object, ...]) -> dict[str, Any]:
+    """The tests' `blkfuse mount` arguments as blkfuse.Mount keywords."""
+    kw: dict[str, Any] = {"options": []}
+    words = [str(a) for a in args]
+    while words:
+        word = words.pop(0)
+        if word in _VALUED:
+            key = _VALUED[word]
+            if key == "options":
+                kw["options"].append(words.pop(0))
+            else:
+                kw[key] = words.pop(0)
+        elif word.startswith("--"):
+            kw[word[2:].replace("-", "_")] = True
+        else:
+            raise AssertionError(f"mount fixture: unexpected argument {word!r}")
+    return kw
+
+
+@pytest.fixture
+def mount(fuse_dir: Path) -> Iterator[Callable[..., Any]]:
+    """mount(*cli_args, size=, data=, name=, image=, expect_ok=, mnt_name=) -> Mounted.
+    Mounts with blkfuse.Mount; with expect_ok=False runs `blkfuse mount` and returns
+    (Mounted, CompletedProcess). Every mount made is taken down at the end of the test,
+    passed or failed (Mount.close: resume, orderly unmount, else kill and a lazy unmount)."""
+    made: list[Mounted] = []
+
+    def _mount(*args: object, size: int = 1 << 20, data: bytes | None = None,
+               name: str | None = None, image: object = None, expect_ok: bool = True,
+               mnt_name: str | None = None) -> Any:
         i = len(made)
-        img = Path(image) if image else fuse_dir / f"disk{i}.img"
+        img = Path(str(image)) if image else fuse_dir / f"disk{i}.img"
         if not image:
             with open(img, "wb") as f:
                 if data is not None:
@@ -145,27 +145,27 @@ def mount(fuse_dir):
                     f.truncate(size)
         mnt = fuse_dir / (mnt_name or f"mnt{i}")
         mnt.mkdir(exist_ok=True)
-        extra = ["--name", name] if name else []
         m = Mounted(fuse_dir, img, mnt, name or img.name)
         made.append(m)
-        r = blkfuse("mount", *extra, *args, img, mnt)
-        if expect_ok:
-            assert r.returncode == 0, r.stderr
-            assert r.stdout == "" and r.stderr == ""
-            assert is_mounted(mnt)
-            m.pid = m.status()["info"]["pid"]
-            return m
-        return m, r
+        if not expect_ok:
+            extra = ["--name", name] if name else []
+            return m, blkfuse("mount", *extra, *args, img, mnt)
+        m.api = Mount(img, mnt, name=name, **_api_args(args))
+        try:
+            m.api.mount()
+        except MountError as e:
+            raise AssertionError(f"mount failed: {e}") from None
+        assert is_mounted(mnt)
+        return m
 
     yield _mount
+    problems = []
     for m in made:
-        if is_mounted(m.mnt):
-            r = blkfuse("umount", m.mnt, "--timeout", "30")
-            if r.returncode != 0 and m.pid:
-                try:
-                    os.kill(m.pid, signal.SIGKILL)      # wedged: end it, then the mount
-                except ProcessLookupError:
-                    pass
-        force_unmount(m.mnt)
+        try:
+            if m.api is not None:
+                m.api.close(timeout=30)
+            force_unmount(m.mnt)
+        except MountError as e:
+            problems.append(str(e))
     leftover = [m.mnt for m in made if is_mounted(m.mnt)]
-    assert not leftover, f"still mounted: {leftover}"
+    assert not leftover and not problems, f"still mounted: {leftover} {problems}"

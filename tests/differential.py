@@ -84,7 +84,8 @@ class Scenario:
     profile: str
     config: str
     ops: list    # ("read", off, len) | ("write", off, len, byte[, fua]) | ("zero", off, len,
-                 # unmap) | ("discard", off, len) | ("alloc", off, len) | ("map",) | ("flush",)
+                 # unmap) | ("discard", off, len) | ("alloc", off, len) | ("map",) |
+                 # ("truncate", size) | ("flush",)
     cache: str = "writeback"
     align: int | None = None
     max_transfer: int | None = None
@@ -113,6 +114,8 @@ class Scenario:
             return f"{kind} {op[1]} {op[2]}"
         if kind == "map":
             return "map"
+        if kind == "truncate":
+            return f"truncate {op[1]}"
         return flush_as
 
     def blkdebug_options(self) -> list[str]:
@@ -162,6 +165,8 @@ class Scenario:
             options["cache"] = self.cache
         if self.format != "raw":
             options["format"] = self.format
+        if any(op[0] == "truncate" for op in self.ops):
+            options["growable"] = "on"      # qemu-io may resize; a mount's size is fixed without
         return options
 
     def describe(self) -> str:
@@ -257,12 +262,14 @@ def _op(rng: random.Random, sc: Scenario, big: int, weights: dict) -> tuple:
         return ("alloc", offset, size - offset)        # to the end: what SEEK_DATA asks
     if kind == "map":
         return ("map",)
+    if kind == "truncate":
+        return ("truncate", size + rng.choice([512, 4096, 8192]))   # grows: counts as written
     return ("flush",)
 
 
 BASE_WEIGHTS = {"read": 0.38, "write": 0.40, "flush": 0.22}
 ALL_WEIGHTS = {"read": 0.22, "write": 0.25, "flush": 0.16, "zero": 0.14, "discard": 0.12,
-               "alloc": 0.07, "map": 0.04}
+               "alloc": 0.07, "map": 0.04, "truncate": 0.03}
 
 
 def generate(seed: int, index: int, profile: str) -> Scenario:
@@ -312,7 +319,14 @@ def generate(seed: int, index: int, profile: str) -> Scenario:
         weights = ALL_WEIGHTS
     sc.init_byte = rng.choice([0, 0x77])
     sectors = sc.image_size // 512
-    sc.config = "".join(_rule_text(rng, profile, sectors) for _ in range(rng.randint(1, 4)))
+    rules = []
+    for _ in range(rng.randint(1, 4)):
+        text = _rule_text(rng, profile, sectors)
+        if (weights is ALL_WEIGHTS and "[inject-error]" in text and "iotype" not in text
+                and rng.random() < 0.3):
+            text += 'iotype = "block-status"\n'     # what alloc and map are checked as
+        rules.append(text)
+    sc.config = "".join(rules)
     for _ in range(rng.randint(2, 9)):
         sc.ops.append(_op(rng, sc, big, weights))
     return sc
@@ -401,6 +415,10 @@ def _parse_segment(op, lines: list[str], flush_as: str) -> Result:
             if line.startswith("is_allocated failed: "):
                 return Result(errno_of(line[len("is_allocated failed: "):]))
         if not any(re.match(r"\d+/\d+ bytes (not )?allocated at offset", line) for line in lines):
+            raise ValueError(f"unexpected qemu-io output for {op}: {text!r}")
+        return OK
+    if kind == "truncate":
+        if lines:
             raise ValueError(f"unexpected qemu-io output for {op}: {text!r}")
         return OK
     if kind == "map":
@@ -533,6 +551,8 @@ def run_block(sc: Scenario) -> tuple[list, bytes, list]:
                 await oracle.block_alloc(dev, op[1], op[2])
             elif kind == "map":
                 await oracle.block_map(dev)
+            elif kind == "truncate":
+                dev.truncate(op[1])
             else:
                 await dev.flush()
             return OK
@@ -613,6 +633,12 @@ def run_mount(sc: Scenario, tmpdir: Path) -> tuple[list, bytes]:
                     r = oracle.file_seek_data(fd, op[1])
                 elif kind == "map":
                     r = oracle.file_seek_data(fd, 0)
+                elif kind == "truncate":
+                    try:
+                        os.ftruncate(fd, op[1])
+                        r = "ok"
+                    except OSError as e:
+                        r = oracle.errname(e.errno)
                 else:
                     r = oracle.file_flush(fd)
                 results.append(OK if r == "ok" else Result(_errno_number(r)))
@@ -622,12 +648,13 @@ def run_mount(sc: Scenario, tmpdir: Path) -> tuple[list, bytes]:
 
 
 MOUNT_PENDING_KINDS = ("zero", "discard", "alloc", "map")
+# qemu-io's truncate is ftruncate through the mount
 
 
 def mount_pending(sc: Scenario) -> bool:
     """Until the FUSE fallocate/lseek/write-flags handlers are on main (issue 13), the mount
     cannot carry these ops; such scenarios run through the block layer only."""
-    return any(op[0] in MOUNT_PENDING_KINDS or (op[0] == "write" and len(op) > 4 and op[4])
+    return not oracle.MOUNT_HAS_FILE_OPS and any(op[0] in MOUNT_PENDING_KINDS or (op[0] == "write" and len(op) > 4 and op[4])
                for op in sc.ops)
 
 

@@ -6,7 +6,7 @@ on one of two targets and returns, per command, an outcome in the case's vocabul
 ("ok", "EIO", "ERRNO_200", "MISCOMPARE", "NOT_RUN") plus the image bytes afterwards:
 
   block  BlockDevice(Engine(rules), Image(path), align=..., max_transfer=...) in trio.run
-  mount  a real `blkfuse mount`: the image file opened O_DIRECT (plus O_DSYNC for
+  mount  a real mount (blkfuse.Mount): the image file opened O_DIRECT (plus O_DSYNC for
          writethrough), os.preadv/os.pwritev/os.fsync, break commands through `control`
 
 qemu-io -> blkfuse translation:
@@ -41,15 +41,14 @@ import json
 import mmap
 import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import blkfuse
+
 DATA_DIR = Path(__file__).parent / "data" / "oracle"
-REPO = Path(__file__).resolve().parent.parent
 HANG_GUARD = 30.0      # seconds before a request that never finishes is reported as a hang
 
 DEFAULT_WRITE_PATTERN = 0xCD     # qemu-io's write without -P
@@ -160,12 +159,23 @@ def parse_op(text: str) -> Op:
 
 # ---- where blkfuse deliberately differs -------------------------------------------------
 
-# Ops the mount cannot carry until the FUSE fallocate/lseek/write-flags handlers are on main
-# (issue 13, helper pyfuse3): cases using them are skipped on the mount target only.
-MOUNT_PENDING_OPS = ("write -z", "discard", "alloc", "map", "write -f")
+def _mount_has_file_ops() -> bool:
+    try:
+        from blkfuse.fs import Operations
+    except ImportError:
+        return False
+    return "fallocate" in vars(Operations) and "lseek" in vars(Operations)
+
+
+# Until blkfuse's FUSE layer has its fallocate and lseek handlers (issue 13), cases using
+# write -z, discard, alloc, map or write -f are skipped on the mount target only; from then on
+# they run (and this goes).
+MOUNT_HAS_FILE_OPS = _mount_has_file_ops()
 
 
 def mount_pending(case: dict) -> str | None:
+    if MOUNT_HAS_FILE_OPS:
+        return None
     for text in case["ops"]:
         op = parse_op(text)
         if (op.cmd == "discard" or op.cmd in ("alloc", "map")
@@ -397,19 +407,6 @@ async def _block_replay(case, ops, engine, dev, outcomes):
 
 # ---- target: a real mount ------------------------------------------------------------------
 
-def blkfuse_command() -> list[str]:
-    script = Path(sys.executable).with_name("blkfuse")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "import sys; from blkfuse.cli import main; sys.exit(main())"]
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
-
-
 def mount_available() -> str | None:
     """None if real mounts can run here, else why not."""
     if not os.path.exists("/dev/fuse"):
@@ -423,66 +420,24 @@ def mount_available() -> str | None:
     return None
 
 
-def is_mounted(mountpoint: Path) -> bool:
-    target = os.path.realpath(mountpoint)
-    with open("/proc/mounts") as f:
-        return any(line.split()[1] == target for line in f)
-
-
-class MountFailed(Exception):
-    pass
-
-
-class Mount:
-    """`blkfuse mount [--config C] [-o OPTS] IMAGE MOUNTPOINT` ... `blkfuse umount`."""
+class Mount(blkfuse.Mount):
+    """blkfuse.Mount that creates its mountpoint; `file` is the image file in the mount."""
 
     def __init__(self, image: Path, mountpoint: Path, config: Path | None = None,
                  options: dict[str, str] | None = None):
-        self.image = Path(image)
-        self.mountpoint = Path(mountpoint)
-        self.config = config
-        self.options = dict(options or {})
-        self.file = self.mountpoint / self.image.name
-        self.control = self.mountpoint / "control"
+        Path(mountpoint).mkdir(parents=True, exist_ok=True)
+        super().__init__(image, mountpoint, config=config, options=options)
 
-    def __enter__(self):
-        self.mountpoint.mkdir(parents=True, exist_ok=True)
-        argv = blkfuse_command() + ["mount"]
-        if self.config is not None:
-            argv += ["--config", str(self.config)]
-        if self.options:
-            argv += ["-o", ",".join(f"{k}={v.replace(',', ',,')}"
-                                    for k, v in self.options.items())]
-        argv += [str(self.image), str(self.mountpoint)]
-        proc = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=60)
-        if proc.returncode != 0:
-            if is_mounted(self.mountpoint):
-                self.unmount()
-            raise MountFailed((proc.stderr or proc.stdout).strip())
-        return self
+    @property
+    def file(self) -> Path:
+        return self.image_path
 
-    def unmount(self):
-        subprocess.run(blkfuse_command() + ["umount", str(self.mountpoint)],
-                       capture_output=True, text=True, env=_env(), timeout=60)
-        if is_mounted(self.mountpoint):      # never leave a mount behind
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
-            subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
-
-    def __exit__(self, *exc):
-        self.unmount()
-
-    def ctl(self, line: str) -> str:
+    def outcome(self, line: str) -> str:
         """One control-file command; "ok" or the errno name it failed with."""
-        fd = os.open(self.control, os.O_WRONLY)
         try:
-            os.write(fd, (line + "\n").encode())
-        except OSError as e:
+            self.ctl(line)
+        except blkfuse.ControlError as e:
             return errname(e.errno)
-        finally:
-            try:
-                os.close(fd)
-            except OSError as e:
-                return errname(e.errno)
         return "ok"
 
 
@@ -613,7 +568,7 @@ def replay_mount(case: dict, tmpdir: Path) -> Replay:
     try:
         with Mount(image_path, tmpdir / "mnt", config=config, options=options) as m:
             _mount_replay(case, exp.ops, m, outcomes)
-    except MountFailed as e:
+    except blkfuse.MountError as e:
         return Replay(["NOT_RUN"] * len(exp.ops), image_path.read_bytes(), str(e))
     return Replay(outcomes, image_path.read_bytes())
 
@@ -646,13 +601,13 @@ def _mount_replay(case, ops, m: Mount, outcomes):
                 line = " ".join([op.cmd] + op.args)
                 if op.cmd == "wait_break":
                     line += f" {HANG_GUARD:g}"
-                outcomes[i] = m.ctl(line)
+                outcomes[i] = m.outcome(line)
             else:
                 outcomes[i] = _file_io(fd, op)
     finally:
         if any(t.is_alive() for t in threads):
             for tag in {o.args[-1] for o in ops if o.cmd == "break"}:
-                m.ctl(f"remove_break {tag}")
+                m.outcome(f"remove_break {tag}")
             for t in threads:
                 t.join(HANG_GUARD)
         os.close(fd)

@@ -171,3 +171,51 @@ def test_options_cache_format_and_limits():
         parse_options({"opt-discard": "4096", "max-discard": "6144"})
     with pytest.raises(ConfigError, match="opt-write-zero: must be positive"):
         parse_options({"opt-write-zero": "0"})
+
+
+def test_status_shows_the_cache_mode_and_format():
+    from blkfuse.control import Control
+
+    control = Control(Engine(), info={"image": "/x.img", "cache": "directsync", "format": "none",
+                                       "opt_discard": 4096})
+    first = control.status_text().splitlines()[0]
+    assert first == "image: /x.img (cache=directsync, format=none, opt-discard=4096)"
+
+
+def test_fallocate_maps_modes_as_qemus_fuse_export(tmp_path):
+    from blkfuse.image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+
+    dev, engine, path = device(tmp_path, size=16384)
+
+    async def main():
+        await dev.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 12288, 8192)
+        await dev.fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, 15000, 4096)
+        assert dev.size() == 16384
+        await dev.fallocate(FALLOC_FL_ZERO_RANGE, 16000, 1000)
+        assert dev.size() == 17000
+        await dev.fallocate(0, 17000, 1000)
+        assert dev.size() == 18000
+        for mode, error in ((0, errno.EOPNOTSUPP), (FALLOC_FL_PUNCH_HOLE, errno.EINVAL),
+                            (FALLOC_FL_KEEP_SIZE, errno.EOPNOTSUPP)):
+            with pytest.raises(OSError) as info:
+                await dev.fallocate(mode, 0, 512)
+            assert info.value.errno == error
+    run(main)
+    checks = [e for e in engine.trace if isinstance(e, tuple)]
+    assert checks == [("discard", 12288, 4096), ("write-zeroes", 15000, 1384),
+                      ("write-zeroes", 16000, 1000)]
+    assert path.read_bytes()[12288:17000] == bytes(4712)
+
+
+def test_truncate_counts_as_written(tmp_path):
+    config = '[inject-error]\nevent = "none"\niotype = "flush"\nerrno = "28"\n'
+    dev, engine, _ = device(tmp_path, config=config)
+
+    async def main():
+        await dev.flush()                       # nothing written: not checked
+        dev.truncate(70000)
+        with pytest.raises(OSError) as info:
+            await dev.flush()
+        assert info.value.errno == errno.ENOSPC
+    run(main)
+    assert "flush_to_disk" in engine.trace

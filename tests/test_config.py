@@ -409,9 +409,24 @@ def test_check_lists_rules_and_summary(tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [
         f"{path}:1: inject-error event=read_aio errno=28",
-        f"{path}:5: set-state event=l2_load new_state=0  (never fires through a blkfuse mount)",
+        f'{path}:5: set-state event=l2_load new_state=0 (never fires: no request through a '
+        'blkfuse mount raises "l2_load") (warning: new_state is 0, what a missing new_state '
+        "means: from then on only rules without a state match)",
         "-o inject-error.0: inject-error event=write_aio errno=5",
         f"{path}: OK, 3 rules (2 inject-error, 1 set-state), align=4096",
+    ]
+
+
+def test_check_marks_qemu_io_options_not_portable(tmp_path):
+    path = tmp_path / "rules.conf"
+    path.write_text('[inject-error]\nevent = "pwritev_zero"\n')
+    result = run_check(str(path), "-o", "cache=unsafe,format=none,opt-discard=4k")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        f"{path}:1: inject-error event=pwritev_zero errno=5",
+        f"{path}: OK, 1 rule (1 inject-error), opt-discard=4096, "
+        "cache=unsafe (not portable: qemu-io -t unsafe), "
+        "format=none (not portable: qemu-io --image-opts driver=blkdebug,...)",
     ]
 
 

@@ -79,7 +79,7 @@ def test_every_command_has_usage_help_and_a_parser():
     ("clear now", errno.EINVAL, "clear"),
     ("inject-error", errno.EINVAL, "usage"),
     ("inject-error event=read_aio errno=EWHAT", errno.EINVAL, "errno"),
-    ("inject-error event=nope", errno.EINVAL, "nope"),
+    ("inject-error event=nope", errno.ENOENT, "nope"),
     ("set-state event=read_aio colour=blue", errno.EINVAL, "colour"),
     ('break read_aio "A', errno.EINVAL, "quotation"),
 ])
@@ -274,8 +274,8 @@ def test_status_dict_is_json_and_stable():
     d = json.loads(json.dumps(control.status_dict()))
     assert set(d) == {"info", "state", "rules", "active", "breakpoints", "suspended", "waiting",
                       "waiting_hits", "events",
-                      "errors_injected", "last_result", "last_error", "last_error_errno",
-                      "power", "unsynced"}
+                      "errors_injected", "interrupted", "last_result", "last_error",
+                      "last_error_errno", "power", "unsynced"}
     assert d["state"] == 3
     assert d["events"] == {"read_aio": 1, "none": 1}
     assert d["errors_injected"] == [{"errno": errno.ENOSPC, "name": "ENOSPC", "count": 1}]

@@ -107,11 +107,11 @@ def test_bad_control_commands_apply_nothing(mount):
     assert e.value.errno == errno.EINVAL
     after = m.status()
     assert after["rules"] == before["rules"] and after["breakpoints"] == []
-    assert after["last_error"] == "line 3: unknown command 'frobnicate' (try \"help\")"
+    assert after["last_error"] == 'line 3: unknown command "frobnicate" (try "help")'
     assert "line 3: unknown command" in m.status_text()
     r = blkfuse("ctl", m.mnt, "break", "write_aoi", "A")
     assert r.returncode == 1 and r.stdout == ""
-    assert r.stderr.count("\n") == 1 and "unknown event 'write_aoi'" in r.stderr
+    assert r.stderr.count("\n") == 1 and 'unknown event "write_aoi"' in r.stderr
     r = blkfuse("ctl", m.mnt, "resume", "nobody")
     assert r.returncode == 1 and "nobody" in r.stderr and "ENOENT" in r.stderr
 

@@ -220,3 +220,31 @@ def test_bad_power_options_are_refused_at_mount(mount):
         _, r = mount("-o", option if "cap" in option or "track" in option
                      else f"track-unsynced=on,{option}", expect_ok=False)
         assert r.returncode == 1 and words in r.stderr, (option, r.stderr)
+
+
+def test_fallocate_punch_hole_and_zero_range_are_undone_and_fail_while_off(mount):
+    data = bytes((i * 13 + 1) & 0xFF for i in range(MiB))
+    m = mount(*TRACK, data=data)
+    fd = os.open(m.file, os.O_RDWR)
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+        def fallocate(mode, offset, length):
+            if libc.fallocate(fd, mode, offset, length) != 0:
+                error = ctypes.get_errno()
+                raise OSError(error, os.strerror(error))
+
+        punch_hole, keep_size, zero_range = 0x02, 0x01, 0x10
+        fallocate(punch_hole | keep_size, 65536, 65536)
+        fallocate(zero_range | keep_size, 262144, 8192)
+        assert os.pread(fd, 4096, 65536) == bytes(4096)
+        assert m.status()["unsynced"]["writes"] >= 2
+        m.ctl("powercut")
+        assert m.image.read_bytes() == data                   # both undone
+        with pytest.raises(OSError) as e:
+            fallocate(punch_hole | keep_size, 2 * MiB, 4096)  # even a no-op range
+        assert e.value.errno == errno.EIO
+    finally:
+        os.close(fd)

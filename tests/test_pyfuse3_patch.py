@@ -189,3 +189,18 @@ def test_an_interrupted_request_ends_with_eintr_and_the_mount_goes_on(tinyfs, si
         assert os.pread(fd, 512, 0) == bytes(512)
     finally:
         os.close(fd)
+
+
+def test_blkfuse_refuses_to_mount_with_an_unpatched_pyfuse3(monkeypatch, tmp_path):
+    import pyfuse3
+
+    from blkfuse import daemon
+    for name in ("enable_interrupts", "lseek"):
+        monkeypatch.delattr(pyfuse3.Operations, name)
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4096))
+    with pytest.raises(daemon.MountError) as e:   # the first check: no settings needed
+        daemon.prepare(str(image), str(tmp_path), None)
+    message = str(e.value)
+    assert "not built with blkfuse's patch" in message
+    assert "lseek, enable_interrupts" in message and "scripts/setup" in message

@@ -403,3 +403,50 @@ def test_write_zeroes_and_discard_enter_the_log_and_are_undone(tmp_path):
                 await request
             assert failure.value.errno == errno.EIO
     run(main)
+
+
+# ---- every mode against a model, on random histories with resizes -------------------------
+
+@pytest.mark.parametrize("history_seed", range(40))
+def test_each_mode_matches_the_model_on_random_histories(tmp_path, history_seed):
+    """Random writes, truncates (shrink and grow) and flushes; then a cut in each mode.
+    none: the last flushed image; prefix: the image after exactly k changes; random: every
+    unit is its current or its flushed bytes (zeros where the file did not reach), and the
+    size is one of the two."""
+    rng = random.Random(history_seed)
+    atomic = rng.choice([512, 1024, 4096])
+    for keep in ("none", "prefix", "random"):
+        d = Dev(tmp_path, noise(rng.randrange(1, 24 * KiB), history_seed), atomic=atomic,
+                name=f"{keep}.img")
+        history = random.Random(history_seed * 7 + 1)
+
+        async def main():
+            snapshots = [d.data()]
+            for step in range(history.randrange(1, 14)):
+                action = history.random()
+                if action < 0.15:
+                    await d.block.flush()
+                    snapshots = [d.data()]
+                elif action < 0.3:
+                    d.block.truncate(history.randrange(0, 40 * KiB))
+                    snapshots.append(d.data())
+                else:
+                    offset = history.randrange(0, 36 * KiB)
+                    await d.block.write(offset, noise(history.randrange(1, 6000), step))
+                    snapshots.append(d.data())
+            synced, current = snapshots[0], snapshots[-1]
+            report = await d.block.power_cut(keep, history_seed)
+            after = d.data()
+            if keep == "none":
+                assert after == synced
+            elif keep == "prefix":
+                assert after == snapshots[report.writes_kept]
+            else:
+                assert len(after) in (len(synced), len(current))
+                for unit in range(0, len(after), atomic):
+                    got = after[unit:unit + atomic]
+                    now = current[unit:unit + atomic].ljust(atomic, b"\0")[:len(got)]
+                    old = synced[unit:unit + atomic].ljust(atomic, b"\0")[:len(got)]
+                    assert got in (now, old), f"unit {unit // atomic}"
+        run(main)
+        d.image.close()

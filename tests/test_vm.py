@@ -15,7 +15,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "e2e-vm")
 STEPS = ("1 inject-error on one sector", "2 runtime ENOSPC after the first flush",
-         "3 breakpoint on write_aio", "guest finished")
+         "3 breakpoint on write_aio", "4 discard rule fails the guest's blkdiscard",
+         "guest finished")
 
 pytestmark = pytest.mark.vm
 

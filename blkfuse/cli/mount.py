@@ -8,7 +8,12 @@ import click
 from ._common import fail
 
 
-@click.command("mount")
+@click.command("mount", epilog="""\b
+Examples:
+  blkfuse mount --config rules.conf disk.img /mnt/faulty
+  blkfuse mount -o inject-error.0.event=read_aio,inject-error.0.sector=8 disk.img /mnt/faulty
+  blkfuse mount blkdebug:rules.conf:disk.img /mnt/faulty      # QEMU's spelling
+  blkfuse mount -o growable=on,locking=off disk.img /mnt/faulty""")
 @click.option("--config", "config_path", metavar="RULES",
               help="blkdebug config file (QEMU's format).")
 @click.option("-o", "options", multiple=True, metavar="KEY=VALUE,...",
@@ -20,16 +25,16 @@ from ._common import fail
                    "after config rules).")
 @click.option("--name", help="Name of the image file in the mount (default: the image's).")
 @click.option("--allow-other", is_flag=True,
-              help="Let other users into the mount: the image's owner and mode (the backing "
-                   "file's) decide what they may do; control stays writable by you and root.")
+              help="Let other users use the mount (control stays writable by you and root).")
 @click.option("--read-only", is_flag=True, help="Refuse writes (EROFS).")
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground until unmounted.")
 @click.option("--log", "log_file", metavar="FILE", help="Log to FILE.")
+@click.option("--trace", "trace_file", metavar="FILE",
+              help="Append one JSON line per image request to FILE (see `blkfuse trace`).")
 @click.argument("image", metavar="IMAGE")
 @click.argument("mountpoint", metavar="MOUNTPOINT")
-def command(config_path: str | None, options: tuple[str, ...], name: str | None,
-            allow_other: bool, read_only: bool, foreground: bool, log_file: str | None,
-            image: str, mountpoint: str) -> None:
+def command(config_path, options, name, allow_other, read_only, foreground, log_file,
+            trace_file, image, mountpoint):
     """Mount IMAGE at MOUNTPOINT as a directory holding the image file and `control`.
 
     IMAGE may also be QEMU's `blkdebug:RULES:IMAGE` (RULES may be empty). Returns once the
@@ -57,7 +62,7 @@ def command(config_path: str | None, options: tuple[str, ...], name: str | None,
                 fail(f"-o {key}={given} names another image than {image}")
         _, settings = config.parse_options(merged)
         m = prepare(image, mountpoint, settings, name=name, read_only=read_only,
-                    allow_other=allow_other, log_file=log_file)
+                    allow_other=allow_other, log_file=log_file, trace_file=trace_file)
     except config.ConfigError as e:
         fail(str(e))
     except MountError as e:

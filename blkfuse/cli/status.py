@@ -4,10 +4,15 @@ import json
 
 import click
 
-from ._common import ControlError, _open_error, fail, read_status, send
+from ..client import open_error, read_status, status
+from ..errors import ControlError
+from ._common import control_failure, fail
 
 
-@click.command("status")
+@click.command("status", epilog="""\b
+Examples:
+  blkfuse status /mnt/faulty
+  blkfuse status --json /mnt/faulty | jq '.rules[] | {id, hits, spent}'""")
 @click.argument("mountpoint")
 @click.option("--json", "as_json", is_flag=True,
               help="Machine-readable status (needs the right to write control).")
@@ -15,13 +20,13 @@ def command(mountpoint: str, as_json: bool) -> None:
     """Show the state, rules, breakpoints, suspended requests and counters of a mount."""
     if as_json:
         try:
-            text = send(mountpoint, "status json")
+            answer = status(mountpoint)
         except ControlError as e:
-            fail(e.message)
-        click.echo(json.dumps(json.loads(text), indent=2))
+            fail(control_failure(e))
+        click.echo(json.dumps(answer, indent=2))
         return
     try:
         text = read_status(mountpoint)
     except OSError as e:
-        fail(_open_error(mountpoint, e))
+        fail(open_error(mountpoint, e))
     click.echo(text, nl=False)

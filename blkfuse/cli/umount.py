@@ -21,7 +21,10 @@ import click
 
 from .. import holders
 from ..daemon import GRACE_SECONDS
-from ._common import ControlError, fail, is_blkfuse_mount, send
+from ..client import send
+from ..errors import ControlError
+from ..mounttab import is_blkfuse_mount
+from ._common import control_failure, fail
 
 
 # How long a live daemon may take to answer `status json` before it counts as wedged.
@@ -134,7 +137,7 @@ def command(mountpoint: str, timeout: float, lazy: bool, force: bool) -> None:
         # The daemon is gone (ENOTCONN) or does not answer: remove the mount itself.
         if _fusermount(mountpoint) or _fusermount(mountpoint, lazy=True):
             return
-        fail(f"{e.message}; and unmounting failed")
+        fail(f"{control_failure(e)}; and unmounting failed")
     except (ValueError, KeyError) as e:
         fail(f"{mountpoint}: the daemon's status is unreadable ({e})")
     if not (lazy or force):

@@ -1,0 +1,272 @@
+"""The speed levers keep every answer the same: the busy-poll window, backing I/O that leaves
+the event loop (page cache check, worker pool), and their options. No timing is asserted."""
+
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from blkfuse import fuseloop
+from blkfuse.block import BlockDevice
+from blkfuse.config import ConfigError, parse_option_string, parse_options
+from blkfuse.engine import Engine
+from blkfuse.image import INLINE, NOWAIT, POOL, Image, WorkerPool
+from blkfuse.rules import InjectError
+from conftest import blkfuse
+
+MiB = 1 << 20
+
+
+# ---- the adaptive window (QEMU's adjust_polling_time) -----------------------------------------
+
+def test_window_grows_from_4us_by_doubling_up_to_the_maximum():
+    window = fuseloop.AdaptiveWindow(50)
+    seen = []
+    for _ in range(6):
+        window.waited(45_000)           # a request came 45 us after the reply: worth polling for
+        seen.append(window.ns)
+    assert seen == [4000, 8000, 16000, 32000, 50000, 50000]
+
+
+def test_window_drops_to_zero_after_a_long_wait_and_stays_when_it_caught_the_request():
+    window = fuseloop.AdaptiveWindow(50)
+    window.ns = 32000
+    window.waited(20_000)               # caught inside the window: the sweet spot, no change
+    assert window.ns == 32000
+    window.waited(2_000_000)            # 2 ms of silence: the mount went quiet, stop spinning
+    assert window.ns == 0
+
+
+def test_window_zero_never_polls():
+    window = fuseloop.AdaptiveWindow(0)
+    window.waited(10_000)
+    assert window.ns == 0
+
+
+# ---- options --------------------------------------------------------------------------------
+
+def test_speed_options_parse_and_check():
+    _, settings = parse_options(parse_option_string("io-threads=8,poll-us=0"))
+    assert (settings.io_threads, settings.poll_us) == (8, 0)
+    _, settings = parse_options({})
+    assert (settings.io_threads, settings.poll_us) == (None, None)
+    for bad, message in (("io-threads=257", "io-threads: expects a whole number from 0 to 256"),
+                         ("io-threads=many", 'not "many"'),
+                         ("poll-us=-1", "poll-us: expects a whole number from 0 to 100000"),
+                         ("poll-us=1e3", 'not "1e3"')):
+        with pytest.raises(ConfigError, match=message):
+            parse_options(parse_option_string(bad))
+
+
+def test_unknown_option_suggests_the_speed_option():
+    with pytest.raises(ConfigError, match='did you mean "poll-us"'):
+        parse_options(parse_option_string("pol-us=5"))
+
+
+# ---- where the image's I/O runs ---------------------------------------------------------------
+
+@pytest.fixture
+def disk_image():
+    """An image on a disk-backed file system (the root), 4 MiB of a known pattern."""
+    base = Path(tempfile.mkdtemp(prefix="blkfuse-speed-", dir="/var/tmp"))
+    path = base / "disk.img"
+    path.write_bytes(bytes(range(256)) * (4 * MiB // 256))
+    yield path
+    path.unlink()
+    base.rmdir()
+
+
+def _drop_cache(image: Image) -> None:
+    os.fsync(image.fd)
+    os.posix_fadvise(image.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def test_memory_file_system_reads_inline():
+    with tempfile.NamedTemporaryFile(dir="/dev/shm") as f:
+        f.write(b"x" * 8192)
+        f.flush()
+        image = Image(f.name)
+        assert image.io_mode == INLINE
+        assert trio.run(image.read, 4096, 10) == b"x" * 10
+        assert image.pool_reads == 0
+
+
+def test_cold_reads_go_to_the_pool_with_the_same_data(disk_image):
+    image = Image(str(disk_image), io_threads=2)
+    expected = disk_image.read_bytes()
+    _drop_cache(image)
+    offsets = [i * 64 * 1024 + 512 for i in range(40)]
+
+    async def main():
+        results = {}
+
+        async def one(offset):
+            results[offset] = bytes(await image.read(offset, 20000))
+
+        async with trio.open_nursery() as nursery:
+            for offset in offsets:
+                nursery.start_soon(one, offset)
+        return results
+
+    results = trio.run(main)
+    for offset in offsets:
+        assert results[offset] == expected[offset:offset + 20000]
+    if image.io_mode != INLINE:                 # /var/tmp is on a disk (not tmpfs) here
+        assert image.pool_reads > 0             # the cold ones went to worker threads
+        assert image._pool is not None and image._pool._threads <= 2
+    # now hot: answered inline, and reads at the end of the file are short, never padded
+    assert bytes(trio.run(image.read, 4096, 100)) == expected[4096:4196]
+    assert bytes(trio.run(image.read, 4 * MiB - 10, 100)) == expected[-10:]
+    _drop_cache(image)
+    assert bytes(trio.run(image.read, 4 * MiB - 10, 100)) == expected[-10:]
+    image.close()
+
+
+def test_the_pool_path_and_a_failing_read_through_the_block_layer(disk_image):
+    """Every read forced through the worker pool (as for O_DIRECT backing): same data, same
+    events and checks, and an OSError in the worker reaches the caller."""
+    image = Image(str(disk_image), io_threads=3)
+    image._read_mode = image._write_mode = POOL
+    rule = InjectError(event="read_aio", errno=5, sector=100)
+    device = BlockDevice(Engine([rule]), image, align=4096)
+    expected = bytearray(disk_image.read_bytes())
+
+    async def main():
+        assert bytes(await device.read(10, 5000)) == bytes(expected[10:5010])
+        with pytest.raises(OSError) as failure:
+            await device.read(100 * 512, 512)
+        assert failure.value.errno == 5
+        await device.write(1000, b"abc")           # unaligned: read-modify-write in the pool
+        expected[1000:1003] = b"abc"
+        assert bytes(await device.read(0, 8192)) == bytes(expected[:8192])
+        with pytest.raises(OSError):
+            await image._in_pool(os.pread, -1, 10, 0)
+
+    trio.run(main)
+    assert image.pool_reads >= 3
+    image.close()
+    assert disk_image.read_bytes()[:8192] == bytes(expected[:8192])
+
+
+def test_no_io_threads_means_everything_inline(disk_image):
+    image = Image(str(disk_image), io_threads=0)
+    assert image.io_mode == INLINE
+    _drop_cache(image)
+    assert bytes(trio.run(image.read, 0, 256)) == bytes(range(256))
+    assert image.pool_reads == 0 and image._pool is None
+    image.close()
+
+
+def test_worker_pool_bounds_its_threads():
+    pool = WorkerPool(2)
+    barrier = threading.Barrier(2, timeout=30)
+    running = []
+
+    def job(i):
+        running.append(threading.current_thread().name)
+        if i < 2:
+            barrier.wait()                       # the first two run at the same time
+        return i * 10
+
+    async def main():
+        results = []
+
+        async def one(i):
+            results.append(await pool.run(job, i))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(6):
+                nursery.start_soon(one, i)
+        return sorted(results)
+
+    assert trio.run(main) == [0, 10, 20, 30, 40, 50]
+    assert len(set(running)) == 2
+
+
+# ---- through a real mount --------------------------------------------------------------------
+
+@pytest.mark.parametrize("options", ["poll-us=0,io-threads=1", "poll-us=200,io-threads=4"])
+def test_cold_disk_image_through_the_mount(mount, options):
+    base = Path(tempfile.mkdtemp(prefix="blkfuse-speed-", dir="/var/tmp"))
+    try:
+        image = base / "cold.img"
+        data = os.urandom(8 * MiB)
+        image.write_bytes(data)
+        m = mount("-o", options, image=image)
+        info = m.status()["info"]
+        assert info["io"] in (NOWAIT, POOL, INLINE) and info["poll_us"] == int(options.split(",")[0][8:])
+        fd = os.open(image, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        errors = []
+
+        def reader(k):
+            try:
+                f = os.open(m.file, os.O_RDONLY)
+                try:
+                    for i in range(k, 128, 8):
+                        offset = i * 64 * 1024
+                        assert os.pread(f, 4096, offset) == data[offset:offset + 4096]
+                finally:
+                    os.close(f)
+            except Exception as e:          # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=reader, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        m.umount()
+    finally:
+        for p in base.iterdir():
+            p.unlink()
+        base.rmdir()
+
+
+def test_bad_speed_option_at_mount_is_one_line(mount):
+    m, r = mount("-o", "io-threads=-1", expect_ok=False)
+    assert r.returncode == 1
+    assert r.stderr.strip() == ("blkfuse: option io-threads: expects a whole number from 0 to "
+                                "256, not \"-1\"")
+
+
+def test_check_accepts_speed_options(fuse_dir):
+    rules = fuse_dir / "rules.conf"
+    rules.write_text("")
+    r = blkfuse("check", rules, "-o", "poll-us=0,io-threads=2")
+    assert r.returncode == 0, r.stderr
+    assert "io-threads=2 (not portable: blkfuse's own tuning)" in r.stdout
+    assert "poll-us=0 (not portable: blkfuse's own tuning)" in r.stdout
+
+
+def test_mount_polls_by_default_or_as_the_environment_says(mount):
+    m = mount()
+    expected = int(os.environ.get("BLKFUSE_POLL_US", fuseloop.DEFAULT_POLL_US))
+    info = m.status()["info"]
+    assert info["poll_us"] == expected
+    assert info["io_threads"] == 4
+
+
+def test_only_dev_fuse_waits_are_changed():
+    """trio's own wake-up socket and any other fd keep trio's wait: no spin is spent on them."""
+    loop = fuseloop.install(50)
+    r, w = os.pipe()
+    try:
+        async def main():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.lowlevel.wait_readable, r)
+                await trio.sleep(0.05)
+                os.write(w, b"x")
+
+        trio.run(main)
+        assert not loop.idle()          # it knows no /dev/fuse fd: never "idle" by mistake
+        assert loop.window.ns == 0
+    finally:
+        fuseloop.uninstall()
+        os.close(r)
+        os.close(w)
