@@ -69,8 +69,9 @@ def _is_mountpoint(path: str) -> bool:
     return os.path.ismount(os.path.realpath(path)) or mounttab.is_mounted(path)
 
 
-def prepare(image: str, mountpoint: str, settings, *, name=None, read_only=False,
-            allow_other=False, log_file=None, trace_file=None) -> Mount:
+def prepare(image: str, mountpoint: str, settings: Settings, *, name: str | None = None,
+            read_only: bool = False, allow_other: bool = False, log_file: str | None = None,
+            trace_file: str | None = None) -> Mount:
     """Check everything and load the rules; MountError on the first problem."""
     from . import config
     from .fs import missing_pyfuse3_features

@@ -363,7 +363,8 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF) from None
 
     @_guard
-    async def read(self, fh, off, size, ctx):
+    async def read(self, fh: FileHandleT, off: int, size: int,  # type: ignore[override]
+                   ctx: RequestContext) -> bytes:
         h = self._handle(fh)
         if h.inode == IMAGE:
             if self.refusing:
@@ -377,7 +378,8 @@ class Operations(pyfuse3.Operations):
         return h.answer_at(off, size)
 
     @_guard
-    async def write(self, fh, off, buf, flags, ctx):
+    async def write(self, fh: FileHandleT, off: int, buf: bytes,  # type: ignore[override]
+                    flags: int, ctx: RequestContext) -> int:
         h = self._handle(fh)
         if h.inode == IMAGE:
             if self.read_only:
@@ -413,7 +415,8 @@ class Operations(pyfuse3.Operations):
         return len(buf)
 
     @_guard
-    async def fsync(self, fh, datasync, ctx):
+    async def fsync(self, fh: FileHandleT, datasync: bool,  # type: ignore[override]
+                    ctx: RequestContext) -> None:
         h = self._handle(fh)
         if h.inode == IMAGE:
             if self.refusing:
@@ -458,10 +461,12 @@ class Operations(pyfuse3.Operations):
         # close(): nothing to do; QEMU does not flush on close either
         pass
 
-    async def release(self, fh):
+    async def release(self, fh: FileHandleT) -> None:
         h = self._handles.pop(fh, None)
         if h is not None and h.answer is not None and not isinstance(h.answer, bytes):
             h.answer.close()                             # a trace reader went away
+        if not self._handles:
+            self._wake_settled_waiter()
 
     # -- everything else: the directory is fixed ------------------------------------------------
 

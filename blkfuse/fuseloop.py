@@ -24,7 +24,6 @@ window late.
 import os
 import select
 import time
-from typing import Protocol
 
 import trio
 
@@ -63,10 +62,6 @@ class AdaptiveWindow:
             self.ns = 0
         elif self.ns < self.max_ns:
             self.ns = min(self.max_ns, self.ns * _GROW if self.ns else _INITIAL_WINDOW_NS)
-
-
-class _HasFileno(Protocol):
-    def fileno(self) -> int: ...
 
 
 def _trio_internals():
@@ -113,7 +108,7 @@ def install(poll_us: int = 0) -> Loop:
     fast_returns = 0
     monotonic_ns = time.monotonic_ns
 
-    async def wait_readable(fd: "int | _HasFileno") -> None:
+    async def wait_readable(fd):
         nonlocal fast_returns
         number = fd if isinstance(fd, int) else fd.fileno()
         entry = state.get(number)
@@ -155,7 +150,7 @@ def install(poll_us: int = 0) -> Loop:
             return
         await _original_wait_readable(fd)
 
-    wait_readable._blkfuse_fast = True  # type: ignore[attr-defined]  # marks it installed
+    wait_readable._blkfuse_fast = True
     trio.lowlevel.wait_readable = wait_readable
     return Loop(window, state)
 

@@ -25,8 +25,7 @@ Examples:
                    "after config rules).")
 @click.option("--name", help="Name of the image file in the mount (default: the image's).")
 @click.option("--allow-other", is_flag=True,
-              help="Let other users into the mount: the image's owner and mode (the backing "
-                   "file's) decide what they may do; control stays writable by you and root.")
+              help="Let other users use the mount (control stays writable by you and root).")
 @click.option("--read-only", is_flag=True, help="Refuse writes (EROFS).")
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground until unmounted.")
 @click.option("--log", "log_file", metavar="FILE", help="Log to FILE.")
