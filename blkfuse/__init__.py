@@ -1,6 +1,6 @@
 """blkfuse: QEMU blkdebug's fault-injection rule engine behind a FUSE-mounted disk image.
 
-    from blkfuse import Mount, ControlError      # see blkfuse.api
+from blkfuse import Mount, ControlError      # see blkfuse.api
 """
 
 from typing import TYPE_CHECKING, Any
@@ -19,5 +19,6 @@ def __getattr__(name: str) -> Any:
     # Mount is imported on first use, so the CLI (which imports this package) starts fast.
     if name == "Mount":
         from .api import Mount
+
         return Mount
     raise AttributeError(f"module 'blkfuse' has no attribute {name!r}")

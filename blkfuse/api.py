@@ -24,7 +24,7 @@ import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from . import client, mounttab
 from .errors import ControlError, MountError
@@ -60,8 +60,13 @@ def option_string(options: Options) -> list[str]:
     return [str(o) for o in options]
 
 
-def mount_args(image: StrPath, mountpoint: StrPath, config: StrPath | None = None,
-               options: Options | None = None, **mount_flags: object) -> list[str]:
+def mount_args(
+    image: StrPath,
+    mountpoint: StrPath,
+    config: StrPath | None = None,
+    options: Options | None = None,
+    **mount_flags: object,
+) -> list[str]:
     """The `blkfuse mount` arguments for these parameters (after the command itself).
 
     A flag's keyword is its long option with "_" for "-": name="vda.raw" -> --name vda.raw,
@@ -107,8 +112,14 @@ class Mount:
     `pid` the daemon. Commands fail with ControlError (`.errno`, `.message`).
     """
 
-    def __init__(self, image: StrPath, mountpoint: StrPath, config: StrPath | None = None,
-                 options: Options | None = None, **mount_flags: object) -> None:
+    def __init__(
+        self,
+        image: StrPath,
+        mountpoint: StrPath,
+        config: StrPath | None = None,
+        options: Options | None = None,
+        **mount_flags: object,
+    ) -> None:
         self.mountpoint = Path(os.path.abspath(mountpoint))
         self.args = mount_args(image, self.mountpoint, config, options, **mount_flags)
         self.name = ""
@@ -118,18 +129,24 @@ class Mount:
 
     # -- life ---------------------------------------------------------------------------------
 
-    def mount(self) -> "Mount":
+    def mount(self) -> Self:
         """Mount (what entering the `with` block does). MountError with `blkfuse mount`'s
         one-line reason if it fails; nothing is left mounted then."""
         if self.mounted:
             raise MountError(f"{self.mountpoint}: this Mount is already mounted")
         try:
-            r = subprocess.run(client.blkfuse_command() + self.args, capture_output=True,
-                               text=True, timeout=MOUNT_SECONDS, stdin=subprocess.DEVNULL)
+            r = subprocess.run(
+                client.blkfuse_command() + self.args,
+                capture_output=True,
+                text=True,
+                timeout=MOUNT_SECONDS,
+                stdin=subprocess.DEVNULL,
+            )
         except subprocess.TimeoutExpired:
             client.force_unmount(self.mountpoint)
-            raise MountError(f"{self.mountpoint}: blkfuse mount did not finish in "
-                             f"{MOUNT_SECONDS:g} s") from None
+            raise MountError(
+                f"{self.mountpoint}: blkfuse mount did not finish in {MOUNT_SECONDS:g} s"
+            ) from None
         if r.returncode != 0:
             # The reason is the last line (click puts its usage text before an option error).
             lines = (r.stderr or r.stdout).strip().splitlines() or [""]
@@ -143,8 +160,9 @@ class Mount:
             self.backing = Path(info["image"])
         except (ControlError, KeyError, TypeError, ValueError) as e:
             self.close()
-            raise MountError(f"{self.mountpoint}: mounted, but its status is unreadable: {e}") \
-                from None
+            raise MountError(
+                f"{self.mountpoint}: mounted, but its status is unreadable: {e}"
+            ) from None
         return self
 
     def close(self, timeout: float = 60.0) -> None:
@@ -163,18 +181,22 @@ class Mount:
                 problem = e
                 if self.pid:
                     try:
-                        os.kill(self.pid, signal.SIGKILL)    # wedged: end it, then the mount
+                        os.kill(self.pid, signal.SIGKILL)  # wedged: end it, then the mount
                     except ProcessLookupError:
                         pass
         if not client.force_unmount(self.mountpoint):
             raise MountError(f"{self.mountpoint}: still mounted ({problem})")
         self.mounted = False
 
-    def __enter__(self) -> "Mount":
+    def __enter__(self) -> Self:
         return self.mount()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -269,7 +291,6 @@ class Mount:
         """The requests suspended now (tags, event, op, offset, length, seconds)."""
         result: list[dict[str, Any]] = self.status()["suspended"]
         return result
-
 
     def trace(self) -> client.TraceStream:
         """The trace, live, from the requests after this call: iterate it for one dict per

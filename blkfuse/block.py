@@ -43,7 +43,7 @@ went fails when it wakes up: _check_power after each wait).
 import errno as _errno
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import trio
 
@@ -68,17 +68,17 @@ def _failure(error: int) -> OSError:
 
 async def _settle(engine: Engine, outcome: int | Effect) -> tuple[int, Effect | None]:
     """A check's non-zero outcome -> (errno, the corruption to apply), after its delay."""
-    if type(outcome) is int:
+    if isinstance(outcome, int):
         return outcome, None
     if outcome.delay:
         await engine.hold(outcome.delay)
     return outcome.errno, (outcome if outcome.corrupt else None)
 
 
-_REQUEST_MAX_BYTES = (2**31 - 1) // 512 * 512     # BDRV_REQUEST_MAX_BYTES, a sector multiple
+_REQUEST_MAX_BYTES = (2**31 - 1) // 512 * 512  # BDRV_REQUEST_MAX_BYTES, a sector multiple
 
 
-def _export_requests(offset: int, length: int):
+def _export_requests(offset: int, length: int) -> Iterator[tuple[int, int]]:
     """(offset, length) of each block request QEMU's FUSE export makes for a range."""
     while length > 0:
         count = min(length, _REQUEST_MAX_BYTES)
@@ -92,20 +92,30 @@ def _round_up(value: int, align: int) -> int:
 
 
 class BlockDevice:
-    def __init__(self, engine: Engine, image: Image, *, align: int | None = None,
-                 max_transfer: int | None = None, opt_write_zero: int | None = None,
-                 max_write_zero: int | None = None, opt_discard: int | None = None,
-                 max_discard: int | None = None, cache: str = "writeback",
-                 format: str = "raw", unsynced: UndoLog | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        image: Image,
+        *,
+        align: int | None = None,
+        max_transfer: int | None = None,
+        opt_write_zero: int | None = None,
+        max_write_zero: int | None = None,
+        opt_discard: int | None = None,
+        max_discard: int | None = None,
+        cache: str = "writeback",
+        format: str = "raw",
+        unsynced: UndoLog | None = None,
+    ):
         if cache not in CACHE_MODES:
             raise ValueError(f"unknown cache mode {cache!r}")
         if format not in FORMATS:
             raise ValueError(f"unknown format {format!r}")
         self.engine = engine
         self.image = image
-        self.unsynced = unsynced          # the undo log (-o track-unsynced=on), or None
+        self.unsynced = unsynced  # the undo log (-o track-unsynced=on), or None
         self.powered = True
-        self.cuts = 0                     # power cuts so far: a flush spanning one fails
+        self.cuts = 0  # power cuts so far: a flush spanning one fails
         self.align = align or 1
         self.max_transfer = max_transfer or 0
         self.opt_write_zero = opt_write_zero or 0
@@ -123,7 +133,7 @@ class BlockDevice:
         self._format_flushed = 0
         self._blkdebug_written = 0
         self._blkdebug_flushed = 0
-        self._flush_lock = trio.Lock()            # QEMU lets one flush per node run at a time
+        self._flush_lock = trio.Lock()  # QEMU lets one flush per node run at a time
         self._blkdebug_flush_lock = trio.Lock()
 
     def size(self) -> int:
@@ -147,8 +157,15 @@ class BlockDevice:
         self._blkdebug_written += 1
         self._format_written += 1
 
-    async def fallocate(self, mode: int, offset: int, length: int, *,
-                        writethrough: bool = False, caller: Caller | None = None) -> None:
+    async def fallocate(
+        self,
+        mode: int,
+        offset: int,
+        length: int,
+        *,
+        writethrough: bool = False,
+        caller: Caller | None = None,
+    ) -> None:
         """fallocate(2) on the image, as QEMU 7.2's FUSE export maps it (fuse_fallocate):
 
             PUNCH_HOLE|KEEP_SIZE   discard, the range clamped to the image
@@ -163,7 +180,7 @@ class BlockDevice:
         would ask the block layer for a negative length and get EIO). Ranges are handed down
         in requests of at most BDRV_REQUEST_MAX_BYTES, as the export's loop does; the first
         failing one ends it. `writethrough` (a handle opened O_DSYNC): write-zeroes are FUA."""
-        self._check_power()                 # even a no-op range fails while the power is off
+        self._check_power()  # even a no-op range fails while the power is off
         size = self.image.size()
         keep_size = bool(mode & FALLOC_FL_KEEP_SIZE)
         if mode & FALLOC_FL_PUNCH_HOLE:
@@ -195,24 +212,25 @@ class BlockDevice:
             await suspension.wait()
             self._check_power()
 
-    def _check(self, iotype: str, offset: int, length: int,
-               caller: Caller | None) -> int | Effect:
+    def _check(self, iotype: str, offset: int, length: int, caller: Caller | None) -> int | Effect:
         """0, an errno, or an Effect (for _settle). Without a caller, QEMU's three
         arguments: engines that wrap check (the tests' recording engine) keep working."""
         if caller is None:
             return self.engine.check(iotype, offset, length)
         return self.engine.check(iotype, offset, length, caller)
 
-    async def _check_errno(self, iotype: str, offset: int, length: int,
-                           caller: Caller | None) -> int:
+    async def _check_errno(
+        self, iotype: str, offset: int, length: int, caller: Caller | None
+    ) -> int:
         """A check where there is no data to corrupt: 0 or the errno, after any delay."""
         error = self._check(iotype, offset, length, caller)
         if error:
             error, _ = await _settle(self.engine, error)
         return error
 
-    def _decide(self, iotype: str, offset: int, length: int,
-                caller: Caller | None) -> tuple[InjectError | None, int | Effect]:
+    def _decide(
+        self, iotype: str, offset: int, length: int, caller: Caller | None
+    ) -> tuple[InjectError | None, int | Effect]:
         """_check, with the rule met (for torn= and drop-unsynced=), or None."""
         if caller is None:
             return self.engine.decide(iotype, offset, length)
@@ -226,8 +244,7 @@ class BlockDevice:
             return ((start, end),)
         return tuple((pos, min(pos + step, end)) for pos in range(start, end, step))
 
-    async def _check_pieces(self, iotype: str, start: int, end: int,
-                            caller: Caller | None) -> list:
+    async def _check_pieces(self, iotype: str, start: int, end: int, caller: Caller | None) -> list:
         """Check each piece; raise for the first failing one. Returns the corruptions to
         apply, as (effect, piece start, piece end)."""
         corruptions = []
@@ -249,7 +266,9 @@ class BlockDevice:
 
     # ---- read ----
 
-    async def read(self, offset: int, length: int, *, caller: Caller | None = None) -> bytes:
+    async def read(
+        self, offset: int, length: int, *, caller: Caller | None = None
+    ) -> bytes | bytearray:
         """Data at [offset, offset+length), short at end of image. Raises OSError."""
         self._check_power()
         size = self.image.size()
@@ -260,10 +279,16 @@ class BlockDevice:
         if not step or length <= step or not self.raw:
             return await self._read_chunk(offset, length, caller)
         end = offset + length
-        return b"".join([await self._read_chunk(pos, min(step, end - pos), caller)
-                         for pos in range(offset, end, step)])
+        return b"".join(
+            [
+                await self._read_chunk(pos, min(step, end - pos), caller)
+                for pos in range(offset, end, step)
+            ]
+        )
 
-    async def _read_chunk(self, offset: int, length: int, caller: Caller | None) -> bytes:
+    async def _read_chunk(
+        self, offset: int, length: int, caller: Caller | None
+    ) -> bytes | bytearray:
         if self.raw:
             suspension = self.engine.fire("read_aio", Request("read", offset, length))
             if suspension is not None:
@@ -286,7 +311,9 @@ class BlockDevice:
         if start == offset and end == offset + length:
             data = await self.image.read(offset, length)
         else:
-            data = (await self.image.read(start, end - start))[offset - start:offset - start + length]
+            data = (await self.image.read(start, end - start))[
+                offset - start : offset - start + length
+            ]
         if corruptions:
             # what is returned changes, the image does not
             for effect, piece_start, piece_end in corruptions:
@@ -295,8 +322,9 @@ class BlockDevice:
 
     # ---- write ----
 
-    async def write(self, offset: int, data: Bytes, *, writethrough: bool = False,
-                    caller: Caller | None = None) -> int:
+    async def write(
+        self, offset: int, data: Bytes, *, writethrough: bool = False, caller: Caller | None = None
+    ) -> int:
         """Write all of `data` or raise OSError. Chunks before a failing one stay written.
 
         `writethrough` (a FUA write: a handle opened O_SYNC/O_DSYNC, RWF_DSYNC, or cache
@@ -318,7 +346,7 @@ class BlockDevice:
             else:
                 view = memoryview(data)
                 for pos in range(0, length, step):
-                    await self._write_chunk(offset + pos, view[pos:pos + step], caller)
+                    await self._write_chunk(offset + pos, view[pos : pos + step], caller)
             if fua:
                 await self.flush(caller=caller)
         finally:
@@ -327,8 +355,9 @@ class BlockDevice:
             self._format_written += 1
         return length
 
-    async def _write_chunk(self, offset: int, data: Bytes, caller: Caller | None,
-                           fua: bool = False) -> None:
+    async def _write_chunk(
+        self, offset: int, data: Bytes, caller: Caller | None, fua: bool = False
+    ) -> None:
         length = len(data)
         request = Request("write", offset, length)
         if self.raw:
@@ -349,9 +378,9 @@ class BlockDevice:
                 raise
         await self._aligned_write(start, data, request, caller, fua)
 
-    async def _aligned_write(self, start: int, data: Bytes, request: Request,
-                             caller: Caller | None,
-                             fua: bool) -> None:
+    async def _aligned_write(
+        self, start: int, data: Bytes, request: Request, caller: Caller | None, fua: bool
+    ) -> None:
         """bdrv_aligned_pwritev of data at the blkdebug node: pwritev, a check and a write
         per max-transfer piece, the FUA flush (format none only), pwritev_done."""
         engine = self.engine
@@ -362,24 +391,31 @@ class BlockDevice:
                 await suspension.wait()
                 self._check_power()
             for piece_start, piece_end in self._pieces(start, start + len(data)):
-                piece = data[piece_start - start:piece_end - start]
-                rule, error = self._decide("write", piece_start, piece_end - piece_start, caller)
+                piece = data[piece_start - start : piece_end - start]
+                rule, outcome = self._decide("write", piece_start, piece_end - piece_start, caller)
+                if isinstance(outcome, int):
+                    error = outcome
+                else:  # an extension rule's delay or corruption (an Effect comes with its rule)
+                    error, effect = await _settle(engine, outcome)
+                    if effect is not None:
+                        # silent corruption on the way to the disk, reported done: only
+                        # inside the caller's data, never the read-modify-write padding
+                        piece = corrupt(
+                            piece,
+                            piece_start,
+                            effect,
+                            request.offset,
+                            request.offset + request.length,
+                        )
                 if rule is not None:
-                    if type(error) is not int:      # an extension rule's delay or corruption
-                        error, effect = await _settle(engine, error)
-                        if effect is not None:
-                            # silent corruption on the way to the disk, reported done: only
-                            # inside the caller's data, never the read-modify-write padding
-                            piece = corrupt(piece, piece_start, effect, request.offset,
-                                            request.offset + request.length)
-                    if rule.torn >= 0:      # extension: the head persists, the tail is lost
+                    if rule.torn >= 0:  # extension: the head persists, the tail is lost
                         piece_end = min(piece_end, piece_start + rule.torn * SECTOR_SIZE)
-                        piece = piece[:piece_end - piece_start]
+                        piece = piece[: piece_end - piece_start]
                     elif error:
-                        break           # pieces before it stay written, as in QEMU
+                        break  # pieces before it stay written, as in QEMU
                 try:
                     await self._write_image(piece_start, piece)
-                except OSError as failure:      # the undo log is full, or the backing file
+                except OSError as failure:  # the undo log is full, or the backing file
                     error = failure.errno or _errno.EIO
                 if error:
                     break
@@ -395,9 +431,15 @@ class BlockDevice:
         if error:
             raise _failure(error)
 
-    async def _rmw_read(self, offset: int, length: int, start: int, end: int,
-                        request: Request, caller: Caller | None
-                        ) -> tuple[bytes | None, bytes | None, bool]:
+    async def _rmw_read(
+        self,
+        offset: int,
+        length: int,
+        start: int,
+        end: int,
+        request: Request,
+        caller: Caller | None,
+    ) -> tuple[bytes | bytearray | None, bytes | bytearray | None, bool]:
         """The padding blocks of an unaligned request: (head, tail, merged).
 
         Like QEMU's bdrv_padding_rmw_read: a padded request of one block, or of two
@@ -430,20 +472,27 @@ class BlockDevice:
             await self._event("pwritev_rmw_after_tail", request)
         return head, tail, False
 
-    async def _read_modify(self, offset: int, data: Bytes, start: int, end: int, request: Request,
-                           caller: Caller | None) -> bytearray:
+    async def _read_modify(
+        self,
+        offset: int,
+        data: Bytes,
+        start: int,
+        end: int,
+        request: Request,
+        caller: Caller | None,
+    ) -> bytearray:
         """The aligned buffer for an unaligned write, padding read from the image."""
         head, tail, merged = await self._rmw_read(offset, len(data), start, end, request, caller)
         if merged:
-            assert head is not None             # merged: head is the whole padded range
+            assert head is not None  # merged: head is the whole padded range
             padded = bytearray(head)
         else:
             padded = bytearray(end - start)
             if head is not None:
-                padded[:self.align] = head
+                padded[: self.align] = head
             if tail is not None:
-                padded[-self.align:] = tail
-        padded[offset - start:offset - start + len(data)] = data
+                padded[-self.align :] = tail
+        padded[offset - start : offset - start + len(data)] = data
         return padded
 
     def _record(self, offset: int, length: int) -> None:
@@ -456,7 +505,7 @@ class BlockDevice:
                 log.warning("%s", full.strerror)
                 raise
 
-    async def _write_image(self, offset: int, data) -> None:
+    async def _write_image(self, offset: int, data: Bytes) -> None:
         """Every pwrite of the image passes here: the undo log sees it first. With the log,
         the write is done right after the record, with no await between (unsynced.py); else
         the image may hand it to a worker thread (image.py)."""
@@ -468,17 +517,26 @@ class BlockDevice:
         else:
             await self.image.write(offset, data)
 
-    async def _padding_read(self, offset: int, length: int, caller: Caller | None) -> bytes:
+    async def _padding_read(
+        self, offset: int, length: int, caller: Caller | None
+    ) -> bytes | bytearray:
         # A rule may delay or fail this read; a corruption is not applied: the padding is
         # written back, and corrupting it would change bytes outside the request.
         await self._check_pieces("read", offset, offset + length, caller)
         data = await self.image.read(offset, length)
-        return data + bytes(length - len(data))     # past the end of the image: zeros
+        return data + bytes(length - len(data))  # past the end of the image: zeros
 
     # ---- write-zeroes ----
 
-    async def write_zeroes(self, offset: int, length: int, *, unmap: bool = False,
-                           writethrough: bool = False, caller: Caller | None = None) -> None:
+    async def write_zeroes(
+        self,
+        offset: int,
+        length: int,
+        *,
+        unmap: bool = False,
+        writethrough: bool = False,
+        caller: Caller | None = None,
+    ) -> None:
         """Zero [offset, offset+length) (fallocate ZERO_RANGE; with `unmap` the backing
         file may punch a hole, as `write -z -u`). Raises OSError; pieces before a failing
         one stay zeroed. Counts as written for the next flush, failed or not."""
@@ -497,8 +555,9 @@ class BlockDevice:
         finally:
             self._format_written += 1
 
-    async def _zero_pwritev(self, offset: int, length: int, unmap: bool, fua: bool,
-                            caller: Caller | None) -> None:
+    async def _zero_pwritev(
+        self, offset: int, length: int, unmap: bool, fua: bool, caller: Caller | None
+    ) -> None:
         """bdrv_co_do_zero_pwritev at the blkdebug node: unaligned ends are padded and
         written as data (pwritev, iotype write), the aligned middle as zeroes."""
         request = Request("write-zeroes", offset, length)
@@ -509,21 +568,20 @@ class BlockDevice:
             return
         align = self.align
         try:
-            head, tail, merged = await self._rmw_read(offset, length, start, end, request,
-                                                      caller)
+            head, tail, merged = await self._rmw_read(offset, length, start, end, request, caller)
         except OSError:
-            self._blkdebug_written += 1      # deliberate difference, as for writes
+            self._blkdebug_written += 1  # deliberate difference, as for writes
             raise
         if merged:
-            assert head is not None             # merged: head is the whole padded range
+            assert head is not None  # merged: head is the whole padded range
             buffer = bytearray(head)
-            buffer[offset - start:end_of_request - start] = bytes(length)
+            buffer[offset - start : end_of_request - start] = bytes(length)
             await self._aligned_write(start, buffer, request, caller, fua)
             return
         position = offset
         if head is not None:
             buffer = bytearray(head)
-            buffer[offset - start:] = bytes(align - (offset - start))
+            buffer[offset - start :] = bytes(align - (offset - start))
             await self._aligned_write(start, buffer, request, caller, fua)
             position = start + align
         middle_end = end - align if tail is not None else end
@@ -531,11 +589,12 @@ class BlockDevice:
             await self._aligned_zero(position, middle_end, unmap, fua, request, caller)
         if tail is not None:
             buffer = bytearray(tail)
-            buffer[:end_of_request - middle_end] = bytes(end_of_request - middle_end)
+            buffer[: end_of_request - middle_end] = bytes(end_of_request - middle_end)
             await self._aligned_write(middle_end, buffer, request, caller, fua)
 
-    async def _aligned_zero(self, start: int, end: int, unmap: bool, fua: bool,
-                            request: Request, caller: Caller | None) -> None:
+    async def _aligned_zero(
+        self, start: int, end: int, unmap: bool, fua: bool, request: Request, caller: Caller | None
+    ) -> None:
         """bdrv_aligned_pwritev with BDRV_REQ_ZERO_WRITE: pwritev_zero, the pieces,
         pwritev_done."""
         error = 0
@@ -548,8 +607,9 @@ class BlockDevice:
         if error:
             raise _failure(error)
 
-    async def _do_pwrite_zeroes(self, offset: int, length: int, unmap: bool, fua: bool,
-                                caller: Caller | None) -> int:
+    async def _do_pwrite_zeroes(
+        self, offset: int, length: int, unmap: bool, fua: bool, caller: Caller | None
+    ) -> int:
         """bdrv_co_do_pwrite_zeroes at the blkdebug node; 0 or the errno.
 
         Pieces: up to the first opt-write-zero boundary, then at most max-write-zero,
@@ -650,7 +710,7 @@ class BlockDevice:
                 error = await self._check_errno("discard", offset, num, caller)
                 if error:
                     raise _failure(error)
-                self._record(offset, num)       # a discarded range reads as zeroes: undoable
+                self._record(offset, num)  # a discarded range reads as zeroes: undoable
                 self.image.punch_hole(offset, num)
             offset += num
             length -= num
@@ -661,8 +721,9 @@ class BlockDevice:
         """The node's length as QEMU sees it: whole sectors (bdrv_getlength rounds up)."""
         return _round_up(self.image.size(), SECTOR_SIZE)
 
-    async def block_status(self, offset: int, length: int, *, want_zero: bool = True,
-                           caller: Caller | None = None) -> tuple[bool, int]:
+    async def block_status(
+        self, offset: int, length: int, *, want_zero: bool = True, caller: Caller | None = None
+    ) -> tuple[bool, int]:
         """(data?, bytes): the extent at `offset`, at most `length` long; (False, 0) at or
         past the end. The blkdebug node checks [offset, offset+length) rounded out to
         `align` (iotype block-status); the answer comes from the backing file's
@@ -736,7 +797,7 @@ class BlockDevice:
                 if self._blkdebug_flushed != generation and not self.no_flush:
                     rule, error = self._decide("flush", 0, 0, caller)
                     if rule is not None:
-                        if type(error) is not int:      # an extension rule's delay
+                        if type(error) is not int:  # an extension rule's delay
                             error, _ = await _settle(self.engine, error)
                         if rule.drop_unsynced and self.unsynced is not None:
                             await self._drop_unsynced()
@@ -744,8 +805,8 @@ class BlockDevice:
                             return error
                     await self._fsync_image()
                 elif self.unsynced and not self.no_flush:
-                    await self._fsync_image()   # only resizes since the last flush: no check
-            except OSError as failure:          # the power went during the fsync
+                    await self._fsync_image()  # only resizes since the last flush: no check
+            except OSError as failure:  # the power went during the fsync
                 return failure.errno or _errno.EIO
             self._blkdebug_flushed = generation
             return 0
@@ -768,7 +829,7 @@ class BlockDevice:
 
     async def _drop_unsynced(self) -> None:
         """fsyncgate: a failing flush loses the dirty data; the disk keeps the flushed image."""
-        assert self.unsynced is not None        # drop-unsynced rules need track-unsynced
+        assert self.unsynced is not None  # drop-unsynced rules need track-unsynced
         report = self.unsynced.cut(self.image, "none")
         log.info("a flush met a drop-unsynced rule: %d unsynced writes reverted", report.writes)
         await self.image.fsync()
@@ -777,9 +838,12 @@ class BlockDevice:
         """Lose the unsynced writes as `keep` says, make the image show it (fsynced), and
         leave the power off. Suspended requests are let go first; they fail with EIO."""
         if self.unsynced is None:
-            raise BlkfuseError(_errno.EINVAL, "powercut needs -o track-unsynced=on (without it "
-                                              "blkfuse keeps nothing to undo unsynced writes "
-                                              "with)")
+            raise BlkfuseError(
+                _errno.EINVAL,
+                "powercut needs -o track-unsynced=on (without it "
+                "blkfuse keeps nothing to undo unsynced writes "
+                "with)",
+            )
         if not self.powered:
             raise BlkfuseError(_errno.EINVAL, "the power is already off (poweron first)")
         self.powered = False

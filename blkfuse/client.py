@@ -8,6 +8,7 @@ same open file: the daemon keeps each open's answer (or error text) on that hand
 """
 
 import errno
+import functools
 import json
 import os
 import shutil
@@ -16,8 +17,8 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from . import mounttab
@@ -52,7 +53,8 @@ def control_path(mountpoint: str | os.PathLike[str]) -> str:
 
 
 def _read_all(fd: int) -> bytes:
-    chunks, off = [], 0
+    chunks: list[bytes] = []
+    off = 0
     while True:
         b = os.pread(fd, 1 << 20, off)
         if not b:
@@ -131,9 +133,9 @@ class TraceStream:
         except OSError as e:
             answer = _read_all(self._fd).decode(errors="replace").strip()
             self.close()
-            raise ControlError(e.errno or errno.EIO,
-                               answer.removeprefix("error: ") or os.strerror(e.errno or 0)) \
-                from None
+            raise ControlError(
+                e.errno or errno.EIO, answer.removeprefix("error: ") or os.strerror(e.errno or 0)
+            ) from None
         self._lines: list[bytes] = []
         self._pending = b""
 
@@ -176,7 +178,7 @@ def with_timeout(fn: Callable[[], T], timeout: float) -> T:
     def run() -> None:
         try:
             box["answer"] = fn()
-        except BaseException as e:       # handed to the caller
+        except BaseException as e:  # handed to the caller
             box["error"] = e
 
     t = threading.Thread(target=run, daemon=True)
@@ -199,9 +201,9 @@ def release_all(mountpoint: str | os.PathLike[str], timeout: float = ANSWER_SECO
         return
     lines = [f"remove_break {b['tag']}" for b in st.get("breakpoints", [])]
     lines += [f"resume {tag}" for s in st.get("suspended", []) for tag in s.get("tags", [])]
-    for line in lines:          # one at a time: a request resumed meanwhile fails only its line
+    for line in lines:  # one at a time: a request resumed meanwhile fails only its line
         try:
-            with_timeout(lambda: send(mountpoint, line), timeout)
+            with_timeout(functools.partial(send, mountpoint, line), timeout)
         except (ControlError, NoAnswer):
             pass
 
@@ -215,8 +217,7 @@ def fusermount(mountpoint: str | os.PathLike[str], lazy: bool = False) -> bool:
         cmd = ["umount"] + (["-l"] if lazy else []) + [os.fspath(mountpoint)]
     else:
         return False
-    return subprocess.run(cmd, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL).returncode == 0
+    return subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
 
 
 def force_unmount(mountpoint: str | os.PathLike[str]) -> bool:
@@ -229,8 +230,11 @@ def force_unmount(mountpoint: str | os.PathLike[str]) -> bool:
         if not mounttab.is_mounted(mountpoint):
             return True
     if os.geteuid() == 0:
-        subprocess.run(["umount", "-l", os.fspath(mountpoint)], stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        subprocess.run(
+            ["umount", "-l", os.fspath(mountpoint)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     return not mounttab.is_mounted(mountpoint)
 
 
@@ -259,8 +263,10 @@ def unmount(mountpoint: str | os.PathLike[str], timeout: float = 60.0) -> None:
     except NoAnswer:
         # A wedged daemon: detach the mount so nothing new reaches it.
         if fusermount(mnt, lazy=True):
-            raise MountError(f"{mnt}: the daemon did not answer within {ANSWER_SECONDS:g} s; "
-                             "the mount was detached lazily") from None
+            raise MountError(
+                f"{mnt}: the daemon did not answer within {ANSWER_SECONDS:g} s; "
+                "the mount was detached lazily"
+            ) from None
         raise MountError(f"{mnt}: the daemon does not answer and unmounting failed") from None
     except ControlError as e:
         # The daemon is gone (ENOTCONN) or does not answer: remove the mount itself.
@@ -273,11 +279,13 @@ def unmount(mountpoint: str | os.PathLike[str], timeout: float = 60.0) -> None:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         if not (fusermount(mnt) or fusermount(mnt, lazy=True)):
-            raise MountError(f"{mnt}: the daemon (pid {pid}) is gone and unmounting failed") \
-                from None
+            raise MountError(
+                f"{mnt}: the daemon (pid {pid}) is gone and unmounting failed"
+            ) from None
         return
     except PermissionError:
         raise MountError(f"{mnt}: not allowed to stop the daemon (pid {pid})") from None
     if not _wait_unmounted(mnt, timeout):
-        raise MountError(f"{mnt}: still mounted {timeout:g} s after asking the daemon "
-                         f"(pid {pid}) to stop")
+        raise MountError(
+            f"{mnt}: still mounted {timeout:g} s after asking the daemon (pid {pid}) to stop"
+        )

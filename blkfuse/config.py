@@ -22,22 +22,44 @@ max-transfer must be positive (QEMU reads 0 as "not set").
 """
 
 import difflib
-from collections.abc import Iterable, Sequence
 import errno as errno_module
 import math
 import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from fractions import Fraction
-from typing import NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 from .events import DEFAULT_IOTYPES, EVENTS, IOTYPES, canonical_event, never_fires_note
-from .rules import (CACHE_MODES, CORRUPT_MODES, FORMATS, Extensions, InjectError, Rule, SetState,
-                    Settings)
+from .rules import (
+    CACHE_MODES,
+    CORRUPT_MODES,
+    FORMATS,
+    Extensions,
+    InjectError,
+    Rule,
+    SetState,
+    Settings,
+)
 
 __all__ = [
-    "ConfigError", "UnknownEvent", "parse_config_text", "parse_config_file", "parse_options",
-    "parse_option_string", "parse_filename", "parse_rule_args", "load_rules",
-    "format_rule", "format_config", "rule_notes", "format_duration", "arming_warning", "Note",
-    "QEMU_KEYS", "EXTENSION_KEYS", "EXTENSION_OPTIONS",
+    "ConfigError",
+    "UnknownEvent",
+    "parse_config_text",
+    "parse_config_file",
+    "parse_options",
+    "parse_option_string",
+    "parse_filename",
+    "parse_rule_args",
+    "load_rules",
+    "format_rule",
+    "format_config",
+    "rule_notes",
+    "format_duration",
+    "arming_warning",
+    "Note",
+    "QEMU_KEYS",
+    "EXTENSION_KEYS",
+    "EXTENSION_OPTIONS",
 ]
 
 
@@ -71,8 +93,22 @@ POWER_OPTIONS = ("track-unsynced", "unsynced-cap", "atomic")
 # them (file, -o, control); `blkfuse check` marks them and `check --qemu` names them as what
 # QEMU rejects.
 EXTENSION_KEYS = {
-    "inject-error": ("probability", "after", "count", "sectors", "delay", "jitter", "corrupt",
-                     "corrupt-bytes", "pid", "comm", "uid", "heal", "persistent") + POWER_KEYS,
+    "inject-error": (
+        "probability",
+        "after",
+        "count",
+        "sectors",
+        "delay",
+        "jitter",
+        "corrupt",
+        "corrupt-bytes",
+        "pid",
+        "comm",
+        "uid",
+        "heal",
+        "persistent",
+    )
+    + POWER_KEYS,
     "set-state": (),
 }
 SECTION_KEYS = {kind: QEMU_KEYS[kind] + EXTENSION_KEYS[kind] for kind in QEMU_KEYS}
@@ -91,24 +127,38 @@ _FLAG_OPTIONS = ("nonempty",)
 # (image.py, fuseloop.py: the whole numbers each accepts), and the seed of the random decisions.
 # The one list of extension options, as EXTENSION_KEYS is of keys: `blkfuse check` marks them.
 _SPEED_OPTIONS = {"io-threads": (0, 256), "poll-us": (0, 100_000)}
-EXTENSION_OPTIONS = (("cache", "format") + MOUNT_OPTIONS + tuple(_SPEED_OPTIONS) + POWER_OPTIONS
-                     + ("seed",))
-_SETTING_OPTIONS = (("config", "image", "x-image", "align", "max-transfer") + _BLKDEBUG_LIMITS
-                    + EXTENSION_OPTIONS)
+EXTENSION_OPTIONS = (
+    ("cache", "format") + MOUNT_OPTIONS + tuple(_SPEED_OPTIONS) + POWER_OPTIONS + ("seed",)
+)
+_SETTING_OPTIONS = (
+    ("config", "image", "x-image", "align", "max-transfer") + _BLKDEBUG_LIMITS + EXTENSION_OPTIONS
+)
 
 # A FUSE reply carries -errno and the kernel refuses anything at or below -512 (-ERESTARTSYS).
 MAX_ERRNO = 511
 _UINT64_MAX = 2**64 - 1
-_INT_MAX = 2**31 - 1           # QEMU keeps states, align and max-transfer in an int
+_INT_MAX = 2**31 - 1  # QEMU keeps states, align and max-transfer in an int
 _INT64_MAX = 2**63 - 1
 
-_ERRNO_NAMES = {name: getattr(errno_module, name)
-                for name in dir(errno_module) if name.startswith("E") and name.isupper()}
-_BOOLEANS = {"on": True, "yes": True, "true": True, "y": True,
-             "off": False, "no": False, "false": False, "n": False}
+_ERRNO_NAMES = {
+    name: getattr(errno_module, name)
+    for name in dir(errno_module)
+    if name.startswith("E") and name.isupper()
+}
+_BOOLEANS = {
+    "on": True,
+    "yes": True,
+    "true": True,
+    "y": True,
+    "off": False,
+    "no": False,
+    "false": False,
+    "n": False,
+}
 
 
 # --- suggestions -------------------------------------------------------------------------
+
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     """' (did you mean "x"?)' for the closest candidate, or '' when nothing is close."""
@@ -170,8 +220,10 @@ def _parse_errno(key: str, text: str) -> int:
         raise _Invalid(f'unknown errno name "{text}"{did_you_mean(name, _ERRNO_NAMES)}')
     value = _parse_number(key, text)
     if value < 0:
-        raise _Invalid(f'errno must not be negative, not "{text}" (QEMU would silently '
-                       "skip the I/O; use a positive errno, or 0 to let requests through)")
+        raise _Invalid(
+            f'errno must not be negative, not "{text}" (QEMU would silently '
+            "skip the I/O; use a positive errno, or 0 to let requests through)"
+        )
     if value > MAX_ERRNO:
         raise _Invalid(f'errno "{text}" is too large: a FUSE reply carries at most {MAX_ERRNO}')
     return value
@@ -182,7 +234,9 @@ def _parse_bool(key: str, text: str) -> bool:
     try:
         return _BOOLEANS[text]
     except KeyError:
-        raise _Invalid(f'{key} expects on or off (or yes/no, true/false, y/n), not "{text}"') from None
+        raise _Invalid(
+            f'{key} expects on or off (or yes/no, true/false, y/n), not "{text}"'
+        ) from None
 
 
 def _parse_torn(text: str) -> int:
@@ -209,8 +263,9 @@ def _parse_iotype(key: str, text: str) -> frozenset:
         return _ONE_IOTYPE[text]
     if "," in text:
         # QEMU 7.2 parses iotype as one enum value; a list is "invalid parameter value".
-        raise _Invalid(f'iotype takes one io type, not several ("{text}"); '
-                       "write one rule per io type")
+        raise _Invalid(
+            f'iotype takes one io type, not several ("{text}"); write one rule per io type'
+        )
     raise _Invalid(f'unknown io type "{text}"{did_you_mean(text, IOTYPES)}')
 
 
@@ -219,13 +274,14 @@ def _parse_probability(key: str, text: str) -> float:
         value = float(text.strip())
     except ValueError:
         value = math.nan
-    if not 0 < value <= 1:          # NaN fails this too
-        raise _Invalid(f'probability expects a number above 0 and at most 1 (like 0.01), '
-                       f'not "{text}"')
+    if not 0 < value <= 1:  # NaN fails this too
+        raise _Invalid(
+            f'probability expects a number above 0 and at most 1 (like 0.01), not "{text}"'
+        )
     return value
 
 
-def _parse_at_least(minimum: int):
+def _parse_at_least(minimum: int) -> Callable[[str, str], int]:
     def parse(key: str, text: str) -> int:
         value = _parse_number(key, text)
         if value < minimum:
@@ -233,6 +289,7 @@ def _parse_at_least(minimum: int):
         if value > _INT64_MAX:
             raise _Invalid(f'{key} "{text}" is too large (at most {_INT64_MAX})')
         return value
+
     return parse
 
 
@@ -252,20 +309,30 @@ def _parse_comm(key: str, text: str) -> str:
     if not text:
         raise _Invalid("comm expects a command name (as in /proc/PID/comm), not an empty one")
     if len(text.encode()) > _COMM_MAX:
-        raise _Invalid(f'comm "{text}" can never match: the kernel keeps only the first '
-                       f'{_COMM_MAX} bytes of a command name ("{text.encode()[:_COMM_MAX].decode(errors="ignore")}")')
+        raise _Invalid(
+            f'comm "{text}" can never match: the kernel keeps only the first '
+            f'{_COMM_MAX} bytes of a command name ("{text.encode()[:_COMM_MAX].decode(errors="ignore")}")'
+        )
     return text
 
 
 def _parse_corrupt(key: str, text: str) -> str:
     if text not in CORRUPT_MODES:
-        raise _Invalid(f'corrupt expects one of {", ".join(CORRUPT_MODES)}, not "{text}"'
-                       f"{did_you_mean(text, CORRUPT_MODES)}")
+        raise _Invalid(
+            f'corrupt expects one of {", ".join(CORRUPT_MODES)}, not "{text}"'
+            f"{did_you_mean(text, CORRUPT_MODES)}"
+        )
     return text
 
 
 _DURATION = re.compile(r"[ \t]*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)[ \t]*(ns|us|µs|ms|s)[ \t]*\Z")
-_DURATION_US = {"ns": Fraction(1, 1000), "us": 1, "µs": 1, "ms": 1000, "s": 1000000}
+_DURATION_US: dict[str, int | Fraction] = {
+    "ns": Fraction(1, 1000),
+    "us": 1,
+    "µs": 1,
+    "ms": 1000,
+    "s": 1000000,
+}
 _MAX_DURATION_US = 24 * 3600 * 1000000
 
 
@@ -273,8 +340,9 @@ def _parse_duration(key: str, text: str) -> int:
     """'200us', '10ms', '1.5s' -> microseconds (the unit is not optional: '10' means nothing)."""
     match = _DURATION.match(text)
     if match is None:
-        raise _Invalid(f'{key} expects a duration with a unit (like 200us, 10ms or 1.5s), '
-                       f'not "{text}"')
+        raise _Invalid(
+            f'{key} expects a duration with a unit (like 200us, 10ms or 1.5s), not "{text}"'
+        )
     number, unit = match.groups()
     micros = round(Fraction(number) * _DURATION_US[unit])
     if micros > _MAX_DURATION_US:
@@ -326,6 +394,7 @@ _EXTENSION_PARSERS = {
 
 # --- rules from key/value entries --------------------------------------------------------
 
+
 def _check_key(kind: str, key: str, where: str) -> None:
     """Refuse a key that `kind` rules do not have, naming the right section if it is there."""
     if key in SECTION_KEYS[kind]:
@@ -340,21 +409,22 @@ class Note(NamedTuple):
     """A spelling QEMU 7.2 would reject, for `blkfuse check`."""
 
     rule: Rule
-    where: str          # rules.conf:7, option inject-error.0.delay
-    label: str          # what to mark the rule with: delay, errno name ENOSPC
-    text: str           # the whole sentence
+    where: str  # rules.conf:7, option inject-error.0.delay
+    label: str  # what to mark the rule with: delay, errno name ENOSPC
+    text: str  # the whole sentence
 
 
-def _build_rule(kind: str, entries: dict, where: str, origin: str, line: int = 0,
-                notes: list | None = None) -> Rule:
+def _build_rule(
+    kind: str, entries: dict, where: str, origin: str, line: int = 0, notes: list | None = None
+) -> Rule:
     """A rule from {key: (text, where-the-key-was)}; keys were checked as they were read.
 
     `notes`, if given, receives a Note for every key or value QEMU 7.2 would reject.
     """
     if "event" not in entries:
         raise ConfigError(f'{where}: {kind} rule has no event (every rule needs one)')
-    fields = {}
-    extensions = {}
+    fields: dict[str, Any] = {}  # keyword arguments of the rule's class
+    extensions: dict[str, Any] = {}  # keyword arguments of Extensions
     for key, (text, key_where) in entries.items():
         if key in _EXTENSION_PARSERS:
             field, parse = _EXTENSION_PARSERS[key]
@@ -383,7 +453,8 @@ _SHARED_EXTENSIONS: dict = {}
 
 def _checked_extensions(ext: Extensions, fields: dict, entries: dict, where: str) -> Extensions:
     """Refuse extension keys that contradict each other; fill in what they imply."""
-    def refuse(message):
+
+    def refuse(message: str) -> NoReturn:
         raise ConfigError(f"{where}: {message}")
 
     sector_given = "sector" in entries
@@ -397,24 +468,33 @@ def _checked_extensions(ext: Extensions, fields: dict, entries: dict, where: str
         refuse('once and count both limit the rule: once = "on" is count = "1"; use one')
     if "errno" in entries:
         if ext.corrupt and fields["errno"]:
-            refuse('corrupt lets the request succeed with changed data: errno must be 0 '
-                   'or absent (write a second rule to fail requests)')
+            refuse(
+                'corrupt lets the request succeed with changed data: errno must be 0 '
+                'or absent (write a second rule to fail requests)'
+            )
     elif ext.corrupt or ext.delay_us or ext.jitter_us:
-        fields["errno"] = 0           # a delay or a corruption alone does not fail the request
+        fields["errno"] = 0  # a delay or a corruption alone does not fail the request
     return ext
 
 
-def _non_qemu_spellings(kind: str, entries: dict):
+def _non_qemu_spellings(kind: str, entries: dict) -> Iterator[tuple[str, str, str]]:
     """(where, label, why) for each key or value of a rule that QEMU 7.2 would refuse."""
     for key, (text, key_where) in entries.items():
         if key in EXTENSION_KEYS[kind]:
             yield key_where, key, f'"{key}" is a blkfuse extension key'
         elif key == "errno" and text.strip()[:1].isalpha():
-            yield (key_where, f"errno name {text.strip()}",
-                   f'errno "{text}" is a name (QEMU takes numbers only)')
+            yield (
+                key_where,
+                f"errno name {text.strip()}",
+                f'errno "{text}" is a name (QEMU takes numbers only)',
+            )
         elif key == "event" and "." in text:
-            yield (key_where, f"event {text}", f'event "{text}" is a pre-2015 spelling '
-                   f'(QEMU 7.2 spells it "{canonical_event(text)}")')
+            yield (
+                key_where,
+                f"event {text}",
+                f'event "{text}" is a pre-2015 spelling '
+                f'(QEMU 7.2 spells it "{canonical_event(text)}")',
+            )
 
 
 def _check_kind(kind: str, where: str, noun: str = "section") -> None:
@@ -442,7 +522,7 @@ class _Section:
         self.kind = kind
         self.where = where
         self.line = line
-        self.entries: dict[str, tuple[str, str]] = {}      # key -> (value, where)
+        self.entries: dict[str, tuple[str, str]] = {}  # key -> (value, where)
 
 
 def _explain_bad_line(line: str) -> str:
@@ -483,15 +563,18 @@ class _IdRegistry:
             return
         text, where = entries.pop("id")
         if not _ID.match(text):
-            raise ConfigError(f'{where}: id "{text}" must start with a letter and hold only '
-                              "letters, digits, '-', '.' and '_'")
+            raise ConfigError(
+                f'{where}: id "{text}" must start with a letter and hold only '
+                "letters, digits, '-', '.' and '_'"
+            )
         if (kind, text) in self.seen:
             raise ConfigError(f'{where}: duplicate id "{text}" for {kind}')
         self.seen.add((kind, text))
 
 
-def parse_config_text(text: str, filename: str = "<config>",
-                      notes: list | None = None) -> list[Rule]:
+def parse_config_text(
+    text: str, filename: str = "<config>", notes: list | None = None
+) -> list[Rule]:
     """The rules of a blkdebug config file, in file order (`notes`: see _build_rule)."""
     rules = []
     ids = _IdRegistry()
@@ -499,8 +582,9 @@ def parse_config_text(text: str, filename: str = "<config>",
 
     def finish(section: _Section) -> None:
         ids.claim(section.kind, section.entries)
-        rules.append(_build_rule(section.kind, section.entries, section.where, filename,
-                                 section.line, notes))
+        rules.append(
+            _build_rule(section.kind, section.entries, section.where, filename, section.line, notes)
+        )
 
     # split("\n"), not splitlines(): line numbers must count what an editor counts.
     for lineno, line in enumerate(text.split("\n"), 1):
@@ -516,8 +600,9 @@ def parse_config_text(text: str, filename: str = "<config>",
             continue
         key, value = _read_assignment(stripped, where)
         if section is None:
-            raise ConfigError(f"{where}: {key} is outside any section "
-                              "(start with [inject-error] or [set-state])")
+            raise ConfigError(
+                f"{where}: {key} is outside any section (start with [inject-error] or [set-state])"
+            )
         if key != "id":
             _check_key(section.kind, key, where)
         # A repeated key: QEMU keeps the later value (and never looks at the earlier one).
@@ -531,8 +616,9 @@ def parse_config_text(text: str, filename: str = "<config>",
 def _start_section(header: str, where: str) -> _Section:
     match = _HEADER.match(header)
     if match is None:
-        raise ConfigError(f"{where}: malformed section header {header!r} "
-                          "(expected [inject-error] or [set-state])")
+        raise ConfigError(
+            f"{where}: malformed section header {header!r} (expected [inject-error] or [set-state])"
+        )
     kind, section_id = match.groups()
     _check_kind(kind, where)
     section = _Section(kind, where)
@@ -557,7 +643,16 @@ def parse_config_file(path: str, notes: list | None = None) -> list[Rule]:
 _INDEX = re.compile(r"(?:0|[1-9][0-9]*)\Z")
 # QEMU_OPT_SIZE (qemu_strtosz): decimal with an optional fraction, or hex; optional unit.
 _SIZE = re.compile(r"[ \t\n\v\f\r]*(0[xX][0-9a-fA-F]+|[0-9]+(?:\.[0-9]*)?)([bBkKmMgGtTpPeE]?)\Z")
-_SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "p": 2**50, "e": 2**60}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 2**10,
+    "m": 2**20,
+    "g": 2**30,
+    "t": 2**40,
+    "p": 2**50,
+    "e": 2**60,
+}
 
 
 def _unquote_option(value: str) -> str:
@@ -577,7 +672,9 @@ def _parse_size(key: str, text: str) -> int:
     else:
         whole, _, fraction = number.partition(".")
         scale = _SIZE_UNITS[unit.lower()]
-        value = int(whole) * scale + (int(fraction) * scale // 10 ** len(fraction) if fraction else 0)
+        value = int(whole) * scale + (
+            int(fraction) * scale // 10 ** len(fraction) if fraction else 0
+        )
     if value > _UINT64_MAX:
         raise ConfigError(f'option {key}: "{text}" is too large')
     return value
@@ -607,15 +704,19 @@ def _parse_limit(key: str, text: str, multiple_of: int) -> int:
     if value <= 0 or value >= _INT_MAX:
         raise ConfigError(f'option {key}: must be positive and below 2^31, not "{text}"')
     if value % multiple_of:
-        raise ConfigError(f"option {key}: {value} is not a multiple of {multiple_of} "
-                          "(align, or the matching opt- value)")
+        raise ConfigError(
+            f"option {key}: {value} is not a multiple of {multiple_of} "
+            "(align, or the matching opt- value)"
+        )
     return value
 
 
 def _parse_choice(key: str, text: str, choices: tuple[str, ...], meaning: str) -> str:
     if text not in choices:
-        raise ConfigError(f'option {key}: unknown {meaning} "{text}"{did_you_mean(text, choices)}'
-                          f" (one of {', '.join(choices)})")
+        raise ConfigError(
+            f'option {key}: unknown {meaning} "{text}"{did_you_mean(text, choices)}'
+            f" (one of {', '.join(choices)})"
+        )
     return text
 
 
@@ -628,8 +729,9 @@ def _split_rule_option(key: str) -> tuple[str, str | None, str]:
     if not subkey:
         raise ConfigError(f"option {key}: which key? (like {kind}.0.event=read_aio)")
     if not _INDEX.match(index):
-        raise ConfigError(f'option {key}: "{index}" is not a rule number '
-                          f"(write {kind}.0.KEY, {kind}.1.KEY, ...)")
+        raise ConfigError(
+            f'option {key}: "{index}" is not a rule number (write {kind}.0.KEY, {kind}.1.KEY, ...)'
+        )
     return kind, index, subkey
 
 
@@ -642,7 +744,8 @@ def _unknown_option(key: str) -> ConfigError:
 def _collect_rule_options(options: dict) -> dict:
     """{kind: {index or None: {subkey: (text, where)}}}, every key checked."""
     groups: dict[str, dict[str | None, dict[str, tuple[str, str]]]] = {
-        kind: {} for kind in SECTION_KEYS}
+        kind: {} for kind in SECTION_KEYS
+    }
     for key, value in options.items():
         if key in _SETTING_OPTIONS or key in EXTENSION_OPTIONS:
             continue
@@ -659,27 +762,31 @@ def _ordered_rule_groups(kind: str, by_index: dict) -> list[tuple[str, dict]]:
     """(name, entries) per rule of `kind`, by number; QEMU wants 0, 1, 2... without gaps."""
     if None in by_index:
         if len(by_index) > 1:
-            raise ConfigError(f"option {kind}: use either {kind}.KEY (one rule) or "
-                              f"{kind}.N.KEY (numbered rules), not both")
+            raise ConfigError(
+                f"option {kind}: use either {kind}.KEY (one rule) or "
+                f"{kind}.N.KEY (numbered rules), not both"
+            )
         return [(kind, by_index[None])]
     numbers = sorted(int(index) for index in by_index)
     for expected, number in enumerate(numbers):
         if number != expected:
             first_key = next(iter(by_index[str(number)].values()))[1]
-            raise ConfigError(f"{first_key}: rules are numbered from 0 without gaps, "
-                              f"and {kind}.{expected} is missing")
+            raise ConfigError(
+                f"{first_key}: rules are numbered from 0 without gaps, "
+                f"and {kind}.{expected} is missing"
+            )
     return [(f"{kind}.{n}", by_index[str(n)]) for n in numbers]
 
 
-def parse_options(options: dict[str, str],
-                  notes: list | None = None) -> tuple[list[Rule], Settings]:
+def parse_options(
+    options: dict[str, str], notes: list | None = None
+) -> tuple[list[Rule], Settings]:
     """Rules and settings from blockdev-style options; rules by kind, then number."""
     options = dict(options)
     rules = []
     for kind, by_index in _collect_rule_options(options).items():
         for name, entries in _ordered_rule_groups(kind, by_index):
-            rules.append(_build_rule(kind, entries, f"option {name}", f"-o {name}",
-                                     notes=notes))
+            rules.append(_build_rule(kind, entries, f"option {name}", f"-o {name}", notes=notes))
     settings = Settings(options=options)
     if "config" in options:
         settings.config_path = _unquote_option(options["config"])
@@ -691,8 +798,9 @@ def parse_options(options: dict[str, str],
     if "align" in options:
         settings.align = _parse_align(_unquote_option(options["align"]))
     if "max-transfer" in options:
-        settings.max_transfer = _parse_max_transfer(_unquote_option(options["max-transfer"]),
-                                                    settings.align)
+        settings.max_transfer = _parse_max_transfer(
+            _unquote_option(options["max-transfer"]), settings.align
+        )
     align = settings.align or 1
     for key in _BLKDEBUG_LIMITS:
         if key in options:
@@ -701,14 +809,19 @@ def parse_options(options: dict[str, str],
                 base = max(align, settings.opt_write_zero or 0)
             elif key == "max-discard":
                 base = max(align, settings.opt_discard or 0)
-            setattr(settings, key.replace("-", "_"),
-                    _parse_limit(key, _unquote_option(options[key]), base))
+            setattr(
+                settings,
+                key.replace("-", "_"),
+                _parse_limit(key, _unquote_option(options[key]), base),
+            )
     if "cache" in options:
-        settings.cache = _parse_choice("cache", _unquote_option(options["cache"]), CACHE_MODES,
-                                       "cache mode (qemu-io -t)")
+        settings.cache = _parse_choice(
+            "cache", _unquote_option(options["cache"]), CACHE_MODES, "cache mode (qemu-io -t)"
+        )
     if "format" in options:
-        settings.format = _parse_choice("format", _unquote_option(options["format"]), FORMATS,
-                                        "format")
+        settings.format = _parse_choice(
+            "format", _unquote_option(options["format"]), FORMATS, "format"
+        )
     if "io-threads" in options:
         settings.io_threads = _parse_speed_option("io-threads", options["io-threads"])
     if "poll-us" in options:
@@ -734,14 +847,15 @@ def _parse_speed_option(key: str, text: str) -> int:
     except ValueError:
         value = None
     if value is None or not low <= value <= high:
-        raise ConfigError(f'option {key}: expects a whole number from {low} to {high}, '
-                          f'not "{text}"')
+        raise ConfigError(
+            f'option {key}: expects a whole number from {low} to {high}, not "{text}"'
+        )
     return value
 
 
 def _parse_mount_flag(key: str, text: str) -> bool:
     if key == "locking" and text == "auto":
-        return True                 # QEMU: on where OFD locks exist, which is every Linux here
+        return True  # QEMU: on where OFD locks exist, which is every Linux here
     try:
         return _parse_bool(key, text)
     except _Invalid as error:
@@ -752,8 +866,9 @@ def _parse_power_options(options: dict, settings: Settings) -> None:
     """track-unsynced=on|off, unsynced-cap=SIZE, atomic=BYTES (README "Power cuts")."""
     if "track-unsynced" in options:
         try:
-            settings.track_unsynced = _parse_bool("track-unsynced",
-                                                  _unquote_option(options["track-unsynced"]))
+            settings.track_unsynced = _parse_bool(
+                "track-unsynced", _unquote_option(options["track-unsynced"])
+            )
         except _Invalid as error:
             raise ConfigError(f"option track-unsynced: {error}") from None
     for key in ("unsynced-cap", "atomic"):
@@ -767,8 +882,9 @@ def _parse_power_options(options: dict, settings: Settings) -> None:
     if "atomic" in options:
         atomic = _parse_size("atomic", _unquote_option(options["atomic"]))
         if atomic < 512 or atomic > 1 << 30 or atomic & (atomic - 1):
-            raise ConfigError(f'option atomic: must be a power of two from 512 to 1G, '
-                              f'not "{options["atomic"]}"')
+            raise ConfigError(
+                f'option atomic: must be a power of two from 512 to 1G, not "{options["atomic"]}"'
+            )
         settings.atomic = atomic
 
 
@@ -778,8 +894,10 @@ def check_power_rules(rules: Sequence[Rule], settings: Settings) -> None:
         return
     for rule in rules:
         if getattr(rule, "drop_unsynced", False):
-            raise ConfigError(f"{rule.source or 'rule'}: drop-unsynced needs the option "
-                              "track-unsynced=on (-o track-unsynced=on)")
+            raise ConfigError(
+                f"{rule.source or 'rule'}: drop-unsynced needs the option "
+                "track-unsynced=on (-o track-unsynced=on)"
+            )
 
 
 def parse_option_string(s: str) -> dict[str, str]:
@@ -803,7 +921,7 @@ def _split_on_single_commas(s: str) -> list[str]:
     items, current, i = [], [], 0
     while i < len(s):
         if s[i] == ",":
-            if s[i + 1:i + 2] == ",":
+            if s[i + 1 : i + 2] == ",":
                 current.append(",")
                 i += 2
                 continue
@@ -825,16 +943,19 @@ def parse_filename(spec: str) -> tuple[str | None, str]:
     prefix = "blkdebug:"
     if not spec.startswith(prefix):
         return None, spec
-    rules, colon, image = spec[len(prefix):].partition(":")
+    rules, colon, image = spec[len(prefix) :].partition(":")
     if not colon:
-        raise ConfigError(f'"{spec}": blkdebug needs both a rules path and an image path: '
-                          "blkdebug:RULES:IMAGE (RULES may be empty)")
+        raise ConfigError(
+            f'"{spec}": blkdebug needs both a rules path and an image path: '
+            "blkdebug:RULES:IMAGE (RULES may be empty)"
+        )
     if not image:
         raise ConfigError(f'"{spec}": the image path after blkdebug:RULES: is empty')
     return (rules or None), image
 
 
 # --- the control file ----------------------------------------------------------------------
+
 
 def _unquote_word(text: str, where: str) -> str:
     if not text.startswith('"'):
@@ -853,12 +974,13 @@ def parse_rule_args(kind: str, pairs: list[str], source: str = "control") -> Rul
         if not equals or not key:
             raise ConfigError(f'{source}: expected KEY=VALUE, not "{pair}"')
         _check_key(kind, key, source)
-        entries.pop(key, None)              # a repeated key: the later value wins, as in files
+        entries.pop(key, None)  # a repeated key: the later value wins, as in files
         entries[key] = (_unquote_word(value, source), source)
     return _build_rule(kind, entries, source, source)
 
 
 # --- everything together, and back to text ---------------------------------------------------
+
 
 def load_rules(settings: Settings, notes: list | None = None) -> list[Rule]:
     """The config file's rules, then the options' rules (QEMU's order): what mount and reload use."""
@@ -927,9 +1049,14 @@ def arming_warning(rules_by_event: dict) -> str | None:
 
     `rules_by_event`: event -> its rules, as the engine keeps them.
     """
-    at_mount = next((rule for rule in rules_by_event.get("none", ())
-                     if type(rule) is InjectError
-                     and (rule.ext is None or not rule.ext.persistent)), None)
+    at_mount = next(
+        (
+            rule
+            for rule in rules_by_event.get("none", ())
+            if type(rule) is InjectError and (rule.ext is None or not rule.ext.persistent)
+        ),
+        None,
+    )
     if at_mount is None:
         return None
     for event, rules in rules_by_event.items():
@@ -937,9 +1064,11 @@ def arming_warning(rules_by_event: dict) -> str | None:
             continue
         later = next((rule for rule in rules if type(rule) is InjectError), None)
         if later is not None:
-            return (f"warning: rule {_rule_name(at_mount)} is armed by none and disarmed as soon "
-                    f"as {event} arms rule {_rule_name(later)} (one active set, replaced "
-                    f'whole, as in QEMU); add persistent = "on" to keep it armed')
+            return (
+                f"warning: rule {_rule_name(at_mount)} is armed by none and disarmed as soon "
+                f"as {event} arms rule {_rule_name(later)} (one active set, replaced "
+                f'whole, as in QEMU); add persistent = "on" to keep it armed'
+            )
     return None
 
 
@@ -953,8 +1082,10 @@ def rule_notes(rule: Rule) -> str:
     reads it as 0, silently). '' for a plain rule."""
     notes = never_fires_note(rule.event)
     if isinstance(rule, SetState) and rule.new_state == 0:
-        notes += (" (warning: new_state is 0, what a missing new_state means: from then on only "
-                  "rules without a state match)")
+        notes += (
+            " (warning: new_state is 0, what a missing new_state means: from then on only "
+            "rules without a state match)"
+        )
     return notes
 
 

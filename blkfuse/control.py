@@ -13,6 +13,8 @@ lines after it are not run; the error names the line. So no line ever half-appli
 Everything here is pure trio + engine: no FUSE, no files (but `reload`, which calls back).
 """
 
+from __future__ import annotations
+
 import errno as _errno
 import json
 import math
@@ -33,6 +35,8 @@ from .rules import Extensions, InjectError, Rule
 
 if TYPE_CHECKING:
     from .block import BlockDevice
+    from .engine import Engine, Interrupted
+    from .trace import Stream, Tracer
 
 # A human reads the text status: 100,000 rule lines would bury everything else.
 TEXT_RULES_SHOWN = 200
@@ -41,7 +45,7 @@ TEXT_RULES_SHOWN = 200
 # ---------------------------------------------------------------------------------------------
 # the command table: every command is defined once, here; help and parsing come from it
 
-Runner = Callable[..., Awaitable[str]]
+Runner = Callable[..., Awaitable["str | Stream"]]
 
 
 @dataclass(frozen=True)
@@ -49,22 +53,29 @@ class Command:
     """One control command: how it is written, what it does, how its words are read."""
 
     name: str
-    usage: str                       # "break EVENT TAG": the usage line and the help's left column
-    summary: str                     # the help's right column (may span lines)
-    nargs: tuple[int, int | None]    # how many words may follow the name (None: any number)
-    parse: Callable[[list[str]], tuple]   # the words after the name -> run's arguments
-    run: Runner                      # async run(control, *arguments) -> the answer text
+    usage: str  # "break EVENT TAG": the usage line and the help's left column
+    summary: str  # the help's right column (may span lines)
+    nargs: tuple[int, int | None]  # how many words may follow the name (None: any number)
+    parse: Callable[[list[str]], tuple]  # the words after the name -> run's arguments
+    run: Runner  # async run(control, *arguments) -> the answer text
     aliases: tuple[str, ...] = ()
-    extension: bool = True           # qemu-io has no such command (break/resume/... it has)
+    extension: bool = True  # qemu-io has no such command (break/resume/... it has)
 
 
-COMMANDS: dict[str, Command] = {}    # by name and alias, in the order help lists them
+COMMANDS: dict[str, Command] = {}  # by name and alias, in the order help lists them
 
 
-def command(usage: str, summary: str, *, nargs: tuple[int, int | None] = (0, 0),
-            parse: Callable[[list[str]], tuple] = tuple, aliases: tuple[str, ...] = (),
-            extension: bool = True) -> Callable[[Runner], Runner]:
+def command(
+    usage: str,
+    summary: str,
+    *,
+    nargs: tuple[int, int | None] = (0, 0),
+    parse: Callable[[list[str]], tuple] = tuple,
+    aliases: tuple[str, ...] = (),
+    extension: bool = True,
+) -> Callable[[Runner], Runner]:
     """Register the decorated `async run(control, *args)` as a command; `usage` names it."""
+
     def register(run: Runner) -> Runner:
         name = usage.split()[0]
         entry = Command(name, usage, summary, nargs, parse, run, aliases, extension)
@@ -72,6 +83,7 @@ def command(usage: str, summary: str, *, nargs: tuple[int, int | None] = (0, 0),
             assert word not in COMMANDS, word
             COMMANDS[word] = entry
         return run
+
     return register
 
 
@@ -81,8 +93,9 @@ def commands() -> list[Command]:
 
 
 def help_text() -> str:
-    lines = ["commands (one per line; a write is parsed whole and applied only if every line "
-             "is valid):"]
+    lines = [
+        "commands (one per line; a write is parsed whole and applied only if every line is valid):"
+    ]
     for c in commands():
         first, *rest = c.summary.splitlines()
         lines.append(f"  {c.usage:<27} {first}".rstrip())
@@ -101,6 +114,7 @@ def help_text() -> str:
 # ---------------------------------------------------------------------------------------------
 # reading the words of a command
 
+
 def _tag(word: str) -> str:
     if not word:
         raise ValueError("empty tag")
@@ -110,8 +124,9 @@ def _tag(word: str) -> str:
 def _event(word: str) -> str:
     event = canonical_event(word)
     if event is None:
-        raise ControlError(_errno.ENOENT,
-                           f'unknown event "{word}"{config.did_you_mean(word, EVENTS)}')
+        raise ControlError(
+            _errno.ENOENT, f'unknown event "{word}"{config.did_you_mean(word, EVENTS)}'
+        )
     return event
 
 
@@ -143,6 +158,7 @@ def _rule_parser(kind: str) -> Callable[[list[str]], tuple]:
             # ENOENT for an unknown event, as `break` (and qemu-io's break) answers it
             error = _errno.ENOENT if isinstance(e, config.UnknownEvent) else _errno.EINVAL
             raise ControlError(error, str(e).removeprefix("control: ")) from None
+
     return parse_rule
 
 
@@ -174,7 +190,7 @@ def parse(text: str) -> list[tuple[int, Command, tuple]]:
     for lineno, line in enumerate(text.splitlines(), 1):
         try:
             words = shlex.split(line, comments=True)
-        except ValueError as e:                      # no closing quotation, ...
+        except ValueError as e:  # no closing quotation, ...
             raise ControlError(_errno.EINVAL, f"line {lineno}: {e}") from None
         if not words:
             continue
@@ -189,6 +205,7 @@ def parse(text: str) -> list[tuple[int, Command, tuple]]:
 # ---------------------------------------------------------------------------------------------
 # running
 
+
 class Control:
     """Runs control writes against one engine and renders its status.
 
@@ -197,10 +214,17 @@ class Control:
     (image, mountpoint, options...); `pid` is added.
     """
 
-    def __init__(self, engine, reload=None, info=None, block=None, tracer=None):
+    def __init__(
+        self,
+        engine: Engine,
+        reload: Callable[[], list[Rule] | None] | None = None,
+        info: dict[str, Any] | None = None,
+        block: BlockDevice | None = None,
+        tracer: Tracer | None = None,
+    ) -> None:
         self.engine = engine
-        self.block = block              # block.BlockDevice: power cuts and the undo log
-        self.tracer = tracer            # trace.Tracer, for the `trace` command
+        self.block = block  # block.BlockDevice: power cuts and the undo log
+        self.tracer = tracer  # trace.Tracer, for the `trace` command
         self._reload = reload
         self.info = dict(info or {})
         self.info.setdefault("pid", os.getpid())
@@ -208,7 +232,7 @@ class Control:
         self.last_error: str | None = None
         self.last_error_errno: int | None = None
         self._closing = False
-        self._waits: dict[trio.CancelScope, str] = {}     # pending wait_break -> its tag
+        self._waits: dict[trio.CancelScope, str] = {}  # pending wait_break -> its tag
         self._hit_waits: dict[trio.CancelScope, int] = {}  # pending wait_hit -> its rule id
 
     # -- shutdown ---------------------------------------------------------------------------
@@ -220,11 +244,11 @@ class Control:
         for scope in [*self._waits, *self._hit_waits]:
             scope.cancel()
         if self.tracer is not None:
-            self.tracer.end_streams()   # trace readers get end of file
+            self.tracer.end_streams()  # trace readers get end of file
 
     # -- execute ----------------------------------------------------------------------------
 
-    async def execute(self, text: str):
+    async def execute(self, text: str) -> str | Stream:
         """Run one write. Returns its answer text (may be empty), or after `trace` the
         trace.Stream the handle's reads come from; raises ControlError."""
         try:
@@ -233,13 +257,14 @@ class Control:
             parsed = parse(text)
             if any(entry.name == "trace" for _, entry, _ in parsed):
                 if len(parsed) != 1:
-                    raise ControlError(_errno.EINVAL,
-                                       "trace must be the only command of its write")
+                    raise ControlError(_errno.EINVAL, "trace must be the only command of its write")
                 return await parsed[0][1].run(self)
-            results = []
+            results: list[str] = []
             for lineno, entry, args in parsed:
                 try:
-                    results.append(await entry.run(self, *args))
+                    answer = await entry.run(self, *args)
+                    assert isinstance(answer, str)  # only `trace` answers a Stream: above
+                    results.append(answer)
                 except BlkfuseError as e:
                     done = " (lines before it were applied)" if results else ""
                     raise ControlError(e.errno, f"line {lineno}: {e.message}{done}") from None
@@ -248,10 +273,19 @@ class Control:
                     # wait_break, say); pyfuse3 answers the write EINTR. Shutdown does not
                     # get here: it fails a pending wait with ESHUTDOWN instead.
                     done = " (lines before it were applied)" if results else ""
-                    what = " ".join([entry.name, *(f"{a:g}" if isinstance(a, float) else str(a)
-                                                   for a in args if a is not None)])
-                    self.last_error = (f"line {lineno}: {what}: interrupted (the writer got a "
-                                       f"signal){done}")
+                    what = " ".join(
+                        [
+                            entry.name,
+                            *(
+                                f"{a:g}" if isinstance(a, float) else str(a)
+                                for a in args
+                                if a is not None
+                            ),
+                        ]
+                    )
+                    self.last_error = (
+                        f"line {lineno}: {what}: interrupted (the writer got a signal){done}"
+                    )
                     self.last_error_errno = _errno.EINTR
                     raise
         except ControlError as e:
@@ -283,8 +317,7 @@ class Control:
             finally:
                 del self._hit_waits[scope]
         if scope.cancelled_caught:
-            raise ControlError(_errno.ESHUTDOWN,
-                               f"wait_hit {rule_id}: the mount is shutting down")
+            raise ControlError(_errno.ESHUTDOWN, f"wait_hit {rule_id}: the mount is shutting down")
         return f"rule {rule_id} acted (hits={hits})"
 
     async def reload(self) -> str:
@@ -313,14 +346,16 @@ class Control:
         suspended = []
         for s in e.suspended():
             req = s.request
-            suspended.append({
-                "tags": list(s.tags),
-                "event": s.event,
-                "op": req.op if req is not None else None,
-                "offset": req.offset if req is not None else None,
-                "length": req.length if req is not None else None,
-                "seconds": round(max(0.0, now - s.since), 3),
-            })
+            suspended.append(
+                {
+                    "tags": list(s.tags),
+                    "event": s.event,
+                    "op": req.op if req is not None else None,
+                    "offset": req.offset if req is not None else None,
+                    "length": req.length if req is not None else None,
+                    "seconds": round(max(0.0, now - s.since), 3),
+                }
+            )
         return {
             "info": dict(self.info),
             "seed": e.seed,
@@ -334,12 +369,12 @@ class Control:
             "events": {name: e.event_counts[name] for name in EVENTS if e.event_counts.get(name)},
             "errors_injected": [
                 {"errno": n, "name": errno_name(n), "count": c}
-                for n, c in sorted(e.errors_injected.items()) if c
+                for n, c in sorted(e.errors_injected.items())
+                if c
             ],
             "rules_healed": e.rules_healed,
             "held": e.held(),
-            "interrupted": {"count": e.interrupted,
-                            "last": _interrupted_dict(e.last_interrupted)},
+            "interrupted": {"count": e.interrupted, "last": _interrupted_dict(e.last_interrupted)},
             "last_result": self.last_result,
             "last_error": self.last_error,
             "last_error_errno": self.last_error_errno,
@@ -347,16 +382,23 @@ class Control:
         }
 
     def _power_status(self) -> dict:
-        """"power" and "unsynced" (null when writes are not tracked) for the status."""
+        """ "power" and "unsynced" (null when writes are not tracked) for the status."""
         block = self.block
         log = block.unsynced if block is not None else None
         unsynced = None
         if log is not None:
-            unsynced = {"writes": len(log), "bytes": log.bytes, "held": log.held(),
-                        "cap": log.cap, "refused": log.refused,
-                        "last_refusal": log.last_refusal}
-        return {"power": "off" if block is not None and not block.powered else "on",
-                "unsynced": unsynced}
+            unsynced = {
+                "writes": len(log),
+                "bytes": log.bytes,
+                "held": log.held(),
+                "cap": log.cap,
+                "refused": log.refused,
+                "last_refusal": log.last_refusal,
+            }
+        return {
+            "power": "off" if block is not None and not block.powered else "on",
+            "unsynced": unsynced,
+        }
 
     def status_text(self) -> str:
         d = self.status_dict(all_rules=False)
@@ -366,9 +408,18 @@ class Control:
             opts = [f"cache={info.get('cache', 'writeback')}"]
             if info.get("format", "raw") != "raw":
                 opts.append(f"format={info['format']}")
-            opts += [f"{k.replace('_', '-')}={info[k]}"
-                     for k in ("align", "max_transfer", "opt_write_zero", "max_write_zero",
-                               "opt_discard", "max_discard") if info.get(k)]
+            opts += [
+                f"{k.replace('_', '-')}={info[k]}"
+                for k in (
+                    "align",
+                    "max_transfer",
+                    "opt_write_zero",
+                    "max_write_zero",
+                    "opt_discard",
+                    "max_discard",
+                )
+                if info.get(k)
+            ]
             if info.get("read_only"):
                 opts.append("read-only")
             if info.get("growable"):
@@ -388,9 +439,13 @@ class Control:
         for r in rules[:TEXT_RULES_SHOWN]:
             src = f"  [{r.source}]" if r.source else ""
             spent = " spent" if r.spent else ""
-            out.append(f"  {r.id:>4}  {_format_rule(r)}  hits={r.hits}{_did(r, self.engine)}{spent}{src}")
+            out.append(
+                f"  {r.id:>4}  {_format_rule(r)}  hits={r.hits}{_did(r, self.engine)}{spent}{src}"
+            )
         if len(rules) > TEXT_RULES_SHOWN:
-            out.append(f"  ... {len(rules) - TEXT_RULES_SHOWN} more (`status json` lists every rule)")
+            out.append(
+                f"  ... {len(rules) - TEXT_RULES_SHOWN} more (`status json` lists every rule)"
+            )
         active = d["active"]
         shown = " ".join(str(i) for i in active[:TEXT_RULES_SHOWN])
         if len(active) > TEXT_RULES_SHOWN:
@@ -398,8 +453,9 @@ class Control:
         out.append("active: " + (shown or "none"))
 
         bps = d["breakpoints"]
-        out.append("breakpoints: " + (", ".join(f"{b['tag']} on {b['event']}" for b in bps)
-                                      or "none"))
+        out.append(
+            "breakpoints: " + (", ".join(f"{b['tag']} on {b['event']}" for b in bps) or "none")
+        )
         sus = d["suspended"]
         out.append(f"suspended: {len(sus)}" if sus else "suspended: none")
         for s in sus:
@@ -417,15 +473,22 @@ class Control:
         ev = d["events"]
         out.append("events: " + (" ".join(f"{k}={v}" for k, v in ev.items()) or "none"))
         errs = d["errors_injected"]
-        out.append("errors injected: " + (" ".join(f"{x['name']}({x['errno']})={x['count']}"
-                                                    for x in errs) or "none"))
+        out.append(
+            "errors injected: "
+            + (" ".join(f"{x['name']}({x['errno']})={x['count']}" for x in errs) or "none")
+        )
         intr = d["interrupted"]
         if intr["count"]:
             last = intr["last"]
-            where = f" {last['op']} offset={last['offset']} length={last['length']}" \
-                if last["op"] is not None else ""
-            out.append(f"interrupted: {intr['count']} (last: {','.join(last['tags'])} at "
-                       f"{last['event']}:{where})")
+            where = (
+                f" {last['op']} offset={last['offset']} length={last['length']}"
+                if last["op"] is not None
+                else ""
+            )
+            out.append(
+                f"interrupted: {intr['count']} (last: {','.join(last['tags'])} at "
+                f"{last['event']}:{where})"
+            )
         else:
             out.append("interrupted: none")
         out.append(f"power: {d['power']}")
@@ -433,8 +496,10 @@ class Control:
         if u is None:
             out.append("unsynced: not tracked (-o track-unsynced=on)")
         else:
-            out.append(f"unsynced: {u['writes']} writes, {u['bytes']} bytes (log holds "
-                       f"{u['held']} of cap {u['cap']}; {u['refused']} refused at the cap)")
+            out.append(
+                f"unsynced: {u['writes']} writes, {u['bytes']} bytes (log holds "
+                f"{u['held']} of cap {u['cap']}; {u['refused']} refused at the cap)"
+            )
         out.append(f"last result: {d['last_result'] or '-'}")
         if d["last_error"]:
             out.append(f"last error: {errno_name(d['last_error_errno'])}: {d['last_error']}")
@@ -446,100 +511,138 @@ class Control:
 # ---------------------------------------------------------------------------------------------
 # the commands, in help order
 
-@command("break EVENT TAG", "suspend the next request that raises EVENT under TAG",
-         nargs=(2, 2), parse=lambda w: (_event(w[0]), _tag(w[1])), extension=False)
-async def _break(control: "Control", event: str, tag: str) -> str:
+
+@command(
+    "break EVENT TAG",
+    "suspend the next request that raises EVENT under TAG",
+    nargs=(2, 2),
+    parse=lambda w: (_event(w[0]), _tag(w[1])),
+    extension=False,
+)
+async def _break(control: Control, event: str, tag: str) -> str:
     control.engine.add_breakpoint(event, tag)
     note = never_fires_note(event)
     return f"breakpoint {tag} on {event}{note}"
 
 
-@command("resume TAG", "let the request suspended at TAG go on",
-         nargs=(1, 1), parse=lambda w: (_tag(w[0]),), extension=False)
-async def _resume(control: "Control", tag: str) -> str:
+@command(
+    "resume TAG",
+    "let the request suspended at TAG go on",
+    nargs=(1, 1),
+    parse=lambda w: (_tag(w[0]),),
+    extension=False,
+)
+async def _resume(control: Control, tag: str) -> str:
     control.engine.resume(tag)
     return f"resumed {tag}"
 
 
-@command("remove_break TAG", "drop the breakpoint TAG (waking its request, if any)",
-         nargs=(1, 1), parse=lambda w: (_tag(w[0]),), extension=False)
-async def _remove_break(control: "Control", tag: str) -> str:
+@command(
+    "remove_break TAG",
+    "drop the breakpoint TAG (waking its request, if any)",
+    nargs=(1, 1),
+    parse=lambda w: (_tag(w[0]),),
+    extension=False,
+)
+async def _remove_break(control: Control, tag: str) -> str:
     control.engine.remove_breakpoint(tag)
     return f"removed breakpoint {tag}"
 
 
-@command("wait_break TAG [SECONDS]",
-         "block until a request is suspended at TAG (ETIMEDOUT after SECONDS)",
-         nargs=(1, 2), extension=False,
-         parse=lambda w: (_tag(w[0]), _seconds(w[1]) if len(w) == 2 else None))
-async def _wait_break(control: "Control", tag: str, timeout: float | None) -> str:
+@command(
+    "wait_break TAG [SECONDS]",
+    "block until a request is suspended at TAG (ETIMEDOUT after SECONDS)",
+    nargs=(1, 2),
+    extension=False,
+    parse=lambda w: (_tag(w[0]), _seconds(w[1]) if len(w) == 2 else None),
+)
+async def _wait_break(control: Control, tag: str, timeout: float | None) -> str:
     return await control.wait_break(tag, timeout)
 
 
-@command("wait_hit ID [SECONDS]",
-         "block until rule ID acts once more (fails, sets a state...);\n"
-         "ENOENT for an unknown or spent rule, ETIMEDOUT after SECONDS",
-         nargs=(1, 2),
-         parse=lambda w: (_nonneg_int(w[0], "rule id"), _seconds(w[1]) if len(w) == 2 else None))
-async def _wait_hit(control: "Control", rule_id: int, timeout: float | None) -> str:
+@command(
+    "wait_hit ID [SECONDS]",
+    "block until rule ID acts once more (fails, sets a state...);\n"
+    "ENOENT for an unknown or spent rule, ETIMEDOUT after SECONDS",
+    nargs=(1, 2),
+    parse=lambda w: (_nonneg_int(w[0], "rule id"), _seconds(w[1]) if len(w) == 2 else None),
+)
+async def _wait_hit(control: Control, rule_id: int, timeout: float | None) -> str:
     return await control.wait_hit(rule_id, timeout)
 
 
-@command("inject-error KEY=VALUE ...",
-         "add an [inject-error] rule (event=, errno=, sector=, once=,\n"
-         "immediately=, state=, iotype=; extensions: probability=, after=,\n"
-         "count=, sectors=, delay=, jitter=, corrupt=, corrupt-bytes=,\n"
-         "pid=, comm=, uid=, heal=, persistent=); its id is in the status",
-         nargs=(1, None), parse=_rule_parser("inject-error"), aliases=("inject_error",))
-async def _inject_error(control: "Control", rule: Rule) -> str:
+@command(
+    "inject-error KEY=VALUE ...",
+    "add an [inject-error] rule (event=, errno=, sector=, once=,\n"
+    "immediately=, state=, iotype=; extensions: probability=, after=,\n"
+    "count=, sectors=, delay=, jitter=, corrupt=, corrupt-bytes=,\n"
+    "pid=, comm=, uid=, heal=, persistent=); its id is in the status",
+    nargs=(1, None),
+    parse=_rule_parser("inject-error"),
+    aliases=("inject_error",),
+)
+async def _inject_error(control: Control, rule: Rule) -> str:
     _check_power_rule(rule, control.block)
     rule_id = control.engine.add_rule(rule)
     # rules armed by `none` next to rules armed later: the first later arming drops them
     warning = config.arming_warning(control.engine.rules_by_event())
-    return (f"added rule {rule_id}{config.rule_notes(rule)}"
-            + (f" ({warning})" if warning else ""))
+    return f"added rule {rule_id}{config.rule_notes(rule)}" + (f" ({warning})" if warning else "")
 
 
-@command("set-state KEY=VALUE ...", "add a [set-state] rule (event=, state=, new_state=)",
-         nargs=(1, None), parse=_rule_parser("set-state"), aliases=("set_state",))
-async def _set_state_rule(control: "Control", rule: Rule) -> str:
+@command(
+    "set-state KEY=VALUE ...",
+    "add a [set-state] rule (event=, state=, new_state=)",
+    nargs=(1, None),
+    parse=_rule_parser("set-state"),
+    aliases=("set_state",),
+)
+async def _set_state_rule(control: Control, rule: Rule) -> str:
     return f"added rule {control.engine.add_rule(rule)}{config.rule_notes(rule)}"
 
 
-@command("remove ID", "remove rule ID",
-         nargs=(1, 1), parse=lambda w: (_nonneg_int(w[0], "rule id"),))
-async def _remove(control: "Control", rule_id: int) -> str:
+@command(
+    "remove ID", "remove rule ID", nargs=(1, 1), parse=lambda w: (_nonneg_int(w[0], "rule id"),)
+)
+async def _remove(control: Control, rule_id: int) -> str:
     control.engine.remove_rule(rule_id)
     return f"removed rule {rule_id}"
 
 
 @command("clear", "remove every rule (breakpoints stay)")
-async def _clear(control: "Control") -> str:
+async def _clear(control: Control) -> str:
     n = len(control.engine.rules())
     control.engine.clear()
     return f"removed {n} rule{'s' if n != 1 else ''}"
 
 
-@command("state N", "set the current state to N",
-         nargs=(1, 1), parse=lambda w: (_nonneg_int(w[0], "state"),))
-async def _state(control: "Control", state: int) -> str:
+@command(
+    "state N",
+    "set the current state to N",
+    nargs=(1, 1),
+    parse=lambda w: (_nonneg_int(w[0], "state"),),
+)
+async def _state(control: Control, state: int) -> str:
     control.engine.set_state(state)
     return f"state {state}"
 
 
 @command("reload", "re-read the config file and -o rules (replaces every rule)")
-async def _reload(control: "Control") -> str:
+async def _reload(control: Control) -> str:
     return await control.reload()
 
 
-@command("status [json]", "answer the status (read it back on the same open file)",
-         nargs=(0, 1), parse=_status_format)
-async def _status(control: "Control", as_json: bool) -> str:
+@command(
+    "status [json]",
+    "answer the status (read it back on the same open file)",
+    nargs=(0, 1),
+    parse=_status_format,
+)
+async def _status(control: Control, as_json: bool) -> str:
     if not as_json:
         return control.status_text()
     answer = json.dumps(control.status_dict(), indent=1) + "\n"
     if len(answer) > (1 << 20):
-        memory.give_back()     # the rule dicts of a huge status are garbage now
+        memory.give_back()  # the rule dicts of a huge status are garbage now
     return answer
 
 
@@ -551,40 +654,49 @@ POWERCUT_USAGE = "powercut [keep=none|random|prefix] [seed=N]"
 def _parse_powercut(words: list[str]) -> tuple[str, int | None]:
     """powercut's KEY=VALUE words -> (keep, seed); seed None: pick one (and tell it)."""
     from .unsynced import KEEP_MODES
+
     given = {}
     for word in words:
         key, equals, value = word.partition("=")
         if not equals or key not in ("keep", "seed"):
-            raise ValueError(f"powercut: expected keep=... or seed=..., not {word!r} "
-                             f"(usage: {POWERCUT_USAGE})")
+            raise ValueError(
+                f"powercut: expected keep=... or seed=..., not {word!r} (usage: {POWERCUT_USAGE})"
+            )
         if key in given:
             raise ValueError(f"powercut: {key} given twice")
         given[key] = value
     keep = given.get("keep", "none")
     if keep not in KEEP_MODES:
-        raise ValueError(f"powercut: keep must be none, random or prefix, not {keep!r}"
-                         f"{config.did_you_mean(keep, KEEP_MODES)}")
+        raise ValueError(
+            f"powercut: keep must be none, random or prefix, not {keep!r}"
+            f"{config.did_you_mean(keep, KEEP_MODES)}"
+        )
     seed = _nonneg_int(given["seed"], "seed") if "seed" in given else None
     return keep, seed
 
 
-def _check_power_rule(rule: Rule, block: "BlockDevice | None") -> None:
+def _check_power_rule(rule: Rule, block: BlockDevice | None) -> None:
     if getattr(rule, "drop_unsynced", False) and (block is None or block.unsynced is None):
-        raise ControlError(_errno.EINVAL, "drop-unsynced needs the mount option "
-                                          "track-unsynced=on (-o track-unsynced=on)")
+        raise ControlError(
+            _errno.EINVAL,
+            "drop-unsynced needs the mount option track-unsynced=on (-o track-unsynced=on)",
+        )
 
 
-def _block_of(control: "Control", name: str) -> "BlockDevice":
+def _block_of(control: Control, name: str) -> BlockDevice:
     if control.block is None:
         raise ControlError(_errno.EINVAL, f"{name}: this control has no block device")
     return control.block
 
 
-@command(POWERCUT_USAGE,
-         "\nlose the unsynced writes (-o track-unsynced=on) and power off:\n"
-         "every request fails with EIO until poweron",
-         nargs=(0, 2), parse=_parse_powercut)
-async def _powercut(control: "Control", keep: str, seed: int | None) -> str:
+@command(
+    POWERCUT_USAGE,
+    "\nlose the unsynced writes (-o track-unsynced=on) and power off:\n"
+    "every request fails with EIO until poweron",
+    nargs=(0, 2),
+    parse=_parse_powercut,
+)
+async def _powercut(control: Control, keep: str, seed: int | None) -> str:
     block = _block_of(control, "powercut")
     if seed is None:
         seed = secrets.randbits(32)
@@ -593,42 +705,48 @@ async def _powercut(control: "Control", keep: str, seed: int | None) -> str:
 
 
 @command("poweron", "bring the device back (the image as the cut left it)")
-async def _poweron(control: "Control") -> str:
+async def _poweron(control: Control) -> str:
     return "power on" if _block_of(control, "poweron").power_on() else "power on (it was on)"
 
 
 @command("help", "this text")
-async def _help(control: "Control") -> str:
+async def _help(control: Control) -> str:
     return help_text()
 
 
-@command("trace", "alone in its write: reads of this open file then stream the trace\n"
-                  "(one JSON line per image request) until it is closed")
-async def _trace(control: "Control"):
+@command(
+    "trace",
+    "alone in its write: reads of this open file then stream the trace\n"
+    "(one JSON line per image request) until it is closed",
+)
+async def _trace(control: Control) -> Stream:
     if control.tracer is None:
         raise ControlError(_errno.EINVAL, "this mount has no trace")
-    return control.tracer.open_stream()     # not text: fs.py serves the handle's reads from it
+    return control.tracer.open_stream()  # not text: fs.py serves the handle's reads from it
 
 
-def _interrupted_dict(interrupted) -> dict | None:
+def _interrupted_dict(interrupted: Interrupted | None) -> dict[str, Any] | None:
     """engine.Interrupted (a held request whose caller got a signal) as status data."""
     if interrupted is None:
         return None
     req = interrupted.request
-    return {"tags": list(interrupted.tags), "event": interrupted.event,
-            "op": req.op if req is not None else None,
-            "offset": req.offset if req is not None else None,
-            "length": req.length if req is not None else None}
+    return {
+        "tags": list(interrupted.tags),
+        "event": interrupted.event,
+        "op": req.op if req is not None else None,
+        "offset": req.offset if req is not None else None,
+        "length": req.length if req is not None else None,
+    }
 
 
-def _format_rule(rule) -> str:
+def _format_rule(rule: Rule) -> str:
     try:
         return config.format_rule(rule)
-    except Exception:       # status must never fail because of a formatting gap
+    except Exception:  # status must never fail because of a formatting gap
         return repr(rule)
 
 
-def _did(r, engine) -> str:
+def _did(r: Rule, engine: Engine) -> str:
     """What an extension rule did, beyond its hits: ' (failed=1 delayed=2 corrupted=0)'."""
     if getattr(r, "ext", None) is None:
         return ""
@@ -639,34 +757,62 @@ def _did(r, engine) -> str:
 _PLAIN = Extensions()
 
 
-def _rule_dict(r, engine) -> dict:
-    d = {"id": r.id, "kind": r.kind, "event": r.event, "state": r.state, "source": r.source,
-         "hits": r.hits, "spent": r.spent, "text": _format_rule(r)}
+def _rule_dict(r: Rule, engine: Engine) -> dict[str, Any]:
+    d = {
+        "id": r.id,
+        "kind": r.kind,
+        "event": r.event,
+        "state": r.state,
+        "source": r.source,
+        "hits": r.hits,
+        "spent": r.spent,
+        "text": _format_rule(r),
+    }
     if isinstance(r, InjectError):
-        d.update({"errno": r.errno, "errno_name": errno_name(r.errno), "sector": r.sector,
-                  "once": r.once, "immediately": r.immediately,
-                  "iotypes": [t for t in IOTYPES if t in r.iotypes]})
+        d.update(
+            {
+                "errno": r.errno,
+                "errno_name": errno_name(r.errno),
+                "sector": r.sector,
+                "once": r.once,
+                "immediately": r.immediately,
+                "iotypes": [t for t in IOTYPES if t in r.iotypes],
+            }
+        )
         d.update(_extension_dict(r, engine))
     else:
         d["new_state"] = r.new_state
     return d
 
 
-def _extension_dict(r, engine) -> dict:
+def _extension_dict(r: InjectError, engine: Engine) -> dict[str, Any]:
     """Every extension key of an inject-error rule (defaults for a QEMU rule) and what the
     rule did: failed, delayed, corrupted (a QEMU rule only fails, or with errno 0 passes)."""
     ext = r.ext if r.ext is not None else _PLAIN
-    d = {"probability": ext.probability, "after": ext.after, "count": ext.count or None,
-         "sectors": ext.sectors or None, "delay_us": ext.delay_us, "jitter_us": ext.jitter_us,
-         "corrupt": ext.corrupt or None,
-         "corrupt_bytes": ext.corrupt_bytes if ext.corrupt else None,
-         "pid": ext.pid if ext.pid >= 0 else None, "comm": ext.comm or None,
-         "uid": ext.uid if ext.uid >= 0 else None, "heal": ext.heal,
-         "persistent": ext.persistent, "extension": r.ext is not None}
+    d = {
+        "probability": ext.probability,
+        "after": ext.after,
+        "count": ext.count or None,
+        "sectors": ext.sectors or None,
+        "delay_us": ext.delay_us,
+        "jitter_us": ext.jitter_us,
+        "corrupt": ext.corrupt or None,
+        "corrupt_bytes": ext.corrupt_bytes if ext.corrupt else None,
+        "pid": ext.pid if ext.pid >= 0 else None,
+        "comm": ext.comm or None,
+        "uid": ext.uid if ext.uid >= 0 else None,
+        "heal": ext.heal,
+        "persistent": ext.persistent,
+        "extension": r.ext is not None,
+    }
     if r.ext is None:
         d.update(failed=r.hits if r.errno else 0, delayed=0, corrupted=0, reached=r.hits)
     else:
         tally = engine.tally(r)
-        d.update(failed=tally.failed, delayed=tally.delayed, corrupted=tally.corrupted,
-                 reached=tally.seen)
+        d.update(
+            failed=tally.failed,
+            delayed=tally.delayed,
+            corrupted=tally.corrupted,
+            reached=tally.seen,
+        )
     return d

@@ -69,18 +69,30 @@ def _is_mountpoint(path: str) -> bool:
     return os.path.ismount(os.path.realpath(path)) or mounttab.is_mounted(path)
 
 
-def prepare(image: str, mountpoint: str, settings: Settings, *, name: str | None = None,
-            read_only: bool = False, allow_other: bool = False, log_file: str | None = None,
-            trace_file: str | None = None) -> Mount:
+def prepare(
+    image: str,
+    mountpoint: str,
+    settings: Settings,
+    *,
+    name: str | None = None,
+    read_only: bool = False,
+    allow_other: bool = False,
+    log_file: str | None = None,
+    trace_file: str | None = None,
+) -> Mount:
     """Check everything and load the rules; MountError on the first problem."""
     from . import config
     from .fs import missing_pyfuse3_features
+
     missing = missing_pyfuse3_features()
     if missing:
         import pyfuse3
-        raise MountError(f"pyfuse3 {pyfuse3.__version__} ({os.path.dirname(pyfuse3.__file__)}) "
-                         f"is not built with blkfuse's patch: no {', '.join(missing)}; "
-                         "run scripts/setup (see scripts/pyfuse3/README.md)")
+
+        raise MountError(
+            f"pyfuse3 {pyfuse3.__version__} ({os.path.dirname(pyfuse3.__file__)}) "
+            f"is not built with blkfuse's patch: no {', '.join(missing)}; "
+            "run scripts/setup (see scripts/pyfuse3/README.md)"
+        )
     try:
         rules = config.load_rules(settings)
     except config.ConfigError as e:
@@ -94,16 +106,18 @@ def prepare(image: str, mountpoint: str, settings: Settings, *, name: str | None
     if os.path.isdir(image_path):
         raise MountError(f"{image}: is a directory, not an image file")
     if not os.access(image_path, os.R_OK if read_only else os.R_OK | os.W_OK):
-        raise MountError(f"{image}: permission denied"
-                         + ("" if read_only else " (try --read-only)"))
+        raise MountError(
+            f"{image}: permission denied" + ("" if read_only else " (try --read-only)")
+        )
 
     mnt = os.path.abspath(mountpoint)
     try:
         os.stat(mnt)
     except OSError as e:
         if e.errno == errno.ENOTCONN:
-            raise MountError(f"{mountpoint}: a dead FUSE mount is there (run: blkfuse umount "
-                             f"{mountpoint})") from None
+            raise MountError(
+                f"{mountpoint}: a dead FUSE mount is there (run: blkfuse umount {mountpoint})"
+            ) from None
     if not os.path.exists(mnt):
         raise MountError(f"{mountpoint}: mountpoint does not exist")
     if not os.path.isdir(mnt):
@@ -115,8 +129,10 @@ def prepare(image: str, mountpoint: str, settings: Settings, *, name: str | None
     if os.path.realpath(image_path).startswith(os.path.realpath(mnt) + os.sep):
         raise MountError(f"{image}: the image must not be inside the mountpoint")
     if not os.path.exists("/dev/fuse"):
-        raise MountError("/dev/fuse does not exist (load the fuse module, or give the "
-                         "container --device /dev/fuse)")
+        raise MountError(
+            "/dev/fuse does not exist (load the fuse module, or give the "
+            "container --device /dev/fuse)"
+        )
     if log_file:
         log_file = os.path.abspath(log_file)
         try:
@@ -135,9 +151,17 @@ def prepare(image: str, mountpoint: str, settings: Settings, *, name: str | None
     problem = layout.image_name_problem(name)
     if problem:
         raise MountError(f"invalid image name {name!r}: {problem}")
-    return Mount(image_path=image_path, mountpoint=mnt, name=name, settings=settings,
-                 rules=rules, read_only=read_only, allow_other=allow_other, log_file=log_file,
-                 trace_file=trace_file)
+    return Mount(
+        image_path=image_path,
+        mountpoint=mnt,
+        name=name,
+        settings=settings,
+        rules=rules,
+        read_only=read_only,
+        allow_other=allow_other,
+        log_file=log_file,
+        trace_file=trace_file,
+    )
 
 
 def _refuse_nonempty(mountpoint: str, mnt: str) -> None:
@@ -145,25 +169,32 @@ def _refuse_nonempty(mountpoint: str, mnt: str) -> None:
     try:
         entries = sorted(os.listdir(mnt))
     except OSError:
-        return                      # unreadable to us: the kernel decides
+        return  # unreadable to us: the kernel decides
     if entries:
         more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
-        raise MountError(f"{mountpoint}: mountpoint is not empty ({entries[0]!r}{more}); "
-                         "the mount would hide it (-o nonempty to mount anyway)")
+        raise MountError(
+            f"{mountpoint}: mountpoint is not empty ({entries[0]!r}{more}); "
+            "the mount would hide it (-o nonempty to mount anyway)"
+        )
 
 
 def _lock_image(m: "Mount", fd: int) -> None:
     """QEMU's locking=on on the open image; MountError naming the holder on a conflict."""
     from . import lock
+
     try:
         lock.acquire(fd, read_only=m.read_only, growable=m.settings.growable)
     except lock.LockConflict as e:
-        raise MountError(f"{m.image_path}: in use by {lock_holder(m.image_path)}: its lock "
-                         f'{e.theirs} "{lock.PERM_NAMES[e.perm]}" (QEMU\'s locking=on; '
-                         "-o locking=off to mount anyway)") from None
+        raise MountError(
+            f"{m.image_path}: in use by {lock_holder(m.image_path)}: its lock "
+            f'{e.theirs} "{lock.PERM_NAMES[e.perm]}" (QEMU\'s locking=on; '
+            "-o locking=off to mount anyway)"
+        ) from None
     except OSError as e:
-        raise MountError(f"{m.image_path}: cannot lock it ({e.strerror}; -o locking=off to "
-                         "mount without the lock)") from None
+        raise MountError(
+            f"{m.image_path}: cannot lock it ({e.strerror}; -o locking=off to "
+            "mount without the lock)"
+        ) from None
 
 
 def lock_holder(image_path: str) -> str:
@@ -174,6 +205,7 @@ def lock_holder(image_path: str) -> str:
     mountpoint, which its status gives.
     """
     from . import holders
+
     path = os.path.realpath(image_path)
     try:
         st = os.stat(path)
@@ -181,12 +213,15 @@ def lock_holder(image_path: str) -> str:
         return "another process"
     found = holders.find(path, st.st_dev, st.st_ino)
     daemons = _blkfuse_daemons()
-    names = [f"the blkfuse mount at {daemons[pid]} (pid {pid})" if pid in daemons
-             else f"pid {pid} ({comm})" for pid, comm in found.processes]
+    names = [
+        f"the blkfuse mount at {daemons[pid]} (pid {pid})"
+        if pid in daemons
+        else f"pid {pid} ({comm})"
+        for pid, comm in found.processes
+    ]
     names += [f"loop device {dev}" for dev in found.loops]
     if not names:
-        return ("another process (one we may not inspect)" if found.unreadable
-                else "another process")
+        return "another process (one we may not inspect)" if found.unreadable else "another process"
     return " or ".join(names) if len(names) <= 3 else ", ".join(names[:3]) + ", ..."
 
 
@@ -194,6 +229,7 @@ def _blkfuse_daemons(timeout: float = 2.0) -> dict[int, str]:
     """{daemon pid: mountpoint} of the blkfuse mounts here, read from their status text
     (each in a thread: a wedged daemon must not hang the mount that asks)."""
     import threading
+
     found: dict[int, str] = {}
 
     def ask(mnt: str) -> None:
@@ -207,8 +243,10 @@ def _blkfuse_daemons(timeout: float = 2.0) -> dict[int, str]:
         except OSError:
             pass
 
-    threads = [threading.Thread(target=ask, args=(mnt,), daemon=True)
-               for mnt in (e.mountpoint for e in mounttab.blkfuse_mounts())]
+    threads = [
+        threading.Thread(target=ask, args=(mnt,), daemon=True)
+        for mnt in (e.mountpoint for e in mounttab.blkfuse_mounts())
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -219,10 +257,10 @@ def _blkfuse_daemons(timeout: float = 2.0) -> dict[int, str]:
 class State(enum.Enum):
     """Where a Daemon is in its life; it only moves forward, in this order."""
 
-    STARTING = "starting"   # built, not mounted
-    SERVING = "serving"     # mounted, answering requests
-    STOPPING = "stopping"   # control closed, suspended requests resumed, open files' grace
-    STOPPED = "stopped"     # the FUSE loop told to end: it answers what is in flight, returns
+    STARTING = "starting"  # built, not mounted
+    SERVING = "serving"  # mounted, answering requests
+    STOPPING = "stopping"  # control closed, suspended requests resumed, open files' grace
+    STOPPED = "stopped"  # the FUSE loop told to end: it answers what is in flight, returns
 
 
 class Daemon:
@@ -242,10 +280,12 @@ class Daemon:
         settings = m.settings
         self.engine = Engine(m.rules, seed=settings.seed)
         # cache=none/directsync: O_DIRECT, as QEMU's file node (BDRV_O_NOCACHE)
-        self.image = Image(m.image_path, read_only=m.read_only,
-                           direct=settings.cache in ("none", "directsync"),
-                           io_threads=(DEFAULT_IO_THREADS if settings.io_threads is None
-                                       else settings.io_threads))
+        self.image = Image(
+            m.image_path,
+            read_only=m.read_only,
+            direct=settings.cache in ("none", "directsync"),
+            io_threads=(DEFAULT_IO_THREADS if settings.io_threads is None else settings.io_threads),
+        )
         if settings.locking:
             try:
                 _lock_image(m, self.image.fd)
@@ -255,25 +295,32 @@ class Daemon:
         self.unsynced = None
         if settings.track_unsynced:
             from .unsynced import DEFAULT_ATOMIC, DEFAULT_CAP, UndoLog
-            self.unsynced = UndoLog(cap=settings.unsynced_cap or DEFAULT_CAP,
-                                    atomic=settings.atomic or DEFAULT_ATOMIC)
+
+            self.unsynced = UndoLog(
+                cap=settings.unsynced_cap or DEFAULT_CAP, atomic=settings.atomic or DEFAULT_ATOMIC
+            )
         # -o poll-us wins; BLKFUSE_POLL_US changes the default (A/B runs, the test suite's
         # second pass with polling off).
-        self.poll_us = settings.poll_us
-        if self.poll_us is None:
+        self.poll_us: int = DEFAULT_POLL_US if settings.poll_us is None else settings.poll_us
+        if settings.poll_us is None:
             try:
                 self.poll_us = max(0, int(os.environ.get("BLKFUSE_POLL_US", DEFAULT_POLL_US)))
             except ValueError:
                 log.warning("BLKFUSE_POLL_US is not a number; polling for %d us", DEFAULT_POLL_US)
                 self.poll_us = DEFAULT_POLL_US
-        self.block = BlockDevice(self.engine, self.image, align=settings.align,
-                                 max_transfer=settings.max_transfer,
-                                 opt_write_zero=settings.opt_write_zero,
-                                 max_write_zero=settings.max_write_zero,
-                                 opt_discard=settings.opt_discard,
-                                 max_discard=settings.max_discard,
-                                 cache=settings.cache, format=settings.format,
-                                 unsynced=self.unsynced)
+        self.block = BlockDevice(
+            self.engine,
+            self.image,
+            align=settings.align,
+            max_transfer=settings.max_transfer,
+            opt_write_zero=settings.opt_write_zero,
+            max_write_zero=settings.max_write_zero,
+            opt_discard=settings.opt_discard,
+            max_discard=settings.max_discard,
+            cache=settings.cache,
+            format=settings.format,
+            unsynced=self.unsynced,
+        )
         self.tracer = Tracer(self.engine, m.trace_file)
         info = {
             "image": m.image_path,
@@ -299,11 +346,17 @@ class Daemon:
             info["track_unsynced"] = True
             info["unsynced_cap"] = self.unsynced.cap
             info["atomic"] = self.unsynced.atomic
-        self.control = Control(self.engine, reload=lambda: config.load_rules(settings), info=info,
-                               block=self.block, tracer=self.tracer)
-        memory.give_back()              # the parser's scratch memory, before serving for hours
-        self.ops = Operations(self.block, self.control, name=m.name, read_only=m.read_only,
-                              growable=settings.growable)
+        self.control = Control(
+            self.engine,
+            reload=lambda: config.load_rules(settings),
+            info=info,
+            block=self.block,
+            tracer=self.tracer,
+        )
+        memory.give_back()  # the parser's scratch memory, before serving for hours
+        self.ops = Operations(
+            self.block, self.control, name=m.name, read_only=m.read_only, growable=settings.growable
+        )
         # The FUSE layer holds the traced device only while tracing is on: free when off.
         traced = TracedBlock(self.block, self.tracer)
         self.tracer.on_switch = lambda on: setattr(self.ops, "block", traced if on else self.block)
@@ -313,6 +366,7 @@ class Daemon:
     def mount(self) -> None:
         """Mount (pyfuse3.init). MountError with the kernel's or libfuse's reason on failure."""
         import pyfuse3
+
         # default_permissions (among pyfuse3's defaults): the kernel checks the modes fs.py
         # reports, the backing file's for the image, so --allow-other grants no one more
         # than the backing file does.
@@ -346,8 +400,10 @@ class Daemon:
     async def _main(self) -> None:
         import pyfuse3
         import trio
-        if os.environ.get("BLKFUSE_FASTLOOP", "1") != "0":   # "0": pyfuse3's own waits, for A/B runs
+
+        if os.environ.get("BLKFUSE_FASTLOOP", "1") != "0":  # "0": pyfuse3's own waits, for A/B runs
             from . import fuseloop
+
             loop = fuseloop.install(self.poll_us)
             self.image.loop_idle = loop.idle
         async with trio.open_nursery() as nursery:
@@ -360,12 +416,16 @@ class Daemon:
 
     async def _watch_signals(self) -> None:
         import trio
+
         with trio.open_signal_receiver(*_ALL_SIGNALS) as signals:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _ALL_SIGNALS)
             async for signum in signals:
                 forced = signum == FORCE_SIGNAL
-                log.info("%s: %s", signal.Signals(signum).name,
-                         "forced shutdown" if forced else "shutting down")
+                log.info(
+                    "%s: %s",
+                    signal.Signals(signum).name,
+                    "forced shutdown" if forced else "shutting down",
+                )
                 if forced and self.state is not State.STOPPED:
                     # Also during an orderly shutdown's grace: --force cuts it short.
                     self.ops.refuse(errno.EIO)
@@ -387,11 +447,13 @@ class Daemon:
         """Let in-flight requests and open files finish (GRACE_SECONDS at most; after a forced
         shutdown only the requests), then stop the FUSE loop."""
         import trio
+
         with trio.move_on_after(GRACE_SECONDS):
             await self.ops.wait_settled()
         if not self.ops.settled():
-            log.warning("shutting down with %d request(s) in flight and files still open",
-                        self.ops.inflight)
+            log.warning(
+                "shutting down with %d request(s) in flight and files still open", self.ops.inflight
+            )
         self._stop()
 
     def _stop(self) -> None:
@@ -401,12 +463,14 @@ class Daemon:
         if self.state is State.STOPPING:
             self.state = State.STOPPED
             import pyfuse3
+
             pyfuse3.terminate()
 
     def serve(self) -> int:
         """Run until shut down; then flush, unmount. Returns the exit status."""
         import pyfuse3
         import trio
+
         status = 0
         try:
             trio.run(self._main)
@@ -460,7 +524,7 @@ def run_background(m: Mount) -> None:
     raises MountError there if it is not. Never returns in the child."""
     r, w = os.pipe()
     pid = os.fork()
-    if pid:                                           # parent: wait for "ok" or the reason
+    if pid:  # parent: wait for "ok" or the reason
         os.close(w)
         chunks = []
         while True:

@@ -7,22 +7,25 @@ sequence change the same bytes whatever order concurrent requests finish in.
 """
 
 import random
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 
 class Effect(NamedTuple):
     """The outcome of an extension rule that delays or corrupts (a bare errno stays an int)."""
 
-    errno: int              # after the delay: 0, the request goes on; else it fails with this
-    delay: float            # seconds to hold the request (0: not held)
-    corrupt: str            # "" or a mode of rules.CORRUPT_MODES
-    corrupt_bytes: int      # how many bytes to change
-    start: int              # the bytes the rule covers (its span): corruption stays inside
+    errno: int  # after the delay: 0, the request goes on; else it fails with this
+    delay: float  # seconds to hold the request (0: not held)
+    corrupt: str  # "" or a mode of rules.CORRUPT_MODES
+    corrupt_bytes: int  # how many bytes to change
+    start: int  # the bytes the rule covers (its span): corruption stays inside
     end: int
-    seed: int               # the positions' and values' generator seed
+    seed: int  # the positions' and values' generator seed
 
 
-def corrupt(data, data_offset: int, effect: Effect, start: int, end: int) -> bytes:
+_Data = TypeVar("_Data", bound=bytes | bytearray | memoryview)  # returned as given when untouched
+
+
+def corrupt(data: _Data, data_offset: int, effect: Effect, start: int, end: int) -> _Data | bytes:
     """`data` (the bytes at [data_offset, data_offset+len(data))) with effect.corrupt_bytes
     bytes changed, all inside [start, end) and the rule's span; `data` itself is untouched.
 

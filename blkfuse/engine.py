@@ -26,7 +26,8 @@ import secrets
 import time
 from array import array
 from bisect import bisect_left
-from typing import Any, Callable, Iterable, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 import trio
 
@@ -52,7 +53,7 @@ class Caller(NamedTuple):
 class Request(NamedTuple):
     """What a request was doing when it raised an event: shown for suspended requests."""
 
-    op: str          # "read" | "write" | "write-zeroes" | "flush"
+    op: str  # "read" | "write" | "write-zeroes" | "flush"
     offset: int
     length: int
 
@@ -70,14 +71,20 @@ class Suspension:
 
     __slots__ = ("event", "tags", "request", "since", "_done", "_registry", "_on_interrupt")
 
-    def __init__(self, event: str, tags: list[str], request: Request | None, registry: list,
-                 on_interrupt: Callable[["Suspension"], None] | None = None):
+    def __init__(
+        self,
+        event: str,
+        tags: list[str],
+        request: Request | None,
+        registry: list,
+        on_interrupt: Callable[["Suspension"], None] | None = None,
+    ):
         self.event = event
-        self.tags = tags                  # remaining tags; one `resume` takes one
+        self.tags = tags  # remaining tags; one `resume` takes one
         self.request = request
         self.since = time.monotonic()
         self._done = trio.Event()
-        self._registry = registry         # the engine's list of suspensions
+        self._registry = registry  # the engine's list of suspensions
         self._on_interrupt = on_interrupt
 
     @property
@@ -116,8 +123,7 @@ class _ActiveSet:
     of ranges (an interval index that stays a pair of flat arrays per bucket).
     """
 
-    __slots__ = ("anywhere", "first_anywhere", "offsets", "at_offset", "count", "special",
-                 "ranges")
+    __slots__ = ("anywhere", "first_anywhere", "offsets", "at_offset", "count", "special", "ranges")
 
     def __init__(self) -> None:
         self.replace(())
@@ -144,7 +150,8 @@ class _ActiveSet:
         self.at_offset = located
         self.count = len(self.anywhere) + len(located) + len(ranged)
         self.special = special
-        self.ranges = {}
+        # bucket -> (starts in bytes, the rules), both sorted by start
+        self.ranges: dict[int, tuple[array[int], list[InjectError]]] = {}
         ranged.sort(key=_by_offset_then_id)
         for rule in ranged:
             starts, rules_ = self.ranges.setdefault(_bucket(rule), (array("q"), []))
@@ -204,7 +211,10 @@ class _ActiveSet:
 
     def _discard_range(self, rule: InjectError) -> bool:
         key = _bucket(rule)
-        starts, rules = self.ranges.get(key, ((), ()))
+        bucket = self.ranges.get(key)
+        if bucket is None:
+            return False
+        starts, rules = bucket
         start = rule.sector * SECTOR_SIZE
         i = bisect_left(starts, start)
         while i < len(starts) and starts[i] == start:
@@ -280,8 +290,11 @@ class _ActiveSet:
             i = bisect_left(starts, offset - (1 << key) + 1)
             while i < len(starts) and starts[i] < end:
                 rule = rules[i]
-                if (starts[i] + rule.ext.sectors * SECTOR_SIZE > offset
-                        and (iotype is None or iotype in rule.iotypes)):
+                ext = rule.ext
+                assert ext is not None  # a range rule is an extension rule
+                if starts[i] + ext.sectors * SECTOR_SIZE > offset and (
+                    iotype is None or iotype in rule.iotypes
+                ):
                     found.append(rule)
                 i += 1
         return found
@@ -301,7 +314,9 @@ def _by_offset_then_id(rule: InjectError) -> tuple[int, int]:
 
 def _bucket(rule: InjectError) -> int:
     """The length class of a range rule: its length in bytes is below 2**_bucket(rule)."""
-    return (rule.ext.sectors * SECTOR_SIZE).bit_length()
+    ext = rule.ext
+    assert ext is not None, "only a range rule (an extension) has a bucket"
+    return (ext.sectors * SECTOR_SIZE).bit_length()
 
 
 def _is_persistent(rule: InjectError) -> bool:
@@ -313,29 +328,29 @@ class Engine:
 
     def __init__(self, rules: Iterable[Rule] = (), *, seed: int | None = None):
         self.state = 1
-        self._rules: list[Rule | None] = []               # by id - _first_id; None once removed
+        self._rules: list[Rule | None] = []  # by id - _first_id; None once removed
         self._first_id = 1
-        self._by_event: dict[str, list[Rule]] = {}        # event -> its rules, file order
-        self._breakpoints: dict[str, list[str]] = {}      # event -> tags, in order set
+        self._by_event: dict[str, list[Rule]] = {}  # event -> its rules, file order
+        self._breakpoints: dict[str, list[str]] = {}  # event -> tags, in order set
         self._active = _ActiveSet()
-        self._kept = _ActiveSet()         # persistent rules once armed: no event replaces them
-        self._plain = True                # no extension rule armed: check takes the QEMU path
-        self._persistent_rules = 0        # rules with persistent = "on", armed or not
-        self.heal_rules = 0               # rules with heal = "on", armed or not
-        self.rules_healed = 0             # heal rules a write removed
+        self._kept = _ActiveSet()  # persistent rules once armed: no event replaces them
+        self._plain = True  # no extension rule armed: check takes the QEMU path
+        self._persistent_rules = 0  # rules with persistent = "on", armed or not
+        self.heal_rules = 0  # rules with heal = "on", armed or not
+        self.rules_healed = 0  # heal rules a write removed
         self._tallies: dict[int, Tally] = {}  # rule id -> what it did, from its first request
         # One generator decides every probability, jitter and corruption: a run replays
         # with the same seed and the same request sequence.
         self.seed = secrets.randbits(32) if seed is None else seed
         self.random = random.Random(self.seed)
-        self._suspended: list[Suspension] = []            # newest first, as QEMU's QLIST
-        self._holds: set[trio.CancelScope] = set()        # requests a delay rule is holding
-        self._changed = trio.Event()                      # set when suspensions/breakpoints change
-        self._hit_waits: dict[int, trio.Event] = {}       # rule id -> set at its next hit
+        self._suspended: list[Suspension] = []  # newest first, as QEMU's QLIST
+        self._holds: set[trio.CancelScope] = set()  # requests a delay rule is holding
+        self._changed = trio.Event()  # set when suspensions/breakpoints change
+        self._hit_waits: dict[int, trio.Event] = {}  # rule id -> set at its next hit
         self._next_id = 1
         self.event_counts = dict.fromkeys(EVENTS, 0)
         self.errors_injected: dict[int, int] = {}
-        self.interrupted = 0                              # suspended requests interrupted
+        self.interrupted = 0  # suspended requests interrupted
         self.last_interrupted: Interrupted | None = None
         # trace.Tracer while a trace is on (it records events and the rules that act); else None
         self.tracer: Any = None
@@ -368,7 +383,7 @@ class Engine:
                 continue
             if type(rule) is InjectError:
                 armed.append(rule)
-            elif new_state_rule is None:        # first in file order wins
+            elif new_state_rule is None:  # first in file order wins
                 new_state_rule = rule  # type: ignore[assignment]  # not narrowed by `type() is`
         if armed:
             if self._persistent_rules:
@@ -383,8 +398,9 @@ class Engine:
             if self.tracer is not None:
                 self.tracer.rule(new_state_rule.id)
 
-    def check(self, iotype: str, offset: int, length: int,
-              caller: Caller | None = None) -> int | Effect:
+    def check(
+        self, iotype: str, offset: int, length: int, caller: Caller | None = None
+    ) -> int | Effect:
         """0 if the request may go on, else the errno it fails with, or (extension rules
         only) an Effect: hold it, then fail it or change its data. `length` 0: a flush.
 
@@ -421,8 +437,9 @@ class Engine:
                 self.errors_injected[error] = self.errors_injected.get(error, 0) + 1
         return rule
 
-    def decide(self, iotype: str, offset: int, length: int,
-               caller: Caller | None = None) -> tuple[InjectError | None, int | Effect]:
+    def decide(
+        self, iotype: str, offset: int, length: int, caller: Caller | None = None
+    ) -> tuple[InjectError | None, int | Effect]:
         """check() and match() in one: (the rule that decided or None, check's answer), for
         the block layer's writes and flushes, which need both."""
         rule = self.match(iotype, offset, length)
@@ -430,16 +447,19 @@ class Engine:
 
     # ---- extension rules: the second path ----
 
-    def _check_extended(self, iotype: str, offset: int, length: int,
-                        caller: Caller | None = None) -> int | Effect:
+    def _check_extended(
+        self, iotype: str, offset: int, length: int, caller: Caller | None = None
+    ) -> int | Effect:
         return self._decide_extended(iotype, offset, length, caller)[1]
 
-    def _match_extended(self, iotype: str, offset: int, length: int,
-                        caller: Caller | None = None) -> InjectError | None:
+    def _match_extended(
+        self, iotype: str, offset: int, length: int, caller: Caller | None = None
+    ) -> InjectError | None:
         return self._decide_extended(iotype, offset, length, caller)[0]
 
-    def _decide_extended(self, iotype: str, offset: int, length: int,
-                         caller: Caller | None = None) -> tuple[InjectError | None, int | Effect]:
+    def _decide_extended(
+        self, iotype: str, offset: int, length: int, caller: Caller | None = None
+    ) -> tuple[InjectError | None, int | Effect]:
         rules = self._active.candidates(iotype, offset, length)
         if self._kept.count:
             rules += self._kept.candidates(iotype, offset, length)
@@ -448,7 +468,7 @@ class Engine:
             rules.sort(key=_by_id)
         for rule in rules:
             ext = rule.ext
-            if ext is None:                     # a QEMU rule decides as it always has (match)
+            if ext is None:  # a QEMU rule decides as it always has (match)
                 rule.hits += 1
                 if self._hit_waits:
                     self._wake_hit_waits(rule.id)
@@ -465,7 +485,7 @@ class Engine:
             if ext.heal and iotype == "write":
                 start, end = rule.span
                 if offset <= start and end <= offset + length:
-                    continue                    # a write over the whole span repairs it
+                    continue  # a write over the whole span repairs it
             tally = self._tallies.get(rule.id)
             if tally is None:
                 tally = self._tallies[rule.id] = Tally()
@@ -477,8 +497,7 @@ class Engine:
             return rule, self._act(rule, ext, tally, iotype)
         return None, 0
 
-    def _act(self, rule: InjectError, ext: Extensions, tally: Tally,
-             iotype: str) -> int | Effect:
+    def _act(self, rule: InjectError, ext: Extensions, tally: Tally, iotype: str) -> int | Effect:
         """What `rule`, which acts on this request, does to it."""
         rule.hits += 1
         if self._hit_waits:
@@ -489,7 +508,7 @@ class Engine:
             delay_us += self.random.randint(0, ext.jitter_us)
         corrupt = ext.corrupt if iotype == "read" or iotype == "write" else ""
         if not (error or delay_us or corrupt or rule.torn >= 0 or rule.drop_unsynced):
-            return 0                            # errno 0: lets it through, as in QEMU
+            return 0  # errno 0: lets it through, as in QEMU
         tally.acted += 1
         if error:
             tally.failed += 1
@@ -503,8 +522,15 @@ class Engine:
         if not (delay_us or corrupt):
             return error
         start, end = rule.span
-        return Effect(error, delay_us / 1e6, corrupt, ext.corrupt_bytes, start, end,
-                      self.random.getrandbits(64) if corrupt else 0)
+        return Effect(
+            error,
+            delay_us / 1e6,
+            corrupt,
+            ext.corrupt_bytes,
+            start,
+            end,
+            self.random.getrandbits(64) if corrupt else 0,
+        )
 
     def written(self, offset: int, length: int) -> None:
         """A write of [offset, offset+length) reached the image: armed heal rules whose whole
@@ -512,8 +538,10 @@ class Engine:
         if not self.heal_rules or self._plain:
             return
         end = offset + length
-        for rules in (self._active.candidates(None, offset, length),
-                      self._kept.candidates(None, offset, length)):
+        for rules in (
+            self._active.candidates(None, offset, length),
+            self._kept.candidates(None, offset, length),
+        ):
             for rule in rules:
                 if rule.ext is not None and rule.ext.heal:
                     start, stop = rule.span
@@ -546,9 +574,11 @@ class Engine:
             if plain:
                 del self.check, self.match, self.decide
             else:
-                self.check = self._check_extended
-                self.match = self._match_extended
-                self.decide = self._decide_extended
+                # Swapped on the instance, not branched on per call: the plain path stays one
+                # call with no test (a measured hot-path choice); del above restores it.
+                self.check = self._check_extended  # type: ignore[method-assign]
+                self.match = self._match_extended  # type: ignore[method-assign]
+                self.decide = self._decide_extended  # type: ignore[method-assign]
 
     # ---- breakpoints ----
 
@@ -562,8 +592,9 @@ class Engine:
 
     def _interrupted(self, suspension: Suspension) -> None:
         self.interrupted += 1
-        self.last_interrupted = Interrupted(tuple(suspension.tags), suspension.event,
-                                            suspension.request)
+        self.last_interrupted = Interrupted(
+            tuple(suspension.tags), suspension.event, suspension.request
+        )
         self._notify()
 
     def _notify(self) -> None:
@@ -623,12 +654,14 @@ class Engine:
         with trio.move_on_after(math.inf if timeout is None else timeout):
             while not self.is_suspended(tag):
                 if not self._has_breakpoint(tag):
-                    raise EngineError(_errno.ENOENT,
-                                      f'no breakpoint or suspended request has tag "{tag}"')
+                    raise EngineError(
+                        _errno.ENOENT, f'no breakpoint or suspended request has tag "{tag}"'
+                    )
                 await self._changed.wait()
             return
-        raise EngineError(_errno.ETIMEDOUT,
-                          f'no request was suspended at tag "{tag}" within {timeout:g} s')
+        raise EngineError(
+            _errno.ETIMEDOUT, f'no request was suspended at tag "{tag}" within {timeout:g} s'
+        )
 
     def release_suspended(self) -> int:
         """A power cut: let every suspended request go on (to fail), breakpoints stay set."""
@@ -707,7 +740,7 @@ class Engine:
         self._tallies.pop(rule.id, None)
         if not rule.spent:
             self._unindex(rule)
-        self._wake_hit_waits(rule.id)           # its waiters learn that it is gone
+        self._wake_hit_waits(rule.id)  # its waiters learn that it is gone
 
     def add_rule(self, rule: Rule) -> int:
         """Add a rule after all others; returns its id.
@@ -716,8 +749,7 @@ class Engine:
         (in state 0 or the current state) is armed at once, behind the rules already armed.
         """
         rule_id = self._insert(rule)
-        if (rule.event == "none" and type(rule) is InjectError
-                and rule.state in (0, self.state)):
+        if rule.event == "none" and type(rule) is InjectError and rule.state in (0, self.state):
             (self._kept if _is_persistent(rule) else self._active).add(rule)
             self._sets_changed()
         return rule_id
@@ -763,8 +795,10 @@ class Engine:
         if rule is None:
             raise EngineError(_errno.ENOENT, f"no rule with id {rule_id}")
         if rule.spent:
-            raise EngineError(_errno.ENOENT, f"rule {rule_id} is spent (once): it cannot act "
-                                             f"again (hits={rule.hits})")
+            raise EngineError(
+                _errno.ENOENT,
+                f"rule {rule_id} is spent (once): it cannot act again (hits={rule.hits})",
+            )
         start = rule.hits
         with trio.move_on_after(math.inf if timeout is None else timeout):
             while True:
@@ -776,8 +810,9 @@ class Engine:
                     return rule.hits
                 if self._lookup(rule_id) is not rule:
                     raise EngineError(_errno.ENOENT, f"rule {rule_id} was removed while waiting")
-        raise EngineError(_errno.ETIMEDOUT,
-                          f"rule {rule_id} did not act within {timeout:g} s (hits={start})")
+        raise EngineError(
+            _errno.ETIMEDOUT, f"rule {rule_id} did not act within {timeout:g} s (hits={start})"
+        )
 
     def set_state(self, state: int) -> None:
         self.state = state
@@ -791,7 +826,7 @@ class Engine:
         for rule in rules:
             self._insert(rule)
         self.state = 1
-        self.random.seed(self.seed)           # a fresh open: the same decisions again
+        self.random.seed(self.seed)  # a fresh open: the same decisions again
         self.event_counts["none"] += 1
         rules_of_none = self._by_event.get("none")
         if rules_of_none:
@@ -811,11 +846,10 @@ class Engine:
     def active(self) -> list[InjectError]:
         if not self._kept.count:
             return self._active.in_priority_order()
-        return sorted(self._active.in_priority_order() + self._kept.in_priority_order(),
-                      key=_by_id)
+        return sorted(self._active.in_priority_order() + self._kept.in_priority_order(), key=_by_id)
 
 
-def _caller_matches(ext, caller: Caller | None) -> bool:
+def _caller_matches(ext: Extensions, caller: Caller | None) -> bool:
     """Whether the request's sender passes the rule's pid/uid/comm filters. An unknown
     sender (an op without a request context) passes none: a filter is a restriction."""
     if caller is None:
@@ -829,5 +863,14 @@ def _caller_matches(ext, caller: Caller | None) -> bool:
     return True
 
 
-__all__ = ["Caller", "Effect", "Engine", "EngineError", "Interrupted", "Request", "Suspension",
-           "InjectError", "SetState"]
+__all__ = [
+    "Caller",
+    "Effect",
+    "Engine",
+    "EngineError",
+    "Interrupted",
+    "Request",
+    "Suspension",
+    "InjectError",
+    "SetState",
+]

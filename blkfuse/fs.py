@@ -54,8 +54,17 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pyfuse3
 import trio
 from pyfuse3 import (
-    EntryAttributes, FileHandleT, FileInfo, FileNameT, FlagT, InodeT, ModeT, ReaddirToken,
-    RequestContext, SetattrFields, StatvfsData,
+    EntryAttributes,
+    FileHandleT,
+    FileInfo,
+    FileNameT,
+    FlagT,
+    InodeT,
+    ModeT,
+    ReaddirToken,
+    RequestContext,
+    SetattrFields,
+    StatvfsData,
 )
 
 from .block import BlockDevice
@@ -63,6 +72,7 @@ from .control import Control, ControlError
 from .engine import Caller
 from .image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE
 from .layout import CONTROL_NAME, image_name_problem
+from .trace import Stream
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +96,8 @@ def missing_pyfuse3_features() -> list[str]:
 # The kernel passes O_SYNC as __O_SYNC|O_DSYNC, so testing O_DSYNC catches both.
 _WRITETHROUGH_FLAGS = os.O_DSYNC | getattr(os, "O_SYNC", 0)
 
-def _caller(ctx) -> Caller:
+
+def _caller(ctx: RequestContext) -> Caller:
     return Caller(ctx.pid, ctx.uid, ctx.gid)
 
 
@@ -97,10 +108,10 @@ class _Handle:
         self.inode = inode
         self.writethrough = writethrough
         # control: bytes served by read(); None = status at first read
-        self.answer: bytes | None = None
-        self.anchor: int | None = None      # control: the file offset where `answer` starts
+        self.answer: bytes | Stream | None = None
+        self.anchor: int | None = None  # control: the file offset where `answer` starts
 
-    def set_answer(self, answer: bytes | None) -> None:
+    def set_answer(self, answer: bytes | Stream | None) -> None:
         self.answer = answer
         self.anchor = None
 
@@ -109,17 +120,20 @@ class _Handle:
         if self.anchor is None or offset < self.anchor:
             self.anchor = offset
         start = offset - self.anchor
-        return (self.answer or b"")[start:start + size]
+        answer = self.answer if isinstance(self.answer, bytes) else b""
+        return answer[start : start + size]
 
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
-def _guard(fn: Callable[Concatenate["Operations", _P], Awaitable[_R]]
-           ) -> Callable[Concatenate["Operations", _P], Coroutine[Any, Any, _R]]:
+def _guard(
+    fn: Callable[Concatenate["Operations", _P], Awaitable[_R]],
+) -> Callable[Concatenate["Operations", _P], Coroutine[Any, Any, _R]]:
     """Turn any failure into a FUSE errno: pyfuse3 ends the whole main loop on an exception.
     Also counts the requests in flight, which shutdown waits for (Operations.wait_settled)."""
+
     async def wrapper(self: "Operations", /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         self.inflight += 1
         try:
@@ -135,6 +149,7 @@ def _guard(fn: Callable[Concatenate["Operations", _P], Awaitable[_R]]
             self.inflight -= 1
             if not self.inflight:
                 self._wake_settled_waiter()
+
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
@@ -151,12 +166,20 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
-    enable_io_context = True        # the patch: write flags, the caller of read/write/fsync
-    enable_interrupts = True        # the patch: FUSE_INTERRUPT cancels the handler
+    enable_io_context = True  # the patch: write flags, the caller of read/write/fsync
+    enable_interrupts = True  # the patch: FUSE_INTERRUPT cancels the handler
 
-    def __init__(self, block: BlockDevice, control: Control, *, name: str,
-                 read_only: bool = False, owner_uid: int | None = None,
-                 owner_gid: int | None = None, growable: bool = False):
+    def __init__(
+        self,
+        block: BlockDevice,
+        control: Control,
+        *,
+        name: str,
+        read_only: bool = False,
+        owner_uid: int | None = None,
+        owner_gid: int | None = None,
+        growable: bool = False,
+    ):
         super().__init__()
         problem = image_name_problem(name)
         if problem:
@@ -169,10 +192,10 @@ class Operations(pyfuse3.Operations):
         self.owner_uid = os.getuid() if owner_uid is None else owner_uid
         self.owner_gid = os.getgid() if owner_gid is None else owner_gid
         self.growable = growable
-        self.refusing = 0           # an errno: a forced shutdown fails every new image request
+        self.refusing = 0  # an errno: a forced shutdown fails every new image request
         self._handles: dict[int, _Handle] = {}
-        self.inflight = 0           # requests being served (suspended ones included)
-        self._settled: trio.Event | None = None     # set for wait_settled(), if one waits
+        self.inflight = 0  # requests being served (suspended ones included)
+        self._settled: trio.Event | None = None  # set for wait_settled(), if one waits
         self._next_fh = 1
         now = time.time_ns()
         self._mtime = {ROOT: now, IMAGE: now, CONTROL: now}
@@ -181,7 +204,7 @@ class Operations(pyfuse3.Operations):
     def refuse(self, error: int) -> None:
         """From now on, every new request on the image fails with `error` (forced shutdown)."""
         self.refusing = error
-        self._wake_settled_waiter()         # open files no longer count
+        self._wake_settled_waiter()  # open files no longer count
 
     def settled(self) -> bool:
         """Nothing left to wait for at shutdown: no request in flight and no file open (after
@@ -229,15 +252,15 @@ class Operations(pyfuse3.Operations):
             a.st_uid = backing.st_uid
             a.st_gid = backing.st_gid
             a.st_nlink = 1
-            a.st_size = self.block.size()       # a block device's stat says 0
+            a.st_size = self.block.size()  # a block device's stat says 0
             a.st_blocks = (a.st_size + 511) // 512
             a.attr_timeout = 0
         elif self._is_control(inode):
-            a.st_mode = stat.S_IFREG | 0o644    # the mounting user's: others may only read
+            a.st_mode = stat.S_IFREG | 0o644  # the mounting user's: others may only read
             a.st_nlink = 1
-            a.st_size = 0                       # generated on read; direct_io reads to EOF
+            a.st_size = 0  # generated on read; direct_io reads to EOF
             a.attr_timeout = 0
-            a.entry_timeout = 0                 # look it up again at every open
+            a.entry_timeout = 0  # look it up again at every open
         else:
             raise pyfuse3.FUSEError(errno.ENOENT)
         t = self._mtime[CONTROL if self._is_control(inode) else inode]
@@ -248,13 +271,13 @@ class Operations(pyfuse3.Operations):
         return ctx.uid == 0 or ctx.uid == self.owner_uid
 
     @_guard
-    async def getattr(self, inode: InodeT, ctx: RequestContext | None = None
-                      ) -> EntryAttributes:
+    async def getattr(self, inode: InodeT, ctx: RequestContext | None = None) -> EntryAttributes:
         return self._attr(inode)
 
     @_guard
-    async def lookup(self, parent_inode: InodeT, name: FileNameT,
-                     ctx: RequestContext | None = None) -> EntryAttributes:
+    async def lookup(
+        self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext | None = None
+    ) -> EntryAttributes:
         if parent_inode != ROOT:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if name in (b".", b".."):
@@ -268,8 +291,14 @@ class Operations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOENT)
 
     @_guard
-    async def setattr(self, inode: InodeT, attr: EntryAttributes, fields: SetattrFields,
-                      fh: FileHandleT | None, ctx: RequestContext) -> EntryAttributes:
+    async def setattr(
+        self,
+        inode: InodeT,
+        attr: EntryAttributes,
+        fields: SetattrFields,
+        fh: FileHandleT | None,
+        ctx: RequestContext,
+    ) -> EntryAttributes:
         if inode == IMAGE:
             if fields.update_size:
                 if self.read_only:
@@ -277,7 +306,7 @@ class Operations(pyfuse3.Operations):
                 if self.refusing:
                     raise pyfuse3.FUSEError(self.refusing)
                 if not self.growable and attr.st_size != self.block.size():
-                    raise pyfuse3.FUSEError(errno.EPERM)    # a disk's size is fixed
+                    raise pyfuse3.FUSEError(errno.EPERM)  # a disk's size is fixed
                 self.block.truncate(attr.st_size)
                 self._mtime[IMAGE] = time.time_ns()
         elif self._is_control(inode):
@@ -328,7 +357,7 @@ class Operations(pyfuse3.Operations):
         pass
 
     async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
-        pass                        # inodes hold no state here
+        pass  # inodes hold no state here
 
     # -- files --------------------------------------------------------------------------------
 
@@ -363,8 +392,9 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF) from None
 
     @_guard
-    async def read(self, fh: FileHandleT, off: int, size: int,  # type: ignore[override]
-                   ctx: RequestContext) -> bytes:
+    async def read(
+        self, fh: FileHandleT, off: int, size: int, ctx: RequestContext
+    ) -> bytes | bytearray:
         h = self._handle(fh)
         if h.inode == IMAGE:
             if self.refusing:
@@ -373,13 +403,14 @@ class Operations(pyfuse3.Operations):
             return await self.block.read(off, size, caller=_caller(ctx))
         if h.answer is None:
             h.set_answer(self.control.status_text().encode())
-        elif not isinstance(h.answer, bytes):           # after `trace`: a trace.Stream
+        elif not isinstance(h.answer, bytes):  # after `trace`: a trace.Stream
             return await h.answer.read(size)
         return h.answer_at(off, size)
 
     @_guard
-    async def write(self, fh: FileHandleT, off: int, buf: bytes,  # type: ignore[override]
-                    flags: int, ctx: RequestContext) -> int:
+    async def write(
+        self, fh: FileHandleT, off: int, buf: bytes, flags: int, ctx: RequestContext
+    ) -> int:
         h = self._handle(fh)
         if h.inode == IMAGE:
             if self.read_only:
@@ -389,9 +420,9 @@ class Operations(pyfuse3.Operations):
             if not self.growable:
                 room = self.block.size() - off
                 if room <= 0:
-                    raise pyfuse3.FUSEError(errno.ENOSPC)   # a disk's end, as a block device
+                    raise pyfuse3.FUSEError(errno.ENOSPC)  # a disk's end, as a block device
                 if room < len(buf):
-                    buf = buf[:room]                        # a short write: what fits
+                    buf = buf[:room]  # a short write: what fits
             # O_DSYNC in this write's flags: pwritev2(RWF_DSYNC/RWF_SYNC), or the handle's.
             fua = h.writethrough or bool(flags & _WRITETHROUGH_FLAGS)
             n = await self.block.write(off, bytes(buf), writethrough=fua, caller=_caller(ctx))
@@ -411,12 +442,11 @@ class Operations(pyfuse3.Operations):
         if isinstance(answer, str):
             h.set_answer(answer.encode() if answer else None)
         else:
-            h.answer = answer                            # trace.Stream
+            h.answer = answer  # trace.Stream
         return len(buf)
 
     @_guard
-    async def fsync(self, fh: FileHandleT, datasync: bool,  # type: ignore[override]
-                    ctx: RequestContext) -> None:
+    async def fsync(self, fh: FileHandleT, datasync: bool, ctx: RequestContext) -> None:
         h = self._handle(fh)
         if h.inode == IMAGE:
             if self.refusing:
@@ -424,7 +454,9 @@ class Operations(pyfuse3.Operations):
             await self.block.flush(caller=_caller(ctx))
 
     @_guard
-    async def fallocate(self, fh, mode, offset, length, ctx):
+    async def fallocate(  # the patched pyfuse3's handler
+        self, fh: FileHandleT, mode: int, offset: int, length: int, ctx: RequestContext
+    ) -> None:
         """fallocate(2) on the image: BlockDevice.fallocate maps the modes as QEMU 7.2's FUSE
         export does (discard, write-zeroes, growing). Here only what the mount decides: the
         image's size is fixed unless -o growable=on, so a fallocate that would grow it fails
@@ -432,27 +464,33 @@ class Operations(pyfuse3.Operations):
         handle opened O_DSYNC a write-zeroes is FUA."""
         h = self._handle(fh)
         if h.inode != IMAGE:
-            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)      # never ENOSYS: that is for good
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # never ENOSYS: that is for good
         if self.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
         if self.refusing:
             raise pyfuse3.FUSEError(self.refusing)
         size = self.block.size()
-        grows = (not mode & FALLOC_FL_KEEP_SIZE and offset + length > size
-                 and (mode == FALLOC_FL_ZERO_RANGE or (mode == 0 and offset >= size)))
+        grows = (
+            not mode & FALLOC_FL_KEEP_SIZE
+            and offset + length > size
+            and (mode == FALLOC_FL_ZERO_RANGE or (mode == 0 and offset >= size))
+        )
         if grows and not self.growable:
-            raise pyfuse3.FUSEError(errno.ENOSPC)           # a disk's size is fixed
-        await self.block.fallocate(mode, offset, length, writethrough=h.writethrough,
-                                   caller=_caller(ctx))
+            raise pyfuse3.FUSEError(errno.ENOSPC)  # a disk's size is fixed
+        await self.block.fallocate(
+            mode, offset, length, writethrough=h.writethrough, caller=_caller(ctx)
+        )
         self._mtime[IMAGE] = time.time_ns()
 
     @_guard
-    async def lseek(self, fh, offset, whence, ctx):
+    async def lseek(  # the patched pyfuse3's handler
+        self, fh: FileHandleT, offset: int, whence: int, ctx: RequestContext
+    ) -> int:
         """SEEK_DATA/SEEK_HOLE (the kernel answers the other whences itself): a block-status
         query of the image, as QEMU 7.2's FUSE export (fuse_lseek) asks it."""
         h = self._handle(fh)
         if h.inode != IMAGE:
-            raise pyfuse3.FUSEError(errno.ENXIO)            # control's size is 0
+            raise pyfuse3.FUSEError(errno.ENXIO)  # control's size is 0
         if self.refusing:
             raise pyfuse3.FUSEError(self.refusing)
         return await self.block.seek(offset, whence, caller=_caller(ctx))
@@ -464,22 +502,25 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: FileHandleT) -> None:
         h = self._handles.pop(fh, None)
         if h is not None and h.answer is not None and not isinstance(h.answer, bytes):
-            h.answer.close()                             # a trace reader went away
+            h.answer.close()  # a trace reader went away
         if not self._handles:
             self._wake_settled_waiter()
 
     # -- everything else: the directory is fixed ------------------------------------------------
 
-    async def create(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT,
-                     ctx: RequestContext) -> tuple[FileInfo, EntryAttributes]:
+    async def create(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT, ctx: RequestContext
+    ) -> tuple[FileInfo, EntryAttributes]:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def mknod(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int,
-                    ctx: RequestContext) -> EntryAttributes:
+    async def mknod(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int, ctx: RequestContext
+    ) -> EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def mkdir(self, parent_inode: InodeT, name: FileNameT, mode: ModeT,
-                    ctx: RequestContext) -> EntryAttributes:
+    async def mkdir(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, ctx: RequestContext
+    ) -> EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)
 
     async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
@@ -488,15 +529,23 @@ class Operations(pyfuse3.Operations):
     async def rmdir(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def rename(self, parent_inode_old: InodeT, name_old: FileNameT,
-                     parent_inode_new: InodeT, name_new: FileNameT, flags: FlagT,
-                     ctx: RequestContext) -> None:
+    async def rename(
+        self,
+        parent_inode_old: InodeT,
+        name_old: FileNameT,
+        parent_inode_new: InodeT,
+        name_new: FileNameT,
+        flags: FlagT,
+        ctx: RequestContext,
+    ) -> None:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def symlink(self, parent_inode: InodeT, name: FileNameT, target: FileNameT,
-                      ctx: RequestContext) -> EntryAttributes:
+    async def symlink(
+        self, parent_inode: InodeT, name: FileNameT, target: FileNameT, ctx: RequestContext
+    ) -> EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def link(self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT,
-                   ctx: RequestContext) -> EntryAttributes:
+    async def link(
+        self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT, ctx: RequestContext
+    ) -> EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)

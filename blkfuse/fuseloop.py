@@ -24,6 +24,7 @@ window late.
 import os
 import select
 import time
+from typing import Any, Protocol
 
 import trio
 
@@ -64,7 +65,11 @@ class AdaptiveWindow:
             self.ns = min(self.max_ns, self.ns * _GROW if self.ns else _INITIAL_WINDOW_NS)
 
 
-def _trio_internals():
+class _HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+def _trio_internals() -> tuple[Any, int | None]:
     """trio's run queue and its epoll fd. Both are private: on a trio without them the
     spin is off (a fake non-empty queue) and only the zero-timeout check remains."""
     try:
@@ -103,12 +108,12 @@ def install(poll_us: int = 0) -> Loop:
     """Replace trio.lowlevel.wait_readable (pyfuse3 looks it up at every call) with the fast
     wait; `poll_us` is the longest busy-poll window (0: never spin)."""
     window = AdaptiveWindow(poll_us)
-    state = {}              # /dev/fuse fd -> (poll object, run queue, trio's epoll fd)
-    others = set()          # fds that are not /dev/fuse
+    state: dict[int, Any] = {}  # /dev/fuse fd -> (poll object, run queue, trio's epoll fd)
+    others = set()  # fds that are not /dev/fuse
     fast_returns = 0
     monotonic_ns = time.monotonic_ns
 
-    async def wait_readable(fd):
+    async def wait_readable(fd: int | _HasFileno) -> None:
         nonlocal fast_returns
         number = fd if isinstance(fd, int) else fd.fileno()
         entry = state.get(number)
@@ -150,7 +155,7 @@ def install(poll_us: int = 0) -> Loop:
             return
         await _original_wait_readable(fd)
 
-    wait_readable._blkfuse_fast = True
+    wait_readable._blkfuse_fast = True  # type: ignore[attr-defined]  # marks it installed
     trio.lowlevel.wait_readable = wait_readable
     return Loop(window, state)
 

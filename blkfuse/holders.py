@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 class Holders:
     """What holds one file."""
 
-    processes: list[tuple[int, str]] = field(default_factory=list)   # (pid, comm), by pid
-    loops: list[str] = field(default_factory=list)                   # /dev/loopN, sorted
-    unreadable: int = 0          # processes whose fds or maps we could not read
+    processes: list[tuple[int, str]] = field(default_factory=list)  # (pid, comm), by pid
+    loops: list[str] = field(default_factory=list)  # /dev/loopN, sorted
+    unreadable: int = 0  # processes whose fds or maps we could not read
 
     def __bool__(self) -> bool:
         return bool(self.processes or self.loops)
@@ -45,7 +45,7 @@ def _opens(pid: int, path: str) -> bool:
         try:
             if os.readlink(f"{fd_dir}/{fd}") == path:
                 return True
-        except OSError:             # closed meanwhile
+        except OSError:  # closed meanwhile
             continue
     return False
 
@@ -74,10 +74,11 @@ def loop_devices(path: str) -> list[str]:
         if not name.startswith("loop"):
             continue
         try:
-            with open(f"/sys/block/{name}/loop/backing_file", encoding="utf-8",
-                      errors="surrogateescape") as f:
+            with open(
+                f"/sys/block/{name}/loop/backing_file", encoding="utf-8", errors="surrogateescape"
+            ) as f:
                 backing = f.read().rstrip("\n")
-        except OSError:             # not attached
+        except OSError:  # not attached
             continue
         if backing == path:
             found.append(f"/dev/{name}")
@@ -103,7 +104,7 @@ def find(path: str, dev: int, ino: int, *, exclude: tuple[int, ...] = ()) -> Hol
                 holders.processes.append((pid, comm(pid)))
         except PermissionError:
             holders.unreadable += 1
-        except OSError:             # the process ended meanwhile
+        except OSError:  # the process ended meanwhile
             continue
     holders.processes.sort()
     return holders

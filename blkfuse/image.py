@@ -43,6 +43,8 @@ import queue
 import stat
 import struct
 import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import outcome
 import trio
@@ -55,6 +57,7 @@ FALLOC_FL_ZERO_RANGE = 0x10
 DIRECT_ALIGN = 4096
 # What pwrite takes: any contiguous bytes (collections.abc.Buffer once Python 3.12 is the floor).
 Bytes = bytes | bytearray | memoryview
+_T = TypeVar("_T")
 _ZERO_CHUNK = 1 << 20
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -66,7 +69,7 @@ DEFAULT_IO_THREADS = 4
 MAX_IO_THREADS = 256
 
 # statfs f_type of file systems that live in memory (linux/magic.h).
-_MEMORY_FILE_SYSTEMS = {0x01021994, 0x858458F6}     # TMPFS_MAGIC, RAMFS_MAGIC
+_MEMORY_FILE_SYSTEMS = {0x01021994, 0x858458F6}  # TMPFS_MAGIC, RAMFS_MAGIC
 
 INLINE, NOWAIT, POOL = "inline", "nowait", "pool"
 
@@ -82,13 +85,18 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(error, os.strerror(error))
 
 
-
 class Image:
     """One open backing file (the module's doc says where its I/O runs). fsync can take a
     disk's latency, so it runs in a worker thread and never stalls other requests."""
 
-    def __init__(self, path: str, read_only: bool = False, direct: bool = False, *,
-                 io_threads: int = DEFAULT_IO_THREADS):
+    def __init__(
+        self,
+        path: str,
+        read_only: bool = False,
+        direct: bool = False,
+        *,
+        io_threads: int = DEFAULT_IO_THREADS,
+    ):
         self.path = path
         self.read_only = read_only
         self.direct = direct
@@ -102,20 +110,20 @@ class Image:
         # The request alignment QEMU's O_DIRECT file node would pick (write_zeroes uses it)
         self.zero_align = _probe_alignment(self.fd) if direct else 1
         self.io_threads = io_threads
-        self._pool = None               # WorkerPool, made at the first I/O that needs it
+        self._pool: WorkerPool | None = None  # made at the first I/O that needs it
         # Set by the daemon (fuseloop.Loop.idle): True when no other request waits. A read
         # that would go to the pool is then done inline: at queue depth 1 the hop to a
         # thread and back costs more than it saves (measured: README).
-        self.loop_idle = None
+        self.loop_idle: Callable[[], bool] | None = None
         # io_threads=0: no pool, every read and write inline (as before it existed; A/B runs)
         self._read_mode = self._write_mode = _io_mode(self.fd) if io_threads else INLINE
-        self._miss_share = 0.0          # recent reads that missed the page cache (average)
+        self._miss_share = 0.0  # recent reads that missed the page cache (average)
         self._cachestat = PageCacheQuery.open(self.fd) if self._read_mode == NOWAIT else None
         # How the reads went, for `status` and the tests: served inline (page cache or a
         # memory file system) or in a worker thread.
         self.inline_reads = 0
         self.pool_reads = 0
-        self.blocking_inline = 0        # of those, done inline anyway: nothing else waited
+        self.blocking_inline = 0  # of those, done inline anyway: nothing else waited
 
     @property
     def io_mode(self) -> str:
@@ -153,7 +161,7 @@ class Image:
 
     # ---- awaited by the block layer: never waits on a disk in the trio thread ----
 
-    async def read(self, offset: int, length: int):
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
         """Data at [offset, offset+length), short only at the end of the file (a bytes-like
         object: bytes or bytearray)."""
         mode = self._read_mode
@@ -177,7 +185,7 @@ class Image:
             except OSError as e:
                 if e.errno not in (_errno.EOPNOTSUPP, _errno.EINVAL):
                     raise
-                self._read_mode = POOL          # the file system cannot say; ask no more
+                self._read_mode = POOL  # the file system cannot say; ask no more
                 got = 0
             if got == length:
                 self._miss_share *= 15 / 16
@@ -196,7 +204,7 @@ class Image:
         self.pool_reads += 1
         return await self._in_pool(self.pread, offset, length)
 
-    async def write(self, offset: int, data) -> int:
+    async def write(self, offset: int, data: Bytes) -> int:
         """Write all of `data` at `offset`; returns its length."""
         mode = self._write_mode
         if mode == INLINE:
@@ -221,7 +229,7 @@ class Image:
         await self._in_pool(self.pwrite, offset, data)
         return len(data)
 
-    async def _in_pool(self, function, *args):
+    async def _in_pool(self, function: Callable[..., _T], *args: Any) -> _T:
         pool = self._pool
         if pool is None:
             pool = self._pool = WorkerPool(self.io_threads)
@@ -237,12 +245,12 @@ class Image:
         view = memoryview(buf)
         got = 0
         while got < length:
-            n = os.preadv(self.fd, [view[at + got:at + length]], start + got)
+            n = os.preadv(self.fd, [view[at + got : at + length]], start + got)
             if n <= 0:
                 break
             got += n
             if got % DIRECT_ALIGN:
-                break                     # a partial block is the end of the file
+                break  # a partial block is the end of the file
         return got
 
     def _direct_pread(self, offset: int, length: int) -> bytes:
@@ -253,7 +261,7 @@ class Image:
         buf = mmap.mmap(-1, end - start)
         try:
             got = self._read_aligned(buf, start, end - start)
-            return buf[offset - start:max(offset - start, min(got, offset - start + length))]
+            return buf[offset - start : max(offset - start, min(got, offset - start + length))]
         finally:
             buf.close()
 
@@ -264,14 +272,14 @@ class Image:
         size = self.size()
         start = offset - offset % DIRECT_ALIGN
         end = -(-(offset + length) // DIRECT_ALIGN) * DIRECT_ALIGN
-        buf = mmap.mmap(-1, end - start)       # page-aligned and zero-filled
+        buf = mmap.mmap(-1, end - start)  # page-aligned and zero-filled
         try:
             if start != offset:
                 self._read_aligned(buf, start, DIRECT_ALIGN)
             tail_block = end - DIRECT_ALIGN
             if end != offset + length and not (start != offset and tail_block == start):
                 self._read_aligned(buf, tail_block, DIRECT_ALIGN, at=tail_block - start)
-            buf[offset - start:offset - start + length] = bytes(data)
+            buf[offset - start : offset - start + length] = bytes(data)
             view = memoryview(buf)
             done = 0
             while done < end - start:
@@ -281,7 +289,7 @@ class Image:
             buf.close()
         new_size = max(size, offset + length)
         if end > new_size:
-            os.ftruncate(self.fd, new_size)     # the last block ran past the end of the file
+            os.ftruncate(self.fd, new_size)  # the last block ran past the end of the file
         return length
 
     # ---- zeroing, holes, extents ----
@@ -322,8 +330,12 @@ class Image:
                 fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
                 return
             except OSError as error:
-                if error.errno not in (_errno.EOPNOTSUPP, _errno.EINVAL, _errno.EBUSY,
-                                       _errno.ENOSYS):
+                if error.errno not in (
+                    _errno.EOPNOTSUPP,
+                    _errno.EINVAL,
+                    _errno.EBUSY,
+                    _errno.ENOSYS,
+                ):
                     raise
         try:
             fallocate(self.fd, FALLOC_FL_ZERO_RANGE, offset, length)
@@ -345,8 +357,8 @@ class Image:
             data = os.lseek(self.fd, offset, os.SEEK_DATA)
         except OSError as error:
             if error.errno == _errno.ENXIO:
-                return False, length              # a hole up to the end of the file
-            return True, length                   # no information: all data, as QEMU
+                return False, length  # a hole up to the end of the file
+            return True, length  # no information: all data, as QEMU
         if data > offset:
             return False, min(length, data - offset)
         hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
@@ -414,22 +426,24 @@ class WorkerPool:
 
     def __init__(self, size: int):
         self.size = size
-        self._jobs = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[
+            tuple[Callable[..., Any], tuple[Any, ...], trio.lowlevel.Task, trio.lowlevel.TrioToken]
+        ] = queue.SimpleQueue()
         self._threads = 0
-        self.busy = 0                   # jobs queued or running; touched by the trio thread only
+        self.busy = 0  # jobs queued or running; touched by the trio thread only
 
-    async def run(self, function, *args):
+    async def run(self, function: Callable[..., _T], *args: Any) -> _T:
         task = trio.lowlevel.current_task()
         token = trio.lowlevel.current_trio_token()
         self.busy += 1
         if self.busy > self._threads and self._threads < self.size:
             self._threads += 1
-            threading.Thread(target=self._work, name=f"blkfuse-io-{self._threads}",
-                             daemon=True).start()
+            threading.Thread(
+                target=self._work, name=f"blkfuse-io-{self._threads}", daemon=True
+            ).start()
         self._jobs.put((function, args, task, token))
         try:
-            result = await trio.lowlevel.wait_task_rescheduled(
-                lambda _: trio.lowlevel.Abort.FAILED)
+            result = await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
         finally:
             self.busy -= 1
         return result.unwrap()
@@ -444,7 +458,7 @@ class WorkerPool:
                 # the outer one, run() the call's own (so an OSError reaches the block layer).
                 token.run_sync_soon(reschedule, task, outcome.Value(result))
             except trio.RunFinishedError:
-                pass                    # the loop is gone: nobody waits for this any more
+                pass  # the loop is gone: nobody waits for this any more
             del function, args, task, token, result
 
 
@@ -453,17 +467,17 @@ class PageCacheQuery:
 
     _SYSCALL = {"x86_64": 451, "aarch64": 451}.get(os.uname().machine)
 
-    def __init__(self, fd: int, syscall):
+    def __init__(self, fd: int, syscall: Callable[..., int]):
         self.fd = fd
         self._syscall = syscall
-        self._range = (ctypes.c_uint64 * 2)()           # struct cachestat_range {off, len}
-        self._stat = (ctypes.c_uint64 * 5)()            # struct cachestat, nr_cache first
+        self._range = (ctypes.c_uint64 * 2)()  # struct cachestat_range {off, len}
+        self._stat = (ctypes.c_uint64 * 5)()  # struct cachestat, nr_cache first
         self._range_ref = ctypes.byref(self._range)
         self._stat_ref = ctypes.byref(self._stat)
         self._page = os.sysconf("SC_PAGE_SIZE")
 
     @classmethod
-    def open(cls, fd: int):
+    def open(cls, fd: int) -> "PageCacheQuery | None":
         """A query for fd, or None where the kernel has no cachestat."""
         if cls._SYSCALL is None:
             return None
@@ -484,7 +498,6 @@ class PageCacheQuery:
         return self._stat[0] >= pages
 
 
-
 def _io_mode(fd: int) -> str:
     """Where this file's I/O runs: INLINE, NOWAIT or POOL (see the module's doc)."""
     if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
@@ -499,9 +512,9 @@ def _io_mode(fd: int) -> str:
 def _file_system_type(fd: int) -> int | None:
     """fstatfs(2)'s f_type (os.statvfs has no such field); None if it cannot be asked."""
     try:
-        buffer = ctypes.create_string_buffer(256)       # struct statfs is 120 bytes on x86-64
+        buffer = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86-64
         if _libc.fstatfs(fd, buffer) != 0:
             return None
-        return struct.unpack_from("l", buffer)[0]     # f_type: the first field, a long
+        return struct.unpack_from("l", buffer)[0]  # f_type: the first field, a long
     except (OSError, AttributeError):
         return None

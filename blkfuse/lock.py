@@ -24,8 +24,12 @@ PERM_BASE = 100
 SHARED_BASE = 200
 # QEMU 7.2's BLK_PERM_* bits (include/block/block-common.h), by bit number.
 CONSISTENT_READ, WRITE, WRITE_UNCHANGED, RESIZE = 0, 1, 2, 3
-PERM_NAMES = {CONSISTENT_READ: "consistent read", WRITE: "write",
-              WRITE_UNCHANGED: "write unchanged", RESIZE: "resize"}
+PERM_NAMES = {
+    CONSISTENT_READ: "consistent read",
+    WRITE: "write",
+    WRITE_UNCHANGED: "write unchanged",
+    RESIZE: "resize",
+}
 
 # struct flock on Linux x86-64 and arm64: short l_type, short l_whence, off_t l_start,
 # off_t l_len, pid_t l_pid (and padding).
@@ -37,9 +41,8 @@ class LockConflict(Exception):
 
     def __init__(self, perm: int, theirs: str):
         self.perm = perm
-        self.theirs = theirs        # "uses" or "does not share"
-        super().__init__(f'another user of the image {theirs} the "{PERM_NAMES[perm]}" '
-                         f"permission")
+        self.theirs = theirs  # "uses" or "does not share"
+        super().__init__(f'another user of the image {theirs} the "{PERM_NAMES[perm]}" permission')
 
 
 def _flock(fd: int, cmd: int, kind: int, byte: int) -> int:
@@ -86,8 +89,13 @@ def acquire(fd: int, *, read_only: bool, growable: bool) -> None:
 def release(fd: int) -> None:
     """Drop every lock byte of ours (closing the image drops them too)."""
     try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET,
-                                                       PERM_BASE, SHARED_BASE + 64 - PERM_BASE, 0))
+        fcntl.fcntl(
+            fd,
+            fcntl.F_OFD_SETLK,
+            struct.pack(
+                _FLOCK, fcntl.F_UNLCK, os.SEEK_SET, PERM_BASE, SHARED_BASE + 64 - PERM_BASE, 0
+            ),
+        )
     except OSError as e:
         if e.errno != errno.EBADF:
             raise

@@ -11,7 +11,7 @@ from collections.abc import Callable
 _malloc_trim: Callable[[int], int] | None
 try:
     _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-except (OSError, AttributeError):       # not glibc: nothing to give back this way
+except (OSError, AttributeError):  # not glibc: nothing to give back this way
     _malloc_trim = None
 
 

@@ -21,6 +21,7 @@ _ESCAPE = re.compile(r"\\([0-7]{3})")
 
 class Entry(NamedTuple):
     """One line of the mount table, fields decoded."""
+
     source: str
     mountpoint: str
     fstype: str
@@ -61,7 +62,7 @@ def find(path: str | os.PathLike[str]) -> Entry | None:
     found = None
     for entry in entries():
         if entry.mountpoint == target:
-            found = entry                  # later lines are mounted on top of earlier ones
+            found = entry  # later lines are mounted on top of earlier ones
     return found
 
 

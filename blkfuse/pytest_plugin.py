@@ -29,9 +29,13 @@ def blkfuse_mount(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
     """A factory of blkfuse mounts that all come down at the end of the test."""
     made: list[Mount] = []
 
-    def factory(image: StrPath | None = None, size: int | str = "64M",
-                config: StrPath | None = None, options: Options | None = None,
-                **flags: Any) -> Mount:
+    def factory(
+        image: StrPath | None = None,
+        size: int | str = "64M",
+        config: StrPath | None = None,
+        options: Options | None = None,
+        **flags: Any,
+    ) -> Mount:
         n = len(made)
         if image is None:
             image = tmp_path / f"blkfuse{n}.img"

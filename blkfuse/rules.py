@@ -20,19 +20,19 @@ class InjectError:
     event: str
     state: int = 0
     errno: int = _errno.EIO
-    sector: int = -1                  # -1: any offset; else the one byte sector*512
+    sector: int = -1  # -1: any offset; else the one byte sector*512
     once: bool = False
     immediately: bool = False
     iotypes: frozenset = DEFAULT_IOTYPES
-    origin: str = ""                  # where it came from: a config path, "-o inject-error.0", "control"
-    line: int = 0                     # the line in `origin`, 0 if none
-    id: int = 0                       # given by the engine; also its priority (lower wins)
-    hits: int = 0                     # times this rule failed (or, errno 0, passed) a request
-    spent: bool = False               # used up (once): listed with its hits, never matched again
+    origin: str = ""  # where it came from: a config path, "-o inject-error.0", "control"
+    line: int = 0  # the line in `origin`, 0 if none
+    id: int = 0  # given by the engine; also its priority (lower wins)
+    hits: int = 0  # times this rule failed (or, errno 0, passed) a request
+    spent: bool = False  # used up (once): listed with its hits, never matched again
     # blkfuse extensions for power cuts (issue 10; QEMU rejects these keys):
-    torn: int = -1                    # a write it fails keeps its first `torn` sectors; -1: off
-    drop_unsynced: bool = False       # a flush it fails first reverts the unsynced writes
-    ext: "Extensions | None" = None   # blkfuse's other keys beyond blkdebug's; None: QEMU rule
+    torn: int = -1  # a write it fails keeps its first `torn` sectors; -1: off
+    drop_unsynced: bool = False  # a flush it fails first reverts the unsynced writes
+    ext: "Extensions | None" = None  # blkfuse's other keys beyond blkdebug's; None: QEMU rule
 
     kind = "inject-error"
 
@@ -75,19 +75,19 @@ class Extensions:
     what each rule did is its Tally, kept by the engine.
     """
 
-    probability: float = 1.0          # acts on a request that reaches it with this chance
-    after: int = 0                    # lets the first N requests that reach it through
-    count: int = 0                    # acts on at most N requests, then is spent; 0: no limit
-    sectors: int = 0                  # with sector: covers [sector, sector+N); 0: QEMU's one byte
-    delay_us: int = 0                 # holds the request this long ...
-    jitter_us: int = 0                # ... plus uniformly up to this much
-    corrupt: str = ""                 # "", or one of CORRUPT_MODES
-    corrupt_bytes: int = 1            # bytes changed per corrupted request
-    pid: int = -1                     # only requests sent by this process (or thread); -1: any
-    comm: str = ""                    # only requests sent by this command name; "": any
-    uid: int = -1                     # only requests sent by this user; -1: any
-    heal: bool = False                # a successful write over the whole span removes the rule
-    persistent: bool = False          # stays armed when later events replace the active set
+    probability: float = 1.0  # acts on a request that reaches it with this chance
+    after: int = 0  # lets the first N requests that reach it through
+    count: int = 0  # acts on at most N requests, then is spent; 0: no limit
+    sectors: int = 0  # with sector: covers [sector, sector+N); 0: QEMU's one byte
+    delay_us: int = 0  # holds the request this long ...
+    jitter_us: int = 0  # ... plus uniformly up to this much
+    corrupt: str = ""  # "", or one of CORRUPT_MODES
+    corrupt_bytes: int = 1  # bytes changed per corrupted request
+    pid: int = -1  # only requests sent by this process (or thread); -1: any
+    comm: str = ""  # only requests sent by this command name; "": any
+    uid: int = -1  # only requests sent by this user; -1: any
+    heal: bool = False  # a successful write over the whole span removes the rule
+    persistent: bool = False  # stays armed when later events replace the active set
 
 
 @dataclass(slots=True, eq=False)
@@ -112,8 +112,8 @@ class SetState:
     origin: str = ""
     line: int = 0
     id: int = 0
-    hits: int = 0                     # times this rule changed the state
-    spent: bool = False               # (set-state rules are never used up; kept for symmetry)
+    hits: int = 0  # times this rule changed the state
+    spent: bool = False  # (set-state rules are never used up; kept for symmetry)
 
     kind = "set-state"
 
@@ -139,25 +139,25 @@ FORMATS = ("raw", "none")
 class Settings:
     """Everything a mount's rules come from: what `reload` re-reads, and the block options."""
 
-    config_path: str | None = None    # the config file, re-read by `reload`
-    options: dict = field(default_factory=dict)   # blockdev-style options as given, in order
-    image: str | None = None          # from the blkdebug:RULES:IMAGE form
+    config_path: str | None = None  # the config file, re-read by `reload`
+    options: dict = field(default_factory=dict)  # blockdev-style options as given, in order
+    image: str | None = None  # from the blkdebug:RULES:IMAGE form
     align: int | None = None
     max_transfer: int | None = None
     opt_write_zero: int | None = None
     max_write_zero: int | None = None
     opt_discard: int | None = None
     max_discard: int | None = None
-    cache: str = "writeback"          # qemu-io -t: writeback writethrough directsync none unsafe
-    format: str = "raw"               # raw: raw node over blkdebug; none: blkdebug on top
+    cache: str = "writeback"  # qemu-io -t: writeback writethrough directsync none unsafe
+    format: str = "raw"  # raw: raw node over blkdebug; none: blkdebug on top
     # blkfuse's own mount options (not blkdebug's): -o nonempty, locking=off, growable=on
-    nonempty: bool = False            # mount over a directory that has entries
-    locking: bool = True              # QEMU's locking=on: lock the image (lock.py)
-    growable: bool = False            # like qsd's FUSE export: writes past the end, truncate
+    nonempty: bool = False  # mount over a directory that has entries
+    locking: bool = True  # QEMU's locking=on: lock the image (lock.py)
+    growable: bool = False  # like qsd's FUSE export: writes past the end, truncate
     # power cuts (blkfuse extensions): the undo log, its cap, the unit a random cut keeps
     track_unsynced: bool = False
     unsynced_cap: int | None = None
     atomic: int | None = None
-    io_threads: int | None = None     # -o io-threads: worker threads for disk I/O (image.py)
-    poll_us: int | None = None        # -o poll-us: busy-poll window for /dev/fuse (fuseloop.py)
-    seed: int | None = None           # -o seed: the one random generator's seed; None: random
+    io_threads: int | None = None  # -o io-threads: worker threads for disk I/O (image.py)
+    poll_us: int | None = None  # -o poll-us: busy-poll window for /dev/fuse (fuseloop.py)
+    seed: int | None = None  # -o seed: the one random generator's seed; None: random

@@ -29,23 +29,39 @@ from typing import Any
 import trio
 
 # The op names are the io type names (events.IOTYPES).
-_OPS = {"read": "read", "write": "write", "flush": "flush", "discard": "discard",
-        "write_zeroes": "write-zeroes", "block_status": "block-status"}
+_OPS = {
+    "read": "read",
+    "write": "write",
+    "flush": "flush",
+    "discard": "discard",
+    "write_zeroes": "write-zeroes",
+    "block_status": "block-status",
+}
 
-_PUNCH_HOLE = 0x02         # FALLOC_FL_PUNCH_HOLE
+_PUNCH_HOLE = 0x02  # FALLOC_FL_PUNCH_HOLE
 
-HEARTBEAT = 0.5            # seconds a stream read waits before answering a bare newline
-STREAM_BACKLOG = 100_000   # records kept for a reader that falls behind; older ones are dropped
+HEARTBEAT = 0.5  # seconds a stream read waits before answering a bare newline
+STREAM_BACKLOG = 100_000  # records kept for a reader that falls behind; older ones are dropped
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 
-_current: contextvars.ContextVar["Record | None"] = contextvars.ContextVar("blkfuse_trace",
-                                                                          default=None)
+_current: contextvars.ContextVar["Record | None"] = contextvars.ContextVar(
+    "blkfuse_trace", default=None
+)
 
 
 class Record:
-    __slots__ = ("time", "op", "offset", "length", "caller", "events", "rules", "suspended_at",
-                 "start")
+    __slots__ = (
+        "time",
+        "op",
+        "offset",
+        "length",
+        "caller",
+        "events",
+        "rules",
+        "suspended_at",
+        "start",
+    )
 
     def __init__(self, op: str, offset: int, length: int, caller: Any) -> None:
         self.time = time.time()
@@ -109,10 +125,11 @@ class Stream:
 class Tracer:
     """Collects one Record per request while on; the engine reports into the current one."""
 
-    def __init__(self, engine: Any, path: str | None = None,
-                 on_switch: Callable[[bool], None] | None = None) -> None:
+    def __init__(
+        self, engine: Any, path: str | None = None, on_switch: Callable[[bool], None] | None = None
+    ) -> None:
         self.engine = engine
-        self.on_switch = on_switch      # called with True/False when tracing turns on/off
+        self.on_switch = on_switch  # called with True/False when tracing turns on/off
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if path else None
         self._streams: set[Stream] = set()
         self._comm: dict[int, str] = {}
@@ -172,8 +189,9 @@ class Tracer:
 
     # -- one request ----------------------------------------------------------------------------
 
-    async def run(self, op: str, offset: int, length: int, caller: Any,
-                  call: Callable[[], Awaitable[Any]]) -> Any:
+    async def run(
+        self, op: str, offset: int, length: int, caller: Any, call: Callable[[], Awaitable[Any]]
+    ) -> Any:
         record = Record(op, offset, length, caller)
         token = _current.set(record)
         error = 0
@@ -198,9 +216,11 @@ class Tracer:
         rules = ",".join(map(str, record.rules))
         held = "" if record.suspended_at is None else f',"suspended_at":"{record.suspended_at}"'
         us = (time.perf_counter_ns() - record.start) // 1000
-        line = (f'{{"time":{record.time:.6f},"op":"{record.op}","offset":{record.offset},'
-                f'"length":{record.length}{who},"events":[{events}],"rules":[{rules}],'
-                f'"errno":{error},"us":{us}{held}}}\n').encode()
+        line = (
+            f'{{"time":{record.time:.6f},"op":"{record.op}","offset":{record.offset},'
+            f'"length":{record.length}{who},"events":[{events}],"rules":[{rules}],'
+            f'"errno":{error},"us":{us}{held}}}\n'
+        ).encode()
         if self._fd is not None:
             os.write(self._fd, line)
         for stream in self._streams:
@@ -214,7 +234,7 @@ class Tracer:
                     comm = f.read().decode(errors="replace").strip()
             except OSError:
                 return None
-            if len(self._comm) > 4096:          # pids are reused; keep the cache small
+            if len(self._comm) > 4096:  # pids are reused; keep the cache small
                 self._comm.clear()
             self._comm[pid] = comm
         return comm
@@ -235,36 +255,56 @@ class TracedBlock:
         return getattr(self._block, name)
 
     async def read(self, offset: int, length: int, **kw: Any) -> Any:
-        return await self._tracer.run("read", offset, length, kw.get("caller"),
-                                      lambda: self._block.read(offset, length, **kw))
+        return await self._tracer.run(
+            "read", offset, length, kw.get("caller"), lambda: self._block.read(offset, length, **kw)
+        )
 
     async def write(self, offset: int, data: Any, **kw: Any) -> Any:
-        return await self._tracer.run("write", offset, len(data), kw.get("caller"),
-                                      lambda: self._block.write(offset, data, **kw))
+        return await self._tracer.run(
+            "write",
+            offset,
+            len(data),
+            kw.get("caller"),
+            lambda: self._block.write(offset, data, **kw),
+        )
 
     async def flush(self, **kw: Any) -> Any:
-        return await self._tracer.run("flush", 0, 0, kw.get("caller"),
-                                      lambda: self._block.flush(**kw))
+        return await self._tracer.run(
+            "flush", 0, 0, kw.get("caller"), lambda: self._block.flush(**kw)
+        )
 
     async def fallocate(self, mode: int, offset: int, length: int, **kw: Any) -> Any:
         """fallocate(2): PUNCH_HOLE is a discard, the other modes write zeroes."""
         op = "discard" if mode & _PUNCH_HOLE else "write-zeroes"
-        return await self._tracer.run(op, offset, length, kw.get("caller"),
-                                      lambda: self._block.fallocate(mode, offset, length, **kw))
+        return await self._tracer.run(
+            op,
+            offset,
+            length,
+            kw.get("caller"),
+            lambda: self._block.fallocate(mode, offset, length, **kw),
+        )
 
     async def seek(self, offset: int, whence: int, **kw: Any) -> Any:
         """SEEK_DATA/SEEK_HOLE: a block-status query from `offset` (length 0)."""
-        return await self._tracer.run("block-status", offset, 0, kw.get("caller"),
-                                      lambda: self._block.seek(offset, whence, **kw))
+        return await self._tracer.run(
+            "block-status",
+            offset,
+            0,
+            kw.get("caller"),
+            lambda: self._block.seek(offset, whence, **kw),
+        )
 
-    def _ranged(self, method: str,
-                inner: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    def _ranged(
+        self, method: str, inner: Callable[..., Awaitable[Any]]
+    ) -> Callable[..., Awaitable[Any]]:
         """A traced (offset, length, ...) op, for the ops the device may have."""
         op = _OPS[method]
         tracer = self._tracer
 
         async def traced(offset: int, length: int, *args: Any, **kw: Any) -> Any:
-            return await tracer.run(op, offset, length, kw.get("caller"),
-                                    lambda: inner(offset, length, *args, **kw))
+            return await tracer.run(
+                op, offset, length, kw.get("caller"), lambda: inner(offset, length, *args, **kw)
+            )
+
         traced.__name__ = method
         return traced

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .image import Image
 
-MEMORY_BYTES = 8 << 20          # pre-image bytes held in memory before spilling to scratch
-ENTRY_BYTES = 32                # bookkeeping per entry (four int64s), counted in the cap
+MEMORY_BYTES = 8 << 20  # pre-image bytes held in memory before spilling to scratch
+ENTRY_BYTES = 32  # bookkeeping per entry (four int64s), counted in the cap
 DEFAULT_CAP = 1 << 30
 DEFAULT_ATOMIC = 512
 KEEP_MODES = ("none", "random", "prefix")
@@ -55,42 +55,47 @@ class CutReport:
 
     keep: str
     seed: int | None
-    writes: int = 0                 # entries before the cut
+    writes: int = 0  # entries before the cut
     writes_kept: int = 0
-    writes_torn: int = 0            # random: some units kept, some lost
+    writes_torn: int = 0  # random: some units kept, some lost
     writes_lost: int = 0
-    units: int = 0                  # random: atomic units touched
+    units: int = 0  # random: atomic units touched
     units_kept: int = 0
     atomic: int = DEFAULT_ATOMIC
-    bytes_kept: int = 0             # prefix/none: bytes written by kept / lost entries
+    bytes_kept: int = 0  # prefix/none: bytes written by kept / lost entries
     bytes_lost: int = 0
-    size: int = 0                   # the image size after the cut
+    size: int = 0  # the image size after the cut
 
     def text(self) -> str:
         seed = f" seed={self.seed}" if self.seed is not None else ""
         head = f"powercut keep={self.keep}{seed}: "
         if self.keep == "random":
-            return (head + f"{self.writes} unsynced writes ({self.writes_kept} kept, "
-                    f"{self.writes_torn} torn, {self.writes_lost} lost), {self.units} units "
-                    f"of {self.atomic} bytes ({self.units_kept} kept, "
-                    f"{self.units - self.units_kept} lost), size {self.size}")
-        return (head + f"{self.writes} unsynced writes ({self.writes_kept} kept, "
-                f"{self.writes_lost} lost), {self.bytes_kept} bytes kept, {self.bytes_lost} "
-                f"bytes lost, size {self.size}")
+            return (
+                head + f"{self.writes} unsynced writes ({self.writes_kept} kept, "
+                f"{self.writes_torn} torn, {self.writes_lost} lost), {self.units} units "
+                f"of {self.atomic} bytes ({self.units_kept} kept, "
+                f"{self.units - self.units_kept} lost), size {self.size}"
+            )
+        return (
+            head + f"{self.writes} unsynced writes ({self.writes_kept} kept, "
+            f"{self.writes_lost} lost), {self.bytes_kept} bytes kept, {self.bytes_lost} "
+            f"bytes lost, size {self.size}"
+        )
 
 
 class UndoLog:
     """Entries since the last successful flush, oldest first. Single-threaded (trio)."""
 
-    def __init__(self, cap: int = DEFAULT_CAP, atomic: int = DEFAULT_ATOMIC,
-                 scratch_dir: str | None = None):
+    def __init__(
+        self, cap: int = DEFAULT_CAP, atomic: int = DEFAULT_ATOMIC, scratch_dir: str | None = None
+    ):
         self.cap = cap
         self.atomic = atomic
         self.scratch_dir = scratch_dir
-        self._offset = array("q")       # per entry: first byte changed
-        self._length = array("q")       # bytes changed
-        self._size = array("q")         # image size before the entry
-        self._where = array("q")        # its pre-image's position in the log space
+        self._offset = array("q")  # per entry: first byte changed
+        self._length = array("q")  # bytes changed
+        self._size = array("q")  # image size before the entry
+        self._where = array("q")  # its pre-image's position in the log space
         # Log space [0, spilled) is in the scratch file; the pre-images of entries from
         # _memory_first on are in memory, one bytes object each (not one growing bytearray:
         # appending 4 KiB to a large bytearray copies it, ~40 us a write).
@@ -99,9 +104,9 @@ class UndoLog:
         self._memory_bytes = 0
         self._spilled = 0
         self._scratch: int | None = None
-        self._held = 0                  # pre-image bytes of live entries
-        self.bytes = 0                  # bytes the live entries changed (status "bytes")
-        self.refused = 0                # entries refused at the cap
+        self._held = 0  # pre-image bytes of live entries
+        self.bytes = 0  # bytes the live entries changed (status "bytes")
+        self.refused = 0  # entries refused at the cap
         self.last_refusal: str | None = None
 
     def __len__(self) -> int:
@@ -131,10 +136,12 @@ class UndoLog:
         kept = max(0, min(offset + length, size) - offset)
         if self.held() + kept + ENTRY_BYTES > self.cap:
             self.refused += 1
-            self.last_refusal = (f"the unsynced-write log is full: a {length}-byte change at "
-                                 f"offset {offset} would pass unsynced-cap={self.cap} "
-                                 f"({len(self)} writes, {self._held} bytes of pre-images held); "
-                                 "it failed with ENOSPC (fsync the image, or raise the cap)")
+            self.last_refusal = (
+                f"the unsynced-write log is full: a {length}-byte change at "
+                f"offset {offset} would pass unsynced-cap={self.cap} "
+                f"({len(self)} writes, {self._held} bytes of pre-images held); "
+                "it failed with ENOSPC (fsync the image, or raise the cap)"
+            )
             raise LogFull(_errno.ENOSPC, self.last_refusal)
         preimage = image.pread(offset, kept) if kept else b""
         self._offset.append(offset)
@@ -146,7 +153,7 @@ class UndoLog:
         if self._memory_bytes > MEMORY_BYTES:
             try:
                 self._spill()
-            except OSError:             # the scratch file is full or failing: refuse whole
+            except OSError:  # the scratch file is full or failing: refuse whole
                 for column in (self._offset, self._length, self._size, self._where):
                     column.pop()
                 self._memory.pop()
@@ -159,7 +166,7 @@ class UndoLog:
         if self._scratch is None:
             directory = self.scratch_dir or tempfile.gettempdir()
             handle, path = tempfile.mkstemp(prefix="blkfuse-unsynced-", dir=directory)
-            os.unlink(path)             # nothing to clean up, whatever happens to the daemon
+            os.unlink(path)  # nothing to clean up, whatever happens to the daemon
             self._scratch = handle
         view = memoryview(b"".join(self._memory))
         done = 0
@@ -175,7 +182,7 @@ class UndoLog:
             return self._memory[i - self._memory_first]
         offset, length, size = self._offset[i], self._length[i], self._size[i]
         kept = max(0, min(offset + length, size) - offset)
-        assert self._scratch is not None        # entries before _memory_first were spilled
+        assert self._scratch is not None  # entries before _memory_first were spilled
         data = os.pread(self._scratch, kept, self._where[i])
         if len(data) != kept:
             raise OSError(_errno.EIO, "the unsynced-write scratch file lost data")
@@ -194,7 +201,7 @@ class UndoLog:
             self._memory_first = self._memory_bytes = 0
             self._held = self.bytes = 0
             if self._spilled and self._scratch is not None:
-                os.ftruncate(self._scratch, 0)      # give the scratch space back
+                os.ftruncate(self._scratch, 0)  # give the scratch space back
             self._spilled = 0
             return
         for i in range(count):
@@ -224,8 +231,9 @@ class UndoLog:
         if keep not in KEEP_MODES:
             raise ValueError(f"keep must be one of {', '.join(KEEP_MODES)}, not {keep!r}")
         n = len(self)
-        report = CutReport(keep=keep, seed=seed if keep != "none" else None, writes=n,
-                           atomic=self.atomic)
+        report = CutReport(
+            keep=keep, seed=seed if keep != "none" else None, writes=n, atomic=self.atomic
+        )
         rng = random.Random(seed)
         if keep == "random":
             self._cut_random(image, rng, report)
@@ -265,7 +273,7 @@ class UndoLog:
             else:
                 runs.append([first, end])
         starts = [first for first, _ in runs]
-        coins = []                      # per run: bit j set = unit first+j kept
+        coins = []  # per run: bit j set = unit first+j kept
         for first, end in runs:
             bits = rng.getrandbits(end - first)
             coins.append(bits)
@@ -300,7 +308,7 @@ class UndoLog:
                 if lo >= hi:
                     continue
                 old_end = min(hi, max(lo, size))
-                data = preimage[lo - offset:old_end - offset] + bytes(hi - old_end)
+                data = preimage[lo - offset : old_end - offset] + bytes(hi - old_end)
                 image.pwrite(lo, data)
         report.writes_kept += sum(1 for i in range(n) if not self._length[i])
         if image.size() != final_size:

@@ -18,14 +18,17 @@ from blkfuse import ControlError, Mount, MountError, client, mounttab
 BLKFUSE = client.blkfuse_command()
 
 
-def blkfuse(*args: object, check: bool = False, timeout: float = 120,
-            **kw: Any) -> subprocess.CompletedProcess[str]:
+def blkfuse(
+    *args: object, check: bool = False, timeout: float = 120, **kw: Any
+) -> subprocess.CompletedProcess[str]:
     """Run the blkfuse CLI; returns the CompletedProcess (text mode)."""
-    r = subprocess.run(BLKFUSE + [str(a) for a in args], capture_output=True, text=True,
-                       timeout=timeout, **kw)
+    r = subprocess.run(
+        BLKFUSE + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kw
+    )
     if check and r.returncode != 0:
-        raise AssertionError(f"blkfuse {' '.join(map(str, args))} failed ({r.returncode}):\n"
-                             f"{r.stdout}{r.stderr}")
+        raise AssertionError(
+            f"blkfuse {' '.join(map(str, args))} failed ({r.returncode}):\n{r.stdout}{r.stderr}"
+        )
     return r
 
 
@@ -40,20 +43,19 @@ class Mounted:
     # it is killed so that the test fails (its blocked requests end) instead of hanging.
     WEDGED_SECONDS = 180
 
-    def __init__(self, base: Path, image: Path, mnt: Path, name: str,
-                 api: Mount | None = None):
+    def __init__(self, base: Path, image: Path, mnt: Path, name: str, api: Mount | None = None):
         self.base = base
-        self.image = image          # the backing file
+        self.image = image  # the backing file
         self.mnt = mnt
         self.name = name
-        self.api = api              # None when the mount was expected to fail
+        self.api = api  # None when the mount was expected to fail
 
     @property
     def pid(self) -> int | None:
         return self.api.pid if self.api else None
 
     @property
-    def file(self) -> Path:         # the image file inside the mount
+    def file(self) -> Path:  # the image file inside the mount
         return self.mnt / self.name
 
     @property
@@ -101,8 +103,13 @@ def fuse_dir() -> Iterator[Path]:
 
 
 # `blkfuse mount` options that take a value; the others the tests use are flags.
-_VALUED = {"-o": "options", "--config": "config", "--name": "name", "--log": "log",
-           "--trace": "trace"}
+_VALUED = {
+    "-o": "options",
+    "--config": "config",
+    "--name": "name",
+    "--log": "log",
+    "--trace": "trace",
+}
 
 
 def _api_args(args: tuple[object, ...]) -> dict[str, Any]:
@@ -132,9 +139,15 @@ def mount(fuse_dir: Path) -> Iterator[Callable[..., Any]]:
     passed or failed (Mount.close: resume, orderly unmount, else kill and a lazy unmount)."""
     made: list[Mounted] = []
 
-    def _mount(*args: object, size: int = 1 << 20, data: bytes | None = None,
-               name: str | None = None, image: object = None, expect_ok: bool = True,
-               mnt_name: str | None = None) -> Any:
+    def _mount(
+        *args: object,
+        size: int = 1 << 20,
+        data: bytes | None = None,
+        name: str | None = None,
+        image: object = None,
+        expect_ok: bool = True,
+        mnt_name: str | None = None,
+    ) -> Any:
         i = len(made)
         img = Path(str(image)) if image else fuse_dir / f"disk{i}.img"
         if not image:

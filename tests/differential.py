@@ -49,21 +49,33 @@ STDBUF = shutil.which("stdbuf")
 MARKER_CMD = "help sleep"
 MARKER_LINE = "sleep -- waits for the given value in milliseconds"
 
-GEN_EVENTS = ["read_aio", "write_aio", "pwritev", "pwritev_done", "flush_to_os",
-              "flush_to_disk", "none", "pwritev_zero"]
-RMW_EVENTS = ["pwritev_rmw_head", "pwritev_rmw_after_head", "pwritev_rmw_tail",
-              "pwritev_rmw_after_tail"]
+GEN_EVENTS = [
+    "read_aio",
+    "write_aio",
+    "pwritev",
+    "pwritev_done",
+    "flush_to_os",
+    "flush_to_disk",
+    "none",
+    "pwritev_zero",
+]
+RMW_EVENTS = [
+    "pwritev_rmw_head",
+    "pwritev_rmw_after_head",
+    "pwritev_rmw_tail",
+    "pwritev_rmw_after_tail",
+]
 GEN_ERRNOS = ["5", "28", "1", "122", "0", "30", "200", "0x1c", "010", "13"]
 GEN_IOTYPES = ["read", "write", "flush", "discard", "write-zeroes", "block-status"]
 
-PROFILES = {           # name -> share of the scenarios
+PROFILES = {  # name -> share of the scenarios
     "writeback": 0.25,
     "writethrough": 0.10,
     "align": 0.15,
     "max-transfer": 0.10,
-    "zero-discard": 0.15,    # write -z / discard with opt-/max- limits, maybe align
-    "cache": 0.15,           # -t unsafe / directsync / none / writethrough, write -f
-    "direct": 0.10,          # --image-opts driver=blkdebug (format=none)
+    "zero-discard": 0.15,  # write -z / discard with opt-/max- limits, maybe align
+    "cache": 0.15,  # -t unsafe / directsync / none / writethrough, write -f
+    "direct": 0.10,  # --image-opts driver=blkdebug (format=none)
 }
 CACHE_MODES = ["writeback", "writethrough", "directsync", "none", "unsafe"]
 
@@ -77,22 +89,23 @@ def qemu_io_version() -> str | None:
 
 # ---- scenarios ------------------------------------------------------------------------------
 
+
 @dataclass
 class Scenario:
     seed: int
     index: int
     profile: str
     config: str
-    ops: list    # ("read", off, len) | ("write", off, len, byte[, fua]) | ("zero", off, len,
-                 # unmap) | ("discard", off, len) | ("alloc", off, len) | ("map",) |
-                 # ("truncate", size) | ("flush",)
+    ops: list  # ("read", off, len) | ("write", off, len, byte[, fua]) | ("zero", off, len,
+    # unmap) | ("discard", off, len) | ("alloc", off, len) | ("map",) |
+    # ("truncate", size) | ("flush",)
     cache: str = "writeback"
     align: int | None = None
     max_transfer: int | None = None
     image_size: int = 16384
     init_byte: int = 0
-    format: str = "raw"            # "none": blkdebug without the raw node
-    limits: dict = field(default_factory=dict)   # opt-write-zero, max-discard, ...
+    format: str = "raw"  # "none": blkdebug without the raw node
+    limits: dict = field(default_factory=dict)  # opt-write-zero, max-discard, ...
 
     @property
     def ident(self) -> str:
@@ -149,8 +162,9 @@ class Scenario:
         """blkfuse's Settings for this scenario (what `-o` would give)."""
         from blkfuse.rules import Settings
 
-        settings = Settings(align=self.align, max_transfer=self.max_transfer, cache=self.cache,
-                            format=self.format)
+        settings = Settings(
+            align=self.align, max_transfer=self.max_transfer, cache=self.cache, format=self.format
+        )
         for key, value in self.limits.items():
             setattr(settings, key.replace("-", "_"), value)
         return settings
@@ -166,7 +180,7 @@ class Scenario:
         if self.format != "raw":
             options["format"] = self.format
         if any(op[0] == "truncate" for op in self.ops):
-            options["growable"] = "on"      # qemu-io may resize; a mount's size is fixed without
+            options["growable"] = "on"  # qemu-io may resize; a mount's size is fixed without
         return options
 
     def describe(self) -> str:
@@ -176,8 +190,10 @@ class Scenario:
         lines = [" ".join(parts), "  config: " + self.config.replace("\n", " | ")]
         lines.append("  ops: " + "; ".join(self.qemu_command(op, "flush") for op in self.ops))
         argv = self.qemu_argv(Path("blkdebug.conf"), Path("img.raw"), "flush")
-        lines.append("  reproduce: qemu-io " + " ".join(_shell_quote(a) for a in argv[1:])
-                     .replace(" -c 'help sleep'", ""))
+        lines.append(
+            "  reproduce: qemu-io "
+            + " ".join(_shell_quote(a) for a in argv[1:]).replace(" -c 'help sleep'", "")
+        )
         return "\n".join(lines)
 
 
@@ -214,10 +230,10 @@ def _rule_text(rng: random.Random, profile: str, sectors: int) -> str:
 
 
 def _range(rng: random.Random, size: int, big: int) -> tuple[int, int]:
-    if rng.random() < 0.6:               # sector-aligned
+    if rng.random() < 0.6:  # sector-aligned
         length = rng.choice([512, 1024, 2048, 4096, big])
         offset = rng.randrange(0, size // 512) * 512
-    else:                                # odd offsets and lengths
+    else:  # odd offsets and lengths
         length = rng.choice([1, 10, rng.randrange(1, 700), rng.randrange(1, big + 1)])
         offset = rng.randrange(0, size)
     length = max(1, min(length, big, size - offset))
@@ -259,17 +275,25 @@ def _op(rng: random.Random, sc: Scenario, big: int, weights: dict) -> tuple:
         return ("discard", offset, length)
     if kind == "alloc":
         offset = _range(rng, size, big)[0]
-        return ("alloc", offset, size - offset)        # to the end: what SEEK_DATA asks
+        return ("alloc", offset, size - offset)  # to the end: what SEEK_DATA asks
     if kind == "map":
         return ("map",)
     if kind == "truncate":
-        return ("truncate", size + rng.choice([512, 4096, 8192]))   # grows: counts as written
+        return ("truncate", size + rng.choice([512, 4096, 8192]))  # grows: counts as written
     return ("flush",)
 
 
 BASE_WEIGHTS = {"read": 0.38, "write": 0.40, "flush": 0.22}
-ALL_WEIGHTS = {"read": 0.22, "write": 0.25, "flush": 0.16, "zero": 0.14, "discard": 0.12,
-               "alloc": 0.07, "map": 0.04, "truncate": 0.03}
+ALL_WEIGHTS = {
+    "read": 0.22,
+    "write": 0.25,
+    "flush": 0.16,
+    "zero": 0.14,
+    "discard": 0.12,
+    "alloc": 0.07,
+    "map": 0.04,
+    "truncate": 0.03,
+}
 
 
 def generate(seed: int, index: int, profile: str) -> Scenario:
@@ -322,9 +346,13 @@ def generate(seed: int, index: int, profile: str) -> Scenario:
     rules = []
     for _ in range(rng.randint(1, 4)):
         text = _rule_text(rng, profile, sectors)
-        if (weights is ALL_WEIGHTS and "[inject-error]" in text and "iotype" not in text
-                and rng.random() < 0.3):
-            text += 'iotype = "block-status"\n'     # what alloc and map are checked as
+        if (
+            weights is ALL_WEIGHTS
+            and "[inject-error]" in text
+            and "iotype" not in text
+            and rng.random() < 0.3
+        ):
+            text += 'iotype = "block-status"\n'  # what alloc and map are checked as
         rules.append(text)
     sc.config = "".join(rules)
     for _ in range(rng.randint(2, 9)):
@@ -366,8 +394,8 @@ class OracleError(Exception):
 
 @dataclass(frozen=True)
 class Result:
-    error: int = 0                 # 0 = ok
-    data: bytes | None = None      # what a successful read returned
+    error: int = 0  # 0 = ok
+    data: bytes | None = None  # what a successful read returned
 
     def __str__(self):
         if self.error:
@@ -387,7 +415,7 @@ def _parse_segment(op, lines: list[str], flush_as: str) -> Result:
     if kind == "read":
         for line in lines:
             if line.startswith("read failed: "):
-                return Result(errno_of(line[len("read failed: "):]))
+                return Result(errno_of(line[len("read failed: ") :]))
         data = bytearray()
         for line in lines:
             m = _HEX.match(line)
@@ -399,21 +427,21 @@ def _parse_segment(op, lines: list[str], flush_as: str) -> Result:
     if kind in ("write", "zero"):
         for line in lines:
             if line.startswith("write failed: "):
-                return Result(errno_of(line[len("write failed: "):]))
+                return Result(errno_of(line[len("write failed: ") :]))
         if not any(line.startswith(f"wrote {op[2]}/{op[2]} bytes") for line in lines):
             raise ValueError(f"unexpected qemu-io output for {op}: {text!r}")
         return OK
     if kind == "discard":
         for line in lines:
             if line.startswith("discard failed: "):
-                return Result(errno_of(line[len("discard failed: "):]))
+                return Result(errno_of(line[len("discard failed: ") :]))
         if not any(line.startswith(f"discard {op[2]}/{op[2]} bytes") for line in lines):
             raise ValueError(f"unexpected qemu-io output for {op}: {text!r}")
         return OK
     if kind == "alloc":
         for line in lines:
             if line.startswith("is_allocated failed: "):
-                return Result(errno_of(line[len("is_allocated failed: "):]))
+                return Result(errno_of(line[len("is_allocated failed: ") :]))
         if not any(re.match(r"\d+/\d+ bytes (not )?allocated at offset", line) for line in lines):
             raise ValueError(f"unexpected qemu-io output for {op}: {text!r}")
         return OK
@@ -448,8 +476,9 @@ def _run_qemu_once(sc: Scenario, workdir: Path, flush_as: str):
     argv = sc.qemu_argv(config, image, flush_as)
     if STDBUF:
         argv = [STDBUF, "-o0", "-e0"] + argv
-    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=120, cwd=workdir)
+    proc = subprocess.run(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120, cwd=workdir
+    )
     lines = proc.stdout.splitlines()
     segments, current = [], []
     for line in lines:
@@ -459,17 +488,19 @@ def _run_qemu_once(sc: Scenario, workdir: Path, flush_as: str):
         elif line.strip():
             current.append(line)
     if current or len(segments) != len(sc.ops):
-        raise ValueError(f"qemu-io output does not split into {len(sc.ops)} commands "
-                         f"(rc={proc.returncode}):\n{proc.stdout}")
+        raise ValueError(
+            f"qemu-io output does not split into {len(sc.ops)} commands "
+            f"(rc={proc.returncode}):\n{proc.stdout}"
+        )
     results = [_parse_segment(op, seg, flush_as) for op, seg in zip(sc.ops, segments)]
     return results, proc.returncode, image.read_bytes()
 
 
 @dataclass
 class QemuAnswer:
-    results: list | None = None      # from the run with `reopen` for flush
+    results: list | None = None  # from the run with `reopen` for flush
     image: bytes | None = None
-    check: list | None = None        # from the run with the real `flush`
+    check: list | None = None  # from the run with the real `flush`
     check_rc: int = 0
     check_image: bytes | None = None
     oracle_error: str | None = None
@@ -491,8 +522,10 @@ class QemuAnswer:
         if stop >= len(sc.ops) and self.image != self.check_image:
             return "reopen run and flush run leave different images"
         if (self.check_rc != 0) != any(r.error for r in self.results):
-            return (f"flush run exit status {self.check_rc} but reopen run results "
-                    f"{[str(r) for r in self.results]}")
+            return (
+                f"flush run exit status {self.check_rc} but reopen run results "
+                f"{[str(r) for r in self.results]}"
+            )
         return None
 
 
@@ -576,8 +609,9 @@ def run_block(sc: Scenario) -> tuple[list, bytes, list]:
         return results, path.read_bytes(), deliberate
 
 
-def compare(sc: Scenario, qemu: QemuAnswer, ours: list, our_image: bytes,
-            deliberate: list) -> tuple[list[str], str | None]:
+def compare(
+    sc: Scenario, qemu: QemuAnswer, ours: list, our_image: bytes, deliberate: list
+) -> tuple[list[str], str | None]:
     """(disagreements, note). Ops after a deliberate difference are not compared."""
     problems = []
     stop = deliberate[0][0] if deliberate else len(sc.ops)
@@ -589,13 +623,17 @@ def compare(sc: Scenario, qemu: QemuAnswer, ours: list, our_image: bytes,
         i, err = deliberate[0]
         note = f"op {i}: failed RMW read (deliberate difference), compared ops 0..{i - 1}"
         if ours[i].error != err:
-            problems.append(f"op {i} {sc.qemu_command(sc.ops[i], 'flush')!r}: a failed "
-                            f"read-modify-write read must fail the write with "
-                            f"{oracle.errname(err)}, got {ours[i]}")
+            problems.append(
+                f"op {i} {sc.qemu_command(sc.ops[i], 'flush')!r}: a failed "
+                f"read-modify-write read must fail the write with "
+                f"{oracle.errname(err)}, got {ours[i]}"
+            )
     for i in range(stop):
         if qemu.results[i] != ours[i]:
-            problems.append(f"op {i} {sc.qemu_command(sc.ops[i], 'flush')!r}: "
-                            f"qemu-io {qemu.results[i]}, blkfuse {ours[i]}")
+            problems.append(
+                f"op {i} {sc.qemu_command(sc.ops[i], 'flush')!r}: "
+                f"qemu-io {qemu.results[i]}, blkfuse {ours[i]}"
+            )
     if not deliberate and qemu.image != our_image:
         problems.append("final image: " + oracle.image_diff(qemu.image, our_image))
     return problems, note
@@ -603,14 +641,16 @@ def compare(sc: Scenario, qemu: QemuAnswer, ours: list, our_image: bytes,
 
 # ---- through a mount ------------------------------------------------------------------------
 
+
 def run_mount(sc: Scenario, tmpdir: Path) -> tuple[list, bytes]:
     image_path = tmpdir / "img.raw"
     config_path = tmpdir / "blkdebug.conf"
     image_path.write_bytes(sc.image())
     config_path.write_text(sc.config)
     results = []
-    with oracle.Mount(image_path, tmpdir / "mnt", config=config_path,
-                      options=sc.mount_options()) as m:
+    with oracle.Mount(
+        image_path, tmpdir / "mnt", config=config_path, options=sc.mount_options()
+    ) as m:
         fd = os.open(m.file, oracle.open_flags(False))
         try:
             for op in sc.ops:
@@ -651,11 +691,10 @@ def _errno_number(name: str) -> int:
     if name.startswith("ERRNO_"):
         return int(name[6:])
     if name.startswith("SHORT_"):
-        return -1000 - int(name[6:])       # shows up as ERRNO_-10xx: a short transfer
+        return -1000 - int(name[6:])  # shows up as ERRNO_-10xx: a short transfer
     return getattr(_errno, name)
 
 
 def mount_deliberate(sc: Scenario) -> list:
     """The block layer's view of where a scenario hits the deliberate RMW difference."""
     return run_block(sc)[2]
-

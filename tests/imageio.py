@@ -16,7 +16,7 @@ def aligned(data: bytes) -> memoryview:
     """An O_DIRECT-safe buffer holding `data`."""
     buf = mmap.mmap(-1, max(len(data), 4096))
     buf.write(data)
-    return memoryview(buf)[:len(data)]
+    return memoryview(buf)[: len(data)]
 
 
 def open_image(m, flags: int = os.O_RDWR) -> int:

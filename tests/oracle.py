@@ -49,12 +49,13 @@ from pathlib import Path
 import blkfuse
 
 DATA_DIR = Path(__file__).parent / "data" / "oracle"
-HANG_GUARD = 30.0      # seconds before a request that never finishes is reported as a hang
+HANG_GUARD = 30.0  # seconds before a request that never finishes is reported as a hang
 
-DEFAULT_WRITE_PATTERN = 0xCD     # qemu-io's write without -P
+DEFAULT_WRITE_PATTERN = 0xCD  # qemu-io's write without -P
 
 
 # ---- cases ---------------------------------------------------------------------------
+
 
 def case_names() -> list[str]:
     return sorted(p.stem for p in DATA_DIR.glob("*.json"))
@@ -87,7 +88,7 @@ def c_int(text: str) -> int:
 def image_from_runs(size: int, runs) -> bytes:
     data = bytearray(size)
     for offset, length, byte in runs or ():
-        data[offset:offset + length] = bytes([byte]) * length
+        data[offset : offset + length] = bytes([byte]) * length
     return bytes(data)
 
 
@@ -107,8 +108,10 @@ def image_diff(expected: bytes, got: bytes) -> str:
         return f"size {len(got)}, expected {len(expected)}"
     first = next(i for i in range(len(got)) if got[i] != expected[i])
     last = max(i for i in range(len(got)) if got[i] != expected[i])
-    return (f"bytes differ in [{first}, {last}]: got runs {runs_of(got[first:last + 1])[:4]} "
-            f"expected runs {runs_of(expected[first:last + 1])[:4]} (relative to {first})")
+    return (
+        f"bytes differ in [{first}, {last}]: got runs {runs_of(got[first : last + 1])[:4]} "
+        f"expected runs {runs_of(expected[first : last + 1])[:4]} (relative to {first})"
+    )
 
 
 @dataclass
@@ -165,18 +168,22 @@ DELIBERATE = {
     "data_rmw_read_failure_ignored": (
         "QEMU 7.2 ignores a failed read-modify-write read and writes an uninitialised "
         "buffer; blkfuse fails the write with the read's errno and leaves the data as it was",
-        ["EIO", "MISCOMPARE", "ok", "ok"], "initial"),
+        ["EIO", "MISCOMPARE", "ok", "ok"],
+        "initial",
+    ),
     "errno_negative_skips_io": (
         "a negative errno makes QEMU skip the I/O and lose the write; in blkfuse it is a "
         "configuration error (nothing runs, the image is untouched)",
-        ["NOT_RUN", "NOT_RUN", "NOT_RUN", "NOT_RUN"], "initial"),
+        ["NOT_RUN", "NOT_RUN", "NOT_RUN", "NOT_RUN"],
+        "initial",
+    ),
 }
 
 
 @dataclass
 class Expectation:
-    ops: list            # Op
-    expect: list         # per command
+    ops: list  # Op
+    expect: list  # per command
     image: bytes | None  # expected final image, or None: not compared
     note: str = ""
 
@@ -219,7 +226,7 @@ def options_for(case: dict, config_path: Path) -> dict[str, str]:
 
 @dataclass
 class Replay:
-    outcomes: list       # per command: outcome string, or None (dropped)
+    outcomes: list  # per command: outcome string, or None (dropped)
     image: bytes
     config_error: str | None = None
 
@@ -238,6 +245,7 @@ def compare(case: dict, exp: Expectation, got: Replay) -> list[str]:
 
 
 # ---- target: the block layer -----------------------------------------------------------------
+
 
 def replay_block(case: dict, tmpdir: Path) -> Replay:
     import trio
@@ -271,11 +279,18 @@ def block_device(engine, image, settings):
     """The BlockDevice the daemon would build from these settings."""
     from blkfuse.block import BlockDevice
 
-    return BlockDevice(engine, image, align=settings.align, max_transfer=settings.max_transfer,
-                       opt_write_zero=settings.opt_write_zero,
-                       max_write_zero=settings.max_write_zero,
-                       opt_discard=settings.opt_discard, max_discard=settings.max_discard,
-                       cache=settings.cache, format=settings.format)
+    return BlockDevice(
+        engine,
+        image,
+        align=settings.align,
+        max_transfer=settings.max_transfer,
+        opt_write_zero=settings.opt_write_zero,
+        max_write_zero=settings.max_write_zero,
+        opt_discard=settings.opt_discard,
+        max_discard=settings.max_discard,
+        cache=settings.cache,
+        format=settings.format,
+    )
 
 
 async def block_alloc(dev, offset: int, length: int) -> None:
@@ -376,10 +391,11 @@ async def _block_replay(case, ops, engine, dev, outcomes):
                     outcomes[i] = await _block_io(dev, op)
             except EngineError as e:
                 outcomes[i] = errname(e.errno)
-        engine.resume_all()      # nothing may stay suspended, or the nursery never exits
+        engine.resume_all()  # nothing may stay suspended, or the nursery never exits
 
 
 # ---- target: a real mount ------------------------------------------------------------------
+
 
 def mount_available() -> str | None:
     """None if real mounts can run here, else why not."""
@@ -397,8 +413,13 @@ def mount_available() -> str | None:
 class Mount(blkfuse.Mount):
     """blkfuse.Mount that creates its mountpoint; `file` is the image file in the mount."""
 
-    def __init__(self, image: Path, mountpoint: Path, config: Path | None = None,
-                 options: dict[str, str] | None = None):
+    def __init__(
+        self,
+        image: Path,
+        mountpoint: Path,
+        config: Path | None = None,
+        options: dict[str, str] | None = None,
+    ):
         Path(mountpoint).mkdir(parents=True, exist_ok=True)
         super().__init__(image, mountpoint, config=config, options=options)
 
@@ -434,9 +455,9 @@ def file_read(fd: int, offset: int, length: int) -> bytes | str:
 
 def file_write(fd: int, offset: int, data: bytes) -> str:
     buf = aligned_buffer(len(data))
-    buf[:len(data)] = data
+    buf[: len(data)] = data
     try:
-        n = os.pwritev(fd, [memoryview(buf)[:len(data)]], offset)
+        n = os.pwritev(fd, [memoryview(buf)[: len(data)]], offset)
     except OSError as e:
         return errname(e.errno)
     finally:
@@ -447,9 +468,9 @@ def file_write(fd: int, offset: int, data: bytes) -> str:
 def file_write_fua(fd: int, offset: int, data: bytes) -> str:
     """pwritev2(RWF_DSYNC): one FUA write, whatever the fd's flags."""
     buf = aligned_buffer(len(data))
-    buf[:len(data)] = data
+    buf[: len(data)] = data
     try:
-        n = os.pwritev(fd, [memoryview(buf)[:len(data)]], offset, os.RWF_DSYNC)
+        n = os.pwritev(fd, [memoryview(buf)[: len(data)]], offset, os.RWF_DSYNC)
     except OSError as e:
         return errname(e.errno)
     finally:
@@ -555,8 +576,10 @@ def _mount_replay(case, ops, m: Mount, outcomes):
     try:
         for i, op in enumerate(ops):
             if op.cmd in ("aio_read", "aio_write"):
+
                 def run(i=i, op=op):
                     outcomes[i] = _file_io(fd, op)
+
                 t = threading.Thread(target=run, daemon=True)
                 t.start()
                 threads.append(t)

@@ -74,11 +74,11 @@ class Plain(pyfuse3.Operations):
 
     async def read(self, fh, off, size):
         self.log(op="read", off=off, size=size)
-        return bytes(self.data[off:off + size])
+        return bytes(self.data[off : off + size])
 
     async def write(self, fh, off, buf):
         self.log(op="write", off=off, size=len(buf))
-        self.data[off:off + len(buf)] = buf
+        self.data[off : off + len(buf)] = buf
         return len(buf)
 
     async def fsync(self, fh, datasync):
@@ -100,11 +100,11 @@ class Patched(Plain):
             except trio.Cancelled:
                 self.log(op="read-cancelled", off=off)
                 raise
-        return bytes(self.data[off:off + size])
+        return bytes(self.data[off : off + size])
 
     async def write(self, fh, off, buf, flags, ctx):
         self.log(op="write", off=off, size=len(buf), flags=flags, ctx=_ctx(ctx))
-        self.data[off:off + len(buf)] = buf
+        self.data[off : off + len(buf)] = buf
         return len(buf)
 
     async def fsync(self, fh, datasync, ctx):
@@ -112,7 +112,7 @@ class Patched(Plain):
 
     async def fallocate(self, fh, mode, offset, length, ctx):
         self.log(op="fallocate", mode=mode, offset=offset, length=length, ctx=_ctx(ctx))
-        if mode == 0x10:                    # FALLOC_FL_ZERO_RANGE: refused, to see an errno
+        if mode == 0x10:  # FALLOC_FL_ZERO_RANGE: refused, to see an errno
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
 
     async def lseek(self, fh, offset, whence, ctx):

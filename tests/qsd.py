@@ -31,9 +31,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import differential as D
-
 from blkfuse import mounttab
+
+import differential as D
 import oracle
 
 QSD = shutil.which("qemu-storage-daemon")
@@ -55,9 +55,9 @@ class FileScenario:
     seed: int
     index: int
     config: str
-    ops: list        # ("read", off, len) | ("write", off, len, byte) | ("zero", off, len) |
-                     # ("zero_keep", off, len) (ZERO_RANGE|KEEP_SIZE) |
-                     # ("discard", off, len) | ("seek", off, whence) | ("flush",)
+    ops: list  # ("read", off, len) | ("write", off, len, byte) | ("zero", off, len) |
+    # ("zero_keep", off, len) (ZERO_RANGE|KEEP_SIZE) |
+    # ("discard", off, len) | ("seek", off, whence) | ("flush",)
     data_runs: list  # [(offset, length, byte)] written into a sparse image before the start
     cache: str = "writeback"
     format: str = "raw"
@@ -88,17 +88,26 @@ class FileScenario:
     def qsd_argv(self, image: Path, config: Path, export: Path) -> list[str]:
         node_cache, writethrough = CACHE_NODE_OPTIONS[self.cache]
         common = ["discard=unmap"] + node_cache
-        argv = [QSD,
-                "--blockdev", ",".join(["driver=file", "node-name=f", f"filename={image}"]
-                                       + common),
-                "--blockdev", ",".join(["driver=blkdebug", "node-name=d", "image=f",
-                                        f"config={config}"] + self.blkdebug_options() + common)]
+        argv = [
+            QSD,
+            "--blockdev",
+            ",".join(["driver=file", "node-name=f", f"filename={image}"] + common),
+            "--blockdev",
+            ",".join(
+                ["driver=blkdebug", "node-name=d", "image=f", f"config={config}"]
+                + self.blkdebug_options()
+                + common
+            ),
+        ]
         top = "d"
         if self.format == "raw":
             argv += ["--blockdev", ",".join(["driver=raw", "node-name=r", "file=d"] + common)]
             top = "r"
-        argv += ["--export", f"type=fuse,id=e,node-name={top},mountpoint={export},writable=on,"
-                             f"writethrough={'on' if writethrough else 'off'}"]
+        argv += [
+            "--export",
+            f"type=fuse,id=e,node-name={top},mountpoint={export},writable=on,"
+            f"writethrough={'on' if writethrough else 'off'}",
+        ]
         return argv
 
     def mount_options(self) -> dict[str, str]:
@@ -111,15 +120,17 @@ class FileScenario:
             options["cache"] = self.cache
         if self.format != "raw":
             options["format"] = self.format
-        options["growable"] = "on"          # QEMU's export lets ZERO_RANGE grow the image
+        options["growable"] = "on"  # QEMU's export lets ZERO_RANGE grow the image
         return options
 
     def describe(self) -> str:
         opts = " ".join(self.blkdebug_options())
-        return (f"file scenario {self.ident}: cache={self.cache} format={self.format} {opts}\n"
-                f"  image {self.image_size} bytes, data runs {self.data_runs}\n"
-                f"  config: {self.config.replace(chr(10), ' | ')}\n"
-                f"  ops: {self.ops}")
+        return (
+            f"file scenario {self.ident}: cache={self.cache} format={self.format} {opts}\n"
+            f"  image {self.image_size} bytes, data runs {self.data_runs}\n"
+            f"  config: {self.config.replace(chr(10), ' | ')}\n"
+            f"  ops: {self.ops}"
+        )
 
 
 def generate(seed: int, index: int) -> FileScenario:
@@ -129,10 +140,10 @@ def generate(seed: int, index: int) -> FileScenario:
     for _ in range(rng.randint(0, 4)):
         offset = rng.randrange(0, size // 4096) * 4096
         runs.append((offset, rng.choice([512, 4096, 8192, 12288]), rng.randrange(1, 256)))
-    sc = FileScenario(seed=seed, index=index, config="", ops=[], data_runs=runs,
-                      image_size=size)
-    sc.cache = rng.choice(["writeback", "writeback", "writethrough", "none", "unsafe",
-                           "directsync"])
+    sc = FileScenario(seed=seed, index=index, config="", ops=[], data_runs=runs, image_size=size)
+    sc.cache = rng.choice(
+        ["writeback", "writeback", "writethrough", "none", "unsafe", "directsync"]
+    )
     sc.format = rng.choice(["raw", "raw", "raw", "none"])
     if rng.random() < 0.3:
         sc.align = rng.choice([512, 4096])
@@ -145,23 +156,26 @@ def generate(seed: int, index: int) -> FileScenario:
     for _ in range(rng.randint(1, 4)):
         text = D._rule_text(rng, "direct", sectors)
         if "[inject-error]" in text and "iotype" not in text and rng.random() < 0.5:
-            text += 'iotype = "block-status"\n'       # the io type lseek is checked as
+            text += 'iotype = "block-status"\n'  # the io type lseek is checked as
         rules.append(text)
     sc.config = "".join(rules)
     for _ in range(rng.randint(2, 8)):
-        kind = rng.choices(["read", "write", "zero", "discard", "seek", "flush"],
-                           weights=[0.15, 0.15, 0.15, 0.15, 0.25, 0.15])[0]
+        kind = rng.choices(
+            ["read", "write", "zero", "discard", "seek", "flush"],
+            weights=[0.15, 0.15, 0.15, 0.15, 0.25, 0.15],
+        )[0]
         if kind == "seek":
-            sc.ops.append(("seek", rng.randrange(0, size + 1024),
-                           rng.choice([os.SEEK_DATA, os.SEEK_HOLE])))
+            sc.ops.append(
+                ("seek", rng.randrange(0, size + 1024), rng.choice([os.SEEK_DATA, os.SEEK_HOLE]))
+            )
         elif kind == "flush":
             sc.ops.append(("flush",))
         else:
             offset, length = D._range(rng, size, 12288)
             if kind in ("zero", "discard") and rng.random() < 0.15:
-                length = size - offset + rng.choice([512, 4096, 1000])   # past the end
+                length = size - offset + rng.choice([512, 4096, 1000])  # past the end
             if kind == "zero" and rng.random() < 0.3:
-                kind = "zero_keep"                                     # ZERO_RANGE|KEEP_SIZE
+                kind = "zero_keep"  # ZERO_RANGE|KEEP_SIZE
             if kind == "discard" and sc.align:
                 # QEMU 7.2 aborts on a discard not aligned to align (see differential.py)
                 offset -= offset % sc.align
@@ -178,6 +192,7 @@ def generate_all(seed: int, n: int) -> list[FileScenario]:
 
 
 # ---- running a scenario against files ------------------------------------------------------
+
 
 def run_file_ops(sc: FileScenario, path: Path) -> list:
     """The scenario's operations on the file at `path` (an export or a mount)."""
@@ -208,7 +223,7 @@ def run_file_ops(sc: FileScenario, path: Path) -> list:
         try:
             os.close(fd)
         except OSError:
-            pass      # QEMU's export flushes on close (fuse_flush); a flush rule may fail it
+            pass  # QEMU's export flushes on close (fuse_flush); a flush rule may fail it
     return results
 
 
@@ -220,8 +235,12 @@ def run_qsd(sc: FileScenario) -> tuple[list, bytes] | str:
         sc.make_image(image)
         config.write_text(sc.config)
         export.touch()
-        proc = subprocess.Popen(sc.qsd_argv(image, config, export), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            sc.qsd_argv(image, config, export),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
             deadline = time.monotonic() + 30
             while not mounttab.is_mounted(export):
@@ -256,6 +275,7 @@ def run_block(sc: FileScenario) -> tuple[list, bytes, int | None]:
     with tempfile.TemporaryDirectory(prefix="blkfuse-qsd-") as d:
         path = Path(d) / "img.raw"
         sc.make_image(path)
+
         class RecordingEngine(Engine):
             failed_reads = 0
 
@@ -267,9 +287,18 @@ def run_block(sc: FileScenario) -> tuple[list, bytes, int | None]:
 
         engine = RecordingEngine(parse_config_text(sc.config, "generated.conf"))
         stop = None
-        settings = D.Scenario(seed=0, index=0, profile="", config="", ops=[], cache=sc.cache,
-                              align=sc.align, max_transfer=sc.max_transfer, format=sc.format,
-                              limits=sc.limits).settings()
+        settings = D.Scenario(
+            seed=0,
+            index=0,
+            profile="",
+            config="",
+            ops=[],
+            cache=sc.cache,
+            align=sc.align,
+            max_transfer=sc.max_transfer,
+            format=sc.format,
+            limits=sc.limits,
+        ).settings()
         image = Image(str(path), direct=sc.cache in ("none", "directsync"))
         dev = oracle.block_device(engine, image, settings)
         results = []
@@ -300,8 +329,11 @@ def run_block(sc: FileScenario) -> tuple[list, bytes, int | None]:
                     results.append(await one(op))
                 except OSError as e:
                     results.append(oracle.errname(e.errno))
-                if (op[0] in ("write", "zero", "zero_keep") and engine.failed_reads > before
-                        and stop is None):
+                if (
+                    op[0] in ("write", "zero", "zero_keep")
+                    and engine.failed_reads > before
+                    and stop is None
+                ):
                     stop = i
 
         try:
@@ -335,12 +367,15 @@ def compare(sc: FileScenario, theirs: tuple, ours: tuple, stop: int | None) -> l
     for i, (op, a, b) in enumerate(zip(sc.ops[:end], their_results, our_results)):
         if a != b:
             problems.append(f"op {i} {op}: qemu-storage-daemon {show(a)}, blkfuse {show(b)}")
-    if (sc.cache in ("none", "directsync") and len(their_image) > len(our_image)
-            and their_image[len(our_image):].count(0) == len(their_image) - len(our_image)):
+    if (
+        sc.cache in ("none", "directsync")
+        and len(their_image) > len(our_image)
+        and their_image[len(our_image) :].count(0) == len(their_image) - len(our_image)
+    ):
         # Deliberate difference (README): QEMU's O_DIRECT file node writes a whole aligned
         # block past the end of an image whose new end is not aligned, growing the file;
         # blkfuse keeps the size the request asked for.
-        their_image = their_image[:len(our_image)]
+        their_image = their_image[: len(our_image)]
     if stop is None and not problems and their_image != our_image:
         problems.append("final image: " + oracle.image_diff(their_image, our_image))
     return problems

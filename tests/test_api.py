@@ -35,11 +35,14 @@ def _mnt(d: Path, name: str = "mnt") -> Path:
 
 # ---- mounttab ---------------------------------------------------------------------------------
 
+
 def test_mount_table_fields_are_decoded():
-    text = ("sysfs /sys sysfs rw,nosuid 0 0\n"
-            "blkfuse /tmp/my\\040mnt\\011x fuse.blkfuse rw,user_id=0 0 0\n"
-            "/dev/sda1 /back\\134slash ext4 rw 0 0\n"
-            "short line\n")
+    text = (
+        "sysfs /sys sysfs rw,nosuid 0 0\n"
+        "blkfuse /tmp/my\\040mnt\\011x fuse.blkfuse rw,user_id=0 0 0\n"
+        "/dev/sda1 /back\\134slash ext4 rw 0 0\n"
+        "short line\n"
+    )
     entries = mounttab.parse(text)
     assert [e.mountpoint for e in entries] == ["/sys", "/tmp/my mnt\tx", "/back\\slash"]
     assert [e.is_blkfuse for e in entries] == [False, True, False]
@@ -60,22 +63,42 @@ def test_mount_table_sees_a_mount_with_a_space_in_its_name(fuse_dir):
 
 # ---- the API ------------------------------------------------------------------------------
 
+
 def test_sizes_and_mount_arguments():
     assert parse_size("64M") == 64 * MiB and parse_size("4096") == 4096
     assert parse_size("1GiB") == 1 << 30 and parse_size(512) == 512
     with pytest.raises(ValueError):
         parse_size("lots")
-    args = mount_args("d.img", "/m", "r.conf", {"align": 4096, "x": "a,b"}, name="vda",
-                      read_only=True, allow_other=False, log=None)
-    assert args == ["mount", "--config", "r.conf", "-o", "align=4096,x=a,,b", "--name", "vda",
-                    "--read-only", "d.img", "/m"]
+    args = mount_args(
+        "d.img",
+        "/m",
+        "r.conf",
+        {"align": 4096, "x": "a,b"},
+        name="vda",
+        read_only=True,
+        allow_other=False,
+        log=None,
+    )
+    assert args == [
+        "mount",
+        "--config",
+        "r.conf",
+        "-o",
+        "align=4096,x=a,,b",
+        "--name",
+        "vda",
+        "--read-only",
+        "d.img",
+        "/m",
+    ]
 
 
 def test_mount_io_rules_and_always_unmounted(fuse_dir):
     img = _image(fuse_dir)
     mnt = _mnt(fuse_dir)
-    with Mount(img, mnt, options={"inject-error.0.event": "read_aio",
-                                  "inject-error.0.sector": 8}) as m:
+    with Mount(
+        img, mnt, options={"inject-error.0.event": "read_aio", "inject-error.0.sector": 8}
+    ) as m:
         assert m.image_path == mnt / "disk.img" and m.backing == img
         assert sorted(os.listdir(mnt)) == ["control", "disk.img"]
         assert m.control_path == mnt / "control"
@@ -91,7 +114,7 @@ def test_mount_io_rules_and_always_unmounted(fuse_dir):
             with pytest.raises(OSError) as e:
                 os.pwrite(fd, b"y" * 512, 0)
             assert e.value.errno == errno.ENOSPC
-            os.pwrite(fd, b"z" * 512, 0)                         # once: consumed
+            os.pwrite(fd, b"z" * 512, 0)  # once: consumed
             m.remove(first)
             assert os.pread(fd, 512, 8 * 512) == bytes(512)
             sid = m.set_state(event="write_aio", state=1, new_state=2)
@@ -108,7 +131,7 @@ def test_mount_io_rules_and_always_unmounted(fuse_dir):
         assert m.pid and "blkfuse" in repr(m)
     assert not mounttab.is_mounted(mnt) and not m.mounted
     assert img.read_bytes()[:512] == b"z" * 512
-    m.close()                                                  # idempotent
+    m.close()  # idempotent
 
 
 def test_control_errors_carry_errno_and_the_daemons_message(fuse_dir):
@@ -204,8 +227,7 @@ def test_cli_mount_prints_nothing_on_success(fuse_dir):
 def test_blkfuse_command_runs_this_blkfuse():
     r = subprocess.run(client.blkfuse_command() + ["--version"], capture_output=True, text=True)
     assert r.returncode == 0 and "version" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "blkfuse", "events"], capture_output=True,
-                       text=True)
+    r = subprocess.run([sys.executable, "-m", "blkfuse", "events"], capture_output=True, text=True)
     assert r.returncode == 0 and "read_aio" in r.stdout
 
 
@@ -275,9 +297,24 @@ def test_pytest_plugin_in_a_users_own_suite(tmp_path):
     (suite / "test_readme.py").write_text(_readme_example())
     log = tmp_path / "mounts.log"
     env = dict(os.environ, USER_TESTS_LOG=str(log))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        "--rootdir", str(suite), str(suite)], cwd=suite, env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(suite),
+            str(suite),
+        ],
+        cwd=suite,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     out = r.stdout + r.stderr
     assert r.returncode == 1, out
     assert "1 failed, 4 passed" in out, out

@@ -50,11 +50,12 @@ def test_discard_punches_a_hole_and_checks_discard(tmp_path):
         await dev.discard(8192, 16384)
         assert await dev.seek(0, os.SEEK_HOLE) == 8192
         assert await dev.seek(8192, os.SEEK_DATA) == 24576
+
     run(main)
     assert path.read_bytes()[8192:24576] == bytes(16384)
     assert path.read_bytes()[:8192] == b"\x77" * 8192
     assert ("discard", 8192, 16384) in engine.trace
-    assert not [e for e in engine.trace if isinstance(e, str)]      # discard raises no event
+    assert not [e for e in engine.trace if isinstance(e, str)]  # discard raises no event
 
 
 def test_discard_splits_at_opt_discard_and_max_discard(tmp_path):
@@ -71,8 +72,12 @@ def test_write_zeroes_events_and_fallback_to_write(tmp_path):
     dev, engine, path = device(tmp_path, opt_write_zero=4096)
     run(dev.write_zeroes, 1000, 8000)
     assert engine.trace == [
-        "pwritev_zero", ("write", 1000, 3096), ("write-zeroes", 4096, 4096),
-        ("write", 8192, 808), "pwritev_done"]
+        "pwritev_zero",
+        ("write", 1000, 3096),
+        ("write-zeroes", 4096, 4096),
+        ("write", 8192, 808),
+        "pwritev_done",
+    ]
     data = path.read_bytes()
     assert data[1000:9000] == bytes(8000) and data[999] == data[9000] == 0x77
 
@@ -81,9 +86,18 @@ def test_write_zeroes_with_align_pads_like_a_write(tmp_path):
     dev, engine, path = device(tmp_path, align=4096)
     run(dev.write_zeroes, 100, 10000)
     events = [e for e in engine.trace if isinstance(e, str)]
-    assert events == ["pwritev_rmw_head", "pwritev_rmw_after_head", "pwritev_rmw_tail",
-                      "pwritev_rmw_after_tail", "pwritev", "pwritev_done", "pwritev_zero",
-                      "pwritev_done", "pwritev", "pwritev_done"]
+    assert events == [
+        "pwritev_rmw_head",
+        "pwritev_rmw_after_head",
+        "pwritev_rmw_tail",
+        "pwritev_rmw_after_tail",
+        "pwritev",
+        "pwritev_done",
+        "pwritev_zero",
+        "pwritev_done",
+        "pwritev",
+        "pwritev_done",
+    ]
     data = path.read_bytes()
     assert data[100:10100] == bytes(10000) and data[99] == data[10100] == 0x77
 
@@ -103,6 +117,7 @@ def test_seek_answers_as_qemus_fuse_export(tmp_path):
         with pytest.raises(OSError) as info:
             await dev.seek(0, os.SEEK_SET)
         assert info.value.errno == errno.EINVAL
+
     run(main)
     assert engine.trace[0] == ("block-status", 0, 65536)
 
@@ -115,7 +130,8 @@ def test_block_status_rule_fails_seek(tmp_path):
         with pytest.raises(OSError) as info:
             await dev.seek(0, os.SEEK_HOLE, caller=Caller(1, 0, 0))
         assert info.value.errno == errno.EIO
-        assert await dev.seek(51200 + 512, os.SEEK_DATA) == 51712    # past the sector
+        assert await dev.seek(51200 + 512, os.SEEK_DATA) == 51712  # past the sector
+
     run(main)
 
 
@@ -126,6 +142,7 @@ def test_unsafe_flush_never_reaches_blkdebug(tmp_path):
     async def main():
         await dev.write(0, b"x" * 512)
         await dev.flush()
+
     run(main)
     assert "flush_to_disk" not in engine.trace and ("flush", 0, 0) not in engine.trace
 
@@ -137,6 +154,7 @@ def test_format_none_raises_no_raw_events(tmp_path):
         await dev.read(0, 512)
         await dev.write(0, b"x" * 512)
         await dev.flush()
+
     run(main)
     events = [e for e in engine.trace if isinstance(e, str)]
     assert events == ["pwritev", "pwritev_done"]
@@ -147,9 +165,10 @@ def test_o_direct_handles_unaligned_requests_and_the_size_tail(tmp_path, cache):
     dev, _, path = device(tmp_path, size=10000, cache=cache)
 
     async def main():
-        await dev.write(4000, b"\x11" * 6500)           # past the end, unaligned
+        await dev.write(4000, b"\x11" * 6500)  # past the end, unaligned
         assert await dev.read(3990, 20) == b"\x77" * 10 + b"\x11" * 10
         await dev.write_zeroes(5000, 100)
+
     run(main)
     data = path.read_bytes()
     assert len(data) == 10500
@@ -158,11 +177,25 @@ def test_o_direct_handles_unaligned_requests_and_the_size_tail(tmp_path, cache):
 
 
 def test_options_cache_format_and_limits():
-    _, s = parse_options({"cache": "directsync", "format": "none", "align": "512",
-                          "opt-write-zero": "4k", "max-write-zero": "8k",
-                          "opt-discard": "4096", "max-discard": "64k"})
-    assert (s.cache, s.format, s.opt_write_zero, s.max_write_zero, s.opt_discard,
-            s.max_discard) == ("directsync", "none", 4096, 8192, 4096, 65536)
+    _, s = parse_options(
+        {
+            "cache": "directsync",
+            "format": "none",
+            "align": "512",
+            "opt-write-zero": "4k",
+            "max-write-zero": "8k",
+            "opt-discard": "4096",
+            "max-discard": "64k",
+        }
+    )
+    assert (
+        s.cache,
+        s.format,
+        s.opt_write_zero,
+        s.max_write_zero,
+        s.opt_discard,
+        s.max_discard,
+    ) == ("directsync", "none", 4096, 8192, 4096, 65536)
     with pytest.raises(ConfigError, match='did you mean "unsafe"'):
         parse_options({"cache": "unsafr"})
     with pytest.raises(ConfigError, match="format"):
@@ -176,8 +209,10 @@ def test_options_cache_format_and_limits():
 def test_status_shows_the_cache_mode_and_format():
     from blkfuse.control import Control
 
-    control = Control(Engine(), info={"image": "/x.img", "cache": "directsync", "format": "none",
-                                       "opt_discard": 4096})
+    control = Control(
+        Engine(),
+        info={"image": "/x.img", "cache": "directsync", "format": "none", "opt_discard": 4096},
+    )
     first = control.status_text().splitlines()[0]
     assert first == "image: /x.img (cache=directsync, format=none, opt-discard=4096)"
 
@@ -195,15 +230,22 @@ def test_fallocate_maps_modes_as_qemus_fuse_export(tmp_path):
         assert dev.size() == 17000
         await dev.fallocate(0, 17000, 1000)
         assert dev.size() == 18000
-        for mode, error in ((0, errno.EOPNOTSUPP), (FALLOC_FL_PUNCH_HOLE, errno.EINVAL),
-                            (FALLOC_FL_KEEP_SIZE, errno.EOPNOTSUPP)):
+        for mode, error in (
+            (0, errno.EOPNOTSUPP),
+            (FALLOC_FL_PUNCH_HOLE, errno.EINVAL),
+            (FALLOC_FL_KEEP_SIZE, errno.EOPNOTSUPP),
+        ):
             with pytest.raises(OSError) as info:
                 await dev.fallocate(mode, 0, 512)
             assert info.value.errno == error
+
     run(main)
     checks = [e for e in engine.trace if isinstance(e, tuple)]
-    assert checks == [("discard", 12288, 4096), ("write-zeroes", 15000, 1384),
-                      ("write-zeroes", 16000, 1000)]
+    assert checks == [
+        ("discard", 12288, 4096),
+        ("write-zeroes", 15000, 1384),
+        ("write-zeroes", 16000, 1000),
+    ]
     assert path.read_bytes()[12288:17000] == bytes(4712)
 
 
@@ -212,10 +254,11 @@ def test_truncate_counts_as_written(tmp_path):
     dev, engine, _ = device(tmp_path, config=config)
 
     async def main():
-        await dev.flush()                       # nothing written: not checked
+        await dev.flush()  # nothing written: not checked
         dev.truncate(70000)
         with pytest.raises(OSError) as info:
             await dev.flush()
         assert info.value.errno == errno.ENOSPC
+
     run(main)
     assert "flush_to_disk" in engine.trace

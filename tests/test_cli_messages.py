@@ -41,13 +41,14 @@ def test_missing_image_and_mountpoints(mount, fuse_dir):
     r = blkfuse("mount", img, fuse_dir / "no-such-dir")
     assert r.returncode == 1 and "does not exist" in r.stderr and r.stderr.count("\n") == 1
     m = mount()
-    r = blkfuse("mount", img, m.mnt)                      # busy
+    r = blkfuse("mount", img, m.mnt)  # busy
     assert r.returncode == 1 and "already mounted" in r.stderr and r.stderr.count("\n") == 1
     assert sorted(os.listdir(m.mnt)) == ["control", m.name]
 
 
 def test_events_command_lists_every_event():
     from blkfuse.events import EVENTS, REACHABLE_EVENTS
+
     r = blkfuse("events")
     assert r.returncode == 0
     for name in EVENTS:

@@ -23,8 +23,12 @@ IE = "[inject-error]\n"
 # (id, config text, None or the reason blkfuse deliberately decides the other way)
 CONFIG_CASES = [
     ("plain", IE + EV, None),
-    ("every-key", IE + EV + 'state = "0"\niotype = "read"\nerrno = "28"\nsector = "0"\n'
-                       'once = "on"\nimmediately = "yes"\n', None),
+    (
+        "every-key",
+        IE + EV + 'state = "0"\niotype = "read"\nerrno = "28"\nsector = "0"\n'
+        'once = "on"\nimmediately = "yes"\n',
+        None,
+    ),
     ("empty-file", "", None),
     ("comments-and-blank-lines", "# c\n\n" + IE + "\n# d\n" + EV + "\n", None),
     ("unquoted", IE + "event = read_aio\n", None),
@@ -69,21 +73,42 @@ CONFIG_CASES = [
     ("duplicate-section-id", '[inject-error "a"]\n' + EV + '[inject-error "a"]\n' + EV, None),
     ("id-key", IE + EV + 'id = "z"\n', None),
     # --- deliberate differences ---
-    ("header-trailing-text", "[inject-error] junk\n" + EV,
-     "QEMU ignores text after a section header; blkfuse refuses"),
-    ("negative-errno", IE + EV + 'errno = "-5"\n',
-     "QEMU wraps -5 to an errno that silently skips the I/O; blkfuse refuses it"),
-    ("negative-sector", IE + EV + 'sector = "-1"\n',
-     'QEMU wraps "-1" to "any sector"; blkfuse asks you to leave sector out'),
+    (
+        "header-trailing-text",
+        "[inject-error] junk\n" + EV,
+        "QEMU ignores text after a section header; blkfuse refuses",
+    ),
+    (
+        "negative-errno",
+        IE + EV + 'errno = "-5"\n',
+        "QEMU wraps -5 to an errno that silently skips the I/O; blkfuse refuses it",
+    ),
+    (
+        "negative-sector",
+        IE + EV + 'sector = "-1"\n',
+        'QEMU wraps "-1" to "any sector"; blkfuse asks you to leave sector out',
+    ),
     ("errno-name", IE + EV + 'errno = "ENOSPC"\n', "blkfuse also takes errno names"),
-    ("errno-over-fuse-limit", IE + EV + 'errno = "600"\n',
-     "a FUSE reply cannot carry an errno above 511"),
-    ("state-wraps-int", IE + EV + 'state = "4294967297"\n',
-     "QEMU silently truncates a state to an int; blkfuse refuses"),
-    ("dotted-alias", IE + 'event = "pwritev_rmw.head"\n',
-     "pre-2015 dotted names, which QEMU 7.2 no longer knows, still work in blkfuse"),
-    ("trailing-text", IE + 'event = "read_aio" junk\n',
-     "QEMU ignores text after the closing quote, hiding typos; blkfuse refuses"),
+    (
+        "errno-over-fuse-limit",
+        IE + EV + 'errno = "600"\n',
+        "a FUSE reply cannot carry an errno above 511",
+    ),
+    (
+        "state-wraps-int",
+        IE + EV + 'state = "4294967297"\n',
+        "QEMU silently truncates a state to an int; blkfuse refuses",
+    ),
+    (
+        "dotted-alias",
+        IE + 'event = "pwritev_rmw.head"\n',
+        "pre-2015 dotted names, which QEMU 7.2 no longer knows, still work in blkfuse",
+    ),
+    (
+        "trailing-text",
+        IE + 'event = "read_aio" junk\n',
+        "QEMU ignores text after the closing quote, hiding typos; blkfuse refuses",
+    ),
     ("whitespace-only-line", IE + "   \n" + EV, "blkfuse allows blank lines with spaces"),
     ("indented-comment", "  # c\n" + IE + EV, "blkfuse allows indented comments"),
     ("crlf-blank-line", IE + "\r\n" + EV, "blkfuse allows Windows blank lines"),
@@ -99,8 +124,12 @@ OPTION_CASES = [
     ("max-transfer-fraction", "max-transfer=1.5k", None),
     ("max-transfer-below-align", "align=4096,max-transfer=512", None),
     ("max-transfer-too-large", "max-transfer=2G", None),
-    ("rules", "inject-error.0.event=read_aio,inject-error.0.errno=28,inject-error.1.event=write_aio,"
-              "set-state.0.event=none,set-state.0.new_state=2", None),
+    (
+        "rules",
+        "inject-error.0.event=read_aio,inject-error.0.errno=28,inject-error.1.event=write_aio,"
+        "set-state.0.event=none,set-state.0.new_state=2",
+        None,
+    ),
     ("index-gap", "inject-error.0.event=read_aio,inject-error.2.event=read_aio", None),
     ("index-not-from-zero", "inject-error.1.event=read_aio", None),
     ("index-leading-zero", "inject-error.00.event=read_aio", None),
@@ -112,9 +141,16 @@ OPTION_CASES = [
     ("missing-event", "set-state.0.new_state=2", None),
     # --- deliberate differences ---
     ("align-0", "align=0", "QEMU reads align=0 as not set; blkfuse asks you to leave it out"),
-    ("max-transfer-0", "max-transfer=0", "QEMU reads max-transfer=0 as not set; blkfuse too asks to leave it out"),
-    ("quoted-value", 'inject-error.0.event=read_aio,inject-error.0.errno="28"',
-     "option values may carry config-file quotes in blkfuse"),
+    (
+        "max-transfer-0",
+        "max-transfer=0",
+        "QEMU reads max-transfer=0 as not set; blkfuse too asks to leave it out",
+    ),
+    (
+        "quoted-value",
+        'inject-error.0.event=read_aio,inject-error.0.errno="28"',
+        "option values may carry config-file quotes in blkfuse",
+    ),
 ]
 
 
@@ -127,8 +163,9 @@ def image(tmp_path_factory):
 
 def qemu_accepts(argv) -> bool:
     # `length` does no I/O, so a rule that fires cannot be mistaken for a refused config.
-    result = subprocess.run(["qemu-io", *argv, "-c", "length"], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        ["qemu-io", *argv, "-c", "length"], capture_output=True, text=True, timeout=60
+    )
     if result.returncode != 0:
         assert "can't open" in result.stderr, result.stderr
     return result.returncode == 0
@@ -149,8 +186,9 @@ def check_agreement(ours: bool, qemu: bool, difference: str | None):
         assert ours != qemu, f"listed as a deliberate difference ({difference}) but both agree"
 
 
-@pytest.mark.parametrize("text, difference", [case[1:] for case in CONFIG_CASES],
-                         ids=[case[0] for case in CONFIG_CASES])
+@pytest.mark.parametrize(
+    "text, difference", [case[1:] for case in CONFIG_CASES], ids=[case[0] for case in CONFIG_CASES]
+)
 def test_config_file_verdict_matches_qemu(text, difference, image, tmp_path):
     conf = tmp_path / "blkdebug.conf"
     conf.write_text(text, newline="")
@@ -158,11 +196,19 @@ def test_config_file_verdict_matches_qemu(text, difference, image, tmp_path):
     check_agreement(blkfuse_accepts(parse_config_text, text), qemu, difference)
 
 
-@pytest.mark.parametrize("options, difference", [case[1:] for case in OPTION_CASES],
-                         ids=[case[0] for case in OPTION_CASES])
+@pytest.mark.parametrize(
+    "options, difference",
+    [case[1:] for case in OPTION_CASES],
+    ids=[case[0] for case in OPTION_CASES],
+)
 def test_option_verdict_matches_qemu(options, difference, image):
     prefixed = ",".join("file." + item for item in options.split(","))
-    qemu = qemu_accepts(["--image-opts", "driver=raw,file.driver=blkdebug,file.image.driver=file,"
-                         f"file.image.filename={image},{prefixed}"])
+    qemu = qemu_accepts(
+        [
+            "--image-opts",
+            "driver=raw,file.driver=blkdebug,file.image.driver=file,"
+            f"file.image.filename={image},{prefixed}",
+        ]
+    )
     ours = blkfuse_accepts(lambda s: parse_options(parse_option_string(s)), options)
     check_agreement(ours, qemu, difference)

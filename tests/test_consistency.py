@@ -22,6 +22,7 @@ def control_error(text: str) -> ControlError:
         with pytest.raises(ControlError) as info:
             await control.execute(text)
         return info.value
+
     return trio.run(go)
 
 
@@ -31,8 +32,12 @@ def control_answer(text: str) -> str:
 
 def test_an_unknown_event_is_enoent_with_one_message_in_every_command():
     messages = set()
-    for text in ("break read_aoi A", "inject-error event=read_aoi",
-                 "set-state event=read_aoi new_state=2", "inject_error event=read_aoi"):
+    for text in (
+        "break read_aoi A",
+        "inject-error event=read_aoi",
+        "set-state event=read_aoi new_state=2",
+        "inject_error event=read_aoi",
+    ):
         e = control_error(text)
         assert e.errno == errno.ENOENT, (text, e.message)
         messages.add(e.message)
@@ -56,8 +61,9 @@ def test_runtime_rules_say_never_fires_and_warn_on_a_missing_new_state():
 def test_check_without_a_path_and_its_warnings():
     r = CliRunner().invoke(main, ["check", "-o", "set-state.0.event=write_aio,growable=on"])
     assert r.exit_code == 0, r.output
-    assert "-o set-state.0: set-state event=write_aio new_state=0 (warning: new_state is 0" \
-        in r.output
+    assert (
+        "-o set-state.0: set-state event=write_aio new_state=0 (warning: new_state is 0" in r.output
+    )
     assert "growable=on (not portable" in r.output
     r = CliRunner().invoke(main, ["check"])
     assert r.exit_code == 1 and "PATH, -o options, or both" in r.output

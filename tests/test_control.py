@@ -23,8 +23,12 @@ def make(rules=(), reload=None):
 
 
 def snapshot(engine):
-    return (engine.state, [config.format_rule(r) for r in engine.rules()],
-            [r.id for r in engine.active()], engine.breakpoints())
+    return (
+        engine.state,
+        [config.format_rule(r) for r in engine.rules()],
+        [r.id for r in engine.active()],
+        engine.breakpoints(),
+    )
 
 
 def fails(control, text, err):
@@ -32,6 +36,7 @@ def fails(control, text, err):
         with pytest.raises(ControlError) as info:
             await control.execute(text)
         return info.value
+
     e = run(go)
     assert e.errno == err, e.message
     return e
@@ -40,10 +45,12 @@ def fails(control, text, err):
 def ok(control, text):
     async def go():
         return await control.execute(text)
+
     return run(go)
 
 
 # ---- parsing ------------------------------------------------------------------------------
+
 
 def test_blank_lines_and_comments_are_ignored():
     assert parse("\n   \n# a comment\n  # another\n") == []
@@ -59,6 +66,7 @@ def test_dotted_event_alias_is_accepted():
 
 def test_every_command_has_usage_help_and_a_parser():
     from blkfuse.control import COMMANDS, commands, help_text
+
     text = help_text()
     for c in commands():
         assert c.usage.split()[0] == c.name
@@ -67,22 +75,25 @@ def test_every_command_has_usage_help_and_a_parser():
             assert COMMANDS[alias] is c
 
 
-@pytest.mark.parametrize("text, err, words", [
-    ("frobnicate", errno.EINVAL, "unknown command"),
-    ("break read_aio", errno.EINVAL, "usage: break EVENT TAG"),
-    ("break read_aoi A", errno.ENOENT, "unknown event"),
-    ("resume", errno.EINVAL, "usage"),
-    ("wait_break A soon", errno.EINVAL, "timeout"),
-    ("wait_break A -1", errno.EINVAL, "timeout"),
-    ("remove x", errno.EINVAL, "rule id"),
-    ("state -2", errno.EINVAL, "negative"),
-    ("clear now", errno.EINVAL, "clear"),
-    ("inject-error", errno.EINVAL, "usage"),
-    ("inject-error event=read_aio errno=EWHAT", errno.EINVAL, "errno"),
-    ("inject-error event=nope", errno.ENOENT, "nope"),
-    ("set-state event=read_aio colour=blue", errno.EINVAL, "colour"),
-    ('break read_aio "A', errno.EINVAL, "quotation"),
-])
+@pytest.mark.parametrize(
+    "text, err, words",
+    [
+        ("frobnicate", errno.EINVAL, "unknown command"),
+        ("break read_aio", errno.EINVAL, "usage: break EVENT TAG"),
+        ("break read_aoi A", errno.ENOENT, "unknown event"),
+        ("resume", errno.EINVAL, "usage"),
+        ("wait_break A soon", errno.EINVAL, "timeout"),
+        ("wait_break A -1", errno.EINVAL, "timeout"),
+        ("remove x", errno.EINVAL, "rule id"),
+        ("state -2", errno.EINVAL, "negative"),
+        ("clear now", errno.EINVAL, "clear"),
+        ("inject-error", errno.EINVAL, "usage"),
+        ("inject-error event=read_aio errno=EWHAT", errno.EINVAL, "errno"),
+        ("inject-error event=nope", errno.ENOENT, "nope"),
+        ("set-state event=read_aio colour=blue", errno.EINVAL, "colour"),
+        ('break read_aio "A', errno.EINVAL, "quotation"),
+    ],
+)
 def test_invalid_lines(text, err, words):
     engine, control = make()
     e = fails(control, "# first\n" + text, err)
@@ -96,24 +107,46 @@ def test_invalid_lines(text, err, words):
 def test_one_bad_line_applies_nothing():
     engine, control = make([InjectError("read_aio")])
     before = snapshot(engine)
-    text = ("inject-error event=write_aio errno=ENOSPC\n"
-            "break write_aio A\n"
-            "state 7\n"
-            "clear\n"
-            "inject-error event=read_aio sector=banana\n")
+    text = (
+        "inject-error event=write_aio errno=ENOSPC\n"
+        "break write_aio A\n"
+        "state 7\n"
+        "clear\n"
+        "inject-error event=read_aio sector=banana\n"
+    )
     e = fails(control, text, errno.EINVAL)
     assert e.message.startswith("line 5:")
     assert snapshot(engine) == before
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.sampled_from([
-    "inject-error event=read_aio errno=28", "set-state event=write_aio new_state=2",
-    "break read_aio T", "state 3", "clear", "# comment", "",
-]), max_size=6), st.sampled_from([
-    "bogus", "state x", "break nonesuch T", "inject-error event=read_aio once=maybe",
-    "remove", "wait_break",
-]), st.integers(0, 6))
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                "inject-error event=read_aio errno=28",
+                "set-state event=write_aio new_state=2",
+                "break read_aio T",
+                "state 3",
+                "clear",
+                "# comment",
+                "",
+            ]
+        ),
+        max_size=6,
+    ),
+    st.sampled_from(
+        [
+            "bogus",
+            "state x",
+            "break nonesuch T",
+            "inject-error event=read_aio once=maybe",
+            "remove",
+            "wait_break",
+        ]
+    ),
+    st.integers(0, 6),
+)
 def test_any_invalid_line_leaves_everything_as_it_was(good, bad, where):
     engine, control = make([InjectError("read_aio", sector=3), SetState("none", new_state=2)])
     before = snapshot(engine)
@@ -125,13 +158,20 @@ def test_any_invalid_line_leaves_everything_as_it_was(good, bad, where):
 
 # ---- commands -----------------------------------------------------------------------------
 
+
 def test_inject_error_reports_its_id():
     engine, control = make([InjectError("read_aio")])
     ok(control, 'inject-error event=write_aio errno="ENOSPC" sector=8 once=on')
     assert control.last_result == "added rule 2"
     rule = engine.rules()[-1]
-    assert (rule.id, rule.event, rule.errno, rule.sector, rule.once, rule.source) == \
-        (2, "write_aio", errno.ENOSPC, 8, True, "control")
+    assert (rule.id, rule.event, rule.errno, rule.sector, rule.once, rule.source) == (
+        2,
+        "write_aio",
+        errno.ENOSPC,
+        8,
+        True,
+        "control",
+    )
     d = control.status_dict()
     assert d["rules"][-1]["id"] == 2 and d["rules"][-1]["errno_name"] == "ENOSPC"
     assert "added rule 2" in control.status_text()
@@ -157,7 +197,7 @@ def test_runtime_failure_stops_at_its_line_and_keeps_earlier_lines():
     e = fails(control, "state 9\nresume NOPE\nstate 10", errno.ENOENT)
     assert e.message.startswith("line 2:") and "NOPE" in e.message
     assert "lines before it were applied" in e.message
-    assert engine.state == 9                    # line 1 done, line 3 not run
+    assert engine.state == 9  # line 1 done, line 3 not run
     fails(control, "remove 42", errno.ENOENT)
     fails(control, "remove_break X", errno.ENOENT)
 
@@ -198,8 +238,13 @@ def test_breakpoint_suspend_status_resume():
             await control.execute("wait_break A")
             d = control.status_dict()
             [s] = d["suspended"]
-            assert (s["tags"], s["event"], s["op"], s["offset"], s["length"]) == \
-                (["A"], "write_aio", "write", 4096, 512)
+            assert (s["tags"], s["event"], s["op"], s["offset"], s["length"]) == (
+                ["A"],
+                "write_aio",
+                "write",
+                4096,
+                512,
+            )
             assert "A at write_aio: write offset=4096 length=512" in control.status_text()
             order.append("resuming")
             await control.execute("resume A")
@@ -222,6 +267,7 @@ def test_close_fails_pending_wait_break_and_new_commands():
                     await control.execute("wait_break A")
                 except ControlError as e:
                     result["errno"] = e.errno
+
             n.start_soon(waiter)
             await trio.testing.wait_all_tasks_blocked()
             control.close()
@@ -231,6 +277,7 @@ def test_close_fails_pending_wait_break_and_new_commands():
         assert info.value.errno == errno.ESHUTDOWN
 
     import trio.testing  # noqa: F401
+
     trio.run(main)
 
 
@@ -267,15 +314,33 @@ def test_help_and_status_answers():
 
 
 def test_status_dict_is_json_and_stable():
-    engine, control = make([InjectError("read_aio", errno=errno.ENOSPC),
-                            SetState("read_aio", new_state=3)])
+    engine, control = make(
+        [InjectError("read_aio", errno=errno.ENOSPC), SetState("read_aio", new_state=3)]
+    )
     engine.fire("read_aio", Request("read", 0, 512))
     assert engine.check("read", 0, 512) == errno.ENOSPC
     d = json.loads(json.dumps(control.status_dict()))
-    assert set(d) == {"info", "state", "rules", "active", "breakpoints", "suspended", "waiting",
-                      "waiting_hits", "events", "seed", "rules_healed", "held",
-                      "errors_injected", "interrupted", "last_result", "last_error",
-                      "last_error_errno", "power", "unsynced"}
+    assert set(d) == {
+        "info",
+        "state",
+        "rules",
+        "active",
+        "breakpoints",
+        "suspended",
+        "waiting",
+        "waiting_hits",
+        "events",
+        "seed",
+        "rules_healed",
+        "held",
+        "errors_injected",
+        "interrupted",
+        "last_result",
+        "last_error",
+        "last_error_errno",
+        "power",
+        "unsynced",
+    }
     assert d["state"] == 3
     assert d["events"] == {"read_aio": 1, "none": 1}
     assert d["errors_injected"] == [{"errno": errno.ENOSPC, "name": "ENOSPC", "count": 1}]
@@ -291,7 +356,7 @@ def test_misspelt_command_and_event_suggest_the_closest_name():
     assert 'did you mean "break"' in fails(control, "brek write_aio A", errno.EINVAL).message
     assert 'did you mean "write_aio"' in fails(control, "break write_aoi A", errno.ENOENT).message
     assert 'try "help"' in fails(control, "xyzzy", errno.EINVAL).message
-    assert "xyzzy" in control.status_text()           # the last error stays readable
+    assert "xyzzy" in control.status_text()  # the last error stays readable
 
 
 def test_text_status_caps_the_rule_list_and_json_lists_all():

@@ -51,9 +51,11 @@ def _pool_size() -> int:
 
 
 def _report(seed, scenarios, failures, oracle_errors, deliberate, what) -> str:
-    lines = [f"{what}: {len(failures)} of {len(scenarios)} scenarios disagree with qemu-io "
-             f"(rerun with BLKFUSE_DIFF_SEED={seed}); {len(deliberate)} stopped at the "
-             f"deliberate RMW difference; {D.qemu_io_version()}"]
+    lines = [
+        f"{what}: {len(failures)} of {len(scenarios)} scenarios disagree with qemu-io "
+        f"(rerun with BLKFUSE_DIFF_SEED={seed}); {len(deliberate)} stopped at the "
+        f"deliberate RMW difference; {D.qemu_io_version()}"
+    ]
     for sc, problems in failures[:15]:
         lines.append(sc.describe())
         lines += [f"    {p}" for p in problems]
@@ -66,17 +68,21 @@ def _report(seed, scenarios, failures, oracle_errors, deliberate, what) -> str:
 def test_generator_is_deterministic():
     a = D.generate_all(1234, 40)
     b = D.generate_all(1234, 40)
-    assert [(s.config, s.ops, s.cache, s.align, s.max_transfer, s.format, s.limits)
-            for s in a] == \
-           [(s.config, s.ops, s.cache, s.align, s.max_transfer, s.format, s.limits) for s in b]
+    assert [(s.config, s.ops, s.cache, s.align, s.max_transfer, s.format, s.limits) for s in a] == [
+        (s.config, s.ops, s.cache, s.align, s.max_transfer, s.format, s.limits) for s in b
+    ]
     assert {s.profile for s in a} == set(D.PROFILES)
 
 
 def test_flush_results_are_read_exactly():
     """The reopen-for-flush reading (tests/differential.py) sees a failing flush and its errno."""
-    sc = D.Scenario(seed=0, index=0, profile="writeback", ops=[
-        ("write", 0, 512, 0x11), ("flush",), ("flush",), ("read", 0, 512)],
-        config='[inject-error]\nevent = "flush_to_os"\nerrno = "28"\nonce = "on"\n')
+    sc = D.Scenario(
+        seed=0,
+        index=0,
+        profile="writeback",
+        ops=[("write", 0, 512, 0x11), ("flush",), ("flush",), ("read", 0, 512)],
+        config='[inject-error]\nevent = "flush_to_os"\nerrno = "28"\nonce = "on"\n',
+    )
     answer = D.run_qemu(sc)
     assert answer.inconsistency(sc, len(sc.ops)) is None
     assert [r.error for r in answer.results] == [0, 28, 0, 0]
@@ -99,7 +105,7 @@ def _differential(target: str, count: int, run_ours) -> None:
     """Generate `count` scenarios, ask qemu-io, run each through `run_ours(k, scenario)` ->
     (results, image, deliberate differences), and fail on any disagreement."""
     seed = _seed()
-    print(f"BLKFUSE_DIFF_SEED={seed}")      # shown by pytest whenever the test fails
+    print(f"BLKFUSE_DIFF_SEED={seed}")  # shown by pytest whenever the test fails
     scenarios = D.generate_all(seed, count)
     with ThreadPoolExecutor(_pool_size()) as pool:
         answers = list(pool.map(D.run_qemu, scenarios))
@@ -115,12 +121,15 @@ def _differential(target: str, count: int, run_ours) -> None:
             deliberate.append((sc, note))
         if problems:
             failures.append((sc, problems))
-    print(f"\ndifferential ({target}): seed {seed}, {len(scenarios)} scenarios, "
-          f"{len(failures)} disagreements, {len(deliberate)} cut at the deliberate RMW "
-          f"difference, {len(oracle_errors)} oracle errors; ops (failed in qemu-io): "
-          + ", ".join(f"{kind} {n} ({bad})" for kind, (n, bad) in _op_counts(scenarios, answers)))
+    print(
+        f"\ndifferential ({target}): seed {seed}, {len(scenarios)} scenarios, "
+        f"{len(failures)} disagreements, {len(deliberate)} cut at the deliberate RMW "
+        f"difference, {len(oracle_errors)} oracle errors; ops (failed in qemu-io): "
+        + ", ".join(f"{kind} {n} ({bad})" for kind, (n, bad) in _op_counts(scenarios, answers))
+    )
     assert not failures and not oracle_errors, _report(
-        seed, scenarios, failures, oracle_errors, deliberate, target)
+        seed, scenarios, failures, oracle_errors, deliberate, target
+    )
 
 
 def test_block_layer_matches_qemu_io():

@@ -21,10 +21,10 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
-
-import oracle
 import qsd
 from test_differential_qemu import _count, _seed
+
+import oracle
 
 pytestmark = [
     pytest.mark.qemu,
@@ -53,11 +53,15 @@ def _qsd_differential(target: str, count: int, run_ours) -> None:
                 noise.append(sc)
                 continue
             failures.append((sc, problems))
-    print(f"\nqsd differential ({target}): seed {seed}, {len(scenarios)} scenarios, "
-          f"{len(failures)} disagreements, {cut} cut at the deliberate RMW difference, "
-          f"{len(noise)} not reproducible in QEMU, {len(oracle_errors)} oracle errors")
-    lines = [f"{target}: {len(failures)} of {len(scenarios)} file scenarios disagree with "
-             f"qemu-storage-daemon's FUSE export (rerun with BLKFUSE_DIFF_SEED={seed})"]
+    print(
+        f"\nqsd differential ({target}): seed {seed}, {len(scenarios)} scenarios, "
+        f"{len(failures)} disagreements, {cut} cut at the deliberate RMW difference, "
+        f"{len(noise)} not reproducible in QEMU, {len(oracle_errors)} oracle errors"
+    )
+    lines = [
+        f"{target}: {len(failures)} of {len(scenarios)} file scenarios disagree with "
+        f"qemu-storage-daemon's FUSE export (rerun with BLKFUSE_DIFF_SEED={seed})"
+    ]
     for sc, problems in failures[:10]:
         lines += [sc.describe()] + [f"    {p}" for p in problems]
     for sc, err in oracle_errors[:5]:

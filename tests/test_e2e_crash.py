@@ -21,13 +21,22 @@ def test_sqlite_survives_power_cuts_and_the_controls_bite():
     if not os.path.exists("/dev/loop-control"):
         pytest.skip("no loop devices here (/dev/loop-control is missing)")
     iterations = int(os.environ.get("BLKFUSE_CRASH_ITERATIONS", "20"))
-    run = subprocess.run([str(SCRIPT), "--iterations", str(iterations),
-                          "--control-iterations", "10"],
-                         capture_output=True, text=True, timeout=1800)
+    run = subprocess.run(
+        [str(SCRIPT), "--iterations", str(iterations), "--control-iterations", "10"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     out = run.stdout + run.stderr
     assert run.returncode == 0, out
-    assert len(re.findall(r"^PASS synchronous=FULL seed=\d+: .*integrity ok, all \d+ committed",
-                          out, re.M)) == iterations, out
+    assert (
+        len(
+            re.findall(
+                r"^PASS synchronous=FULL seed=\d+: .*integrity ok, all \d+ committed", out, re.M
+            )
+        )
+        == iterations
+    ), out
     assert re.search(r"^PASS control synchronous=OFF seed=\d+: bit as expected", out, re.M), out
     assert re.search(r"^PASS control ext4 barrier=0 seed=\d+: bit as expected", out, re.M), out
     # Only this run's mounts: other test runs on the machine may run the script meanwhile.

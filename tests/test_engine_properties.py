@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from blkfuse.effects import Effect
 from blkfuse.engine import Caller, Engine
-from blkfuse.events import IOTYPES, DEFAULT_IOTYPES
+from blkfuse.events import DEFAULT_IOTYPES, IOTYPES
 from blkfuse.rules import Extensions, InjectError, SetState
 
 EVENTS = ["none", "read_aio", "write_aio", "pwritev", "flush_to_os"]
@@ -60,7 +60,7 @@ class Model:
         self.order = {id(r): i for i, r in enumerate(self.rules)}
         self.state = 1
         self.active = []
-        self.kept = []              # persistent rules once armed
+        self.kept = []  # persistent rules once armed
         self.random = random.Random(seed)
         self.fire("none")
 
@@ -98,8 +98,11 @@ class Model:
                     self._remove(rule)
                 return rule.errno
             if rule.pid >= 0 or rule.uid >= 0:
-                if caller is None or rule.pid not in (-1, caller.pid) \
-                        or rule.uid not in (-1, caller.uid):
+                if (
+                    caller is None
+                    or rule.pid not in (-1, caller.pid)
+                    or rule.uid not in (-1, caller.uid)
+                ):
                     continue
             if rule.heal and iotype == "write":
                 start, end = rule.span()
@@ -110,7 +113,9 @@ class Model:
                 continue
             if rule.probability < 1 and self.random.random() >= rule.probability:
                 continue
-            delay = rule.delay_us + (self.random.randint(0, rule.jitter_us) if rule.jitter_us else 0)
+            delay = rule.delay_us + (
+                self.random.randint(0, rule.jitter_us) if rule.jitter_us else 0
+            )
             corrupt = rule.corrupt if iotype in ("read", "write") else ""
             if not (rule.errno or delay or corrupt):
                 return 0
@@ -119,8 +124,7 @@ class Model:
                 self._remove(rule)
             if not (delay or corrupt):
                 return rule.errno
-            return (rule.errno, delay / 1e6, corrupt,
-                    self.random.getrandbits(64) if corrupt else 0)
+            return (rule.errno, delay / 1e6, corrupt, self.random.getrandbits(64) if corrupt else 0)
         return 0
 
     def written(self, offset, length):
@@ -132,18 +136,35 @@ class Model:
 
 
 model_rules = st.one_of(
-    st.builds(ModelRule, inject=st.just(True), event=st.sampled_from(EVENTS),
-              state=st.integers(0, 3), errno=st.integers(0, 30),
-              sector=st.one_of(st.just(-1), st.integers(0, 8)), once=st.booleans(),
-              iotypes=st.one_of(st.just(DEFAULT_IOTYPES), st.sampled_from(IOTYPES).map(lambda t: frozenset({t})))),
-    st.builds(ModelRule, inject=st.just(False), event=st.sampled_from(EVENTS),
-              state=st.integers(0, 3), new_state=st.integers(0, 3)),
+    st.builds(
+        ModelRule,
+        inject=st.just(True),
+        event=st.sampled_from(EVENTS),
+        state=st.integers(0, 3),
+        errno=st.integers(0, 30),
+        sector=st.one_of(st.just(-1), st.integers(0, 8)),
+        once=st.booleans(),
+        iotypes=st.one_of(
+            st.just(DEFAULT_IOTYPES), st.sampled_from(IOTYPES).map(lambda t: frozenset({t}))
+        ),
+    ),
+    st.builds(
+        ModelRule,
+        inject=st.just(False),
+        event=st.sampled_from(EVENTS),
+        state=st.integers(0, 3),
+        new_state=st.integers(0, 3),
+    ),
 )
 
 operations = st.one_of(
     st.tuples(st.just("fire"), st.sampled_from(EVENTS)),
-    st.tuples(st.just("check"), st.sampled_from(IOTYPES), st.integers(0, 10).map(lambda s: s * 512 - (s % 3)),
-              st.sampled_from([0, 1, 512, 4096, 1000])),
+    st.tuples(
+        st.just("check"),
+        st.sampled_from(IOTYPES),
+        st.integers(0, 10).map(lambda s: s * 512 - (s % 3)),
+        st.sampled_from([0, 1, 512, 4096, 1000]),
+    ),
     st.tuples(st.just("state"), st.integers(0, 3)),
 )
 
@@ -152,12 +173,28 @@ def to_engine_rule(rule: ModelRule):
     if rule.inject:
         ext = None
         if rule.extended:
-            ext = Extensions(probability=rule.probability, after=rule.after, count=rule.count,
-                             sectors=rule.sectors, delay_us=rule.delay_us,
-                             jitter_us=rule.jitter_us, corrupt=rule.corrupt, pid=rule.pid,
-                             uid=rule.uid, heal=rule.heal, persistent=rule.persistent)
-        return InjectError(rule.event, state=rule.state, errno=rule.errno, sector=rule.sector,
-                           once=rule.once, iotypes=rule.iotypes, ext=ext)
+            ext = Extensions(
+                probability=rule.probability,
+                after=rule.after,
+                count=rule.count,
+                sectors=rule.sectors,
+                delay_us=rule.delay_us,
+                jitter_us=rule.jitter_us,
+                corrupt=rule.corrupt,
+                pid=rule.pid,
+                uid=rule.uid,
+                heal=rule.heal,
+                persistent=rule.persistent,
+            )
+        return InjectError(
+            rule.event,
+            state=rule.state,
+            errno=rule.errno,
+            sector=rule.sector,
+            once=rule.once,
+            iotypes=rule.iotypes,
+            ext=ext,
+        )
     return SetState(rule.event, state=rule.state, new_state=rule.new_state)
 
 
@@ -192,16 +229,27 @@ def test_engine_matches_naive_model(rules, ops):
 
 
 armed_at_mount = st.builds(
-    ModelRule, inject=st.just(True), event=st.just("none"), state=st.just(0),
-    errno=st.integers(1, 30), sector=st.one_of(st.just(-1), st.integers(0, 16)),
+    ModelRule,
+    inject=st.just(True),
+    event=st.just("none"),
+    state=st.just(0),
+    errno=st.integers(1, 30),
+    sector=st.one_of(st.just(-1), st.integers(0, 16)),
     once=st.booleans(),
-    iotypes=st.one_of(st.just(DEFAULT_IOTYPES), st.sampled_from(IOTYPES).map(lambda t: frozenset({t}))))
+    iotypes=st.one_of(
+        st.just(DEFAULT_IOTYPES), st.sampled_from(IOTYPES).map(lambda t: frozenset({t}))
+    ),
+)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(armed_at_mount, min_size=1, max_size=20),
-       st.lists(st.tuples(st.sampled_from(IOTYPES[:4]), st.integers(0, 8200), st.integers(1, 8192)),
-                max_size=30))
+@given(
+    st.lists(armed_at_mount, min_size=1, max_size=20),
+    st.lists(
+        st.tuples(st.sampled_from(IOTYPES[:4]), st.integers(0, 8200), st.integers(1, 8192)),
+        max_size=30,
+    ),
+)
 def test_index_keeps_first_in_file_priority(rules, checks):
     """The sector index must pick exactly the rule a linear scan would."""
     model = Model(rules)
@@ -219,12 +267,19 @@ CALLERS = [None] + [Caller(pid, uid, 0) for pid in PIDS for uid in (0, 1000)]
 
 @st.composite
 def extended_rules(draw):
-    rule = ModelRule(inject=True, event=draw(st.sampled_from(EVENTS)),
-                     state=draw(st.integers(0, 3)), errno=draw(st.sampled_from([0, 5, 28])),
-                     sector=draw(st.one_of(st.just(-1), st.integers(0, 8))),
-                     iotypes=draw(st.one_of(st.just(DEFAULT_IOTYPES),
-                                            st.sampled_from(IOTYPES).map(lambda t: frozenset({t})))),
-                     extended=True)
+    rule = ModelRule(
+        inject=True,
+        event=draw(st.sampled_from(EVENTS)),
+        state=draw(st.integers(0, 3)),
+        errno=draw(st.sampled_from([0, 5, 28])),
+        sector=draw(st.one_of(st.just(-1), st.integers(0, 8))),
+        iotypes=draw(
+            st.one_of(
+                st.just(DEFAULT_IOTYPES), st.sampled_from(IOTYPES).map(lambda t: frozenset({t}))
+            )
+        ),
+        extended=True,
+    )
     rule.probability = draw(st.sampled_from([1.0, 1.0, 0.5, 0.1]))
     rule.after = draw(st.sampled_from([0, 0, 1, 3]))
     limit = draw(st.sampled_from(["", "", "once", "count"]))
@@ -248,18 +303,28 @@ mixed_rules = st.one_of(model_rules, extended_rules())
 
 extended_operations = st.one_of(
     st.tuples(st.just("fire"), st.sampled_from(EVENTS)),
-    st.tuples(st.just("check"), st.sampled_from(IOTYPES),
-              st.integers(0, 10).map(lambda s: s * 512 - (s % 3)),
-              st.sampled_from([0, 1, 512, 4096, 1000, 200_000]), st.sampled_from(CALLERS)),
-    st.tuples(st.just("written"), st.integers(0, 12).map(lambda s: s * 512),
-              st.sampled_from([512, 4096, 200_000])),
+    st.tuples(
+        st.just("check"),
+        st.sampled_from(IOTYPES),
+        st.integers(0, 10).map(lambda s: s * 512 - (s % 3)),
+        st.sampled_from([0, 1, 512, 4096, 1000, 200_000]),
+        st.sampled_from(CALLERS),
+    ),
+    st.tuples(
+        st.just("written"),
+        st.integers(0, 12).map(lambda s: s * 512),
+        st.sampled_from([512, 4096, 200_000]),
+    ),
     st.tuples(st.just("state"), st.integers(0, 3)),
 )
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.lists(mixed_rules, max_size=12), st.lists(extended_operations, max_size=50),
-       st.integers(0, 2**32))
+@given(
+    st.lists(mixed_rules, max_size=12),
+    st.lists(extended_operations, max_size=50),
+    st.integers(0, 2**32),
+)
 def test_extension_keys_match_naive_model(rules, ops, seed):
     model = Model(rules, seed)
     engine = Engine([to_engine_rule(r) for r in rules], seed=seed)
@@ -278,24 +343,39 @@ def test_extension_keys_match_naive_model(rules, ops, seed):
             offset = max(offset, 0)
             if iotype == "flush":
                 length = 0
-            assert comparable(engine.check(iotype, offset, length, caller)) == \
-                model.check(iotype, offset, length, caller), op
+            assert comparable(engine.check(iotype, offset, length, caller)) == model.check(
+                iotype, offset, length, caller
+            ), op
         assert engine.state == model.state
-        assert [r.id for r in engine.active()] == \
-            [model.order[id(r)] + 1 for r in model.armed()]
+        assert [r.id for r in engine.active()] == [model.order[id(r)] + 1 for r in model.armed()]
         assert len([r for r in engine.rules() if not r.spent]) == len(model.rules)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 5000), st.integers(1, 3000), st.booleans()),
-                min_size=1, max_size=40),
-       st.lists(st.tuples(st.integers(0, 5000 * 512), st.integers(1, 600_000)), max_size=40))
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 5000), st.integers(1, 3000), st.booleans()),
+        min_size=1,
+        max_size=40,
+    ),
+    st.lists(st.tuples(st.integers(0, 5000 * 512), st.integers(1, 600_000)), max_size=40),
+)
 def test_range_index_finds_what_a_scan_finds(ranges, checks):
     """Ranges of every length class, overlapping or not: the bucketed index picks exactly
     the first-in-file rule a scan over every range would."""
-    rules = [ModelRule(inject=True, event="none", state=0, errno=i + 1, sector=sector,
-                       sectors=sectors, extended=True, persistent=persistent)
-             for i, (sector, sectors, persistent) in enumerate(ranges)]
+    rules = [
+        ModelRule(
+            inject=True,
+            event="none",
+            state=0,
+            errno=i + 1,
+            sector=sector,
+            sectors=sectors,
+            extended=True,
+            persistent=persistent,
+        )
+        for i, (sector, sectors, persistent) in enumerate(ranges)
+    ]
     model = Model(rules)
     engine = Engine([to_engine_rule(r) for r in rules])
     for offset, length in checks:

@@ -34,20 +34,23 @@ def run_with_waiter(engine, rule_id, timeout, poke):
 def test_wait_hit_returns_when_an_inject_rule_fails_a_request():
     engine = Engine([InjectError("read_aio", errno=5)])
     engine.fire("read_aio")
-    engine.check("read", 0, 512)                          # a hit before the wait: not counted
+    engine.check("read", 0, 512)  # a hit before the wait: not counted
     assert run_with_waiter(engine, 1, None, lambda e: e.check("read", 0, 512)) == {"hits": 2}
 
 
 def test_wait_hit_counts_set_state_changes_and_once_rules_end_spent():
-    engine = Engine([SetState("write_aio", state=1, new_state=2),
-                     InjectError("write_aio", state=2, errno=28, once=True)])
+    engine = Engine(
+        [
+            SetState("write_aio", state=1, new_state=2),
+            InjectError("write_aio", state=2, errno=28, once=True),
+        ]
+    )
     assert run_with_waiter(engine, 1, None, lambda e: e.fire("write_aio")) == {"hits": 1}
-    engine.fire("write_aio")                              # state 2: arms rule 2
-    assert run_with_waiter(engine, 2, None,
-                           lambda e: e.check("write", 0, 1)) == {"hits": 1}
+    engine.fire("write_aio")  # state 2: arms rule 2
+    assert run_with_waiter(engine, 2, None, lambda e: e.check("write", 0, 1)) == {"hits": 1}
     [_, spent] = engine.rules()
     assert spent.spent and spent.hits == 1
-    engine.fire("write_aio")                              # a spent rule is never armed again
+    engine.fire("write_aio")  # a spent rule is never armed again
     assert engine.check("write", 0, 1) == 0
     box = run_with_waiter(engine, 2, None, lambda e: None)
     assert box["error"].errno == errno.ENOENT and "spent" in box["error"].message

@@ -35,20 +35,41 @@ def bad(*words) -> str:
 
 # ---- parsing ------------------------------------------------------------------------------
 
+
 def test_every_key_parses_and_formats_back():
-    r = rule("event=none", "sector=8", "sectors=16", "probability=0.25", "after=2", "count=3",
-             "delay=1.5s", "jitter=200us", "corrupt=random", "corrupt-bytes=4", "pid=77",
-             "comm=my prog", "uid=1000", "heal=on", "persistent=on")
+    r = rule(
+        "event=none",
+        "sector=8",
+        "sectors=16",
+        "probability=0.25",
+        "after=2",
+        "count=3",
+        "delay=1.5s",
+        "jitter=200us",
+        "corrupt=random",
+        "corrupt-bytes=4",
+        "pid=77",
+        "comm=my prog",
+        "uid=1000",
+        "heal=on",
+        "persistent=on",
+    )
     ext = r.ext
     assert (ext.probability, ext.after, ext.count, ext.sectors) == (0.25, 2, 3, 16)
     assert (ext.delay_us, ext.jitter_us) == (1_500_000, 200)
-    assert (ext.corrupt, ext.corrupt_bytes, ext.pid, ext.comm, ext.uid) == \
-        ("random", 4, 77, "my prog", 1000)
+    assert (ext.corrupt, ext.corrupt_bytes, ext.pid, ext.comm, ext.uid) == (
+        "random",
+        4,
+        77,
+        "my prog",
+        1000,
+    )
     assert ext.heal and ext.persistent
-    assert r.errno == 0                      # delay or corrupt without errno: no failure
+    assert r.errno == 0  # delay or corrupt without errno: no failure
     line = format_rule(r)
     assert 'comm="my prog"' in line and "delay=1500ms" in line
     import shlex
+
     again = parse_rule_args("inject-error", shlex.split(line)[1:])
     assert format_rule(again) == line
     # and through a config file
@@ -58,50 +79,59 @@ def test_every_key_parses_and_formats_back():
 
 def test_qemu_rules_carry_no_extensions():
     assert rule("event=read_aio", "errno=5", "sector=3", "once=on").ext is None
-    assert rule("event=read_aio").errno == errno.EIO         # QEMU's default stays
+    assert rule("event=read_aio").errno == errno.EIO  # QEMU's default stays
 
 
 def test_errno_defaults():
     assert rule("event=none", "delay=10ms").errno == 0
     assert rule("event=none", "jitter=10ms").errno == 0
     assert rule("event=none", "corrupt=flip").errno == 0
-    assert rule("event=none", "delay=10ms", "errno=28").errno == 28   # held, then fails
-    assert rule("event=none", "probability=0.5").errno == errno.EIO   # neither: EIO
+    assert rule("event=none", "delay=10ms", "errno=28").errno == 28  # held, then fails
+    assert rule("event=none", "probability=0.5").errno == errno.EIO  # neither: EIO
     assert rule("event=none", "corrupt=zero", "errno=0").errno == 0
 
 
-@pytest.mark.parametrize("words, message", [
-    (["probability=0"], "above 0 and at most 1"),
-    (["probability=1.5"], "above 0 and at most 1"),
-    (["probability=nan"], "above 0 and at most 1"),
-    (["count=0"], "count must be at least 1"),
-    (["after=-1"], "after must be at least 0"),
-    (["sectors=4"], "sectors needs sector"),
-    (["sector=1", "sectors=0"], "sectors must be at least 1"),
-    (["delay=10"], "with a unit"),
-    (["delay=10 parsecs"], "with a unit"),
-    (["delay=0.1ns"], "shorter than the 1us"),
-    (["delay=25h"], "with a unit"),
-    (["delay=90000s"], "too long"),
-    (["corrupt=flop"], 'did you mean "flip"'),
-    (["corrupt=flip", "errno=5"], "errno must be 0 or absent"),
-    (["corrupt-bytes=2"], "corrupt-bytes needs corrupt"),
-    (["heal=on"], "heal needs sector"),
-    (["once=on", "count=2"], "once and count"),
-    (["comm=a-very-long-command-name"], "first 15 bytes"),
-    (["pid=-3"], "pid expects"),
-    (["uid=x"], "uid expects"),
-    (["persistent=1"], "on or off"),
-    (["probabilty=0.5"], 'did you mean "probability"'),
-])
+@pytest.mark.parametrize(
+    "words, message",
+    [
+        (["probability=0"], "above 0 and at most 1"),
+        (["probability=1.5"], "above 0 and at most 1"),
+        (["probability=nan"], "above 0 and at most 1"),
+        (["count=0"], "count must be at least 1"),
+        (["after=-1"], "after must be at least 0"),
+        (["sectors=4"], "sectors needs sector"),
+        (["sector=1", "sectors=0"], "sectors must be at least 1"),
+        (["delay=10"], "with a unit"),
+        (["delay=10 parsecs"], "with a unit"),
+        (["delay=0.1ns"], "shorter than the 1us"),
+        (["delay=25h"], "with a unit"),
+        (["delay=90000s"], "too long"),
+        (["corrupt=flop"], 'did you mean "flip"'),
+        (["corrupt=flip", "errno=5"], "errno must be 0 or absent"),
+        (["corrupt-bytes=2"], "corrupt-bytes needs corrupt"),
+        (["heal=on"], "heal needs sector"),
+        (["once=on", "count=2"], "once and count"),
+        (["comm=a-very-long-command-name"], "first 15 bytes"),
+        (["pid=-3"], "pid expects"),
+        (["uid=x"], "uid expects"),
+        (["persistent=1"], "on or off"),
+        (["probabilty=0.5"], 'did you mean "probability"'),
+    ],
+)
 def test_bad_extension_values_are_named(words, message):
     assert message in bad("event=none", *words)
 
 
 def test_option_and_file_spellings(tmp_path):
-    rules, settings = config.parse_options({
-        "inject-error.0.event": "none", "inject-error.0.sector": "8",
-        "inject-error.0.sectors": "8", "inject-error.0.delay": "2ms", "seed": "42"})
+    rules, settings = config.parse_options(
+        {
+            "inject-error.0.event": "none",
+            "inject-error.0.sector": "8",
+            "inject-error.0.sectors": "8",
+            "inject-error.0.delay": "2ms",
+            "seed": "42",
+        }
+    )
     assert rules[0].ext.sectors == 8 and rules[0].ext.delay_us == 2000
     assert settings.seed == 42
     with pytest.raises(ConfigError, match="option seed"):
@@ -111,12 +141,14 @@ def test_option_and_file_spellings(tmp_path):
 
 
 def test_extension_list_is_one_place():
-    assert set(config.SECTION_KEYS["inject-error"]) == \
-        set(config.QEMU_KEYS["inject-error"]) | set(config.EXTENSION_KEYS["inject-error"])
+    assert set(config.SECTION_KEYS["inject-error"]) == set(config.QEMU_KEYS["inject-error"]) | set(
+        config.EXTENSION_KEYS["inject-error"]
+    )
     assert not set(config.QEMU_KEYS["inject-error"]) & set(config.EXTENSION_KEYS["inject-error"])
 
 
 # ---- engine -------------------------------------------------------------------------------
+
 
 def decisions(e, n=200):
     return [e.check("read", 0, 512) for _ in range(n)]
@@ -128,7 +160,7 @@ def test_probability_is_seeded_and_replays():
     assert decisions(engine(rule(*r), seed=7)) == first
     assert decisions(engine(rule(*r), seed=8)) != first
     assert 0 < first.count(errno.EIO) < 200
-    assert Engine([]).seed != Engine([]).seed or True      # random by default (shown in status)
+    assert Engine([]).seed != Engine([]).seed or True  # random by default (shown in status)
 
 
 def test_reload_replays_the_same_decisions():
@@ -141,7 +173,7 @@ def test_reload_replays_the_same_decisions():
 def test_after_and_count_are_exact():
     e = engine(rule("event=none", "after=2", "count=3"))
     assert decisions(e, 8) == [0, 0, errno.EIO, errno.EIO, errno.EIO, 0, 0, 0]
-    assert [r.spent for r in e.rules()] == [True]         # used up: listed, never again
+    assert [r.spent for r in e.rules()] == [True]  # used up: listed, never again
 
 
 def test_once_keeps_qemu_meaning_with_extensions():
@@ -155,20 +187,22 @@ def test_a_rule_that_does_not_act_lets_the_next_decide():
 
 
 def test_sector_range_overlap_and_qemu_single_byte():
-    e = engine(rule("event=none", "sector=8", "sectors=4"))      # bytes [4096, 6144)
-    assert e.check("read", 4096 + 2047, 1) == errno.EIO          # last byte
+    e = engine(rule("event=none", "sector=8", "sectors=4"))  # bytes [4096, 6144)
+    assert e.check("read", 4096 + 2047, 1) == errno.EIO  # last byte
     assert e.check("read", 6144, 512) == 0
     assert e.check("read", 3584, 512) == 0
     assert e.check("read", 3584, 513) == errno.EIO
-    assert e.check("flush", 0, 0) == 0                           # a flush covers no sector
+    assert e.check("flush", 0, 0) == 0  # a flush covers no sector
     qemu = engine(rule("event=none", "sector=8", "probability=1"))
-    assert qemu.check("read", 4097, 100) == 0                    # QEMU: the one byte 4096
+    assert qemu.check("read", 4097, 100) == 0  # QEMU: the one byte 4096
 
 
 def test_range_rules_keep_priority_across_index_buckets():
-    e = engine(rule("event=none", "sector=0", "sectors=100000", "errno=1"),
-               rule("event=none", "sector=50", "errno=2"),
-               rule("event=none", "sector=40", "sectors=20", "errno=3"))
+    e = engine(
+        rule("event=none", "sector=0", "sectors=100000", "errno=1"),
+        rule("event=none", "sector=50", "errno=2"),
+        rule("event=none", "sector=40", "sectors=20", "errno=3"),
+    )
     assert e.check("read", 50 * 512, 512) == 1
     e.remove_rule(1)
     assert e.check("read", 50 * 512, 512) == 2
@@ -182,15 +216,17 @@ def test_delay_and_corrupt_answer_an_effect():
     e = engine(rule("event=none", "corrupt=zero", "corrupt-bytes=3"))
     outcome = e.check("read", 0, 512)
     assert outcome.corrupt == "zero" and outcome.corrupt_bytes == 3 and outcome.errno == 0
-    assert e.check("flush", 0, 0) == 0                   # nothing to corrupt in a flush
+    assert e.check("flush", 0, 0) == 0  # nothing to corrupt in a flush
     [r] = e.rules()
     tally = e.tally(r)
     assert (tally.failed, tally.delayed, tally.corrupted) == (0, 0, 1)
 
 
 def test_jitter_is_uniform_and_seeded():
-    delays = [engine(rule("event=none", "delay=1ms", "jitter=1ms"), seed=s).check("read", 0, 1).delay
-              for s in range(50)]
+    delays = [
+        engine(rule("event=none", "delay=1ms", "jitter=1ms"), seed=s).check("read", 0, 1).delay
+        for s in range(50)
+    ]
     assert all(0.001 <= d <= 0.002 for d in delays) and len(set(delays)) > 10
 
 
@@ -200,7 +236,7 @@ def test_caller_filters():
     e = engine(rule("event=none", f"pid={os.getpid()}"))
     assert e.check("read", 0, 1, me) == errno.EIO
     assert e.check("read", 0, 1, other) == 0
-    assert e.check("read", 0, 1, None) == 0          # unknown sender: a filter never matches
+    assert e.check("read", 0, 1, None) == 0  # unknown sender: a filter never matches
     e = engine(rule("event=none", "uid=12345"))
     assert e.check("read", 0, 1, other) == errno.EIO and e.check("read", 0, 1, me) == 0
     with open("/proc/self/comm") as f:
@@ -211,6 +247,7 @@ def test_caller_filters():
 
 def test_pid_filter_matches_any_thread_of_the_process():
     import threading
+
     tids = []
     t = threading.Thread(target=lambda: tids.append(threading.get_native_id()))
     t.start()
@@ -224,22 +261,24 @@ def test_pid_filter_matches_any_thread_of_the_process():
 def test_heal_removes_the_rule_after_a_write_over_its_span():
     e = engine(rule("event=none", "sector=8", "sectors=2", "heal=on"))
     assert e.check("read", 4096, 512) == errno.EIO
-    assert e.check("write", 4096, 512) == errno.EIO          # partial write: still bad
-    assert e.check("write", 4096, 1024) == 0                 # covers it: goes through
+    assert e.check("write", 4096, 512) == errno.EIO  # partial write: still bad
+    assert e.check("write", 4096, 1024) == 0  # covers it: goes through
     e.written(4096, 512)
-    assert e.rules()                                         # partial: not healed
+    assert e.rules()  # partial: not healed
     e.written(0, 8192)
     assert [r.spent for r in e.rules()] == [True] and e.rules_healed == 1
     assert e.check("read", 4096, 512) == 0
 
 
 def test_persistent_rules_survive_a_later_arming():
-    e = engine(rule("event=none", "sector=8", "persistent=on"),
-               rule("event=none", "sector=9"),
-               rule("event=write_aio", "sector=100", "errno=28"))
+    e = engine(
+        rule("event=none", "sector=8", "persistent=on"),
+        rule("event=none", "sector=9"),
+        rule("event=write_aio", "sector=100", "errno=28"),
+    )
     e.fire("write_aio")
-    assert e.check("read", 8 * 512, 512) == errno.EIO          # kept
-    assert e.check("read", 9 * 512, 512) == 0                  # QEMU: replaced
+    assert e.check("read", 8 * 512, 512) == errno.EIO  # kept
+    assert e.check("read", 9 * 512, 512) == 0  # QEMU: replaced
     assert e.check("read", 100 * 512, 512) == 28
     assert [r.id for r in e.active()] == [1, 3]
     e.remove_rule(1)
@@ -248,14 +287,15 @@ def test_persistent_rules_survive_a_later_arming():
 
 def test_plain_rules_keep_the_fast_path():
     e = engine(rule("event=none", "sector=8"))
-    assert "check" not in vars(e)                          # the class's plain check
+    assert "check" not in vars(e)  # the class's plain check
     rid = e.add_rule(rule("event=none", "probability=0.5", "iotype=discard"))
-    assert "check" in vars(e)                              # shadowed while it is armed
+    assert "check" in vars(e)  # shadowed while it is armed
     e.remove_rule(rid)
     assert "check" not in vars(e)
 
 
 # ---- block layer: the data ------------------------------------------------------------------
+
 
 @pytest.fixture
 def device(tmp_path):
@@ -264,6 +304,7 @@ def device(tmp_path):
         path.write_bytes(bytes(range(256)) * (size // 256))
         e = Engine(list(rules), seed=seed)
         return BlockDevice(e, Image(str(path)), **options), path
+
     return make
 
 
@@ -272,15 +313,16 @@ def diff_positions(a, b):
 
 
 def test_corrupt_read_changes_only_what_was_read(device):
-    dev, path = device(rule("event=none", "sector=8", "sectors=2", "corrupt=flip",
-                            "corrupt-bytes=5"))
+    dev, path = device(
+        rule("event=none", "sector=8", "sectors=2", "corrupt=flip", "corrupt-bytes=5")
+    )
     image = path.read_bytes()
     data = trio.run(dev.read, 0, 16384)
     changed = diff_positions(data, image[:16384])
     assert len(changed) == 5 and all(4096 <= i < 5120 for i in changed)
-    assert all(bin(data[i] ^ image[i]).count("1") == 1 for i in changed)   # one bit each
-    assert path.read_bytes() == image                                       # image untouched
-    assert trio.run(dev.read, 8192, 4096) == image[8192:12288]              # elsewhere clean
+    assert all(bin(data[i] ^ image[i]).count("1") == 1 for i in changed)  # one bit each
+    assert path.read_bytes() == image  # image untouched
+    assert trio.run(dev.read, 8192, 4096) == image[8192:12288]  # elsewhere clean
 
 
 def test_corrupt_write_reaches_the_image_and_reports_success(device):
@@ -294,8 +336,9 @@ def test_corrupt_write_reaches_the_image_and_reports_success(device):
 
 
 def test_corrupt_write_with_align_never_touches_the_padding(device):
-    dev, path = device(rule("event=none", "corrupt=random", "corrupt-bytes=100",
-                            "iotype=write"), align=4096)
+    dev, path = device(
+        rule("event=none", "corrupt=random", "corrupt-bytes=100", "iotype=write"), align=4096
+    )
     before = path.read_bytes()
     trio.run(dev.write, 1000, bytes(10))
     after = path.read_bytes()
@@ -317,15 +360,19 @@ def test_a_delayed_read_holds_nothing_else(device):
 
     async def main():
         async with trio.open_nursery() as nursery:
+
             async def slow():
                 await dev.read(0, 512)
                 order.append("delayed")
+
             nursery.start_soon(slow)
             await trio.testing.wait_all_tasks_blocked()
             await dev.read(8192, 512)
             order.append("other")
-            nursery.cancel_scope.cancel()            # do not wait out the 30 s
+            nursery.cancel_scope.cancel()  # do not wait out the 30 s
+
     import trio.testing
+
     trio.run(main)
     assert order == ["other"]
 
@@ -341,12 +388,13 @@ def test_heal_through_the_block_layer(device):
     dev, _ = device(rule("event=none", "sector=8", "sectors=8", "heal=on", "errno=5"))
     with pytest.raises(OSError):
         trio.run(dev.read, 4096, 512)
-    trio.run(dev.write, 4096, bytes(4096))              # the drive remaps the sectors
+    trio.run(dev.write, 4096, bytes(4096))  # the drive remaps the sectors
     assert trio.run(dev.read, 4096, 512) == bytes(512)
     assert dev.engine.rules_healed == 1
 
 
 # ---- control and check ------------------------------------------------------------------------
+
 
 def run_control(control, text):
     return trio.run(control.execute, text)
@@ -360,7 +408,7 @@ def test_control_command_takes_extension_keys_and_warns():
     with pytest.raises(ControlError) as info:
         run_control(control, "inject-error event=none probability=3")
     assert info.value.errno == errno.EINVAL
-    assert len(e.rules()) == 2                          # nothing half-applied
+    assert len(e.rules()) == 2  # nothing half-applied
     status = control.status_dict()
     assert status["seed"] == 5
     [plain, ext] = status["rules"]
@@ -378,10 +426,12 @@ def test_no_warning_when_persistent():
 
 def test_check_marks_extensions_and_qemu_mode_names_every_one(tmp_path):
     conf = tmp_path / "rules.conf"
-    conf.write_text('[inject-error]\nevent = "none"\nsector = "8"\nsectors = "4"\n'
-                    'errno = "ENOSPC"\n\n[inject-error]\nevent = "l1_grow.write_table"\n'
-                    'errno = "5"\n\n[inject-error]\nevent = "read_aio"\n'
-                    'errno = "5"\npersistent = "on"\n')
+    conf.write_text(
+        '[inject-error]\nevent = "none"\nsector = "8"\nsectors = "4"\n'
+        'errno = "ENOSPC"\n\n[inject-error]\nevent = "l1_grow.write_table"\n'
+        'errno = "5"\n\n[inject-error]\nevent = "read_aio"\n'
+        'errno = "5"\npersistent = "on"\n'
+    )
     r = blkfuse("check", conf, "-o", "seed=3")
     assert r.returncode == 0, r.stderr
     assert "not portable: sectors, errno name ENOSPC" in r.stdout
@@ -393,18 +443,23 @@ def test_check_marks_extensions_and_qemu_mode_names_every_one(tmp_path):
     plain = tmp_path / "plain.conf"
     plain.write_text('[inject-error]\nevent = "read_aio"\nerrno = "5"\nsector = "3"\n')
     r = blkfuse("check", "--qemu", plain)
-    assert r.returncode == 0 and "not portable" not in r.stdout and "blkfuse extension" not in r.stdout
+    assert (
+        r.returncode == 0 and "not portable" not in r.stdout and "blkfuse extension" not in r.stdout
+    )
 
 
 def test_shutdown_ends_a_hold_early(device):
     """resume_all (unmount) cuts a delay short: the held request goes on, or fails with its
     rule's errno; nothing waits out a long delay."""
-    dev, _ = device(rule("event=none", "delay=3600s", "errno=5", "iotype=write"),
-                    rule("event=none", "delay=3600s", "iotype=read"))
+    dev, _ = device(
+        rule("event=none", "delay=3600s", "errno=5", "iotype=write"),
+        rule("event=none", "delay=3600s", "iotype=read"),
+    )
     outcomes = []
 
     async def main():
         async with trio.open_nursery() as nursery:
+
             async def write():
                 try:
                     await dev.write(0, b"x" * 512)
@@ -413,12 +468,15 @@ def test_shutdown_ends_a_hold_early(device):
 
             async def read():
                 outcomes.append(("read", len(await dev.read(0, 512))))
+
             nursery.start_soon(write)
             nursery.start_soon(read)
             await trio.testing.wait_all_tasks_blocked()
             assert dev.engine.held() == 2
             dev.engine.resume_all()
+
     import trio.testing
+
     trio.run(main)
     assert sorted(outcomes) == [("read", 512), ("write", 5)]
     assert dev.engine.held() == 0

@@ -8,7 +8,6 @@ import errno
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -47,8 +46,8 @@ def test_punch_hole_is_a_discard_and_a_discard_rule_fails_it(mount):
         with pytest.raises(OSError) as e:
             fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4096)
         assert e.value.errno == errno.EIO
-        assert os.pread(fd, 4096, 0) == b"\xaa" * 4096      # not discarded
-        os.pwrite(fd, b"w" * 4096, 0)                        # writes are not discards
+        assert os.pread(fd, 4096, 0) == b"\xaa" * 4096  # not discarded
+        os.pwrite(fd, b"w" * 4096, 0)  # writes are not discards
     finally:
         os.close(fd)
     assert m.status()["errors_injected"] == [{"errno": 5, "name": "EIO", "count": 1}]
@@ -100,19 +99,19 @@ def test_plain_fallocate_only_grows_the_image_as_qemus_fuse_export(mount):
     try:
         with pytest.raises(OSError) as e:
             fallocate(fd, 0, 8192, 4096)
-        assert e.value.errno == errno.ENOSPC                 # without growable=on
+        assert e.value.errno == errno.ENOSPC  # without growable=on
     finally:
         os.close(fd)
     m = mount("-o", "growable=on", size=8192)
     fd = _open(m)
     try:
         with pytest.raises(OSError) as e:
-            fallocate(fd, 0, 0, 4096)                        # inside: as a block device
+            fallocate(fd, 0, 0, 4096)  # inside: as a block device
         assert e.value.errno == errno.EOPNOTSUPP
-        fallocate(fd, 0, 8192, 4096)                         # at the end: grows
+        fallocate(fd, 0, 8192, 4096)  # at the end: grows
         assert os.fstat(fd).st_size == 12288
         with pytest.raises(OSError) as e:
-            fallocate(fd, 0x08, 0, 4096)                     # COLLAPSE_RANGE: no
+            fallocate(fd, 0x08, 0, 4096)  # COLLAPSE_RANGE: no
         assert e.value.errno in (errno.EOPNOTSUPP, errno.EINVAL)
     finally:
         os.close(fd)
@@ -131,7 +130,7 @@ def test_seek_data_and_hole_are_block_status_queries(mount, fuse_dir):
         assert os.lseek(fd, 256 << 10, os.SEEK_HOLE) == 320 << 10
         assert os.lseek(fd, 400 << 10, os.SEEK_HOLE) == 400 << 10
         with pytest.raises(OSError) as e:
-            os.lseek(fd, 400 << 10, os.SEEK_DATA)            # no data after it
+            os.lseek(fd, 400 << 10, os.SEEK_DATA)  # no data after it
         assert e.value.errno == errno.ENXIO
         m.ctl("inject-error event=none iotype=block-status errno=5")
         with pytest.raises(OSError) as e:
@@ -153,7 +152,7 @@ def test_an_rwf_dsync_write_is_flushed_before_its_reply(mount):
     m = mount(size=1 << 20)
     fd = _open(m)
     try:
-        os.pwrite(fd, b"p" * 4096, 0)                        # a plain write: no flush
+        os.pwrite(fd, b"p" * 4096, 0)  # a plain write: no flush
         assert "flush_to_os" not in m.status()["events"]
         m.ctl("break flush_to_os F")
         writer = subprocess.Popen([sys.executable, "-c", FUA_WRITER, str(m.file)])
@@ -178,7 +177,7 @@ def test_an_rwf_dsync_write_is_flushed_before_its_reply(mount):
             with pytest.raises(OSError) as e:
                 os.pwritev(fd, [b"s" * 4096], 8192, flag)
             assert e.value.errno == errno.EIO
-        os.pwrite(fd, b"q" * 4096, 12288)                    # a plain write still succeeds
+        os.pwrite(fd, b"q" * 4096, 12288)  # a plain write still succeeds
     finally:
         os.close(fd)
     assert m.status()["errors_injected"] == [{"errno": 5, "name": "EIO", "count": 2}]

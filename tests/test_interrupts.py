@@ -58,7 +58,7 @@ def _wait_until(predicate, what: str) -> None:
 def _end(proc: subprocess.Popen, signum: int) -> int:
     proc.send_signal(signum)
     try:
-        return proc.wait(WEDGED_SECONDS)        # it ends: its request was answered
+        return proc.wait(WEDGED_SECONDS)  # it ends: its request was answered
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -75,9 +75,10 @@ def _still_serves(m) -> None:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
-@pytest.mark.parametrize("client,event,op", [("pwrite", "write_aio", "write"),
-                                             ("pread", "read_aio", "read"),
-                                             ("dd", "write_aio", "write")])
+@pytest.mark.parametrize(
+    "client,event,op",
+    [("pwrite", "write_aio", "write"), ("pread", "read_aio", "read"), ("dd", "write_aio", "write")],
+)
 def test_a_client_held_at_a_breakpoint_can_be_killed(mount, signum, client, event, op):
     m = mount(data=b"\xee" * (1 << 20))
     m.ctl(f"break {event} A")
@@ -89,12 +90,17 @@ def test_a_client_held_at_a_breakpoint_can_be_killed(mount, signum, client, even
     assert status["interrupted"]["count"] == 1
     last = status["interrupted"]["last"]
     assert (last["tags"], last["event"], last["op"], last["offset"], last["length"]) == (
-        ["A"], event, op, 0, 4096)
-    with pytest.raises(OSError) as e:                   # the tag is released
+        ["A"],
+        event,
+        op,
+        0,
+        4096,
+    )
+    with pytest.raises(OSError) as e:  # the tag is released
         m.ctl("resume A")
     assert e.value.errno == errno.ENOENT
     _still_serves(m)
-    if op == "write":                                   # it never reached the image
+    if op == "write":  # it never reached the image
         assert m.image.read_bytes()[:4096] == b"\xee" * 4096
     assert "interrupted: 1 (last: A at " + event in m.status_text()
 
@@ -111,7 +117,7 @@ def test_a_pending_wait_break_can_be_killed(mount, signum, client):
     status = m.status()
     assert status["last_error_errno"] == errno.EINTR
     assert "wait_break W" in status["last_error"]
-    assert status["breakpoints"] == [{"event": "write_aio", "tag": "W"}]   # still set
+    assert status["breakpoints"] == [{"event": "write_aio", "tag": "W"}]  # still set
     _still_serves_with_breakpoint(m)
 
 

@@ -13,20 +13,25 @@ from imageio import KiB, MiB, Writer, open_image, pattern
 
 def test_breakpoint_suspends_one_write_while_reads_go_on(mount):
     m = mount(data=pattern(MiB))
-    with open(m.control, "w") as f:                  # as `echo "break write_aio A" > control`
+    with open(m.control, "w") as f:  # as `echo "break write_aio A" > control`
         f.write("break write_aio A\n")
     w = Writer(m, 0, b"\x5a" * 4096)
     w.start()
     m.ctl("wait_break A 60")
     assert w.is_alive() and w.result is None
     [s] = m.status()["suspended"]
-    assert (s["tags"], s["event"], s["op"], s["offset"], s["length"]) == \
-        (["A"], "write_aio", "write", 0, 4096)
+    assert (s["tags"], s["event"], s["op"], s["offset"], s["length"]) == (
+        ["A"],
+        "write_aio",
+        "write",
+        0,
+        4096,
+    )
     assert "A at write_aio: write offset=0 length=4096" in m.status_text()
-    fd = open_image(m, os.O_RDONLY)                  # another request is served meanwhile
-    assert os.pread(fd, 4096, 65536) == pattern(MiB)[65536:65536 + 4096]
+    fd = open_image(m, os.O_RDONLY)  # another request is served meanwhile
+    assert os.pread(fd, 4096, 65536) == pattern(MiB)[65536 : 65536 + 4096]
     os.close(fd)
-    assert m.image.read_bytes()[:4096] == pattern(MiB)[:4096]      # not written yet
+    assert m.image.read_bytes()[:4096] == pattern(MiB)[:4096]  # not written yet
     m.ctl("resume A")
     w.join(60)
     assert not w.is_alive() and w.error is None and w.result == 4096
@@ -48,13 +53,13 @@ def test_a_suspended_read_lets_writes_and_fsyncs_through(mount):
     t.start()
     m.ctl("wait_break R 60")
     fd = open_image(m)
-    assert os.pwrite(fd, b"w" * 4096, 0) == 4096      # the write goes first
+    assert os.pwrite(fd, b"w" * 4096, 0) == 4096  # the write goes first
     os.fsync(fd)
     os.close(fd)
     assert t.is_alive()
     m.ctl("resume R")
     t.join(60)
-    assert got["data"] == b"w" * 4096                # the read runs after its breakpoint
+    assert got["data"] == b"w" * 4096  # the read runs after its breakpoint
 
 
 def test_many_suspended_requests_do_not_stop_the_others(mount):
@@ -78,7 +83,7 @@ def test_many_suspended_requests_do_not_stop_the_others(mount):
         threads.append(t)
         m.ctl(f"wait_break T{i} 60")
     assert len(m.status()["suspended"]) == n
-    fd = open_image(m)                               # still served: a write and a read
+    fd = open_image(m)  # still served: a write and a read
     os.pwrite(fd, b"q" * 512, 900 * KiB)
     assert os.pread(fd, 512, 900 * KiB) == b"q" * 512
     os.close(fd)
@@ -86,7 +91,7 @@ def test_many_suspended_requests_do_not_stop_the_others(mount):
     for t in threads:
         t.join(60)
     data = pattern(MiB)
-    assert results == [data[i * 512:(i + 1) * 512] for i in range(n)]
+    assert results == [data[i * 512 : (i + 1) * 512] for i in range(n)]
 
 
 def test_wait_break_times_out_with_etimedout(mount):
@@ -109,9 +114,10 @@ def test_a_pending_wait_break_does_not_hold_back_other_commands(mount):
 
     t = threading.Thread(target=waiter, daemon=True)
     t.start()
-    while m.status()["waiting"] != ["X"]:           # status json is a write: not held back
+    while m.status()["waiting"] != ["X"]:  # status json is a write: not held back
         time.sleep(0.01)
     m.ctl("inject-error event=write_aio errno=ENOSPC")
+
     def reader():
         fd = open_image(m, os.O_RDONLY)
         box["read"] = os.pread(fd, 512, 0)

@@ -17,19 +17,19 @@ def test_the_answer_is_read_from_its_start_whatever_the_offset(mount):
     m = mount()
     fd = os.open(m.control, os.O_RDWR)
     try:
-        os.write(fd, b"status json\n")               # the write moved the offset to 12
+        os.write(fd, b"status json\n")  # the write moved the offset to 12
         chunks = []
-        while chunk := os.read(fd, 100):             # plain read(): from the answer's start
+        while chunk := os.read(fd, 100):  # plain read(): from the answer's start
             chunks.append(chunk)
         answer = b"".join(chunks)
         assert json.loads(answer)["info"]["pid"] == m.pid
-        assert os.pread(fd, 1 << 20, 0) == answer    # pread at 0 reads it again
-        os.lseek(fd, 12345, os.SEEK_SET)             # a new command, at another offset
+        assert os.pread(fd, 1 << 20, 0) == answer  # pread at 0 reads it again
+        os.lseek(fd, 12345, os.SEEK_SET)  # a new command, at another offset
         os.write(fd, b"help\n")
         assert os.read(fd, 1 << 20).startswith(b"commands")
     finally:
         os.close(fd)
-    with open(m.control, "r+") as f:                 # buffered text I/O, as a script does it
+    with open(m.control, "r+") as f:  # buffered text I/O, as a script does it
         f.write("status json\n")
         f.flush()
         assert json.loads(f.read())["state"] == 1
@@ -63,7 +63,7 @@ def test_wait_hit_returns_when_a_request_fires_the_rule(mount):
 
     t = threading.Thread(target=waiter, daemon=True)
     t.start()
-    while m.status()["waiting_hits"] != [1]:        # the daemon holds the wait
+    while m.status()["waiting_hits"] != [1]:  # the daemon holds the wait
         assert t.is_alive(), box
         time.sleep(0.01)
     assert "wait_hit pending: 1" in m.status_text()
@@ -72,7 +72,7 @@ def test_wait_hit_returns_when_a_request_fires_the_rule(mount):
         with pytest.raises(OSError) as e:
             os.pread(fd, 512, 0)
         assert e.value.errno == errno.EIO
-        assert os.pread(fd, 512, 0) == bytes(512)   # once: used up
+        assert os.pread(fd, 512, 0) == bytes(512)  # once: used up
     finally:
         os.close(fd)
     t.join(60)
@@ -125,12 +125,13 @@ def test_ctl_adds_rules_and_reports_ids(mount):
     with pytest.raises(OSError) as e:
         os.pread(fd, 512, 0)
     assert e.value.errno == errno.ENOSPC
-    assert os.pread(fd, 512, 0) == bytes(512)           # once: gone
+    assert os.pread(fd, 512, 0) == bytes(512)  # once: gone
     os.close(fd)
-    r = blkfuse("status", m.mnt, "--json")                # used up: listed as spent
+    r = blkfuse("status", m.mnt, "--json")  # used up: listed as spent
     assert r.returncode == 0
-    assert [(x["id"], x["spent"], x["hits"]) for x in json.loads(r.stdout)["rules"]] == \
-        [(1, True, 1)]
+    assert [(x["id"], x["spent"], x["hits"]) for x in json.loads(r.stdout)["rules"]] == [
+        (1, True, 1)
+    ]
     r = blkfuse("status", m.mnt)
     assert r.returncode == 0 and "errors injected: ENOSPC(28)=1" in r.stdout
 
@@ -153,6 +154,7 @@ def test_reload_rereads_the_config(mount, fuse_dir):
 
 def test_python_api_wait_hit_from_another_thread(fuse_dir):
     from blkfuse import ControlError, Mount
+
     img = fuse_dir / "api.img"
     img.write_bytes(bytes(64 * 1024))
     mnt = fuse_dir / "api-mnt"
@@ -176,4 +178,4 @@ def test_python_api_wait_hit_from_another_thread(fuse_dir):
         assert box == {"hits": 1}
         with pytest.raises(ControlError) as e:
             m.wait_hit(rule, 1)
-        assert e.value.errno == errno.ENOENT                # spent: it cannot act again
+        assert e.value.errno == errno.ENOENT  # spent: it cannot act again

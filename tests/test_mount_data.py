@@ -17,7 +17,7 @@ def test_directory_has_exactly_the_image_and_control(mount):
     m = mount(size=3 * MiB + 512)
     assert sorted(os.listdir(m.mnt)) == ["control", m.image.name]
     assert os.stat(m.file).st_size == 3 * MiB + 512
-    os.truncate(m.image, 5 * MiB)                       # the size is the backing file's, live
+    os.truncate(m.image, 5 * MiB)  # the size is the backing file's, live
     assert os.stat(m.file).st_size == 5 * MiB
     with pytest.raises(OSError) as e:
         open(m.mnt / "other", "w")
@@ -25,7 +25,7 @@ def test_directory_has_exactly_the_image_and_control(mount):
 
 
 def test_name_option_and_truncate_through_the_mount(mount):
-    m = mount("-o", "growable=on", name="vda.raw")       # fixed size unless growable
+    m = mount("-o", "growable=on", name="vda.raw")  # fixed size unless growable
     assert sorted(os.listdir(m.mnt)) == ["control", "vda.raw"]
     os.truncate(m.file, 2 * MiB)
     assert os.path.getsize(m.image) == 2 * MiB
@@ -65,7 +65,7 @@ def test_pread_pwrite_fsync_from_threads(mount):
         list(pool.map(work, range(64)))
     backing = m.image.read_bytes()
     for i in range(64):
-        assert backing[i * chunk:(i + 1) * chunk] == pattern(chunk, seed=i)
+        assert backing[i * chunk : (i + 1) * chunk] == pattern(chunk, seed=i)
     ev = m.status()["events"]
     assert ev["write_aio"] == 64 and ev["read_aio"] == 64 and ev["flush_to_os"] == 64
 
@@ -81,7 +81,7 @@ def test_read_only_mount_refuses_writes(mount):
     fd = open_image(m, os.O_RDONLY)
     assert os.pread(fd, 8 * KiB, 0) == pattern(8 * KiB)
     os.close(fd)
-    m.ctl("inject-error event=read_aio errno=ENOSPC")     # control stays writable
+    m.ctl("inject-error event=read_aio errno=ENOSPC")  # control stays writable
     fd = open_image(m, os.O_RDONLY)
     with pytest.raises(OSError) as e:
         os.pread(fd, 512, 0)
@@ -92,11 +92,17 @@ def test_read_only_mount_refuses_writes(mount):
 
 def test_dd_direct_hits_injected_eio(mount):
     m = mount("-o", "inject-error.0.event=read_aio,inject-error.0.sector=8", data=pattern(MiB))
-    ok = subprocess.run(["dd", f"if={m.file}", "of=/dev/null", "bs=4k", "count=1",
-                         "iflag=direct"], capture_output=True, text=True)
+    ok = subprocess.run(
+        ["dd", f"if={m.file}", "of=/dev/null", "bs=4k", "count=1", "iflag=direct"],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
-    bad = subprocess.run(["dd", f"if={m.file}", "of=/dev/null", "bs=4k", "skip=1", "count=1",
-                          "iflag=direct"], capture_output=True, text=True)
+    bad = subprocess.run(
+        ["dd", f"if={m.file}", "of=/dev/null", "bs=4k", "skip=1", "count=1", "iflag=direct"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode != 0
     assert "Input/output error" in bad.stderr
     st = m.status()
@@ -105,44 +111,85 @@ def test_dd_direct_hits_injected_eio(mount):
 
 
 def test_fio_reports_the_injected_error(mount, fuse_dir):
-    m = mount("-o", "inject-error.0.event=read_aio,inject-error.0.errno=ENOSPC,"
-                    "inject-error.0.sector=256", data=pattern(MiB))
-    r = subprocess.run(["fio", "--name=probe", f"--filename={m.file}", "--rw=read", "--bs=4k",
-                        "--size=1M", "--direct=1", "--ioengine=psync", "--output-format=json"],
-                       capture_output=True, text=True, cwd=fuse_dir)
+    m = mount(
+        "-o",
+        "inject-error.0.event=read_aio,inject-error.0.errno=ENOSPC,inject-error.0.sector=256",
+        data=pattern(MiB),
+    )
+    r = subprocess.run(
+        [
+            "fio",
+            "--name=probe",
+            f"--filename={m.file}",
+            "--rw=read",
+            "--bs=4k",
+            "--size=1M",
+            "--direct=1",
+            "--ioengine=psync",
+            "--output-format=json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=fuse_dir,
+    )
     assert r.returncode != 0
-    out = r.stdout[r.stdout.index("{"):]
+    out = r.stdout[r.stdout.index("{") :]
     job = json.loads(out)["jobs"][0]
     assert job["error"] == errno.ENOSPC
     assert "No space left on device" in r.stderr + r.stdout
 
 
 def test_qemu_img_convert_fails_on_injected_sector(mount, fuse_dir):
-    m = mount("-o", "inject-error.0.event=read_aio,inject-error.0.sector=1000",
-              data=pattern(2 * MiB))
+    m = mount(
+        "-o", "inject-error.0.event=read_aio,inject-error.0.sector=1000", data=pattern(2 * MiB)
+    )
     out = fuse_dir / "out.raw"
-    r = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", str(m.file), str(out)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "raw", str(m.file), str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0
     assert "Input/output error" in r.stderr
     r = blkfuse("ctl", m.mnt, "clear")
     assert r.returncode == 0, r.stderr
-    r = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", str(m.file), str(out)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "raw", str(m.file), str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == pattern(2 * MiB)
 
 
 def test_qemu_io_with_o_direct(mount):
     m = mount(data=pattern(MiB))
-    r = subprocess.run(["qemu-io", "-t", "none", "-f", "raw", str(m.file),
-                        "-c", "write -P 0xab 4k 4k", "-c", "read -P 0xab 4k 4k",
-                        "-c", "read 0 4k"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            "qemu-io",
+            "-t",
+            "none",
+            "-f",
+            "raw",
+            str(m.file),
+            "-c",
+            "write -P 0xab 4k 4k",
+            "-c",
+            "read -P 0xab 4k 4k",
+            "-c",
+            "read 0 4k",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and "fail" not in r.stdout + r.stderr, r.stdout + r.stderr
-    assert m.image.read_bytes()[4 * KiB:8 * KiB] == b"\xab" * 4 * KiB
+    assert m.image.read_bytes()[4 * KiB : 8 * KiB] == b"\xab" * 4 * KiB
     m.ctl("inject-error event=read_aio sector=0 errno=EIO")
-    r = subprocess.run(["qemu-io", "-t", "none", "-f", "raw", str(m.file), "-c", "read 0 4k"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["qemu-io", "-t", "none", "-f", "raw", str(m.file), "-c", "read 0 4k"],
+        capture_output=True,
+        text=True,
+    )
     assert "read failed: Input/output error" in r.stdout + r.stderr
 
 
@@ -152,8 +199,14 @@ def test_align_pads_to_read_modify_write(mount):
     os.pwrite(fd, b"\xee" * 100, 4096 + 10)
     os.close(fd)
     ev = m.status()["events"]
-    for name in ("pwritev_rmw_head", "pwritev_rmw_tail", "pwritev_rmw_after_head",
-                 "pwritev_rmw_after_tail", "pwritev", "pwritev_done"):
+    for name in (
+        "pwritev_rmw_head",
+        "pwritev_rmw_tail",
+        "pwritev_rmw_after_head",
+        "pwritev_rmw_after_tail",
+        "pwritev",
+        "pwritev_done",
+    ):
         assert ev.get(name) == 1, (name, ev)
     expect = bytearray(pattern(64 * KiB))
     expect[4106:4206] = b"\xee" * 100
@@ -171,12 +224,12 @@ def test_align_pads_to_read_modify_write(mount):
 def test_max_transfer_splits_requests(mount):
     m = mount("-o", "max-transfer=65536", size=MiB)
     fd = os.open(m.file, os.O_RDWR | os.O_DIRECT)
-    data = pattern(128 * KiB, seed=3)      # one FUSE request (max_write is 128 KiB)
+    data = pattern(128 * KiB, seed=3)  # one FUSE request (max_write is 128 KiB)
     assert os.pwrite(fd, aligned(data), 0) == len(data)
     os.close(fd)
     ev = m.status()["events"]
     assert ev["write_aio"] == 2 and ev["pwritev_done"] == 2
-    assert m.image.read_bytes()[:len(data)] == data
+    assert m.image.read_bytes()[: len(data)] == data
 
 
 def test_o_dsync_writes_through(mount):
@@ -191,7 +244,7 @@ def test_o_dsync_writes_through(mount):
     assert e.value.errno == errno.EIO
     os.close(fd)
     assert m.image.read_bytes()[4096:8192] == b"b" * 4096
-    fd = open_image(m)                      # a plain handle does not flush
+    fd = open_image(m)  # a plain handle does not flush
     os.pwrite(fd, b"c" * 4096, 8192)
     os.close(fd)
     assert m.status()["events"]["flush_to_os"] == 2

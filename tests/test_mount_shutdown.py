@@ -26,7 +26,7 @@ def test_umount_releases_a_suspended_write_and_keeps_its_data(mount):
     w = Writer(m, 8192, b"\x77" * 4096)
     w.start()
     m.ctl("wait_break B 60")
-    r = blkfuse("umount", "--lazy", m.mnt)         # the writer has the image open: busy
+    r = blkfuse("umount", "--lazy", m.mnt)  # the writer has the image open: busy
     assert r.returncode == 0, r.stderr
     w.join(60)
     assert not w.is_alive() and w.error is None and w.result == 4096
@@ -47,7 +47,7 @@ def test_umount_fails_a_pending_wait_break_with_eshutdown(mount):
 
     t = threading.Thread(target=waiter, daemon=True)
     t.start()
-    while m.status()["waiting"] != ["Z"]:           # the daemon holds the wait
+    while m.status()["waiting"] != ["Z"]:  # the daemon holds the wait
         assert t.is_alive()
         time.sleep(0.01)
     assert "wait_break pending: Z" in m.status_text()
@@ -61,7 +61,7 @@ def test_umount_with_a_file_held_open(mount):
     fd = open_image(m)
     try:
         assert os.pwrite(fd, b"h" * 512, 0) == 512
-        r = blkfuse("umount", "--lazy", m.mnt)   # the open file delays it (a grace), no more
+        r = blkfuse("umount", "--lazy", m.mnt)  # the open file delays it (a grace), no more
         assert r.returncode == 0 and not is_mounted(m.mnt), r.stderr
         assert m.image.read_bytes()[:512] == b"h" * 512
         with pytest.raises(OSError):
@@ -85,7 +85,7 @@ def test_sigkill_keeps_acknowledged_writes(mount):
     assert not is_mounted(m.mnt)
     data = m.image.read_bytes()
     for i in range(16):
-        assert data[i * 4096:(i + 1) * 4096] == pattern(4096, seed=i)
+        assert data[i * 4096 : (i + 1) * 4096] == pattern(4096, seed=i)
 
 
 def test_umount_of_a_dead_daemon_removes_the_mount(mount):
@@ -103,8 +103,10 @@ def test_foreground_mount_and_sigterm(fuse_dir):
     mnt = fuse_dir / "fg"
     mnt.mkdir()
     from conftest import BLKFUSE
-    p = subprocess.Popen(BLKFUSE + ["mount", "--foreground", "--log", str(fuse_dir / "log"),
-                                    str(img), str(mnt)])
+
+    p = subprocess.Popen(
+        BLKFUSE + ["mount", "--foreground", "--log", str(fuse_dir / "log"), str(img), str(mnt)]
+    )
     try:
         # the log says when it is mounted; poll the mount table without a time threshold
         while not is_mounted(mnt):

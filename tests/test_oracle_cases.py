@@ -34,13 +34,17 @@ def test_case(name, target, tmp_path):
     if exp.expect and all(e == "NOT_RUN" for e in exp.expect):
         # Refused for the right reason: a message pointing into the config file.
         if not (got.config_error and "blkdebug.conf:" in got.config_error):
-            problems.append(f"expected a config error naming blkdebug.conf:LINE, got "
-                            f"{got.config_error!r}")
+            problems.append(
+                f"expected a config error naming blkdebug.conf:LINE, got {got.config_error!r}"
+            )
     assert not problems, (
         f"{name} ({target}) disagrees with QEMU"
-        + (f" [{exp.note}]" if exp.note else "") + ":\n  " + "\n  ".join(problems)
+        + (f" [{exp.note}]" if exp.note else "")
+        + ":\n  "
+        + "\n  ".join(problems)
         + f"\n  config: {case['config']!r}\n  ops: {case['ops']}\n  got: {got.outcomes}"
-        + (f"\n  config error: {got.config_error}" if got.config_error else ""))
+        + (f"\n  config error: {got.config_error}" if got.config_error else "")
+    )
 
 
 def test_negative_errno_is_a_config_error(tmp_path):

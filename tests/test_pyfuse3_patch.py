@@ -44,8 +44,9 @@ class TinyFs:
         self.log_path = base / "log"
         self.log_path.touch()
         args = [sys.executable, str(FS), str(self.mnt), str(self.log_path)]
-        self.proc = subprocess.Popen(args + (["--plain"] if plain else []),
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            args + (["--plain"] if plain else []), stdout=subprocess.PIPE, text=True
+        )
         assert self.proc.stdout.readline().strip() == "ready"
         self.file = self.mnt / "file"
 
@@ -113,11 +114,13 @@ def test_lseek_data_and_hole_are_answered_by_the_handler(tinyfs):
     try:
         assert os.lseek(fd, 100, os.SEEK_DATA) == 1100
         assert os.lseek(fd, 100, os.SEEK_HOLE) == 777
-        assert os.lseek(fd, 5, os.SEEK_SET) == 5          # the kernel's own, as before
+        assert os.lseek(fd, 5, os.SEEK_SET) == 5  # the kernel's own, as before
     finally:
         os.close(fd)
     assert [(r["offset"], r["whence"]) for r in fs.log() if r["op"] == "lseek"] == [
-        (100, os.SEEK_DATA), (100, os.SEEK_HOLE)]
+        (100, os.SEEK_DATA),
+        (100, os.SEEK_HOLE),
+    ]
 
 
 def test_write_gets_the_per_write_sync_flags_and_every_io_handler_the_caller(tinyfs):
@@ -134,7 +137,7 @@ def test_write_gets_the_per_write_sync_flags_and_every_io_handler_the_caller(tin
     writes = {r["off"]: r for r in fs.log() if r["op"] == "write"}
     assert not writes[0]["flags"] & os.O_DSYNC
     assert writes[512]["flags"] & os.O_DSYNC
-    assert writes[512]["flags"] & os.O_SYNC != os.O_SYNC          # RWF_DSYNC is not O_SYNC
+    assert writes[512]["flags"] & os.O_SYNC != os.O_SYNC  # RWF_DSYNC is not O_SYNC
     assert writes[1024]["flags"] & os.O_SYNC == os.O_SYNC
     me = {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
     for op in ("write", "read", "fsync"):
@@ -152,13 +155,13 @@ def test_a_filesystem_that_opts_in_to_nothing_behaves_as_before(tinyfs):
     fs = tinyfs(plain=True)
     fd = os.open(fs.file, os.O_RDWR)
     try:
-        os.pwritev(fd, [b"x" * 512], 0, os.RWF_DSYNC)     # write(fh, off, buf): 3 arguments
+        os.pwritev(fd, [b"x" * 512], 0, os.RWF_DSYNC)  # write(fh, off, buf): 3 arguments
         assert os.pread(fd, 512, 0) == b"x" * 512
         os.fsync(fd)
         with pytest.raises(OSError) as e:
             fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4096)
-        assert e.value.errno == errno.EOPNOTSUPP            # the kernel's answer to ENOSYS
-        assert os.lseek(fd, 100, os.SEEK_DATA) == 100       # the kernel's generic answers
+        assert e.value.errno == errno.EOPNOTSUPP  # the kernel's answer to ENOSYS
+        assert os.lseek(fd, 100, os.SEEK_DATA) == 100  # the kernel's generic answers
         assert os.lseek(fd, 100, os.SEEK_HOLE) == 1 << 20
     finally:
         os.close(fd)
@@ -175,18 +178,18 @@ os.pread(fd, 512, 4096)
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL])
 def test_an_interrupted_request_ends_with_eintr_and_the_mount_goes_on(tinyfs, signum):
     fs = tinyfs()
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(fs.file)],
-                              stderr=subprocess.DEVNULL)
-    fs.wait_for(lambda r: r["op"] == "read" and r["off"] == 4096
-                and r["ctx"]["pid"] == reader.pid)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(fs.file)], stderr=subprocess.DEVNULL
+    )
+    fs.wait_for(lambda r: r["op"] == "read" and r["off"] == 4096 and r["ctx"]["pid"] == reader.pid)
     reader.send_signal(signum)
     try:
-        reader.wait(WEDGED_SECONDS)                         # ends: the request was answered
+        reader.wait(WEDGED_SECONDS)  # ends: the request was answered
     finally:
         reader.kill()
     assert reader.returncode != 0
     fs.wait_for(lambda r: r["op"] == "read-cancelled")
-    fd = os.open(fs.file, os.O_RDONLY)                      # the filesystem keeps serving
+    fd = os.open(fs.file, os.O_RDONLY)  # the filesystem keeps serving
     try:
         assert os.pread(fd, 512, 0) == bytes(512)
     finally:
@@ -197,11 +200,12 @@ def test_blkfuse_refuses_to_mount_with_an_unpatched_pyfuse3(monkeypatch, tmp_pat
     import pyfuse3
 
     from blkfuse import daemon
+
     for name in ("enable_interrupts", "lseek"):
         monkeypatch.delattr(pyfuse3.Operations, name)
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(4096))
-    with pytest.raises(daemon.MountError) as e:   # the first check: no settings needed
+    with pytest.raises(daemon.MountError) as e:  # the first check: no settings needed
         daemon.prepare(str(image), str(tmp_path), None)
     message = str(e.value)
     assert "not built with blkfuse's patch" in message

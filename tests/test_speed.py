@@ -15,6 +15,7 @@ from blkfuse.config import ConfigError, parse_option_string, parse_options
 from blkfuse.engine import Engine
 from blkfuse.image import INLINE, NOWAIT, POOL, Image, WorkerPool
 from blkfuse.rules import InjectError
+
 from conftest import blkfuse
 
 MiB = 1 << 20
@@ -22,11 +23,12 @@ MiB = 1 << 20
 
 # ---- the adaptive window (QEMU's adjust_polling_time) -----------------------------------------
 
+
 def test_window_grows_from_4us_by_doubling_up_to_the_maximum():
     window = fuseloop.AdaptiveWindow(50)
     seen = []
     for _ in range(6):
-        window.waited(45_000)           # a request came 45 us after the reply: worth polling for
+        window.waited(45_000)  # a request came 45 us after the reply: worth polling for
         seen.append(window.ns)
     assert seen == [4000, 8000, 16000, 32000, 50000, 50000]
 
@@ -34,9 +36,9 @@ def test_window_grows_from_4us_by_doubling_up_to_the_maximum():
 def test_window_drops_to_zero_after_a_long_wait_and_stays_when_it_caught_the_request():
     window = fuseloop.AdaptiveWindow(50)
     window.ns = 32000
-    window.waited(20_000)               # caught inside the window: the sweet spot, no change
+    window.waited(20_000)  # caught inside the window: the sweet spot, no change
     assert window.ns == 32000
-    window.waited(2_000_000)            # 2 ms of silence: the mount went quiet, stop spinning
+    window.waited(2_000_000)  # 2 ms of silence: the mount went quiet, stop spinning
     assert window.ns == 0
 
 
@@ -48,15 +50,18 @@ def test_window_zero_never_polls():
 
 # ---- options --------------------------------------------------------------------------------
 
+
 def test_speed_options_parse_and_check():
     _, settings = parse_options(parse_option_string("io-threads=8,poll-us=0"))
     assert (settings.io_threads, settings.poll_us) == (8, 0)
     _, settings = parse_options({})
     assert (settings.io_threads, settings.poll_us) == (None, None)
-    for bad, message in (("io-threads=257", "io-threads: expects a whole number from 0 to 256"),
-                         ("io-threads=many", 'not "many"'),
-                         ("poll-us=-1", "poll-us: expects a whole number from 0 to 100000"),
-                         ("poll-us=1e3", 'not "1e3"')):
+    for bad, message in (
+        ("io-threads=257", "io-threads: expects a whole number from 0 to 256"),
+        ("io-threads=many", 'not "many"'),
+        ("poll-us=-1", "poll-us: expects a whole number from 0 to 100000"),
+        ("poll-us=1e3", 'not "1e3"'),
+    ):
         with pytest.raises(ConfigError, match=message):
             parse_options(parse_option_string(bad))
 
@@ -67,6 +72,7 @@ def test_unknown_option_suggests_the_speed_option():
 
 
 # ---- where the image's I/O runs ---------------------------------------------------------------
+
 
 @pytest.fixture
 def disk_image():
@@ -113,9 +119,9 @@ def test_cold_reads_go_to_the_pool_with_the_same_data(disk_image):
 
     results = trio.run(main)
     for offset in offsets:
-        assert results[offset] == expected[offset:offset + 20000]
-    if image.io_mode != INLINE:                 # /var/tmp is on a disk (not tmpfs) here
-        assert image.pool_reads > 0             # the cold ones went to worker threads
+        assert results[offset] == expected[offset : offset + 20000]
+    if image.io_mode != INLINE:  # /var/tmp is on a disk (not tmpfs) here
+        assert image.pool_reads > 0  # the cold ones went to worker threads
         assert image._pool is not None and image._pool._threads <= 2
     # now hot: answered inline, and reads at the end of the file are short, never padded
     assert bytes(trio.run(image.read, 4096, 100)) == expected[4096:4196]
@@ -139,7 +145,7 @@ def test_the_pool_path_and_a_failing_read_through_the_block_layer(disk_image):
         with pytest.raises(OSError) as failure:
             await device.read(100 * 512, 512)
         assert failure.value.errno == 5
-        await device.write(1000, b"abc")           # unaligned: read-modify-write in the pool
+        await device.write(1000, b"abc")  # unaligned: read-modify-write in the pool
         expected[1000:1003] = b"abc"
         assert bytes(await device.read(0, 8192)) == bytes(expected[:8192])
         with pytest.raises(OSError):
@@ -168,7 +174,7 @@ def test_worker_pool_bounds_its_threads():
     def job(i):
         running.append(threading.current_thread().name)
         if i < 2:
-            barrier.wait()                       # the first two run at the same time
+            barrier.wait()  # the first two run at the same time
         return i * 10
 
     async def main():
@@ -188,6 +194,7 @@ def test_worker_pool_bounds_its_threads():
 
 # ---- through a real mount --------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("options", ["poll-us=0,io-threads=1", "poll-us=200,io-threads=4"])
 def test_cold_disk_image_through_the_mount(mount, options):
     base = Path(tempfile.mkdtemp(prefix="blkfuse-speed-", dir="/var/tmp"))
@@ -197,7 +204,9 @@ def test_cold_disk_image_through_the_mount(mount, options):
         image.write_bytes(data)
         m = mount("-o", options, image=image)
         info = m.status()["info"]
-        assert info["io"] in (NOWAIT, POOL, INLINE) and info["poll_us"] == int(options.split(",")[0][8:])
+        assert info["io"] in (NOWAIT, POOL, INLINE) and info["poll_us"] == int(
+            options.split(",")[0][8:]
+        )
         fd = os.open(image, os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
@@ -209,10 +218,10 @@ def test_cold_disk_image_through_the_mount(mount, options):
                 try:
                     for i in range(k, 128, 8):
                         offset = i * 64 * 1024
-                        assert os.pread(f, 4096, offset) == data[offset:offset + 4096]
+                        assert os.pread(f, 4096, offset) == data[offset : offset + 4096]
                 finally:
                     os.close(f)
-            except Exception as e:          # noqa: BLE001 - reported below
+            except Exception as e:  # noqa: BLE001 - reported below
                 errors.append(e)
 
         threads = [threading.Thread(target=reader, args=(k,)) for k in range(8)]
@@ -231,8 +240,9 @@ def test_cold_disk_image_through_the_mount(mount, options):
 def test_bad_speed_option_at_mount_is_one_line(mount):
     m, r = mount("-o", "io-threads=-1", expect_ok=False)
     assert r.returncode == 1
-    assert r.stderr.strip() == ("blkfuse: option io-threads: expects a whole number from 0 to "
-                                "256, not \"-1\"")
+    assert r.stderr.strip() == (
+        "blkfuse: option io-threads: expects a whole number from 0 to 256, not \"-1\""
+    )
 
 
 def test_check_accepts_speed_options(fuse_dir):
@@ -257,6 +267,7 @@ def test_only_dev_fuse_waits_are_changed():
     loop = fuseloop.install(50)
     r, w = os.pipe()
     try:
+
         async def main():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(trio.lowlevel.wait_readable, r)
@@ -264,7 +275,7 @@ def test_only_dev_fuse_waits_are_changed():
                 os.write(w, b"x")
 
         trio.run(main)
-        assert not loop.idle()          # it knows no /dev/fuse fd: never "idle" by mistake
+        assert not loop.idle()  # it knows no /dev/fuse fd: never "idle" by mistake
         assert loop.window.ns == 0
     finally:
         fuseloop.uninstall()

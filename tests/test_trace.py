@@ -33,14 +33,21 @@ def _strip(record: dict) -> dict:
 
 # ---- block layer, no FUSE ---------------------------------------------------------------------
 
+
 def test_trace_of_known_requests_through_the_block_layer(tmp_path):
     img = tmp_path / "d.img"
     img.write_bytes(bytes(64 * 1024))
     trace_file = tmp_path / "trace.jsonl"
-    rules = [SetState("flush_to_os", state=1, new_state=2),                      # id 1
-             InjectError("write_aio", state=2, errno=errno.ENOSPC,               # id 2
-                         iotypes=frozenset({"write"})),
-             InjectError("read_aio", errno=errno.EIO, sector=64)]                # id 3
+    rules = [
+        SetState("flush_to_os", state=1, new_state=2),  # id 1
+        InjectError(
+            "write_aio",
+            state=2,
+            errno=errno.ENOSPC,  # id 2
+            iotypes=frozenset({"write"}),
+        ),
+        InjectError("read_aio", errno=errno.EIO, sector=64),
+    ]  # id 3
     engine = Engine(rules)
     tracer = Tracer(engine, str(trace_file))
     block = TracedBlock(BlockDevice(engine, Image(str(img))), tracer)
@@ -65,22 +72,51 @@ def test_trace_of_known_requests_through_the_block_layer(tmp_path):
     got = _records(trace_file)
     assert [list(r) for r in got] == [KEYS] * 5 + [KEYS + ["suspended_at"]]
     assert [_strip(r) for r in got] == [
-        {"op": "write", "offset": 0, "length": 4096,
-         "events": ["write_aio", "pwritev", "pwritev_done"], "rules": [], "errno": 0},
-        {"op": "flush", "offset": 0, "length": 0, "events": ["flush_to_os", "flush_to_disk"],
-         "rules": [1], "errno": 0},
-        {"op": "write", "offset": 4096, "length": 512,
-         "events": ["write_aio", "pwritev", "pwritev_done"], "rules": [2],
-         "errno": errno.ENOSPC},
-        {"op": "read", "offset": 0, "length": 512, "events": ["read_aio"], "rules": [],
-         "errno": 0},
-        {"op": "read", "offset": 64 * 512, "length": 512, "events": ["read_aio"], "rules": [3],
-         "errno": errno.EIO},
-        {"op": "read", "offset": 1024, "length": 512, "events": ["read_aio"], "rules": [],
-         "errno": 0, "suspended_at": "read_aio"},
+        {
+            "op": "write",
+            "offset": 0,
+            "length": 4096,
+            "events": ["write_aio", "pwritev", "pwritev_done"],
+            "rules": [],
+            "errno": 0,
+        },
+        {
+            "op": "flush",
+            "offset": 0,
+            "length": 0,
+            "events": ["flush_to_os", "flush_to_disk"],
+            "rules": [1],
+            "errno": 0,
+        },
+        {
+            "op": "write",
+            "offset": 4096,
+            "length": 512,
+            "events": ["write_aio", "pwritev", "pwritev_done"],
+            "rules": [2],
+            "errno": errno.ENOSPC,
+        },
+        {"op": "read", "offset": 0, "length": 512, "events": ["read_aio"], "rules": [], "errno": 0},
+        {
+            "op": "read",
+            "offset": 64 * 512,
+            "length": 512,
+            "events": ["read_aio"],
+            "rules": [3],
+            "errno": errno.EIO,
+        },
+        {
+            "op": "read",
+            "offset": 1024,
+            "length": 512,
+            "events": ["read_aio"],
+            "rules": [],
+            "errno": 0,
+            "suspended_at": "read_aio",
+        },
     ]
     assert all(r["us"] >= 0 and r["time"] > 1e9 for r in got)
-    assert engine.tracer is None                      # closed: off again
+    assert engine.tracer is None  # closed: off again
 
 
 def test_trace_is_off_without_a_file_or_a_reader(tmp_path):
@@ -101,10 +137,11 @@ def test_trace_is_off_without_a_file_or_a_reader(tmp_path):
     assert json.loads(line)["op"] == "write"
     stream.close()
     assert engine.tracer is None and not tracer.active
-    assert trio.run(stream.read, 100) == b""          # a closed stream reads as end of file
+    assert trio.run(stream.read, 100) == b""  # a closed stream reads as end of file
 
 
 # ---- a real mount -------------------------------------------------------------------------------
+
 
 def test_mount_trace_file_and_live_stream_agree(fuse_dir):
     img = fuse_dir / "disk.img"
@@ -113,14 +150,21 @@ def test_mount_trace_file_and_live_stream_agree(fuse_dir):
     mnt.mkdir()
     trace_file = fuse_dir / "trace.jsonl"
     live: list[dict] = []
-    with Mount(img, mnt, trace=trace_file,
-               options={"inject-error.0.event": "write_aio", "inject-error.0.sector": 16,
-                        "inject-error.0.errno": 28}) as m:
+    with Mount(
+        img,
+        mnt,
+        trace=trace_file,
+        options={
+            "inject-error.0.event": "write_aio",
+            "inject-error.0.sector": 16,
+            "inject-error.0.errno": 28,
+        },
+    ) as m:
         assert sorted(os.listdir(mnt)) == ["control", "disk.img"]
         records = m.trace()
 
         def follow() -> None:
-            for record in records:            # ends when the mount goes
+            for record in records:  # ends when the mount goes
                 live.append(record)
 
         reader = threading.Thread(target=follow, daemon=True)
@@ -135,21 +179,45 @@ def test_mount_trace_file_and_live_stream_agree(fuse_dir):
         os.close(fd)
         assert sorted(os.listdir(mnt)) == ["control", "disk.img"]
     reader.join(60)
-    assert not reader.is_alive()                 # the stream ended with the mount
+    assert not reader.is_alive()  # the stream ended with the mount
     in_file = _records(trace_file)
     assert [_strip(r) for r in in_file] == [
-        {"op": "write", "offset": 0, "length": 4096,
-         "events": ["write_aio", "pwritev", "pwritev_done"], "rules": [], "errno": 0},
-        {"op": "write", "offset": 8192, "length": 4096,
-         "events": ["write_aio", "pwritev", "pwritev_done"], "rules": [1], "errno": 28},
-        {"op": "flush", "offset": 0, "length": 0, "events": ["flush_to_os", "flush_to_disk"],
-         "rules": [], "errno": 0},
-        {"op": "read", "offset": 512, "length": 512, "events": ["read_aio"], "rules": [],
-         "errno": 0},
+        {
+            "op": "write",
+            "offset": 0,
+            "length": 4096,
+            "events": ["write_aio", "pwritev", "pwritev_done"],
+            "rules": [],
+            "errno": 0,
+        },
+        {
+            "op": "write",
+            "offset": 8192,
+            "length": 4096,
+            "events": ["write_aio", "pwritev", "pwritev_done"],
+            "rules": [1],
+            "errno": 28,
+        },
+        {
+            "op": "flush",
+            "offset": 0,
+            "length": 0,
+            "events": ["flush_to_os", "flush_to_disk"],
+            "rules": [],
+            "errno": 0,
+        },
+        {
+            "op": "read",
+            "offset": 512,
+            "length": 512,
+            "events": ["read_aio"],
+            "rules": [],
+            "errno": 0,
+        },
     ]
     assert live == in_file
     for r in in_file:
-        if "pid" in r:                 # when the FUSE layer passes the caller
+        if "pid" in r:  # when the FUSE layer passes the caller
             assert r["pid"] == os.getpid()
 
 
@@ -160,8 +228,12 @@ def test_blkfuse_trace_command(fuse_dir):
     mnt.mkdir()
     with Mount(img, mnt) as m:
         import subprocess
-        p = subprocess.Popen(client.blkfuse_command() + ["trace", "-n", "2", str(mnt)],
-                             stdout=subprocess.PIPE, text=True)
+
+        p = subprocess.Popen(
+            client.blkfuse_command() + ["trace", "-n", "2", str(mnt)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             fd = os.open(m.image_path, os.O_RDWR)
             # Until the command's stream is open, requests are not traced: write until two
@@ -176,8 +248,9 @@ def test_blkfuse_trace_command(fuse_dir):
             p.wait()
         assert p.returncode == 0
         lines = [json.loads(x) for x in out.splitlines()]
-        assert [(r["op"], r["offset"], r["length"], r["errno"]) for r in lines] == \
-            [("write", 0, 512, 0)] * 2
+        assert [(r["op"], r["offset"], r["length"], r["errno"]) for r in lines] == [
+            ("write", 0, 512, 0)
+        ] * 2
         with pytest.raises(ControlError) as e:
             m.ctl("trace\nstatus")
         assert e.value.errno == errno.EINVAL and "only command" in e.value.message
@@ -197,16 +270,20 @@ def test_trace_names_the_caller_and_fallocate_ops(fuse_dir):
     with Mount(img, mnt, trace=trace_file) as m:
         fd = os.open(m.image_path, os.O_RDWR)
         os.pwrite(fd, b"p" * 4096, 0)
-        punch = 0x02 | 0x01             # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-        zero = 0x10                     # FALLOC_FL_ZERO_RANGE
+        punch = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        zero = 0x10  # FALLOC_FL_ZERO_RANGE
         import ctypes
+
         libc = ctypes.CDLL(None, use_errno=True)
         libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
         results = [libc.fallocate(fd, mode, 0, 4096) for mode in (punch, zero)]
         os.close(fd)
     records = _records(trace_file)
     write = records[0]
-    assert (write["op"], write["pid"], write["comm"]) == ("write", os.getpid(),
-                                                          Path("/proc/self/comm").read_text().strip())
+    assert (write["op"], write["pid"], write["comm"]) == (
+        "write",
+        os.getpid(),
+        Path("/proc/self/comm").read_text().strip(),
+    )
     assert results == [0, 0]
     assert [r["op"] for r in records[1:]] == ["discard", "write-zeroes"], records

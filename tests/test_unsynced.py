@@ -48,6 +48,7 @@ def run(fn):
 
 # ---- the log ------------------------------------------------------------------------------
 
+
 def test_writes_since_the_last_flush_are_logged_and_a_flush_forgets_them(tmp_path):
     d = Dev(tmp_path, bytes(16 * KiB))
 
@@ -59,6 +60,7 @@ def test_writes_since_the_last_flush_are_logged_and_a_flush_forgets_them(tmp_pat
         assert (len(d.log), d.log.bytes, d.log.held()) == (0, 0, 0)
         await d.block.write(512, b"c" * 512)
         assert (len(d.log), d.log.bytes) == (1, 512)
+
     run(main)
 
 
@@ -71,32 +73,38 @@ def test_keep_none_gives_back_the_flushed_image_size_included(tmp_path):
         await d.block.flush()
         synced = d.data()
         await d.block.write(0, noise(700, 3))
-        await d.block.write(9 * KiB, noise(4 * KiB, 4))       # grows the file to 13 KiB
-        d.block.truncate(5 * KiB)                              # shrinks it
-        await d.block.write(6 * KiB, noise(100, 5))            # a hole, then data
+        await d.block.write(9 * KiB, noise(4 * KiB, 4))  # grows the file to 13 KiB
+        d.block.truncate(5 * KiB)  # shrinks it
+        await d.block.write(6 * KiB, noise(100, 5))  # a hole, then data
         report = await d.block.power_cut("none", None)
         assert d.data() == synced
         assert (report.writes, report.writes_lost, report.writes_kept) == (4, 4, 0)
         assert report.size == len(synced)
         assert not d.block.powered
+
     run(main)
 
 
 def test_failed_writes_do_not_enter_partial_ones_enter_with_what_they_wrote(tmp_path):
     # max-transfer 4 KiB: a 16 KiB write fails at its third chunk (sector 16 = byte 8192)
-    d = Dev(tmp_path, bytes(32 * KiB), rules=[InjectError("none", sector=16, iotypes=frozenset({"write"}))],
-            max_transfer=4096)
+    d = Dev(
+        tmp_path,
+        bytes(32 * KiB),
+        rules=[InjectError("none", sector=16, iotypes=frozenset({"write"}))],
+        max_transfer=4096,
+    )
 
     async def main():
         with pytest.raises(OSError):
-            await d.block.write(8192, b"x" * 4096)             # fails whole: nothing written
+            await d.block.write(8192, b"x" * 4096)  # fails whole: nothing written
         assert len(d.log) == 0
         with pytest.raises(OSError):
-            await d.block.write(0, b"y" * 16 * KiB)            # chunks 0, 1 written, 2 fails
+            await d.block.write(0, b"y" * 16 * KiB)  # chunks 0, 1 written, 2 fails
         assert len(d.log) == 2 and d.log.bytes == 8 * KiB
-        assert d.data()[:8 * KiB] == b"y" * 8 * KiB
+        assert d.data()[: 8 * KiB] == b"y" * 8 * KiB
         await d.block.power_cut("none", None)
         assert d.data() == bytes(32 * KiB)
+
     run(main)
 
 
@@ -108,7 +116,7 @@ def test_prefix_keeps_a_real_prefix_of_the_writes_in_completion_order(tmp_path):
         async def main():
             await d.block.flush()
             snapshots = [d.data()]
-            rng = random.Random(99)                            # the same history every time
+            rng = random.Random(99)  # the same history every time
             for i in range(6):
                 offset = rng.randrange(0, 12 * KiB)
                 await d.block.write(offset, noise(rng.randrange(1, 3000), i))
@@ -118,9 +126,10 @@ def test_prefix_keeps_a_real_prefix_of_the_writes_in_completion_order(tmp_path):
             assert report.writes_lost == 6 - k
             assert d.data() == snapshots[k], f"seed {seed}: not the image after {k} writes"
             seen.add(k)
+
         run(main)
         d.image.close()
-    assert len(seen) >= 4                                      # the point really is random
+    assert len(seen) >= 4  # the point really is random
 
 
 def _random_history(d, rng):
@@ -128,12 +137,14 @@ def _random_history(d, rng):
         for i in range(8):
             offset = rng.randrange(0, 20 * KiB)
             await d.block.write(offset, noise(rng.randrange(1, 2500), 100 + i))
+
     return history
 
 
 @pytest.mark.parametrize("atomic", [512, 4096])
 def test_random_keeps_or_loses_each_unit_whole_and_the_same_seed_gives_the_same_image(
-        tmp_path, atomic):
+    tmp_path, atomic
+):
     results = {}
     for seed, copy in ((5, 0), (5, 1), (6, 0)):
         d = Dev(tmp_path, noise(16 * KiB, 8), atomic=atomic, name=f"r{seed}{copy}.img")
@@ -149,20 +160,21 @@ def test_random_keeps_or_loses_each_unit_whole_and_the_same_seed_gives_the_same_
             assert final in (len(synced), len(current))
             kept = lost = 0
             for unit in range(0, max(len(synced), len(current)), atomic):
-                got = after[unit:unit + atomic]
-                now = current[unit:unit + atomic][:len(got)]
-                old = synced[unit:unit + atomic].ljust(atomic, b"\0")[:len(got)]
+                got = after[unit : unit + atomic]
+                now = current[unit : unit + atomic][: len(got)]
+                old = synced[unit : unit + atomic].ljust(atomic, b"\0")[: len(got)]
                 if now == old:
-                    continue                                   # untouched (or equal)
+                    continue  # untouched (or equal)
                 assert got in (now, old), f"unit {unit // atomic} is neither kept nor lost"
                 kept += got == now
                 lost += got == old
-            assert kept and lost                               # it really tears
+            assert kept and lost  # it really tears
             assert report.units >= kept + lost
             results[(seed, copy)] = (after, report.text())
+
         run(main)
         d.image.close()
-    assert results[(5, 0)] == results[(5, 1)]                  # same seed, same history
+    assert results[(5, 0)] == results[(5, 1)]  # same seed, same history
     assert results[(5, 0)][0] != results[(6, 0)][0]
 
 
@@ -173,15 +185,16 @@ def test_the_cap_refuses_the_write_that_would_pass_it_with_enospc(tmp_path):
         await d.block.write(0, b"a" * 4096)
         before = d.data()
         with pytest.raises(OSError) as failure:
-            await d.block.write(4096, b"b" * 4096)             # 8 KiB + bookkeeping > cap
+            await d.block.write(4096, b"b" * 4096)  # 8 KiB + bookkeeping > cap
         assert failure.value.errno == errno.ENOSPC
-        assert d.data() == before                              # nothing written
+        assert d.data() == before  # nothing written
         assert len(d.log) == 1 and d.log.refused == 1
         assert "unsynced-cap=8192" in d.log.last_refusal
-        await d.block.flush()                                  # a flush empties the log
+        await d.block.flush()  # a flush empties the log
         await d.block.write(4096, b"b" * 4096)
         await d.block.power_cut("none", None)
-        assert d.data() == before                              # still exactly undoable
+        assert d.data() == before  # still exactly undoable
+
     run(main)
 
 
@@ -196,13 +209,15 @@ def test_pre_images_spill_to_a_scratch_file_and_come_back(tmp_path, monkeypatch)
         for i in range(20):
             await d.block.write(i * 3000, noise(2000, i))
         assert d.log._spilled > 0
-        assert os.listdir(tmp_path) == ["disk.img"]            # the scratch file is unlinked
+        assert os.listdir(tmp_path) == ["disk.img"]  # the scratch file is unlinked
         await d.block.power_cut("none", None)
         assert d.data() == synced
+
     run(main)
 
 
 # ---- power off ----------------------------------------------------------------------------
+
 
 def test_while_off_every_request_fails_with_eio_and_raises_no_event(tmp_path):
     d = Dev(tmp_path, noise(8 * KiB, 1))
@@ -222,9 +237,10 @@ def test_while_off_every_request_fails_with_eio_and_raises_no_event(tmp_path):
             await d.block.power_cut("none", None)
         assert again.value.errno == errno.EINVAL
         assert d.block.power_on()
-        assert not d.block.power_on()                          # already on
+        assert not d.block.power_on()  # already on
         assert await d.block.read(0, 512) == noise(8 * KiB, 1)[:512]
         assert len(d.log) == 0
+
     run(main)
 
 
@@ -237,6 +253,7 @@ def test_powercut_without_the_log_is_einval_naming_the_option(tmp_path):
         assert failure.value.errno == errno.EINVAL
         assert "track-unsynced=on" in str(failure.value)
         assert d.block.powered
+
     run(main)
 
 
@@ -252,7 +269,7 @@ def test_a_request_suspended_at_the_cut_is_let_go_and_fails_with_eio(tmp_path):
             except OSError as e:
                 outcome["result"] = e.errno
 
-        d.engine.add_breakpoint("pwritev_done", "A")     # after the data reached the image
+        d.engine.add_breakpoint("pwritev_done", "A")  # after the data reached the image
         async with trio.open_nursery() as nursery:
             nursery.start_soon(writer)
             await d.engine.wait_break("A")
@@ -262,6 +279,7 @@ def test_a_request_suspended_at_the_cut_is_let_go_and_fails_with_eio(tmp_path):
         assert outcome["result"] == errno.EIO
         assert d.data() == bytes(8 * KiB)
         assert d.engine.suspended() == []
+
     run(main)
 
 
@@ -276,6 +294,7 @@ def test_a_flush_whose_fsync_spans_a_cut_fails_and_syncs_nothing(tmp_path, monke
         async def slow_fsync():
             await gate.wait()
             await real_fsync()
+
         monkeypatch.setattr(d.image, "fsync", slow_fsync)
 
         async def flusher():
@@ -294,16 +313,19 @@ def test_a_flush_whose_fsync_spans_a_cut_fails_and_syncs_nothing(tmp_path, monke
             async def cutter():
                 await d.block.power_cut("none", None)
                 cut.set()
+
             nursery.start_soon(cutter)
             await trio.sleep(0)
             gate.set()
             await cut.wait()
         assert outcome["result"] == errno.EIO
         assert d.data() == bytes(8 * KiB)
+
     run(main)
 
 
 # ---- rule keys ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("error", [errno.EIO, 0])
 def test_torn_keeps_the_first_sectors_and_loses_the_rest(tmp_path, error):
@@ -317,18 +339,20 @@ def test_torn_keeps_the_first_sectors_and_loses_the_rest(tmp_path, error):
                 await d.block.write(1024, data)
             assert failure.value.errno == error
         else:
-            assert await d.block.write(1024, data) == len(data)   # reports success
-        assert d.data()[1024:1024 + 1536] == data[:1536]
-        assert d.data()[1024 + 1536:] == bytes(16 * KiB - 1024 - 1536)
-        assert len(d.log) == 1 and d.log.bytes == 1536            # what it wrote, undoable
-        await d.block.write(1024, data)                           # once: spent
-        assert d.data()[1024:1024 + len(data)] == data
+            assert await d.block.write(1024, data) == len(data)  # reports success
+        assert d.data()[1024 : 1024 + 1536] == data[:1536]
+        assert d.data()[1024 + 1536 :] == bytes(16 * KiB - 1024 - 1536)
+        assert len(d.log) == 1 and d.log.bytes == 1536  # what it wrote, undoable
+        await d.block.write(1024, data)  # once: spent
+        assert d.data()[1024 : 1024 + len(data)] == data
+
     run(main)
 
 
 def test_drop_unsynced_flush_fails_the_retry_succeeds_and_the_data_is_gone(tmp_path):
-    rule = InjectError("none", errno=errno.EIO, drop_unsynced=True, once=True,
-                       iotypes=frozenset({"flush"}))
+    rule = InjectError(
+        "none", errno=errno.EIO, drop_unsynced=True, once=True, iotypes=frozenset({"flush"})
+    )
     d = Dev(tmp_path, bytes(8 * KiB), rules=[rule])
 
     async def main():
@@ -336,10 +360,11 @@ def test_drop_unsynced_flush_fails_the_retry_succeeds_and_the_data_is_gone(tmp_p
         with pytest.raises(OSError) as failure:
             await d.block.flush()
         assert failure.value.errno == errno.EIO
-        assert d.data() == bytes(8 * KiB)                         # dropped at the failure
-        await d.block.flush()                                     # fsyncgate: the retry passes
+        assert d.data() == bytes(8 * KiB)  # dropped at the failure
+        await d.block.flush()  # fsyncgate: the retry passes
         assert d.data() == bytes(8 * KiB) and len(d.log) == 0
         assert d.block.powered
+
     run(main)
 
 
@@ -348,23 +373,25 @@ def test_unaligned_write_with_align_is_undone_exactly(tmp_path):
     d = Dev(tmp_path, initial, align=4096)
 
     async def main():
-        await d.block.write(100, b"u" * 50)                       # read-modify-write of 4 KiB
+        await d.block.write(100, b"u" * 50)  # read-modify-write of 4 KiB
         assert d.data()[100:150] == b"u" * 50
         await d.block.power_cut("none", None)
         assert d.data() == initial
+
     run(main)
 
 
 # ---- the engine side of the keys ----------------------------------------------------------
+
 
 def test_match_answers_the_rule_and_once_spends_a_torn_rule_even_with_errno_0():
     plain = InjectError("none", errno=0, once=True, iotypes=frozenset({"read"}))
     torn = InjectError("none", errno=0, torn=1, once=True, iotypes=frozenset({"write"}))
     engine = Engine([plain, torn])
     assert engine.match("read", 0, 512) is plain
-    assert engine.match("read", 0, 512) is plain          # errno 0, once: stays (QEMU)
+    assert engine.match("read", 0, 512) is plain  # errno 0, once: stays (QEMU)
     assert engine.match("write", 0, 512) is torn
-    assert engine.match("write", 0, 512) is None          # torn, once: spent
+    assert engine.match("write", 0, 512) is None  # torn, once: spent
     assert engine.check("read", 0, 512) == 0 and plain.hits == 3
     assert engine.errors_injected == {}
 
@@ -380,10 +407,12 @@ def test_release_suspended_keeps_the_breakpoints_not_yet_hit():
         assert engine.release_suspended() == 1
         assert suspension.done and engine.suspended() == []
         assert engine.breakpoints() == [("write_aio", "B")]
+
     run(main)
 
 
 # ---- write-zeroes and discard change data too --------------------------------------------
+
 
 def test_write_zeroes_and_discard_enter_the_log_and_are_undone(tmp_path):
     initial = noise(64 * KiB, 31)
@@ -397,15 +426,21 @@ def test_write_zeroes_and_discard_enter_the_log_and_are_undone(tmp_path):
         assert len(d.log) == 2
         await d.block.power_cut("none", None)
         assert d.data() == initial
-        for request in (d.block.write_zeroes(0, 4096), d.block.discard(0, 4096),
-                        d.block.seek(0, os.SEEK_DATA), d.block.block_status(0, 4096)):
+        for request in (
+            d.block.write_zeroes(0, 4096),
+            d.block.discard(0, 4096),
+            d.block.seek(0, os.SEEK_DATA),
+            d.block.block_status(0, 4096),
+        ):
             with pytest.raises(OSError) as failure:
                 await request
             assert failure.value.errno == errno.EIO
+
     run(main)
 
 
 # ---- every mode against a model, on random histories with resizes -------------------------
+
 
 @pytest.mark.parametrize("history_seed", range(40))
 def test_each_mode_matches_the_model_on_random_histories(tmp_path, history_seed):
@@ -416,8 +451,12 @@ def test_each_mode_matches_the_model_on_random_histories(tmp_path, history_seed)
     rng = random.Random(history_seed)
     atomic = rng.choice([512, 1024, 4096])
     for keep in ("none", "prefix", "random"):
-        d = Dev(tmp_path, noise(rng.randrange(1, 24 * KiB), history_seed), atomic=atomic,
-                name=f"{keep}.img")
+        d = Dev(
+            tmp_path,
+            noise(rng.randrange(1, 24 * KiB), history_seed),
+            atomic=atomic,
+            name=f"{keep}.img",
+        )
         history = random.Random(history_seed * 7 + 1)
 
         async def main():
@@ -444,9 +483,10 @@ def test_each_mode_matches_the_model_on_random_histories(tmp_path, history_seed)
             else:
                 assert len(after) in (len(synced), len(current))
                 for unit in range(0, len(after), atomic):
-                    got = after[unit:unit + atomic]
-                    now = current[unit:unit + atomic].ljust(atomic, b"\0")[:len(got)]
-                    old = synced[unit:unit + atomic].ljust(atomic, b"\0")[:len(got)]
+                    got = after[unit : unit + atomic]
+                    now = current[unit : unit + atomic].ljust(atomic, b"\0")[: len(got)]
+                    old = synced[unit : unit + atomic].ljust(atomic, b"\0")[: len(got)]
                     assert got in (now, old), f"unit {unit // atomic}"
+
         run(main)
         d.image.close()

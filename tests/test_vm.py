@@ -14,9 +14,13 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "e2e-vm")
-STEPS = ("1 inject-error on one sector", "2 runtime ENOSPC after the first flush",
-         "3 breakpoint on write_aio", "4 discard rule fails the guest's blkdiscard",
-         "guest finished")
+STEPS = (
+    "1 inject-error on one sector",
+    "2 runtime ENOSPC after the first flush",
+    "3 breakpoint on write_aio",
+    "4 discard rule fails the guest's blkdiscard",
+    "guest finished",
+)
 
 pytestmark = pytest.mark.vm
 
@@ -27,7 +31,7 @@ def test_guest_sees_injected_faults_and_breakpoints():
             pytest.skip(f"{tool} not installed (scripts/setup installs it)")
     if not os.path.exists("/dev/fuse"):
         pytest.skip("no /dev/fuse")
-    before = _e2e_mounts()          # other runs on this machine may have their own
+    before = _e2e_mounts()  # other runs on this machine may have their own
     r = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, timeout=600)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out

@@ -29,8 +29,10 @@ class _LazyGroup(click.Group):
         return importlib.import_module(f"{__name__}.{module}").command
 
 
-@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]},
-             epilog="""\b
+@click.group(
+    cls=_LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="""\b
 Examples:
   blkfuse check rules.conf
   blkfuse mount --config rules.conf disk.img /mnt/faulty
@@ -38,7 +40,8 @@ Examples:
   blkfuse status /mnt/faulty
   blkfuse umount /mnt/faulty
 
-"blkfuse COMMAND --help" shows each command's options and examples.""")
+"blkfuse COMMAND --help" shows each command's options and examples.""",
+)
 @click.version_option(package_name="blkfuse")
 def main() -> None:
     """Inject disk faults the way QEMU's blkdebug does, into any program.

@@ -2,25 +2,48 @@
 
 import collections
 import sys
+from typing import Any
 
 import click
 
-from ..config import (EXTENSION_OPTIONS, MOUNT_OPTIONS, ConfigError, arming_warning, format_rule,
-                      load_rules, parse_option_string, parse_options, rule_notes)
+from ..config import (
+    EXTENSION_OPTIONS,
+    MOUNT_OPTIONS,
+    ConfigError,
+    Note,
+    arming_warning,
+    format_rule,
+    load_rules,
+    parse_option_string,
+    parse_options,
+    rule_notes,
+)
 from ..rules import Rule, Settings
 
 
-@click.command(name="check", epilog="""\b
+@click.command(
+    name="check",
+    epilog="""\b
 Examples:
   blkfuse check rules.conf
   blkfuse check -o inject-error.0.event=read_aio,inject-error.0.errno=28,align=4096
-  blkfuse check rules.conf -o max-transfer=64k""")
+  blkfuse check rules.conf -o max-transfer=64k""",
+)
 @click.argument("path", type=click.Path(dir_okay=False), required=False)
-@click.option("-o", "--options", "option_strings", multiple=True, metavar="KEY=VALUE,...",
-              help="blkdebug options, as for mount (inject-error.0.event=read_aio,align=4096).")
-@click.option("--qemu", is_flag=True,
-              help="Fail (exit 1) naming every key and value QEMU 7.2's blkdebug would reject.")
-def command(path, option_strings, qemu):
+@click.option(
+    "-o",
+    "--options",
+    "option_strings",
+    multiple=True,
+    metavar="KEY=VALUE,...",
+    help="blkdebug options, as for mount (inject-error.0.event=read_aio,align=4096).",
+)
+@click.option(
+    "--qemu",
+    is_flag=True,
+    help="Fail (exit 1) naming every key and value QEMU 7.2's blkdebug would reject.",
+)
+def command(path: str | None, option_strings: tuple[str, ...], qemu: bool) -> None:
     """Check the blkdebug config file PATH and/or -o options; print each rule with its source.
 
     Notes mark rules that never fire through a mount and set-state rules without new_state;
@@ -28,10 +51,12 @@ def command(path, option_strings, qemu):
     (file:line or option key) on stderr. blkfuse's extension keys are accepted and marked;
     with --qemu they are errors, all of them listed.
     """
-    notes = []
+    notes: list[Note] = []
     if path is None and not option_strings:
-        click.echo("blkfuse check: give a config file PATH, -o options, or both "
-                   "(blkfuse check --help)", err=True)
+        click.echo(
+            "blkfuse check: give a config file PATH, -o options, or both (blkfuse check --help)",
+            err=True,
+        )
         sys.exit(1)
     try:
         options: dict[str, str] = {}
@@ -39,7 +64,7 @@ def command(path, option_strings, qemu):
             options.update(parse_option_string(option_string))
         _, settings = parse_options(options)
         if path is not None:
-            settings.config_path = path      # PATH is the config file, whatever -o says
+            settings.config_path = path  # PATH is the config file, whatever -o says
         rules = load_rules(settings, notes)
     except ConfigError as error:
         click.echo(f"blkfuse check: {error}", err=True)
@@ -48,14 +73,18 @@ def command(path, option_strings, qemu):
     extension_options = [key for key in options if key in EXTENSION_OPTIONS]
     if qemu:
         problems = [f"{note.where}: {note.text}" for note in notes]
-        problems += [f'option {key}: "{key}" is a blkfuse extension option'
-                     for key in extension_options]
+        problems += [
+            f'option {key}: "{key}" is a blkfuse extension option' for key in extension_options
+        ]
         if problems:
             for problem in problems:
                 click.echo(f"blkfuse check: {problem}", err=True)
-            click.echo(f"blkfuse check: {name}: QEMU 7.2 would reject {len(problems)} "
-                       f"key{'s' if len(problems) != 1 else ''} or value"
-                       f"{'s' if len(problems) != 1 else ''} (listed above)", err=True)
+            click.echo(
+                f"blkfuse check: {name}: QEMU 7.2 would reject {len(problems)} "
+                f"key{'s' if len(problems) != 1 else ''} or value"
+                f"{'s' if len(problems) != 1 else ''} (listed above)",
+                err=True,
+            )
             sys.exit(1)
     marked = collections.defaultdict(list)
     for note in notes:
@@ -71,21 +100,27 @@ def command(path, option_strings, qemu):
     click.echo(_summary(name, rules, settings, notes))
 
 
-def _by_event(rules) -> dict:
-    by_event = {}
+def _by_event(rules: list[Rule]) -> dict[str, list[Rule]]:
+    by_event: dict[str, list[Rule]] = {}
     for rule in rules:
         by_event.setdefault(rule.event, []).append(rule)
     return by_event
 
 
-def _summary(path, rules, settings, notes) -> str:
+def _summary(path: str, rules: list[Rule], settings: Settings, notes: list[Any]) -> str:
     kinds = collections.Counter(rule.kind for rule in rules)
     noun = "rule" if len(rules) == 1 else "rules"
     parts = [f"{path}: OK, {len(rules)} {noun}"]
     if rules:
         parts[0] += " (" + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) + ")"
-    for key in ("align", "max-transfer", "opt-write-zero", "max-write-zero", "opt-discard",
-                "max-discard"):
+    for key in (
+        "align",
+        "max-transfer",
+        "opt-write-zero",
+        "max-write-zero",
+        "opt-discard",
+        "max-discard",
+    ):
         value = getattr(settings, key.replace("-", "_"))
         if value:
             parts.append(f"{key}={value}")
@@ -98,8 +133,9 @@ def _summary(path, rules, settings, notes) -> str:
     for key in MOUNT_OPTIONS:
         if key not in settings.options:
             continue
-        parts.append(f"{key}={settings.options[key] or 'on'} (not portable: a blkfuse mount "
-                     "option)")
+        parts.append(
+            f"{key}={settings.options[key] or 'on'} (not portable: a blkfuse mount option)"
+        )
     if settings.track_unsynced:
         power = ["track-unsynced=on"]
         power += [f"unsynced-cap={settings.unsynced_cap}"] if settings.unsynced_cap else []
@@ -113,6 +149,8 @@ def _summary(path, rules, settings, notes) -> str:
     if settings.seed is not None:
         parts.append(f"seed={settings.seed} (not portable)")
     if notes:
-        parts.append(f"{len(notes)} blkfuse extension{'s' if len(notes) != 1 else ''} in the "
-                     "rules (QEMU would reject them; check --qemu lists them)")
+        parts.append(
+            f"{len(notes)} blkfuse extension{'s' if len(notes) != 1 else ''} in the "
+            "rules (QEMU would reject them; check --qemu lists them)"
+        )
     return ", ".join(parts)

@@ -7,12 +7,16 @@ from ..errors import ControlError
 from ._common import control_failure, fail
 
 
-@click.command("ctl", context_settings={"ignore_unknown_options": True}, epilog="""\b
+@click.command(
+    "ctl",
+    context_settings={"ignore_unknown_options": True},
+    epilog="""\b
 Examples:
   blkfuse ctl /mnt/faulty inject-error event=write_aio errno=ENOSPC once=on
   blkfuse ctl /mnt/faulty wait_hit 1 30      # until rule 1 fires (exit 1 after 30 s)
   blkfuse ctl /mnt/faulty break read_aio A
-  blkfuse ctl /mnt/faulty help""")
+  blkfuse ctl /mnt/faulty help""",
+)
 @click.argument("mountpoint")
 @click.argument("words", nargs=-1, required=True, metavar="COMMAND...")
 def command(mountpoint: str, words: tuple[str, ...]) -> None:

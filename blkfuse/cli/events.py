@@ -2,14 +2,19 @@
 
 import click
 
-from ..events import EVENT_ALIASES, EVENTS, IOTYPES, DEFAULT_IOTYPES, REACHABLE_EVENTS
+from ..events import DEFAULT_IOTYPES, EVENT_ALIASES, EVENTS, IOTYPES, REACHABLE_EVENTS
 
 
-@click.command("events", epilog="""\b
+@click.command(
+    "events",
+    epilog="""\b
 Examples:
   blkfuse events
-  blkfuse events --reachable""")
-@click.option("--reachable", is_flag=True, help="Only the events a request through the mount raises.")
+  blkfuse events --reachable""",
+)
+@click.option(
+    "--reachable", is_flag=True, help="Only the events a request through the mount raises."
+)
 def command(reachable: bool) -> None:
     """List blkdebug's event names and io types.
 

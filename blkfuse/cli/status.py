@@ -9,13 +9,20 @@ from ..errors import ControlError
 from ._common import control_failure, fail
 
 
-@click.command("status", epilog="""\b
+@click.command(
+    "status",
+    epilog="""\b
 Examples:
   blkfuse status /mnt/faulty
-  blkfuse status --json /mnt/faulty | jq '.rules[] | {id, hits, spent}'""")
+  blkfuse status --json /mnt/faulty | jq '.rules[] | {id, hits, spent}'""",
+)
 @click.argument("mountpoint")
-@click.option("--json", "as_json", is_flag=True,
-              help="Machine-readable status (needs the right to write control).")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Machine-readable status (needs the right to write control).",
+)
 def command(mountpoint: str, as_json: bool) -> None:
     """Show the state, rules, breakpoints, suspended requests and counters of a mount."""
     if as_json:

@@ -9,13 +9,17 @@ from ..errors import ControlError
 from ._common import control_failure, fail
 
 
-@click.command("trace", epilog="""\b
+@click.command(
+    "trace",
+    epilog="""\b
 Examples:
   blkfuse trace /mnt/faulty                   # every request from now on, until Ctrl-C
-  blkfuse trace -n 10 /mnt/faulty | jq .op    # the next ten""")
+  blkfuse trace -n 10 /mnt/faulty | jq .op    # the next ten""",
+)
 @click.argument("mountpoint")
-@click.option("-n", "--count", type=click.IntRange(min=1), metavar="N",
-              help="Stop after N records.")
+@click.option(
+    "-n", "--count", type=click.IntRange(min=1), metavar="N", help="Stop after N records."
+)
 def command(mountpoint: str, count: int | None) -> None:
     """Stream the trace of the mount at MOUNTPOINT until interrupted (or the mount goes).
 
@@ -24,6 +28,7 @@ def command(mountpoint: str, count: int | None) -> None:
     The records start with the first request after this command starts.
     """
     import json
+
     seen = 0
     try:
         records = TraceStream(mountpoint)
@@ -38,7 +43,7 @@ def command(mountpoint: str, count: int | None) -> None:
                 break
     except KeyboardInterrupt:
         pass
-    except BrokenPipeError:                 # `blkfuse trace MNT | head`
+    except BrokenPipeError:  # `blkfuse trace MNT | head`
         sys.stderr.close()
     finally:
         records.close()

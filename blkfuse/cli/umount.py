@@ -20,12 +20,11 @@ from typing import Any
 import click
 
 from .. import holders
-from ..daemon import GRACE_SECONDS
 from ..client import send
+from ..daemon import GRACE_SECONDS
 from ..errors import ControlError
 from ..mounttab import is_blkfuse_mount
 from ._common import control_failure, fail
-
 
 # How long a live daemon may take to answer `status json` before it counts as wedged.
 ANSWER_SECONDS = 10.0
@@ -39,7 +38,7 @@ def _ask(mountpoint: str, text: str, timeout: float) -> str:
     def run() -> None:
         try:
             box["answer"] = send(mountpoint, text)
-        except BaseException as e:       # handed to the caller
+        except BaseException as e:  # handed to the caller
             box["error"] = e
 
     t = threading.Thread(target=run, daemon=True)
@@ -69,8 +68,7 @@ def _fusermount(mountpoint: str, lazy: bool = False) -> bool:
         cmd = ["umount"] + (["-l"] if lazy else []) + [mountpoint]
     else:
         return False
-    return subprocess.run(cmd, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL).returncode == 0
+    return subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
 
 
 def _busy_message(mountpoint: str, status: dict) -> str | None:
@@ -78,7 +76,7 @@ def _busy_message(mountpoint: str, status: dict) -> str | None:
     name = status["info"].get("name") or ""
     path = os.path.join(os.path.realpath(mountpoint), name)
     try:
-        st = os.stat(path)          # the daemon just answered: this getattr is safe
+        st = os.stat(path)  # the daemon just answered: this getattr is safe
     except OSError:
         return None
     found = holders.find(path, st.st_dev, st.st_ino, exclude=(int(status["info"]["pid"]),))
@@ -89,28 +87,46 @@ def _busy_message(mountpoint: str, status: dict) -> str | None:
         fixes.append("end or close those processes")
     suspended = len(status.get("suspended") or ())
     if suspended:
-        fixes.append(f"resume the {suspended} suspended request{'s' if suspended > 1 else ''} "
-                     f"(blkfuse ctl {mountpoint} resume TAG)")
-    return (f"{mountpoint}: busy, not unmounted: {name} is in use by {found.describe()}; "
-            f"{', '.join(fixes)}; or umount --lazy (detach after a grace of {GRACE_SECONDS:g} s) "
-            "or --force "
-            "(fail their requests now)")
+        fixes.append(
+            f"resume the {suspended} suspended request{'s' if suspended > 1 else ''} "
+            f"(blkfuse ctl {mountpoint} resume TAG)"
+        )
+    return (
+        f"{mountpoint}: busy, not unmounted: {name} is in use by {found.describe()}; "
+        f"{', '.join(fixes)}; or umount --lazy (detach after a grace of {GRACE_SECONDS:g} s) "
+        "or --force "
+        "(fail their requests now)"
+    )
 
 
-@click.command("umount", epilog="""\b
+@click.command(
+    "umount",
+    epilog="""\b
 Examples:
   blkfuse umount /mnt/faulty           # refuses (exit 1) while anything uses the image
-  blkfuse umount --force /mnt/faulty   # fail the users' requests and detach now""")
+  blkfuse umount --force /mnt/faulty   # fail the users' requests and detach now""",
+)
 @click.argument("mountpoint")
-@click.option("--timeout", default=60.0, show_default=True, metavar="SECONDS",
-              help="How long to wait for the daemon's orderly shutdown.")
-@click.option("--lazy", is_flag=True,
-              help="Unmount even if the image is in use: suspended requests are resumed, open "
-                   f"files get {GRACE_SECONDS:g} s to close, then the mount is detached (later "
-                   "requests fail).")
-@click.option("--force", is_flag=True,
-              help="Unmount even if the image is in use: suspended requests are resumed, every "
-                   "new request fails with EIO at once, the mount is detached.")
+@click.option(
+    "--timeout",
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for the daemon's orderly shutdown.",
+)
+@click.option(
+    "--lazy",
+    is_flag=True,
+    help="Unmount even if the image is in use: suspended requests are resumed, open "
+    f"files get {GRACE_SECONDS:g} s to close, then the mount is detached (later "
+    "requests fail).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Unmount even if the image is in use: suspended requests are resumed, every "
+    "new request fails with EIO at once, the mount is detached.",
+)
 def command(mountpoint: str, timeout: float, lazy: bool, force: bool) -> None:
     """Unmount a blkfuse mount in order, if nothing uses its image.
 
@@ -130,8 +146,10 @@ def command(mountpoint: str, timeout: float, lazy: bool, force: bool) -> None:
     except TimeoutError:
         # A wedged daemon: detach the mount so nothing new reaches it.
         if _fusermount(mountpoint, lazy=True):
-            fail(f"{mountpoint}: the daemon did not answer within {ANSWER_SECONDS:g} s; "
-                 "the mount was detached lazily")
+            fail(
+                f"{mountpoint}: the daemon did not answer within {ANSWER_SECONDS:g} s; "
+                "the mount was detached lazily"
+            )
         fail(f"{mountpoint}: the daemon does not answer and unmounting failed")
     except ControlError as e:
         # The daemon is gone (ENOTCONN) or does not answer: remove the mount itself.
@@ -153,5 +171,6 @@ def command(mountpoint: str, timeout: float, lazy: bool, force: bool) -> None:
     except PermissionError:
         fail(f"{mountpoint}: not allowed to stop the daemon (pid {pid})")
     if not _wait_unmounted(mountpoint, timeout):
-        fail(f"{mountpoint}: still mounted {timeout:g} s after asking the daemon "
-             f"(pid {pid}) to stop")
+        fail(
+            f"{mountpoint}: still mounted {timeout:g} s after asking the daemon (pid {pid}) to stop"
+        )
