@@ -3,7 +3,6 @@
 (pwritev2 RWF_DSYNC/RWF_SYNC): each reaches its rules.
 """
 
-import ctypes
 import errno
 import os
 import subprocess
@@ -11,20 +10,10 @@ import sys
 
 import pytest
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
+from blkfuse.image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
+
 # Hang guard, not a timing check.
 WEDGED_SECONDS = 120
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 def _open(m, flags=os.O_RDWR) -> int:

@@ -6,7 +6,6 @@ ends a request whose caller got SIGINT or SIGKILL with EINTR; a filesystem that 
 nothing behaves as with upstream pyfuse3.
 """
 
-import ctypes
 import errno
 import json
 import os
@@ -18,23 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from blkfuse.image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
+
 from conftest import force_unmount, is_mounted
 
 FS = Path(__file__).with_name("pyfuse3_patch_fs.py")
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
 # Hang guard, not a timing check: how long a step may take before the test fails.
 WEDGED_SECONDS = 120
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 class TinyFs:
