@@ -37,7 +37,7 @@ RUN apt-get update \
         pkg-config libfuse3-dev patch ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/blkfuse
-# pyfuse3 3.5.0 from its sdist with blkfuse's patch first: `pip install /src` then keeps it
+# pyfuse3 3.5.0 from its sdist with blkfuse's patches first: `pip install /src` then keeps it
 COPY scripts/pyfuse3 /src/scripts/pyfuse3
 RUN /src/scripts/pyfuse3/build /opt/blkfuse
 COPY pyproject.toml README.md /src/
@@ -85,7 +85,7 @@ RUN set -e; if [ -n "$EXTRA_CA_CERTS" ]; then \
 WORKDIR /src
 
 # Layers from slowest-changing to fastest: Debian packages, Python dependencies (pyfuse3 built
-# from its sdist with scripts/pyfuse3's patch), the source.
+# from its sdist with scripts/pyfuse3's patches), the source.
 COPY scripts/setup scripts/setup
 RUN scripts/setup --system \
     && if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then update-ca-certificates; fi

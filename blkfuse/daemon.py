@@ -409,7 +409,10 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._watch_signals)
-            await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
+            # handoff (the patch's request loop): a worker reads on while handlers do not
+            # wait; "0" is pyfuse3's locked loop, a task switch per request (A/B runs)
+            handoff = os.environ.get("BLKFUSE_HANDOFF", "1") != "0"
+            await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS, handoff=handoff)
             # The loop ended: by our shutdown, or the kernel ended the session (unmounted).
             self._stop()
             nursery.cancel_scope.cancel()

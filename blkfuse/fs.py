@@ -84,13 +84,16 @@ FIRST_FRESH_CONTROL = 16
 
 # Names never change, so the kernel may cache lookups; the image's attributes are live.
 ENTRY_TIMEOUT = 300
-# What blkfuse needs from pyfuse3 beyond upstream 3.5.0: scripts/pyfuse3's patch.
+# What blkfuse needs from pyfuse3 beyond upstream 3.5.0: scripts/pyfuse3's patches.
 PYFUSE3_FEATURES = ("fallocate", "lseek", "enable_io_context", "enable_interrupts")
 
 
 def missing_pyfuse3_features() -> list[str]:
-    """The patch's additions this pyfuse3 lacks (empty: it is the patched build)."""
-    return [name for name in PYFUSE3_FEATURES if not hasattr(pyfuse3.Operations, name)]
+    """The patches' additions this pyfuse3 lacks (empty: it is the patched build)."""
+    missing = [name for name in PYFUSE3_FEATURES if not hasattr(pyfuse3.Operations, name)]
+    if not hasattr(pyfuse3._pyfuse3, "resume"):  # 0002: the request loop's hand-off
+        missing.append("main(handoff=)")
+    return missing
 
 
 # The kernel passes O_SYNC as __O_SYNC|O_DSYNC, so testing O_DSYNC catches both.

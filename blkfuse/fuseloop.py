@@ -1,12 +1,16 @@
 """Cheaper waits for pyfuse3's request loop: skip the epoll round trip, poll before sleeping.
 
-pyfuse3's worker loop awaits `trio.lowlevel.wait_readable(fuse_fd)` before every request.
-`install()` replaces that wait with one that, in this order:
+pyfuse3's worker loop awaits `trio.lowlevel.wait_readable(fuse_fd)` when it wants the next
+request. With the patched loop's hand-off (scripts/pyfuse3/0002, the default) it reads
+/dev/fuse without waiting first and calls the wait only when nothing is queued; pyfuse3's
+locked loop (`BLKFUSE_HANDOFF=0`) calls it before every request. `install()` replaces that
+wait with one that, in this order:
 
 1. Asks poll(2) with a zero timeout and returns at once when a request is already queued
-   (under load /dev/fuse nearly always is). Parking the task in epoll would cost a syscall to
-   arm the fd and a whole scheduler pass. A real checkpoint every few fast returns keeps
-   other tasks (resumed requests, the control file, shutdown) running and lets cancellation in.
+   (the locked loop under load: /dev/fuse nearly always is). Parking the task in epoll would
+   cost a syscall to arm the fd and a whole scheduler pass. A real checkpoint every few fast
+   returns keeps other tasks (resumed requests, the control file, shutdown) running and lets
+   cancellation in.
 2. Busy-polls /dev/fuse for a short window before parking (`-o poll-us=N`, 0 = off). At
    queue depth 1 the next request comes a few microseconds after the reply; sleeping in
    epoll and being woken costs more than that (a C server doubles its QD1 rate with the same

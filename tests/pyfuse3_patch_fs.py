@@ -1,12 +1,14 @@
 """A tiny pyfuse3 filesystem for tests/test_pyfuse3_patch.py (run as a script, one per mount).
 
-    python pyfuse3_patch_fs.py MOUNTPOINT LOG [--plain]
+    python pyfuse3_patch_fs.py MOUNTPOINT LOG [--plain] [--locked]
 
 One file, `file` (1 MiB of zeros, direct_io). Every read, write, fsync, fallocate and lseek is
 logged to LOG as one JSON line with the arguments the handler got. Behaviours a test can ask
-for: a read at offset 4096 blocks until interrupted (`sleep_forever`); lseek answers
+for: a read at offset 4096 blocks until interrupted (`sleep_forever`); a read at offset 8192
+waits until a write at 8192 opens the gate (then answers what it wrote); lseek answers
 offset + 1000 for SEEK_DATA and 777 for SEEK_HOLE. `--plain`: an Operations subclass that opts
-in to nothing and defines no fallocate or lseek (the upstream behaviour).
+in to nothing and defines no fallocate or lseek (the upstream behaviour). `--locked`:
+pyfuse3's locked request loop (`main(handoff=False)`) instead of the patch's hand-off.
 """
 
 import errno
@@ -21,6 +23,7 @@ import trio
 FILE = pyfuse3.ROOT_INODE + 1
 SIZE = 1 << 20
 BLOCKING_OFFSET = 4096
+GATE_OFFSET = 8192
 
 
 class Log:
@@ -92,6 +95,10 @@ class Patched(Plain):
     enable_io_context = True
     enable_interrupts = True
 
+    def __init__(self, log: Log):
+        super().__init__(log)
+        self.gate = trio.Event()
+
     async def read(self, fh, off, size, ctx):
         self.log(op="read", off=off, size=size, ctx=_ctx(ctx))
         if off == BLOCKING_OFFSET:
@@ -100,11 +107,15 @@ class Patched(Plain):
             except trio.Cancelled:
                 self.log(op="read-cancelled", off=off)
                 raise
+        if off == GATE_OFFSET:
+            await self.gate.wait()
         return bytes(self.data[off : off + size])
 
     async def write(self, fh, off, buf, flags, ctx):
         self.log(op="write", off=off, size=len(buf), flags=flags, ctx=_ctx(ctx))
         self.data[off : off + len(buf)] = buf
+        if off == GATE_OFFSET:
+            self.gate.set()
         return len(buf)
 
     async def fsync(self, fh, datasync, ctx):
@@ -126,8 +137,9 @@ def main() -> None:
     options = set(pyfuse3.default_options) | {"fsname=pyfuse3test"}
     pyfuse3.init(ops, mountpoint, options)
     print("ready", flush=True)
+    handoff = "--locked" not in sys.argv[3:]
     try:
-        trio.run(pyfuse3.main)
+        trio.run(lambda: pyfuse3.main(handoff=handoff))
     finally:
         pyfuse3.close(unmount=True)
 

@@ -27,14 +27,16 @@ WEDGED_SECONDS = 120
 
 
 class TinyFs:
-    def __init__(self, base: Path, plain: bool):
+    def __init__(self, base: Path, plain: bool, locked: bool = False):
         self.mnt = base / "mnt"
         self.mnt.mkdir()
         self.log_path = base / "log"
         self.log_path.touch()
         args = [sys.executable, str(FS), str(self.mnt), str(self.log_path)]
         self.proc = subprocess.Popen(
-            args + (["--plain"] if plain else []), stdout=subprocess.PIPE, text=True
+            args + (["--plain"] if plain else []) + (["--locked"] if locked else []),
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert self.proc.stdout.readline().strip() == "ready"
         self.file = self.mnt / "file"
@@ -67,10 +69,10 @@ class TinyFs:
 def tinyfs(fuse_dir):
     made = []
 
-    def _make(plain: bool = False) -> TinyFs:
+    def _make(plain: bool = False, locked: bool = False) -> TinyFs:
         sub = fuse_dir / f"fs{len(made)}"
         sub.mkdir()
-        fs = TinyFs(sub, plain)
+        fs = TinyFs(sub, plain, locked)
         made.append(fs)
         return fs
 
@@ -183,6 +185,48 @@ def test_an_interrupted_request_ends_with_eintr_and_the_mount_goes_on(tinyfs, si
         assert os.pread(fd, 512, 0) == bytes(512)
     finally:
         os.close(fd)
+
+
+GATED_READER = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+sys.stdout.buffer.write(os.pread(fd, 512, 8192))
+"""
+
+
+@pytest.mark.parametrize("locked", [False, True], ids=["handoff", "locked-loop"])
+def test_handlers_that_wait_each_get_a_worker_and_the_others_keep_flowing(tinyfs, locked):
+    """The hand-off loop (0002): a handler that waits hands reading to another worker, so
+    several waiting at once each get one while requests that do not wait keep being answered;
+    opening the gate ends them all. The same holds for pyfuse3's locked loop."""
+    fs = tinyfs(locked=locked)
+    readers = [
+        subprocess.Popen([sys.executable, "-c", GATED_READER, str(fs.file)], stdout=subprocess.PIPE)
+        for _ in range(5)
+    ]
+    try:
+        pids = {r.pid for r in readers}
+        for pid in pids:
+            fs.wait_for(
+                lambda r, pid=pid: r["op"] == "read" and r["off"] == 8192 and r["ctx"]["pid"] == pid
+            )
+        fd = os.open(fs.file, os.O_RDWR)
+        try:
+            for i in range(200):  # none of these waits: the reader answers them itself
+                os.pwrite(fd, i.to_bytes(2, "big") * 256, 0)
+                assert os.pread(fd, 512, 0) == i.to_bytes(2, "big") * 256
+            assert all(r.poll() is None for r in readers)  # still held at the gate
+            os.pwrite(fd, b"open" * 128, 8192)
+        finally:
+            os.close(fd)
+        for r in readers:
+            out, _ = r.communicate(timeout=WEDGED_SECONDS)
+            assert r.returncode == 0
+            assert out == b"open" * 128
+    finally:
+        for r in readers:
+            r.kill()
+            r.wait()
 
 
 def test_blkfuse_refuses_to_mount_with_an_unpatched_pyfuse3(monkeypatch, tmp_path):
