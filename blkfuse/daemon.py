@@ -41,6 +41,11 @@ log = logging.getLogger("blkfuse")
 # only while below max_tasks, so this bounds how many requests can be suspended at once
 # without blocking the others.
 MAX_TASKS = 10000
+# Idle pyfuse3 workers kept parked (pyfuse3's min_tasks). Under the hand-off loop a worker is
+# needed each time a handler waits (a cold read, a delay, a breakpoint); a parked one costs a
+# little memory, a new one a task spawn, which at queue depth 32 on a cold disk was a
+# measurable share of the trio thread's time.
+IDLE_TASKS = 64
 
 # At shutdown, after every suspended request is released, the files still open (a writer that
 # was just released closing its file, say) get this long to finish before the mount goes.
@@ -285,6 +290,8 @@ class Daemon:
             read_only=m.read_only,
             direct=settings.cache in ("none", "directsync"),
             io_threads=(DEFAULT_IO_THREADS if settings.io_threads is None else settings.io_threads),
+            # page cache misses through io_uring where it works; "0": the pool (A/B runs)
+            uring=os.environ.get("BLKFUSE_URING", "1") != "0",
         )
         if settings.locking:
             try:
@@ -339,6 +346,7 @@ class Daemon:
             "growable": settings.growable,
             "locking": settings.locking,
             "io": self.image.io_mode,
+            "io_uring": self.image.uses_uring,
             "io_threads": self.image.io_threads,
             "poll_us": self.poll_us,
         }
@@ -412,7 +420,7 @@ class Daemon:
             # handoff (the patch's request loop): a worker reads on while handlers do not
             # wait; "0" is pyfuse3's locked loop, a task switch per request (A/B runs)
             handoff = os.environ.get("BLKFUSE_HANDOFF", "1") != "0"
-            await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS, handoff=handoff)
+            await pyfuse3.main(min_tasks=IDLE_TASKS, max_tasks=MAX_TASKS, handoff=handoff)
             # The loop ended: by our shutdown, or the kernel ended the session (unmounted).
             self._stop()
             nursery.cancel_scope.cancel()

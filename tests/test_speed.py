@@ -1,6 +1,7 @@
 """The speed levers keep every answer the same: the busy-poll window, backing I/O that leaves
 the event loop (page cache check, worker pool), and their options. No timing is asserted."""
 
+import errno
 import os
 import tempfile
 import threading
@@ -15,6 +16,7 @@ from blkfuse.config import ConfigError, parse_option_string, parse_options
 from blkfuse.engine import Engine
 from blkfuse.image import INLINE, NOWAIT, POOL, Image, WorkerPool
 from blkfuse.rules import InjectError
+from blkfuse.uring import Ring
 
 from conftest import blkfuse
 
@@ -100,8 +102,9 @@ def test_memory_file_system_reads_inline():
         assert image.pool_reads == 0
 
 
-def test_cold_reads_go_to_the_pool_with_the_same_data(disk_image):
-    image = Image(str(disk_image), io_threads=2)
+@pytest.mark.parametrize("uring", [True, False], ids=["io_uring", "pool"])
+def test_cold_reads_leave_the_loop_with_the_same_data(disk_image, uring):
+    image = Image(str(disk_image), io_threads=2, uring=uring)
     expected = disk_image.read_bytes()
     _drop_cache(image)
     offsets = [i * 64 * 1024 + 512 for i in range(40)]
@@ -121,14 +124,66 @@ def test_cold_reads_go_to_the_pool_with_the_same_data(disk_image):
     for offset in offsets:
         assert results[offset] == expected[offset : offset + 20000]
     if image.io_mode != INLINE:  # /var/tmp is on a disk (not tmpfs) here
-        assert image.pool_reads > 0  # the cold ones went to worker threads
-        assert image._pool is not None and image._pool._threads <= 2
+        probe = Ring.open(image.fd)  # can this machine (kernel, seccomp) use io_uring?
+        if probe is not None:
+            probe.close()
+        if uring and probe is not None:
+            assert image.uses_uring and image.uring_reads > 0 and image.pool_reads == 0
+        else:
+            assert not image.uses_uring and image.uring_reads == 0
+            assert image.pool_reads > 0  # the cold ones went to worker threads
+            assert image._pool is not None and image._pool._threads <= 2
     # now hot: answered inline, and reads at the end of the file are short, never padded
     assert bytes(trio.run(image.read, 4096, 100)) == expected[4096:4196]
     assert bytes(trio.run(image.read, 4 * MiB - 10, 100)) == expected[-10:]
     _drop_cache(image)
     assert bytes(trio.run(image.read, 4 * MiB - 10, 100)) == expected[-10:]
     image.close()
+
+
+def test_io_uring_reads_short_at_the_end_fail_with_the_errno_and_close(disk_image):
+    fd = os.open(disk_image, os.O_RDONLY)
+    ring = Ring.open(fd)
+    if ring is None:  # not usable here (kernel, seccomp, not x86-64): images use the pool
+        os.close(fd)
+        image = Image(str(disk_image), uring=True)
+        assert not image.uses_uring
+        image.close()
+        return
+    expected = disk_image.read_bytes()
+
+    async def main():
+        assert bytes(await ring.read(100, 5000)) == expected[100:5100]
+        assert bytes(await ring.read(4 * MiB - 10, 100)) == expected[-10:]  # short at the end
+        assert bytes(await ring.read(4 * MiB + 4096, 100)) == b""  # past the end
+        parallel = {}
+
+        async def one(offset):
+            parallel[offset] = bytes(await ring.read(offset, 4096))
+
+        async with trio.open_nursery() as nursery:
+            for offset in range(0, 4 * MiB, 64 * 1024):
+                nursery.start_soon(one, offset)
+        for offset, data in parallel.items():
+            assert data == expected[offset : offset + 4096]
+        assert ring.busy == 0
+
+    trio.run(main)
+    trio.run(main)  # a second trio run gets its own reaper
+    directory = os.open(disk_image.parent, os.O_RDONLY)
+    bad = Ring(directory)
+    with pytest.raises(OSError) as failure:
+        trio.run(bad.read, 0, 10)
+    assert failure.value.errno == errno.EISDIR
+    bad.close()
+    os.close(directory)
+    fds = (ring.ring_fd, ring.eventfd)
+    ring.close()
+    ring.close()  # twice is fine
+    for closed in fds:
+        with pytest.raises(OSError):
+            os.fstat(closed)
+    os.close(fd)
 
 
 def test_the_pool_path_and_a_failing_read_through_the_block_layer(disk_image):
