@@ -5,10 +5,10 @@ from blkfuse import Mount, ControlError      # see blkfuse.api
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import BlkfuseError, ControlError, MountError
+from blkfuse.errors import BlkfuseError, ControlError, MountError
 
 if TYPE_CHECKING:
-    from .api import Mount
+    from blkfuse.client.api import Mount
 
 __version__ = "0.1.0"
 
@@ -18,7 +18,7 @@ __all__ = ["Mount", "BlkfuseError", "ControlError", "MountError", "__version__"]
 def __getattr__(name: str) -> Any:
     # Mount is imported on first use, so the CLI (which imports this package) starts fast.
     if name == "Mount":
-        from .api import Mount
+        from blkfuse.client.api import Mount
 
         return Mount
     raise AttributeError(f"module 'blkfuse' has no attribute {name!r}")

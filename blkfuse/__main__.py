@@ -1,5 +1,5 @@
 """`python -m blkfuse ...`: the blkfuse command, for when its console script is not on PATH."""
 
-from .cli import main
+from blkfuse.cli import main
 
 main(prog_name="blkfuse")

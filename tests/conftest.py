@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from blkfuse import ControlError, Mount, MountError, client, mounttab
+from blkfuse import ControlError, Mount, MountError, client
+from blkfuse.client import mounttab
 
 BLKFUSE = client.blkfuse_command()
 

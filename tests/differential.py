@@ -160,7 +160,7 @@ class Scenario:
 
     def settings(self):
         """blkfuse's Settings for this scenario (what `-o` would give)."""
-        from blkfuse.rules import Settings
+        from blkfuse.rules.model import Settings
 
         settings = Settings(
             align=self.align, max_transfer=self.max_transfer, cache=self.cache, format=self.format
@@ -546,9 +546,9 @@ def run_block(sc: Scenario) -> tuple[list, bytes, list]:
     padding read."""
     import trio
 
-    from blkfuse.config import parse_config_text
-    from blkfuse.engine import Engine
-    from blkfuse.image import Image
+    from blkfuse.block.image import Image
+    from blkfuse.engine.core import Engine
+    from blkfuse.rules.config import parse_config_text
 
     class RecordingEngine(Engine):
         def __init__(self, rules):

@@ -250,9 +250,9 @@ def compare(case: dict, exp: Expectation, got: Replay) -> list[str]:
 def replay_block(case: dict, tmpdir: Path) -> Replay:
     import trio
 
-    from blkfuse.config import ConfigError, load_rules, parse_options
-    from blkfuse.engine import Engine
-    from blkfuse.image import Image
+    from blkfuse.block.image import Image
+    from blkfuse.engine.core import Engine
+    from blkfuse.rules.config import ConfigError, load_rules, parse_options
 
     exp = expectation(case)
     image_path = tmpdir / "img.raw"
@@ -277,7 +277,7 @@ def replay_block(case: dict, tmpdir: Path) -> Replay:
 
 def block_device(engine, image, settings):
     """The BlockDevice the daemon would build from these settings."""
-    from blkfuse.block import BlockDevice
+    from blkfuse.block.device import BlockDevice
 
     return BlockDevice(
         engine,
@@ -340,7 +340,7 @@ async def _block_io(dev, op: Op) -> str:
 async def _block_replay(case, ops, engine, dev, outcomes):
     import trio
 
-    from blkfuse.engine import EngineError
+    from blkfuse.engine.core import EngineError
 
     pending: list[trio.Event] = []
 
@@ -479,7 +479,7 @@ def file_write_fua(fd: int, offset: int, data: bytes) -> str:
 
 
 def file_fallocate(fd: int, mode: int, offset: int, length: int) -> str:
-    from blkfuse.image import fallocate
+    from blkfuse.block.image import fallocate
 
     try:
         fallocate(fd, mode, offset, length)
@@ -490,13 +490,13 @@ def file_fallocate(fd: int, mode: int, offset: int, length: int) -> str:
 
 def file_zero(fd: int, offset: int, length: int) -> str:
     """write -z: fallocate(ZERO_RANGE), what QEMU's FUSE export makes a write-zeroes of."""
-    from blkfuse.image import FALLOC_FL_ZERO_RANGE
+    from blkfuse.block.image import FALLOC_FL_ZERO_RANGE
 
     return file_fallocate(fd, FALLOC_FL_ZERO_RANGE, offset, length)
 
 
 def file_discard(fd: int, offset: int, length: int) -> str:
-    from blkfuse.image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+    from blkfuse.block.image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 
     return file_fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blkfuse import mounttab
+from blkfuse.client import mounttab
 
 import differential as D
 import oracle
@@ -268,9 +268,14 @@ def run_block(sc: FileScenario) -> tuple[list, bytes, int | None]:
     (the deliberate difference), or None."""
     import trio
 
-    from blkfuse.config import parse_config_text
-    from blkfuse.engine import Engine
-    from blkfuse.image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, Image
+    from blkfuse.block.image import (
+        FALLOC_FL_KEEP_SIZE,
+        FALLOC_FL_PUNCH_HOLE,
+        FALLOC_FL_ZERO_RANGE,
+        Image,
+    )
+    from blkfuse.engine.core import Engine
+    from blkfuse.rules.config import parse_config_text
 
     with tempfile.TemporaryDirectory(prefix="blkfuse-qsd-") as d:
         path = Path(d) / "img.raw"

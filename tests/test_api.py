@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from blkfuse import ControlError, Mount, MountError, client, mounttab
-from blkfuse.api import mount_args, parse_size
+from blkfuse import ControlError, Mount, MountError, client
+from blkfuse.client import mounttab
+from blkfuse.client.api import mount_args, parse_size
 
 from conftest import blkfuse
 

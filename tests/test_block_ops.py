@@ -8,10 +8,10 @@ import os
 import pytest
 import trio
 
-from blkfuse.block import BlockDevice
-from blkfuse.config import ConfigError, parse_config_text, parse_options
-from blkfuse.engine import Caller, Engine
-from blkfuse.image import Image
+from blkfuse.block.device import BlockDevice
+from blkfuse.block.image import Image
+from blkfuse.engine.core import Caller, Engine
+from blkfuse.rules.config import ConfigError, parse_config_text, parse_options
 
 
 class Recorder(Engine):
@@ -207,7 +207,7 @@ def test_options_cache_format_and_limits():
 
 
 def test_status_shows_the_cache_mode_and_format():
-    from blkfuse.control import Control
+    from blkfuse.daemon.control import Control
 
     control = Control(
         Engine(),
@@ -218,7 +218,7 @@ def test_status_shows_the_cache_mode_and_format():
 
 
 def test_fallocate_maps_modes_as_qemus_fuse_export(tmp_path):
-    from blkfuse.image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+    from blkfuse.block.image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 
     dev, engine, path = device(tmp_path, size=16384)
 

@@ -47,7 +47,7 @@ def test_missing_image_and_mountpoints(mount, fuse_dir):
 
 
 def test_events_command_lists_every_event():
-    from blkfuse.events import EVENTS, REACHABLE_EVENTS
+    from blkfuse.rules.events import EVENTS, REACHABLE_EVENTS
 
     r = blkfuse("events")
     assert r.returncode == 0

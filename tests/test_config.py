@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from blkfuse.cli import main
-from blkfuse.config import (
+from blkfuse.rules.config import (
     ConfigError,
     format_config,
     format_rule,
@@ -20,8 +20,8 @@ from blkfuse.config import (
     parse_options,
     parse_rule_args,
 )
-from blkfuse.events import DEFAULT_IOTYPES
-from blkfuse.rules import InjectError, SetState, Settings
+from blkfuse.rules.events import DEFAULT_IOTYPES
+from blkfuse.rules.model import InjectError, SetState, Settings
 
 ORACLE = pathlib.Path(__file__).parent / "data" / "oracle"
 
@@ -582,7 +582,7 @@ def test_check_missing_file(tmp_path):
 
 
 def test_power_keys_parse_in_every_spelling_and_round_trip():
-    from blkfuse.config import format_rule, parse_config_text, parse_options, parse_rule_args
+    from blkfuse.rules.config import format_rule, parse_config_text, parse_options, parse_rule_args
 
     text = '[inject-error]\nevent = "flush_to_disk"\ndrop-unsynced = "on"\ntorn = "3"\n'
     (from_file,) = parse_config_text(text, "p.conf")
@@ -620,7 +620,7 @@ def test_power_keys_parse_in_every_spelling_and_round_trip():
     ],
 )
 def test_bad_power_keys_name_the_problem(line, message):
-    from blkfuse.config import parse_config_text
+    from blkfuse.rules.config import parse_config_text
 
     with pytest.raises(ConfigError) as e:
         parse_config_text(f'[inject-error]\nevent = "none"\n{line}\n', "p.conf")
@@ -628,7 +628,7 @@ def test_bad_power_keys_name_the_problem(line, message):
 
 
 def test_power_rules_are_not_keys_of_set_state():
-    from blkfuse.config import parse_config_text
+    from blkfuse.rules.config import parse_config_text
 
     with pytest.raises(ConfigError) as e:
         parse_config_text('[set-state]\nevent = "none"\ntorn = "1"\n', "p.conf")

@@ -4,7 +4,7 @@ import shlex
 
 from hypothesis import given, settings, strategies as st
 
-from blkfuse.config import (
+from blkfuse.rules.config import (
     ConfigError,
     format_config,
     format_rule,
@@ -14,8 +14,8 @@ from blkfuse.config import (
     parse_options,
     parse_rule_args,
 )
-from blkfuse.events import DEFAULT_IOTYPES, EVENTS, IOTYPES
-from blkfuse.rules import InjectError, SetState
+from blkfuse.rules.events import DEFAULT_IOTYPES, EVENTS, IOTYPES
+from blkfuse.rules.model import InjectError, SetState
 
 
 def rule_fields(rule):

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from blkfuse.config import ConfigError, parse_config_text, parse_option_string, parse_options
+from blkfuse.rules.config import ConfigError, parse_config_text, parse_option_string, parse_options
 
 pytestmark = [
     pytest.mark.qemu,

@@ -9,8 +9,8 @@ import trio
 from click.testing import CliRunner
 
 from blkfuse.cli import SUBCOMMANDS, main
-from blkfuse.control import Control, ControlError
-from blkfuse.engine import Engine
+from blkfuse.daemon.control import Control, ControlError
+from blkfuse.engine.core import Engine
 
 from conftest import blkfuse
 

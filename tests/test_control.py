@@ -7,10 +7,10 @@ import pytest
 import trio
 from hypothesis import given, settings, strategies as st
 
-from blkfuse import config
-from blkfuse.control import Control, ControlError, parse
-from blkfuse.engine import Engine, Request
-from blkfuse.rules import InjectError, SetState
+from blkfuse.daemon.control import Control, ControlError, parse
+from blkfuse.engine.core import Engine, Request
+from blkfuse.rules import config
+from blkfuse.rules.model import InjectError, SetState
 
 
 def run(coro_fn, *args):
@@ -65,7 +65,7 @@ def test_dotted_event_alias_is_accepted():
 
 
 def test_every_command_has_usage_help_and_a_parser():
-    from blkfuse.control import COMMANDS, commands, help_text
+    from blkfuse.daemon.control import COMMANDS, commands, help_text
 
     text = help_text()
     for c in commands():

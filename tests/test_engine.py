@@ -5,9 +5,9 @@ import errno
 import pytest
 import trio
 
-from blkfuse.engine import Engine, EngineError
-from blkfuse.events import DEFAULT_IOTYPES
-from blkfuse.rules import InjectError, SetState
+from blkfuse.engine.core import Engine, EngineError
+from blkfuse.rules.events import DEFAULT_IOTYPES
+from blkfuse.rules.model import InjectError, SetState
 
 ALL_IO = ("read", "write", "write-zeroes", "discard", "flush")
 

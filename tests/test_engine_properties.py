@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 from hypothesis import given, settings, strategies as st
 
-from blkfuse.effects import Effect
-from blkfuse.engine import Caller, Engine
-from blkfuse.events import DEFAULT_IOTYPES, IOTYPES
-from blkfuse.rules import Extensions, InjectError, SetState
+from blkfuse.engine.core import Caller, Engine
+from blkfuse.engine.effects import Effect
+from blkfuse.rules.events import DEFAULT_IOTYPES, IOTYPES
+from blkfuse.rules.model import Extensions, InjectError, SetState
 
 EVENTS = ["none", "read_aio", "write_aio", "pwritev", "flush_to_os"]
 

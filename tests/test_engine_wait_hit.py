@@ -6,8 +6,8 @@ import pytest
 import trio
 import trio.testing
 
-from blkfuse.engine import Engine, EngineError
-from blkfuse.rules import InjectError, SetState
+from blkfuse.engine.core import Engine, EngineError
+from blkfuse.rules.model import InjectError, SetState
 
 
 def run_with_waiter(engine, rule_id, timeout, poke):

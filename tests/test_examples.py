@@ -5,10 +5,10 @@ from pathlib import Path
 
 import trio
 
-from blkfuse.block import BlockDevice
-from blkfuse.config import parse_config_file
-from blkfuse.engine import Engine
-from blkfuse.image import Image
+from blkfuse.block.device import BlockDevice
+from blkfuse.block.image import Image
+from blkfuse.engine.core import Engine
+from blkfuse.rules.config import parse_config_file
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "blkfuse" / "examples"
 

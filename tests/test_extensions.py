@@ -8,13 +8,13 @@ import os
 import pytest
 import trio
 
-from blkfuse import config
-from blkfuse.block import BlockDevice
-from blkfuse.config import ConfigError, format_rule, parse_config_text, parse_rule_args
-from blkfuse.control import Control, ControlError
-from blkfuse.effects import Effect
-from blkfuse.engine import Caller, Engine
-from blkfuse.image import Image
+from blkfuse.block.device import BlockDevice
+from blkfuse.block.image import Image
+from blkfuse.daemon.control import Control, ControlError
+from blkfuse.engine.core import Caller, Engine
+from blkfuse.engine.effects import Effect
+from blkfuse.rules import config
+from blkfuse.rules.config import ConfigError, format_rule, parse_config_text, parse_rule_args
 
 from conftest import blkfuse
 

@@ -10,7 +10,12 @@ import sys
 
 import pytest
 
-from blkfuse.image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
+from blkfuse.block.image import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    fallocate,
+)
 
 # Hang guard, not a timing check.
 WEDGED_SECONDS = 120

@@ -49,7 +49,7 @@ def test_case(name, target, tmp_path):
 
 def test_negative_errno_is_a_config_error(tmp_path):
     """Deliberate difference: QEMU skips the I/O for errno < 0; blkfuse refuses the config."""
-    from blkfuse.config import ConfigError, parse_config_text
+    from blkfuse.rules.config import ConfigError, parse_config_text
 
     case = oracle.load_case("errno_negative_skips_io")
     with pytest.raises(ConfigError) as info:

@@ -17,7 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from blkfuse.image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
+from blkfuse.block.image import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    fallocate,
+)
 
 from conftest import force_unmount, is_mounted
 
@@ -232,7 +237,7 @@ def test_handlers_that_wait_each_get_a_worker_and_the_others_keep_flowing(tinyfs
 def test_blkfuse_refuses_to_mount_with_an_unpatched_pyfuse3(monkeypatch, tmp_path):
     import pyfuse3
 
-    from blkfuse import daemon
+    from blkfuse.daemon import lifecycle as daemon
 
     for name in ("enable_interrupts", "lseek"):
         monkeypatch.delattr(pyfuse3.Operations, name)

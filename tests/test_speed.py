@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from blkfuse import fuseloop
-from blkfuse.block import BlockDevice
-from blkfuse.config import ConfigError, parse_option_string, parse_options
-from blkfuse.engine import Engine
-from blkfuse.image import INLINE, NOWAIT, POOL, Image, WorkerPool
-from blkfuse.rules import InjectError
-from blkfuse.uring import Ring
+from blkfuse.block.device import BlockDevice
+from blkfuse.block.image import INLINE, NOWAIT, POOL, Image, WorkerPool
+from blkfuse.block.uring import Ring
+from blkfuse.daemon import fuseloop
+from blkfuse.engine.core import Engine
+from blkfuse.rules.config import ConfigError, parse_option_string, parse_options
+from blkfuse.rules.model import InjectError
 
 from conftest import blkfuse
 

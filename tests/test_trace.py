@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from blkfuse import ControlError, Mount, client, mounttab
-from blkfuse.block import BlockDevice
-from blkfuse.engine import Engine
-from blkfuse.image import Image
-from blkfuse.rules import InjectError, SetState
-from blkfuse.trace import TracedBlock, Tracer
+from blkfuse import ControlError, Mount, client
+from blkfuse.block.device import BlockDevice
+from blkfuse.block.image import Image
+from blkfuse.client import mounttab
+from blkfuse.daemon.trace import TracedBlock, Tracer
+from blkfuse.engine.core import Engine
+from blkfuse.rules.model import InjectError, SetState
 
 from conftest import blkfuse
 

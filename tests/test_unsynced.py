@@ -11,13 +11,13 @@ import random
 import pytest
 import trio
 
-from blkfuse import unsynced as unsynced_module
-from blkfuse.block import BlockDevice
-from blkfuse.engine import Engine
+from blkfuse.block.device import BlockDevice
+from blkfuse.block.image import Image
+from blkfuse.crash import undo as unsynced_module
+from blkfuse.crash.undo import UndoLog
+from blkfuse.engine.core import Engine
 from blkfuse.errors import BlkfuseError
-from blkfuse.image import Image
-from blkfuse.rules import InjectError
-from blkfuse.unsynced import UndoLog
+from blkfuse.rules.model import InjectError
 
 KiB = 1024
 

@@ -5,7 +5,7 @@ from typing import NoReturn
 
 import click
 
-from ..errors import ControlError
+from blkfuse.errors import ControlError
 
 
 def fail(message: str) -> NoReturn:

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from ..config import (
+from blkfuse.rules.config import (
     EXTENSION_OPTIONS,
     MOUNT_OPTIONS,
     ConfigError,
@@ -18,7 +18,7 @@ from ..config import (
     parse_options,
     rule_notes,
 )
-from ..rules import Rule, Settings
+from blkfuse.rules.model import Rule, Settings
 
 
 @click.command(

@@ -2,9 +2,9 @@
 
 import click
 
-from ..client import send
-from ..errors import ControlError
-from ._common import control_failure, fail
+from blkfuse.cli._common import control_failure, fail
+from blkfuse.client import send
+from blkfuse.errors import ControlError
 
 
 @click.command(

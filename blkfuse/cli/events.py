@@ -2,7 +2,7 @@
 
 import click
 
-from ..events import DEFAULT_IOTYPES, EVENT_ALIASES, EVENTS, IOTYPES, REACHABLE_EVENTS
+from blkfuse.rules.events import DEFAULT_IOTYPES, EVENT_ALIASES, EVENTS, IOTYPES, REACHABLE_EVENTS
 
 
 @click.command(

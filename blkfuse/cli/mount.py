@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from ._common import fail
+from blkfuse.cli._common import fail
 
 
 @click.command(
@@ -67,8 +67,8 @@ def command(
     mount is live (the daemon stays in the background unless --foreground); on failure
     prints one line and exits 1 with nothing mounted.
     """
-    from .. import config
-    from ..daemon import MountError, prepare, run_background, run_foreground
+    from blkfuse.daemon.lifecycle import MountError, prepare, run_background, run_foreground
+    from blkfuse.rules import config
 
     try:
         rules_from_name, image = config.parse_filename(image)

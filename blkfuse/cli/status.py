@@ -4,9 +4,9 @@ import json
 
 import click
 
-from ..client import open_error, read_status, status
-from ..errors import ControlError
-from ._common import control_failure, fail
+from blkfuse.cli._common import control_failure, fail
+from blkfuse.client import open_error, read_status, status
+from blkfuse.errors import ControlError
 
 
 @click.command(

@@ -4,9 +4,9 @@ import sys
 
 import click
 
-from ..client import TraceStream
-from ..errors import ControlError
-from ._common import control_failure, fail
+from blkfuse.cli._common import control_failure, fail
+from blkfuse.client import TraceStream
+from blkfuse.errors import ControlError
 
 
 @click.command(

@@ -19,12 +19,11 @@ from typing import Any
 
 import click
 
-from .. import holders
-from ..client import send
-from ..daemon import GRACE_SECONDS
-from ..errors import ControlError
-from ..mounttab import is_blkfuse_mount
-from ._common import control_failure, fail
+from blkfuse.cli._common import control_failure, fail
+from blkfuse.client import holders, send
+from blkfuse.client.mounttab import is_blkfuse_mount
+from blkfuse.daemon.lifecycle import GRACE_SECONDS
+from blkfuse.errors import ControlError
 
 # How long a live daemon may take to answer `status json` before it counts as wedged.
 ANSWER_SECONDS = 10.0

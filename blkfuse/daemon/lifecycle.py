@@ -31,9 +31,11 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from . import layout, memory, mounttab
-from .errors import MountError
-from .rules import Rule, Settings
+from blkfuse import layout
+from blkfuse.client import mounttab
+from blkfuse.daemon import memory
+from blkfuse.errors import MountError
+from blkfuse.rules.model import Rule, Settings
 
 log = logging.getLogger("blkfuse")
 
@@ -86,8 +88,8 @@ def prepare(
     trace_file: str | None = None,
 ) -> Mount:
     """Check everything and load the rules; MountError on the first problem."""
-    from . import config
-    from .fs import missing_pyfuse3_features
+    from blkfuse.daemon.fs import missing_pyfuse3_features
+    from blkfuse.rules import config
 
     missing = missing_pyfuse3_features()
     if missing:
@@ -185,7 +187,7 @@ def _refuse_nonempty(mountpoint: str, mnt: str) -> None:
 
 def _lock_image(m: "Mount", fd: int) -> None:
     """QEMU's locking=on on the open image; MountError naming the holder on a conflict."""
-    from . import lock
+    from blkfuse.block import lock
 
     try:
         lock.acquire(fd, read_only=m.read_only, growable=m.settings.growable)
@@ -209,7 +211,7 @@ def lock_holder(image_path: str) -> str:
     that have the image open (holders.py), and a blkfuse daemon among them is named by its
     mountpoint, which its status gives.
     """
-    from . import holders
+    from blkfuse.client import holders
 
     path = os.path.realpath(image_path)
     try:
@@ -272,14 +274,14 @@ class Daemon:
     """One mounted filesystem: engine, image, block device, control, FUSE operations."""
 
     def __init__(self, m: Mount):
-        from . import config
-        from .block import BlockDevice
-        from .control import Control
-        from .engine import Engine
-        from .fs import Operations
-        from .fuseloop import DEFAULT_POLL_US
-        from .image import DEFAULT_IO_THREADS, Image
-        from .trace import TracedBlock, Tracer
+        from blkfuse.block.device import BlockDevice
+        from blkfuse.block.image import DEFAULT_IO_THREADS, Image
+        from blkfuse.daemon.control import Control
+        from blkfuse.daemon.fs import Operations
+        from blkfuse.daemon.fuseloop import DEFAULT_POLL_US
+        from blkfuse.daemon.trace import TracedBlock, Tracer
+        from blkfuse.engine.core import Engine
+        from blkfuse.rules import config
 
         self.m = m
         settings = m.settings
@@ -301,7 +303,7 @@ class Daemon:
                 raise
         self.unsynced = None
         if settings.track_unsynced:
-            from .unsynced import DEFAULT_ATOMIC, DEFAULT_CAP, UndoLog
+            from blkfuse.crash.undo import DEFAULT_ATOMIC, DEFAULT_CAP, UndoLog
 
             self.unsynced = UndoLog(
                 cap=settings.unsynced_cap or DEFAULT_CAP, atomic=settings.atomic or DEFAULT_ATOMIC
@@ -410,7 +412,7 @@ class Daemon:
         import trio
 
         if os.environ.get("BLKFUSE_FASTLOOP", "1") != "0":  # "0": pyfuse3's own waits, for A/B runs
-            from . import fuseloop
+            from blkfuse.daemon import fuseloop
 
             loop = fuseloop.install(self.poll_us)
             self.image.loop_idle = loop.idle

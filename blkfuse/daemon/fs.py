@@ -67,12 +67,12 @@ from pyfuse3 import (
     StatvfsData,
 )
 
-from .block import BlockDevice
-from .control import Control, ControlError
-from .engine import Caller
-from .image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE
-from .layout import CONTROL_NAME, image_name_problem
-from .trace import Stream
+from blkfuse.block.device import BlockDevice
+from blkfuse.block.image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE
+from blkfuse.daemon.control import Control, ControlError
+from blkfuse.daemon.trace import Stream
+from blkfuse.engine.core import Caller
+from blkfuse.layout import CONTROL_NAME, image_name_problem
 
 log = logging.getLogger(__name__)
 

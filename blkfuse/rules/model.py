@@ -8,7 +8,7 @@ engine.py.
 import errno as _errno
 from dataclasses import dataclass, field
 
-from .events import DEFAULT_IOTYPES
+from blkfuse.rules.events import DEFAULT_IOTYPES
 
 SECTOR_SIZE = 512
 

@@ -31,11 +31,11 @@ from typing import Any, NamedTuple
 
 import trio
 
-from . import callers
-from .effects import Effect
-from .errors import BlkfuseError
-from .events import EVENTS, IOTYPES, canonical_event
-from .rules import SECTOR_SIZE, Extensions, InjectError, Rule, SetState, Tally
+from blkfuse.engine import callers
+from blkfuse.engine.effects import Effect
+from blkfuse.errors import BlkfuseError
+from blkfuse.rules.events import EVENTS, IOTYPES, canonical_event
+from blkfuse.rules.model import SECTOR_SIZE, Extensions, InjectError, Rule, SetState, Tally
 
 
 class EngineError(BlkfuseError):

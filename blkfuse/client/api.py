@@ -26,8 +26,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from . import client, mounttab
-from .errors import ControlError, MountError
+from blkfuse import client
+from blkfuse.client import mounttab
+from blkfuse.errors import ControlError, MountError
 
 StrPath = str | os.PathLike[str]
 Options = Mapping[str, object] | str | Sequence[str]

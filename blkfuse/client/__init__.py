@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import mounttab
-from .errors import ControlError, MountError
+from blkfuse.client import mounttab
+from blkfuse.errors import ControlError, MountError
 
 CONTROL = "control"
 

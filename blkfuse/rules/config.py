@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from fractions import Fraction
 from typing import Any, NamedTuple, NoReturn
 
-from .events import DEFAULT_IOTYPES, EVENTS, IOTYPES, canonical_event, never_fires_note
-from .rules import (
+from blkfuse.rules.events import DEFAULT_IOTYPES, EVENTS, IOTYPES, canonical_event, never_fires_note
+from blkfuse.rules.model import (
     CACHE_MODES,
     CORRUPT_MODES,
     FORMATS,

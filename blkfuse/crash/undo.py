@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .image import Image
+    from blkfuse.block.image import Image
 
 MEMORY_BYTES = 8 << 20  # pre-image bytes held in memory before spilling to scratch
 ENTRY_BYTES = 32  # bookkeeping per entry (four int64s), counted in the cap

@@ -28,15 +28,16 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import config, memory
-from .errors import BlkfuseError, ControlError, errno_name
-from .events import EVENTS, IOTYPES, canonical_event, never_fires_note
-from .rules import Extensions, InjectError, Rule
+from blkfuse.daemon import memory
+from blkfuse.errors import BlkfuseError, ControlError, errno_name
+from blkfuse.rules import config
+from blkfuse.rules.events import EVENTS, IOTYPES, canonical_event, never_fires_note
+from blkfuse.rules.model import Extensions, InjectError, Rule
 
 if TYPE_CHECKING:
-    from .block import BlockDevice
-    from .engine import Engine, Interrupted
-    from .trace import Stream, Tracer
+    from blkfuse.block.device import BlockDevice
+    from blkfuse.daemon.trace import Stream, Tracer
+    from blkfuse.engine.core import Engine, Interrupted
 
 # A human reads the text status: 100,000 rule lines would bury everything else.
 TEXT_RULES_SHOWN = 200
@@ -653,7 +654,7 @@ POWERCUT_USAGE = "powercut [keep=none|random|prefix] [seed=N]"
 
 def _parse_powercut(words: list[str]) -> tuple[str, int | None]:
     """powercut's KEY=VALUE words -> (keep, seed); seed None: pick one (and tell it)."""
-    from .unsynced import KEEP_MODES
+    from blkfuse.crash.undo import KEEP_MODES
 
     given = {}
     for word in words:

@@ -47,12 +47,18 @@ from collections.abc import Callable, Iterator
 
 import trio
 
-from .effects import Effect, corrupt
-from .engine import Caller, Engine, Request
-from .errors import BlkfuseError
-from .image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, Bytes, Image
-from .rules import CACHE_MODES, FORMATS, SECTOR_SIZE, InjectError
-from .unsynced import CutReport, LogFull, UndoLog
+from blkfuse.block.image import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    Bytes,
+    Image,
+)
+from blkfuse.crash.undo import CutReport, LogFull, UndoLog
+from blkfuse.engine.core import Caller, Engine, Request
+from blkfuse.engine.effects import Effect, corrupt
+from blkfuse.errors import BlkfuseError
+from blkfuse.rules.model import CACHE_MODES, FORMATS, SECTOR_SIZE, InjectError
 
 # QEMU keeps a node's length in sectors (bdrv_getlength): SECTOR_SIZE, as for sector rules.
 _MAX_BOUNCE_BUFFER = 32768 * SECTOR_SIZE  # io.c: the largest fallback write of zeroes

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from .api import Mount, Options, StrPath, parse_size
-from .errors import MountError
+from blkfuse.client.api import Mount, Options, StrPath, parse_size
+from blkfuse.errors import MountError
 
 
 @pytest.fixture

@@ -54,7 +54,7 @@ from typing import Any, TypeVar
 import outcome
 import trio
 
-from .uring import Ring
+from blkfuse.block.uring import Ring
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02

@@ -1,0 +1,1 @@
+"""Power cuts and crash states: the undo log of unsynced writes."""

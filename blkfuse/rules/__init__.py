@@ -1,0 +1,1 @@
+"""The blkdebug vocabulary: events, rules and settings, and the parsers of QEMU's syntax."""
