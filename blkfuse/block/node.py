@@ -21,7 +21,8 @@ the method: a filter overrides only what it observes.
     extent(offset, length)             (data?, bytes): SEEK_DATA / SEEK_HOLE
 
 Filters also get `power_cut()` (the power was just cut: called before anything is taken
-back, top filter first) and `close()`.
+back, top filter first), `mark(name)` (a named point in the stream, for a recorder) and
+`close()`.
 """
 
 from typing import Protocol
@@ -109,6 +110,9 @@ class Filter:
 
     def power_cut(self) -> None:
         """The power was just cut (before the undo filter takes anything back)."""
+
+    def mark(self, name: str) -> None:
+        """A named point in the request stream (Stack.mark: a control command's, say)."""
 
     def close(self) -> None:
         """The mount ends: give back what the filter holds (files, memory)."""

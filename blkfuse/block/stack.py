@@ -65,6 +65,11 @@ class Stack:
             node.power_cut()
         return await undo.cut(keep, seed)
 
+    def mark(self, name: str) -> None:
+        """Tell every filter, top first, of a named point in the request stream."""
+        for node in self.filters:
+            node.mark(name)
+
     async def drop_unsynced(self) -> CutReport | None:
         """fsyncgate: the unsynced writes are lost, the disk keeps the flushed image. None
         without the undo log."""
