@@ -103,7 +103,9 @@ def test_errno_defaults():
         (["delay=10"], "with a unit"),
         (["delay=10 parsecs"], "with a unit"),
         (["delay=0.1ns"], "shorter than the 1us"),
-        (["delay=25h"], "with a unit"),
+        (["delay=25h"], "too long"),
+        (["delay=30m1h"], "largest first"),
+        (["delay=1h 30"], "with a unit"),
         (["delay=90000s"], "too long"),
         (["corrupt=flop"], 'did you mean "flip"'),
         (["corrupt=flip", "errno=5"], "errno must be 0 or absent"),
@@ -478,3 +480,22 @@ def test_shutdown_ends_a_hold_early(device):
     trio.run(main)
     assert sorted(outcomes) == [("read", 512), ("write", 5)]
     assert dev.engine.held() == 0
+
+
+@pytest.mark.parametrize(
+    "text, micros, shown",
+    [
+        ("24h", 24 * 3600 * 10**6, "24h"),
+        ("90m", 90 * 60 * 10**6, "90m"),
+        ("1h30m", 90 * 60 * 10**6, "90m"),
+        ("1m30.5s", 90_500_000, "90500ms"),
+        ("1s500ms", 1_500_000, "1500ms"),
+        ("2 ms", 2000, "2ms"),
+        ("1500ns", 2, "2us"),
+    ],
+)
+def test_durations_take_hours_minutes_and_combinations(text, micros, shown):
+    r = rule("event=none", f"delay={text}")
+    assert r.ext.delay_us == micros
+    assert format_rule(r) == f"inject-error event=none errno=0 delay={shown}"
+    assert parse_rule_args("inject-error", format_rule(r).split()[1:]).ext.delay_us == micros

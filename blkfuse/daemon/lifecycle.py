@@ -337,6 +337,7 @@ class Daemon:
             info=info,
             block=self.block,
             tracer=self.tracer,
+            settings=settings,
         )
         memory.give_back()  # the parser's scratch memory, before serving for hours
         self.ops = Operations(
