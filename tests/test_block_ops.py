@@ -8,33 +8,19 @@ import os
 import pytest
 import trio
 from support.device import build_device
+from support.recorder import Recorder
 
-from blkfuse.engine.core import Caller, Engine
+from blkfuse.daemon.callers import Caller
+from blkfuse.engine.core import Engine
 from blkfuse.rules.config import ConfigError, parse_config_text, parse_options
-
-
-class Recorder(Engine):
-    """An engine that remembers the events and checks in order."""
-
-    def __init__(self, rules=()):
-        self.trace = []
-        super().__init__(rules)
-
-    def fire(self, event, request=None):
-        self.trace.append(event)
-        return super().fire(event, request)
-
-    def check(self, iotype, offset, length, caller=None):
-        self.trace.append((iotype, offset, length))
-        return super().check(iotype, offset, length, caller)
 
 
 def device(tmp_path, size=65536, fill=0x77, config="", **kw):
     path = tmp_path / "img.raw"
     path.write_bytes(bytes([fill]) * size)
-    engine = Recorder(parse_config_text(config, "t.conf"))
-    engine.trace.clear()
-    return build_device(path, engine, **kw), engine, path
+    engine = Engine(parse_config_text(config, "t.conf"))
+    recorder = Recorder(engine)  # events and checks, through the engine's tracer hooks
+    return build_device(path, engine, **kw), recorder, path
 
 
 def run(fn, *args):
@@ -143,6 +129,27 @@ def test_unsafe_flush_never_reaches_blkdebug(tmp_path):
 
     run(main)
     assert "flush_to_disk" not in engine.trace and ("flush", 0, 0) not in engine.trace
+
+
+def test_the_recorder_sees_writes_and_flushes_checked(tmp_path):
+    """The counterpart of the test above: in writeback mode the same write and flush are
+    checked, and the recorder (on the engine's tracer hooks) sees both."""
+    dev, engine, _ = device(tmp_path)
+
+    async def main():
+        await dev.write(0, b"x" * 512)
+        await dev.flush()
+
+    run(main)
+    assert engine.trace == [
+        "write_aio",
+        "pwritev",
+        ("write", 0, 512),
+        "pwritev_done",
+        "flush_to_os",
+        "flush_to_disk",
+        ("flush", 0, 0),
+    ]
 
 
 def test_format_none_raises_no_raw_events(tmp_path):

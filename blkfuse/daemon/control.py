@@ -379,7 +379,7 @@ class Control:
                 if c
             ],
             "rules_healed": e.rules_healed,
-            "held": e.held(),
+            "held": len(self.block.holds) if self.block is not None else 0,
             "interrupted": {"count": e.interrupted, "last": _interrupted_dict(e.last_interrupted)},
             "last_result": self.last_result,
             "last_error": self.last_error,

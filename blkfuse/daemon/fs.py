@@ -69,9 +69,9 @@ from pyfuse3 import (
 
 from blkfuse.block.device import BlockDevice
 from blkfuse.block.image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE
+from blkfuse.daemon.callers import Caller
 from blkfuse.daemon.control import Control, ControlError
 from blkfuse.daemon.trace import Stream
-from blkfuse.engine.core import Caller
 from blkfuse.layout import CONTROL_NAME, image_name_problem
 
 log = logging.getLogger(__name__)

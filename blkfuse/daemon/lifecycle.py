@@ -431,6 +431,7 @@ class Daemon:
             self.state = State.STOPPING
             self.control.close()
             self.engine.resume_all()
+            self.block.holds.end_all()  # delay rules' holds end now
 
     async def _grace_then_stop(self) -> None:
         """Let in-flight requests and open files finish (GRACE_SECONDS at most; after a forced
