@@ -267,3 +267,29 @@ def test_truncate_counts_as_written(tmp_path):
 
     run(main)
     assert "flush_to_disk" in engine.trace
+
+
+@pytest.mark.parametrize(
+    "mode, offset, length, request, size",
+    [
+        (0x03, 0, 4096, "discard", 8192),  # PUNCH_HOLE|KEEP_SIZE
+        (0x10, 4096, 8192, "write-zeroes", 12288),  # ZERO_RANGE: grows
+        (0x11, 4096, 8192, "write-zeroes", 8192),  # ZERO_RANGE|KEEP_SIZE: clamped
+        (0x00, 8192, 4096, "allocate", 12288),  # past the end: grows
+        (0x00, 4096, 8192, "allocate", 8192),  # inside: EOPNOTSUPP when run
+        (0x02, 0, 4096, errno.EINVAL, None),  # PUNCH_HOLE without KEEP_SIZE
+        (0x08, 0, 4096, errno.EOPNOTSUPP, None),  # COLLAPSE_RANGE
+        (0x12, 0, 4096, errno.EOPNOTSUPP, None),  # PUNCH_HOLE|ZERO_RANGE
+    ],
+)
+def test_fallocate_modes_are_decoded_in_one_place(mode, offset, length, request, size):
+    from blkfuse.block.device import fallocate_request, fallocate_size
+
+    if isinstance(request, int):
+        for decode in (lambda: fallocate_request(mode), lambda: fallocate_size(mode, 0, 1, 8192)):
+            with pytest.raises(OSError) as info:
+                decode()
+            assert info.value.errno == request
+        return
+    assert fallocate_request(mode) == request
+    assert fallocate_size(mode, offset, length, 8192) == size

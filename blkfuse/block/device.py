@@ -125,6 +125,46 @@ def _round_up(value: int, align: int) -> int:
     return -(-value // align) * align
 
 
+# ---- fallocate(2) modes: decoded here only ----
+
+
+def fallocate_request(mode: int) -> str:
+    """The block request fallocate(2) `mode` becomes, as QEMU 7.2's FUSE export maps it
+    (fuse_fallocate): PUNCH_HOLE|KEEP_SIZE "discard", ZERO_RANGE (KEEP_SIZE or not)
+    "write-zeroes", 0 "allocate" (growing only). OSError for anything else: PUNCH_HOLE
+    without KEEP_SIZE EINVAL, other bits EOPNOTSUPP."""
+    if mode & FALLOC_FL_PUNCH_HOLE:
+        if not mode & FALLOC_FL_KEEP_SIZE:
+            raise _failure(_errno.EINVAL)
+        if mode & ~(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE):
+            raise _failure(_errno.EOPNOTSUPP)
+        return "discard"
+    if mode & FALLOC_FL_ZERO_RANGE:
+        if mode & ~(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE):
+            raise _failure(_errno.EOPNOTSUPP)
+        return "write-zeroes"
+    if mode == 0:
+        return "allocate"
+    raise _failure(_errno.EOPNOTSUPP)
+
+
+def fallocate_iotype(mode: int) -> str:
+    """The io type a fallocate(2) request is (the trace's op), valid mode or not."""
+    return "discard" if mode & FALLOC_FL_PUNCH_HOLE else "write-zeroes"
+
+
+def fallocate_size(mode: int, offset: int, length: int, size: int) -> int:
+    """The image's size after fallocate(2) on an image of `size`: write-zeroes without
+    KEEP_SIZE and allocate past the end grow it to offset+length; nothing else changes it.
+    OSError for a mode fallocate_request refuses."""
+    request = fallocate_request(mode)
+    if request == "discard" or mode & FALLOC_FL_KEEP_SIZE or offset + length <= size:
+        return size
+    if request == "allocate" and offset < size:
+        return size  # inside the image: EOPNOTSUPP, as QEMU
+    return offset + length
+
+
 class BlockDevice:
     def __init__(
         self,
@@ -229,27 +269,20 @@ class BlockDevice:
         failing one ends it. `writethrough` (a handle opened O_DSYNC): write-zeroes are FUA."""
         self._check_power()  # even a no-op range fails while the power is off
         size = self.below.size()
-        keep_size = bool(mode & FALLOC_FL_KEEP_SIZE)
-        if mode & FALLOC_FL_PUNCH_HOLE:
-            if not keep_size:
-                raise _failure(_errno.EINVAL)
-            if mode & ~(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE):
-                raise _failure(_errno.EOPNOTSUPP)
+        request = fallocate_request(mode)
+        new_size = fallocate_size(mode, offset, length, size)
+        if request == "discard":
             for piece, count in _export_requests(offset, min(length, size - offset)):
                 await self.discard(piece, count, caller=caller)
-        elif mode & FALLOC_FL_ZERO_RANGE:
-            if mode & ~(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE):
-                raise _failure(_errno.EOPNOTSUPP)
-            if keep_size:
+        elif request == "write-zeroes":
+            if mode & FALLOC_FL_KEEP_SIZE:
                 length = min(length, size - offset)
-            elif offset + length > size:
-                self.truncate(offset + length)
+            elif new_size > size:
+                self.truncate(new_size)
             for piece, count in _export_requests(offset, length):
                 await self.write_zeroes(piece, count, writethrough=writethrough, caller=caller)
-        elif mode == 0:
-            if offset < size:
-                raise _failure(_errno.EOPNOTSUPP)
-            self.truncate(offset + length)
+        elif new_size > size:  # allocate: only past the end
+            self.truncate(new_size)
         else:
             raise _failure(_errno.EOPNOTSUPP)
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import trio
 
+from blkfuse.block.device import fallocate_iotype
 from blkfuse.daemon.callers import command_name
 
 # The op names are the io type names (events.IOTYPES).
@@ -40,7 +41,6 @@ _OPS = {
     "block_status": "block-status",
 }
 
-_PUNCH_HOLE = 0x02  # FALLOC_FL_PUNCH_HOLE
 
 HEARTBEAT = 0.5  # seconds a stream read waits before answering a bare newline
 STREAM_BACKLOG = 100_000  # records kept for a reader that falls behind; older ones are dropped
@@ -280,7 +280,7 @@ class TracedBlock:
 
     async def fallocate(self, mode: int, offset: int, length: int, **kw: Any) -> Any:
         """fallocate(2): PUNCH_HOLE is a discard, the other modes write zeroes."""
-        op = "discard" if mode & _PUNCH_HOLE else "write-zeroes"
+        op = fallocate_iotype(mode)
         return await self._tracer.run(
             op,
             offset,
