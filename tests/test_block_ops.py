@@ -270,7 +270,7 @@ def test_truncate_counts_as_written(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "mode, offset, length, request, size",
+    "mode, offset, length, decoded, size",
     [
         (0x03, 0, 4096, "discard", 8192),  # PUNCH_HOLE|KEEP_SIZE
         (0x10, 4096, 8192, "write-zeroes", 12288),  # ZERO_RANGE: grows
@@ -282,14 +282,14 @@ def test_truncate_counts_as_written(tmp_path):
         (0x12, 0, 4096, errno.EOPNOTSUPP, None),  # PUNCH_HOLE|ZERO_RANGE
     ],
 )
-def test_fallocate_modes_are_decoded_in_one_place(mode, offset, length, request, size):
+def test_fallocate_modes_are_decoded_in_one_place(mode, offset, length, decoded, size):
     from blkfuse.block.device import fallocate_request, fallocate_size
 
-    if isinstance(request, int):
+    if isinstance(decoded, int):
         for decode in (lambda: fallocate_request(mode), lambda: fallocate_size(mode, 0, 1, 8192)):
             with pytest.raises(OSError) as info:
                 decode()
-            assert info.value.errno == request
+            assert info.value.errno == decoded
         return
-    assert fallocate_request(mode) == request
+    assert fallocate_request(mode) == decoded
     assert fallocate_size(mode, offset, length, 8192) == size
