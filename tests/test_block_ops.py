@@ -279,7 +279,7 @@ def test_truncate_counts_as_written(tmp_path):
         (0x00, 4096, 8192, "allocate", 8192),  # inside: EOPNOTSUPP when run
         (0x02, 0, 4096, errno.EINVAL, None),  # PUNCH_HOLE without KEEP_SIZE
         (0x08, 0, 4096, errno.EOPNOTSUPP, None),  # COLLAPSE_RANGE
-        (0x12, 0, 4096, errno.EOPNOTSUPP, None),  # PUNCH_HOLE|ZERO_RANGE
+        (0x13, 0, 4096, errno.EOPNOTSUPP, None),  # PUNCH_HOLE|KEEP_SIZE|ZERO_RANGE
     ],
 )
 def test_fallocate_modes_are_decoded_in_one_place(mode, offset, length, decoded, size):
