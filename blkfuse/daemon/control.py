@@ -428,6 +428,8 @@ class Control:
                 opts.append("growable")
             if info.get("locking") is False:
                 opts.append("locking=off")
+            if info.get("qemu"):
+                opts.append(f"qemu={info['qemu']}")  # the profile (rules/profiles.py)
             out.append(f"image: {info['image']}" + (f" ({', '.join(opts)})" if opts else ""))
         if info.get("mountpoint"):
             out.append(f"mount: {info['mountpoint']} (daemon pid {info.get('pid')})")

@@ -281,11 +281,12 @@ class Daemon:
         from blkfuse.daemon.fuseloop import DEFAULT_POLL_US
         from blkfuse.daemon.trace import TracedBlock, Tracer
         from blkfuse.engine.core import Engine
-        from blkfuse.rules import config
+        from blkfuse.rules import config, profiles
 
         self.m = m
         settings = m.settings
-        self.engine = Engine(m.rules, seed=settings.seed)
+        qemu = profiles.profile(settings.qemu)  # whose blkdebug and block layer
+        self.engine = Engine(m.rules, seed=settings.seed, profile=qemu)
         self.image = open_image(m.image_path, settings, read_only=m.read_only)
         if settings.locking:
             try:
@@ -321,6 +322,7 @@ class Daemon:
             "read_only": m.read_only,
             "growable": settings.growable,
             "locking": settings.locking,
+            "qemu": settings.qemu,
             "io": self.image.io_mode,
             "io_uring": self.image.uses_uring,
             "io_threads": self.image.io_threads,
