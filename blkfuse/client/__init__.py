@@ -66,6 +66,8 @@ def _read_all(fd: int) -> bytes:
 def open_error(mountpoint: str | os.PathLike[str], e: OSError) -> str:
     """Why MNT/control could not be opened, in words."""
     if e.errno == errno.ENOENT:
+        if not os.path.lexists(mountpoint):
+            return f"{mountpoint}: no such file or directory"
         return f"{mountpoint}: not a blkfuse mount (no control file)"
     if e.errno == errno.ENOTCONN:
         return f"{mountpoint}: the blkfuse daemon is gone (run: blkfuse umount {mountpoint})"

@@ -374,6 +374,8 @@ class Control:
                 if c
             ],
             "rules_healed": e.rules_healed,
+            "held_by_delay": e.held(),
+            # The old name of held_by_delay, kept for one release (it read like unsynced.held).
             "held": e.held(),
             "interrupted": {"count": e.interrupted, "last": _interrupted_dict(e.last_interrupted)},
             "last_result": self.last_result,
@@ -464,8 +466,8 @@ class Control:
             if s["op"] is not None:
                 where = f" {s['op']} offset={s['offset']} length={s['length']}"
             out.append(f"  {','.join(s['tags'])} at {s['event']}:{where} for {s['seconds']:.1f}s")
-        if d["held"]:
-            out.append(f"held by a delay rule: {d['held']}")
+        if d["held_by_delay"]:
+            out.append(f"held by a delay rule: {d['held_by_delay']}")
 
         if d["waiting"]:
             out.append("wait_break pending: " + " ".join(d["waiting"]))
