@@ -169,15 +169,18 @@ class Mount:
     def close(self, timeout: float = 60.0) -> None:
         """Unmount (what leaving the `with` block does): resume every suspended request and
         drop every breakpoint, then stop the daemon in order (it fsyncs the image); a daemon
-        that does not answer is killed and its mount removed. Idempotent. MountError only if
-        the mount could not be removed at all."""
+        that does not answer is killed and its mount removed. Idempotent. MountError if the
+        mount could not be removed at all, or if a loop device still used it (the mount is
+        gone all the same; the message names each loop device and where it is mounted, which
+        now sits on a dead disk: take them down before closing)."""
         if not self.mounted:
             return
         problem = None
+        loops = client.loop_users(self.mountpoint)
         if mounttab.is_blkfuse_mount(self.mountpoint):
             client.release_all(self.mountpoint)
             try:
-                client.unmount(self.mountpoint, timeout)
+                client.unmount(self.mountpoint, timeout, lazy=True)
             except MountError as e:
                 problem = e
                 if self.pid:
@@ -188,6 +191,8 @@ class Mount:
         if not client.force_unmount(self.mountpoint):
             raise MountError(f"{self.mountpoint}: still mounted ({problem})")
         self.mounted = False
+        if loops:  # unmounted all the same (leaving a `with` block always does), but loudly
+            raise MountError(client.loop_users_message(str(self.mountpoint), loops, closed=True))
 
     def __enter__(self) -> Self:
         return self.mount()
