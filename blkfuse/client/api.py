@@ -245,11 +245,16 @@ class Mount:
         extra = "" if timeout is None else f" {timeout:g}"
         self.ctl(f"wait_break {shlex.quote(tag)}{extra}")
 
-    def wait_hit(self, rule_id: int, timeout: float | None = None) -> int:
-        """Block until rule `rule_id` acts once more than when the wait began (fails a request,
-        sets a state); returns its hit count then. ControlError ETIMEDOUT after `timeout` s;
-        ENOENT for an unknown or spent rule."""
+    def wait_hit(self, rule_id: int, timeout: float | None = None, hits: int | None = None) -> int:
+        """Block until rule `rule_id` has acted (failed a request, begun a delay, set a state)
+        once more than when the wait began, or, if it is spent (once, count), at once: its
+        last act has begun. `hits=N`: until it has N hits in all (at once if it has: read its
+        hits, start the I/O, wait for hits + 1, and no act is missed). Returns its hit count
+        then. ControlError ETIMEDOUT after `timeout` s; ENOENT for an unknown rule, or one
+        spent before it could get there."""
         extra = "" if timeout is None else f" {timeout:g}"
+        if hits is not None:
+            extra += f" hits={int(hits)}"
         answer = self.ctl(f"wait_hit {int(rule_id)}{extra}")
         return int(answer.rsplit("hits=", 1)[1].split(")")[0])
 
