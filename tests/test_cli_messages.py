@@ -56,6 +56,8 @@ def test_status_and_ctl_of_a_path_that_does_not_exist(fuse_dir):
         r = blkfuse(*args, missing, *extra)
         assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
         assert f"{missing}: no such file or directory" in r.stderr
+    r = blkfuse("umount", missing)
+    assert r.returncode == 1 and f"{missing}: no such file or directory" in r.stderr
     r = blkfuse("status", fuse_dir)  # exists, but not a mount
     assert r.returncode == 1 and "not a blkfuse mount (no control file)" in r.stderr
 

@@ -285,19 +285,22 @@ def users(mountpoint: str | os.PathLike[str], st: dict[str, Any] | None) -> hold
     (st None): loop devices backed by a file in the mount, processes with one open or mapped."""
     mnt = os.path.realpath(mountpoint)
     if st is None:
-        return holders.find_under(mnt)
-    path = os.path.join(mnt, st["info"].get("name") or "")
-    try:
-        stat = os.stat(path)  # the daemon just answered: this getattr is safe
-    except OSError:
-        return holders.Holders()
-    return holders.find(path, stat.st_dev, stat.st_ino, exclude=(int(st["info"]["pid"]),))
+        found = holders.find_under(mnt)
+    else:
+        path = os.path.join(mnt, st["info"].get("name") or "")
+        try:
+            stat = os.stat(path)  # the daemon just answered: this getattr is safe
+        except OSError:
+            return holders.Holders()
+        found = holders.find(path, stat.st_dev, stat.st_ino, exclude=(int(st["info"]["pid"]),))
+    found.loops = holders.settle(found.loops)  # one just given losetup -d is on its way
+    return found
 
 
 def loop_users(mountpoint: str | os.PathLike[str]) -> list[holders.LoopUse]:
     """The loop devices backed by a file in the mount at `mountpoint`, each with what uses it
     (found by path alone: also for a mount whose daemon is gone)."""
-    devices = holders.loop_devices_under(os.path.realpath(mountpoint))
+    devices = holders.settle(holders.loop_devices_under(os.path.realpath(mountpoint)))
     return [holders.loop_use(dev) for dev in devices]
 
 
@@ -338,6 +341,8 @@ def unmount(
         raise MountError("--lazy and --force: choose one")
     mnt = os.path.abspath(mountpoint)
     if not mounttab.is_blkfuse_mount(mnt):
+        if not os.path.lexists(mnt):
+            raise MountError(f"{mnt}: no such file or directory")
         raise MountError(f"{mnt}: not a blkfuse mount")
     try:
         st = with_timeout(lambda: status(mnt), ANSWER_SECONDS)

@@ -13,6 +13,7 @@ a message can say what to undo first: `losetup -d` on a mounted loop device only
 """
 
 import os
+import time
 from dataclasses import dataclass, field
 
 from blkfuse.client import mounttab
@@ -47,8 +48,8 @@ class LoopUse:
             steps.append(f"{self.device} detaches itself (losetup -d was given)")
         elif not self.autoclear:
             steps.append(f"losetup -d {self.device}")
-        else:  # autoclear and unused: the kernel is about to detach it
-            steps.append(f"{self.device} is detaching (losetup -d was given)")
+        else:  # autoclear, nothing mounted on it: something still has it open
+            steps.append(f"{self.device} detaches once nothing has it open (losetup -d was given)")
         return ", then ".join(steps)
 
 
@@ -69,6 +70,36 @@ def loop_use(device: str) -> LoopUse:
         stacked=tuple(f"/dev/{h}" for h in sorted(_listdir(f"{sys_dir}/holders"))),
         autoclear=_read(f"{sys_dir}/loop/autoclear") == "1",
     )
+
+
+def settle(devices: list[str], timeout: float = 10.0) -> list[str]:
+    """`devices` (loop devices) without those that go within `timeout` s. A loop device given
+    `losetup -d` while something had it open (a file system just unmounted, udev's probe)
+    detaches once the last opener closes it: a teardown in the right order must not be
+    refused for that moment. Only such devices (autoclear set, nothing mounted or stacked on
+    them) are waited for; `timeout` is a hang guard for one that something keeps open."""
+    backing = {dev: _backing(dev) for dev in devices}
+
+    def still(dev: str) -> bool:  # still on the same file (a freed device may be reused)
+        return _backing(dev) == backing[dev] != ""
+
+    deadline = time.monotonic() + timeout
+    while True:
+        going = [
+            dev
+            for dev in devices
+            if still(dev)
+            and (use := loop_use(dev)).autoclear
+            and not (use.mountpoints or use.stacked)
+        ]
+        if not going or time.monotonic() > deadline:
+            return [dev for dev in devices if still(dev)]
+        time.sleep(0.01)
+
+
+def _backing(device: str) -> str:
+    """The backing file of loop device `device`, "" when it is not attached."""
+    return _read(f"/sys/block/{os.path.basename(device)}/loop/backing_file")
 
 
 def _listdir(path: str) -> list[str]:
@@ -145,7 +176,7 @@ def _attached_loops() -> list[tuple[str, str]]:
     found = []
     for name in _listdir("/sys/block"):
         if name.startswith("loop"):
-            backing = _read(f"/sys/block/{name}/loop/backing_file")
+            backing = _backing(name)
             if backing:  # else not attached
                 found.append((f"/dev/{name}", backing))
     return sorted(found, key=lambda item: (len(item[0]), item[0]))

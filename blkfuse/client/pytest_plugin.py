@@ -18,7 +18,6 @@ nothing is left on a dead disk.
 
 import os
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,12 +45,8 @@ def _take_down(use: holders.LoopUse) -> list[str]:
     if failed:
         return failed
     subprocess.run(["losetup", "-d", use.device], capture_output=True)
-    backing = f"/sys/block/{os.path.basename(use.device)}/loop/backing_file"
-    deadline = time.monotonic() + DETACH_SECONDS
-    while os.path.exists(backing):
-        if time.monotonic() > deadline:
-            return [f"{use.device} did not detach within {DETACH_SECONDS:g} s"]
-        time.sleep(0.01)
+    if holders.settle([use.device], DETACH_SECONDS):
+        return [f"{use.device} did not detach within {DETACH_SECONDS:g} s"]
     return []
 
 
