@@ -385,9 +385,10 @@ class Control:
     def _power_status(self) -> dict:
         """ "power" and "unsynced" (null when writes are not tracked) for the status."""
         block = self.block
-        log = block.unsynced if block is not None else None
+        undo = block.stack.undo if block is not None else None
         unsynced = None
-        if log is not None:
+        if undo is not None:
+            log = undo.log
             unsynced = {
                 "writes": len(log),
                 "bytes": log.bytes,
@@ -677,7 +678,7 @@ def _parse_powercut(words: list[str]) -> tuple[str, int | None]:
 
 
 def _check_power_rule(rule: Rule, block: BlockDevice | None) -> None:
-    if getattr(rule, "drop_unsynced", False) and (block is None or block.unsynced is None):
+    if getattr(rule, "drop_unsynced", False) and (block is None or block.stack.undo is None):
         raise ControlError(
             _errno.EINVAL,
             "drop-unsynced needs the mount option track-unsynced=on (-o track-unsynced=on)",
