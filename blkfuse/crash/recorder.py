@@ -36,6 +36,7 @@ from collections.abc import Callable
 import trio
 
 from blkfuse.block.image import Bytes
+from blkfuse.block.node import Filter, Node
 from blkfuse.crash.logwrites import DEFAULT_SECTOR_SIZE, DEFAULT_SUPER_UPDATE_INTERVAL, LogWriter
 
 POWERCUT_MARK = "powercut"
@@ -54,11 +55,16 @@ def parse_resize_mark(name: str | None) -> int | None:
     return int(digits) if digits.isdigit() else None
 
 
-class Recorder:
-    """Turns completed changes into log entries. `read_image(offset, length)` reads the
-    image as it is now (short at its end), for padding."""
+class Recorder(Filter):
+    """The recorder as a filter over `below` (stack.py puts it right under the block device,
+    over the undo filter). Each change is passed on, then logged once it is done; a change
+    that raises is not logged. `read_image(offset, length)` reads the image as it is now
+    (short at its end), for padding: the image's own pread (reads pass filters unchanged)."""
 
-    def __init__(self, writer: LogWriter, read_image: Callable[[int, int], bytes]):
+    def __init__(
+        self, below: Node, writer: LogWriter, read_image: Callable[[int, int], bytes]
+    ) -> None:
+        super().__init__(below)
         self.writer = writer
         self.sectorsize = writer.sectorsize
         self._read_image = read_image
@@ -68,6 +74,7 @@ class Recorder:
     @classmethod
     def open(
         cls,
+        below: Node,
         path: str,
         read_image: Callable[[int, int], bytes],
         *,
@@ -84,7 +91,7 @@ class Recorder:
             super_update_interval=super_update_interval,
             autosync=False,
         )
-        return cls(writer, read_image)
+        return cls(below, writer, read_image)
 
     @property
     def path(self) -> str:
@@ -94,7 +101,51 @@ class Recorder:
     def entries(self) -> int:
         return self.writer.nr_entries
 
-    # ---- changes (called after each completed, in completion order) ----
+    # ---- the node methods it observes ----
+
+    async def write(self, offset: int, data: Bytes, *, fua: bool = False) -> int:
+        done = await self.below.write(offset, data, fua=fua)
+        self.wrote(offset, data, fua=fua)
+        return done
+
+    def pwrite(self, offset: int, data: Bytes, *, fua: bool = False) -> int:
+        done = self.below.pwrite(offset, data, fua=fua)
+        self.wrote(offset, data, fua=fua)
+        return done
+
+    def write_zeroes(
+        self, offset: int, length: int, unmap: bool = False, *, fua: bool = False
+    ) -> None:
+        self.below.write_zeroes(offset, length, unmap, fua=fua)
+        self.zeroed(offset, length, fua=fua)
+
+    def discard(self, offset: int, length: int) -> None:
+        self.below.discard(offset, length)
+        self.discarded(offset, length)
+
+    def truncate(self, size: int) -> None:
+        self.below.truncate(size)
+        self.resized(size)
+
+    async def flush(self) -> None:
+        await self.below.flush()
+        await self.flushed()
+
+    def power_cut(self) -> None:
+        self.writer.mark(POWERCUT_MARK)
+        self.writer.sync()
+
+    def mark(self, name: str) -> None:
+        """A mark entry now (control `mark NAME`); ValueError for a bad name. The superblock
+        is rewritten (no fsync): a reader sees the log up to the mark."""
+        self.writer.mark(name)
+        self.writer.update_super()
+        self._sync_if_due()
+
+    def close(self) -> None:
+        self.writer.close()
+
+    # ---- logging a change once it is done (in completion order) ----
 
     def wrote(self, offset: int, data: Bytes, *, fua: bool = False) -> None:
         if not len(data):
@@ -141,20 +192,6 @@ class Recorder:
         self._changed = False
         self.writer.flush()
         await self._fsync()
-
-    def mark(self, name: str) -> int:
-        """A mark entry now; its index. Raises ValueError for a bad name."""
-        index = self.writer.mark(name)
-        self.writer.update_super()
-        self._sync_if_due()
-        return index
-
-    def power_cut(self) -> None:
-        self.writer.mark(POWERCUT_MARK)
-        self.writer.sync()
-
-    def close(self) -> None:
-        self.writer.close()
 
     # ---- helpers ----
 
