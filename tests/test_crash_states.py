@@ -65,7 +65,11 @@ ops = st.lists(
 def naive_image(base, entries, plan, state):
     """Replay sector by sector: what the CrashMonkey model says this state's disk holds."""
     image = bytearray(base)
-    upto = [e for e in entries if e.index <= state.point.entry]
+    # at a flush the flush is in flight: the entries before it
+    if state.point.reason == "flush":
+        upto = [e for e in entries if e.index < state.point.entry]
+    else:
+        upto = [e for e in entries if e.index <= state.point.entry]
     last_flush = max((e.index for e in upto if e.is_flush), default=-1)
     volatile_fates = iter(state.fates)
     for e in upto:
@@ -104,14 +108,28 @@ def test_every_state_matches_the_naive_model(tmp_path, ops, seed, atomic, n, sta
     base_path.write_bytes(base)
     plan = CrashPlan.from_log(entries, seed=seed, atomic=atomic, states_per_point=n, start=start)
 
-    # A point after every flush, FUA write and mark from `start` on, in log order.
+    every = set()
+    # A point at every flush, FUA write and mark from `start` on, in log order.
+    # (a flush that carries FUA data has two: the flush in flight, then its FUA write done)
     expected_points = [
-        e.index for e in entries if e.index >= start and (e.is_flush or e.is_fua or e.is_mark)
+        e.index
+        for e in entries
+        if e.index >= start
+        for _ in range(e.is_flush + e.is_fua + e.is_mark)
     ]
     assert [p.entry for p in plan.points] == expected_points
     for p in plan.points:
         assert p.marks == tuple(e.mark for e in entries if e.is_mark and e.index <= p.entry)
         states = list(plan.states(p))
+        if p.reason == "flush":  # the writes since the previous flush are what it is to cover
+            previous = max(
+                (e.index for e in entries if e.is_flush and e.index < p.entry), default=-1
+            )
+            assert [plan.writes[i].entry for i in sorted(p.volatile + p.fua)] == [
+                e.index
+                for e in entries
+                if previous <= e.index < p.entry and e.nr_sectors and not e.is_mark
+            ]
         assert states[0].id == f"p{p.number}-s0"
         assert all(f == LOST for f in states[0].fates)  # s0 loses every unflushed write
         assert len({s.fates for s in states}) == len(states)  # no state twice
@@ -119,9 +137,18 @@ def test_every_state_matches_the_naive_model(tmp_path, ops, seed, atomic, n, sta
         for s in states:
             out = tmp_path / "state.img"
             build_image(plan, s, str(base_path), str(out))
-            assert out.read_bytes() == naive_image(base, entries, plan, s), s.id
+            image = out.read_bytes()
+            assert image == naive_image(base, entries, plan, s), s.id
             again = plan.state(s.id)  # an ID names the same fates, hence the same bytes
             assert again.fates == s.fates
+            every.add((image, p.marks))
+    # all_states leaves out only repeats of the same bytes with the same marks
+    checked = []
+    for s in plan.all_states():
+        out = tmp_path / "state.img"
+        build_image(plan, s, str(base_path), str(out))
+        checked.append((out.read_bytes(), s.point.marks))
+    assert set(checked) == every
 
 
 def test_an_id_rebuilds_the_same_bytes_from_a_fresh_plan(tmp_path):
@@ -160,10 +187,11 @@ def test_states_are_built_sparse(tmp_path):
         LogEntry(0, 16, 8, 0, b"y" * 4096),
         LogEntry(1, 0, 0, FLUSH),
         LogEntry(2, 4096, 8, DISCARD),
+        LogEntry(3, 0, 0, MARK, None, "done"),
     ]
     plan = CrashPlan.from_log(entries, states_per_point=0)
     out = tmp_path / "state.img"
-    build_image(plan, plan.state("p1-s0"), str(base), str(out))
+    build_image(plan, plan.state("p2-s0"), str(base), str(out))  # the write kept, the discard lost
     assert os.path.getsize(out) == 64 << 20
     assert os.stat(out).st_blocks * 512 <= 1 << 20  # 8 KiB of data, not 64 MiB
     with open(out, "rb") as f:

@@ -3,15 +3,17 @@ bytes rebuilt from the base image and the write log.
 
 The model is CrashMonkey's: a disk with a volatile write cache that writes back in any order.
 
-- A **crash point** follows every flush, every FUA write and every mark of the log (from
-  `start` on: the harness skips its own setup).
-- At a point, every write that a flush before the point covers is on the disk, and so is
-  every FUA write; the writes since the last flush (the *volatile* ones) may or may not be.
+- A **crash point** is at every flush, after every FUA write and after every mark of the
+  log (from `start` on: the harness skips its own setup). The point of a flush is the moment
+  it reached the disk, not yet done: the worst moment, with everything it is to make
+  durable written and nothing yet promised.
+- At a point, every write that an earlier (completed) flush covers is on the disk, and so is
+  every FUA write; the writes since that flush (the *volatile* ones) may or may not be.
 - **State s0** loses every volatile write. **States s1..sN** each draw, from a generator
   seeded by (seed, point, state), one fate per volatile write in log order: lost, kept, or
   torn (each `atomic`-byte unit it touches kept or lost by its own coin, units by address).
-  A state whose fates equal an earlier state's at the same point is left out: it would be
-  the same bytes.
+  A state with the same bytes and the same marks as an earlier one is left out (the check
+  would see the same thing): a repeated draw, or a mark right after a flush.
 
 An ID `pP-sS` names one state; with the same log, seed and atomic it rebuilds the same
 bytes every time (`build_image`). Images start as a sparse copy of the base, so only what
@@ -73,7 +75,7 @@ class Write:
 @dataclass(frozen=True)
 class CrashPoint:
     number: int  # P of pP-sS, from 1
-    entry: int  # the log index of the entry it follows
+    entry: int  # the log index of its entry (the flush in flight, the FUA write, the mark)
     reason: str  # "flush", "fua" or "mark"
     flushed: int  # writes[:flushed] are covered by a flush
     fua: tuple[int, ...]  # writes after the flush that are durable (FUA)
@@ -138,8 +140,11 @@ class CrashPlan:
                     plan._point(entry.index, "mark", flushed, fua, volatile, marks)
                 continue
             if entry.is_flush:
-                # The flush covers every write that completed before it; its own data (a
-                # flush with data: REQ_PREFLUSH) comes after, as a new write.
+                # The crash point of a flush is the moment it reached the disk: every write
+                # since the previous flush is written but may still be lost. Once it is done
+                # it covers them; its own data (a flush with data, REQ_PREFLUSH) comes after.
+                if entry.index >= start:
+                    plan._point(entry.index, "flush", flushed, fua, volatile, marks)
                 flushed = len(plan.writes)
                 fua, volatile = [], []
             if entry.nr_sectors:
@@ -154,10 +159,8 @@ class CrashPlan:
                     Write(entry.index, entry.sector * sector_size, length, data, entry.is_discard)
                 )
                 (fua if entry.is_fua else volatile).append(n)
-            if entry.index >= start and (entry.is_flush or entry.is_fua):
-                plan._point(
-                    entry.index, "flush" if entry.is_flush else "fua", flushed, fua, volatile, marks
-                )
+            if entry.index >= start and entry.is_fua:
+                plan._point(entry.index, "fua", flushed, fua, volatile, marks)
         return plan
 
     def _point(
@@ -206,19 +209,25 @@ class CrashPlan:
                 fates.append(KEPT if fate == TORN else fate)
         return tuple(fates)
 
-    def states(self, point: CrashPoint) -> Iterator[CrashState]:
-        """s0, then the seeded states that differ from every earlier one at this point."""
-        seen: set[tuple[int | tuple[bool, ...], ...]] = set()
+    def states(self, point: CrashPoint, seen: set[object] | None = None) -> Iterator[CrashState]:
+        """s0, then the seeded states, each unless an earlier one (at this point, or in
+        `seen`, which it updates) has the same bytes and the same marks before it."""
+        seen = set() if seen is None else seen
         for number in range(self.states_per_point + 1):
             fates = self._fates(point, number)
-            if fates in seen:
+            kept = tuple((i, f) for i, f in zip(point.volatile, fates, strict=True) if f != LOST)
+            key = (point.flushed, point.fua, kept, point.marks)
+            if key in seen:
                 continue
-            seen.add(fates)
+            seen.add(key)
             yield CrashState(state_id(point.number, number), point, fates)
 
     def all_states(self) -> Iterator[CrashState]:
+        """Every distinct state of every point (a state that repeats an earlier point's
+        bytes and marks, as at a mark right after a flush, is left out)."""
+        seen: set[object] = set()
         for point in self.points:
-            yield from self.states(point)
+            yield from self.states(point, seen)
 
     def state(self, id: str) -> CrashState:
         """The state an ID names (ValueError if this plan has no such state)."""
