@@ -545,8 +545,8 @@ def run_block(sc: Scenario) -> tuple[list, bytes, list]:
     (op index, errno) of writes (or write-zeroes) that failed a read-modify-write
     padding read."""
     import trio
+    from support.device import build_device
 
-    from blkfuse.block.image import Image
     from blkfuse.engine.core import Engine
     from blkfuse.rules.config import parse_config_text
 
@@ -555,8 +555,8 @@ def run_block(sc: Scenario) -> tuple[list, bytes, list]:
             self.checks = []
             super().__init__(rules)
 
-        def check(self, iotype, offset, length):
-            error = super().check(iotype, offset, length)
+        def check(self, iotype, offset, length, caller=None):
+            error = super().check(iotype, offset, length, caller)
             self.checks.append((iotype, error))
             return error
 
@@ -565,8 +565,8 @@ def run_block(sc: Scenario) -> tuple[list, bytes, list]:
         path.write_bytes(sc.image())
         engine = RecordingEngine(parse_config_text(sc.config, "generated.conf"))
         settings = sc.settings()
-        image = Image(str(path), direct=sc.cache in ("none", "directsync"))
-        dev = oracle.block_device(engine, image, settings)
+        dev = build_device(path, engine, settings=settings)
+        image = dev.stack.image
         results, deliberate = [], []
 
         async def one(op):

@@ -257,6 +257,11 @@ class Mount:
         """Drop breakpoint `tag`, waking its request if one is suspended there."""
         self.ctl(f"remove_break {shlex.quote(tag)}")
 
+    def mark(self, name: str) -> None:
+        """`mark NAME`: a mark entry in the write log (-o log-writes=FILE), where `blkfuse
+        replay --end-mark NAME` stops."""
+        self.ctl(f"mark {shlex.quote(name)}")
+
     def inject_error(self, **keys: object) -> int:
         """Add an [inject-error] rule (the config file's keys: event=, errno=, sector=,
         once=True, iotype="write", state=...); returns its id."""

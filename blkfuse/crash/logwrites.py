@@ -43,6 +43,8 @@ _SUPER = struct.Struct("<QQQI")  # magic, version, nr_entries, sectorsize
 _ENTRY = struct.Struct("<QQQQ")  # sector, nr_sectors, flags, data_len
 ENTRY_HEADER_BYTES = _ENTRY.size
 
+Bytes = bytes | bytearray | memoryview
+
 _FLAG_NAMES = ((FLUSH, "FLUSH"), (FUA, "FUA"), (DISCARD, "DISCARD"), (MARK, "MARK"))
 
 
@@ -138,7 +140,9 @@ class LogWriter:
 
     Every append is one positioned write of header and data; the superblock is rewritten and
     the log fsynced on each flush entry and each `super_update_interval`-th entry, and by
-    `sync()`. Data lengths must be whole log sectors (the recorder aligns them)."""
+    `sync()`. With autosync=False the superblock is rewritten then but the fsync is left
+    to the caller (`sync_due` says it is due; `fsync()`), who may run it off its event
+    loop. Data lengths must be whole log sectors (the recorder aligns them)."""
 
     def __init__(
         self,
@@ -147,6 +151,7 @@ class LogWriter:
         sectorsize: int | None = None,
         append: bool = False,
         super_update_interval: int = DEFAULT_SUPER_UPDATE_INTERVAL,
+        autosync: bool = True,
     ) -> None:
         if append and sectorsize is not None:
             raise ValueError("log-append and log-sector-size are mutually exclusive")
@@ -154,6 +159,8 @@ class LogWriter:
             raise ValueError(f"invalid log superblock update interval {super_update_interval}")
         self.path = os.fspath(path)
         self.super_update_interval = super_update_interval
+        self.autosync = autosync
+        self.sync_due = False  # autosync off: the superblock was updated, fsync() is due
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             self._open(sectorsize, append)
@@ -179,7 +186,7 @@ class LogWriter:
         self.sync()
 
     # --- appending ---------------------------------------------------------------------
-    def write(self, sector: int, data: bytes | memoryview, *, fua: bool = False) -> int:
+    def write(self, sector: int, data: Bytes, *, fua: bool = False) -> int:
         """A write of `data` (whole sectors) at `sector`; returns the entry's index."""
         if len(data) % self.sectorsize or not data:
             raise ValueError(f"write of {len(data)} bytes is not whole log sectors")
@@ -215,7 +222,7 @@ class LogWriter:
             )
         return self._append([_header(0, 0, MARK, raw, self.sectorsize)], 0, MARK)
 
-    def _append(self, parts: list[bytes | memoryview], data_sectors: int, flags: int) -> int:
+    def _append(self, parts: list[Bytes], data_sectors: int, flags: int) -> int:
         offset = self.next_sector * self.sectorsize
         expected = sum(len(p) for p in parts)
         written = os.pwritev(self.fd, parts, offset)
@@ -225,7 +232,11 @@ class LogWriter:
         index = self.nr_entries
         self.nr_entries += 1
         if flags & FLUSH or self.nr_entries % self.super_update_interval == 0:
-            self.sync()
+            if self.autosync:
+                self.sync()
+            else:
+                self.update_super()
+                self.sync_due = True
         return index
 
     # --- superblock ----------------------------------------------------------------------
@@ -238,6 +249,11 @@ class LogWriter:
     def sync(self) -> None:
         """Superblock, then fsync: every entry so far is durable and visible to readers."""
         self.update_super()
+        os.fsync(self.fd)
+
+    def fsync(self) -> None:
+        """fsync the log (what autosync=False leaves to the caller, e.g. in a thread)."""
+        self.sync_due = False
         os.fsync(self.fd)
 
     def close(self) -> None:
