@@ -43,6 +43,7 @@ went fails when it wakes up: _check_power after each wait).
 import errno as _errno
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 
 import trio
@@ -122,6 +123,9 @@ class BlockDevice:
         self.unsynced = unsynced  # the undo log (-o track-unsynced=on), or None
         self.powered = True
         self.cuts = 0  # power cuts so far: a flush spanning one fails
+        # When the last cut switched the power off: (CLOCK_MONOTONIC ns, CLOCK_REALTIME ns),
+        # stamped as `powered` goes False, so cuts of several mounts can be compared (Fleet).
+        self.cut_at: tuple[int, int] | None = None
         self.align = align or 1
         self.max_transfer = max_transfer or 0
         self.opt_write_zero = opt_write_zero or 0
@@ -853,6 +857,7 @@ class BlockDevice:
         if not self.powered:
             raise BlkfuseError(_errno.EINVAL, "the power is already off (poweron first)")
         self.powered = False
+        self.cut_at = (time.clock_gettime_ns(time.CLOCK_MONOTONIC), time.time_ns())
         self.cuts += 1
         self.engine.release_suspended()
         report = self.unsynced.cut(self.image, keep, seed)
