@@ -40,11 +40,11 @@ Examples:
 @click.option(
     "--json", "as_json", is_flag=True, help="With several mounts: print the outcome as JSON."
 )
-@click.argument("words", nargs=-1, required=True, metavar="MNT COMMAND...")
+@click.argument("words", nargs=-1, required=True, metavar="MOUNTPOINT COMMAND...")
 @click.pass_context
 def command(ctx: click.Context, as_json: bool, words: tuple[str, ...]) -> None:
-    """Send COMMAND to the mount at MNT and print its answer; or, after `--`, to every mount
-    named before it, at once.
+    """Send COMMAND to the mount at MOUNTPOINT and print its answer; or, after `--`, to
+    every mount named before it, at once.
 
     COMMAND's words are joined into one line (`blkfuse ctl /mnt break write_aio A`); an
     argument holding newlines sends several lines in one write, applied only if all are valid.
