@@ -40,6 +40,7 @@ from blkfuse.rules.model import (
     SetState,
     Settings,
 )
+from blkfuse.rules.profiles import PROFILES
 
 __all__ = [
     "ConfigError",
@@ -129,7 +130,7 @@ _FLAG_OPTIONS = ("nonempty",)
 _SPEED_OPTIONS = {"io-threads": (0, 256), "poll-us": (0, 100_000)}
 EXTENSION_OPTIONS = (
     ("cache", "format") + MOUNT_OPTIONS + tuple(_SPEED_OPTIONS) + POWER_OPTIONS + ("seed",)
-)
+) + ("qemu",)  # qemu=7.2|10.0: whose blkdebug and block layer (profiles.py)
 _SETTING_OPTIONS = (
     ("config", "image", "x-image", "align", "max-transfer") + _BLKDEBUG_LIMITS + EXTENSION_OPTIONS
 )
@@ -836,6 +837,10 @@ def parse_options(
             settings.seed = _parse_at_least(0)("seed", text)
         except _Invalid as error:
             raise ConfigError(f"option seed: {error}") from None
+    if "qemu" in options:
+        settings.qemu = _parse_choice(
+            "qemu", _unquote_option(options["qemu"]), tuple(PROFILES), "QEMU profile"
+        )
     return rules, settings
 
 
