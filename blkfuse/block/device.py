@@ -45,6 +45,7 @@ wakes up: _check_power after each wait).
 import errno as _errno
 import logging
 import os
+import time
 from collections.abc import Iterator
 
 import trio
@@ -125,6 +126,9 @@ class BlockDevice:
         self.stack = stack
         self.below = stack.top  # every change and read goes to this node
         self.powered = True
+        # When the last cut switched the power off: (CLOCK_MONOTONIC ns, CLOCK_REALTIME ns),
+        # stamped as `powered` goes False, so cuts of several mounts can be compared (Fleet).
+        self.cut_at: tuple[int, int] | None = None
         self.align = align or 1
         self.max_transfer = max_transfer or 0
         self.opt_write_zero = opt_write_zero or 0
@@ -847,6 +851,7 @@ class BlockDevice:
         if not self.powered:
             raise BlkfuseError(_errno.EINVAL, "the power is already off (poweron first)")
         self.powered = False
+        self.cut_at = (time.clock_gettime_ns(time.CLOCK_MONOTONIC), time.time_ns())
         self.engine.release_suspended()
         return await self.stack.power_cut(keep, seed)
 

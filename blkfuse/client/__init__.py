@@ -85,30 +85,43 @@ def read_status(mountpoint: str | os.PathLike[str]) -> str:
         os.close(fd)
 
 
-def send(mountpoint: str | os.PathLike[str], text: str) -> str:
-    """Write `text` as one unit to the mount's control file; return the answer text.
+def open_control(mountpoint: str | os.PathLike[str]) -> int:
+    """Open MNT/control for a command (O_RDWR); ControlError with why it cannot be."""
+    try:
+        return os.open(control_path(mountpoint), os.O_RDWR)
+    except OSError as e:
+        raise ControlError(e.errno or errno.EIO, open_error(mountpoint, e)) from None
 
-    On failure raise ControlError: the write's errno and the daemon's own message (which it
-    leaves on the handle that wrote the command), or the errno's text if there is none; if
-    `control` cannot be opened, that errno and why (open_error).
+
+def exchange(fd: int, text: str) -> str:
+    """Write `text` as one command unit on an open control file; return the answer text.
+
+    ControlError on failure: the write's errno and the daemon's own message (which it leaves
+    on the handle that wrote the command), or the errno's text if there is none.
     """
     if not text.endswith("\n"):
         text += "\n"
     try:
-        fd = os.open(control_path(mountpoint), os.O_RDWR)
+        os.write(fd, text.encode())
     except OSError as e:
-        raise ControlError(e.errno or errno.EIO, open_error(mountpoint, e)) from None
-    try:
         try:
-            os.write(fd, text.encode())
-        except OSError as e:
-            try:
-                answer = _read_all(fd).decode(errors="replace").strip()
-            except OSError:
-                answer = ""
-            message = answer.removeprefix("error: ") or os.strerror(e.errno or errno.EIO)
-            raise ControlError(e.errno or errno.EIO, message) from None
-        return _read_all(fd).decode(errors="replace")
+            answer = _read_all(fd).decode(errors="replace").strip()
+        except OSError:
+            answer = ""
+        message = answer.removeprefix("error: ") or os.strerror(e.errno or errno.EIO)
+        raise ControlError(e.errno or errno.EIO, message) from None
+    return _read_all(fd).decode(errors="replace")
+
+
+def send(mountpoint: str | os.PathLike[str], text: str) -> str:
+    """Write `text` as one unit to the mount's control file; return the answer text.
+
+    On failure raise ControlError: the write's errno and the daemon's own message (see
+    exchange), or if `control` cannot be opened, that errno and why (open_error).
+    """
+    fd = open_control(mountpoint)
+    try:
+        return exchange(fd, text)
     finally:
         os.close(fd)
 

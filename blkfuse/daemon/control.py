@@ -413,9 +413,14 @@ class Control:
                 "refused": log.refused,
                 "last_refusal": log.last_refusal,
             }
+        cut_at = block.cut_at if block is not None else None
         return {
             "power": "off" if block is not None and not block.powered else "on",
             "unsynced": unsynced,
+            # when the last powercut switched the power off (null: never): Fleet's spread
+            "power_off_at": (
+                None if cut_at is None else {"monotonic_ns": cut_at[0], "realtime_ns": cut_at[1]}
+            ),
         }
 
     def status_text(self) -> str:
