@@ -3,11 +3,16 @@
 from blkfuse import Mount, ControlError      # see blkfuse.api
 """
 
-from typing import TYPE_CHECKING, Any
+from __future__ import annotations
 
 from blkfuse.errors import BlkfuseError, ControlError, MountError
 
+# No `typing` at run time: `blkfuse ctl`/`status` import this, and typing alone costs more
+# instructions than starting Python (blkfuse.cli.fast).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from blkfuse.client.api import Mount
 
 __version__ = "0.1.0"

@@ -2,9 +2,7 @@
 
 import click
 
-from blkfuse.cli._common import control_failure, fail
-from blkfuse.client import send
-from blkfuse.errors import ControlError
+from blkfuse.cli import fast
 
 
 @click.command(
@@ -27,10 +25,4 @@ def command(mountpoint: str, words: tuple[str, ...]) -> None:
     `blkfuse ctl /mnt help` lists the commands. On failure the daemon's message is printed
     and the exit status is 1.
     """
-    text = " ".join(words)
-    try:
-        answer = send(mountpoint, text)
-    except ControlError as e:
-        fail(control_failure(e))
-    if answer:
-        click.echo(answer, nl=not answer.endswith("\n"))
+    fast.ctl(mountpoint, words)  # the plain form of this command runs there without click

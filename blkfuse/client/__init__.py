@@ -7,29 +7,28 @@ A control command is written as one write(2) to MNT/control and its answer read 
 same open file: the daemon keeps each open's answer (or error text) on that handle.
 """
 
-import errno
-import functools
-import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from __future__ import annotations
 
-from blkfuse.client import mounttab
+import errno
+import os
+import sys
+
 from blkfuse.errors import ControlError, MountError
+
+TYPE_CHECKING = False  # no `typing` at run time (see blkfuse/__init__.py)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, TypeVar
+
+    T = TypeVar("T")
+
+# `blkfuse ctl`/`status` import this module on every call (blkfuse.cli.fast): what only
+# unmounting, the JSON status or the timeouts need is imported where it is used.
 
 CONTROL = "control"
 
 # How long a live daemon may take to answer `status json` before it counts as wedged.
 ANSWER_SECONDS = 10.0
-
-T = TypeVar("T")
 
 
 class NoAnswer(TimeoutError):
@@ -42,9 +41,9 @@ def blkfuse_command() -> list[str]:
     The console script beside the running interpreter when there is one (a venv), else
     `python -m blkfuse` with this interpreter: either way the same blkfuse as this module.
     """
-    script = Path(sys.executable).with_name("blkfuse")
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script)]
+    script = os.path.join(os.path.dirname(sys.executable), "blkfuse")
+    if os.path.isfile(script) and os.access(script, os.X_OK):
+        return [script]
     return [sys.executable, "-m", "blkfuse"]
 
 
@@ -113,6 +112,8 @@ def send(mountpoint: str | os.PathLike[str], text: str) -> str:
 
 def status(mountpoint: str | os.PathLike[str]) -> dict[str, Any]:
     """The mount's status as `blkfuse status --json` shows it (ControlError on failure)."""
+    import json
+
     result: dict[str, Any] = json.loads(send(mountpoint, "status json"))
     return result
 
@@ -139,7 +140,7 @@ class TraceStream:
         self._lines: list[bytes] = []
         self._pending = b""
 
-    def __iter__(self) -> "TraceStream":
+    def __iter__(self) -> TraceStream:
         return self
 
     def __next__(self) -> dict[str, Any]:
@@ -154,6 +155,8 @@ class TraceStream:
                 raise StopIteration
             *lines, self._pending = (self._pending + chunk).split(b"\n")
             self._lines = [line for line in lines if line]
+        import json
+
         record: dict[str, Any] = json.loads(self._lines.pop(0))
         return record
 
@@ -162,7 +165,7 @@ class TraceStream:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "TraceStream":
+    def __enter__(self) -> TraceStream:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -173,6 +176,8 @@ def with_timeout(fn: Callable[[], T], timeout: float) -> T:
     """fn() in a thread, NoAnswer after `timeout` s: an open() or write() on a wedged
     mount never returns, and cannot be interrupted. The thread left behind is a daemon thread
     whose (killable) wait ends with the process or with the daemon."""
+    import threading
+
     box: dict[str, Any] = {}
 
     def run() -> None:
@@ -195,6 +200,8 @@ def with_timeout(fn: Callable[[], T], timeout: float) -> T:
 def release_all(mountpoint: str | os.PathLike[str], timeout: float = ANSWER_SECONDS) -> None:
     """Drop every breakpoint and resume every suspended request, best effort: so that a
     process whose request the daemon holds can go on (or be killed) before anything else."""
+    import functools
+
     try:
         st = with_timeout(lambda: status(mountpoint), timeout)
     except (ControlError, NoAnswer, ValueError):
@@ -210,6 +217,9 @@ def release_all(mountpoint: str | os.PathLike[str], timeout: float = ANSWER_SECO
 
 def fusermount(mountpoint: str | os.PathLike[str], lazy: bool = False) -> bool:
     """Remove a mount without its daemon (fusermount3 -u, or umount as root)."""
+    import shutil
+    import subprocess
+
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     if tool:
         cmd = [tool, "-u"] + (["-z"] if lazy else []) + [os.fspath(mountpoint)]
@@ -223,6 +233,10 @@ def fusermount(mountpoint: str | os.PathLike[str], lazy: bool = False) -> bool:
 def force_unmount(mountpoint: str | os.PathLike[str]) -> bool:
     """Last resort: remove a (possibly dead) mount lazily without asking its daemon.
     True once nothing is mounted there."""
+    import subprocess
+
+    from blkfuse.client import mounttab
+
     if not mounttab.is_mounted(mountpoint):
         return True
     for lazy in (False, True):
@@ -239,6 +253,10 @@ def force_unmount(mountpoint: str | os.PathLike[str]) -> bool:
 
 
 def _wait_unmounted(mountpoint: str, timeout: float) -> bool:
+    import time
+
+    from blkfuse.client import mounttab
+
     deadline = time.monotonic() + timeout
     while mounttab.is_blkfuse_mount(mountpoint):
         if time.monotonic() > deadline:
@@ -255,6 +273,10 @@ def unmount(mountpoint: str | os.PathLike[str], timeout: float = 60.0) -> None:
     s for the mount to go. A mount whose daemon is gone is removed directly; a daemon that
     does not answer is detached lazily. MountError says why the mount is still there.
     """
+    import signal
+
+    from blkfuse.client import mounttab
+
     mnt = os.path.abspath(mountpoint)
     if not mounttab.is_blkfuse_mount(mnt):
         raise MountError(f"{mnt}: not a blkfuse mount")
