@@ -315,11 +315,11 @@ class Control:
             raise ControlError(_errno.ESHUTDOWN, f"wait_break {tag}: the mount is shutting down")
         return f"suspended at {tag}"
 
-    async def wait_hit(self, rule_id: int, timeout: float | None) -> str:
+    async def wait_hit(self, rule_id: int, timeout: float | None, target: int | None = None) -> str:
         with trio.CancelScope() as scope:
             self._hit_waits[scope] = rule_id
             try:
-                hits = await self.engine.wait_hit(rule_id, timeout)
+                hits = await self.engine.wait_hit(rule_id, timeout, target)
             finally:
                 del self._hit_waits[scope]
         if scope.cancelled_caught:
@@ -379,13 +379,33 @@ class Control:
                 if c
             ],
             "rules_healed": e.rules_healed,
-            "held": len(self.block.holds) if self.block is not None else 0,
+            "held_by_delay": self._held(),
+            # The old name of held_by_delay, kept for one release (it read like unsynced.held).
+            "held": self._held(),
             "interrupted": {"count": e.interrupted, "last": _interrupted_dict(e.last_interrupted)},
             "last_result": self.last_result,
             "last_error": self.last_error,
             "last_error_errno": self.last_error_errno,
             **self._power_status(),
+            "log_writes": self._log_writes_status(),
         }
+
+    def _log_writes_status(self) -> dict | None:
+        """The write log (-o log-writes=FILE): its path and entries so far, else None."""
+        from blkfuse.crash.recorder import Recorder
+
+        recorder = self.block.stack.find(Recorder) if self.block is not None else None
+        if recorder is None:
+            return None
+        return {
+            "path": recorder.path,
+            "entries": recorder.entries,
+            "sectorsize": recorder.sectorsize,
+        }
+
+    def _held(self) -> int:
+        """Requests a delay rule holds now (the block layer holds them: BlockDevice.holds)."""
+        return len(self.block.holds) if self.block is not None else 0
 
     def _power_status(self) -> dict:
         """ "power" and "unsynced" (null when writes are not tracked) for the status."""
@@ -402,9 +422,14 @@ class Control:
                 "refused": log.refused,
                 "last_refusal": log.last_refusal,
             }
+        cut_at = block.cut_at if block is not None else None
         return {
             "power": "off" if block is not None and not block.powered else "on",
             "unsynced": unsynced,
+            # when the last powercut switched the power off (null: never): Fleet's spread
+            "power_off_at": (
+                None if cut_at is None else {"monotonic_ns": cut_at[0], "realtime_ns": cut_at[1]}
+            ),
         }
 
     def status_text(self) -> str:
@@ -433,6 +458,8 @@ class Control:
                 opts.append("growable")
             if info.get("locking") is False:
                 opts.append("locking=off")
+            if info.get("qemu"):
+                opts.append(f"qemu={info['qemu']}")  # the profile (rules/profiles.py)
             out.append(f"image: {info['image']}" + (f" ({', '.join(opts)})" if opts else ""))
         if info.get("mountpoint"):
             out.append(f"mount: {info['mountpoint']} (daemon pid {info.get('pid')})")
@@ -470,8 +497,8 @@ class Control:
             if s["op"] is not None:
                 where = f" {s['op']} offset={s['offset']} length={s['length']}"
             out.append(f"  {','.join(s['tags'])} at {s['event']}:{where} for {s['seconds']:.1f}s")
-        if d["held"]:
-            out.append(f"held by a delay rule: {d['held']}")
+        if d["held_by_delay"]:
+            out.append(f"held by a delay rule: {d['held_by_delay']}")
 
         if d["waiting"]:
             out.append("wait_break pending: " + " ".join(d["waiting"]))
@@ -567,15 +594,34 @@ async def _wait_break(control: Control, tag: str, timeout: float | None) -> str:
     return await control.wait_break(tag, timeout)
 
 
+def _wait_hit_args(words: list[str]) -> tuple[int, float | None, int | None]:
+    """ID [SECONDS] [hits=N], the last two in either order."""
+    rule_id = _nonneg_int(words[0], "rule id")
+    timeout = hits = None
+    for word in words[1:]:
+        if word.startswith("hits="):
+            if hits is not None:
+                raise ValueError("hits= given twice")
+            hits = _nonneg_int(word[5:], "hits")
+        elif timeout is None:
+            timeout = _seconds(word)
+        else:
+            raise ValueError(f'one timeout only, then "{word}" (hits=N for a count)')
+    return rule_id, timeout, hits
+
+
 @command(
-    "wait_hit ID [SECONDS]",
-    "block until rule ID acts once more (fails, sets a state...);\n"
-    "ENOENT for an unknown or spent rule, ETIMEDOUT after SECONDS",
-    nargs=(1, 2),
-    parse=lambda w: (_nonneg_int(w[0], "rule id"), _seconds(w[1]) if len(w) == 2 else None),
+    "wait_hit ID [SECONDS] [hits=N]",
+    "block until rule ID has acted (failed a request, begun a delay,\n"
+    "set a state) once more, or at once if it is spent (its last act\n"
+    "has begun); hits=N: until it has N hits in all (race-free);\n"
+    "ENOENT for an unknown rule or one that cannot get there,\n"
+    "ETIMEDOUT after SECONDS",
+    nargs=(1, 3),
+    parse=_wait_hit_args,
 )
-async def _wait_hit(control: Control, rule_id: int, timeout: float | None) -> str:
-    return await control.wait_hit(rule_id, timeout)
+async def _wait_hit(control: Control, rule_id: int, timeout: float | None, hits: int | None) -> str:
+    return await control.wait_hit(rule_id, timeout, hits)
 
 
 @command(
@@ -711,6 +757,33 @@ async def _powercut(control: Control, keep: str, seed: int | None) -> str:
 @command("poweron", "bring the device back (the image as the cut left it)")
 async def _poweron(control: Control) -> str:
     return "power on" if _block_of(control, "poweron").power_on() else "power on (it was on)"
+
+
+def _mark_name(words: list[str]) -> tuple[str]:
+    if not words[0] or "\0" in words[0]:
+        raise ControlError(_errno.EINVAL, "mark: the name is empty")
+    return (words[0],)
+
+
+@command(
+    "mark NAME",
+    "append a mark entry named NAME to the write log (-o log-writes=FILE),\n"
+    "e.g. where a workload was acknowledged: blkfuse replay --end-mark NAME",
+    nargs=(1, 1),
+    parse=_mark_name,
+)
+async def _mark(control: Control, name: str) -> str:
+    from blkfuse.crash.recorder import Recorder
+
+    block = _block_of(control, "mark")
+    recorder = block.stack.find(Recorder)
+    if recorder is None:
+        raise ControlError(_errno.EINVAL, "mark needs a write log: mount with -o log-writes=FILE")
+    try:
+        block.stack.mark(name)
+    except ValueError as error:  # too long for the log's sector
+        raise ControlError(_errno.EINVAL, f"mark: {error}") from None
+    return f"mark {name}: entry {recorder.entries - 1} of {recorder.path}"
 
 
 @command("help", "this text")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blkfuse.rules.model import CACHE_MODES, FORMATS, Settings
+from blkfuse.rules.profiles import PROFILES
 from blkfuse.rules.values import (
     INT_MAX,
     Invalid,
@@ -41,7 +42,8 @@ class OptionSpec:
     format: Callable[[Any], str] = str  # value -> text (blkfuse check's summary)
     qemu: bool = False  # a blockdev option of QEMU 7.2's blkdebug driver
     note: str = ""  # why it is not portable ({value} is replaced): "qemu-io -t {value}"
-    needs: str = ""  # an option that must be on for this one to mean anything
+    needs: str = ""  # an option that must be set for this one to mean anything
+    about: str = ""  # not a rule's option but what they are checked against: shown, not flagged
     flag: bool = False  # may be written without =VALUE (meaning on)
     shown: bool = True  # in blkfuse check's summary when given
     value: str = "N"  # the help's placeholder
@@ -53,10 +55,13 @@ def _plain(key: str, text: str, settings: Settings) -> str:
     return text
 
 
-def _path(key: str, text: str, settings: Settings) -> str:
-    if not text:
-        raise Invalid("the config file path is empty")
-    return text
+def _path(what: str) -> Parser:
+    def parse(key: str, text: str, settings: Settings) -> str:
+        if not text:
+            raise Invalid(f"the {what} path is empty")
+        return text
+
+    return parse
 
 
 def _align(key: str, text: str, settings: Settings) -> int:
@@ -150,13 +155,28 @@ def _number(parse: Callable[[str, str], int]) -> Parser:
     return lambda key, text, settings: parse(key, text)
 
 
+def _log_sector_size(key: str, text: str, settings: Settings) -> int:
+    if settings.log_append:
+        raise Invalid(
+            "log-append and log-sector-size are mutually exclusive"
+            " (an appended log keeps its own sector size)"
+        )
+    size = parse_size(key, text)
+    if size < 32 or size >= 1 << 24 or size & (size - 1):  # QEMU's blk_log_writes_open bounds
+        raise Invalid(f'must be a power of two from 32 to 8M, not "{text}"')
+    return size
+
+
 _MOUNT = "a blkfuse mount option"
 _POWER = "a blkfuse extension option"
 _TUNING = "blkfuse's own tuning"
+# QEMU blklogwrites' options, under their names (README "Record and replay"): in QEMU they
+# belong to a node below blkdebug, which rejects them.
+_LOG = "a blklogwrites node under blkdebug in QEMU"
 
 # In the order they are read and shown: QEMU's blkdebug options first.
 OPTIONS: tuple[OptionSpec, ...] = (
-    OptionSpec("config", "config_path", _path, qemu=True, shown=False, value="PATH",
+    OptionSpec("config", "config_path", _path("config file"), qemu=True, shown=False, value="PATH",
                help="the blkdebug config file (as --config)", example="rules.conf"),
     OptionSpec("image", "image", _plain, qemu=True, shown=False, value="PATH",
                help="blkdebug's image (must be the IMAGE argument)", example="disk.img"),
@@ -197,6 +217,21 @@ OPTIONS: tuple[OptionSpec, ...] = (
                help="worker threads for disk I/O (default 4; 0: all inline)", example="2"),
     OptionSpec("poll-us", "poll_us", _whole(0, 100_000), note=_TUNING,
                help="busy-poll /dev/fuse this long before sleeping", example="0"),
+    OptionSpec("log-writes", "log_writes", _path("log file"), note=_LOG, value="FILE",
+               help="record every change and flush, dm-log-writes format (crash/recorder.py)",
+               example="ops.log"),
+    OptionSpec("log-append", "log_append", _on_off, format_bool, note=_LOG, needs="log-writes",
+               value="on|off", help="append to the existing log instead of starting it over",
+               example="on"),
+    OptionSpec("log-sector-size", "log_sector_size", _log_sector_size, note=_LOG,
+               needs="log-writes", value="SIZE",
+               help="the log's sector size (default 512; not with log-append)", example="4k"),
+    OptionSpec("log-super-update-interval", "log_super_update_interval",
+               _number(parse_at_least(1)), note=_LOG, needs="log-writes",
+               help="rewrite the log's superblock every N entries", example="64"),
+    OptionSpec("qemu", "qemu", _choice(tuple(PROFILES), "QEMU profile"), value="|".join(PROFILES),
+               about="QEMU {value}'s blkdebug and block layer",
+               help="whose blkdebug and block layer to follow (default 7.2)", example="10.0"),
     OptionSpec("seed", "seed", _number(parse_at_least(0)),
                help="the seed of every random decision (default random; in the status)",
                example="7"),
@@ -204,7 +239,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
 
 BY_NAME = {spec.name: spec for spec in OPTIONS}
 FLAG_OPTIONS = tuple(spec.name for spec in OPTIONS if spec.flag)
-EXTENSION_OPTIONS = tuple(spec.name for spec in OPTIONS if not spec.qemu)
+# What QEMU's blkdebug rejects (`blkfuse check --qemu` names them).
+EXTENSION_OPTIONS = tuple(spec.name for spec in OPTIONS if not spec.qemu and not spec.about)
 
 
 def unquote(value: str) -> str:
@@ -221,7 +257,9 @@ def read_options(options: dict[str, str], settings: Settings) -> None:
         if spec.name not in options:
             continue
         if spec.needs and not getattr(settings, BY_NAME[spec.needs].field):
-            raise Invalid(f"option {spec.name}: only means something with {spec.needs}=on")
+            needed = BY_NAME[spec.needs]
+            value = "on" if needed.value == "on|off" else needed.value
+            raise Invalid(f"option {spec.name}: only means something with {spec.needs}={value}")
         try:
             value = spec.parse(spec.name, unquote(options[spec.name]), settings)
         except Invalid as error:
@@ -238,7 +276,9 @@ def summary(settings: Settings) -> list[str]:
             continue
         value = getattr(settings, spec.field)
         part = f"{spec.name}={spec.format(value)}"
-        if not spec.qemu:
+        if spec.about:
+            part += f" ({spec.about.replace('{value}', spec.format(value))})"
+        elif not spec.qemu:
             note = spec.note.replace("{value}", spec.format(value))
             part += f" (not portable: {note})" if note else " (not portable)"
         parts.append(part)
@@ -258,7 +298,7 @@ def markdown() -> str:
     """The README's option table."""
     rows = ["| option | QEMU | meaning |", "|---|---|---|"]
     for spec in OPTIONS:
-        qemu = "yes" if spec.qemu else f"no ({spec.note or 'blkfuse'})"
+        qemu = "yes" if spec.qemu else f"no ({spec.note or spec.about or 'blkfuse'})"
         value = spec.value.replace("|", "\\|")
         rows.append(f"| `{spec.name}={value}` | {qemu.replace('{value}', 'MODE')} | {spec.help} |")
     return "\n".join(rows) + "\n"
