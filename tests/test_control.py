@@ -341,6 +341,7 @@ def test_status_dict_is_json_and_stable():
         "last_error_errno",
         "power",
         "unsynced",
+        "power_off_at",
         "log_writes",
     }
     assert d["state"] == 3
