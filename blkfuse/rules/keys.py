@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from blkfuse.rules import listing
 from blkfuse.rules.events import DEFAULT_IOTYPES, EVENTS, IOTYPES, canonical_event
 from blkfuse.rules.model import CORRUPT_MODES, Extensions, Rule
 from blkfuse.rules.values import (
@@ -291,21 +292,20 @@ def rule_json(rule: Rule) -> dict[str, Any]:
 
 def help_lines(kind: str) -> list[str]:
     """`KEY=VALUE  help` per key of `kind`, extensions marked with *."""
-    specs = _BY_KIND[kind]
-    width = max(len(f"{spec.name}={spec.value}") for spec in specs)
-    return [
-        f"{' ' if spec.qemu else '*'} {f'{spec.name}={spec.value}':<{width}}  {spec.help}"
-        for spec in specs
-    ]
+    return listing.help_lines([(s.qemu, f"{s.name}={s.value}", s.help) for s in _BY_KIND[kind]])
 
 
 def markdown() -> str:
     """The README's key table."""
-    rows = ["| key | rules | QEMU | meaning |", "|---|---|---|---|"]
-    for spec in KEYS:
-        kinds = ", ".join(f"`[{kind}]`" for kind in spec.kinds)
-        qemu = "yes" if spec.qemu else "no (extension)"
-        meaning = spec.help.replace("|", "\\|")
-        value = spec.value.replace("|", "\\|")
-        rows.append(f"| `{spec.name}={value}` | {kinds} | {qemu} | {meaning} |")
-    return "\n".join(rows) + "\n"
+    return listing.markdown(
+        ("key", "rules", "QEMU", "meaning"),
+        (
+            (
+                f"`{s.name}={s.value}`",
+                ", ".join(f"`[{kind}]`" for kind in s.kinds),
+                "yes" if s.qemu else "no (extension)",
+                s.help,
+            )
+            for s in KEYS
+        ),
+    )

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from blkfuse.rules import listing
 from blkfuse.rules.model import CACHE_MODES, FORMATS, Settings
 from blkfuse.rules.profiles import PROFILES
 from blkfuse.rules.values import (
@@ -287,18 +288,21 @@ def summary(settings: Settings) -> list[str]:
 
 def help_lines() -> list[str]:
     """`KEY=VALUE  help` per option, those QEMU's blkdebug rejects marked with *."""
-    width = min(28, max(len(f"{spec.name}={spec.value}") for spec in OPTIONS))
-    return [
-        f"{' ' if spec.qemu else '*'} {f'{spec.name}={spec.value}':<{width}}  {spec.help}"
-        for spec in OPTIONS
-    ]
+    return listing.help_lines([(s.qemu, f"{s.name}={s.value}", s.help) for s in OPTIONS])
 
 
 def markdown() -> str:
     """The README's option table."""
-    rows = ["| option | QEMU | meaning |", "|---|---|---|"]
-    for spec in OPTIONS:
-        qemu = "yes" if spec.qemu else f"no ({spec.note or spec.about or 'blkfuse'})"
-        value = spec.value.replace("|", "\\|")
-        rows.append(f"| `{spec.name}={value}` | {qemu.replace('{value}', 'MODE')} | {spec.help} |")
-    return "\n".join(rows) + "\n"
+    return listing.markdown(
+        ("option", "QEMU", "meaning"),
+        (
+            (
+                f"`{s.name}={s.value}`",
+                "yes"
+                if s.qemu
+                else f"no ({s.note or s.about or 'blkfuse'})".replace("{value}", "MODE"),
+                s.help,
+            )
+            for s in OPTIONS
+        ),
+    )
