@@ -160,3 +160,17 @@ def test_ctl_with_several_mounts_cuts_them_all_and_exits_1_if_one_fails(mount, f
     assert r.returncode == 0 and r.stdout == "state 3\n"
     r = run_blkfuse("ctl", "--", "poweron")
     assert r.returncode == 1 and "no mountpoint before" in r.stderr
+
+
+def test_the_daemon_logs_the_moment_its_power_went_off(mount, fuse_dir):
+    log = fuse_dir / "daemon.log"
+    m = mount(*TRACK, "--log", log)
+    result = blkfuse.Fleet([m.api]).powercut(seed=4)
+    stamp = result.nodes[0].power_off_at
+    assert result.spread_ns == 0  # one node: nothing to spread
+    text = log.read_text()
+    assert (
+        f"power cut (keep=none seed={node_seed(4, 0)}) at CLOCK_MONOTONIC "
+        f"{stamp['monotonic_ns']} ns, CLOCK_REALTIME {stamp['realtime_ns']} ns"
+    ) in text
+    m.ctl("poweron")

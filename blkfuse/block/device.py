@@ -853,7 +853,14 @@ class BlockDevice:
         self.powered = False
         self.cut_at = (time.clock_gettime_ns(time.CLOCK_MONOTONIC), time.time_ns())
         self.engine.release_suspended()
-        return await self.stack.power_cut(keep, seed)
+        report = await self.stack.power_cut(keep, seed)
+        log.info(
+            "power cut (keep=%s seed=%s) at CLOCK_MONOTONIC %d ns, CLOCK_REALTIME %d ns",
+            keep,
+            seed,
+            *self.cut_at,
+        )
+        return report
 
     def power_on(self) -> bool:
         """The device is back, nothing unsynced (the cut fsynced). False if it was on."""
