@@ -4,11 +4,16 @@ from blkfuse import Mount, ControlError      # see blkfuse.client.api
 from blkfuse import Fleet                    # several mounts at once: blkfuse.client.fleet
 """
 
-from typing import TYPE_CHECKING, Any
+from __future__ import annotations
 
 from blkfuse.errors import BlkfuseError, ControlError, MountError
 
+# No `typing` at run time: `blkfuse ctl`/`status` import this, and typing alone costs more
+# instructions than starting Python (blkfuse.cli.fast).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from blkfuse.client.api import Mount
     from blkfuse.client.fleet import Fleet
 

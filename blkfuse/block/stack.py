@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from blkfuse.block.image import DEFAULT_IO_THREADS, Image
 from blkfuse.block.node import Filter, Node
+from blkfuse.crash.logwrites import DEFAULT_SUPER_UPDATE_INTERVAL
 from blkfuse.crash.undo import DEFAULT_ATOMIC, DEFAULT_CAP, CutReport, UndoFilter, UndoLog
 from blkfuse.rules.model import Settings
 
@@ -104,4 +105,20 @@ def build_stack(settings: Settings, image: Image) -> Stack:
             cap=settings.unsynced_cap or DEFAULT_CAP, atomic=settings.atomic or DEFAULT_ATOMIC
         )
         stack.add(UndoFilter(image, undo))
+    if settings.log_writes is not None:
+        # Over the undo filter, as QEMU's blklogwrites node under blkdebug: it logs what
+        # reaches the image, not what a power cut takes back.
+        from blkfuse.crash.recorder import Recorder
+
+        stack.add(
+            Recorder.open(
+                stack.top,
+                settings.log_writes,
+                image.pread,
+                sectorsize=settings.log_sector_size,
+                append=settings.log_append,
+                super_update_interval=settings.log_super_update_interval
+                or DEFAULT_SUPER_UPDATE_INTERVAL,
+            )
+        )
     return stack

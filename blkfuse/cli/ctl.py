@@ -5,9 +5,8 @@ import json
 
 import click
 
-from blkfuse.cli._common import control_failure, fail
-from blkfuse.client import send
-from blkfuse.errors import ControlError
+from blkfuse.cli import fast
+from blkfuse.cli._common import fail
 
 
 class _FleetCommand(click.Command):
@@ -65,12 +64,7 @@ def command(ctx: click.Context, as_json: bool, words: tuple[str, ...]) -> None:
         mountpoint, *rest = words
         if not rest:
             fail(f"no command for {mountpoint} (blkfuse ctl MNT COMMAND...; try: help)")
-        try:
-            answer = send(mountpoint, " ".join(rest))
-        except ControlError as e:
-            fail(control_failure(e))
-        if answer:
-            click.echo(answer, nl=not answer.endswith("\n"))
+        fast.ctl(mountpoint, rest)  # the plain form of this command runs there without click
         return
     if not fleet:
         fail("no mountpoint before `--` (blkfuse ctl MNT1 MNT2 ... -- COMMAND)")

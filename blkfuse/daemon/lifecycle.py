@@ -334,7 +334,13 @@ class Daemon:
             except MountError:
                 self.image.close()
                 raise
-        self.stack = build_stack(settings, self.image)
+        try:
+            self.stack = build_stack(settings, self.image)
+        except (OSError, ValueError) as error:  # the log-writes file (a LogFormatError too)
+            self.image.close()
+            where = settings.log_writes or m.image_path
+            reason = error.strerror if isinstance(error, OSError) else str(error)
+            raise MountError(f"option log-writes: {where}: {reason}") from None
         # -o poll-us wins; BLKFUSE_POLL_US changes the default (A/B runs, the test suite's
         # second pass with polling off).
         self.poll_us: int = DEFAULT_POLL_US if settings.poll_us is None else settings.poll_us
@@ -368,6 +374,8 @@ class Daemon:
             "io_threads": self.image.io_threads,
             "poll_us": self.poll_us,
         }
+        if settings.log_writes is not None:
+            info["log_writes"] = settings.log_writes
         undo = self.stack.undo
         if undo is not None:
             info["track_unsynced"] = True
