@@ -159,7 +159,7 @@ def test_ctl_with_several_mounts_cuts_them_all_and_exits_1_if_one_fails(mount, f
     r = run_blkfuse("ctl", mnts[0], "state", "3")
     assert r.returncode == 0 and r.stdout == "state 3\n"
     r = run_blkfuse("ctl", "--", "poweron")
-    assert r.returncode == 1 and "no mountpoint before" in r.stderr
+    assert r.returncode == 2 and "Error: no mountpoint before" in r.stderr
 
 
 def test_the_daemon_logs_the_moment_its_power_went_off(mount, fuse_dir):
