@@ -54,6 +54,7 @@ from blkfuse.block.image import (
     Bytes,
     Image,
 )
+from blkfuse.crash.snapshot import sparse_copy
 from blkfuse.crash.undo import CutReport, LogFull, UndoLog
 from blkfuse.engine.core import Caller, Engine, Request
 from blkfuse.engine.effects import Effect, corrupt
@@ -70,15 +71,6 @@ log = logging.getLogger(__name__)
 
 def _failure(error: int) -> OSError:
     return OSError(error, os.strerror(error))
-
-
-async def _settle(engine: Engine, outcome: int | Effect) -> tuple[int, Effect | None]:
-    """A check's non-zero outcome -> (errno, the corruption to apply), after its delay."""
-    if isinstance(outcome, int):
-        return outcome, None
-    if outcome.delay:
-        await engine.hold(outcome.delay)
-    return outcome.errno, (outcome if outcome.corrupt else None)
 
 
 _REQUEST_MAX_BYTES = (2**31 - 1) // 512 * 512  # BDRV_REQUEST_MAX_BYTES, a sector multiple
@@ -122,6 +114,7 @@ class BlockDevice:
         self.unsynced = unsynced  # the undo log (-o track-unsynced=on), or None
         self.powered = True
         self.cuts = 0  # power cuts so far: a flush spanning one fails
+        self.last_cut: CutReport | None = None  # status "last_cut"
         self.align = align or 1
         self.max_transfer = max_transfer or 0
         self.opt_write_zero = opt_write_zero or 0
@@ -218,6 +211,20 @@ class BlockDevice:
             await suspension.wait()
             self._check_power()
 
+    async def _settle(self, outcome: int | Effect) -> tuple[int, Effect | None]:
+        """A check's non-zero outcome -> (errno, the corruption to apply), after its delay.
+        A cut during the hold fails the request (engine.abort_holds); so does a hold that
+        ends while the power is off."""
+        if isinstance(outcome, int):
+            return outcome, None
+        if outcome.delay:
+            await self.engine.hold(outcome.delay)
+            self._check_power()
+        if outcome.powercut:  # a powercut rule: the cut happens here, the request fails
+            await self._rule_cut(outcome)
+            return _errno.EIO, None
+        return outcome.errno, (outcome if outcome.corrupt else None)
+
     def _check(self, iotype: str, offset: int, length: int, caller: Caller | None) -> int | Effect:
         """0, an errno, or an Effect (for _settle). Without a caller, QEMU's three
         arguments: engines that wrap check (the tests' recording engine) keep working."""
@@ -231,7 +238,7 @@ class BlockDevice:
         """A check where there is no data to corrupt: 0 or the errno, after any delay."""
         error = self._check(iotype, offset, length, caller)
         if error:
-            error, _ = await _settle(self.engine, error)
+            error, _ = await self._settle(error)
         return error
 
     def _decide(
@@ -257,7 +264,7 @@ class BlockDevice:
         for piece_start, piece_end in self._pieces(start, end):
             outcome = self._check(iotype, piece_start, piece_end - piece_start, caller)
             if outcome:
-                error, effect = await _settle(self.engine, outcome)
+                error, effect = await self._settle(outcome)
                 if error:
                     raise _failure(error)
                 if effect is not None:
@@ -307,7 +314,7 @@ class BlockDevice:
         else:
             outcome = self._check("read", start, end - start, caller)
             if outcome:
-                error, effect = await _settle(self.engine, outcome)
+                error, effect = await self._settle(outcome)
                 if error:
                     raise _failure(error)
                 if effect is not None:
@@ -402,7 +409,7 @@ class BlockDevice:
                 if isinstance(outcome, int):
                     error = outcome
                 else:  # an extension rule's delay or corruption (an Effect comes with its rule)
-                    error, effect = await _settle(engine, outcome)
+                    error, effect = await self._settle(outcome)
                     if effect is not None:
                         # silent corruption on the way to the disk, reported done: only
                         # inside the caller's data, never the read-modify-write padding
@@ -517,6 +524,7 @@ class BlockDevice:
         the image may hand it to a worker thread (image.py)."""
         if not data:
             return
+        self._check_power()  # a request that outlived a cut never reaches the image
         if self.unsynced is not None:
             self._record(offset, len(data))
             self.image.pwrite(offset, data)
@@ -668,6 +676,7 @@ class BlockDevice:
         return 0
 
     def _zero_image(self, offset: int, length: int, unmap: bool) -> None:
+        self._check_power()
         self._record(offset, length)
         self.image.write_zeroes(offset, length, unmap)
 
@@ -716,6 +725,7 @@ class BlockDevice:
                 error = await self._check_errno("discard", offset, num, caller)
                 if error:
                     raise _failure(error)
+                self._check_power()
                 self._record(offset, num)  # a discarded range reads as zeroes: undoable
                 self.image.punch_hole(offset, num)
             offset += num
@@ -804,7 +814,7 @@ class BlockDevice:
                     rule, error = self._decide("flush", 0, 0, caller)
                     if rule is not None:
                         if type(error) is not int:  # an extension rule's delay
-                            error, _ = await _settle(self.engine, error)
+                            error, _ = await self._settle(error)
                         if rule.drop_unsynced and self.unsynced is not None:
                             await self._drop_unsynced()
                         if error:
@@ -840,9 +850,21 @@ class BlockDevice:
         log.info("a flush met a drop-unsynced rule: %d unsynced writes reverted", report.writes)
         await self.image.fsync()
 
-    async def power_cut(self, keep: str, seed: int | None) -> CutReport:
+    async def _rule_cut(self, effect: Effect) -> None:
+        """A powercut rule acted on this request: cut now, with the mount's seed (a request
+        that reaches a rule after another cut finds the power off: nothing more to do)."""
+        if not self.powered:
+            return
+        await self.power_cut(
+            effect.powercut, self.engine.seed, effect.powercut_save or None, why="a powercut rule"
+        )
+
+    async def power_cut(
+        self, keep: str, seed: int | None, save: str | None = None, *, why: str = "powercut"
+    ) -> CutReport:
         """Lose the unsynced writes as `keep` says, make the image show it (fsynced), and
-        leave the power off. Suspended requests are let go first; they fail with EIO."""
+        leave the power off; with `save`, write a sparse copy of the image there. Held and
+        suspended requests fail with EIO. The report is also `last_cut`, and logged."""
         if self.unsynced is None:
             raise BlkfuseError(
                 _errno.EINVAL,
@@ -854,9 +876,21 @@ class BlockDevice:
             raise BlkfuseError(_errno.EINVAL, "the power is already off (poweron first)")
         self.powered = False
         self.cuts += 1
-        self.engine.release_suspended()
+        # Held requests fail whenever their tasks run, even after a poweron: none of them
+        # may change the image once the cut has been applied.
+        lost = OSError(_errno.EIO, "the power was cut while the request was held")
+        self.engine.release_suspended(lost)
+        self.engine.abort_holds(lost)
         report = self.unsynced.cut(self.image, keep, seed)
         await self.image.fsync()
+        if save is not None:
+            try:
+                await trio.to_thread.run_sync(sparse_copy, self.image.fd, save)
+                report.saved = save
+            except OSError as error:
+                report.save_error = f"{save}: {error.strerror or error}"
+        self.last_cut = report
+        log.warning("power cut (%s): %s", why, report.text())
         return report
 
     def power_on(self) -> bool:
@@ -864,6 +898,7 @@ class BlockDevice:
         if self.powered:
             return False
         self.powered = True
+        log.warning("power on")
         # Everything on the image is synced now, as after a successful flush.
         self._format_flushed = self._format_written
         self._blkdebug_flushed = self._blkdebug_written
