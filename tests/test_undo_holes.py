@@ -7,9 +7,9 @@ import random
 
 import pytest
 import trio
+from test_unsynced import Dev, noise
 
 from blkfuse.crash.undo import ENTRY_BYTES
-from test_unsynced import Dev, noise
 
 KiB = 1024
 MiB = 1024 * KiB
