@@ -91,7 +91,7 @@ def test_each_mode_matches_the_model_on_sparse_random_histories(tmp_path, histor
         )
         history = random.Random(history_seed * 7 + 1)
 
-        async def main():
+        async def main(d: Dev, history: random.Random, keep: str) -> None:
             snapshots = [d.data()]
             for step in range(history.randrange(1, 14)):
                 action = history.random()
@@ -134,5 +134,5 @@ def test_each_mode_matches_the_model_on_sparse_random_histories(tmp_path, histor
             changed = [i for i in range(width) if a[i] != c[i] and not covered[i]]
             assert not changed, f"bytes changed outside the lost extents: {changed[:5]}"
 
-        trio.run(main)
+        trio.run(main, d, history, keep)
         d.image.close()
