@@ -332,6 +332,7 @@ def test_status_dict_is_json_and_stable():
         "events",
         "seed",
         "rules_healed",
+        "held_by_delay",
         "held",
         "errors_injected",
         "interrupted",
@@ -341,6 +342,7 @@ def test_status_dict_is_json_and_stable():
         "power",
         "unsynced",
         "last_cut",
+        "log_writes",
     }
     assert d["state"] == 3
     assert d["events"] == {"read_aio": 1, "none": 1}

@@ -10,16 +10,14 @@ import time
 
 import pytest
 import trio
+from support.device import build_device
 
-from blkfuse.block.device import BlockDevice
 from blkfuse.block.image import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
-    Image,
     fallocate,
 )
-from blkfuse.crash.undo import UndoLog
 from blkfuse.engine.core import Engine
 from blkfuse.rules.config import parse_rule_args
 
@@ -139,9 +137,9 @@ def test_a_held_write_fails_even_when_the_power_is_back_before_its_task_runs(tmp
     fail: the image is as the cut left it."""
     path = tmp_path / "disk.img"
     path.write_bytes(bytes(65536))
-    image = Image(str(path))
     engine = Engine([parse_rule_args("inject-error", ["event=none", "iotype=write", "delay=60s"])])
-    block = BlockDevice(engine, image, unsynced=UndoLog())
+    block = build_device(path, engine, track_unsynced=True)
+    image = block.stack.image
     outcome = {}
 
     async def fsync_without_a_checkpoint():

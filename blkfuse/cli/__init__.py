@@ -13,6 +13,8 @@ SUBCOMMANDS = {
     "check": "check",
     "events": "events",
     "trace": "trace",
+    "replay": "replay",
+    "log": "log",
 }
 
 

@@ -25,9 +25,14 @@ A cut decides what survives:
              image size is one more such coin (kept: the current size; lost: the flushed size)
 The coins come from random.Random(seed) in a fixed order (units by address, then the size), so
 the same seed on the same history gives the same image.
+
+UndoFilter is the log as a node of the stack (block/node.py, block/stack.py), right on the
+image: every change passing it is recorded first, a successful flush forgets what it covered,
+and `cut` is the power cut.
 """
 
 import errno as _errno
+import logging
 import os
 import random
 import re
@@ -37,11 +42,11 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from blkfuse.block.image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+from blkfuse.block.node import Filter
 from blkfuse.rules.model import POWERCUT_MODES
 
 if TYPE_CHECKING:
-    from blkfuse.block.image import Image
+    from blkfuse.block.image import Bytes, Image
 
 MEMORY_BYTES = 8 << 20  # pre-image bytes held in memory before spilling to scratch
 ENTRY_BYTES = 32  # bookkeeping per entry (four int64s), counted in the cap
@@ -50,6 +55,8 @@ DEFAULT_ATOMIC = 512
 KEEP_MODES = POWERCUT_MODES
 
 _LOST_RUN = re.compile(b"0+")
+
+log = logging.getLogger(__name__)
 
 
 class LogFull(OSError):
@@ -175,7 +182,7 @@ class UndoLog:
 
     def _add(self, image: "Image", offset: int, length: int, size: int) -> None:
         kept = max(0, min(offset + length, size) - offset)
-        layout = _data_runs(image.fd, offset, offset + kept) if kept else None
+        layout = _data_runs(image, offset, offset + kept) if kept else None
         if layout is not None:
             kept = sum(layout[j + 1] - layout[j] for j in range(0, len(layout), 2))
         if self.held() + kept + ENTRY_BYTES > self.cap:
@@ -412,42 +419,98 @@ class UndoLog:
             image.truncate(final_size)
 
 
-def _data_runs(fd: int, start: int, end: int) -> tuple[int, ...] | None:
-    """The data in [start, end) of the file as flattened (start, end) pairs, the rest being
-    holes; None when it is all data (one lseek in the common case: a write over data), or
-    when the file cannot tell (no SEEK_HOLE: everything counts as data)."""
-    try:
-        hole = os.lseek(fd, start, os.SEEK_HOLE)
-    except OSError:
-        return None
-    if hole >= end:
+class UndoFilter(Filter):
+    """The undo log as a filter right over the image (-o track-unsynced=on).
+
+    Each change is recorded and then made with no await between (the pre-image read and
+    the write are one step, so the log's order is the image's); a write is therefore done
+    on the calling thread (Image.pwrite), never handed to a worker. A full log refuses the
+    change with ENOSPC before the image is touched."""
+
+    below: "Image"
+
+    def __init__(self, image: "Image", undo: UndoLog):
+        super().__init__(image)
+        self.log = undo
+        self.cuts = 0  # power cuts so far: a flush spanning one fails
+
+    def _record(self, offset: int, length: int) -> None:
+        if length > 0:
+            try:
+                self.log.record_write(self.below, offset, length)
+            except LogFull as full:
+                log.warning("%s", full.strerror)
+                raise
+
+    async def write(self, offset: int, data: "Bytes", *, fua: bool = False) -> int:
+        return self.pwrite(offset, data, fua=fua)
+
+    def pwrite(self, offset: int, data: "Bytes", *, fua: bool = False) -> int:
+        self._record(offset, len(data))
+        return self.below.pwrite(offset, data, fua=fua)
+
+    def write_zeroes(
+        self, offset: int, length: int, unmap: bool = False, *, fua: bool = False
+    ) -> None:
+        self._record(offset, length)
+        self.below.write_zeroes(offset, length, unmap, fua=fua)
+
+    def discard(self, offset: int, length: int) -> None:
+        self._record(offset, length)  # a discarded range reads as zeroes: undoable
+        self.below.discard(offset, length)
+
+    def truncate(self, size: int) -> None:
+        self.log.record_resize(self.below, size)
+        self.below.truncate(size)
+
+    async def flush(self) -> None:
+        """fsync; if no power cut came meanwhile, the entries it covered (those before it
+        started) are synced now and forgotten."""
+        cuts, covered = self.cuts, len(self.log)
+        await self.below.flush()
+        if self.cuts != cuts:
+            raise OSError(_errno.EIO, "the power was cut during the fsync")
+        if covered:
+            self.log.forget(covered)
+
+    def power_cut(self) -> None:
+        self.cuts += 1
+
+    async def cut(self, keep: str, seed: int | None = None) -> CutReport:
+        """Take back the unsynced writes as `keep` says, and fsync the result."""
+        report = self.log.cut(self.below, keep, seed)
+        await self.below.flush()
+        return report
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def _data_runs(image: "Image", start: int, end: int) -> tuple[int, ...] | None:
+    """The data in [start, end) of the image as flattened (start, end) pairs, the rest being
+    holes (SEEK_DATA/SEEK_HOLE: Image.extent); None when it is all data (the common case,
+    a write over data: two lseeks), or when the file cannot tell (then all is data)."""
+    is_data, count = image.extent(start, end - start)
+    if is_data and count >= end - start:
         return None
     runs: list[int] = []
     position = start
     while position < end:
-        try:
-            data = os.lseek(fd, position, os.SEEK_DATA)
-        except OSError as error:
-            if error.errno == _errno.ENXIO:
-                break  # holes to the end of the file
-            runs += (position, end)  # cannot tell: data
-            break
-        if data >= end:
-            break
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-        runs += (data, hole)
-        position = hole
+        if position > start:
+            is_data, count = image.extent(position, end - position)
+        count = max(1, min(count, end - position))
+        if is_data:
+            if runs and runs[-1] == position:
+                runs[-1] = position + count
+            else:
+                runs += (position, position + count)
+        position += count
     return tuple(runs)
 
 
 def _punch(image: "Image", start: int, end: int) -> None:
-    """Make [start, end) a hole again (zeros where the file system cannot punch)."""
-    try:
-        fallocate(image.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start, end - start)
-    except OSError as error:
-        if error.errno not in (_errno.EOPNOTSUPP, _errno.ENOTSUP, _errno.ENOSYS, _errno.EINVAL):
-            raise
-        image.write_zeroes(start, end - start)
+    """Make [start, end) read as zeros again: a hole where the file system can punch one."""
+    image.write_zeroes(start, end - start, True)
 
 
 def _merged(ranges: list[tuple[int, int]]) -> list[list[int]]:

@@ -310,11 +310,11 @@ class Control:
             raise ControlError(_errno.ESHUTDOWN, f"wait_break {tag}: the mount is shutting down")
         return f"suspended at {tag}"
 
-    async def wait_hit(self, rule_id: int, timeout: float | None) -> str:
+    async def wait_hit(self, rule_id: int, timeout: float | None, target: int | None = None) -> str:
         with trio.CancelScope() as scope:
             self._hit_waits[scope] = rule_id
             try:
-                hits = await self.engine.wait_hit(rule_id, timeout)
+                hits = await self.engine.wait_hit(rule_id, timeout, target)
             finally:
                 del self._hit_waits[scope]
         if scope.cancelled_caught:
@@ -374,20 +374,37 @@ class Control:
                 if c
             ],
             "rules_healed": e.rules_healed,
+            "held_by_delay": e.held(),
+            # The old name of held_by_delay, kept for one release (it read like unsynced.held).
             "held": e.held(),
             "interrupted": {"count": e.interrupted, "last": _interrupted_dict(e.last_interrupted)},
             "last_result": self.last_result,
             "last_error": self.last_error,
             "last_error_errno": self.last_error_errno,
             **self._power_status(),
+            "log_writes": self._log_writes_status(),
+        }
+
+    def _log_writes_status(self) -> dict | None:
+        """The write log (-o log-writes=FILE): its path and entries so far, else None."""
+        from blkfuse.crash.recorder import Recorder
+
+        recorder = self.block.stack.find(Recorder) if self.block is not None else None
+        if recorder is None:
+            return None
+        return {
+            "path": recorder.path,
+            "entries": recorder.entries,
+            "sectorsize": recorder.sectorsize,
         }
 
     def _power_status(self) -> dict:
         """ "power" and "unsynced" (null when writes are not tracked) for the status."""
         block = self.block
-        log = block.unsynced if block is not None else None
+        undo = block.stack.undo if block is not None else None
         unsynced = None
-        if log is not None:
+        if undo is not None:
+            log = undo.log
             unsynced = {
                 "writes": len(log),
                 "bytes": log.bytes,
@@ -429,6 +446,8 @@ class Control:
                 opts.append("growable")
             if info.get("locking") is False:
                 opts.append("locking=off")
+            if info.get("qemu"):
+                opts.append(f"qemu={info['qemu']}")  # the profile (rules/profiles.py)
             out.append(f"image: {info['image']}" + (f" ({', '.join(opts)})" if opts else ""))
         if info.get("mountpoint"):
             out.append(f"mount: {info['mountpoint']} (daemon pid {info.get('pid')})")
@@ -466,8 +485,8 @@ class Control:
             if s["op"] is not None:
                 where = f" {s['op']} offset={s['offset']} length={s['length']}"
             out.append(f"  {','.join(s['tags'])} at {s['event']}:{where} for {s['seconds']:.1f}s")
-        if d["held"]:
-            out.append(f"held by a delay rule: {d['held']}")
+        if d["held_by_delay"]:
+            out.append(f"held by a delay rule: {d['held_by_delay']}")
 
         if d["waiting"]:
             out.append("wait_break pending: " + " ".join(d["waiting"]))
@@ -563,15 +582,34 @@ async def _wait_break(control: Control, tag: str, timeout: float | None) -> str:
     return await control.wait_break(tag, timeout)
 
 
+def _wait_hit_args(words: list[str]) -> tuple[int, float | None, int | None]:
+    """ID [SECONDS] [hits=N], the last two in either order."""
+    rule_id = _nonneg_int(words[0], "rule id")
+    timeout = hits = None
+    for word in words[1:]:
+        if word.startswith("hits="):
+            if hits is not None:
+                raise ValueError("hits= given twice")
+            hits = _nonneg_int(word[5:], "hits")
+        elif timeout is None:
+            timeout = _seconds(word)
+        else:
+            raise ValueError(f'one timeout only, then "{word}" (hits=N for a count)')
+    return rule_id, timeout, hits
+
+
 @command(
-    "wait_hit ID [SECONDS]",
-    "block until rule ID acts once more (fails, sets a state...);\n"
-    "ENOENT for an unknown or spent rule, ETIMEDOUT after SECONDS",
-    nargs=(1, 2),
-    parse=lambda w: (_nonneg_int(w[0], "rule id"), _seconds(w[1]) if len(w) == 2 else None),
+    "wait_hit ID [SECONDS] [hits=N]",
+    "block until rule ID has acted (failed a request, begun a delay,\n"
+    "set a state) once more, or at once if it is spent (its last act\n"
+    "has begun); hits=N: until it has N hits in all (race-free);\n"
+    "ENOENT for an unknown rule or one that cannot get there,\n"
+    "ETIMEDOUT after SECONDS",
+    nargs=(1, 3),
+    parse=_wait_hit_args,
 )
-async def _wait_hit(control: Control, rule_id: int, timeout: float | None) -> str:
-    return await control.wait_hit(rule_id, timeout)
+async def _wait_hit(control: Control, rule_id: int, timeout: float | None, hits: int | None) -> str:
+    return await control.wait_hit(rule_id, timeout, hits)
 
 
 @command(
@@ -686,7 +724,7 @@ def _parse_powercut(words: list[str]) -> tuple[str, int | None, str | None]:
 
 def _check_power_rule(rule: Rule, block: BlockDevice | None) -> None:
     key = config.power_key(rule)
-    if key and (block is None or block.unsynced is None):
+    if key and (block is None or block.stack.undo is None):
         raise ControlError(
             _errno.EINVAL, f"{key} needs the mount option track-unsynced=on (-o track-unsynced=on)"
         )
@@ -778,6 +816,33 @@ def _image_holders(info: dict[str, Any]) -> str:
     except OSError:
         return ""
     return holders.find(path, st.st_dev, st.st_ino).describe()
+
+
+def _mark_name(words: list[str]) -> tuple[str]:
+    if not words[0] or "\0" in words[0]:
+        raise ControlError(_errno.EINVAL, "mark: the name is empty")
+    return (words[0],)
+
+
+@command(
+    "mark NAME",
+    "append a mark entry named NAME to the write log (-o log-writes=FILE),\n"
+    "e.g. where a workload was acknowledged: blkfuse replay --end-mark NAME",
+    nargs=(1, 1),
+    parse=_mark_name,
+)
+async def _mark(control: Control, name: str) -> str:
+    from blkfuse.crash.recorder import Recorder
+
+    block = _block_of(control, "mark")
+    recorder = block.stack.find(Recorder)
+    if recorder is None:
+        raise ControlError(_errno.EINVAL, "mark needs a write log: mount with -o log-writes=FILE")
+    try:
+        block.stack.mark(name)
+    except ValueError as error:  # too long for the log's sector
+        raise ControlError(_errno.EINVAL, f"mark: {error}") from None
+    return f"mark {name}: entry {recorder.entries - 1} of {recorder.path}"
 
 
 @command("help", "this text")
