@@ -522,6 +522,9 @@ class Control:
                 f"unsynced: {u['writes']} writes, {u['bytes']} bytes (log holds "
                 f"{u['held']} of cap {u['cap']}; {u['refused']} refused at the cap)"
             )
+        block = self.block
+        if block is not None and block.last_cut is not None:
+            out.append(f"last cut: {block.last_cut.text()}")
         out.append(f"last result: {d['last_result'] or '-'}")
         if d["last_error"]:
             out.append(f"last error: {errno_name(d['last_error_errno'])}: {d['last_error']}")
