@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "trace": "trace",
     "replay": "replay",
     "log": "log",
+    "crashtest": "crashtest",
 }
 
 
