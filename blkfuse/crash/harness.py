@@ -324,7 +324,7 @@ def check_state(
                 fs,
                 here / "fs",
                 make=False,
-                mount_options=params["mount_options"] or None,
+                mount_options=_check_mount_options(fs, params["mount_options"]),
                 direct_io=False,
             ) as stack:
                 mounted = True
@@ -336,6 +336,13 @@ def check_state(
             return Failure(state.id, "unmountable", str(e))
     finally:
         shutil.rmtree(here, ignore_errors=True)
+
+
+def _check_mount_options(fs: str, recorded: str) -> str | None:
+    """The recorded run's mount options, plus what lets copies of one filesystem be mounted
+    side by side (-j)."""
+    options = [o for o in (recorded, fsstack.COPY_MOUNT_OPTIONS.get(fs, "")) if o]
+    return ",".join(options) or None
 
 
 def _recover_and_check(
