@@ -406,6 +406,17 @@ class Result:
 
 
 OK = Result()
+
+
+def through_fuse(results: list) -> list:
+    """What a FUSE client sees for QEMU's answers: blkfuse replies EIO for an errno the
+    kernel does not define (blkfuse.daemon.fs.reply_errno: libfuse 3.17 would turn it into
+    ERANGE, 3.14 pass it on; a deliberate difference, docs/design.md)."""
+    from blkfuse.daemon.fs import reply_errno
+
+    return [Result(reply_errno(r.error), r.data) if r.error else r for r in results]
+
+
 _HEX = re.compile(r"^[0-9a-f]{8}:  ((?:[0-9a-f]{2} )+)")
 
 

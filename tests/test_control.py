@@ -332,6 +332,7 @@ def test_status_dict_is_json_and_stable():
         "events",
         "seed",
         "rules_healed",
+        "held_by_delay",
         "held",
         "errors_injected",
         "interrupted",

@@ -45,6 +45,7 @@ wakes up: _check_power after each wait).
 import errno as _errno
 import logging
 import os
+import time
 from collections.abc import Iterator
 
 import trio
@@ -60,7 +61,9 @@ from blkfuse.crash.undo import CutReport
 from blkfuse.engine.core import Caller, Engine, Request
 from blkfuse.engine.effects import Effect, corrupt
 from blkfuse.errors import BlkfuseError
+from blkfuse.rules import profiles
 from blkfuse.rules.model import CACHE_MODES, FORMATS, SECTOR_SIZE, InjectError, Settings
+from blkfuse.rules.profiles import DEFAULT, Profile
 
 # QEMU keeps a node's length in sectors (bdrv_getlength): SECTOR_SIZE, as for sector rules.
 _MAX_BOUNCE_BUFFER = 32768 * SECTOR_SIZE  # io.c: the largest fallback write of zeroes
@@ -113,6 +116,7 @@ class BlockDevice:
         max_discard: int | None = None,
         cache: str = "writeback",
         format: str = "raw",
+        profile: Profile = DEFAULT,
     ):
         if cache not in CACHE_MODES:
             raise ValueError(f"unknown cache mode {cache!r}")
@@ -122,6 +126,9 @@ class BlockDevice:
         self.stack = stack
         self.below = stack.top  # every change and read goes to this node
         self.powered = True
+        # When the last cut switched the power off: (CLOCK_MONOTONIC ns, CLOCK_REALTIME ns),
+        # stamped as `powered` goes False, so cuts of several mounts can be compared (Fleet).
+        self.cut_at: tuple[int, int] | None = None
         self.align = align or 1
         self.max_transfer = max_transfer or 0
         self.opt_write_zero = opt_write_zero or 0
@@ -132,6 +139,10 @@ class BlockDevice:
         self.format = format
         self.raw = format == "raw"
         self.fua_always = cache in ("writethrough", "directsync")
+        # whose block layer (rules/profiles.py): QEMU 7.2 emulates a FUA write with a flush
+        # after it; 10.0 hands FUA down to the file, which writes with RWF_DSYNC
+        self.profile = profile
+        self.fua_flushes = profile.fua_is_a_flush
         self.no_flush = cache == "unsafe"
         # "Written since the last successful flush", as QEMU's write_gen/flushed_gen pairs.
         # Failed writes count too; a failed flush leaves its generation dirty.
@@ -156,6 +167,7 @@ class BlockDevice:
             max_discard=settings.max_discard,
             cache=settings.cache,
             format=settings.format,
+            profile=profiles.profile(settings.qemu),
         )
 
     def size(self) -> int:
@@ -356,13 +368,15 @@ class BlockDevice:
             return length
         try:
             step = self.max_transfer
+            # FUA goes down with each chunk (a filter below sees it); with a profile that
+            # emulates FUA, the raw node flushes after the last chunk instead.
             if not step or length <= step:
                 await self._write_chunk(offset, data, caller, fua)
             else:
                 view = memoryview(data)
                 for pos in range(0, length, step):
                     await self._write_chunk(offset + pos, view[pos : pos + step], caller, fua)
-            if fua:
+            if fua and self.fua_flushes:
                 await self.flush(caller=caller)
         finally:
             # The raw node counts the write only now, after its FUA flush: so that
@@ -438,10 +452,13 @@ class BlockDevice:
                     break
                 if engine.heal_rules:
                     engine.written(piece_start, piece_end - piece_start)
-            if fua and not error and not self.raw:
-                # Emulated FUA: this write is not yet counted, so the flush is checked
-                # only if something before it was written since the last flush.
-                error = await self._blkdebug_flush_errno(caller)
+            if fua and not error:
+                if not self.fua_flushes:
+                    error = await self._fua_to_file()
+                elif not self.raw:
+                    # Emulated FUA: this write is not yet counted, so the flush is checked
+                    # only if something before it was written since the last flush.
+                    error = await self._blkdebug_flush_errno(caller)
             await self._event("pwritev_done", request)
         finally:
             self._blkdebug_written += 1
@@ -798,6 +815,17 @@ class BlockDevice:
             self._blkdebug_flushed = generation
             return 0
 
+    async def _fua_to_file(self) -> int:
+        """A FUA write that reached the file (QEMU 10.0: pwritev2 with RWF_DSYNC): its data
+        is on the disk when it returns; no event, no check. 0 or the errno."""
+        if self.no_flush:
+            return 0
+        try:
+            await self.below.flush()
+        except OSError as failure:
+            return failure.errno or _errno.EIO
+        return 0
+
     # ---- power cuts (README "Power cuts") ----
 
     def _check_power(self) -> None:
@@ -823,6 +851,7 @@ class BlockDevice:
         if not self.powered:
             raise BlkfuseError(_errno.EINVAL, "the power is already off (poweron first)")
         self.powered = False
+        self.cut_at = (time.clock_gettime_ns(time.CLOCK_MONOTONIC), time.time_ns())
         self.engine.release_suspended()
         return await self.stack.power_cut(keep, seed)
 

@@ -170,15 +170,18 @@ class Mount:
     def close(self, timeout: float = 60.0) -> None:
         """Unmount (what leaving the `with` block does): resume every suspended request and
         drop every breakpoint, then stop the daemon in order (it fsyncs the image); a daemon
-        that does not answer is killed and its mount removed. Idempotent. MountError only if
-        the mount could not be removed at all."""
+        that does not answer is killed and its mount removed. Idempotent. MountError if the
+        mount could not be removed at all, or if a loop device still used it (the mount is
+        gone all the same; the message names each loop device and where it is mounted, which
+        now sits on a dead disk: take them down before closing)."""
         if not self.mounted:
             return
         problem = None
+        loops = client.loop_users(self.mountpoint)
         if mounttab.is_blkfuse_mount(self.mountpoint):
             client.release_all(self.mountpoint)
             try:
-                client.unmount(self.mountpoint, timeout)
+                client.unmount(self.mountpoint, timeout, lazy=True)
             except MountError as e:
                 problem = e
                 if self.pid:
@@ -189,6 +192,8 @@ class Mount:
         if not client.force_unmount(self.mountpoint):
             raise MountError(f"{self.mountpoint}: still mounted ({problem})")
         self.mounted = False
+        if loops:  # unmounted all the same (leaving a `with` block always does), but loudly
+            raise MountError(client.loop_users_message(str(self.mountpoint), loops, closed=True))
 
     def __enter__(self) -> Self:
         return self.mount()
@@ -241,11 +246,16 @@ class Mount:
         extra = "" if timeout is None else f" {timeout:g}"
         self.ctl(f"wait_break {shlex.quote(tag)}{extra}")
 
-    def wait_hit(self, rule_id: int, timeout: float | None = None) -> int:
-        """Block until rule `rule_id` acts once more than when the wait began (fails a request,
-        sets a state); returns its hit count then. ControlError ETIMEDOUT after `timeout` s;
-        ENOENT for an unknown or spent rule."""
+    def wait_hit(self, rule_id: int, timeout: float | None = None, hits: int | None = None) -> int:
+        """Block until rule `rule_id` has acted (failed a request, begun a delay, set a state)
+        once more than when the wait began, or, if it is spent (once, count), at once: its
+        last act has begun. `hits=N`: until it has N hits in all (at once if it has: read its
+        hits, start the I/O, wait for hits + 1, and no act is missed). Returns its hit count
+        then. ControlError ETIMEDOUT after `timeout` s; ENOENT for an unknown rule, or one
+        spent before it could get there."""
         extra = "" if timeout is None else f" {timeout:g}"
+        if hits is not None:
+            extra += f" hits={int(hits)}"
         answer = self.ctl(f"wait_hit {int(rule_id)}{extra}")
         return int(answer.rsplit("hits=", 1)[1].split(")")[0])
 

@@ -310,11 +310,11 @@ class Control:
             raise ControlError(_errno.ESHUTDOWN, f"wait_break {tag}: the mount is shutting down")
         return f"suspended at {tag}"
 
-    async def wait_hit(self, rule_id: int, timeout: float | None) -> str:
+    async def wait_hit(self, rule_id: int, timeout: float | None, target: int | None = None) -> str:
         with trio.CancelScope() as scope:
             self._hit_waits[scope] = rule_id
             try:
-                hits = await self.engine.wait_hit(rule_id, timeout)
+                hits = await self.engine.wait_hit(rule_id, timeout, target)
             finally:
                 del self._hit_waits[scope]
         if scope.cancelled_caught:
@@ -374,6 +374,8 @@ class Control:
                 if c
             ],
             "rules_healed": e.rules_healed,
+            "held_by_delay": e.held(),
+            # The old name of held_by_delay, kept for one release (it read like unsynced.held).
             "held": e.held(),
             "interrupted": {"count": e.interrupted, "last": _interrupted_dict(e.last_interrupted)},
             "last_result": self.last_result,
@@ -411,9 +413,14 @@ class Control:
                 "refused": log.refused,
                 "last_refusal": log.last_refusal,
             }
+        cut_at = block.cut_at if block is not None else None
         return {
             "power": "off" if block is not None and not block.powered else "on",
             "unsynced": unsynced,
+            # when the last powercut switched the power off (null: never): Fleet's spread
+            "power_off_at": (
+                None if cut_at is None else {"monotonic_ns": cut_at[0], "realtime_ns": cut_at[1]}
+            ),
         }
 
     def status_text(self) -> str:
@@ -442,6 +449,8 @@ class Control:
                 opts.append("growable")
             if info.get("locking") is False:
                 opts.append("locking=off")
+            if info.get("qemu"):
+                opts.append(f"qemu={info['qemu']}")  # the profile (rules/profiles.py)
             out.append(f"image: {info['image']}" + (f" ({', '.join(opts)})" if opts else ""))
         if info.get("mountpoint"):
             out.append(f"mount: {info['mountpoint']} (daemon pid {info.get('pid')})")
@@ -479,8 +488,8 @@ class Control:
             if s["op"] is not None:
                 where = f" {s['op']} offset={s['offset']} length={s['length']}"
             out.append(f"  {','.join(s['tags'])} at {s['event']}:{where} for {s['seconds']:.1f}s")
-        if d["held"]:
-            out.append(f"held by a delay rule: {d['held']}")
+        if d["held_by_delay"]:
+            out.append(f"held by a delay rule: {d['held_by_delay']}")
 
         if d["waiting"]:
             out.append("wait_break pending: " + " ".join(d["waiting"]))
@@ -576,15 +585,34 @@ async def _wait_break(control: Control, tag: str, timeout: float | None) -> str:
     return await control.wait_break(tag, timeout)
 
 
+def _wait_hit_args(words: list[str]) -> tuple[int, float | None, int | None]:
+    """ID [SECONDS] [hits=N], the last two in either order."""
+    rule_id = _nonneg_int(words[0], "rule id")
+    timeout = hits = None
+    for word in words[1:]:
+        if word.startswith("hits="):
+            if hits is not None:
+                raise ValueError("hits= given twice")
+            hits = _nonneg_int(word[5:], "hits")
+        elif timeout is None:
+            timeout = _seconds(word)
+        else:
+            raise ValueError(f'one timeout only, then "{word}" (hits=N for a count)')
+    return rule_id, timeout, hits
+
+
 @command(
-    "wait_hit ID [SECONDS]",
-    "block until rule ID acts once more (fails, sets a state...);\n"
-    "ENOENT for an unknown or spent rule, ETIMEDOUT after SECONDS",
-    nargs=(1, 2),
-    parse=lambda w: (_nonneg_int(w[0], "rule id"), _seconds(w[1]) if len(w) == 2 else None),
+    "wait_hit ID [SECONDS] [hits=N]",
+    "block until rule ID has acted (failed a request, begun a delay,\n"
+    "set a state) once more, or at once if it is spent (its last act\n"
+    "has begun); hits=N: until it has N hits in all (race-free);\n"
+    "ENOENT for an unknown rule or one that cannot get there,\n"
+    "ETIMEDOUT after SECONDS",
+    nargs=(1, 3),
+    parse=_wait_hit_args,
 )
-async def _wait_hit(control: Control, rule_id: int, timeout: float | None) -> str:
-    return await control.wait_hit(rule_id, timeout)
+async def _wait_hit(control: Control, rule_id: int, timeout: float | None, hits: int | None) -> str:
+    return await control.wait_hit(rule_id, timeout, hits)
 
 
 @command(

@@ -130,7 +130,7 @@ def prepare(
     if not os.path.isdir(mnt):
         raise MountError(f"{mountpoint}: mountpoint is not a directory")
     if _is_mountpoint(mnt):
-        raise MountError(f"{mountpoint}: something is already mounted there")
+        raise MountError(f"{mountpoint}: already mounted there: {_mounted_there(mnt)}")
     if not settings.nonempty:
         _refuse_nonempty(mountpoint, mnt)
     if os.path.realpath(image_path).startswith(os.path.realpath(mnt) + os.sep):
@@ -169,6 +169,46 @@ def prepare(
         log_file=log_file,
         trace_file=trace_file,
     )
+
+
+def _mounted_there(mnt: str, timeout: float = 2.0) -> str:
+    """What is mounted at `mnt`, in words, as the lock conflict names a holder: 'the blkfuse
+    mount of /img/disk.img (daemon pid 12); unmount it first (blkfuse umount /mnt/a)', 'an
+    ext4 file system (/dev/loop0)'. A blkfuse mount is asked for its status text (in a thread:
+    a wedged daemon must not hang the mount that asks)."""
+    import threading
+
+    entry = mounttab.find(mnt)
+    if entry is None:  # ismount says so, the table does not (another mount namespace)
+        return "something"
+    if not entry.is_blkfuse:
+        return f"a {entry.fstype} file system ({entry.source})"
+    found: dict[str, str] = {}
+
+    def ask() -> None:
+        try:
+            with open(layout.control_path(mnt), encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    line = line.rstrip("\n")
+                    if line.startswith("image: "):  # "image: PATH (cache=..., ...)"
+                        found["image"] = re.sub(r" \(cache=[^)]*\)$", "", line[7:])
+                    match = re.match(r"mount: .* \(daemon pid (\d+)\)$", line)
+                    if match:
+                        found["pid"] = match.group(1)
+                        return
+        except OSError as e:
+            found["error"] = e.strerror or str(e)
+
+    t = threading.Thread(target=ask, daemon=True)
+    t.start()
+    t.join(timeout)
+    umount = f"unmount it first (blkfuse umount {mnt})"
+    if "pid" in found:
+        image = found.get("image", "an image")
+        return f"the blkfuse mount of {image} (daemon pid {found['pid']}); {umount}"
+    if "error" in found:
+        return f"a blkfuse mount whose status cannot be read ({found['error']}); {umount}"
+    return f"a blkfuse mount whose daemon does not answer; {umount}"
 
 
 def _refuse_nonempty(mountpoint: str, mnt: str) -> None:
@@ -281,11 +321,12 @@ class Daemon:
         from blkfuse.daemon.fuseloop import DEFAULT_POLL_US
         from blkfuse.daemon.trace import TracedBlock, Tracer
         from blkfuse.engine.core import Engine
-        from blkfuse.rules import config
+        from blkfuse.rules import config, profiles
 
         self.m = m
         settings = m.settings
-        self.engine = Engine(m.rules, seed=settings.seed)
+        qemu = profiles.profile(settings.qemu)  # whose blkdebug and block layer
+        self.engine = Engine(m.rules, seed=settings.seed, profile=qemu)
         self.image = open_image(m.image_path, settings, read_only=m.read_only)
         if settings.locking:
             try:
@@ -327,6 +368,7 @@ class Daemon:
             "read_only": m.read_only,
             "growable": settings.growable,
             "locking": settings.locking,
+            "qemu": settings.qemu,
             "io": self.image.io_mode,
             "io_uring": self.image.uses_uring,
             "io_threads": self.image.io_threads,

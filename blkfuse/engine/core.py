@@ -36,6 +36,7 @@ from blkfuse.engine.effects import Effect
 from blkfuse.errors import BlkfuseError
 from blkfuse.rules.events import EVENTS, IOTYPES, canonical_event
 from blkfuse.rules.model import SECTOR_SIZE, Extensions, InjectError, Rule, SetState, Tally
+from blkfuse.rules.profiles import DEFAULT, Profile
 
 
 class EngineError(BlkfuseError):
@@ -326,7 +327,12 @@ def _is_persistent(rule: InjectError) -> bool:
 class Engine:
     """QEMU blkdebug's BDRVBlkdebugState and its operations, in Python."""
 
-    def __init__(self, rules: Iterable[Rule] = (), *, seed: int | None = None):
+    def __init__(
+        self, rules: Iterable[Rule] = (), *, seed: int | None = None, profile: Profile = DEFAULT
+    ):
+        self.profile = profile  # whose blkdebug (rules/profiles.py): what errno 0 spends
+        # a once rule is spent by a match that lets the request through (errno 0): QEMU 10.0
+        self._once_spends_errno0 = profile.once_spends_errno0
         self.state = 1
         self._rules: list[Rule | None] = []  # by id - _first_id; None once removed
         self._first_id = 1
@@ -427,9 +433,10 @@ class Engine:
         if self.tracer is not None:
             self.tracer.rule(rule.id)
         error = rule.errno
-        # errno 0 matches and lets the request through; a once rule stays (QEMU). A torn
-        # or drop-unsynced rule with errno 0 still does something, so once spends it.
-        if error or rule.torn >= 0 or rule.drop_unsynced:
+        # errno 0 matches and lets the request through; a once rule stays (QEMU 7.2; 10.0
+        # spends it). A torn or drop-unsynced rule with errno 0 still does something, so
+        # once spends it.
+        if error or rule.torn >= 0 or rule.drop_unsynced or self._once_spends_errno0:
             if rule.once:
                 self._active.discard(rule)
                 self._retire(rule)
@@ -473,7 +480,7 @@ class Engine:
                 if self._hit_waits:
                     self._wake_hit_waits(rule.id)
                 error = rule.errno
-                if error or rule.torn >= 0 or rule.drop_unsynced:
+                if error or rule.torn >= 0 or rule.drop_unsynced or self._once_spends_errno0:
                     if rule.once:
                         self._remove_armed(rule)
                     if error:
@@ -734,6 +741,8 @@ class Engine:
         hits) until removed or cleared, so a test can still see that it fired."""
         rule.spent = True
         self._unindex(rule)
+        if self._hit_waits:  # a wait for a count it can no longer reach ends now
+            self._wake_hit_waits(rule.id)
 
     def _delete(self, rule: Rule) -> None:
         self._rules[rule.id - self._first_id] = None
@@ -784,34 +793,54 @@ class Engine:
         if event is not None:
             event.set()
 
-    async def wait_hit(self, rule_id: int, timeout: float | None = None) -> int:
-        """Return once rule `rule_id` has acted (its hits grew) since the call; its hits then.
+    async def wait_hit(
+        self, rule_id: int, timeout: float | None = None, hits: int | None = None
+    ) -> int:
+        """Wait until rule `rule_id` has acted; return its hits then.
 
-        ENOENT for an unknown rule, for one removed while waiting, and at once for a spent one
-        (it cannot act again); ETIMEDOUT after `timeout` seconds. Costs the request path
-        nothing until a rule acts, then one dict lookup while someone waits.
+        "Acted" is when the rule decides a request (fails it, lets it through with errno 0,
+        begins a delay rule's hold, changes the state): its hit count grows then, before the
+        request is answered. Without `hits`, the wait is for one act more than the rule had
+        when the wait began, except for a spent rule (used up by once, count or heal): its
+        last act has already begun, so the wait is over at once; a wait issued while a
+        count=1 delay rule holds its request returns instead of racing it. With `hits`, the
+        wait is until the rule has `hits` hits in all (at once if it has), which is race-free
+        for any rule: read its hits, start the I/O, wait for hits + 1.
+
+        ENOENT for an unknown rule, for one removed or cleared while waiting, and for a spent
+        rule that cannot reach the count (one healed before it ever acted, say); ETIMEDOUT
+        after `timeout` seconds. Costs the request path nothing until a rule acts, then one
+        dict lookup while someone waits.
         """
         rule = self._lookup(rule_id)
         if rule is None:
             raise EngineError(_errno.ENOENT, f"no rule with id {rule_id}")
-        if rule.spent:
-            raise EngineError(
-                _errno.ENOENT,
-                f"rule {rule_id} is spent (once): it cannot act again (hits={rule.hits})",
-            )
-        start = rule.hits
+        if hits is not None:
+            target = hits
+        elif rule.spent and rule.hits:
+            return rule.hits  # its last act has begun; it cannot act again
+        else:
+            target = rule.hits + 1
         with trio.move_on_after(math.inf if timeout is None else timeout):
             while True:
+                if rule.hits >= target:
+                    return rule.hits
+                if self._lookup(rule_id) is not rule:
+                    raise EngineError(_errno.ENOENT, f"rule {rule_id} was removed while waiting")
+                if rule.spent:
+                    raise EngineError(
+                        _errno.ENOENT,
+                        f"rule {rule_id} is spent: it cannot act again (hits={rule.hits}, "
+                        f"waited for {target})",
+                    )
                 event = self._hit_waits.get(rule_id)
                 if event is None:
                     event = self._hit_waits[rule_id] = trio.Event()
                 await event.wait()
-                if rule.hits != start:
-                    return rule.hits
-                if self._lookup(rule_id) is not rule:
-                    raise EngineError(_errno.ENOENT, f"rule {rule_id} was removed while waiting")
         raise EngineError(
-            _errno.ETIMEDOUT, f"rule {rule_id} did not act within {timeout:g} s (hits={start})"
+            _errno.ETIMEDOUT,
+            f"rule {rule_id} did not act within {timeout:g} s (hits={rule.hits}, "
+            f"waited for {target})",
         )
 
     def set_state(self, state: int) -> None:

@@ -40,6 +40,7 @@ from blkfuse.rules.model import (
     SetState,
     Settings,
 )
+from blkfuse.rules.profiles import PROFILES
 
 __all__ = [
     "ConfigError",
@@ -137,6 +138,7 @@ EXTENSION_OPTIONS = (
     + POWER_OPTIONS
     + ("seed",)
     + LOG_WRITES_OPTIONS
+    + ("qemu",)  # qemu=7.2|10.0: whose blkdebug and block layer (profiles.py)
 )
 _SETTING_OPTIONS = (
     ("config", "image", "x-image", "align", "max-transfer") + _BLKDEBUG_LIMITS + EXTENSION_OPTIONS
@@ -845,6 +847,10 @@ def parse_options(
             settings.seed = _parse_at_least(0)("seed", text)
         except _Invalid as error:
             raise ConfigError(f"option seed: {error}") from None
+    if "qemu" in options:
+        settings.qemu = _parse_choice(
+            "qemu", _unquote_option(options["qemu"]), tuple(PROFILES), "QEMU profile"
+        )
     return rules, settings
 
 
