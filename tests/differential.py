@@ -406,6 +406,17 @@ class Result:
 
 
 OK = Result()
+
+
+def through_fuse(results: list) -> list:
+    """What a FUSE client sees for QEMU's answers: blkfuse replies EIO for an errno the
+    kernel does not define (blkfuse.daemon.fs.reply_errno: libfuse 3.17 would turn it into
+    ERANGE, 3.14 pass it on; a deliberate difference, docs/design.md)."""
+    from blkfuse.daemon.fs import reply_errno
+
+    return [Result(reply_errno(r.error), r.data) if r.error else r for r in results]
+
+
 _HEX = re.compile(r"^[0-9a-f]{8}:  ((?:[0-9a-f]{2} )+)")
 
 
@@ -545,8 +556,8 @@ def run_block(sc: Scenario) -> tuple[list, bytes, list]:
     (op index, errno) of writes (or write-zeroes) that failed a read-modify-write
     padding read."""
     import trio
+    from support.device import build_device
 
-    from blkfuse.block.image import Image
     from blkfuse.engine.core import Engine
     from blkfuse.rules.config import parse_config_text
 
@@ -555,8 +566,8 @@ def run_block(sc: Scenario) -> tuple[list, bytes, list]:
             self.checks = []
             super().__init__(rules)
 
-        def check(self, iotype, offset, length):
-            error = super().check(iotype, offset, length)
+        def check(self, iotype, offset, length, caller=None):
+            error = super().check(iotype, offset, length, caller)
             self.checks.append((iotype, error))
             return error
 
@@ -565,8 +576,8 @@ def run_block(sc: Scenario) -> tuple[list, bytes, list]:
         path.write_bytes(sc.image())
         engine = RecordingEngine(parse_config_text(sc.config, "generated.conf"))
         settings = sc.settings()
-        image = Image(str(path), direct=sc.cache in ("none", "directsync"))
-        dev = oracle.block_device(engine, image, settings)
+        dev = build_device(path, engine, settings=settings)
+        image = dev.stack.image
         results, deliberate = [], []
 
         async def one(op):

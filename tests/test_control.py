@@ -341,6 +341,7 @@ def test_status_dict_is_json_and_stable():
         "last_error_errno",
         "power",
         "unsynced",
+        "log_writes",
     }
     assert d["state"] == 3
     assert d["events"] == {"read_aio": 1, "none": 1}

@@ -19,31 +19,34 @@ there decides which events blkdebug sees, in which order, and when it is checked
                    and bdrv_co_pdiscard split them; a write-zeroes piece shorter than
                    its alignment falls back to a plain write (iotype write, no event),
                    a discard piece shorter than `align` is dropped unchecked
+    filters        the nodes between blkdebug and the file (stack.py, node.py): the undo
+                   log of track-unsynced now, as QEMU's filter nodes (blklogwrites, ...)
     file           the backing image (image.py)
 
 Cache modes are qemu-io's -t: writethrough and directsync make every write FUA, unsafe
 acknowledges flushes after flush_to_os without reaching blkdebug (BDRV_O_NO_FLUSH), none
 and directsync open the file O_DIRECT (image.py; invisible to rules).
 
-BlockDevice reproduces that with the engine and the image, and nothing about FUSE. The
-`caller` keyword of each request is the FUSE caller (engine.Caller) or None.
+BlockDevice reproduces that with the engine and the node below it (the top of the stack,
+stack.py), and nothing about FUSE. The `caller` keyword of each request is the FUSE caller
+(engine.Caller) or None.
 
 A check answers 0, an errno, or (blkfuse's extension rules) an Effect: the request is held
 in its own task (engine.hold: nothing else waits for it), then fails or goes on, and a
 corruption changes the data of a read or write, inside the request and the rule's sectors
 only (never read-modify-write padding, never write-zeroes, discard or block status).
 
-Power cuts (README "Power cuts") hook in at a few places, kept apart from the QEMU logic:
-every change to the image goes through _write_image/_record/truncate (the undo log records
-it first), a successful fsync forgets the log (_fsync_image), and while the power is off every
-request fails with EIO before raising any event (a request that was suspended when the power
-went fails when it wakes up: _check_power after each wait).
+Power cuts (README "Power cuts"): the undo log is a filter of the stack (crash/undo.py) and
+sees every change and flush there; here, while the power is off every request fails with EIO
+before raising any event (a request that was suspended when the power went fails when it
+wakes up: _check_power after each wait).
 """
 
 import errno as _errno
 import logging
 import os
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Iterator
 
 import trio
 
@@ -52,13 +55,15 @@ from blkfuse.block.image import (
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
     Bytes,
-    Image,
 )
-from blkfuse.crash.undo import CutReport, LogFull, UndoLog
+from blkfuse.block.stack import Stack
+from blkfuse.crash.undo import CutReport
 from blkfuse.engine.core import Caller, Engine, Request
 from blkfuse.engine.effects import Effect, corrupt
 from blkfuse.errors import BlkfuseError
-from blkfuse.rules.model import CACHE_MODES, FORMATS, SECTOR_SIZE, InjectError
+from blkfuse.rules import profiles
+from blkfuse.rules.model import CACHE_MODES, FORMATS, SECTOR_SIZE, InjectError, Settings
+from blkfuse.rules.profiles import DEFAULT, Profile
 
 # QEMU keeps a node's length in sectors (bdrv_getlength): SECTOR_SIZE, as for sector rules.
 _MAX_BOUNCE_BUFFER = 32768 * SECTOR_SIZE  # io.c: the largest fallback write of zeroes
@@ -101,7 +106,7 @@ class BlockDevice:
     def __init__(
         self,
         engine: Engine,
-        image: Image,
+        stack: Stack,
         *,
         align: int | None = None,
         max_transfer: int | None = None,
@@ -111,17 +116,19 @@ class BlockDevice:
         max_discard: int | None = None,
         cache: str = "writeback",
         format: str = "raw",
-        unsynced: UndoLog | None = None,
+        profile: Profile = DEFAULT,
     ):
         if cache not in CACHE_MODES:
             raise ValueError(f"unknown cache mode {cache!r}")
         if format not in FORMATS:
             raise ValueError(f"unknown format {format!r}")
         self.engine = engine
-        self.image = image
-        self.unsynced = unsynced  # the undo log (-o track-unsynced=on), or None
+        self.stack = stack
+        self.below = stack.top  # every change and read goes to this node
         self.powered = True
-        self.cuts = 0  # power cuts so far: a flush spanning one fails
+        # When the last cut switched the power off: (CLOCK_MONOTONIC ns, CLOCK_REALTIME ns),
+        # stamped as `powered` goes False, so cuts of several mounts can be compared (Fleet).
+        self.cut_at: tuple[int, int] | None = None
         self.align = align or 1
         self.max_transfer = max_transfer or 0
         self.opt_write_zero = opt_write_zero or 0
@@ -132,6 +139,10 @@ class BlockDevice:
         self.format = format
         self.raw = format == "raw"
         self.fua_always = cache in ("writethrough", "directsync")
+        # whose block layer (rules/profiles.py): QEMU 7.2 emulates a FUA write with a flush
+        # after it; 10.0 hands FUA down to the file, which writes with RWF_DSYNC
+        self.profile = profile
+        self.fua_flushes = profile.fua_is_a_flush
         self.no_flush = cache == "unsafe"
         # "Written since the last successful flush", as QEMU's write_gen/flushed_gen pairs.
         # Failed writes count too; a failed flush leaves its generation dirty.
@@ -142,24 +153,39 @@ class BlockDevice:
         self._flush_lock = trio.Lock()  # QEMU lets one flush per node run at a time
         self._blkdebug_flush_lock = trio.Lock()
 
+    @classmethod
+    def from_settings(cls, engine: Engine, stack: Stack, settings: Settings) -> "BlockDevice":
+        """The device a mount with these settings has, over `stack` (stack.build_stack)."""
+        return cls(
+            engine,
+            stack,
+            align=settings.align,
+            max_transfer=settings.max_transfer,
+            opt_write_zero=settings.opt_write_zero,
+            max_write_zero=settings.max_write_zero,
+            opt_discard=settings.opt_discard,
+            max_discard=settings.max_discard,
+            cache=settings.cache,
+            format=settings.format,
+            profile=profiles.profile(settings.qemu),
+        )
+
     def size(self) -> int:
-        return self.image.size()
+        return self.below.size()
 
     def stat(self) -> os.stat_result:
         """The backing file's (owner, group and mode are what the mount shows)."""
-        return self.image.stat()
+        return self.stack.image.stat()
 
     def statvfs(self) -> os.statvfs_result:
         """The file system the backing file lives on."""
-        return self.image.statvfs()
+        return self.stack.image.statvfs()
 
     def truncate(self, size: int) -> None:
         """Resize. No event and no check, but QEMU's bdrv_co_truncate counts it as written
         at each node (bdrv_co_write_req_finish), so the next flush is checked."""
         self._check_power()
-        if self.unsynced is not None:
-            self.unsynced.record_resize(self.image, size)
-        self.image.truncate(size)
+        self.below.truncate(size)
         self._blkdebug_written += 1
         self._format_written += 1
 
@@ -187,7 +213,7 @@ class BlockDevice:
         in requests of at most BDRV_REQUEST_MAX_BYTES, as the export's loop does; the first
         failing one ends it. `writethrough` (a handle opened O_DSYNC): write-zeroes are FUA."""
         self._check_power()  # even a no-op range fails while the power is off
-        size = self.image.size()
+        size = self.below.size()
         keep_size = bool(mode & FALLOC_FL_KEEP_SIZE)
         if mode & FALLOC_FL_PUNCH_HOLE:
             if not keep_size:
@@ -219,10 +245,7 @@ class BlockDevice:
             self._check_power()
 
     def _check(self, iotype: str, offset: int, length: int, caller: Caller | None) -> int | Effect:
-        """0, an errno, or an Effect (for _settle). Without a caller, QEMU's three
-        arguments: engines that wrap check (the tests' recording engine) keep working."""
-        if caller is None:
-            return self.engine.check(iotype, offset, length)
+        """0, an errno, or an Effect (for _settle)."""
         return self.engine.check(iotype, offset, length, caller)
 
     async def _check_errno(
@@ -238,8 +261,6 @@ class BlockDevice:
         self, iotype: str, offset: int, length: int, caller: Caller | None
     ) -> tuple[InjectError | None, int | Effect]:
         """_check, with the rule met (for torn= and drop-unsynced=), or None."""
-        if caller is None:
-            return self.engine.decide(iotype, offset, length)
         return self.engine.decide(iotype, offset, length, caller)
 
     def _pieces(self, start: int, end: int) -> tuple[tuple[int, int], ...]:
@@ -277,7 +298,7 @@ class BlockDevice:
     ) -> bytes | bytearray:
         """Data at [offset, offset+length), short at end of image. Raises OSError."""
         self._check_power()
-        size = self.image.size()
+        size = self.below.size()
         if length <= 0 or offset >= size:
             return b""
         length = min(length, size - offset)
@@ -315,9 +336,9 @@ class BlockDevice:
         # The image answers inline from memory, or hands a read that would wait on a disk
         # to a worker thread (image.py): the events and the check above are done either way.
         if start == offset and end == offset + length:
-            data = await self.image.read(offset, length)
+            data = await self.below.read(offset, length)
         else:
-            data = (await self.image.read(start, end - start))[
+            data = (await self.below.read(start, end - start))[
                 offset - start : offset - start + length
             ]
         if corruptions:
@@ -347,13 +368,15 @@ class BlockDevice:
             return length
         try:
             step = self.max_transfer
+            # FUA goes down with each chunk (a filter below sees it); with a profile that
+            # emulates FUA, the raw node flushes after the last chunk instead.
             if not step or length <= step:
-                await self._write_chunk(offset, data, caller)
+                await self._write_chunk(offset, data, caller, fua)
             else:
                 view = memoryview(data)
                 for pos in range(0, length, step):
-                    await self._write_chunk(offset + pos, view[pos : pos + step], caller)
-            if fua:
+                    await self._write_chunk(offset + pos, view[pos : pos + step], caller, fua)
+            if fua and self.fua_flushes:
                 await self.flush(caller=caller)
         finally:
             # The raw node counts the write only now, after its FUA flush: so that
@@ -388,7 +411,8 @@ class BlockDevice:
         self, start: int, data: Bytes, request: Request, caller: Caller | None, fua: bool
     ) -> None:
         """bdrv_aligned_pwritev of data at the blkdebug node: pwritev, a check and a write
-        per max-transfer piece, the FUA flush (format none only), pwritev_done."""
+        per max-transfer piece, the FUA flush (format none only: the raw node emulates FUA
+        above, after the last chunk), pwritev_done. `fua` goes down with each piece."""
         engine = self.engine
         error = 0
         try:
@@ -420,7 +444,8 @@ class BlockDevice:
                     elif error:
                         break  # pieces before it stay written, as in QEMU
                 try:
-                    await self._write_image(piece_start, piece)
+                    if piece:
+                        await self.below.write(piece_start, piece, fua=fua)
                 except OSError as failure:  # the undo log is full, or the backing file
                     error = failure.errno or _errno.EIO
                 if error:
@@ -428,9 +453,12 @@ class BlockDevice:
                 if engine.heal_rules:
                     engine.written(piece_start, piece_end - piece_start)
             if fua and not error:
-                # Emulated FUA: this write is not yet counted, so the flush is checked
-                # only if something before it was written since the last flush.
-                error = await self._blkdebug_flush_errno(caller)
+                if not self.fua_flushes:
+                    error = await self._fua_to_file()
+                elif not self.raw:
+                    # Emulated FUA: this write is not yet counted, so the flush is checked
+                    # only if something before it was written since the last flush.
+                    error = await self._blkdebug_flush_errno(caller)
             await self._event("pwritev_done", request)
         finally:
             self._blkdebug_written += 1
@@ -501,35 +529,13 @@ class BlockDevice:
         padded[offset - start : offset - start + len(data)] = data
         return padded
 
-    def _record(self, offset: int, length: int) -> None:
-        """Before any change to [offset, offset+length) of the image: the undo log keeps
-        what is there (raises LogFull, ENOSPC, at its cap; nothing is changed then)."""
-        if self.unsynced is not None and length > 0:
-            try:
-                self.unsynced.record_write(self.image, offset, length)
-            except LogFull as full:
-                log.warning("%s", full.strerror)
-                raise
-
-    async def _write_image(self, offset: int, data: Bytes) -> None:
-        """Every pwrite of the image passes here: the undo log sees it first. With the log,
-        the write is done right after the record, with no await between (unsynced.py); else
-        the image may hand it to a worker thread (image.py)."""
-        if not data:
-            return
-        if self.unsynced is not None:
-            self._record(offset, len(data))
-            self.image.pwrite(offset, data)
-        else:
-            await self.image.write(offset, data)
-
     async def _padding_read(
         self, offset: int, length: int, caller: Caller | None
     ) -> bytes | bytearray:
         # A rule may delay or fail this read; a corruption is not applied: the padding is
         # written back, and corrupting it would change bytes outside the request.
         await self._check_pieces("read", offset, offset + length, caller)
-        data = await self.image.read(offset, length)
+        data = await self.below.read(offset, length)
         return data + bytes(length - len(data))  # past the end of the image: zeros
 
     # ---- write-zeroes ----
@@ -555,7 +561,7 @@ class BlockDevice:
             return
         try:
             # The raw node passes the request down whole (no event: raw_co_pwrite_zeroes)
-            await self._zero_pwritev(offset, length, unmap, False, caller)
+            await self._zero_pwritev(offset, length, unmap, fua, caller)
             if fua:
                 await self.flush(caller=caller)
         finally:
@@ -645,31 +651,22 @@ class BlockDevice:
                 error = await self._check_errno("write", offset, num, caller)
                 if not error:
                     try:
-                        await self._write_image(offset, bytes(num))
+                        await self.below.write(offset, bytes(num), fua=fua)
                     except OSError as failure:
                         error = failure.errno or _errno.EIO
             else:
                 error = await self._check_errno("write-zeroes", offset, num, caller)
                 if not error:
-                    error = self._change(self._zero_image, offset, num, unmap)
-            need_flush = fua
+                    try:
+                        self.below.write_zeroes(offset, num, unmap, fua=fua)
+                    except OSError as failure:  # a full undo log: ENOSPC
+                        error = failure.errno or _errno.EIO
+            need_flush = fua and not self.raw  # the raw node emulates FUA above
             offset += num
             length -= num
         if not error and need_flush:
             error = await self._blkdebug_flush_errno(caller)
         return error
-
-    def _change(self, change: Callable[..., object], *args: object) -> int:
-        """Run an image change; 0, or the errno it failed with (a full undo log: ENOSPC)."""
-        try:
-            change(*args)
-        except OSError as failure:
-            return failure.errno or _errno.EIO
-        return 0
-
-    def _zero_image(self, offset: int, length: int, unmap: bool) -> None:
-        self._record(offset, length)
-        self.image.write_zeroes(offset, length, unmap)
 
     # ---- discard ----
 
@@ -716,8 +713,7 @@ class BlockDevice:
                 error = await self._check_errno("discard", offset, num, caller)
                 if error:
                     raise _failure(error)
-                self._record(offset, num)  # a discarded range reads as zeroes: undoable
-                self.image.punch_hole(offset, num)
+                self.below.discard(offset, num)
             offset += num
             length -= num
 
@@ -725,7 +721,7 @@ class BlockDevice:
 
     def _length(self) -> int:
         """The node's length as QEMU sees it: whole sectors (bdrv_getlength rounds up)."""
-        return _round_up(self.image.size(), SECTOR_SIZE)
+        return _round_up(self.below.size(), SECTOR_SIZE)
 
     async def block_status(
         self, offset: int, length: int, *, want_zero: bool = True, caller: Caller | None = None
@@ -746,7 +742,7 @@ class BlockDevice:
             raise _failure(error)
         if not want_zero:
             return True, length
-        return self.image.extent(offset, length)
+        return self.below.extent(offset, length)
 
     async def seek(self, offset: int, whence: int, *, caller: Caller | None = None) -> int:
         """lseek SEEK_DATA / SEEK_HOLE, as QEMU 7.2's FUSE export (fuse_lseek) answers it:
@@ -805,17 +801,30 @@ class BlockDevice:
                     if rule is not None:
                         if type(error) is not int:  # an extension rule's delay
                             error, _ = await _settle(self.engine, error)
-                        if rule.drop_unsynced and self.unsynced is not None:
+                        if rule.drop_unsynced:
                             await self._drop_unsynced()
                         if error:
                             return error
-                    await self._fsync_image()
-                elif self.unsynced and not self.no_flush:
-                    await self._fsync_image()  # only resizes since the last flush: no check
+                    await self.below.flush()
+                elif not self.no_flush and self.stack.holds_unsynced():
+                    # Nothing this node counted, but changes reached the image unsynced (a
+                    # FUA write's own data, format none): fsync them, no check.
+                    await self.below.flush()
             except OSError as failure:  # the power went during the fsync
                 return failure.errno or _errno.EIO
             self._blkdebug_flushed = generation
             return 0
+
+    async def _fua_to_file(self) -> int:
+        """A FUA write that reached the file (QEMU 10.0: pwritev2 with RWF_DSYNC): its data
+        is on the disk when it returns; no event, no check. 0 or the errno."""
+        if self.no_flush:
+            return 0
+        try:
+            await self.below.flush()
+        except OSError as failure:
+            return failure.errno or _errno.EIO
+        return 0
 
     # ---- power cuts (README "Power cuts") ----
 
@@ -823,27 +832,16 @@ class BlockDevice:
         if not self.powered:
             raise OSError(_errno.EIO, "the power is off (blkfuse powercut; poweron to restore)")
 
-    async def _fsync_image(self) -> None:
-        """fsync the image; if nothing cut the power meanwhile, the unsynced writes it
-        covered (those before it started) are synced now."""
-        cuts, covered = self.cuts, len(self.unsynced) if self.unsynced is not None else 0
-        await self.image.fsync()
-        if self.cuts != cuts:
-            raise OSError(_errno.EIO, "the power was cut during the fsync")
-        if covered and self.unsynced is not None:
-            self.unsynced.forget(covered)
-
     async def _drop_unsynced(self) -> None:
         """fsyncgate: a failing flush loses the dirty data; the disk keeps the flushed image."""
-        assert self.unsynced is not None  # drop-unsynced rules need track-unsynced
-        report = self.unsynced.cut(self.image, "none")
-        log.info("a flush met a drop-unsynced rule: %d unsynced writes reverted", report.writes)
-        await self.image.fsync()
+        report = await self.stack.drop_unsynced()
+        if report is not None:
+            log.info("a flush met a drop-unsynced rule: %d unsynced writes reverted", report.writes)
 
     async def power_cut(self, keep: str, seed: int | None) -> CutReport:
         """Lose the unsynced writes as `keep` says, make the image show it (fsynced), and
         leave the power off. Suspended requests are let go first; they fail with EIO."""
-        if self.unsynced is None:
+        if self.stack.undo is None:
             raise BlkfuseError(
                 _errno.EINVAL,
                 "powercut needs -o track-unsynced=on (without it "
@@ -853,11 +851,9 @@ class BlockDevice:
         if not self.powered:
             raise BlkfuseError(_errno.EINVAL, "the power is already off (poweron first)")
         self.powered = False
-        self.cuts += 1
+        self.cut_at = (time.clock_gettime_ns(time.CLOCK_MONOTONIC), time.time_ns())
         self.engine.release_suspended()
-        report = self.unsynced.cut(self.image, keep, seed)
-        await self.image.fsync()
-        return report
+        return await self.stack.power_cut(keep, seed)
 
     def power_on(self) -> bool:
         """The device is back, nothing unsynced (the cut fsynced). False if it was on."""

@@ -22,12 +22,13 @@ import shlex
 import signal
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 from blkfuse import client
-from blkfuse.client import mounttab
+from blkfuse.client import fsstack, mounttab
 from blkfuse.errors import ControlError, MountError
 
 StrPath = str | os.PathLike[str]
@@ -266,6 +267,11 @@ class Mount:
         """Drop breakpoint `tag`, waking its request if one is suspended there."""
         self.ctl(f"remove_break {shlex.quote(tag)}")
 
+    def mark(self, name: str) -> None:
+        """`mark NAME`: a mark entry in the write log (-o log-writes=FILE), where `blkfuse
+        replay --end-mark NAME` stops."""
+        self.ctl(f"mark {shlex.quote(name)}")
+
     def inject_error(self, **keys: object) -> int:
         """Add an [inject-error] rule (the config file's keys: event=, errno=, sector=,
         once=True, iotype="write", state=...); returns its id."""
@@ -302,6 +308,37 @@ class Mount:
         """The requests suspended now (tags, event, op, offset, length, seconds)."""
         result: list[dict[str, Any]] = self.status()["suspended"]
         return result
+
+    @contextmanager
+    def filesystem(
+        self,
+        fstype: str = "ext4",
+        *,
+        mountpoint: StrPath | None = None,
+        mount_options: str | Sequence[str] | None = None,
+        make: bool = True,
+        **mkfs_options: object,
+    ) -> Iterator[Path]:
+        """A filesystem on a loop device (direct-io mode, checked) over this mount's image,
+        for a `with` block that gets its mounted directory:
+
+            with m.filesystem("ext4", b=4096, mount_options="noatime") as fs:
+                (fs / "f").write_text("x")
+
+        `fstype` is ext4, xfs or btrfs; `mkfs_options` are mkfs flags (a one-letter key is
+        `-k VALUE`, a longer one `--key VALUE`, True the flag alone); `make=False` mounts
+        the filesystem already on the image. `mountpoint` defaults to a temporary directory.
+        Leaving always tears down in order (umount, losetup -d, the loop device gone), so
+        the mount itself can then be unmounted; MountError names what could not go."""
+        with fsstack.filesystem(
+            self.image_path,
+            fstype,
+            mountpoint,
+            make=make,
+            mkfs_options=mkfs_options,
+            mount_options=mount_options,
+        ) as fs:
+            yield fs.mountpoint
 
     def trace(self) -> client.TraceStream:
         """The trace, live, from the requests after this call: iterate it for one dict per

@@ -21,9 +21,14 @@ A cut decides what survives:
              image size is one more such coin (kept: the current size; lost: the flushed size)
 The coins come from random.Random(seed) in a fixed order (units by address, then the size), so
 the same seed on the same history gives the same image.
+
+UndoFilter is the log as a node of the stack (block/node.py, block/stack.py), right on the
+image: every change passing it is recorded first, a successful flush forgets what it covered,
+and `cut` is the power cut.
 """
 
 import errno as _errno
+import logging
 import os
 import random
 import re
@@ -33,8 +38,10 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from blkfuse.block.node import Filter
+
 if TYPE_CHECKING:
-    from blkfuse.block.image import Image
+    from blkfuse.block.image import Bytes, Image
 
 MEMORY_BYTES = 8 << 20  # pre-image bytes held in memory before spilling to scratch
 ENTRY_BYTES = 32  # bookkeeping per entry (four int64s), counted in the cap
@@ -43,6 +50,8 @@ DEFAULT_ATOMIC = 512
 KEEP_MODES = ("none", "random", "prefix")
 
 _LOST_RUN = re.compile(b"0+")
+
+log = logging.getLogger(__name__)
 
 
 class LogFull(OSError):
@@ -313,3 +322,70 @@ class UndoLog:
         report.writes_kept += sum(1 for i in range(n) if not self._length[i])
         if image.size() != final_size:
             image.truncate(final_size)
+
+
+class UndoFilter(Filter):
+    """The undo log as a filter right over the image (-o track-unsynced=on).
+
+    Each change is recorded and then made with no await between (the pre-image read and
+    the write are one step, so the log's order is the image's); a write is therefore done
+    on the calling thread (Image.pwrite), never handed to a worker. A full log refuses the
+    change with ENOSPC before the image is touched."""
+
+    below: "Image"
+
+    def __init__(self, image: "Image", undo: UndoLog):
+        super().__init__(image)
+        self.log = undo
+        self.cuts = 0  # power cuts so far: a flush spanning one fails
+
+    def _record(self, offset: int, length: int) -> None:
+        if length > 0:
+            try:
+                self.log.record_write(self.below, offset, length)
+            except LogFull as full:
+                log.warning("%s", full.strerror)
+                raise
+
+    async def write(self, offset: int, data: "Bytes", *, fua: bool = False) -> int:
+        return self.pwrite(offset, data, fua=fua)
+
+    def pwrite(self, offset: int, data: "Bytes", *, fua: bool = False) -> int:
+        self._record(offset, len(data))
+        return self.below.pwrite(offset, data, fua=fua)
+
+    def write_zeroes(
+        self, offset: int, length: int, unmap: bool = False, *, fua: bool = False
+    ) -> None:
+        self._record(offset, length)
+        self.below.write_zeroes(offset, length, unmap, fua=fua)
+
+    def discard(self, offset: int, length: int) -> None:
+        self._record(offset, length)  # a discarded range reads as zeroes: undoable
+        self.below.discard(offset, length)
+
+    def truncate(self, size: int) -> None:
+        self.log.record_resize(self.below, size)
+        self.below.truncate(size)
+
+    async def flush(self) -> None:
+        """fsync; if no power cut came meanwhile, the entries it covered (those before it
+        started) are synced now and forgotten."""
+        cuts, covered = self.cuts, len(self.log)
+        await self.below.flush()
+        if self.cuts != cuts:
+            raise OSError(_errno.EIO, "the power was cut during the fsync")
+        if covered:
+            self.log.forget(covered)
+
+    def power_cut(self) -> None:
+        self.cuts += 1
+
+    async def cut(self, keep: str, seed: int | None = None) -> CutReport:
+        """Take back the unsynced writes as `keep` says, and fsync the result."""
+        report = self.log.cut(self.below, keep, seed)
+        await self.below.flush()
+        return report
+
+    def close(self) -> None:
+        self.log.close()

@@ -382,14 +382,29 @@ class Control:
             "last_error": self.last_error,
             "last_error_errno": self.last_error_errno,
             **self._power_status(),
+            "log_writes": self._log_writes_status(),
+        }
+
+    def _log_writes_status(self) -> dict | None:
+        """The write log (-o log-writes=FILE): its path and entries so far, else None."""
+        from blkfuse.crash.recorder import Recorder
+
+        recorder = self.block.stack.find(Recorder) if self.block is not None else None
+        if recorder is None:
+            return None
+        return {
+            "path": recorder.path,
+            "entries": recorder.entries,
+            "sectorsize": recorder.sectorsize,
         }
 
     def _power_status(self) -> dict:
         """ "power" and "unsynced" (null when writes are not tracked) for the status."""
         block = self.block
-        log = block.unsynced if block is not None else None
+        undo = block.stack.undo if block is not None else None
         unsynced = None
-        if log is not None:
+        if undo is not None:
+            log = undo.log
             unsynced = {
                 "writes": len(log),
                 "bytes": log.bytes,
@@ -398,9 +413,14 @@ class Control:
                 "refused": log.refused,
                 "last_refusal": log.last_refusal,
             }
+        cut_at = block.cut_at if block is not None else None
         return {
             "power": "off" if block is not None and not block.powered else "on",
             "unsynced": unsynced,
+            # when the last powercut switched the power off (null: never): Fleet's spread
+            "power_off_at": (
+                None if cut_at is None else {"monotonic_ns": cut_at[0], "realtime_ns": cut_at[1]}
+            ),
         }
 
     def status_text(self) -> str:
@@ -429,6 +449,8 @@ class Control:
                 opts.append("growable")
             if info.get("locking") is False:
                 opts.append("locking=off")
+            if info.get("qemu"):
+                opts.append(f"qemu={info['qemu']}")  # the profile (rules/profiles.py)
             out.append(f"image: {info['image']}" + (f" ({', '.join(opts)})" if opts else ""))
         if info.get("mountpoint"):
             out.append(f"mount: {info['mountpoint']} (daemon pid {info.get('pid')})")
@@ -698,7 +720,7 @@ def _parse_powercut(words: list[str]) -> tuple[str, int | None]:
 
 
 def _check_power_rule(rule: Rule, block: BlockDevice | None) -> None:
-    if getattr(rule, "drop_unsynced", False) and (block is None or block.unsynced is None):
+    if getattr(rule, "drop_unsynced", False) and (block is None or block.stack.undo is None):
         raise ControlError(
             _errno.EINVAL,
             "drop-unsynced needs the mount option track-unsynced=on (-o track-unsynced=on)",
@@ -729,6 +751,33 @@ async def _powercut(control: Control, keep: str, seed: int | None) -> str:
 @command("poweron", "bring the device back (the image as the cut left it)")
 async def _poweron(control: Control) -> str:
     return "power on" if _block_of(control, "poweron").power_on() else "power on (it was on)"
+
+
+def _mark_name(words: list[str]) -> tuple[str]:
+    if not words[0] or "\0" in words[0]:
+        raise ControlError(_errno.EINVAL, "mark: the name is empty")
+    return (words[0],)
+
+
+@command(
+    "mark NAME",
+    "append a mark entry named NAME to the write log (-o log-writes=FILE),\n"
+    "e.g. where a workload was acknowledged: blkfuse replay --end-mark NAME",
+    nargs=(1, 1),
+    parse=_mark_name,
+)
+async def _mark(control: Control, name: str) -> str:
+    from blkfuse.crash.recorder import Recorder
+
+    block = _block_of(control, "mark")
+    recorder = block.stack.find(Recorder)
+    if recorder is None:
+        raise ControlError(_errno.EINVAL, "mark needs a write log: mount with -o log-writes=FILE")
+    try:
+        block.stack.mark(name)
+    except ValueError as error:  # too long for the log's sector
+        raise ControlError(_errno.EINVAL, f"mark: {error}") from None
+    return f"mark {name}: entry {recorder.entries - 1} of {recorder.path}"
 
 
 @command("help", "this text")

@@ -131,6 +131,20 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
+# The last errno the kernel defines (EHWPOISON, asm-generic/errno.h). A rule may inject any
+# errno up to 511 (a FUSE reply's limit), but libfuses differ on one past this: 3.14 hands
+# it to the caller, 3.17 replies ERANGE ("bad error value"). blkfuse answers EIO for those
+# itself, so every libfuse answers the same (a deliberate difference: docs/design.md).
+KERNEL_LAST_ERRNO = 133
+
+
+def reply_errno(number: int | None) -> int:
+    """The errno a FUSE reply carries for a failure with `number`."""
+    if not number or number > KERNEL_LAST_ERRNO:
+        return errno.EIO
+    return number
+
+
 def _guard(
     fn: Callable[Concatenate["Operations", _P], Awaitable[_R]],
 ) -> Callable[Concatenate["Operations", _P], Coroutine[Any, Any, _R]]:
@@ -144,7 +158,7 @@ def _guard(
         except pyfuse3.FUSEError:
             raise
         except OSError as e:
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+            raise pyfuse3.FUSEError(reply_errno(e.errno)) from None
         except Exception:
             log.exception("%s failed", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None

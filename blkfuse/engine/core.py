@@ -36,6 +36,7 @@ from blkfuse.engine.effects import Effect
 from blkfuse.errors import BlkfuseError
 from blkfuse.rules.events import EVENTS, IOTYPES, canonical_event
 from blkfuse.rules.model import SECTOR_SIZE, Extensions, InjectError, Rule, SetState, Tally
+from blkfuse.rules.profiles import DEFAULT, Profile
 
 
 class EngineError(BlkfuseError):
@@ -326,7 +327,12 @@ def _is_persistent(rule: InjectError) -> bool:
 class Engine:
     """QEMU blkdebug's BDRVBlkdebugState and its operations, in Python."""
 
-    def __init__(self, rules: Iterable[Rule] = (), *, seed: int | None = None):
+    def __init__(
+        self, rules: Iterable[Rule] = (), *, seed: int | None = None, profile: Profile = DEFAULT
+    ):
+        self.profile = profile  # whose blkdebug (rules/profiles.py): what errno 0 spends
+        # a once rule is spent by a match that lets the request through (errno 0): QEMU 10.0
+        self._once_spends_errno0 = profile.once_spends_errno0
         self.state = 1
         self._rules: list[Rule | None] = []  # by id - _first_id; None once removed
         self._first_id = 1
@@ -427,9 +433,10 @@ class Engine:
         if self.tracer is not None:
             self.tracer.rule(rule.id)
         error = rule.errno
-        # errno 0 matches and lets the request through; a once rule stays (QEMU). A torn
-        # or drop-unsynced rule with errno 0 still does something, so once spends it.
-        if error or rule.torn >= 0 or rule.drop_unsynced:
+        # errno 0 matches and lets the request through; a once rule stays (QEMU 7.2; 10.0
+        # spends it). A torn or drop-unsynced rule with errno 0 still does something, so
+        # once spends it.
+        if error or rule.torn >= 0 or rule.drop_unsynced or self._once_spends_errno0:
             if rule.once:
                 self._active.discard(rule)
                 self._retire(rule)
@@ -473,7 +480,7 @@ class Engine:
                 if self._hit_waits:
                     self._wake_hit_waits(rule.id)
                 error = rule.errno
-                if error or rule.torn >= 0 or rule.drop_unsynced:
+                if error or rule.torn >= 0 or rule.drop_unsynced or self._once_spends_errno0:
                     if rule.once:
                         self._remove_armed(rule)
                     if error:

@@ -40,6 +40,7 @@ from blkfuse.rules.model import (
     SetState,
     Settings,
 )
+from blkfuse.rules.profiles import PROFILES
 
 __all__ = [
     "ConfigError",
@@ -89,6 +90,9 @@ QEMU_KEYS = {
 # Power-cut keys and options (issue 10): blkfuse extensions, QEMU rejects them.
 POWER_KEYS = ("torn", "drop-unsynced")
 POWER_OPTIONS = ("track-unsynced", "unsynced-cap", "atomic")
+# Recording (issue 20): QEMU blklogwrites' options under their own names, plus the log file.
+# blkfuse extensions here: QEMU's blkdebug driver rejects them (they belong to a node below).
+LOG_WRITES_OPTIONS = ("log-writes", "log-sector-size", "log-append", "log-super-update-interval")
 # blkfuse's own keys: the one list of extensions (add new ones here). Every spelling accepts
 # them (file, -o, control); `blkfuse check` marks them and `check --qemu` names them as what
 # QEMU rejects.
@@ -128,7 +132,13 @@ _FLAG_OPTIONS = ("nonempty",)
 # The one list of extension options, as EXTENSION_KEYS is of keys: `blkfuse check` marks them.
 _SPEED_OPTIONS = {"io-threads": (0, 256), "poll-us": (0, 100_000)}
 EXTENSION_OPTIONS = (
-    ("cache", "format") + MOUNT_OPTIONS + tuple(_SPEED_OPTIONS) + POWER_OPTIONS + ("seed",)
+    ("cache", "format")
+    + MOUNT_OPTIONS
+    + tuple(_SPEED_OPTIONS)
+    + POWER_OPTIONS
+    + ("seed",)
+    + LOG_WRITES_OPTIONS
+    + ("qemu",)  # qemu=7.2|10.0: whose blkdebug and block layer (profiles.py)
 )
 _SETTING_OPTIONS = (
     ("config", "image", "x-image", "align", "max-transfer") + _BLKDEBUG_LIMITS + EXTENSION_OPTIONS
@@ -830,12 +840,17 @@ def parse_options(
         if key in options:
             setattr(settings, key, _parse_mount_flag(key, _unquote_option(options[key])))
     _parse_power_options(options, settings)
+    _parse_log_writes_options(options, settings)
     if "seed" in options:
         text = _unquote_option(options["seed"])
         try:
             settings.seed = _parse_at_least(0)("seed", text)
         except _Invalid as error:
             raise ConfigError(f"option seed: {error}") from None
+    if "qemu" in options:
+        settings.qemu = _parse_choice(
+            "qemu", _unquote_option(options["qemu"]), tuple(PROFILES), "QEMU profile"
+        )
     return rules, settings
 
 
@@ -886,6 +901,44 @@ def _parse_power_options(options: dict, settings: Settings) -> None:
                 f'option atomic: must be a power of two from 512 to 1G, not "{options["atomic"]}"'
             )
         settings.atomic = atomic
+
+
+def _parse_log_writes_options(options: dict, settings: Settings) -> None:
+    """log-writes=FILE and blklogwrites' log-sector-size, log-append, log-super-update-interval
+    (README "Record and replay"), checked as QEMU's blk_log_writes_open checks them."""
+    if "log-writes" in options:
+        settings.log_writes = _unquote_option(options["log-writes"])
+        if not settings.log_writes:
+            raise ConfigError("option log-writes: the log file path is empty")
+    for key in LOG_WRITES_OPTIONS[1:]:
+        if key in options and settings.log_writes is None:
+            raise ConfigError(f"option {key}: only means something with log-writes=FILE")
+    if "log-append" in options:
+        try:
+            settings.log_append = _parse_bool("log-append", _unquote_option(options["log-append"]))
+        except _Invalid as error:
+            raise ConfigError(f"option log-append: {error}") from None
+    if "log-sector-size" in options:
+        if settings.log_append:
+            raise ConfigError(
+                "option log-sector-size: log-append and log-sector-size are mutually exclusive"
+                " (an appended log keeps its own sector size)"
+            )
+        text = _unquote_option(options["log-sector-size"])
+        size = _parse_size("log-sector-size", text)
+        if size < 32 or size >= 1 << 24 or size & (size - 1):  # QEMU's bounds
+            raise ConfigError(
+                f'option log-sector-size: must be a power of two from 32 to 8M, not "{text}"'
+            )
+        settings.log_sector_size = size
+    if "log-super-update-interval" in options:
+        text = _unquote_option(options["log-super-update-interval"])
+        try:
+            settings.log_super_update_interval = _parse_at_least(1)(
+                "log-super-update-interval", text
+            )
+        except _Invalid as error:
+            raise ConfigError(f"option log-super-update-interval: {error}") from None
 
 
 def check_power_rules(rules: Sequence[Rule], settings: Settings) -> None:

@@ -161,3 +161,10 @@ class Settings:
     io_threads: int | None = None  # -o io-threads: worker threads for disk I/O (image.py)
     poll_us: int | None = None  # -o poll-us: busy-poll window for /dev/fuse (fuseloop.py)
     seed: int | None = None  # -o seed: the one random generator's seed; None: random
+    qemu: str = "7.2"  # -o qemu: whose blkdebug and block layer to follow (profiles.py)
+    # -o log-writes=FILE: record every change and flush (crash/recorder.py), with QEMU
+    # blklogwrites' options
+    log_writes: str | None = None
+    log_sector_size: int | None = None
+    log_append: bool = False
+    log_super_update_interval: int | None = None
