@@ -888,7 +888,15 @@ class BlockDevice:
             except OSError as error:
                 report.save_error = f"{save}: {error.strerror or error}"
         self.last_cut = report
-        log.warning("power cut (%s): %s", why, report.text())
+        # the stamps let cuts of several mounts be compared (Fleet)
+        log.warning(
+            "power cut (keep=%s seed=%s) at CLOCK_MONOTONIC %d ns, CLOCK_REALTIME %d ns, by %s: %s",
+            keep,
+            seed,
+            *self.cut_at,
+            why,
+            report.text(),
+        )
         return report
 
     def power_on(self) -> bool:
