@@ -6,6 +6,7 @@ import json
 import click
 
 from blkfuse.cli import fast
+from blkfuse.cli._common import fail
 
 
 class _FleetCommand(click.Command):
@@ -59,16 +60,14 @@ def command(ctx: click.Context, as_json: bool, words: tuple[str, ...]) -> None:
     fleet = ctx.meta.get("blkfuse.fleet")
     if fleet is None:
         if as_json:
-            raise click.UsageError(
-                "--json is for several mounts: blkfuse ctl MNT1 MNT2 ... -- COMMAND", ctx
-            )
+            fail("--json is for several mounts: blkfuse ctl MNT1 MNT2 ... -- COMMAND")
         mountpoint, *rest = words
         if not rest:
-            raise click.UsageError(f"Missing COMMAND for {mountpoint} (try: help).", ctx)
+            fail(f"no command for {mountpoint} (blkfuse ctl MNT COMMAND...; try: help)")
         fast.ctl(mountpoint, rest)  # the plain form of this command runs there without click
         return
     if not fleet:
-        raise click.UsageError("no mountpoint before `--` (ctl MNT1 MNT2 ... -- COMMAND)", ctx)
+        fail("no mountpoint before `--` (blkfuse ctl MNT1 MNT2 ... -- COMMAND)")
     from blkfuse.client.fleet import send_to
 
     result = send_to(fleet, " ".join(words))
