@@ -44,7 +44,7 @@ import shlex
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from blkfuse import client
@@ -154,7 +154,6 @@ class FleetResult:
     seed: int | None = None  # the fleet seed of a powercut
     spread_ns: int | None = None  # max - min of the cut nodes' power-off stamps
     issue_spread_ns: int | None = None  # max - min of the moments the writes were issued
-    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -172,7 +171,6 @@ class FleetResult:
             "spread_ns": self.spread_ns,
             "issue_spread_ns": self.issue_spread_ns,
             "nodes": [n.to_dict() for n in self.nodes],
-            "notes": self.notes,
         }
 
     def text(self) -> str:
@@ -203,7 +201,6 @@ class FleetResult:
                 f"spread: the {cut} cuts landed within {self.spread_ns / 1e6:.3f} ms "
                 f"(CLOCK_MONOTONIC){issue}"
             )
-        out.extend(self.notes)
         return "\n".join(out) + "\n"
 
     def raise_for_failure(self) -> None:
