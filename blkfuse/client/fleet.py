@@ -141,6 +141,7 @@ class NodeResult:
             "error": None if self.error is None else self.error.message,
             "seed": self.seed,
             "power_off_at": self.power_off_at,
+            "issued_ns": self.issued_ns,
             "cut": self.cut,
         }
 
