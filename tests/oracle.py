@@ -57,14 +57,22 @@ DEFAULT_WRITE_PATTERN = 0xCD  # qemu-io's write without -P
 # ---- cases ---------------------------------------------------------------------------
 
 
+# QEMU versions whose answers are recorded: 7.2's are the cases themselves, every other
+# version's are beside them in qemu-VERSION/ (scripts/oracle-record re-records them).
+QEMU_VERSIONS = ("7.2", "10.0")
+
+
 def case_names() -> list[str]:
     return sorted(p.stem for p in DATA_DIR.glob("*.json"))
 
 
-def load_case(name: str) -> dict:
-    with open(DATA_DIR / f"{name}.json") as f:
+def load_case(name: str, qemu: str = "7.2") -> dict:
+    """A case with QEMU `qemu`'s recorded answers; replayed under that profile."""
+    where = DATA_DIR if qemu == "7.2" else DATA_DIR / f"qemu-{qemu}"
+    with open(where / f"{name}.json") as f:
         case = json.load(f)
     case["name"] = name
+    case["qemu"] = qemu
     return case
 
 
@@ -233,6 +241,8 @@ def options_for(case: dict, config_path: Path) -> dict[str, str]:
         options["align"] = str(case["align"])
     for key, value in case.get("blkdebug_opts", {}).items():
         options[key] = str(value)
+    if case.get("qemu"):  # the profile whose answers the case holds (default 7.2)
+        options["qemu"] = case["qemu"]
     return options
 
 
@@ -265,6 +275,7 @@ def replay_block(case: dict, tmpdir: Path) -> Replay:
     from blkfuse.block.image import Image
     from blkfuse.engine.core import Engine
     from blkfuse.rules.config import ConfigError, load_rules, parse_options
+    from blkfuse.rules.profiles import profile
 
     exp = expectation(case)
     image_path = tmpdir / "img.raw"
@@ -276,7 +287,7 @@ def replay_block(case: dict, tmpdir: Path) -> Replay:
         rules = load_rules(settings)
     except ConfigError as e:
         return Replay(["NOT_RUN"] * len(exp.ops), image_path.read_bytes(), str(e))
-    engine = Engine(rules)
+    engine = Engine(rules, profile=profile(settings.qemu))
     image = Image(str(image_path), direct=settings.cache in ("none", "directsync"))
     dev = block_device(engine, image, settings)
     outcomes = [None] * len(exp.ops)
@@ -290,6 +301,7 @@ def replay_block(case: dict, tmpdir: Path) -> Replay:
 def block_device(engine, image, settings):
     """The BlockDevice the daemon would build from these settings."""
     from blkfuse.block.device import BlockDevice
+    from blkfuse.rules.profiles import profile
 
     return BlockDevice(
         engine,
@@ -302,6 +314,7 @@ def block_device(engine, image, settings):
         max_discard=settings.max_discard,
         cache=settings.cache,
         format=settings.format,
+        profile=profile(settings.qemu),
     )
 
 

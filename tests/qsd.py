@@ -121,6 +121,7 @@ class FileScenario:
         if self.format != "raw":
             options["format"] = self.format
         options["growable"] = "on"  # QEMU's export lets ZERO_RANGE grow the image
+        options["qemu"] = D.installed_profile()  # qsd and qemu-io come from one QEMU
         return options
 
     def describe(self) -> str:
@@ -275,6 +276,7 @@ def run_block(sc: FileScenario) -> tuple[list, bytes, int | None]:
         Image,
     )
     from blkfuse.engine.core import Engine
+    from blkfuse.rules import profiles
     from blkfuse.rules.config import parse_config_text
 
     with tempfile.TemporaryDirectory(prefix="blkfuse-qsd-") as d:
@@ -290,7 +292,10 @@ def run_block(sc: FileScenario) -> tuple[list, bytes, int | None]:
                     self.failed_reads += 1
                 return error
 
-        engine = RecordingEngine(parse_config_text(sc.config, "generated.conf"))
+        engine = RecordingEngine(
+            parse_config_text(sc.config, "generated.conf"),
+            profile=profiles.profile(D.installed_profile()),
+        )
         stop = None
         settings = D.Scenario(
             seed=0,
