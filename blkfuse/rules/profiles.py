@@ -26,10 +26,18 @@ class Profile:
     # check); 10.0 passes FUA down to the file, which writes with RWF_DSYNC: no flush, no
     # flush events, no flush check.
     fua_is_a_flush: bool
+    # fallocate(PUNCH_HOLE) through the FUSE export: 7.2 hands any range to the block layer
+    # (which drops the pieces it cannot discard); 10.0's export answers ENOTSUP, before any
+    # check, to one not aligned to its node's discard granularity.
+    export_discard_aligned: bool
 
 
-QEMU_7_2 = Profile(name="7.2", once_spends_errno0=False, fua_is_a_flush=True)
-QEMU_10_0 = Profile(name="10.0", once_spends_errno0=True, fua_is_a_flush=False)
+QEMU_7_2 = Profile(
+    name="7.2", once_spends_errno0=False, fua_is_a_flush=True, export_discard_aligned=False
+)
+QEMU_10_0 = Profile(
+    name="10.0", once_spends_errno0=True, fua_is_a_flush=False, export_discard_aligned=True
+)
 
 PROFILES = {p.name: p for p in (QEMU_7_2, QEMU_10_0)}
 DEFAULT = QEMU_7_2
