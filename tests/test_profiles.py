@@ -168,3 +168,35 @@ def test_check_names_the_profile_and_what_it_changes(tmp_path):
     assert r.returncode == 0, r.stderr
     r = blkfuse("check", "--qemu", str(conf), "-o", "qemu=10.0,seed=3", check=False)
     assert r.returncode == 1 and "QEMU 10.0 would reject 1 key" in r.stderr
+
+
+@pytest.mark.parametrize("qemu", [QEMU_7_2, QEMU_10_0])
+def test_an_unaligned_discard_under_each_profile(tmp_path, qemu):
+    """fallocate(PUNCH_HOLE) as each QEMU's FUSE export answers it (qsd 10.0.13, measured)."""
+    from blkfuse.block.image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+
+    punch = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    rule = '[inject-error]\nevent = "none"\niotype = "discard"\nsector = "20"\n'
+    dev, engine, path = _device(tmp_path / "d", qemu, rule, align=4096)
+    path.write_bytes(b"\x11" * 65536)
+
+    async def main():
+        answers = []
+        for offset, length in ((0, 4608), (4096, 4096), (8192, 4096), (100, 10)):
+            try:
+                await dev.fallocate(punch, offset, length)
+                answers.append("ok")
+            except OSError as e:
+                answers.append(errno.errorcode[e.errno])
+        return answers
+
+    answers = trio.run(main)
+    dev.image.close()
+    data = path.read_bytes()
+    if qemu is QEMU_7_2:  # the whole block discarded, the 512-byte tail dropped unchecked
+        assert answers == ["ok", "ok", "EIO", "ok"]
+        assert data[:4096] == bytes(4096) and data[4096:8192] == bytes(4096)
+    else:  # refused before any check, nothing discarded; aligned ranges as 7.2
+        assert answers == ["ENOTSUP", "ok", "EIO", "ENOTSUP"]
+        assert data[:4096] == b"\x11" * 4096 and data[4096:8192] == bytes(4096)
+    assert data[8192:] == b"\x11" * (65536 - 8192)
