@@ -52,6 +52,7 @@ FROM ${BASE} AS runtime
 ENV DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 fuse3 \
+        e2fsprogs xfsprogs btrfs-progs \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/blkfuse /opt/blkfuse
 ENV PATH=/opt/blkfuse/bin:$PATH

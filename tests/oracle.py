@@ -289,8 +289,8 @@ def compare(case: dict, exp: Expectation, got: Replay) -> list[str]:
 
 def replay_block(case: dict, tmpdir: Path) -> Replay:
     import trio
+    from support.device import build_device
 
-    from blkfuse.block.image import Image
     from blkfuse.engine.core import Engine
     from blkfuse.rules.config import ConfigError, load_rules, parse_options
     from blkfuse.rules.profiles import profile
@@ -306,34 +306,14 @@ def replay_block(case: dict, tmpdir: Path) -> Replay:
     except ConfigError as e:
         return Replay(["NOT_RUN"] * len(exp.ops), image_path.read_bytes(), str(e))
     engine = Engine(rules, profile=profile(settings.qemu))
-    image = Image(str(image_path), direct=settings.cache in ("none", "directsync"))
-    dev = block_device(engine, image, settings)
+    dev = build_device(image_path, engine, settings=settings)
+    image = dev.stack.image
     outcomes = [None] * len(exp.ops)
     try:
         trio.run(_block_replay, case, exp.ops, engine, dev, outcomes)
     finally:
         image.close()
     return Replay(outcomes, image_path.read_bytes())
-
-
-def block_device(engine, image, settings):
-    """The BlockDevice the daemon would build from these settings."""
-    from blkfuse.block.device import BlockDevice
-    from blkfuse.rules.profiles import profile
-
-    return BlockDevice(
-        engine,
-        image,
-        align=settings.align,
-        max_transfer=settings.max_transfer,
-        opt_write_zero=settings.opt_write_zero,
-        max_write_zero=settings.max_write_zero,
-        opt_discard=settings.opt_discard,
-        max_discard=settings.max_discard,
-        cache=settings.cache,
-        format=settings.format,
-        profile=profile(settings.qemu),
-    )
 
 
 async def block_alloc(dev, offset: int, length: int) -> None:

@@ -268,13 +268,9 @@ def run_block(sc: FileScenario) -> tuple[list, bytes, int | None]:
     the third item is the index of the first write that failed a read-modify-write read
     (the deliberate difference), or None."""
     import trio
+    from support.device import build_device
 
-    from blkfuse.block.image import (
-        FALLOC_FL_KEEP_SIZE,
-        FALLOC_FL_PUNCH_HOLE,
-        FALLOC_FL_ZERO_RANGE,
-        Image,
-    )
+    from blkfuse.block.image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
     from blkfuse.engine.core import Engine
     from blkfuse.rules import profiles
     from blkfuse.rules.config import parse_config_text
@@ -286,8 +282,8 @@ def run_block(sc: FileScenario) -> tuple[list, bytes, int | None]:
         class RecordingEngine(Engine):
             failed_reads = 0
 
-            def check(self, iotype, offset, length):
-                error = super().check(iotype, offset, length)
+            def check(self, iotype, offset, length, caller=None):
+                error = super().check(iotype, offset, length, caller)
                 if error and iotype == "read":
                     self.failed_reads += 1
                 return error
@@ -309,8 +305,8 @@ def run_block(sc: FileScenario) -> tuple[list, bytes, int | None]:
             format=sc.format,
             limits=sc.limits,
         ).settings()
-        image = Image(str(path), direct=sc.cache in ("none", "directsync"))
-        dev = oracle.block_device(engine, image, settings)
+        dev = build_device(path, engine, settings=settings)
+        image = dev.stack.image
         results = []
 
         async def one(op):

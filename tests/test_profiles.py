@@ -8,9 +8,8 @@ import os
 
 import pytest
 import trio
+from support.device import build_device
 
-from blkfuse.block.device import BlockDevice
-from blkfuse.block.image import Image
 from blkfuse.engine.core import Engine
 from blkfuse.rules.config import ConfigError, parse_config_text, parse_options
 from blkfuse.rules.profiles import DEFAULT, PROFILES, QEMU_7_2, QEMU_10_0, for_version, profile
@@ -78,8 +77,7 @@ def _device(tmp_path, qemu, config="", **kw):
     path = tmp_path / "img.raw"
     path.write_bytes(bytes(65536))
     engine = Recorder(parse_config_text(config, "t.conf"), profile=qemu)
-    image = Image(str(path), direct=kw.get("cache") in ("none", "directsync"))
-    return BlockDevice(engine, image, profile=qemu, **kw), engine, path
+    return build_device(path, engine, qemu=qemu.name, **kw), engine, path
 
 
 @pytest.mark.parametrize("cache", ["writethrough", "directsync"])
@@ -99,7 +97,7 @@ def test_a_fua_write_is_a_flush_in_7_2_and_reaches_the_file_in_10_0(tmp_path, ca
             return failed
 
         failed = trio.run(main)
-        dev.image.close()
+        dev.stack.image.close()
         flushes = [e for e in engine.trace if e in ("flush_to_os", "flush_to_disk")]
         if qemu is QEMU_7_2:
             # the flush after the write is checked once something was written before it
@@ -196,7 +194,7 @@ def test_punch_hole_under_each_profile(tmp_path, qemu):
         return answers
 
     answers = trio.run(main)
-    dev.image.close()
+    dev.stack.image.close()
     data = path.read_bytes()
     events = [e for e in engine.trace if isinstance(e, str) and e != "none"]
     if qemu is QEMU_7_2:  # discards: whole blocks only, the 512-byte tail dropped unchecked

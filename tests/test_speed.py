@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import trio
+from support.device import build_device
 
-from blkfuse.block.device import BlockDevice
 from blkfuse.block.image import BLIND, INLINE, NOWAIT, POOL, Image, WorkerPool
 from blkfuse.block.uring import Ring
 from blkfuse.daemon import fuseloop
-from blkfuse.engine.core import Engine
 from blkfuse.rules.config import ConfigError, parse_option_string, parse_options
 from blkfuse.rules.model import InjectError
 
@@ -250,10 +249,10 @@ def test_io_uring_reads_short_at_the_end_fail_with_the_errno_and_close(disk_imag
 def test_the_pool_path_and_a_failing_read_through_the_block_layer(disk_image):
     """Every read forced through the worker pool (as for O_DIRECT backing): same data, same
     events and checks, and an OSError in the worker reaches the caller."""
-    image = Image(str(disk_image), io_threads=3)
-    image._read_mode = image._write_mode = POOL
     rule = InjectError(event="read_aio", errno=5, sector=100)
-    device = BlockDevice(Engine([rule]), image, align=4096)
+    device = build_device(disk_image, rules=[rule], io_threads=3, align=4096)
+    image = device.stack.image
+    image._read_mode = image._write_mode = POOL
     expected = bytearray(disk_image.read_bytes())
 
     async def main():

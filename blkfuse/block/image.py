@@ -173,7 +173,9 @@ class Image:
             data = b"".join(chunks)
         return data
 
-    def pwrite(self, offset: int, data: Bytes) -> int:
+    def pwrite(self, offset: int, data: Bytes, *, fua: bool = False) -> int:
+        """Write all of `data` on the calling thread. `fua` (node.py) changes nothing here:
+        the block layer above flushes after a FUA write, as QEMU's file node wants."""
         if self.direct:
             return self._direct_pwrite(offset, data)
         view = memoryview(data)
@@ -227,8 +229,8 @@ class Image:
         self.pool_reads += 1
         return await self._in_pool(self.pread, offset, length)
 
-    async def write(self, offset: int, data: Bytes) -> int:
-        """Write all of `data` at `offset`; returns its length."""
+    async def write(self, offset: int, data: Bytes, *, fua: bool = False) -> int:
+        """Write all of `data` at `offset`; returns its length. `fua`: as pwrite."""
         mode = self._write_mode
         if mode == INLINE:
             return self.pwrite(offset, data)
@@ -341,7 +343,12 @@ class Image:
             if error.errno not in (_errno.EOPNOTSUPP, _errno.ENOTSUP, _errno.ENOSYS):
                 raise
 
-    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+    def discard(self, offset: int, length: int) -> None:
+        self.punch_hole(offset, length)
+
+    def write_zeroes(
+        self, offset: int, length: int, unmap: bool = False, *, fua: bool = False
+    ) -> None:
         """Zero [offset, offset+length), growing the file if it ends past it. As file-posix:
         with `unmap` punch a hole first; else (or if that is refused) ZERO_RANGE; where
         the file system supports neither, write zeroes."""
@@ -407,6 +414,10 @@ class Image:
         # request is interrupted meanwhile (it cannot be taken back anyway).
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(os.fsync, self.fd)
+
+    async def flush(self) -> None:
+        """The node protocol's name for fsync (node.py)."""
+        await self.fsync()
 
     def fsync_now(self) -> None:
         os.fsync(self.fd)

@@ -8,6 +8,7 @@ import click
 
 from blkfuse.rules.config import (
     EXTENSION_OPTIONS,
+    LOG_WRITES_OPTIONS,
     MOUNT_OPTIONS,
     ConfigError,
     Note,
@@ -147,6 +148,15 @@ def _summary(path: str, rules: list[Rule], settings: Settings, notes: list[Any])
         power += [f"unsynced-cap={settings.unsynced_cap}"] if settings.unsynced_cap else []
         power += [f"atomic={settings.atomic}"] if settings.atomic else []
         parts.append(" ".join(power) + " (not portable: blkfuse extension options)")
+    # QEMU's blklogwrites options belong to a node below blkdebug: blkdebug rejects them.
+    logged = [
+        f"{key}={settings.options[key]}" for key in LOG_WRITES_OPTIONS if key in settings.options
+    ]
+    if logged:
+        parts.append(
+            " ".join(logged)
+            + " (not portable: a blklogwrites node under blkdebug in QEMU, blkfuse extension options)"
+        )
     # blkfuse's own tuning: how the daemon waits and reads, never what a request sees.
     for key in ("io-threads", "poll-us"):
         value = getattr(settings, key.replace("-", "_"))
