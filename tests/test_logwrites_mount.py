@@ -317,3 +317,30 @@ def test_a_power_cut_appends_a_powercut_mark_after_everything_that_reached_the_i
     target.write_bytes(initial)
     assert replay(log, target, "--next-flush").returncode == 0
     assert sha(target) == synced
+
+
+def test_a_failed_write_is_not_logged_and_a_torn_one_logs_what_it_wrote(mount, fuse_dir):
+    log = fuse_dir / "rules.log"
+    m = mount(
+        "-o",
+        f"log-writes={log},"
+        "inject-error.0.event=none,inject-error.0.iotype=write,inject-error.0.errno=5,"
+        "inject-error.0.sector=8,inject-error.0.once=on,"
+        "inject-error.1.event=none,inject-error.1.iotype=write,inject-error.1.errno=5,"
+        "inject-error.1.sector=64,inject-error.1.torn=3,inject-error.1.once=on",
+        data=bytes(MiB),
+    )
+    fd = os.open(m.file, os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as e:
+            os.pwrite(fd, b"F" * 4096, 4096)  # failed by rule 0 before the image
+        assert e.value.errno == errno.EIO
+        with pytest.raises(OSError):
+            os.pwrite(fd, b"T" * 4096, 32768)  # torn by rule 1: 3 sectors persist
+        os.pwrite(fd, b"K" * 512, 0)
+    finally:
+        os.close(fd)
+    m.umount()
+    written = [(e.sector, e.nr_sectors, e.data) for e in read_log(log)[1] if e.is_write]
+    assert written == [(64, 3, b"T" * 1536), (0, 1, b"K" * 512)]
+    assert m.image.read_bytes()[32768:36864] == b"T" * 1536 + bytes(2560)
