@@ -340,6 +340,7 @@ def test_status_dict_is_json_and_stable():
         "last_error",
         "last_error_errno",
         "power",
+        "power_off_at",
         "unsynced",
         "power_off_at",
         "log_writes",
