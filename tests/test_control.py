@@ -342,7 +342,6 @@ def test_status_dict_is_json_and_stable():
         "power",
         "power_off_at",
         "unsynced",
-        "power_off_at",
         "log_writes",
     }
     assert d["state"] == 3

@@ -344,3 +344,28 @@ def test_a_failed_write_is_not_logged_and_a_torn_one_logs_what_it_wrote(mount, f
     written = [(e.sector, e.nr_sectors, e.data) for e in read_log(log)[1] if e.is_write]
     assert written == [(64, 3, b"T" * 1536), (0, 1, b"K" * 512)]
     assert m.image.read_bytes()[32768:36864] == b"T" * 1536 + bytes(2560)
+
+
+def test_replay_onto_a_loop_device_gives_the_recorded_image(mount, fuse_dir):
+    from blkfuse.client.fsstack import loop_device
+
+    log = fuse_dir / "dev.log"
+    initial = random.Random(3).randbytes(MiB)
+    m = mount("-o", f"log-writes={log}", data=initial)
+    fd = os.open(m.file, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"W" * 8192, 16384)
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 65536, 65536)
+        fallocate(fd, FALLOC_FL_ZERO_RANGE, 262144, 4096)
+        m.api.mark("done")
+    finally:
+        os.close(fd)
+    m.umount()
+    assert [e.flags_text for e in read_log(log)[1]] == ["NONE", "DISCARD", "NONE", "MARK", "FLUSH"]
+    backing = fuse_dir / "device-backing.img"
+    backing.write_bytes(initial)
+    with loop_device(backing, direct_io=False) as device:
+        done = replay(log, Path(device), "--end-mark", "done", "-v")
+        assert done.returncode == 0, done.stderr
+        assert "replaying 1@" in done.stdout and "DISCARD" in done.stdout
+    assert sha(backing) == sha(m.image)
