@@ -369,3 +369,31 @@ def test_replay_onto_a_loop_device_gives_the_recorded_image(mount, fuse_dir):
         assert done.returncode == 0, done.stderr
         assert "replaying 1@" in done.stdout and "DISCARD" in done.stdout
     assert sha(backing) == sha(m.image)
+
+
+def test_a_full_log_fails_the_request_with_its_errno_and_stays_readable(mount, fuse_dir):
+    small = fuse_dir / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], check=True)
+    try:
+        log = small / "full.log"
+        m = mount("-o", f"log-writes={log}")
+        fd = os.open(m.file, os.O_RDWR)
+        failed = None
+        try:
+            for i in range(40):  # 40 x (4 KiB + a header) > 64 KiB
+                try:
+                    os.pwrite(fd, bytes([i + 1]) * 4096, i * 4096)
+                    os.fsync(fd)
+                except OSError as e:
+                    failed = (i, e.errno)
+                    break
+        finally:
+            os.close(fd)
+        assert failed is not None and failed[1] == errno.ENOSPC
+        m.umount()
+        listed = list(read_log(log)[1])
+        assert listed and all(e.is_write or e.is_flush for e in listed)
+        assert [e.sector for e in listed if e.is_write] == [8 * i for i in range(failed[0])]
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
