@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -371,7 +370,6 @@ def check_states(
     report.crash_points = len(plan.points)
     report.planned = len(states)
     order = {s.id: n for n, s in enumerate(states)}
-    lock = threading.Lock()
     started = time.monotonic()
     pending = iter(states)
     running: dict[Future[Failure | None], CrashState] = {}
@@ -392,13 +390,12 @@ def check_states(
                     failure = future.result()
                 except Exception as e:  # the harness itself failed on this state
                     failure = Failure(state.id, "error", f"{type(e).__name__}: {e}")
-                with lock:
-                    report.states += 1
-                    if failure is None:
-                        report.passed += 1
-                    else:
-                        report.failures.append(failure)
-                        stop = stop or not settings.keep_going
+                report.states += 1
+                if failure is None:
+                    report.passed += 1
+                else:
+                    report.failures.append(failure)
+                    stop = stop or not settings.keep_going
                 if progress is not None:
                     progress(report, state, failure)
     report.failures.sort(key=lambda f: order[f.id])
