@@ -337,6 +337,19 @@ def check_state(
         shutil.rmtree(here, ignore_errors=True)
 
 
+def check_state_confirmed(
+    plan: CrashPlan, state: CrashState, params: Mapping[str, Any], settings: Settings, workdir: Path
+) -> Failure | None:
+    """check_state, and an unmountable state once more from scratch: another program on the
+    machine may detach a loop device it does not own (a stale `losetup -d NAME` after the
+    name was reused) while a state is being mounted. Only a refusal that repeats on a fresh
+    image and device is the state's."""
+    failure = check_state(plan, state, params, settings, workdir)
+    if failure is not None and failure.kind == "unmountable":
+        failure = check_state(plan, state, params, settings, workdir)
+    return failure
+
+
 def _check_mount_options(fs: str, recorded: str) -> str | None:
     """The recorded run's mount options, plus what lets copies of one filesystem be mounted
     side by side (-j)."""
@@ -380,7 +393,9 @@ def check_states(
                 state = next(pending, None)
                 if state is None:
                     break
-                running[pool.submit(check_state, plan, state, params, settings, workdir)] = state
+                running[
+                    pool.submit(check_state_confirmed, plan, state, params, settings, workdir)
+                ] = state
             if not running:
                 break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
