@@ -57,6 +57,7 @@ from blkfuse.block.image import (
     Bytes,
 )
 from blkfuse.block.stack import Stack
+from blkfuse.crash.snapshot import sparse_copy
 from blkfuse.crash.undo import CutReport
 from blkfuse.engine.core import Caller, Engine, Request
 from blkfuse.engine.effects import Effect, corrupt
@@ -75,15 +76,6 @@ log = logging.getLogger(__name__)
 
 def _failure(error: int) -> OSError:
     return OSError(error, os.strerror(error))
-
-
-async def _settle(engine: Engine, outcome: int | Effect) -> tuple[int, Effect | None]:
-    """A check's non-zero outcome -> (errno, the corruption to apply), after its delay."""
-    if isinstance(outcome, int):
-        return outcome, None
-    if outcome.delay:
-        await engine.hold(outcome.delay)
-    return outcome.errno, (outcome if outcome.corrupt else None)
 
 
 _REQUEST_MAX_BYTES = (2**31 - 1) // 512 * 512  # BDRV_REQUEST_MAX_BYTES, a sector multiple
@@ -129,6 +121,7 @@ class BlockDevice:
         # When the last cut switched the power off: (CLOCK_MONOTONIC ns, CLOCK_REALTIME ns),
         # stamped as `powered` goes False, so cuts of several mounts can be compared (Fleet).
         self.cut_at: tuple[int, int] | None = None
+        self.last_cut: CutReport | None = None  # status "last_cut"
         self.align = align or 1
         self.max_transfer = max_transfer or 0
         self.opt_write_zero = opt_write_zero or 0
@@ -244,6 +237,20 @@ class BlockDevice:
             await suspension.wait()
             self._check_power()
 
+    async def _settle(self, outcome: int | Effect) -> tuple[int, Effect | None]:
+        """A check's non-zero outcome -> (errno, the corruption to apply), after its delay.
+        A cut during the hold fails the request (engine.abort_holds); so does a hold that
+        ends while the power is off. A powercut rule cuts here: the request fails."""
+        if isinstance(outcome, int):
+            return outcome, None
+        if outcome.delay:
+            await self.engine.hold(outcome.delay)
+            self._check_power()
+        if outcome.powercut:
+            await self._rule_cut(outcome)
+            return _errno.EIO, None
+        return outcome.errno, (outcome if outcome.corrupt else None)
+
     def _check(self, iotype: str, offset: int, length: int, caller: Caller | None) -> int | Effect:
         """0, an errno, or an Effect (for _settle)."""
         return self.engine.check(iotype, offset, length, caller)
@@ -254,7 +261,7 @@ class BlockDevice:
         """A check where there is no data to corrupt: 0 or the errno, after any delay."""
         error = self._check(iotype, offset, length, caller)
         if error:
-            error, _ = await _settle(self.engine, error)
+            error, _ = await self._settle(error)
         return error
 
     def _decide(
@@ -278,7 +285,7 @@ class BlockDevice:
         for piece_start, piece_end in self._pieces(start, end):
             outcome = self._check(iotype, piece_start, piece_end - piece_start, caller)
             if outcome:
-                error, effect = await _settle(self.engine, outcome)
+                error, effect = await self._settle(outcome)
                 if error:
                     raise _failure(error)
                 if effect is not None:
@@ -328,7 +335,7 @@ class BlockDevice:
         else:
             outcome = self._check("read", start, end - start, caller)
             if outcome:
-                error, effect = await _settle(self.engine, outcome)
+                error, effect = await self._settle(outcome)
                 if error:
                     raise _failure(error)
                 if effect is not None:
@@ -426,7 +433,7 @@ class BlockDevice:
                 if isinstance(outcome, int):
                     error = outcome
                 else:  # an extension rule's delay or corruption (an Effect comes with its rule)
-                    error, effect = await _settle(engine, outcome)
+                    error, effect = await self._settle(outcome)
                     if effect is not None:
                         # silent corruption on the way to the disk, reported done: only
                         # inside the caller's data, never the read-modify-write padding
@@ -445,6 +452,7 @@ class BlockDevice:
                         break  # pieces before it stay written, as in QEMU
                 try:
                     if piece:
+                        self._check_power()  # a request that outlived a cut changes nothing
                         await self.below.write(piece_start, piece, fua=fua)
                 except OSError as failure:  # the undo log is full, or the backing file
                     error = failure.errno or _errno.EIO
@@ -651,6 +659,7 @@ class BlockDevice:
                 error = await self._check_errno("write", offset, num, caller)
                 if not error:
                     try:
+                        self._check_power()
                         await self.below.write(offset, bytes(num), fua=fua)
                     except OSError as failure:
                         error = failure.errno or _errno.EIO
@@ -658,6 +667,7 @@ class BlockDevice:
                 error = await self._check_errno("write-zeroes", offset, num, caller)
                 if not error:
                     try:
+                        self._check_power()
                         self.below.write_zeroes(offset, num, unmap, fua=fua)
                     except OSError as failure:  # a full undo log: ENOSPC
                         error = failure.errno or _errno.EIO
@@ -713,6 +723,7 @@ class BlockDevice:
                 error = await self._check_errno("discard", offset, num, caller)
                 if error:
                     raise _failure(error)
+                self._check_power()
                 self.below.discard(offset, num)
             offset += num
             length -= num
@@ -800,7 +811,7 @@ class BlockDevice:
                     rule, error = self._decide("flush", 0, 0, caller)
                     if rule is not None:
                         if type(error) is not int:  # an extension rule's delay
-                            error, _ = await _settle(self.engine, error)
+                            error, _ = await self._settle(error)
                         if rule.drop_unsynced:
                             await self._drop_unsynced()
                         if error:
@@ -838,9 +849,23 @@ class BlockDevice:
         if report is not None:
             log.info("a flush met a drop-unsynced rule: %d unsynced writes reverted", report.writes)
 
-    async def power_cut(self, keep: str, seed: int | None) -> CutReport:
+    async def _rule_cut(self, effect: Effect) -> None:
+        """A powercut rule acted on this request: cut now, with the mount's seed (a request
+        that reaches a rule after another cut finds the power off: nothing more to do)."""
+        if not self.powered:
+            return
+        await self.power_cut(
+            effect.powercut, self.engine.seed, effect.powercut_save or None, why="a powercut rule"
+        )
+
+    async def power_cut(
+        self, keep: str, seed: int | None, save: str | None = None, *, why: str = "powercut"
+    ) -> CutReport:
         """Lose the unsynced writes as `keep` says, make the image show it (fsynced), and
-        leave the power off. Suspended requests are let go first; they fail with EIO."""
+        leave the power off; with `save`, write a sparse copy of the image there. Held and
+        suspended requests fail with EIO, whenever their tasks run (even after a poweron:
+        none of them may change the image the cut left). The report is also `last_cut`,
+        and logged."""
         if self.stack.undo is None:
             raise BlkfuseError(
                 _errno.EINVAL,
@@ -852,14 +877,34 @@ class BlockDevice:
             raise BlkfuseError(_errno.EINVAL, "the power is already off (poweron first)")
         self.powered = False
         self.cut_at = (time.clock_gettime_ns(time.CLOCK_MONOTONIC), time.time_ns())
-        self.engine.release_suspended()
-        return await self.stack.power_cut(keep, seed)
+        lost = OSError(_errno.EIO, "the power was cut while the request was held")
+        self.engine.release_suspended(lost)
+        self.engine.abort_holds(lost)
+        report = await self.stack.power_cut(keep, seed)
+        if save is not None:
+            try:
+                await trio.to_thread.run_sync(sparse_copy, self.stack.image.fd, save)
+                report.saved = save
+            except OSError as error:
+                report.save_error = f"{save}: {error.strerror or error}"
+        self.last_cut = report
+        # the stamps let cuts of several mounts be compared (Fleet)
+        log.warning(
+            "power cut (keep=%s seed=%s) at CLOCK_MONOTONIC %d ns, CLOCK_REALTIME %d ns, by %s: %s",
+            keep,
+            seed,
+            *self.cut_at,
+            why,
+            report.text(),
+        )
+        return report
 
     def power_on(self) -> bool:
         """The device is back, nothing unsynced (the cut fsynced). False if it was on."""
         if self.powered:
             return False
         self.powered = True
+        log.warning("power on")
         # Everything on the image is synced now, as after a successful flush.
         self._format_flushed = self._format_written
         self._blkdebug_flushed = self._blkdebug_written

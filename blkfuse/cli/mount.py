@@ -15,7 +15,8 @@ Examples:
   blkfuse mount --config rules.conf disk.img /mnt/faulty
   blkfuse mount -o inject-error.0.event=read_aio,inject-error.0.sector=8 disk.img /mnt/faulty
   blkfuse mount blkdebug:rules.conf:disk.img /mnt/faulty      # QEMU's spelling
-  blkfuse mount -o growable=on,locking=off disk.img /mnt/faulty""",
+  blkfuse mount -o growable=on,locking=off disk.img /mnt/faulty
+  blkfuse mount -o log-writes=disk.log disk.img /mnt/faulty   # record; blkfuse replay""",
 )
 @click.option(
     "--config", "config_path", metavar="RULES", help="blkdebug config file (QEMU's format)."

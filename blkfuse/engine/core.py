@@ -70,7 +70,16 @@ class Interrupted(NamedTuple):
 class Suspension:
     """A request parked at a breakpoint until each of its tags has been resumed."""
 
-    __slots__ = ("event", "tags", "request", "since", "_done", "_registry", "_on_interrupt")
+    __slots__ = (
+        "event",
+        "tags",
+        "request",
+        "since",
+        "_done",
+        "_registry",
+        "_on_interrupt",
+        "_failure",
+    )
 
     def __init__(
         self,
@@ -87,6 +96,7 @@ class Suspension:
         self._done = trio.Event()
         self._registry = registry  # the engine's list of suspensions
         self._on_interrupt = on_interrupt
+        self._failure: OSError | None = None  # set by abort: what wait() raises
 
     @property
     def done(self) -> bool:
@@ -98,6 +108,12 @@ class Suspension:
         self.tags.clear()
         self._done.set()
 
+    def abort(self, failure: OSError) -> None:
+        """Release it so that its wait() raises `failure`: the request fails when it wakes,
+        whatever happened meanwhile (a power cut: a poweron before it runs changes nothing)."""
+        self._failure = failure
+        self.release()
+
     async def wait(self) -> None:
         try:
             await self._done.wait()
@@ -108,6 +124,8 @@ class Suspension:
                 if self._on_interrupt is not None:
                     self._on_interrupt(self)
                 self.release()
+        if self._failure is not None:  # a fresh exception per waiter: tracebacks differ
+            raise OSError(self._failure.errno, self._failure.strerror)
 
 
 class _ActiveSet:
@@ -350,7 +368,8 @@ class Engine:
         self.seed = secrets.randbits(32) if seed is None else seed
         self.random = random.Random(self.seed)
         self._suspended: list[Suspension] = []  # newest first, as QEMU's QLIST
-        self._holds: set[trio.CancelScope] = set()  # requests a delay rule is holding
+        # requests a delay rule is holding -> what the hold raises when it ends (None: go on)
+        self._holds: dict[trio.CancelScope, OSError | None] = {}
         self._changed = trio.Event()  # set when suspensions/breakpoints change
         self._hit_waits: dict[int, trio.Event] = {}  # rule id -> set at its next hit
         self._next_id = 1
@@ -514,7 +533,8 @@ class Engine:
         if ext.jitter_us:
             delay_us += self.random.randint(0, ext.jitter_us)
         corrupt = ext.corrupt if iotype == "read" or iotype == "write" else ""
-        if not (error or delay_us or corrupt or rule.torn >= 0 or rule.drop_unsynced):
+        powercut = ext.powercut
+        if not (error or delay_us or corrupt or rule.torn >= 0 or rule.drop_unsynced or powercut):
             return 0  # errno 0: lets it through, as in QEMU
         tally.acted += 1
         if error:
@@ -526,7 +546,7 @@ class Engine:
             tally.corrupted += 1
         if rule.once or tally.acted == ext.count:
             self._remove_armed(rule)
-        if not (delay_us or corrupt):
+        if not (delay_us or corrupt or powercut):
             return error
         start, end = rule.span
         return Effect(
@@ -537,6 +557,8 @@ class Engine:
             start,
             end,
             self.random.getrandbits(64) if corrupt else 0,
+            powercut,
+            ext.powercut_save,
         )
 
     def written(self, offset: int, length: int) -> None:
@@ -670,14 +692,27 @@ class Engine:
             _errno.ETIMEDOUT, f'no request was suspended at tag "{tag}" within {timeout:g} s'
         )
 
-    def release_suspended(self) -> int:
-        """A power cut: let every suspended request go on (to fail), breakpoints stay set."""
+    def release_suspended(self, failure: OSError | None = None) -> int:
+        """A power cut: let every suspended request go on, breakpoints stay set. With
+        `failure`, each one raises it when it wakes (it fails, changing nothing more)."""
         suspended = list(self._suspended)
         for suspension in suspended:
-            suspension.release()
+            if failure is None:
+                suspension.release()
+            else:
+                suspension.abort(failure)
         if suspended:
             self._notify()
         return len(suspended)
+
+    def abort_holds(self, failure: OSError) -> int:
+        """A power cut: end every delay rule's hold now; each held request raises `failure`
+        (it must not go on to change the image, whenever its task runs). Their number."""
+        holds = list(self._holds)
+        for hold in holds:
+            self._holds[hold] = failure
+            hold.cancel()
+        return len(holds)
 
     def resume_all(self) -> None:
         """Shutdown: drop every breakpoint, release every suspended request and end every
@@ -692,12 +727,15 @@ class Engine:
     async def hold(self, seconds: float) -> None:
         """A delay rule's hold: sleep in the request's own task (nothing else waits), cut
         short by resume_all so that unmounting never waits out a long delay."""
+        failure = None
         with trio.move_on_after(seconds) as scope:
-            self._holds.add(scope)
+            self._holds[scope] = None
             try:
                 await trio.sleep_forever()
             finally:
-                self._holds.discard(scope)
+                failure = self._holds.pop(scope, None)
+        if failure is not None:
+            raise OSError(failure.errno, failure.strerror)
 
     def held(self) -> int:
         """How many requests a delay rule is holding right now."""

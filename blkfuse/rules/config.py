@@ -34,6 +34,7 @@ from blkfuse.rules.model import (
     CACHE_MODES,
     CORRUPT_MODES,
     FORMATS,
+    POWERCUT_MODES,
     Extensions,
     InjectError,
     Rule,
@@ -88,7 +89,7 @@ QEMU_KEYS = {
     "set-state": ("event", "state", "new_state"),
 }
 # Power-cut keys and options (issue 10): blkfuse extensions, QEMU rejects them.
-POWER_KEYS = ("torn", "drop-unsynced")
+POWER_KEYS = ("torn", "drop-unsynced", "powercut", "powercut-save")
 POWER_OPTIONS = ("track-unsynced", "unsynced-cap", "atomic")
 # Recording (issue 20): QEMU blklogwrites' options under their own names, plus the log file.
 # blkfuse extensions here: QEMU's blkdebug driver rejects them (they belong to a node below).
@@ -257,6 +258,23 @@ def _parse_torn(text: str) -> int:
     return value
 
 
+def _parse_powercut(key: str, text: str) -> str:
+    """powercut=none|random|prefix: what the cut the rule fires keeps (an extension)."""
+    if text not in POWERCUT_MODES:
+        raise _Invalid(
+            f'powercut expects one of {", ".join(POWERCUT_MODES)} (what the cut keeps of the '
+            f'unsynced writes), not "{text}"{did_you_mean(text, POWERCUT_MODES)}'
+        )
+    return text
+
+
+def _parse_save_path(key: str, text: str) -> str:
+    """powercut-save=PATH: where the daemon writes its copy of the image (it runs in /)."""
+    if not text.startswith("/"):
+        raise _Invalid(f'{key} expects an absolute path (the daemon runs in /), not "{text}"')
+    return text
+
+
 def _parse_event(key: str, text: str) -> str:
     event = canonical_event(text)
     if event is None:
@@ -399,6 +417,8 @@ _EXTENSION_PARSERS = {
     "uid": ("uid", _parse_id),
     "heal": ("heal", _parse_bool),
     "persistent": ("persistent", _parse_bool),
+    "powercut": ("powercut", _parse_powercut),
+    "powercut-save": ("powercut_save", _parse_save_path),
 }
 
 
@@ -474,6 +494,14 @@ def _checked_extensions(ext: Extensions, fields: dict, entries: dict, where: str
         refuse('heal needs sector: it models bad sectors that a write repairs')
     if "corrupt-bytes" in entries and not ext.corrupt:
         refuse('corrupt-bytes needs corrupt (flip, zero or random)')
+    if "powercut-save" in entries and not ext.powercut:
+        refuse("powercut-save needs powercut (none, random or prefix)")
+    if ext.powercut:
+        for other in ("torn", "drop-unsynced", "corrupt"):
+            if other in entries:
+                refuse(f"powercut and {other} cannot be combined: the cut ends the request")
+        if "errno" in entries and fields["errno"] != errno_module.EIO:
+            refuse("powercut fails the request with EIO (the power is off): leave errno out")
     if "count" in entries and fields.get("once"):
         refuse('once and count both limit the rule: once = "on" is count = "1"; use one')
     if "errno" in entries:
@@ -482,7 +510,7 @@ def _checked_extensions(ext: Extensions, fields: dict, entries: dict, where: str
                 'corrupt lets the request succeed with changed data: errno must be 0 '
                 'or absent (write a second rule to fail requests)'
             )
-    elif ext.corrupt or ext.delay_us or ext.jitter_us:
+    elif (ext.corrupt or ext.delay_us or ext.jitter_us) and not ext.powercut:
         fields["errno"] = 0  # a delay or a corruption alone does not fail the request
     return ext
 
@@ -942,15 +970,26 @@ def _parse_log_writes_options(options: dict, settings: Settings) -> None:
 
 
 def check_power_rules(rules: Sequence[Rule], settings: Settings) -> None:
-    """drop-unsynced reverts through the undo log: a rule with it needs track-unsynced=on."""
+    """drop-unsynced and powercut work through the undo log: they need track-unsynced=on."""
     if settings.track_unsynced:
         return
     for rule in rules:
-        if getattr(rule, "drop_unsynced", False):
+        key = power_key(rule)
+        if key:
             raise ConfigError(
-                f"{rule.source or 'rule'}: drop-unsynced needs the option "
+                f"{rule.source or 'rule'}: {key} needs the option "
                 "track-unsynced=on (-o track-unsynced=on)"
             )
+
+
+def power_key(rule: Rule) -> str:
+    """The key of `rule` that needs track-unsynced=on ('drop-unsynced', 'powercut'), or ''."""
+    if getattr(rule, "drop_unsynced", False):
+        return "drop-unsynced"
+    ext = getattr(rule, "ext", None)
+    if ext is not None and ext.powercut:
+        return "powercut"
+    return ""
 
 
 def parse_option_string(s: str) -> dict[str, str]:
@@ -1093,6 +1132,10 @@ def _extension_items(ext: Extensions) -> list[tuple[str, str]]:
         items.append(("heal", "on"))
     if ext.persistent:
         items.append(("persistent", "on"))
+    if ext.powercut:
+        items.append(("powercut", ext.powercut))
+    if ext.powercut_save:
+        items.append(("powercut-save", ext.powercut_save))
     return items
 
 
