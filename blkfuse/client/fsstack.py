@@ -156,9 +156,17 @@ def _loop_name(device: str) -> str:
     return os.path.basename(device)
 
 
-def attached(device: str) -> bool:
-    """Is the loop device still bound to a file?"""
-    return os.path.exists(f"/sys/block/{_loop_name(device)}/loop/backing_file")
+def backing_file(device: str) -> str:
+    """The file a loop device is bound to ("" when it is free)."""
+    try:
+        with open(
+            f"/sys/block/{_loop_name(device)}/loop/backing_file",
+            encoding="utf-8",
+            errors="surrogateescape",
+        ) as f:
+            return f.read().rstrip("\n")
+    except OSError:
+        return ""
 
 
 def attach(path: StrPath, direct_io: bool = True) -> str:
@@ -187,32 +195,24 @@ def attach(path: StrPath, direct_io: bool = True) -> str:
 
 def detach(device: str, timeout: float = DETACH_SECONDS) -> None:
     """`losetup -d`, then wait until the kernel has let the device go (udev may hold it open
-    for a moment, and until then `losetup -d` has only set autoclear)."""
-    if not attached(device):
+    for a moment, and until then `losetup -d` has only set autoclear). Gone means no longer
+    bound to the same file: a freed device may be taken at once by another `losetup --find`."""
+    backing = backing_file(device)
+    if not backing:
         return
     entry = next((e for e in mounttab.entries() if e.source == device), None)
     if entry is not None:
         raise MountError(f"{device} is mounted at {entry.mountpoint}: unmount that first")
     r = subprocess.run(["losetup", "-d", device], capture_output=True, text=True)
     deadline = time.monotonic() + timeout
-    while attached(device):
+    while backing_file(device) == backing:
         if time.monotonic() > deadline:
             said = " ".join(r.stderr.split())
             raise MountError(
-                f"{device} is still attached {timeout:g} s after losetup -d"
+                f"{device} is still attached to {backing} {timeout:g} s after losetup -d"
                 + (f" ({said})" if said else "")
             )
         time.sleep(0.01)
-
-
-@contextmanager
-def loop_device(path: StrPath, direct_io: bool = True) -> Iterator[str]:
-    """A loop device over `path` for the `with` block, detached (and gone) after it."""
-    device = attach(path, direct_io)
-    try:
-        yield device
-    finally:
-        detach(device)
 
 
 # -- mounts --------------------------------------------------------------------------------------
