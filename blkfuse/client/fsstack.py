@@ -161,6 +161,15 @@ def attached(device: str) -> bool:
     return os.path.exists(f"/sys/block/{_loop_name(device)}/loop/backing_file")
 
 
+def backing_file(device: str) -> str:
+    """The file the loop device is bound to, "" when none."""
+    try:
+        with open(f"/sys/block/{_loop_name(device)}/loop/backing_file") as f:
+            return f.read().rstrip("\n")
+    except OSError:
+        return ""
+
+
 def attach(path: StrPath, direct_io: bool = True) -> str:
     """A new loop device over `path` (/dev/loopN). With direct_io it must really be in
     direct-io mode; a file system that cannot do O_DIRECT is refused with the reason."""
@@ -193,9 +202,11 @@ def detach(device: str, timeout: float = DETACH_SECONDS) -> None:
     entry = next((e for e in mounttab.entries() if e.source == device), None)
     if entry is not None:
         raise MountError(f"{device} is mounted at {entry.mountpoint}: unmount that first")
+    was = backing_file(device)
     r = subprocess.run(["losetup", "-d", device], capture_output=True, text=True)
     deadline = time.monotonic() + timeout
-    while attached(device):
+    # bound to the same file: once freed, the device may be taken at once by anyone else
+    while was and backing_file(device) == was:
         if time.monotonic() > deadline:
             said = " ".join(r.stderr.split())
             raise MountError(
