@@ -194,10 +194,14 @@ def attach(path: StrPath, direct_io: bool = True) -> str:
     return device
 
 
-def detach(device: str, timeout: float = DETACH_SECONDS) -> None:
+def detach(device: str, timeout: float = DETACH_SECONDS, bound_to: str | None = None) -> None:
     """`losetup -d`, then wait until the kernel has let the device go (udev may hold it open
-    for a moment, and until then `losetup -d` has only set autoclear)."""
+    for a moment, and until then `losetup -d` has only set autoclear). `bound_to`: the file
+    it was attached to (its backing_file then); a device no longer on it was let go already,
+    and may be someone else's now."""
     if not attached(device):
+        return
+    if bound_to is not None and backing_file(device) != bound_to:
         return
     entry = next((e for e in mounttab.entries() if e.source == device), None)
     if entry is not None:
@@ -220,10 +224,11 @@ def detach(device: str, timeout: float = DETACH_SECONDS) -> None:
 def loop_device(path: StrPath, direct_io: bool = True) -> Iterator[str]:
     """A loop device over `path` for the `with` block, detached (and gone) after it."""
     device = attach(path, direct_io)
+    bound = backing_file(device)
     try:
         yield device
     finally:
-        detach(device)
+        detach(device, bound_to=bound)
 
 
 # -- mounts --------------------------------------------------------------------------------------
@@ -332,6 +337,7 @@ def filesystem(
         mountpoint = tempfile.mkdtemp(prefix=f"blkfuse-{fstype}-")
     where = Path(mountpoint)
     device = attach(image, direct_io)
+    bound = backing_file(device)
     mounted = False
     try:
         if make:
@@ -347,7 +353,7 @@ def filesystem(
             except MountError as e:
                 busy = MountError(f"{e}; {device} stays attached until that is unmounted")
         if busy is None:
-            detach(device)
+            detach(device, bound_to=bound)
         if made_dir and busy is None:
             os.rmdir(where)
         if busy is not None:
