@@ -156,15 +156,14 @@ def _loop_name(device: str) -> str:
     return os.path.basename(device)
 
 
-def attached(device: str) -> bool:
-    """Is the loop device still bound to a file?"""
-    return os.path.exists(f"/sys/block/{_loop_name(device)}/loop/backing_file")
-
-
 def backing_file(device: str) -> str:
-    """The file the loop device is bound to, "" when none."""
+    """The file a loop device is bound to ("" when it is free)."""
     try:
-        with open(f"/sys/block/{_loop_name(device)}/loop/backing_file") as f:
+        with open(
+            f"/sys/block/{_loop_name(device)}/loop/backing_file",
+            encoding="utf-8",
+            errors="surrogateescape",
+        ) as f:
             return f.read().rstrip("\n")
     except OSError:
         return ""
@@ -199,7 +198,7 @@ def detach(device: str, timeout: float = DETACH_SECONDS, bound_to: str | None = 
     for a moment, and until then `losetup -d` has only set autoclear). `bound_to`: the file
     it was attached to (its backing_file then); a device no longer on it was let go already,
     and may be someone else's now."""
-    if not attached(device):
+    if not backing_file(device):
         return
     if bound_to is not None and backing_file(device) != bound_to:
         return
@@ -214,7 +213,7 @@ def detach(device: str, timeout: float = DETACH_SECONDS, bound_to: str | None = 
         if time.monotonic() > deadline:
             said = " ".join(r.stderr.split())
             raise MountError(
-                f"{device} is still attached {timeout:g} s after losetup -d"
+                f"{device} is still attached to {was} {timeout:g} s after losetup -d"
                 + (f" ({said})" if said else "")
             )
         time.sleep(0.01)

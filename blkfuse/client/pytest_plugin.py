@@ -30,13 +30,19 @@ from blkfuse.errors import MountError
 
 
 def _take_down(use: holders.LoopUse) -> list[str]:
-    """Unmount a loop device's file systems and detach it, in that order (fsstack's teardown
-    steps); what failed."""
-    if use.stacked:
-        return [f"{' '.join(use.stacked)} still on {use.device}: left alone"]
-    try:
-        for where in reversed(use.mountpoints):  # the last mounted on top first
+    """Unmount a loop device's file systems and detach it, in that order (the steps of the
+    one loop-device + filesystem stack, blkfuse.client.fsstack); what failed."""
+    failed = []
+    for where in reversed(use.mountpoints):  # the last mounted on top first
+        try:
             fsstack.umount(where)
+        except MountError as e:
+            failed.append(str(e))
+    if use.stacked:
+        failed.append(f"{' '.join(use.stacked)} still on {use.device}: left alone")
+    if failed:
+        return failed
+    try:
         fsstack.detach(use.device)
     except MountError as e:
         return [str(e)]
