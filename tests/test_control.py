@@ -342,6 +342,7 @@ def test_status_dict_is_json_and_stable():
         "power",
         "power_off_at",
         "unsynced",
+        "last_cut",
         "log_writes",
     }
     assert d["state"] == 3

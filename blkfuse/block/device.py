@@ -31,9 +31,8 @@ BlockDevice reproduces that with the engine and the node below it (the top of th
 stack.py), and nothing about FUSE. The `caller` keyword of each request is the FUSE caller
 (an engine.Sender: daemon/callers.py's Caller) or None.
 
-A check (engine.decide) answers the rule that acts and 0, an errno, or (blkfuse's extension
-rules) an Effect: the request is held in its own task (Holds: nothing else waits for it),
-then fails or goes on, and a
+A check answers 0, an errno, or (blkfuse's extension rules) an Effect: the request is held
+in its own task (Holds: nothing else waits for it), then fails or goes on, and a
 corruption changes the data of a read or write, inside the request and the rule's sectors
 only (never read-modify-write padding, never write-zeroes, discard or block status).
 
@@ -58,6 +57,7 @@ from blkfuse.block.image import (
     Bytes,
 )
 from blkfuse.block.stack import Stack
+from blkfuse.crash.snapshot import sparse_copy
 from blkfuse.crash.undo import CutReport
 from blkfuse.engine.core import Engine, Request, Sender
 from blkfuse.engine.effects import Effect, corrupt
@@ -80,36 +80,40 @@ def _failure(error: int) -> OSError:
 
 class Holds:
     """The requests a delay rule holds right now: each sleeps in its own task (nothing else
-    waits for it); `end_all` (unmounting) cuts every hold short, so shutdown never waits out
-    a long delay."""
+    waits for it). `end_all` (unmounting) cuts every hold short, so shutdown never waits out
+    a long delay; `abort` (a power cut) ends them with an error each held request raises."""
 
     def __init__(self) -> None:
-        self._scopes: set[trio.CancelScope] = set()
+        # each hold -> what it raises when it ends (None: the request goes on)
+        self._scopes: dict[trio.CancelScope, OSError | None] = {}
 
     def __len__(self) -> int:
         return len(self._scopes)
 
     async def hold(self, seconds: float) -> None:
+        failure = None
         with trio.move_on_after(seconds) as scope:
-            self._scopes.add(scope)
+            self._scopes[scope] = None
             try:
                 await trio.sleep_forever()
             finally:
-                self._scopes.discard(scope)
+                failure = self._scopes.pop(scope, None)
+        if failure is not None:  # a fresh exception per request: tracebacks differ
+            raise OSError(failure.errno, failure.strerror)
 
     def end_all(self) -> None:
         """The held requests go on now (or fail with their rule's errno)."""
         for scope in list(self._scopes):
             scope.cancel()
 
-
-async def _settle(holds: Holds, outcome: int | Effect) -> tuple[int, Effect | None]:
-    """A check's non-zero outcome -> (errno, the corruption to apply), after its delay."""
-    if isinstance(outcome, int):
-        return outcome, None
-    if outcome.delay:
-        await holds.hold(outcome.delay)
-    return outcome.errno, (outcome if outcome.corrupt else None)
+    def abort(self, failure: OSError) -> int:
+        """End every hold now; each held request raises `failure` (it must not go on to
+        change the image, whenever its task runs). Their number."""
+        scopes = list(self._scopes)
+        for scope in scopes:
+            self._scopes[scope] = failure
+            scope.cancel()
+        return len(scopes)
 
 
 _REQUEST_MAX_BYTES = (2**31 - 1) // 512 * 512  # BDRV_REQUEST_MAX_BYTES, a sector multiple
@@ -196,6 +200,7 @@ class BlockDevice:
         # When the last cut switched the power off: (CLOCK_MONOTONIC ns, CLOCK_REALTIME ns),
         # stamped as `powered` goes False, so cuts of several mounts can be compared (Fleet).
         self.cut_at: tuple[int, int] | None = None
+        self.last_cut: CutReport | None = None  # status "last_cut"
         self.align = align or 1
         self.max_transfer = max_transfer or 0
         self.opt_write_zero = opt_write_zero or 0
@@ -285,7 +290,19 @@ class BlockDevice:
         new_size = fallocate_size(mode, offset, length, size)
         if request == "discard":
             for piece, count in _export_requests(offset, min(length, size - offset)):
-                await self.discard(piece, count, caller=caller)
+                if self.profile.punch_hole_is_write_zeroes:
+                    # QEMU 10.0's export: write-zeroes that may unmap and must not fall
+                    # back to writing zeroes (BDRV_REQ_NO_FALLBACK: ENOTSUP instead)
+                    await self.write_zeroes(
+                        piece,
+                        count,
+                        unmap=True,
+                        writethrough=writethrough,
+                        caller=caller,
+                        no_fallback=True,
+                    )
+                else:
+                    await self.discard(piece, count, caller=caller)
         elif request == "write-zeroes":
             if mode & FALLOC_FL_KEEP_SIZE:
                 length = min(length, size - offset)
@@ -304,13 +321,27 @@ class BlockDevice:
             await suspension.wait()
             self._check_power()
 
+    async def _settle(self, outcome: int | Effect) -> tuple[int, Effect | None]:
+        """A check's non-zero outcome -> (errno, the corruption to apply), after its delay.
+        A cut during the hold fails the request (Holds.abort); so does a hold that
+        ends while the power is off. A powercut rule cuts here: the request fails."""
+        if isinstance(outcome, int):
+            return outcome, None
+        if outcome.delay:
+            await self.holds.hold(outcome.delay)
+            self._check_power()
+        if outcome.powercut:
+            await self._rule_cut(outcome)
+            return _errno.EIO, None
+        return outcome.errno, (outcome if outcome.corrupt else None)
+
     async def _check_errno(
         self, iotype: str, offset: int, length: int, caller: Sender | None
     ) -> int:
         """A check where there is no data to corrupt: 0 or the errno, after any delay."""
         _, error = self.engine.decide(iotype, offset, length, caller)
         if error:
-            error, _ = await _settle(self.holds, error)
+            error, _ = await self._settle(error)
         return error
 
     def _pieces(self, start: int, end: int) -> tuple[tuple[int, int], ...]:
@@ -328,7 +359,7 @@ class BlockDevice:
         for piece_start, piece_end in self._pieces(start, end):
             _, outcome = self.engine.decide(iotype, piece_start, piece_end - piece_start, caller)
             if outcome:
-                error, effect = await _settle(self.holds, outcome)
+                error, effect = await self._settle(outcome)
                 if error:
                     raise _failure(error)
                 if effect is not None:
@@ -378,7 +409,7 @@ class BlockDevice:
         else:
             _, outcome = self.engine.decide("read", start, end - start, caller)
             if outcome:
-                error, effect = await _settle(self.holds, outcome)
+                error, effect = await self._settle(outcome)
                 if error:
                     raise _failure(error)
                 if effect is not None:
@@ -476,7 +507,7 @@ class BlockDevice:
                 if isinstance(outcome, int):
                     error = outcome
                 else:  # an extension rule's delay or corruption (an Effect comes with its rule)
-                    error, effect = await _settle(self.holds, outcome)
+                    error, effect = await self._settle(outcome)
                     if effect is not None:
                         # silent corruption on the way to the disk, reported done: only
                         # inside the caller's data, never the read-modify-write padding
@@ -495,6 +526,7 @@ class BlockDevice:
                         break  # pieces before it stay written, as in QEMU
                 try:
                     if piece:
+                        self._check_power()  # a request that outlived a cut changes nothing
                         await self.below.write(piece_start, piece, fua=fua)
                 except OSError as failure:  # the undo log is full, or the backing file
                     error = failure.errno or _errno.EIO
@@ -598,36 +630,48 @@ class BlockDevice:
         unmap: bool = False,
         writethrough: bool = False,
         caller: Sender | None = None,
+        no_fallback: bool = False,
     ) -> None:
         """Zero [offset, offset+length) (fallocate ZERO_RANGE; with `unmap` the backing
         file may punch a hole, as `write -z -u`). Raises OSError; pieces before a failing
-        one stay zeroed. Counts as written for the next flush, failed or not."""
+        one stay zeroed. Counts as written for the next flush, failed or not.
+        `no_fallback` (QEMU's BDRV_REQ_NO_FALLBACK): what would need padding or a write of
+        zeroes fails with ENOTSUP instead."""
         if length <= 0:
             return
         self._check_power()
         fua = writethrough or self.fua_always
         if not self.raw:
-            await self._zero_pwritev(offset, length, unmap, fua, caller)
+            await self._zero_pwritev(offset, length, unmap, fua, caller, no_fallback)
             return
         try:
             # The raw node passes the request down whole (no event: raw_co_pwrite_zeroes)
-            await self._zero_pwritev(offset, length, unmap, fua, caller)
+            await self._zero_pwritev(offset, length, unmap, fua, caller, no_fallback)
             if fua:
                 await self.flush(caller=caller)
         finally:
             self._format_written += 1
 
     async def _zero_pwritev(
-        self, offset: int, length: int, unmap: bool, fua: bool, caller: Sender | None
+        self,
+        offset: int,
+        length: int,
+        unmap: bool,
+        fua: bool,
+        caller: Sender | None,
+        no_fallback: bool = False,
     ) -> None:
         """bdrv_co_do_zero_pwritev at the blkdebug node: unaligned ends are padded and
-        written as data (pwritev, iotype write), the aligned middle as zeroes."""
+        written as data (pwritev, iotype write), the aligned middle as zeroes; with
+        `no_fallback` padding is refused (ENOTSUP, before any event)."""
         request = Request("write-zeroes", offset, length)
         end_of_request = offset + length
         start, end = self._padded(offset, length)
         if start == offset and end == end_of_request:
-            await self._aligned_zero(offset, end, unmap, fua, request, caller)
+            await self._aligned_zero(offset, end, unmap, fua, request, caller, no_fallback)
             return
+        if no_fallback:
+            raise _failure(_errno.ENOTSUP)
         align = self.align
         try:
             head, tail, merged = await self._rmw_read(offset, length, start, end, request, caller)
@@ -655,14 +699,23 @@ class BlockDevice:
             await self._aligned_write(middle_end, buffer, request, caller, fua)
 
     async def _aligned_zero(
-        self, start: int, end: int, unmap: bool, fua: bool, request: Request, caller: Sender | None
+        self,
+        start: int,
+        end: int,
+        unmap: bool,
+        fua: bool,
+        request: Request,
+        caller: Sender | None,
+        no_fallback: bool = False,
     ) -> None:
         """bdrv_aligned_pwritev with BDRV_REQ_ZERO_WRITE: pwritev_zero, the pieces,
         pwritev_done."""
         error = 0
         try:
             await self._event("pwritev_zero", request)
-            error = await self._do_pwrite_zeroes(start, end - start, unmap, fua, caller)
+            error = await self._do_pwrite_zeroes(
+                start, end - start, unmap, fua, caller, no_fallback
+            )
             await self._event("pwritev_done", request)
         finally:
             self._blkdebug_written += 1
@@ -670,7 +723,13 @@ class BlockDevice:
             raise _failure(error)
 
     async def _do_pwrite_zeroes(
-        self, offset: int, length: int, unmap: bool, fua: bool, caller: Sender | None
+        self,
+        offset: int,
+        length: int,
+        unmap: bool,
+        fua: bool,
+        caller: Sender | None,
+        no_fallback: bool = False,
     ) -> int:
         """bdrv_co_do_pwrite_zeroes at the blkdebug node; 0 or the errno.
 
@@ -695,19 +754,26 @@ class BlockDevice:
             elif tail and num > alignment:
                 num -= tail
             num = min(num, max_zeroes)
-            if num < alignment:
+            if num < alignment and no_fallback:
+                error = _errno.ENOTSUP  # no fallback write of zeroes: the caller hears it
+            elif num < alignment:
                 # blkdebug_co_pwrite_zeroes: -ENOTSUP; the fallback write of zeroes
                 num = min(num, max_transfer)
                 error = await self._check_errno("write", offset, num, caller)
                 if not error:
                     try:
+                        self._check_power()
                         await self.below.write(offset, bytes(num), fua=fua)
                     except OSError as failure:
                         error = failure.errno or _errno.EIO
             else:
                 error = await self._check_errno("write-zeroes", offset, num, caller)
+                file_align = self.stack.image.zero_align  # the O_DIRECT file node's own alignment
+                if not error and no_fallback and (offset % file_align or num % file_align):
+                    error = _errno.ENOTSUP  # the file node would pad it: refused as well
                 if not error:
                     try:
+                        self._check_power()
                         self.below.write_zeroes(offset, num, unmap, fua=fua)
                     except OSError as failure:  # a full undo log: ENOSPC
                         error = failure.errno or _errno.EIO
@@ -763,6 +829,7 @@ class BlockDevice:
                 error = await self._check_errno("discard", offset, num, caller)
                 if error:
                     raise _failure(error)
+                self._check_power()
                 self.below.discard(offset, num)
             offset += num
             length -= num
@@ -850,7 +917,7 @@ class BlockDevice:
                     rule, error = self.engine.decide("flush", 0, 0, caller)
                     if rule is not None:
                         if type(error) is not int:  # an extension rule's delay
-                            error, _ = await _settle(self.holds, error)
+                            error, _ = await self._settle(error)
                         if rule.drop_unsynced:
                             await self._drop_unsynced()
                         if error:
@@ -888,9 +955,23 @@ class BlockDevice:
         if report is not None:
             log.info("a flush met a drop-unsynced rule: %d unsynced writes reverted", report.writes)
 
-    async def power_cut(self, keep: str, seed: int | None) -> CutReport:
+    async def _rule_cut(self, effect: Effect) -> None:
+        """A powercut rule acted on this request: cut now, with the mount's seed (a request
+        that reaches a rule after another cut finds the power off: nothing more to do)."""
+        if not self.powered:
+            return
+        await self.power_cut(
+            effect.powercut, self.engine.seed, effect.powercut_save or None, why="a powercut rule"
+        )
+
+    async def power_cut(
+        self, keep: str, seed: int | None, save: str | None = None, *, why: str = "powercut"
+    ) -> CutReport:
         """Lose the unsynced writes as `keep` says, make the image show it (fsynced), and
-        leave the power off. Suspended requests are let go first; they fail with EIO."""
+        leave the power off; with `save`, write a sparse copy of the image there. Held and
+        suspended requests fail with EIO, whenever their tasks run (even after a poweron:
+        none of them may change the image the cut left). The report is also `last_cut`,
+        and logged."""
         if self.stack.undo is None:
             raise BlkfuseError(
                 _errno.EINVAL,
@@ -902,14 +983,34 @@ class BlockDevice:
             raise BlkfuseError(_errno.EINVAL, "the power is already off (poweron first)")
         self.powered = False
         self.cut_at = (time.clock_gettime_ns(time.CLOCK_MONOTONIC), time.time_ns())
-        self.engine.release_suspended()
-        return await self.stack.power_cut(keep, seed)
+        lost = OSError(_errno.EIO, "the power was cut while the request was held")
+        self.engine.release_suspended(lost)
+        self.holds.abort(lost)
+        report = await self.stack.power_cut(keep, seed)
+        if save is not None:
+            try:
+                await trio.to_thread.run_sync(sparse_copy, self.stack.image.fd, save)
+                report.saved = save
+            except OSError as error:
+                report.save_error = f"{save}: {error.strerror or error}"
+        self.last_cut = report
+        # the stamps let cuts of several mounts be compared (Fleet)
+        log.warning(
+            "power cut (keep=%s seed=%s) at CLOCK_MONOTONIC %d ns, CLOCK_REALTIME %d ns, by %s: %s",
+            keep,
+            seed,
+            *self.cut_at,
+            why,
+            report.text(),
+        )
+        return report
 
     def power_on(self) -> bool:
         """The device is back, nothing unsynced (the cut fsynced). False if it was on."""
         if self.powered:
             return False
         self.powered = True
+        log.warning("power on")
         # Everything on the image is synced now, as after a successful flush.
         self._format_flushed = self._format_written
         self._blkdebug_flushed = self._blkdebug_written

@@ -16,6 +16,7 @@ is stopped as `blkfuse umount` stops it; a daemon that does not answer is killed
 mount removed lazily.
 """
 
+import json
 import os
 import re
 import shlex
@@ -305,6 +306,28 @@ class Mount:
         """The requests suspended now (tags, event, op, offset, length, seconds)."""
         result: list[dict[str, Any]] = self.status()["suspended"]
         return result
+
+    def powercut(
+        self, keep: str = "none", seed: int | None = None, save: StrPath | None = None
+    ) -> dict[str, Any]:
+        """Cut the power (needs -o track-unsynced=on): the unsynced writes are lost as `keep`
+        says (none, random, prefix; `seed` repeats a random or prefix cut on the same history),
+        then every request fails with EIO until poweron(). `save`: a sparse copy of the image
+        as the cut left it. Returns the cut (status "last_cut"): keep, seed, writes,
+        writes_kept/torn/lost, size, "lost" and "torn" as [[offset, length], ...], saved."""
+        words = [f"keep={keep}"]
+        if seed is not None:
+            words.append(f"seed={int(seed)}")
+        if save is not None:
+            words.append(f"save={shlex.quote(os.path.abspath(os.fspath(save)))}")
+        answer = self.ctl("powercut " + " ".join(words))
+        result: dict[str, Any] = json.loads(answer.strip().splitlines()[-1])
+        return result
+
+    def poweron(self, force: bool = False) -> None:
+        """Bring the device back. ControlError EBUSY while a loop device or a process still
+        holds the image (what it wrote before the cut could land after), unless `force`."""
+        self.ctl("poweron force" if force else "poweron")
 
     @contextmanager
     def filesystem(

@@ -37,13 +37,14 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import secrets
 import shlex
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from blkfuse import client
@@ -79,7 +80,9 @@ def _powercut_seed(words: list[str]) -> tuple[int, list[str]] | None:
 
 def per_node_commands(text: str, count: int) -> tuple[list[str], int | None, list[int | None]]:
     """The text each of `count` nodes is sent, the fleet seed (None: no powercut line) and
-    each node's powercut seed. Lines other than `powercut` go to every node unchanged."""
+    each node's powercut seed. Lines other than `powercut` go to every node unchanged.
+    A powercut's `save=PATH` must hold `{node}` (replaced by each node's index) when the
+    fleet has several nodes: ValueError otherwise, before anything is sent."""
     texts = [[] for _ in range(count)]  # type: list[list[str]]
     fleet_seed: int | None = None
     for line in text.splitlines() or [text]:
@@ -94,8 +97,15 @@ def per_node_commands(text: str, count: int) -> tuple[list[str], int | None, lis
             continue
         if fleet_seed is None:
             fleet_seed = seeded[0]
+        saves = [w for w in seeded[1] if w.startswith("save=")]
+        if count > 1 and any("{node}" not in w for w in saves):
+            raise ValueError(
+                f"{saves[0]}: every node would save its image there; put {{node}} in the path "
+                "for the node's index (save=/var/tmp/cut-{node}.img)"
+            )
         for i, lines in enumerate(texts):
-            lines.append(shlex.join(["powercut", *seeded[1], f"seed={node_seed(fleet_seed, i)}"]))
+            rest = [w.replace("{node}", str(i)) if w.startswith("save=") else w for w in seeded[1]]
+            lines.append(shlex.join(["powercut", *rest, f"seed={node_seed(fleet_seed, i)}"]))
     seeds: list[int | None] = [
         None if fleet_seed is None else node_seed(fleet_seed, i) for i in range(count)
     ]
@@ -113,6 +123,7 @@ class NodeResult:
     error: ControlError | None = None
     seed: int | None = None  # powercut: the seed this node cut with
     power_off_at: dict[str, int] | None = None  # powercut: the daemon's stamp
+    cut: dict[str, Any] | None = None  # powercut: the answer's JSON line, when it has one
     issued_ns: int | None = None  # CLOCK_MONOTONIC when its thread wrote the command
 
     @property
@@ -130,6 +141,8 @@ class NodeResult:
             "error": None if self.error is None else self.error.message,
             "seed": self.seed,
             "power_off_at": self.power_off_at,
+            "issued_ns": self.issued_ns,
+            "cut": self.cut,
         }
 
 
@@ -142,7 +155,6 @@ class FleetResult:
     seed: int | None = None  # the fleet seed of a powercut
     spread_ns: int | None = None  # max - min of the cut nodes' power-off stamps
     issue_spread_ns: int | None = None  # max - min of the moments the writes were issued
-    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -160,7 +172,6 @@ class FleetResult:
             "spread_ns": self.spread_ns,
             "issue_spread_ns": self.issue_spread_ns,
             "nodes": [n.to_dict() for n in self.nodes],
-            "notes": self.notes,
         }
 
     def text(self) -> str:
@@ -173,8 +184,10 @@ class FleetResult:
             )
         for n in self.nodes:
             if n.ok:
-                answer = (n.answer or "").rstrip("\n") or "ok"
-                out.append(f"{n.mountpoint}: {answer}")
+                lines = (n.answer or "").rstrip("\n").splitlines()
+                if n.cut is not None:
+                    lines = lines[:-1]  # the JSON line: in --json as "cut"
+                out.append(f"{n.mountpoint}: " + ("\n".join(lines) or "ok"))
             else:
                 assert n.error is not None
                 out.append(f"{n.mountpoint}: FAILED: {n.error.message} [{n.error.errno_name}]")
@@ -189,7 +202,6 @@ class FleetResult:
                 f"spread: the {cut} cuts landed within {self.spread_ns / 1e6:.3f} ms "
                 f"(CLOCK_MONOTONIC){issue}"
             )
-        out.extend(self.notes)
         return "\n".join(out) + "\n"
 
     def raise_for_failure(self) -> None:
@@ -274,6 +286,18 @@ def _power_off_at(mountpoint: str, timeout: float) -> dict[str, int] | None:
     return stamp if isinstance(stamp, dict) else None
 
 
+def cut_report(answer: str) -> dict[str, Any] | None:
+    """The JSON line a powercut answer ends with (what it lost and tore), if it has one."""
+    lines = answer.strip().splitlines()
+    if not lines or not lines[-1].startswith("{"):
+        return None
+    try:
+        report = json.loads(lines[-1])
+    except ValueError:
+        return None
+    return report if isinstance(report, dict) else None
+
+
 def send_to(
     mountpoints: Sequence[StrPath],
     text: str,
@@ -308,6 +332,7 @@ def send_to(
         for n in nodes:
             if n.ok:
                 n.power_off_at = _power_off_at(n.mountpoint, timeout)
+                n.cut = cut_report(n.answer or "")
         stamps = [n.power_off_at["monotonic_ns"] for n in nodes if n.power_off_at]
         if stamps:
             result.spread_ns = max(stamps) - min(stamps)
@@ -370,13 +395,18 @@ class Fleet:
         keep: str = "none",
         seed: int | None = None,
         check: bool = True,
+        save: StrPath | None = None,
     ) -> FleetResult:
         """Cut the power of every node (or `nodes`) at once: `keep` as `powercut keep=`
         (none, random, prefix), one fleet `seed` (random if None) from which each node's is
-        derived. The result has each node's answer and seed, and the spread of the cuts."""
+        derived; `save`: a path holding `{node}` where each node saves a copy of its image
+        as the cut left it. The result has each node's answer, seed and cut, and the spread
+        of the cuts."""
         words = ["powercut", f"keep={keep}"]
         if seed is not None:
             words.append(f"seed={int(seed)}")
+        if save is not None:
+            words.append(f"save={os.path.abspath(os.fspath(save))}")
         return self.send(shlex.join(words), nodes, check)
 
     def poweron(

@@ -56,7 +56,10 @@ EXT4_EXTENDED = "nodiscard,lazy_itable_init=0,lazy_journal_init=0"
 # (xfs_repair refuses a dirty log), so an inconsistency shows as a mount failure.
 FSCK: dict[str, tuple[list[str], tuple[int, ...]]] = {"ext4": (["e2fsck", "-fy"], (0, 1))}
 
-PACKAGES = {"ext4": "e2fsprogs", "xfs": "xfsprogs", "btrfs": "btrfs-progs"}
+# Mount options to mount a copy of a filesystem while another copy (same UUID) is mounted:
+# xfs refuses a duplicate UUID without nouuid; ext4 does not care; btrfs mounts a single-device
+# copy under a temporary fsid (Linux 6.7 and later).
+COPY_MOUNT_OPTIONS = {"xfs": "nouuid"}
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -153,9 +156,17 @@ def _loop_name(device: str) -> str:
     return os.path.basename(device)
 
 
-def attached(device: str) -> bool:
-    """Is the loop device still bound to a file?"""
-    return os.path.exists(f"/sys/block/{_loop_name(device)}/loop/backing_file")
+def backing_file(device: str) -> str:
+    """The file a loop device is bound to ("" when it is free)."""
+    try:
+        with open(
+            f"/sys/block/{_loop_name(device)}/loop/backing_file",
+            encoding="utf-8",
+            errors="surrogateescape",
+        ) as f:
+            return f.read().rstrip("\n")
+    except OSError:
+        return ""
 
 
 def attach(path: StrPath, direct_io: bool = True) -> str:
@@ -182,21 +193,27 @@ def attach(path: StrPath, direct_io: bool = True) -> str:
     return device
 
 
-def detach(device: str, timeout: float = DETACH_SECONDS) -> None:
+def detach(device: str, timeout: float = DETACH_SECONDS, bound_to: str | None = None) -> None:
     """`losetup -d`, then wait until the kernel has let the device go (udev may hold it open
-    for a moment, and until then `losetup -d` has only set autoclear)."""
-    if not attached(device):
+    for a moment, and until then `losetup -d` has only set autoclear). `bound_to`: the file
+    it was attached to (its backing_file then); a device no longer on it was let go already,
+    and may be someone else's now."""
+    if not backing_file(device):
+        return
+    if bound_to is not None and backing_file(device) != bound_to:
         return
     entry = next((e for e in mounttab.entries() if e.source == device), None)
     if entry is not None:
         raise MountError(f"{device} is mounted at {entry.mountpoint}: unmount that first")
+    was = backing_file(device)
     r = subprocess.run(["losetup", "-d", device], capture_output=True, text=True)
     deadline = time.monotonic() + timeout
-    while attached(device):
+    # bound to the same file: once freed, the device may be taken at once by anyone else
+    while was and backing_file(device) == was:
         if time.monotonic() > deadline:
             said = " ".join(r.stderr.split())
             raise MountError(
-                f"{device} is still attached {timeout:g} s after losetup -d"
+                f"{device} is still attached to {was} {timeout:g} s after losetup -d"
                 + (f" ({said})" if said else "")
             )
         time.sleep(0.01)
@@ -206,10 +223,11 @@ def detach(device: str, timeout: float = DETACH_SECONDS) -> None:
 def loop_device(path: StrPath, direct_io: bool = True) -> Iterator[str]:
     """A loop device over `path` for the `with` block, detached (and gone) after it."""
     device = attach(path, direct_io)
+    bound = backing_file(device)
     try:
         yield device
     finally:
-        detach(device)
+        detach(device, bound_to=bound)
 
 
 # -- mounts --------------------------------------------------------------------------------------
@@ -246,9 +264,33 @@ def users(mountpoint: StrPath) -> list[tuple[int, str]]:
 def mount(
     device: StrPath, mountpoint: StrPath, fstype: str, options: MountOptions | None = None
 ) -> None:
+    """Mount; MountError with mount's words and, since mount(8) only says "wrong fs type,
+    bad option, bad superblock...", what the kernel logged about the device."""
     opts = mount_option_string(options)
     cmd = ["mount", "-t", fstype] + (["-o", opts] if opts else [])
-    _run([*cmd, os.fspath(device), os.fspath(mountpoint)], f"mount {fstype}")
+    try:
+        _run([*cmd, os.fspath(device), os.fspath(mountpoint)], f"mount {fstype}")
+    except MountError as e:
+        said = kernel_log(os.fspath(device))
+        raise MountError(f"{e} | kernel: {' / '.join(said)}" if said else str(e)) from None
+
+
+def kernel_log(device: str, lines: int = 4) -> list[str]:
+    """The kernel's last lines about a loop device since it was attached (the attach logs
+    "loopN: detected capacity change"), without their timestamps."""
+    name = os.path.basename(device)
+    try:
+        r = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    about: list[str] = []
+    for line in r.stdout.splitlines():
+        text = line.split("] ", 1)[-1]
+        if text.startswith(f"{name}: detected capacity change"):
+            about = []
+        elif f"({name})" in text or text.startswith(f"{name}:") or f"device {name})" in text:
+            about.append(text)
+    return about[-lines:]
 
 
 def umount(mountpoint: StrPath) -> None:
@@ -294,6 +336,7 @@ def filesystem(
         mountpoint = tempfile.mkdtemp(prefix=f"blkfuse-{fstype}-")
     where = Path(mountpoint)
     device = attach(image, direct_io)
+    bound = backing_file(device)
     mounted = False
     try:
         if make:
@@ -309,7 +352,7 @@ def filesystem(
             except MountError as e:
                 busy = MountError(f"{e}; {device} stays attached until that is unmounted")
         if busy is None:
-            detach(device)
+            detach(device, bound_to=bound)
         if made_dir and busy is None:
             os.rmdir(where)
         if busy is not None:

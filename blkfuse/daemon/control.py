@@ -423,6 +423,7 @@ class Control:
                 "last_refusal": log.last_refusal,
             }
         cut_at = block.cut_at if block is not None else None
+        last_cut = block.last_cut if block is not None else None
         return {
             "power": "off" if block is not None and not block.powered else "on",
             "unsynced": unsynced,
@@ -430,6 +431,7 @@ class Control:
             "power_off_at": (
                 None if cut_at is None else {"monotonic_ns": cut_at[0], "realtime_ns": cut_at[1]}
             ),
+            "last_cut": last_cut.as_dict() if last_cut is not None else None,
         }
 
     def status_text(self) -> str:
@@ -534,6 +536,9 @@ class Control:
                 f"unsynced: {u['writes']} writes, {u['bytes']} bytes (log holds "
                 f"{u['held']} of cap {u['cap']}; {u['refused']} refused at the cap)"
             )
+        block = self.block
+        if block is not None and block.last_cut is not None:
+            out.append(f"last cut: {block.last_cut.text()}")
         out.append(f"last result: {d['last_result'] or '-'}")
         if d["last_error"]:
             out.append(f"last error: {errno_name(d['last_error_errno'])}: {d['last_error']}")
@@ -698,19 +703,20 @@ async def _status(control: Control, as_json: bool) -> str:
 
 # ---- power cuts (README "Power cuts"; blkfuse extensions) ----
 
-POWERCUT_USAGE = "powercut [keep=none|random|prefix] [seed=N]"
+POWERCUT_USAGE = "powercut [keep=none|random|prefix] [seed=N] [save=PATH]"
 
 
-def _parse_powercut(words: list[str]) -> tuple[str, int | None]:
-    """powercut's KEY=VALUE words -> (keep, seed); seed None: pick one (and tell it)."""
+def _parse_powercut(words: list[str]) -> tuple[str, int | None, str | None]:
+    """powercut's KEY=VALUE words -> (keep, seed, save); seed None: pick one (and tell it)."""
     from blkfuse.crash.undo import KEEP_MODES
 
     given = {}
     for word in words:
         key, equals, value = word.partition("=")
-        if not equals or key not in ("keep", "seed"):
+        if not equals or key not in ("keep", "seed", "save"):
             raise ValueError(
-                f"powercut: expected keep=... or seed=..., not {word!r} (usage: {POWERCUT_USAGE})"
+                f"powercut: expected keep=..., seed=... or save=..., not {word!r} "
+                f"(usage: {POWERCUT_USAGE})"
             )
         if key in given:
             raise ValueError(f"powercut: {key} given twice")
@@ -722,7 +728,12 @@ def _parse_powercut(words: list[str]) -> tuple[str, int | None]:
             f"{config.did_you_mean(keep, KEEP_MODES)}"
         )
     seed = _nonneg_int(given["seed"], "seed") if "seed" in given else None
-    return keep, seed
+    save = given.get("save")
+    if save is not None and not save.startswith("/"):
+        raise ValueError(
+            f"powercut: save= needs an absolute path (the daemon runs in /), not {save!r}"
+        )
+    return keep, seed, save
 
 
 def _check_rule_needs(rule: Rule, control: Control) -> None:
@@ -731,6 +742,17 @@ def _check_rule_needs(rule: Rule, control: Control) -> None:
         config.check_rule_needs([rule], control.settings, where="control")
     except config.ConfigError as e:
         raise ControlError(_errno.EINVAL, str(e).removeprefix("control: ")) from None
+
+
+def _check_save_path(path: str) -> None:
+    """Refuse, before cutting, a save= path whose directory cannot take the copy."""
+    directory = os.path.dirname(path) or "/"
+    if not os.path.isdir(directory):
+        raise ControlError(_errno.ENOENT, f"powercut: save={path}: no directory {directory}")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ControlError(_errno.EACCES, f"powercut: save={path}: cannot write in {directory}")
+    if os.path.isdir(path):
+        raise ControlError(_errno.EISDIR, f"powercut: save={path}: is a directory")
 
 
 def _block_of(control: Control, name: str) -> BlockDevice:
@@ -742,21 +764,72 @@ def _block_of(control: Control, name: str) -> BlockDevice:
 @command(
     POWERCUT_USAGE,
     "\nlose the unsynced writes (-o track-unsynced=on) and power off:\n"
-    "every request fails with EIO until poweron",
-    nargs=(0, 2),
+    "every request fails with EIO until poweron; save=PATH: a sparse\n"
+    "copy of the image as the cut left it. The answer's last line is\n"
+    "JSON (as status json's last_cut: keep, seed, lost/torn extents)",
+    nargs=(0, 3),
     parse=_parse_powercut,
 )
-async def _powercut(control: Control, keep: str, seed: int | None) -> str:
+async def _powercut(control: Control, keep: str, seed: int | None, save: str | None) -> str:
     block = _block_of(control, "powercut")
+    if save is not None:
+        _check_save_path(save)
     if seed is None:
         seed = secrets.randbits(32)
-    report = await block.power_cut(keep, seed)
-    return report.text() + "; the power is off (poweron brings the device back)"
+    report = await block.power_cut(keep, seed, save)
+    control.last_result = report.text()  # the answer has two lines: not summarised by execute
+    return (
+        report.text()
+        + "; the power is off (poweron brings the device back)\n"
+        + json.dumps(report.as_dict(), separators=(",", ":"))
+    )
 
 
-@command("poweron", "bring the device back (the image as the cut left it)")
-async def _poweron(control: Control) -> str:
-    return "power on" if _block_of(control, "poweron").power_on() else "power on (it was on)"
+def _parse_poweron(words: list[str]) -> tuple[bool]:
+    if words and words != ["force"]:
+        raise ValueError(f"usage: poweron [force] (not {' '.join(words)!r})")
+    return (bool(words),)
+
+
+@command(
+    "poweron [force]",
+    "bring the device back (the image as the cut left it); refused while a\n"
+    "loop device or a process holds the image (force: anyway)",
+    nargs=(0, 1),
+    parse=_parse_poweron,
+)
+async def _poweron(control: Control, force: bool) -> str:
+    block = _block_of(control, "poweron")
+    if block.powered:
+        return "power on (it was on)"
+    if not force:
+        busy = await trio.to_thread.run_sync(_image_holders, control.info)
+        if busy:
+            raise ControlError(
+                _errno.EBUSY,
+                f"poweron: refused: the image is still held by {busy} (what it wrote before "
+                "the cut could still reach the image after the poweron); unmount and "
+                "`losetup -d` the loop device, end or close those processes, then poweron; "
+                "or `poweron force`",
+            )
+    block.power_on()
+    return "power on" + (" (forced)" if force else "")
+
+
+def _image_holders(info: dict[str, Any]) -> str:
+    """Who holds the mount's image file (holders.describe()), or ''. Runs in a thread: the
+    stat is a FUSE request to this very daemon."""
+    from blkfuse.client import holders
+
+    mountpoint, name = info.get("mountpoint"), info.get("name")
+    if not mountpoint or not name:
+        return ""
+    path = os.path.join(os.path.realpath(mountpoint), name)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    return holders.find(path, st.st_dev, st.st_ino).describe()
 
 
 def _mark_name(words: list[str]) -> tuple[str]:

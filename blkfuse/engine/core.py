@@ -89,7 +89,16 @@ class Interrupted(NamedTuple):
 class Suspension:
     """A request parked at a breakpoint until each of its tags has been resumed."""
 
-    __slots__ = ("event", "tags", "request", "since", "_done", "_registry", "_on_interrupt")
+    __slots__ = (
+        "event",
+        "tags",
+        "request",
+        "since",
+        "_done",
+        "_registry",
+        "_on_interrupt",
+        "_failure",
+    )
 
     def __init__(
         self,
@@ -106,6 +115,7 @@ class Suspension:
         self._done = trio.Event()
         self._registry = registry  # the engine's list of suspensions
         self._on_interrupt = on_interrupt
+        self._failure: OSError | None = None  # set by abort: what wait() raises
 
     @property
     def done(self) -> bool:
@@ -117,6 +127,12 @@ class Suspension:
         self.tags.clear()
         self._done.set()
 
+    def abort(self, failure: OSError) -> None:
+        """Release it so that its wait() raises `failure`: the request fails when it wakes,
+        whatever happened meanwhile (a power cut: a poweron before it runs changes nothing)."""
+        self._failure = failure
+        self.release()
+
     async def wait(self) -> None:
         try:
             await self._done.wait()
@@ -127,6 +143,8 @@ class Suspension:
                 if self._on_interrupt is not None:
                     self._on_interrupt(self)
                 self.release()
+        if self._failure is not None:  # a fresh exception per waiter: tracebacks differ
+            raise OSError(self._failure.errno, self._failure.strerror)
 
 
 class _ActiveSet:
@@ -506,7 +524,8 @@ class Engine:
         if ext.jitter_us:
             delay_us += self.random.randint(0, ext.jitter_us)
         corrupt = ext.corrupt if iotype == "read" or iotype == "write" else ""
-        if not (error or delay_us or corrupt or rule.torn >= 0 or rule.drop_unsynced):
+        powercut = ext.powercut
+        if not (error or delay_us or corrupt or rule.torn >= 0 or rule.drop_unsynced or powercut):
             return 0  # errno 0: lets it through, as in QEMU
         tally.acted += 1
         if error:
@@ -517,7 +536,7 @@ class Engine:
             tally.corrupted += 1
         if rule.once or tally.acted == ext.count:
             self._remove_armed(rule)
-        if not (delay_us or corrupt):
+        if not (delay_us or corrupt or powercut):
             return error
         start, end = rule.span
         return Effect(
@@ -528,6 +547,8 @@ class Engine:
             start,
             end,
             self.random.getrandbits(64) if corrupt else 0,
+            powercut,
+            ext.powercut_save,
         )
 
     def written(self, offset: int, length: int) -> None:
@@ -651,11 +672,15 @@ class Engine:
             _errno.ETIMEDOUT, f'no request was suspended at tag "{tag}" within {timeout:g} s'
         )
 
-    def release_suspended(self) -> int:
-        """A power cut: let every suspended request go on (to fail), breakpoints stay set."""
+    def release_suspended(self, failure: OSError | None = None) -> int:
+        """A power cut: let every suspended request go on, breakpoints stay set. With
+        `failure`, each one raises it when it wakes (it fails, changing nothing more)."""
         suspended = list(self._suspended)
         for suspension in suspended:
-            suspension.release()
+            if failure is None:
+                suspension.release()
+            else:
+                suspension.abort(failure)
         if suspended:
             self._notify()
         return len(suspended)

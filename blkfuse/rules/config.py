@@ -21,6 +21,7 @@ is an error (QEMU ignores it, which hides typos); option values may be quoted; a
 max-transfer must be positive (QEMU reads 0 as "not set").
 """
 
+import errno as errno_module
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, NoReturn
@@ -142,6 +143,14 @@ def _checked_extensions(ext: Extensions, fields: dict, entries: dict, where: str
         refuse('heal needs sector: it models bad sectors that a write repairs')
     if "corrupt-bytes" in entries and not ext.corrupt:
         refuse('corrupt-bytes needs corrupt (flip, zero or random)')
+    if "powercut-save" in entries and not ext.powercut:
+        refuse("powercut-save needs powercut (none, random or prefix)")
+    if ext.powercut:
+        for other in ("torn", "drop-unsynced", "corrupt"):
+            if other in entries:
+                refuse(f"powercut and {other} cannot be combined: the cut ends the request")
+        if "errno" in entries and fields["errno"] != errno_module.EIO:
+            refuse("powercut fails the request with EIO (the power is off): leave errno out")
     if "count" in entries and fields.get("once"):
         refuse('once and count both limit the rule: once = "on" is count = "1"; use one')
     if "errno" in entries:
@@ -150,7 +159,7 @@ def _checked_extensions(ext: Extensions, fields: dict, entries: dict, where: str
                 'corrupt lets the request succeed with changed data: errno must be 0 '
                 'or absent (write a second rule to fail requests)'
             )
-    elif ext.corrupt or ext.delay_us or ext.jitter_us:
+    elif (ext.corrupt or ext.delay_us or ext.jitter_us) and not ext.powercut:
         fields["errno"] = 0  # a delay or a corruption alone does not fail the request
     return ext
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from blkfuse.rules import listing
 from blkfuse.rules.events import DEFAULT_IOTYPES, EVENTS, IOTYPES, canonical_event
-from blkfuse.rules.model import CORRUPT_MODES, Extensions, Rule
+from blkfuse.rules.model import CORRUPT_MODES, POWERCUT_MODES, Extensions, Rule
 from blkfuse.rules.values import (
     INT64_MAX,
     INT_MAX,
@@ -159,6 +159,23 @@ def parse_corrupt(key: str, text: str) -> str:
     return text
 
 
+def parse_powercut(key: str, text: str) -> str:
+    """powercut=none|random|prefix: what the cut the rule fires keeps (an extension)."""
+    if text not in POWERCUT_MODES:
+        raise Invalid(
+            f'powercut expects one of {", ".join(POWERCUT_MODES)} (what the cut keeps of the '
+            f'unsynced writes), not "{text}"{did_you_mean(text, POWERCUT_MODES)}'
+        )
+    return text
+
+
+def parse_save_path(key: str, text: str) -> str:
+    """powercut-save=PATH: where the daemon writes its copy of the image (it runs in /)."""
+    if not text.startswith("/"):
+        raise Invalid(f'{key} expects an absolute path (the daemon runs in /), not "{text}"')
+    return text
+
+
 def _none_if(empty: Any) -> Callable[[Any], Any]:
     return lambda value: None if value == empty else value
 
@@ -238,6 +255,14 @@ KEYS: tuple[KeySpec, ...] = (
     KeySpec("persistent", "persistent", parse_bool, format_bool, default=False, on_ext=True,
             value="on|off", help="stay armed when later events replace the active set",
             example="persistent=on"),
+    KeySpec("powercut", "powercut", parse_powercut, default="", on_ext=True, json=_none_if(""),
+            needs="track-unsynced", value="|".join(POWERCUT_MODES),
+            help="cut the power at the request it acts on, keeping this (needs track-unsynced)",
+            example="powercut=random"),
+    KeySpec("powercut-save", "powercut_save", parse_save_path, default="", on_ext=True,
+            json=_none_if(""), value="PATH",
+            help="with powercut: save a sparse copy of the image as the cut left it",
+            example="powercut=none powercut-save=/tmp/cut.img"),
 )  # fmt: skip
 
 BY_NAME = {spec.name: spec for spec in KEYS}

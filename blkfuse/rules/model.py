@@ -63,6 +63,9 @@ ANYWHERE_END = 2**63
 
 # What a rule may do to a request besides failing it.
 CORRUPT_MODES = ("flip", "zero", "random")
+# What a power cut keeps of the unsynced writes (crash/undo.py): the powercut command's keep=
+# and the powercut rule key.
+POWERCUT_MODES = ("none", "random", "prefix")
 
 
 @dataclass(slots=True, frozen=True)
@@ -88,6 +91,8 @@ class Extensions:
     uid: int = -1  # only requests sent by this user; -1: any
     heal: bool = False  # a successful write over the whole span removes the rule
     persistent: bool = False  # stays armed when later events replace the active set
+    powercut: str = ""  # cuts the power at the request it acts on, keeping this; "": no
+    powercut_save: str = ""  # ... and saves a sparse copy of the image as the cut left it
 
 
 @dataclass(slots=True, eq=False)
