@@ -88,6 +88,9 @@ def test_fleet_powercut_cuts_every_node_with_its_derived_seed_and_reports_the_sp
         st = m.status()
         assert st["power"] == "off"
         assert n.power_off_at == st["power_off_at"]
+        # the answer's JSON line is the node's cut, as its status's last_cut
+        assert n.cut == st["last_cut"] and n.cut["seed"] == n.seed and n.cut["keep"] == "random"
+        assert n.cut["writes"] == 1  # the one unsynced pwrite
         assert set(n.power_off_at) == {"monotonic_ns", "realtime_ns"}
     stamps = [n.power_off_at["monotonic_ns"] for n in result.nodes]
     assert result.spread_ns == max(stamps) - min(stamps)  # reported, whatever it is

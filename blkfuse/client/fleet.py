@@ -176,8 +176,10 @@ class FleetResult:
             )
         for n in self.nodes:
             if n.ok:
-                answer = (n.answer or "").rstrip("\n") or "ok"
-                out.append(f"{n.mountpoint}: {answer}")
+                lines = (n.answer or "").rstrip("\n").splitlines()
+                if n.cut is not None:
+                    lines = lines[:-1]  # the JSON line: in --json as "cut"
+                out.append(f"{n.mountpoint}: " + ("\n".join(lines) or "ok"))
             else:
                 assert n.error is not None
                 out.append(f"{n.mountpoint}: FAILED: {n.error.message} [{n.error.errno_name}]")
