@@ -157,7 +157,7 @@ def test_a_held_write_fails_even_when_the_power_is_back_before_its_task_runs(tmp
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(writer)
-            while engine.held() == 0:
+            while len(block.holds) == 0:
                 await trio.sleep(0)
             await block.power_cut("none", 1)
             assert block.power_on()  # before the writer's task has run again
