@@ -28,9 +28,6 @@ from blkfuse.client import fsstack, holders
 from blkfuse.client.api import Mount, Options, StrPath, parse_size
 from blkfuse.errors import MountError
 
-# Hang guard, not a speed limit: a loop device detaches as soon as its last user closes it.
-DETACH_SECONDS = 30.0
-
 
 def _take_down(use: holders.LoopUse) -> list[str]:
     """Unmount a loop device's file systems and detach it, in that order (the steps of the
@@ -46,7 +43,7 @@ def _take_down(use: holders.LoopUse) -> list[str]:
     if failed:
         return failed
     try:
-        fsstack.detach(use.device, DETACH_SECONDS)
+        fsstack.detach(use.device)
     except MountError as e:
         return [str(e)]
     return []
