@@ -1,18 +1,25 @@
 """blkfuse: QEMU blkdebug's fault-injection rule engine behind a FUSE-mounted disk image.
 
-from blkfuse import Mount, ControlError      # see blkfuse.api
+from blkfuse import Mount, ControlError      # see blkfuse.client.api
+from blkfuse import Fleet                    # several mounts at once: blkfuse.client.fleet
 """
 
-from typing import TYPE_CHECKING, Any
+from __future__ import annotations
 
 from blkfuse.errors import BlkfuseError, ControlError, MountError
 
+# No `typing` at run time: `blkfuse ctl`/`status` import this, and typing alone costs more
+# instructions than starting Python (blkfuse.cli.fast).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from blkfuse.client.api import Mount
+    from blkfuse.client.fleet import Fleet
 
 __version__ = "0.1.0"
 
-__all__ = ["Mount", "BlkfuseError", "ControlError", "MountError", "__version__"]
+__all__ = ["Mount", "Fleet", "BlkfuseError", "ControlError", "MountError", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -21,4 +28,8 @@ def __getattr__(name: str) -> Any:
         from blkfuse.client.api import Mount
 
         return Mount
+    if name == "Fleet":
+        from blkfuse.client.fleet import Fleet
+
+        return Fleet
     raise AttributeError(f"module 'blkfuse' has no attribute {name!r}")

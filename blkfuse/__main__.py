@@ -1,5 +1,5 @@
 """`python -m blkfuse ...`: the blkfuse command, for when its console script is not on PATH."""
 
-from blkfuse.cli import main
+from blkfuse.cli import run
 
-main(prog_name="blkfuse")
+run()

@@ -342,6 +342,7 @@ def test_status_dict_is_json_and_stable():
         "power",
         "unsynced",
         "last_cut",
+        "power_off_at",
         "log_writes",
     }
     assert d["state"] == 3

@@ -45,6 +45,7 @@ wakes up: _check_power after each wait).
 import errno as _errno
 import logging
 import os
+import time
 from collections.abc import Iterator
 
 import trio
@@ -118,6 +119,9 @@ class BlockDevice:
         self.below = stack.top  # every change and read goes to this node
         self.powered = True
         self.last_cut: CutReport | None = None  # status "last_cut"
+        # When the last cut switched the power off: (CLOCK_MONOTONIC ns, CLOCK_REALTIME ns),
+        # stamped as `powered` goes False, so cuts of several mounts can be compared (Fleet).
+        self.cut_at: tuple[int, int] | None = None
         self.align = align or 1
         self.max_transfer = max_transfer or 0
         self.opt_write_zero = opt_write_zero or 0
@@ -872,6 +876,7 @@ class BlockDevice:
         if not self.powered:
             raise BlkfuseError(_errno.EINVAL, "the power is already off (poweron first)")
         self.powered = False
+        self.cut_at = (time.clock_gettime_ns(time.CLOCK_MONOTONIC), time.time_ns())
         lost = OSError(_errno.EIO, "the power was cut while the request was held")
         self.engine.release_suspended(lost)
         self.engine.abort_holds(lost)

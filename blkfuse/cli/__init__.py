@@ -1,8 +1,20 @@
-"""The `blkfuse` command: one module per subcommand, as in S3QL."""
+"""The `blkfuse` command: one module per subcommand, as in S3QL.
 
-import importlib
+`run()` is the console script. `blkfuse ctl` and `blkfuse status` are scripted in loops, so
+when their arguments need no option parsing they run from blkfuse.cli.fast, which loads neither
+click nor trio nor pyfuse3; everything else (and those two with options or --help) goes to the
+click group, `main` (blkfuse.cli.group, imported on first use).
+"""
 
-import click
+from __future__ import annotations
+
+import sys
+
+TYPE_CHECKING = False  # no `typing` at run time (see blkfuse/__init__.py)
+if TYPE_CHECKING:
+    from typing import Any
+
+    import click
 
 # subcommand name -> module in this package that defines `command`
 SUBCOMMANDS = {
@@ -18,36 +30,24 @@ SUBCOMMANDS = {
 }
 
 
-class _LazyGroup(click.Group):
-    """Imports a subcommand's module only when it runs, so `blkfuse check` never loads pyfuse3."""
+def run() -> None:
+    """`blkfuse ARGS...`: the fast path for plain `ctl`/`status`, else the click group."""
+    from blkfuse.cli import fast
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(SUBCOMMANDS)
+    fast.run(sys.argv[1:])  # returns only when the arguments need click
+    from blkfuse.cli.group import main
 
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        module = SUBCOMMANDS.get(name)
-        if module is None:
-            return None
-        return importlib.import_module(f"{__name__}.{module}").command
+    main(prog_name="blkfuse")
 
 
-@click.group(
-    cls=_LazyGroup,
-    context_settings={"help_option_names": ["-h", "--help"]},
-    epilog="""\b
-Examples:
-  blkfuse check rules.conf
-  blkfuse mount --config rules.conf disk.img /mnt/faulty
-  blkfuse ctl /mnt/faulty break write_aio A
-  blkfuse status /mnt/faulty
-  blkfuse umount /mnt/faulty
+def __getattr__(name: str) -> Any:
+    # `from blkfuse.cli import main` (tests, CliRunner) gets the click group, loaded now.
+    if name == "main":
+        from blkfuse.cli.group import main
 
-"blkfuse COMMAND --help" shows each command's options and examples.""",
-)
-@click.version_option(package_name="blkfuse")
-def main() -> None:
-    """Inject disk faults the way QEMU's blkdebug does, into any program.
+        return main
+    raise AttributeError(f"module 'blkfuse.cli' has no attribute {name!r}")
 
-    blkfuse mounts a disk image as a single file; every read, write and fsync of that
-    file runs through blkdebug's rule engine before it reaches the image.
-    """
+
+if TYPE_CHECKING:
+    main: click.Group

@@ -1,16 +1,21 @@
-"""What the mount-side commands share: the one-line failure (the talking is blkfuse.client)."""
+"""What the mount-side commands share: the one-line failure (the talking is blkfuse.client).
+No click here: blkfuse.cli.fast uses it too."""
+
+from __future__ import annotations
 
 import sys
-from typing import NoReturn
-
-import click
 
 from blkfuse.errors import ControlError
+
+TYPE_CHECKING = False  # no `typing` at run time (see blkfuse/__init__.py)
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 
 def fail(message: str) -> NoReturn:
     """One line on stderr, exit status 1."""
-    click.echo(f"blkfuse: {message}", err=True)
+    sys.stderr.write(f"blkfuse: {message}\n")
+    sys.stderr.flush()
     sys.exit(1)
 
 

@@ -1,12 +1,8 @@
 """`blkfuse status MNT [--json]`: what the mount is doing."""
 
-import json
-
 import click
 
-from blkfuse.cli._common import control_failure, fail
-from blkfuse.client import open_error, read_status, status
-from blkfuse.errors import ControlError
+from blkfuse.cli import fast
 
 
 @click.command(
@@ -25,15 +21,4 @@ Examples:
 )
 def command(mountpoint: str, as_json: bool) -> None:
     """Show the state, rules, breakpoints, suspended requests and counters of a mount."""
-    if as_json:
-        try:
-            answer = status(mountpoint)
-        except ControlError as e:
-            fail(control_failure(e))
-        click.echo(json.dumps(answer, indent=2))
-        return
-    try:
-        text = read_status(mountpoint)
-    except OSError as e:
-        fail(open_error(mountpoint, e))
-    click.echo(text, nl=False)
+    fast.status(mountpoint, as_json)  # the plain form of this command runs there without click

@@ -7,29 +7,30 @@ A control command is written as one write(2) to MNT/control and its answer read 
 same open file: the daemon keeps each open's answer (or error text) on that handle.
 """
 
-import errno
-import functools
-import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from __future__ import annotations
 
-from blkfuse.client import holders, mounttab
+import errno
+import os
+import sys
+
 from blkfuse.errors import ControlError, MountError
+
+TYPE_CHECKING = False  # no `typing` at run time (see blkfuse/__init__.py)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, TypeVar
+
+    from blkfuse.client import holders
+
+    T = TypeVar("T")
+
+# `blkfuse ctl`/`status` import this module on every call (blkfuse.cli.fast): what only
+# unmounting, the JSON status or the timeouts need is imported where it is used.
 
 CONTROL = "control"
 
 # How long a live daemon may take to answer `status json` before it counts as wedged.
 ANSWER_SECONDS = 10.0
-
-T = TypeVar("T")
 
 
 class NoAnswer(TimeoutError):
@@ -42,9 +43,9 @@ def blkfuse_command() -> list[str]:
     The console script beside the running interpreter when there is one (a venv), else
     `python -m blkfuse` with this interpreter: either way the same blkfuse as this module.
     """
-    script = Path(sys.executable).with_name("blkfuse")
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script)]
+    script = os.path.join(os.path.dirname(sys.executable), "blkfuse")
+    if os.path.isfile(script) and os.access(script, os.X_OK):
+        return [script]
     return [sys.executable, "-m", "blkfuse"]
 
 
@@ -85,36 +86,51 @@ def read_status(mountpoint: str | os.PathLike[str]) -> str:
         os.close(fd)
 
 
-def send(mountpoint: str | os.PathLike[str], text: str) -> str:
-    """Write `text` as one unit to the mount's control file; return the answer text.
+def open_control(mountpoint: str | os.PathLike[str]) -> int:
+    """Open MNT/control for a command (O_RDWR); ControlError with why it cannot be."""
+    try:
+        return os.open(control_path(mountpoint), os.O_RDWR)
+    except OSError as e:
+        raise ControlError(e.errno or errno.EIO, open_error(mountpoint, e)) from None
 
-    On failure raise ControlError: the write's errno and the daemon's own message (which it
-    leaves on the handle that wrote the command), or the errno's text if there is none; if
-    `control` cannot be opened, that errno and why (open_error).
+
+def exchange(fd: int, text: str) -> str:
+    """Write `text` as one command unit on an open control file; return the answer text.
+
+    ControlError on failure: the write's errno and the daemon's own message (which it leaves
+    on the handle that wrote the command), or the errno's text if there is none.
     """
     if not text.endswith("\n"):
         text += "\n"
     try:
-        fd = os.open(control_path(mountpoint), os.O_RDWR)
+        os.write(fd, text.encode())
     except OSError as e:
-        raise ControlError(e.errno or errno.EIO, open_error(mountpoint, e)) from None
-    try:
         try:
-            os.write(fd, text.encode())
-        except OSError as e:
-            try:
-                answer = _read_all(fd).decode(errors="replace").strip()
-            except OSError:
-                answer = ""
-            message = answer.removeprefix("error: ") or os.strerror(e.errno or errno.EIO)
-            raise ControlError(e.errno or errno.EIO, message) from None
-        return _read_all(fd).decode(errors="replace")
+            answer = _read_all(fd).decode(errors="replace").strip()
+        except OSError:
+            answer = ""
+        message = answer.removeprefix("error: ") or os.strerror(e.errno or errno.EIO)
+        raise ControlError(e.errno or errno.EIO, message) from None
+    return _read_all(fd).decode(errors="replace")
+
+
+def send(mountpoint: str | os.PathLike[str], text: str) -> str:
+    """Write `text` as one unit to the mount's control file; return the answer text.
+
+    On failure raise ControlError: the write's errno and the daemon's own message (see
+    exchange), or if `control` cannot be opened, that errno and why (open_error).
+    """
+    fd = open_control(mountpoint)
+    try:
+        return exchange(fd, text)
     finally:
         os.close(fd)
 
 
 def status(mountpoint: str | os.PathLike[str]) -> dict[str, Any]:
     """The mount's status as `blkfuse status --json` shows it (ControlError on failure)."""
+    import json
+
     result: dict[str, Any] = json.loads(send(mountpoint, "status json"))
     return result
 
@@ -141,7 +157,7 @@ class TraceStream:
         self._lines: list[bytes] = []
         self._pending = b""
 
-    def __iter__(self) -> "TraceStream":
+    def __iter__(self) -> TraceStream:
         return self
 
     def __next__(self) -> dict[str, Any]:
@@ -156,6 +172,8 @@ class TraceStream:
                 raise StopIteration
             *lines, self._pending = (self._pending + chunk).split(b"\n")
             self._lines = [line for line in lines if line]
+        import json
+
         record: dict[str, Any] = json.loads(self._lines.pop(0))
         return record
 
@@ -164,7 +182,7 @@ class TraceStream:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "TraceStream":
+    def __enter__(self) -> TraceStream:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -175,6 +193,8 @@ def with_timeout(fn: Callable[[], T], timeout: float) -> T:
     """fn() in a thread, NoAnswer after `timeout` s: an open() or write() on a wedged
     mount never returns, and cannot be interrupted. The thread left behind is a daemon thread
     whose (killable) wait ends with the process or with the daemon."""
+    import threading
+
     box: dict[str, Any] = {}
 
     def run() -> None:
@@ -197,6 +217,8 @@ def with_timeout(fn: Callable[[], T], timeout: float) -> T:
 def release_all(mountpoint: str | os.PathLike[str], timeout: float = ANSWER_SECONDS) -> None:
     """Drop every breakpoint and resume every suspended request, best effort: so that a
     process whose request the daemon holds can go on (or be killed) before anything else."""
+    import functools
+
     try:
         st = with_timeout(lambda: status(mountpoint), timeout)
     except (ControlError, NoAnswer, ValueError):
@@ -212,6 +234,9 @@ def release_all(mountpoint: str | os.PathLike[str], timeout: float = ANSWER_SECO
 
 def fusermount(mountpoint: str | os.PathLike[str], lazy: bool = False) -> bool:
     """Remove a mount without its daemon (fusermount3 -u, or umount as root)."""
+    import shutil
+    import subprocess
+
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     if tool:
         cmd = [tool, "-u"] + (["-z"] if lazy else []) + [os.fspath(mountpoint)]
@@ -225,6 +250,10 @@ def fusermount(mountpoint: str | os.PathLike[str], lazy: bool = False) -> bool:
 def force_unmount(mountpoint: str | os.PathLike[str]) -> bool:
     """Last resort: remove a (possibly dead) mount lazily without asking its daemon.
     True once nothing is mounted there."""
+    import subprocess
+
+    from blkfuse.client import mounttab
+
     if not mounttab.is_mounted(mountpoint):
         return True
     for lazy in (False, True):
@@ -241,6 +270,10 @@ def force_unmount(mountpoint: str | os.PathLike[str]) -> bool:
 
 
 def _wait_unmounted(mountpoint: str, timeout: float) -> bool:
+    import time
+
+    from blkfuse.client import mounttab
+
     deadline = time.monotonic() + timeout
     while mounttab.is_blkfuse_mount(mountpoint):
         if time.monotonic() > deadline:
@@ -283,6 +316,8 @@ def users(mountpoint: str | os.PathLike[str], st: dict[str, Any] | None) -> hold
     """Who uses the image of the mount at `mountpoint` (its daemon left out): by the image's
     path and inode while the daemon answers (`st`, its status), by path alone when it is gone
     (st None): loop devices backed by a file in the mount, processes with one open or mapped."""
+    from blkfuse.client import holders
+
     mnt = os.path.realpath(mountpoint)
     if st is None:
         found = holders.find_under(mnt)
@@ -300,6 +335,8 @@ def users(mountpoint: str | os.PathLike[str], st: dict[str, Any] | None) -> hold
 def loop_users(mountpoint: str | os.PathLike[str]) -> list[holders.LoopUse]:
     """The loop devices backed by a file in the mount at `mountpoint`, each with what uses it
     (found by path alone: also for a mount whose daemon is gone)."""
+    from blkfuse.client import holders
+
     devices = holders.settle(holders.loop_devices_under(os.path.realpath(mountpoint)))
     return [holders.loop_use(dev) for dev in devices]
 
@@ -337,6 +374,10 @@ def unmount(
     directly; a daemon that does not answer is detached lazily. MountError says why the mount
     is still there.
     """
+    import signal
+
+    from blkfuse.client import mounttab
+
     if lazy and force:
         raise MountError("--lazy and --force: choose one")
     mnt = os.path.abspath(mountpoint)

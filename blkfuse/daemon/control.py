@@ -414,9 +414,14 @@ class Control:
                 "last_refusal": log.last_refusal,
             }
         last_cut = block.last_cut if block is not None else None
+        cut_at = block.cut_at if block is not None else None
         return {
             "power": "off" if block is not None and not block.powered else "on",
             "unsynced": unsynced,
+            # when the last powercut switched the power off (null: never): Fleet's spread
+            "power_off_at": (
+                None if cut_at is None else {"monotonic_ns": cut_at[0], "realtime_ns": cut_at[1]}
+            ),
             "last_cut": last_cut.as_dict() if last_cut is not None else None,
         }
 
