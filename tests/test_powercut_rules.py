@@ -233,15 +233,29 @@ def test_poweron_refuses_while_a_loop_device_or_a_process_holds_the_image(mount,
     dev = subprocess.run(
         ["losetup", "--find", "--show", str(m.file)], capture_output=True, text=True, check=True
     ).stdout.strip()
+    fs = fuse_dir / "fs"
+    fs.mkdir()
     try:
+        subprocess.run(["mkfs.ext4", "-q", dev], check=True, capture_output=True)
+        subprocess.run(["mount", dev, fs], check=True, capture_output=True)
         m.ctl("powercut")
         with pytest.raises(OSError) as e:
             m.ctl("poweron")
         assert e.value.errno == errno.EBUSY
         message = m.status()["last_error"]
-        assert f"loop device {dev}" in message and "poweron force" in message
+        assert f"loop device {dev} (mounted at {fs})" in message, message
+        assert "unmount that first" in message and "poweron force" in message
         assert m.status()["power"] == "off"
+        subprocess.run(["umount", fs], capture_output=True)
+        if os.path.ismount(fs):
+            subprocess.run(["umount", "-l", fs], check=True)
+        with pytest.raises(OSError) as e:
+            m.ctl("poweron")
+        assert e.value.errno == errno.EBUSY
+        assert f"losetup -d {dev}" in m.status()["last_error"]
     finally:
+        if os.path.ismount(fs):
+            subprocess.run(["umount", "-l", fs], capture_output=True)
         _detach(dev)
     with open(m.file, "rb") as image:
         holder = subprocess.Popen(["sleep", "600"], stdin=image)
