@@ -2,6 +2,7 @@
 
 from blkfuse import Mount, ControlError      # see blkfuse.client.api
 from blkfuse import Fleet                    # several mounts at once: blkfuse.client.fleet
+from blkfuse import crashtest                # see blkfuse.crash.harness
 """
 
 from __future__ import annotations
@@ -16,10 +17,19 @@ if TYPE_CHECKING:
 
     from blkfuse.client.api import Mount
     from blkfuse.client.fleet import Fleet
+    from blkfuse.crash.harness import crashtest
 
 __version__ = "0.1.0"
 
-__all__ = ["Mount", "Fleet", "BlkfuseError", "ControlError", "MountError", "__version__"]
+__all__ = [
+    "Mount",
+    "Fleet",
+    "crashtest",
+    "BlkfuseError",
+    "ControlError",
+    "MountError",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -32,4 +42,8 @@ def __getattr__(name: str) -> Any:
         from blkfuse.client.fleet import Fleet
 
         return Fleet
+    if name == "crashtest":
+        from blkfuse.crash.harness import crashtest
+
+        return crashtest
     raise AttributeError(f"module 'blkfuse' has no attribute {name!r}")

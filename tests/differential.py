@@ -140,10 +140,22 @@ class Scenario:
         opts += [f"{key}={value}" for key, value in self.limits.items()]
         return opts
 
-    def qemu_argv(self, config_path: Path, image_path: Path, flush_as: str) -> list[str]:
+    def qemu_argv(
+        self, config_path: Path, image_path: Path, flush_as: str, log_path: Path | None = None
+    ) -> list[str]:
+        """With `log_path`: a blklogwrites node logging to it between blkdebug and the file
+        (what blkfuse's -o log-writes records, tests/test_logwrites_differential.py)."""
         argv = [QEMU_IO, "-t", self.cache]
         blkdebug = self.blkdebug_options()
-        if self.format == "none":
+        if log_path is not None:
+            image = ["image.driver=blklogwrites", "image.file.driver=file"]
+            image += [f"image.file.filename={image_path}", "image.log.driver=file"]
+            image += [f"image.log.filename={log_path}"]
+            opts = ["driver=blkdebug", f"config={config_path}"] + blkdebug + image
+            if self.format != "none":
+                opts = ["driver=raw"] + [f"file.{o}" for o in opts]
+            argv += ["--image-opts", ",".join(opts)]
+        elif self.format == "none":
             opts = ["driver=blkdebug", f"config={config_path}"] + blkdebug
             opts += ["image.driver=file", f"image.filename={image_path}"]
             argv += ["--image-opts", ",".join(opts)]
@@ -653,15 +665,16 @@ def compare(
 # ---- through a mount ------------------------------------------------------------------------
 
 
-def run_mount(sc: Scenario, tmpdir: Path) -> tuple[list, bytes]:
+def run_mount(
+    sc: Scenario, tmpdir: Path, extra_options: dict[str, str] | None = None
+) -> tuple[list, bytes]:
     image_path = tmpdir / "img.raw"
     config_path = tmpdir / "blkdebug.conf"
     image_path.write_bytes(sc.image())
     config_path.write_text(sc.config)
     results = []
-    with oracle.Mount(
-        image_path, tmpdir / "mnt", config=config_path, options=sc.mount_options()
-    ) as m:
+    options = {**sc.mount_options(), **(extra_options or {})}
+    with oracle.Mount(image_path, tmpdir / "mnt", config=config_path, options=options) as m:
         fd = os.open(m.file, oracle.open_flags(False))
         try:
             for op in sc.ops:

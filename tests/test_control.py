@@ -340,9 +340,9 @@ def test_status_dict_is_json_and_stable():
         "last_error",
         "last_error_errno",
         "power",
+        "power_off_at",
         "unsynced",
         "last_cut",
-        "power_off_at",
         "log_writes",
     }
     assert d["state"] == 3

@@ -34,6 +34,7 @@ def test_etcd_cluster_keeps_every_acknowledged_key_through_correlated_cuts(tmp_p
         timeout=1500,
     )
     out = r.stdout + r.stderr
+    assert result.exists(), out  # the script writes its result however the run went
     report = json.loads(result.read_text())
     assert [i["scenario"] for i in report["iterations"]] == SCENARIOS, out
     for it in report["iterations"]:

@@ -288,3 +288,32 @@ def test_a_log_that_cannot_be_opened_fails_the_mount_by_name(mount, fuse_dir):
     assert f"option log-writes: {junk}: " in done.stderr
     assert "not a dm-log-writes log" in done.stderr
     assert logwrites.DEFAULT_SECTOR_SIZE == 512
+
+
+def test_a_power_cut_appends_a_powercut_mark_after_everything_that_reached_the_image(
+    mount, fuse_dir
+):
+    log = fuse_dir / "cut.log"
+    initial = bytes(MiB)
+    m = mount("-o", "track-unsynced=on", "-o", f"log-writes={log}", data=initial)
+    fd = os.open(m.file, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"S" * 4096, 0)
+        os.fsync(fd)
+        synced = sha(m.image)
+        os.pwrite(fd, b"U" * 4096, 8192)  # unsynced: the cut takes it back
+        before_cut = sha(m.image)
+    finally:
+        os.close(fd)
+    m.ctl("powercut keep=none")
+    assert sha(m.image) == synced
+    listed = list(read_log(log)[1])  # the cut synced the superblock
+    assert [e.flags_text for e in listed] == ["NONE", "FLUSH", "NONE", "MARK"]
+    assert listed[-1].mark == "powercut"
+    target = fuse_dir / "t.img"
+    target.write_bytes(initial)
+    assert replay(log, target, "--end-mark", "powercut").returncode == 0
+    assert sha(target) == before_cut  # what reached the image; the take-back is not logged
+    target.write_bytes(initial)
+    assert replay(log, target, "--next-flush").returncode == 0
+    assert sha(target) == synced

@@ -118,10 +118,10 @@ class BlockDevice:
         self.stack = stack
         self.below = stack.top  # every change and read goes to this node
         self.powered = True
-        self.last_cut: CutReport | None = None  # status "last_cut"
         # When the last cut switched the power off: (CLOCK_MONOTONIC ns, CLOCK_REALTIME ns),
         # stamped as `powered` goes False, so cuts of several mounts can be compared (Fleet).
         self.cut_at: tuple[int, int] | None = None
+        self.last_cut: CutReport | None = None  # status "last_cut"
         self.align = align or 1
         self.max_transfer = max_transfer or 0
         self.opt_write_zero = opt_write_zero or 0
@@ -888,7 +888,15 @@ class BlockDevice:
             except OSError as error:
                 report.save_error = f"{save}: {error.strerror or error}"
         self.last_cut = report
-        log.warning("power cut (%s): %s", why, report.text())
+        # the stamps let cuts of several mounts be compared (Fleet)
+        log.warning(
+            "power cut (keep=%s seed=%s) at CLOCK_MONOTONIC %d ns, CLOCK_REALTIME %d ns, by %s: %s",
+            keep,
+            seed,
+            *self.cut_at,
+            why,
+            report.text(),
+        )
         return report
 
     def power_on(self) -> bool:

@@ -111,6 +111,11 @@ class Filter:
     def power_cut(self) -> None:
         """The power was just cut (before the undo filter takes anything back)."""
 
+    def unflushed(self) -> bool:
+        """Changes passed this filter that no flush has covered yet: a flush must reach it
+        even where blkdebug's generation is clean (QEMU flushes each child by its own)."""
+        return False
+
     def mark(self, name: str) -> None:
         """A named point in the request stream (Stack.mark: a control command's, say)."""
 

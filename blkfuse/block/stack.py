@@ -52,10 +52,13 @@ class Stack:
         return self.find(UndoFilter)
 
     def holds_unsynced(self) -> bool:
-        """Changes reached the image that no flush covered yet (known only with the undo
-        log): a flush must fsync even where QEMU's generations would skip it."""
+        """Changes reached the image that no flush covered yet (known to the undo log, and
+        to any filter whose unflushed() says so, the write recorder): a flush must reach
+        them even where blkdebug's generation would skip it."""
         undo = self.undo
-        return undo is not None and len(undo.log) > 0
+        return (undo is not None and len(undo.log) > 0) or any(
+            node.unflushed() for node in self.filters
+        )
 
     async def power_cut(self, keep: str, seed: int | None) -> CutReport:
         """Every filter hears of the cut (top first), then the undo filter takes back the
@@ -110,7 +113,7 @@ def build_stack(settings: Settings, image: Image) -> Stack:
         # reaches the image, not what a power cut takes back.
         from blkfuse.crash.recorder import Recorder
 
-        stack.add(
+        recorder = stack.add(
             Recorder.open(
                 stack.top,
                 settings.log_writes,
@@ -121,4 +124,6 @@ def build_stack(settings: Settings, image: Image) -> Stack:
                 or DEFAULT_SUPER_UPDATE_INTERVAL,
             )
         )
+        assert isinstance(recorder, Recorder)
+        recorder.flush_on_close = settings.cache != "unsafe"  # BDRV_O_NO_FLUSH: no flush
     return stack

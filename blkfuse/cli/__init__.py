@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "trace": "trace",
     "replay": "replay",
     "log": "log",
+    "crashtest": "crashtest",
 }
 
 

@@ -399,7 +399,7 @@ def unmount(
     except ControlError as e:
         # The daemon is gone (ENOTCONN) or does not answer: remove the mount itself, unless
         # that leaves a user on a dead disk without being asked to.
-        if not (lazy or force):
+        if not (lazy or force) and e.errno in (errno.ENOTCONN, errno.ECONNABORTED):
             found = users(mnt, None)
             if found:
                 raise MountError(busy_message(mnt, "", found, dead=True)) from None

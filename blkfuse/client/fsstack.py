@@ -56,7 +56,10 @@ EXT4_EXTENDED = "nodiscard,lazy_itable_init=0,lazy_journal_init=0"
 # (xfs_repair refuses a dirty log), so an inconsistency shows as a mount failure.
 FSCK: dict[str, tuple[list[str], tuple[int, ...]]] = {"ext4": (["e2fsck", "-fy"], (0, 1))}
 
-PACKAGES = {"ext4": "e2fsprogs", "xfs": "xfsprogs", "btrfs": "btrfs-progs"}
+# Mount options to mount a copy of a filesystem while another copy (same UUID) is mounted:
+# xfs refuses a duplicate UUID without nouuid; ext4 does not care; btrfs mounts a single-device
+# copy under a temporary fsid (Linux 6.7 and later).
+COPY_MOUNT_OPTIONS = {"xfs": "nouuid"}
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -246,9 +249,33 @@ def users(mountpoint: StrPath) -> list[tuple[int, str]]:
 def mount(
     device: StrPath, mountpoint: StrPath, fstype: str, options: MountOptions | None = None
 ) -> None:
+    """Mount; MountError with mount's words and, since mount(8) only says "wrong fs type,
+    bad option, bad superblock...", what the kernel logged about the device."""
     opts = mount_option_string(options)
     cmd = ["mount", "-t", fstype] + (["-o", opts] if opts else [])
-    _run([*cmd, os.fspath(device), os.fspath(mountpoint)], f"mount {fstype}")
+    try:
+        _run([*cmd, os.fspath(device), os.fspath(mountpoint)], f"mount {fstype}")
+    except MountError as e:
+        said = kernel_log(os.fspath(device))
+        raise MountError(f"{e} | kernel: {' / '.join(said)}" if said else str(e)) from None
+
+
+def kernel_log(device: str, lines: int = 4) -> list[str]:
+    """The kernel's last lines about a loop device since it was attached (the attach logs
+    "loopN: detected capacity change"), without their timestamps."""
+    name = os.path.basename(device)
+    try:
+        r = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    about: list[str] = []
+    for line in r.stdout.splitlines():
+        text = line.split("] ", 1)[-1]
+        if text.startswith(f"{name}: detected capacity change"):
+            about = []
+        elif f"({name})" in text or text.startswith(f"{name}:") or f"device {name})" in text:
+            about.append(text)
+    return about[-lines:]
 
 
 def umount(mountpoint: StrPath) -> None:

@@ -70,6 +70,7 @@ class Recorder(Filter):
         self._read_image = read_image
         # Recorded since the last flush entry: QEMU's write_gen != flushed_gen at its node.
         self._changed = False
+        self.flush_on_close = True
 
     @classmethod
     def open(
@@ -131,6 +132,11 @@ class Recorder(Filter):
         await self.below.flush()
         await self.flushed()
 
+    def unflushed(self) -> bool:
+        """A change was logged since the last flush entry (QEMU's node: write_gen is not
+        flushed_gen, so a flush of blkdebug's children reaches it and is logged)."""
+        return self._changed
+
     def power_cut(self) -> None:
         self.writer.mark(POWERCUT_MARK)
         self.writer.sync()
@@ -143,6 +149,12 @@ class Recorder(Filter):
         self._sync_if_due()
 
     def close(self) -> None:
+        """The mount ends. The daemon fsynced the image just before (lifecycle), as QEMU
+        flushes the whole graph when it closes it: that flush is logged like any other
+        (not with cache=unsafe, where no flush reaches QEMU's node: flush_on_close off)."""
+        if self._changed and self.flush_on_close:
+            self._changed = False
+            self.writer.flush()
         self.writer.close()
 
     # ---- logging a change once it is done (in completion order) ----
@@ -200,18 +212,20 @@ class Recorder(Filter):
         return data + bytes(length - len(data))  # past the end of the image: zeroes
 
     def _split(self, offset: int, length: int) -> list[tuple[str, int, int]]:
-        """[offset, offset+length) as log sectors: ("part", sector, 1) for a sector the range
-        covers in part, ("whole", sector, count) for the whole sectors, in address order."""
+        """[offset, offset+length) as log sectors, in address order: ("whole", sector, count)
+        for the sectors it covers whole, ("part", sector, count) for those it covers in part
+        (one at either end, or one piece of one or two sectors when none is whole)."""
         if length <= 0:
             return []
         size = self.sectorsize
         end = offset + length
         first_whole, end_whole = -(-offset // size), end // size
         pieces: list[tuple[str, int, int]] = []
-        if first_whole >= end_whole:  # no whole sector: one or two partial ones
-            for sector in range(offset // size, -(-end // size)):
-                pieces.append(("part", sector, 1))
-            return pieces
+        if first_whole >= end_whole:
+            # No whole sector: one or two partial ones, logged as one write (QEMU pads such
+            # a request into one buffer: bdrv_init_padding's merge_reads).
+            first = offset // size
+            return [("part", first, -(-end // size) - first)]
         if offset % size:
             pieces.append(("part", offset // size, 1))
         pieces.append(("whole", first_whole, end_whole - first_whole))

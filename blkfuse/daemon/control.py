@@ -413,8 +413,8 @@ class Control:
                 "refused": log.refused,
                 "last_refusal": log.last_refusal,
             }
-        last_cut = block.last_cut if block is not None else None
         cut_at = block.cut_at if block is not None else None
+        last_cut = block.last_cut if block is not None else None
         return {
             "power": "off" if block is not None and not block.powered else "on",
             "unsynced": unsynced,

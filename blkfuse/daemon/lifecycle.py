@@ -521,12 +521,14 @@ class Daemon:
             except OSError as e:
                 log.error("fsync of %s failed: %s", self.m.image_path, e)
                 status = 1
-            if self.state is not State.STARTING:
-                pyfuse3.close(unmount=True)
+            # The filters, then the image, before the unmount: once the mount is gone, a
+            # write log (-o log-writes) is complete, its last flush and superblock written.
             try:
-                self.stack.close()  # the filters, then the image
+                self.stack.close()
             except OSError:
                 pass
+            if self.state is not State.STARTING:
+                pyfuse3.close(unmount=True)
             self.tracer.close()
         log.info("unmounted %s", self.m.mountpoint)
         return status
