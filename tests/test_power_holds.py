@@ -12,6 +12,7 @@ import pytest
 import trio
 from support.device import build_device
 
+from blkfuse.block.device import Holds
 from blkfuse.block.image import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -157,7 +158,7 @@ def test_a_held_write_fails_even_when_the_power_is_back_before_its_task_runs(tmp
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(writer)
-            while engine.held() == 0:
+            while len(block.holds) == 0:
                 await trio.sleep(0)
             await block.power_cut("none", 1)
             assert block.power_on()  # before the writer's task has run again
@@ -168,17 +169,18 @@ def test_a_held_write_fails_even_when_the_power_is_back_before_its_task_runs(tmp
     image.close()
 
 
-def test_engine_abort_holds_and_suspensions_raise_the_failure_when_the_task_runs():
-    """The engine half: abort_holds ends every hold now and each raises the failure given;
-    release_suspended(failure) does the same for breakpoints; a hold that ends by itself, or
-    a plain release, raises nothing."""
+def test_aborted_holds_and_suspensions_raise_the_failure_when_the_task_runs():
+    """Holds.abort_all ends every delay's hold now and each raises the failure given;
+    Engine.release_suspended(failure) does the same for breakpoints; a hold that ends by
+    itself, or a plain release, raises nothing."""
     engine = Engine()
+    holds = Holds()
     outcomes = {}
 
     async def main():
         async def held(name, seconds):
             try:
-                await engine.hold(seconds)
+                await holds.hold(seconds)
                 outcomes[name] = "went on"
             except OSError as e:
                 outcomes[name] = e.errno
@@ -199,10 +201,10 @@ def test_engine_abort_holds_and_suspensions_raise_the_failure_when_the_task_runs
             nursery.start_soon(held, "long", 600)
             engine.add_breakpoint("read_aio", "B")
             nursery.start_soon(suspended, "broken", "B")
-            while engine.held() != 1 or not engine.is_suspended("B"):
+            while len(holds) != 1 or not engine.is_suspended("B"):
                 await trio.sleep(0)
             failure = OSError(errno.EIO, "cut")
-            assert engine.abort_holds(failure) == 1
+            assert holds.abort_all(failure) == 1
             assert engine.release_suspended(failure) == 1
         engine.add_breakpoint("read_aio", "C")
         async with trio.open_nursery() as nursery:

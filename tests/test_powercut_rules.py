@@ -158,7 +158,7 @@ def test_a_powercut_rule_needs_track_unsynced_everywhere(mount, fuse_dir):
     with pytest.raises(OSError) as e:
         m.ctl("inject-error event=none powercut=random")
     assert e.value.errno == errno.EINVAL
-    assert "powercut needs the mount option track-unsynced=on" in m.status()["last_error"]
+    assert "powercut needs the option track-unsynced=on" in m.status()["last_error"]
     assert m.status()["rules"] == []
 
 
