@@ -274,3 +274,20 @@ def test_poweron_refuses_while_a_loop_device_or_a_process_holds_the_image(mount,
     text = log.read_text()
     assert text.count(" ns, by powercut: powercut keep=") == 2
     assert text.count("power on") >= 2
+
+
+def test_save_works_on_an_o_direct_image(mount, fuse_dir):
+    """cache=none opens the image O_DIRECT: the copy reads it through a descriptor of its own."""
+    m = mount("-o", f"{TRACK},cache=none", size=4 * MiB)
+    fd = os.open(m.file, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"d" * 4096, 8192)
+        os.fsync(fd)
+        os.pwrite(fd, b"e" * 4096, 65536)
+    finally:
+        os.close(fd)
+    save = fuse_dir / "direct.img"
+    cut = Mount(m.image, m.mnt).powercut(save=save)
+    assert cut["saved"] == str(save) and cut["save_error"] is None
+    assert save.read_bytes() == m.image.read_bytes()
+    assert save.read_bytes()[8192:12288] == b"d" * 4096
