@@ -14,8 +14,10 @@ from blkfuse.daemon.control import COMMANDS, Control, help_text
 from blkfuse.engine.core import Engine
 from blkfuse.rules import keys, options
 from blkfuse.rules.config import (
+    ConfigError,
     format_config,
     format_rule,
+    load_rules,
     parse_config_text,
     parse_options,
     parse_rule_args,
@@ -107,6 +109,27 @@ def test_the_readme_tables_are_the_generated_ones():
             f"README's {name} table is stale: replace it with "
             f"blkfuse.rules.{'keys' if name == 'rule keys' else 'options'}.markdown()"
         )
+
+
+def test_a_key_needs_only_options_of_the_table():
+    for spec in keys.KEYS:
+        assert not spec.needs or spec.needs in options.BY_NAME, spec.name
+    for spec in options.OPTIONS:
+        assert not spec.needs or spec.needs in options.BY_NAME, spec.name
+
+
+def test_a_key_that_needs_an_option_is_refused_without_it_everywhere():
+    from blkfuse.daemon.control import ControlError
+
+    for spec in (s for s in keys.KEYS if s.needs):
+        words = example_words(spec)
+        pairs = dict(word.split("=", 1) for word in words)
+        message = f"{spec.name} needs the option {spec.needs}=on"
+        with pytest.raises(ConfigError, match=message):
+            load_rules(parse_options({f"inject-error.0.{k}": v for k, v in pairs.items()})[1])
+        control = Control(Engine([]))  # a mount without the option
+        with pytest.raises(ControlError, match=message):
+            trio.run(control.execute, f"inject-error {' '.join(words)}")
 
 
 def test_every_command_is_in_the_help():

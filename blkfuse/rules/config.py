@@ -411,14 +411,13 @@ def check_rule_needs(rules: Sequence[Rule], settings: Settings, where: str = "")
     the undo log) is refused without it. `where` replaces the rules' own sources."""
     for rule in rules:
         for spec in keys.rule_specs(rule):
-            if not spec.needs or getattr(settings, spec.needs):
+            if not spec.needs or keys.value_of(rule, spec) == spec.default:
                 continue
-            if keys.value_of(rule, spec) == spec.default:
+            if getattr(settings, options_module.BY_NAME[spec.needs].field):
                 continue
-            option = next(o.name for o in options_module.OPTIONS if o.field == spec.needs)
             raise ConfigError(
                 f"{where or rule.source or 'rule'}: {spec.name} needs the option "
-                f"{option}=on (-o {option}=on)"
+                f"{spec.needs}=on (-o {spec.needs}=on)"
             )
 
 

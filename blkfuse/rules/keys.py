@@ -10,8 +10,8 @@ Adding a key is adding a row (and the field it sets, on the rule or on its Exten
             example="torn=3"),
 
 `qemu=True` only for what QEMU 7.2's blkdebug accepts; `example` is what the round-trip test
-feeds through every place; `needs` names a Settings field that must be on (the config reader
-and the control file both refuse the key without it).
+feeds through every place; `needs` names a mount option (options.py) that must be on (the
+config reader and the control file both refuse the key without it).
 """
 
 import math
@@ -56,7 +56,7 @@ class KeySpec:
     qemu: bool = False  # QEMU 7.2's blkdebug knows it; else a blkfuse extension
     on_ext: bool = False  # the field is on the rule's Extensions, not on the rule
     json: Callable[[Any], Any] = lambda value: value  # value -> the status JSON's
-    needs: str = ""  # a mount option (Settings field) it needs on: "track_unsynced"
+    needs: str = ""  # a mount option (options.py) it needs on: "track-unsynced"
     value: str = "N"  # the help's placeholder: KEY=VALUE
     help: str = ""  # one line, for `help`, --help and the README
     example: str = ""  # words of a rule that sets it (tests/test_keys.py round-trips it)
@@ -213,7 +213,7 @@ KEYS: tuple[KeySpec, ...] = (
             help="a write it fails keeps its first N sectors (power cuts)",
             example="torn=3"),
     KeySpec("drop-unsynced", "drop_unsynced", parse_bool, format_bool, default=False,
-            value="on|off", needs="track_unsynced",
+            value="on|off", needs="track-unsynced",
             help="a flush it fails first loses the unsynced writes (needs track-unsynced)",
             example="drop-unsynced=on"),
     KeySpec("probability", "probability", parse_probability, repr, default=1.0, on_ext=True,
