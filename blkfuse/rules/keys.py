@@ -256,7 +256,7 @@ KEYS: tuple[KeySpec, ...] = (
             value="on|off", help="stay armed when later events replace the active set",
             example="persistent=on"),
     KeySpec("powercut", "powercut", parse_powercut, default="", on_ext=True, json=_none_if(""),
-            value="|".join(POWERCUT_MODES), needs="track_unsynced",
+            value="|".join(POWERCUT_MODES), needs="track-unsynced",
             help="cut the power at the request it acts on (it fails EIO), keeping this much",
             example="powercut=random"),
     KeySpec("powercut-save", "powercut_save", parse_save_path, default="", on_ext=True,
