@@ -203,6 +203,9 @@ def test_powercut_save_answer_json_and_the_api(mount, fuse_dir):
     with pytest.raises(OSError) as e:
         m.ctl(f"powercut save={fuse_dir}/no/such/dir/x.img")
     assert e.value.errno == errno.ENOENT
+    with pytest.raises(OSError) as e:
+        m.ctl(f"powercut save={m.mnt}/copy.img")
+    assert e.value.errno == errno.EINVAL and "not inside the mount" in m.status()["last_error"]
     # the API: the same through Mount.powercut / poweron
     api = Mount(m.image, m.mnt)
     api.poweron()

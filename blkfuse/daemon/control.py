@@ -744,8 +744,13 @@ def _check_rule_needs(rule: Rule, control: Control) -> None:
         raise ControlError(_errno.EINVAL, str(e).removeprefix("control: ")) from None
 
 
-def _check_save_path(path: str) -> None:
-    """Refuse, before cutting, a save= path whose directory cannot take the copy."""
+def _check_save_path(path: str, mountpoint: str | None) -> None:
+    """Refuse, before cutting, a save= path whose directory cannot take the copy. Runs in a
+    thread: a path through another FUSE mount must not stall this daemon's loop."""
+    if mountpoint and os.path.normpath(path).startswith(os.path.normpath(mountpoint) + "/"):
+        raise ControlError(
+            _errno.EINVAL, f"powercut: save={path}: not inside the mount (it holds no files)"
+        )
     directory = os.path.dirname(path) or "/"
     if not os.path.isdir(directory):
         raise ControlError(_errno.ENOENT, f"powercut: save={path}: no directory {directory}")
@@ -773,7 +778,7 @@ def _block_of(control: Control, name: str) -> BlockDevice:
 async def _powercut(control: Control, keep: str, seed: int | None, save: str | None) -> str:
     block = _block_of(control, "powercut")
     if save is not None:
-        _check_save_path(save)
+        await trio.to_thread.run_sync(_check_save_path, save, control.info.get("mountpoint"))
     if seed is None:
         seed = secrets.randbits(32)
     report = await block.power_cut(keep, seed, save)
