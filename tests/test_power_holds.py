@@ -106,7 +106,7 @@ def test_a_request_held_at_the_cut_fails_with_eio_and_changes_nothing(
     if name == "breakpoint":
         m.ctl("wait_break W 60")
     else:
-        _wait_until(lambda: m.status()["held"] == 1, "the request is held")
+        _wait_until(lambda: m.status()["held_by_delay"] == 1, "the request is held")
     m.ctl("powercut")
     op.join(60)
     assert not op.is_alive()
@@ -114,7 +114,7 @@ def test_a_request_held_at_the_cut_fails_with_eio_and_changes_nothing(
     assert m.image.read_bytes() == data
     m.ctl("poweron")
     status = m.status()
-    assert status["held"] == 0 and status["suspended"] == []
+    assert status["held_by_delay"] == 0 and status["suspended"] == []
     assert status["unsynced"]["writes"] == 0
     assert m.image.read_bytes() == data  # nothing landed after the poweron either
 
@@ -125,7 +125,7 @@ def test_a_held_padding_read_of_an_unaligned_write_fails_and_the_write_never_lan
     m.ctl("inject-error event=none iotype=read delay=60s")
     op = Op(m, lambda fd: os.pwrite(fd, b"p" * 100, 4196))
     op.start()
-    _wait_until(lambda: m.status()["held"] == 1, "the padding read is held")
+    _wait_until(lambda: m.status()["held_by_delay"] == 1, "the padding read is held")
     m.ctl("powercut")
     op.join(60)
     assert op.error is not None and op.error.errno == errno.EIO, (op.result, op.error)
@@ -170,7 +170,7 @@ def test_a_held_write_fails_even_when_the_power_is_back_before_its_task_runs(tmp
 
 
 def test_aborted_holds_and_suspensions_raise_the_failure_when_the_task_runs():
-    """Holds.abort_all ends every delay's hold now and each raises the failure given;
+    """Holds.abort ends every delay's hold now and each raises the failure given;
     Engine.release_suspended(failure) does the same for breakpoints; a hold that ends by
     itself, or a plain release, raises nothing."""
     engine = Engine()
@@ -204,7 +204,7 @@ def test_aborted_holds_and_suspensions_raise_the_failure_when_the_task_runs():
             while len(holds) != 1 or not engine.is_suspended("B"):
                 await trio.sleep(0)
             failure = OSError(errno.EIO, "cut")
-            assert holds.abort_all(failure) == 1
+            assert holds.abort(failure) == 1
             assert engine.release_suspended(failure) == 1
         engine.add_breakpoint("read_aio", "C")
         async with trio.open_nursery() as nursery:

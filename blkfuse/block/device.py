@@ -31,9 +31,8 @@ BlockDevice reproduces that with the engine and the node below it (the top of th
 stack.py), and nothing about FUSE. The `caller` keyword of each request is the FUSE caller
 (an engine.Sender: daemon/callers.py's Caller) or None.
 
-A check (engine.decide) answers the rule that acts and 0, an errno, or (blkfuse's extension
-rules) an Effect: the request is held in its own task (Holds: nothing else waits for it),
-then fails or goes on, and a
+A check answers 0, an errno, or (blkfuse's extension rules) an Effect: the request is held
+in its own task (Holds: nothing else waits for it), then fails or goes on, and a
 corruption changes the data of a read or write, inside the request and the rule's sectors
 only (never read-modify-write padding, never write-zeroes, discard or block status).
 
@@ -81,8 +80,8 @@ def _failure(error: int) -> OSError:
 
 class Holds:
     """The requests a delay rule holds right now: each sleeps in its own task (nothing else
-    waits for it); `end_all` (unmounting) cuts every hold short, so shutdown never waits out
-    a long delay."""
+    waits for it). `end_all` (unmounting) cuts every hold short, so shutdown never waits out
+    a long delay; `abort` (a power cut) ends them with an error each held request raises."""
 
     def __init__(self) -> None:
         # each hold -> what it raises when it ends (None: the request goes on)
@@ -107,9 +106,9 @@ class Holds:
         for scope in list(self._scopes):
             scope.cancel()
 
-    def abort_all(self, failure: OSError) -> int:
-        """A power cut: end every hold now; each held request raises `failure` when its task
-        runs (it must not go on to change the image, even after a poweron). Their number."""
+    def abort(self, failure: OSError) -> int:
+        """End every hold now; each held request raises `failure` (it must not go on to
+        change the image, whenever its task runs). Their number."""
         scopes = list(self._scopes)
         for scope in scopes:
             self._scopes[scope] = failure
@@ -291,7 +290,19 @@ class BlockDevice:
         new_size = fallocate_size(mode, offset, length, size)
         if request == "discard":
             for piece, count in _export_requests(offset, min(length, size - offset)):
-                await self.discard(piece, count, caller=caller)
+                if self.profile.punch_hole_is_write_zeroes:
+                    # QEMU 10.0's export: write-zeroes that may unmap and must not fall
+                    # back to writing zeroes (BDRV_REQ_NO_FALLBACK: ENOTSUP instead)
+                    await self.write_zeroes(
+                        piece,
+                        count,
+                        unmap=True,
+                        writethrough=writethrough,
+                        caller=caller,
+                        no_fallback=True,
+                    )
+                else:
+                    await self.discard(piece, count, caller=caller)
         elif request == "write-zeroes":
             if mode & FALLOC_FL_KEEP_SIZE:
                 length = min(length, size - offset)
@@ -312,7 +323,7 @@ class BlockDevice:
 
     async def _settle(self, outcome: int | Effect) -> tuple[int, Effect | None]:
         """A check's non-zero outcome -> (errno, the corruption to apply), after its delay.
-        A cut during the hold fails the request (Holds.abort_all); so does a hold that
+        A cut during the hold fails the request (Holds.abort); so does a hold that
         ends while the power is off. A powercut rule cuts here: the request fails."""
         if isinstance(outcome, int):
             return outcome, None
@@ -619,36 +630,48 @@ class BlockDevice:
         unmap: bool = False,
         writethrough: bool = False,
         caller: Sender | None = None,
+        no_fallback: bool = False,
     ) -> None:
         """Zero [offset, offset+length) (fallocate ZERO_RANGE; with `unmap` the backing
         file may punch a hole, as `write -z -u`). Raises OSError; pieces before a failing
-        one stay zeroed. Counts as written for the next flush, failed or not."""
+        one stay zeroed. Counts as written for the next flush, failed or not.
+        `no_fallback` (QEMU's BDRV_REQ_NO_FALLBACK): what would need padding or a write of
+        zeroes fails with ENOTSUP instead."""
         if length <= 0:
             return
         self._check_power()
         fua = writethrough or self.fua_always
         if not self.raw:
-            await self._zero_pwritev(offset, length, unmap, fua, caller)
+            await self._zero_pwritev(offset, length, unmap, fua, caller, no_fallback)
             return
         try:
             # The raw node passes the request down whole (no event: raw_co_pwrite_zeroes)
-            await self._zero_pwritev(offset, length, unmap, fua, caller)
+            await self._zero_pwritev(offset, length, unmap, fua, caller, no_fallback)
             if fua:
                 await self.flush(caller=caller)
         finally:
             self._format_written += 1
 
     async def _zero_pwritev(
-        self, offset: int, length: int, unmap: bool, fua: bool, caller: Sender | None
+        self,
+        offset: int,
+        length: int,
+        unmap: bool,
+        fua: bool,
+        caller: Sender | None,
+        no_fallback: bool = False,
     ) -> None:
         """bdrv_co_do_zero_pwritev at the blkdebug node: unaligned ends are padded and
-        written as data (pwritev, iotype write), the aligned middle as zeroes."""
+        written as data (pwritev, iotype write), the aligned middle as zeroes; with
+        `no_fallback` padding is refused (ENOTSUP, before any event)."""
         request = Request("write-zeroes", offset, length)
         end_of_request = offset + length
         start, end = self._padded(offset, length)
         if start == offset and end == end_of_request:
-            await self._aligned_zero(offset, end, unmap, fua, request, caller)
+            await self._aligned_zero(offset, end, unmap, fua, request, caller, no_fallback)
             return
+        if no_fallback:
+            raise _failure(_errno.ENOTSUP)
         align = self.align
         try:
             head, tail, merged = await self._rmw_read(offset, length, start, end, request, caller)
@@ -676,14 +699,23 @@ class BlockDevice:
             await self._aligned_write(middle_end, buffer, request, caller, fua)
 
     async def _aligned_zero(
-        self, start: int, end: int, unmap: bool, fua: bool, request: Request, caller: Sender | None
+        self,
+        start: int,
+        end: int,
+        unmap: bool,
+        fua: bool,
+        request: Request,
+        caller: Sender | None,
+        no_fallback: bool = False,
     ) -> None:
         """bdrv_aligned_pwritev with BDRV_REQ_ZERO_WRITE: pwritev_zero, the pieces,
         pwritev_done."""
         error = 0
         try:
             await self._event("pwritev_zero", request)
-            error = await self._do_pwrite_zeroes(start, end - start, unmap, fua, caller)
+            error = await self._do_pwrite_zeroes(
+                start, end - start, unmap, fua, caller, no_fallback
+            )
             await self._event("pwritev_done", request)
         finally:
             self._blkdebug_written += 1
@@ -691,7 +723,13 @@ class BlockDevice:
             raise _failure(error)
 
     async def _do_pwrite_zeroes(
-        self, offset: int, length: int, unmap: bool, fua: bool, caller: Sender | None
+        self,
+        offset: int,
+        length: int,
+        unmap: bool,
+        fua: bool,
+        caller: Sender | None,
+        no_fallback: bool = False,
     ) -> int:
         """bdrv_co_do_pwrite_zeroes at the blkdebug node; 0 or the errno.
 
@@ -716,7 +754,9 @@ class BlockDevice:
             elif tail and num > alignment:
                 num -= tail
             num = min(num, max_zeroes)
-            if num < alignment:
+            if num < alignment and no_fallback:
+                error = _errno.ENOTSUP  # no fallback write of zeroes: the caller hears it
+            elif num < alignment:
                 # blkdebug_co_pwrite_zeroes: -ENOTSUP; the fallback write of zeroes
                 num = min(num, max_transfer)
                 error = await self._check_errno("write", offset, num, caller)
@@ -728,6 +768,9 @@ class BlockDevice:
                         error = failure.errno or _errno.EIO
             else:
                 error = await self._check_errno("write-zeroes", offset, num, caller)
+                file_align = self.stack.image.zero_align  # the O_DIRECT file node's own alignment
+                if not error and no_fallback and (offset % file_align or num % file_align):
+                    error = _errno.ENOTSUP  # the file node would pad it: refused as well
                 if not error:
                     try:
                         self._check_power()
@@ -942,7 +985,7 @@ class BlockDevice:
         self.cut_at = (time.clock_gettime_ns(time.CLOCK_MONOTONIC), time.time_ns())
         lost = OSError(_errno.EIO, "the power was cut while the request was held")
         self.engine.release_suspended(lost)
-        self.holds.abort_all(lost)
+        self.holds.abort(lost)
         report = await self.stack.power_cut(keep, seed)
         if save is not None:
             try:

@@ -110,16 +110,16 @@ def build_stack(settings: Settings, image: Image) -> Stack:
         # reaches the image, not what a power cut takes back.
         from blkfuse.crash.recorder import Recorder
 
-        recorder = stack.add(
+        stack.add(
             Recorder.open(
                 stack.top,
-                settings.log_writes,
+                os.path.abspath(settings.log_writes),  # as the status shows it
                 image.pread,
                 sectorsize=settings.log_sector_size,
                 append=settings.log_append,
                 super_update_interval=settings.log_super_update_interval
                 or DEFAULT_SUPER_UPDATE_INTERVAL,
+                flush_on_close=settings.cache != "unsafe",
             )
         )
-        recorder.flush_on_close = settings.cache != "unsafe"  # BDRV_O_NO_FLUSH: no flush
     return stack

@@ -20,6 +20,7 @@ def _epilog() -> str:
         "/mnt/faulty",
         "  blkfuse mount blkdebug:rules.conf:disk.img /mnt/faulty      # QEMU's spelling",
         "  blkfuse mount -o growable=on,locking=off disk.img /mnt/faulty",
+        "  blkfuse mount -o log-writes=disk.log disk.img /mnt/faulty   # record; blkfuse replay",
         "",
         "\b",
         "-o options (* not portable: QEMU's blkdebug rejects it):",

@@ -156,9 +156,17 @@ def _loop_name(device: str) -> str:
     return os.path.basename(device)
 
 
-def attached(device: str) -> bool:
-    """Is the loop device still bound to a file?"""
-    return os.path.exists(f"/sys/block/{_loop_name(device)}/loop/backing_file")
+def backing_file(device: str) -> str:
+    """The file a loop device is bound to ("" when it is free)."""
+    try:
+        with open(
+            f"/sys/block/{_loop_name(device)}/loop/backing_file",
+            encoding="utf-8",
+            errors="surrogateescape",
+        ) as f:
+            return f.read().rstrip("\n")
+    except OSError:
+        return ""
 
 
 def attach(path: StrPath, direct_io: bool = True) -> str:
@@ -185,21 +193,27 @@ def attach(path: StrPath, direct_io: bool = True) -> str:
     return device
 
 
-def detach(device: str, timeout: float = DETACH_SECONDS) -> None:
+def detach(device: str, timeout: float = DETACH_SECONDS, bound_to: str | None = None) -> None:
     """`losetup -d`, then wait until the kernel has let the device go (udev may hold it open
-    for a moment, and until then `losetup -d` has only set autoclear)."""
-    if not attached(device):
+    for a moment, and until then `losetup -d` has only set autoclear). `bound_to`: the file
+    it was attached to (its backing_file then); a device no longer on it was let go already,
+    and may be someone else's now."""
+    if not backing_file(device):
+        return
+    if bound_to is not None and backing_file(device) != bound_to:
         return
     entry = next((e for e in mounttab.entries() if e.source == device), None)
     if entry is not None:
         raise MountError(f"{device} is mounted at {entry.mountpoint}: unmount that first")
+    was = backing_file(device)
     r = subprocess.run(["losetup", "-d", device], capture_output=True, text=True)
     deadline = time.monotonic() + timeout
-    while attached(device):
+    # bound to the same file: once freed, the device may be taken at once by anyone else
+    while was and backing_file(device) == was:
         if time.monotonic() > deadline:
             said = " ".join(r.stderr.split())
             raise MountError(
-                f"{device} is still attached {timeout:g} s after losetup -d"
+                f"{device} is still attached to {was} {timeout:g} s after losetup -d"
                 + (f" ({said})" if said else "")
             )
         time.sleep(0.01)
@@ -209,10 +223,11 @@ def detach(device: str, timeout: float = DETACH_SECONDS) -> None:
 def loop_device(path: StrPath, direct_io: bool = True) -> Iterator[str]:
     """A loop device over `path` for the `with` block, detached (and gone) after it."""
     device = attach(path, direct_io)
+    bound = backing_file(device)
     try:
         yield device
     finally:
-        detach(device)
+        detach(device, bound_to=bound)
 
 
 # -- mounts --------------------------------------------------------------------------------------
@@ -250,32 +265,56 @@ def mount(
     device: StrPath, mountpoint: StrPath, fstype: str, options: MountOptions | None = None
 ) -> None:
     """Mount; MountError with mount's words and, since mount(8) only says "wrong fs type,
-    bad option, bad superblock...", what the kernel logged about the device."""
+    bad option, bad superblock...", what the kernel logged about the device meanwhile."""
     opts = mount_option_string(options)
     cmd = ["mount", "-t", fstype] + (["-o", opts] if opts else [])
-    try:
-        _run([*cmd, os.fspath(device), os.fspath(mountpoint)], f"mount {fstype}")
-    except MountError as e:
-        said = kernel_log(os.fspath(device))
-        raise MountError(f"{e} | kernel: {' / '.join(said)}" if said else str(e)) from None
+    with KernelLog(os.fspath(device)) as kernel:
+        try:
+            _run([*cmd, os.fspath(device), os.fspath(mountpoint)], f"mount {fstype}")
+        except MountError as e:
+            said = kernel.lines()
+            raise MountError(f"{e} | kernel: {' / '.join(said)}" if said else str(e)) from None
 
 
-def kernel_log(device: str, lines: int = 4) -> list[str]:
-    """The kernel's last lines about a loop device since it was attached (the attach logs
-    "loopN: detected capacity change"), without their timestamps."""
-    name = os.path.basename(device)
-    try:
-        r = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    about: list[str] = []
-    for line in r.stdout.splitlines():
-        text = line.split("] ", 1)[-1]
-        if text.startswith(f"{name}: detected capacity change"):
-            about = []
-        elif f"({name})" in text or text.startswith(f"{name}:") or f"device {name})" in text:
-            about.append(text)
-    return about[-lines:]
+class KernelLog:
+    """What the kernel logs about one device from now on (/dev/kmsg, read from its end:
+    exact under other devices' noise, no dmesg run). Empty where /dev/kmsg is unreadable."""
+
+    def __init__(self, device: str) -> None:
+        self.name = os.path.basename(device)
+        try:
+            self.fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            os.lseek(self.fd, 0, os.SEEK_END)
+        except OSError:
+            self.fd = -1
+
+    def lines(self, most: int = 4) -> list[str]:
+        about: list[str] = []
+        while self.fd >= 0:
+            try:
+                record = os.read(self.fd, 8192)
+            except BlockingIOError:
+                break
+            except BrokenPipeError:  # records overwritten before we read them: go on
+                continue
+            except OSError:
+                break
+            text = record.decode(errors="replace").split(";", 1)[-1].split("\n", 1)[0]
+            if (
+                f"({self.name})" in text
+                or text.startswith(f"{self.name}:")
+                or (f"device {self.name})" in text)
+            ):
+                about.append(text)
+        return about[-most:]
+
+    def __enter__(self) -> "KernelLog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def umount(mountpoint: StrPath) -> None:
@@ -321,6 +360,7 @@ def filesystem(
         mountpoint = tempfile.mkdtemp(prefix=f"blkfuse-{fstype}-")
     where = Path(mountpoint)
     device = attach(image, direct_io)
+    bound = backing_file(device)
     mounted = False
     try:
         if make:
@@ -336,7 +376,7 @@ def filesystem(
             except MountError as e:
                 busy = MountError(f"{e}; {device} stays attached until that is unmounted")
         if busy is None:
-            detach(device)
+            detach(device, bound_to=bound)
         if made_dir and busy is None:
             os.rmdir(where)
         if busy is not None:

@@ -21,7 +21,7 @@ is an error (QEMU ignores it, which hides typos); option values may be quoted; a
 max-transfer must be positive (QEMU reads 0 as "not set").
 """
 
-import errno
+import errno as errno_module
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, NoReturn
@@ -149,7 +149,7 @@ def _checked_extensions(ext: Extensions, fields: dict, entries: dict, where: str
         for other in ("torn", "drop-unsynced", "corrupt"):
             if other in entries:
                 refuse(f"powercut and {other} cannot be combined: the cut ends the request")
-        if "errno" in entries and fields["errno"] != errno.EIO:
+        if "errno" in entries and fields["errno"] != errno_module.EIO:
             refuse("powercut fails the request with EIO (the power is off): leave errno out")
     if "count" in entries and fields.get("once"):
         refuse('once and count both limit the rule: once = "on" is count = "1"; use one')

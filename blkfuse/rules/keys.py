@@ -256,13 +256,13 @@ KEYS: tuple[KeySpec, ...] = (
             value="on|off", help="stay armed when later events replace the active set",
             example="persistent=on"),
     KeySpec("powercut", "powercut", parse_powercut, default="", on_ext=True, json=_none_if(""),
-            value="|".join(POWERCUT_MODES), needs="track-unsynced",
-            help="cut the power at the request it acts on (it fails EIO), keeping this much",
+            needs="track-unsynced", value="|".join(POWERCUT_MODES),
+            help="cut the power at the request it acts on, keeping this (needs track-unsynced)",
             example="powercut=random"),
     KeySpec("powercut-save", "powercut_save", parse_save_path, default="", on_ext=True,
             json=_none_if(""), value="PATH",
             help="with powercut: save a sparse copy of the image as the cut left it",
-            example="powercut=none powercut-save=/tmp/blkfuse-cut.img"),
+            example="powercut=none powercut-save=/tmp/cut.img"),
 )  # fmt: skip
 
 BY_NAME = {spec.name: spec for spec in KEYS}
