@@ -744,8 +744,13 @@ def _check_rule_needs(rule: Rule, control: Control) -> None:
         raise ControlError(_errno.EINVAL, str(e).removeprefix("control: ")) from None
 
 
-def _check_save_path(path: str) -> None:
-    """Refuse, before cutting, a save= path whose directory cannot take the copy."""
+def _check_save_path(path: str, mountpoint: str | None) -> None:
+    """Refuse, before cutting, a save= path whose directory cannot take the copy. Runs in a
+    thread: a path through another FUSE mount must not stall this daemon's loop."""
+    if mountpoint and os.path.normpath(path).startswith(os.path.normpath(mountpoint) + "/"):
+        raise ControlError(
+            _errno.EINVAL, f"powercut: save={path}: not inside the mount (it holds no files)"
+        )
     directory = os.path.dirname(path) or "/"
     if not os.path.isdir(directory):
         raise ControlError(_errno.ENOENT, f"powercut: save={path}: no directory {directory}")
@@ -773,7 +778,7 @@ def _block_of(control: Control, name: str) -> BlockDevice:
 async def _powercut(control: Control, keep: str, seed: int | None, save: str | None) -> str:
     block = _block_of(control, "powercut")
     if save is not None:
-        _check_save_path(save)
+        await trio.to_thread.run_sync(_check_save_path, save, control.info.get("mountpoint"))
     if seed is None:
         seed = secrets.randbits(32)
     report = await block.power_cut(keep, seed, save)
@@ -805,31 +810,39 @@ async def _poweron(control: Control, force: bool) -> str:
     if not force:
         busy = await trio.to_thread.run_sync(_image_holders, control.info)
         if busy:
+            who, fixes = busy
             raise ControlError(
                 _errno.EBUSY,
-                f"poweron: refused: the image is still held by {busy} (what it wrote before "
-                "the cut could still reach the image after the poweron); unmount and "
-                "`losetup -d` the loop device, end or close those processes, then poweron; "
+                f"poweron: refused: the image is still held by {who} (what it wrote before "
+                f"the cut could reach the image after the poweron); {fixes}, then poweron; "
                 "or `poweron force`",
             )
     block.power_on()
     return "power on" + (" (forced)" if force else "")
 
 
-def _image_holders(info: dict[str, Any]) -> str:
-    """Who holds the mount's image file (holders.describe()), or ''. Runs in a thread: the
-    stat is a FUSE request to this very daemon."""
+def _image_holders(info: dict[str, Any]) -> tuple[str, str] | None:
+    """Who holds the mount's image file and what to do about it, in order, as `umount`
+    says it (client/holders.py); None if nothing does. Runs in a thread: the stat is a FUSE
+    request to this very daemon, and a loop device given `losetup -d` is waited for."""
     from blkfuse.client import holders
 
     mountpoint, name = info.get("mountpoint"), info.get("name")
     if not mountpoint or not name:
-        return ""
+        return None
     path = os.path.join(os.path.realpath(mountpoint), name)
     try:
         st = os.stat(path)
     except OSError:
-        return ""
-    return holders.find(path, st.st_dev, st.st_ino).describe()
+        return None
+    found = holders.find(path, st.st_dev, st.st_ino)
+    found.loops = holders.settle(found.loops)  # one just given losetup -d is on its way
+    if not found:
+        return None
+    fixes = [use.fix() for use in found.loop_uses()]
+    if found.processes:
+        fixes.append("end or close those processes")
+    return found.describe(), "; ".join(fixes)
 
 
 def _mark_name(words: list[str]) -> tuple[str]:
