@@ -43,7 +43,7 @@ RUN /src/scripts/pyfuse3/build /opt/blkfuse
 COPY pyproject.toml README.md /src/
 COPY blkfuse /src/blkfuse
 RUN /opt/blkfuse/bin/pip install /src && /opt/blkfuse/bin/blkfuse --version \
-    && /opt/blkfuse/bin/python -c 'from blkfuse.fs import missing_pyfuse3_features as m; \
+    && /opt/blkfuse/bin/python -c 'from blkfuse.daemon.fs import missing_pyfuse3_features as m; \
 assert not m(), f"pyfuse3 lacks {m()}"'
 
 
@@ -52,6 +52,7 @@ FROM ${BASE} AS runtime
 ENV DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 fuse3 \
+        e2fsprogs xfsprogs btrfs-progs \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/blkfuse /opt/blkfuse
 ENV PATH=/opt/blkfuse/bin:$PATH

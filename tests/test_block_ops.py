@@ -7,9 +7,8 @@ import os
 
 import pytest
 import trio
+from support.device import build_device
 
-from blkfuse.block.device import BlockDevice
-from blkfuse.block.image import Image
 from blkfuse.engine.core import Caller, Engine
 from blkfuse.rules.config import ConfigError, parse_config_text, parse_options
 
@@ -35,8 +34,7 @@ def device(tmp_path, size=65536, fill=0x77, config="", **kw):
     path.write_bytes(bytes([fill]) * size)
     engine = Recorder(parse_config_text(config, "t.conf"))
     engine.trace.clear()
-    image = Image(str(path), direct=kw.get("cache") in ("none", "directsync"))
-    return BlockDevice(engine, image, **kw), engine, path
+    return build_device(path, engine, **kw), engine, path
 
 
 def run(fn, *args):

@@ -97,5 +97,7 @@ def test_anything_but_the_plain_forms_goes_to_click(tmp_path, args):
     assert (out, err) == (r.stdout, r.stderr)
     if "--help" in args:
         assert code == 0 and out.startswith(f"Usage: blkfuse {args[0]} [OPTIONS] MOUNTPOINT")
+    elif args[0] == "ctl":  # a mountpoint and no command: ctl's own message names it
+        assert code == 1 and out == "" and "no command for" in err
     else:
         assert code == 2 and out == "" and "Error:" in err

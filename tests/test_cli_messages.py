@@ -41,9 +41,25 @@ def test_missing_image_and_mountpoints(mount, fuse_dir):
     r = blkfuse("mount", img, fuse_dir / "no-such-dir")
     assert r.returncode == 1 and "does not exist" in r.stderr and r.stderr.count("\n") == 1
     m = mount()
-    r = blkfuse("mount", img, m.mnt)  # busy
-    assert r.returncode == 1 and "already mounted" in r.stderr and r.stderr.count("\n") == 1
+    r = blkfuse("mount", img, m.mnt)  # busy: the mount there is named, as a lock holder is
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "already mounted" in r.stderr
+    assert f"the blkfuse mount of {m.image} (daemon pid {m.pid})" in r.stderr
+    assert f"blkfuse umount {m.mnt}" in r.stderr
     assert sorted(os.listdir(m.mnt)) == ["control", m.name]
+
+
+def test_status_and_ctl_of_a_path_that_does_not_exist(fuse_dir):
+    missing = fuse_dir / "no" / "such" / "dir"
+    for args in (["status"], ["status", "--json"], ["ctl"]):
+        extra = ["state 2"] if args == ["ctl"] else []
+        r = blkfuse(*args, missing, *extra)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert f"{missing}: no such file or directory" in r.stderr
+    r = blkfuse("umount", missing)
+    assert r.returncode == 1 and f"{missing}: no such file or directory" in r.stderr
+    r = blkfuse("status", fuse_dir)  # exists, but not a mount
+    assert r.returncode == 1 and "not a blkfuse mount (no control file)" in r.stderr
 
 
 def test_events_command_lists_every_event():

@@ -332,6 +332,7 @@ def test_status_dict_is_json_and_stable():
         "events",
         "seed",
         "rules_healed",
+        "held_by_delay",
         "held",
         "errors_injected",
         "interrupted",
@@ -339,7 +340,10 @@ def test_status_dict_is_json_and_stable():
         "last_error",
         "last_error_errno",
         "power",
+        "power_off_at",
         "unsynced",
+        "last_cut",
+        "log_writes",
     }
     assert d["state"] == 3
     assert d["events"] == {"read_aio": 1, "none": 1}

@@ -4,9 +4,8 @@ import errno
 from pathlib import Path
 
 import trio
+from support.device import build_device
 
-from blkfuse.block.device import BlockDevice
-from blkfuse.block.image import Image
 from blkfuse.engine.core import Engine
 from blkfuse.rules.config import parse_config_file
 
@@ -16,7 +15,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "blkfuse" / "examples"
 def outcomes(tmp_path, name, ops):
     path = tmp_path / "img"
     path.write_bytes(bytes(4 << 20))
-    device = BlockDevice(Engine(parse_config_file(str(EXAMPLES / name))), Image(str(path)))
+    device = build_device(path, Engine(parse_config_file(str(EXAMPLES / name))))
     results = []
 
     async def main():

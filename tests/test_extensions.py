@@ -7,9 +7,8 @@ import os
 
 import pytest
 import trio
+from support.device import build_device
 
-from blkfuse.block.device import BlockDevice
-from blkfuse.block.image import Image
 from blkfuse.daemon.control import Control, ControlError
 from blkfuse.engine.core import Caller, Engine
 from blkfuse.engine.effects import Effect
@@ -302,8 +301,7 @@ def device(tmp_path):
     def make(*rules, size=64 * 1024, seed=1, **options):
         path = tmp_path / "disk.img"
         path.write_bytes(bytes(range(256)) * (size // 256))
-        e = Engine(list(rules), seed=seed)
-        return BlockDevice(e, Image(str(path)), **options), path
+        return build_device(path, rules=rules, seed=seed, **options), path
 
     return make
 

@@ -1,6 +1,7 @@
 """The control file through real mounts: commands, errors that apply nothing, reload, reading an
 answer back on the same open file whatever the offset, waiting for a rule to act."""
 
+import contextlib
 import errno
 import json
 import os
@@ -81,7 +82,9 @@ def test_wait_hit_returns_when_a_request_fires_the_rule(mount):
     [rule] = m.status()["rules"]
     assert (rule["spent"], rule["hits"]) == (True, 1)
     assert "hits=1 spent" in m.status_text()
-    r = blkfuse("ctl", m.mnt, "wait_hit", "1", "5")
+    r = blkfuse("ctl", m.mnt, "wait_hit", "1", "5")  # spent: its act is over, so is the wait
+    assert r.returncode == 0 and r.stdout == "rule 1 acted (hits=1)\n", r.stderr
+    r = blkfuse("ctl", m.mnt, "wait_hit", "1", "5", "hits=2")  # a count it cannot reach
     assert r.returncode == 1 and "spent" in r.stderr and "ENOENT" in r.stderr
     m.ctl("remove 1")
     assert m.status()["rules"] == []
@@ -176,6 +179,61 @@ def test_python_api_wait_hit_from_another_thread(fuse_dir):
             os.close(fd)
         t.join(60)
         assert box == {"hits": 1}
+        assert m.wait_hit(rule, 1) == 1  # spent: its last act is over, so is the wait
         with pytest.raises(ControlError) as e:
-            m.wait_hit(rule, 1)
+            m.wait_hit(rule, 1, hits=2)
         assert e.value.errno == errno.ENOENT  # spent: it cannot act again
+
+
+def test_wait_hit_issued_while_a_count_1_delay_holds_its_request_returns(mount):
+    """Issue #22's race, made certain: the hold has begun (the rule is spent) before the wait
+    is issued, and the wait answers that the rule acted instead of ENOENT."""
+    m = mount()
+    m.ctl("inject-error event=none iotype=write delay=3600s count=1")
+    box = {}
+    fd = os.open(m.file, os.O_RDWR)
+
+    def writer():
+        try:
+            box["wrote"] = os.pwrite(fd, b"w" * 512, 0)
+        except OSError as e:
+            box["error"] = e
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        while m.status()["held_by_delay"] != 1:  # the hold has begun
+            assert t.is_alive(), box
+            time.sleep(0.01)
+        [rule] = m.status()["rules"]
+        assert (rule["spent"], rule["hits"]) == (True, 1)
+        assert m.ctl("wait_hit 1 600") == "rule 1 acted (hits=1)\n"
+        assert m.api.wait_hit(1, 600, hits=1) == 1
+        r = blkfuse("ctl", m.mnt, "wait_hit", "1")
+        assert r.returncode == 0 and r.stdout == "rule 1 acted (hits=1)\n", r.stderr
+        assert t.is_alive() and m.status()["held_by_delay"] == 1  # still held
+    finally:
+        blkfuse("umount", "--lazy", m.mnt, check=True)  # ends the hold: the write goes on
+        t.join(60)
+        with contextlib.suppress(OSError):  # close's flush after the detach: ENOTCONN
+            os.close(fd)
+    assert box == {"wrote": 512}
+
+
+def test_wait_hit_hits_n_through_the_mount(mount):
+    m = mount()
+    m.ctl("inject-error event=none iotype=read errno=EIO count=3")
+    fd = os.open(m.file, os.O_RDONLY)
+    try:
+        for _ in range(2):
+            with pytest.raises(OSError):
+                os.pread(fd, 512, 0)
+        assert m.ctl("wait_hit 1 hits=2") == "rule 1 acted (hits=2)\n"  # already there
+        with pytest.raises(OSError) as e:
+            m.ctl("wait_hit 1 0.01")  # one more than it has: not yet
+        assert e.value.errno == errno.ETIMEDOUT
+        with pytest.raises(OSError) as e:
+            m.ctl("wait_hit 1 5 5")
+        assert e.value.errno == errno.EINVAL and "one timeout only" in str(e.value)
+    finally:
+        os.close(fd)

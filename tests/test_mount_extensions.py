@@ -131,14 +131,15 @@ def test_a_delayed_read_lets_a_read_elsewhere_complete_first(mount):
     slow = Reader(m, 0)
     slow.start()
     # the daemon counts the delay when it starts holding the read
-    while m.status()["held"] != 1:
+    while m.status()["held_by_delay"] != 1:
         assert slow.is_alive(), slow.error
         threading.Event().wait(0.01)
     fast = Reader(m, 8192)
     fast.start()
     fast.join()
     assert fast.data == pattern(64 * KiB)[8192:8704]
-    assert slow.is_alive() and m.status()["held"] == 1  # still held: ordering, not time
+    assert slow.is_alive() and m.status()["held_by_delay"] == 1  # still held: ordering, not time
+    assert m.status()["held"] == 1  # the old name of held_by_delay, kept for one release
     assert m.status()["rules"][0]["delayed"] == 1
     # unmounting ends the hold and the read goes on (--lazy: the reader still has it open)
     blkfuse("umount", "--lazy", m.mnt, check=True)

@@ -28,7 +28,7 @@ def test_case(name, target, tmp_path):
         if why_not:
             pytest.skip(why_not)
     case = oracle.load_case(name)
-    exp = oracle.expectation(case)
+    exp = oracle.expectation(case, target)
     got = TARGETS[target](case, tmp_path)
     problems = oracle.compare(case, exp, got)
     if exp.expect and all(e == "NOT_RUN" for e in exp.expect):

@@ -234,7 +234,7 @@ def test_live_scenario(name, target, tmp_path):
         "expect": expect,
         "final_image": oracle.runs_of(image),
     }
-    exp = oracle.expectation(case)
+    exp = oracle.expectation(case, target)
     bdir = tmp_path / target
     bdir.mkdir()
     replay = oracle.replay_block if target == "block" else oracle.replay_mount

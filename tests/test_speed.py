@@ -3,18 +3,18 @@ the event loop (page cache check, worker pool), and their options. No timing is 
 
 import errno
 import os
+import subprocess
 import tempfile
 import threading
 from pathlib import Path
 
 import pytest
 import trio
+from support.device import build_device
 
-from blkfuse.block.device import BlockDevice
-from blkfuse.block.image import INLINE, NOWAIT, POOL, Image, WorkerPool
+from blkfuse.block.image import BLIND, INLINE, NOWAIT, POOL, Image, WorkerPool
 from blkfuse.block.uring import Ring
 from blkfuse.daemon import fuseloop
-from blkfuse.engine.core import Engine
 from blkfuse.rules.config import ConfigError, parse_option_string, parse_options
 from blkfuse.rules.model import InjectError
 
@@ -141,6 +141,66 @@ def test_cold_reads_leave_the_loop_with_the_same_data(disk_image, uring):
     image.close()
 
 
+@pytest.fixture
+def overlay_image():
+    """A 4 MiB image on overlayfs (what a Docker container's root is), over a tmpfs."""
+    base = Path(tempfile.mkdtemp(prefix="blkfuse-overlay-"))
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(base)], check=True)
+    try:
+        for d in ("lower", "upper", "work", "merged"):
+            (base / d).mkdir()
+        (base / "lower" / "disk.img").write_bytes(bytes(range(256)) * (4 * MiB // 256))
+        options = f"lowerdir={base}/lower,upperdir={base}/upper,workdir={base}/work"
+        subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", options, str(base / "merged")], check=True
+        )
+        try:
+            yield base / "merged" / "disk.img"
+        finally:
+            subprocess.run(["umount", str(base / "merged")], check=True)
+    finally:
+        subprocess.run(["umount", str(base)], check=True)
+        base.rmdir()
+
+
+@pytest.mark.parametrize("uring", [True, False], ids=["io_uring", "pool"])
+def test_a_file_system_without_nowait_reads_blind_off_the_loop(overlay_image, uring):
+    """overlayfs refuses RWF_NOWAIT, so no read can be known to be cached: every read leaves
+    the loop (io_uring where it can be used, else the pool), writes are inline."""
+    image = Image(str(overlay_image), io_threads=2, uring=uring)
+    assert image.io_mode == BLIND and image._write_mode == INLINE
+    expected = bytearray(overlay_image.read_bytes())
+    offsets = [i * 64 * 1024 + 512 for i in range(40)]
+
+    async def main():
+        results = {}
+
+        async def one(offset):
+            results[offset] = bytes(await image.read(offset, 20000))
+
+        async with trio.open_nursery() as nursery:
+            for offset in offsets:
+                nursery.start_soon(one, offset)
+        await image.write(7, b"written")
+        expected[7:14] = b"written"
+        results[0] = bytes(await image.read(0, 4096))
+        return results
+
+    results = trio.run(main)
+    for offset in offsets:
+        assert results[offset] == expected[offset : offset + 20000]
+    assert results[0] == expected[:4096]
+    probe = Ring.open(image.fd)
+    if probe is not None:
+        probe.close()
+    if uring and probe is not None:
+        assert image.uses_uring and image.uring_reads == 41 and image.pool_reads == 0
+    else:
+        assert not image.uses_uring and image.pool_reads == 41
+    image.close()
+    assert overlay_image.read_bytes() == expected
+
+
 def test_io_uring_reads_short_at_the_end_fail_with_the_errno_and_close(disk_image):
     fd = os.open(disk_image, os.O_RDONLY)
     ring = Ring.open(fd)
@@ -189,10 +249,10 @@ def test_io_uring_reads_short_at_the_end_fail_with_the_errno_and_close(disk_imag
 def test_the_pool_path_and_a_failing_read_through_the_block_layer(disk_image):
     """Every read forced through the worker pool (as for O_DIRECT backing): same data, same
     events and checks, and an OSError in the worker reaches the caller."""
-    image = Image(str(disk_image), io_threads=3)
-    image._read_mode = image._write_mode = POOL
     rule = InjectError(event="read_aio", errno=5, sector=100)
-    device = BlockDevice(Engine([rule]), image, align=4096)
+    device = build_device(disk_image, rules=[rule], io_threads=3, align=4096)
+    image = device.stack.image
+    image._read_mode = image._write_mode = POOL
     expected = bytearray(disk_image.read_bytes())
 
     async def main():
@@ -259,7 +319,7 @@ def test_cold_disk_image_through_the_mount(mount, options):
         image.write_bytes(data)
         m = mount("-o", options, image=image)
         info = m.status()["info"]
-        assert info["io"] in (NOWAIT, POOL, INLINE) and info["poll_us"] == int(
+        assert info["io"] in (NOWAIT, POOL, INLINE, BLIND) and info["poll_us"] == int(
             options.split(",")[0][8:]
         )
         fd = os.open(image, os.O_RDONLY)

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import trio
+from support.device import build_device
 
 from blkfuse import ControlError, Mount, client
-from blkfuse.block.device import BlockDevice
-from blkfuse.block.image import Image
 from blkfuse.client import mounttab
 from blkfuse.daemon.trace import TracedBlock, Tracer
 from blkfuse.engine.core import Engine
@@ -51,7 +50,7 @@ def test_trace_of_known_requests_through_the_block_layer(tmp_path):
     ]  # id 3
     engine = Engine(rules)
     tracer = Tracer(engine, str(trace_file))
-    block = TracedBlock(BlockDevice(engine, Image(str(img))), tracer)
+    block = TracedBlock(build_device(img, engine), tracer)
     assert engine.tracer is tracer
 
     async def main() -> None:
@@ -125,7 +124,7 @@ def test_trace_is_off_without_a_file_or_a_reader(tmp_path):
     img.write_bytes(bytes(4096))
     engine = Engine([])
     tracer = Tracer(engine)
-    block = TracedBlock(BlockDevice(engine, Image(str(img))), tracer)
+    block = TracedBlock(build_device(img, engine), tracer)
     assert engine.tracer is None and not tracer.active
     stream = tracer.open_stream()
     assert engine.tracer is tracer

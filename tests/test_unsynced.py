@@ -10,11 +10,9 @@ import random
 
 import pytest
 import trio
+from support.device import build_device
 
-from blkfuse.block.device import BlockDevice
-from blkfuse.block.image import Image
 from blkfuse.crash import undo as unsynced_module
-from blkfuse.crash.undo import UndoLog
 from blkfuse.engine.core import Engine
 from blkfuse.errors import BlkfuseError
 from blkfuse.rules.model import InjectError
@@ -28,11 +26,14 @@ class Dev:
     def __init__(self, tmp_path, initial: bytes, rules=(), track=True, name="disk.img", **kw):
         self.path = tmp_path / name
         self.path.write_bytes(initial)
-        self.image = Image(str(self.path))
-        log_kw = {k: kw.pop(k) for k in ("cap", "atomic") if k in kw}
-        self.log = UndoLog(**log_kw) if track else None
         self.engine = Engine(list(rules))
-        self.block = BlockDevice(self.engine, self.image, unsynced=self.log, **kw)
+        cap, atomic = kw.pop("cap", None), kw.pop("atomic", None)
+        self.block = build_device(
+            self.path, self.engine, track_unsynced=track, unsynced_cap=cap, atomic=atomic, **kw
+        )
+        self.image = self.block.stack.image
+        undo = self.block.stack.undo
+        self.log = undo.log if undo is not None else None
 
     def data(self) -> bytes:
         return self.path.read_bytes()

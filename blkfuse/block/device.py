@@ -19,31 +19,34 @@ there decides which events blkdebug sees, in which order, and when it is checked
                    and bdrv_co_pdiscard split them; a write-zeroes piece shorter than
                    its alignment falls back to a plain write (iotype write, no event),
                    a discard piece shorter than `align` is dropped unchecked
+    filters        the nodes between blkdebug and the file (stack.py, node.py): the undo
+                   log of track-unsynced now, as QEMU's filter nodes (blklogwrites, ...)
     file           the backing image (image.py)
 
 Cache modes are qemu-io's -t: writethrough and directsync make every write FUA, unsafe
 acknowledges flushes after flush_to_os without reaching blkdebug (BDRV_O_NO_FLUSH), none
 and directsync open the file O_DIRECT (image.py; invisible to rules).
 
-BlockDevice reproduces that with the engine and the image, and nothing about FUSE. The
-`caller` keyword of each request is the FUSE caller (engine.Caller) or None.
+BlockDevice reproduces that with the engine and the node below it (the top of the stack,
+stack.py), and nothing about FUSE. The `caller` keyword of each request is the FUSE caller
+(engine.Caller) or None.
 
 A check answers 0, an errno, or (blkfuse's extension rules) an Effect: the request is held
 in its own task (engine.hold: nothing else waits for it), then fails or goes on, and a
 corruption changes the data of a read or write, inside the request and the rule's sectors
 only (never read-modify-write padding, never write-zeroes, discard or block status).
 
-Power cuts (README "Power cuts") hook in at a few places, kept apart from the QEMU logic:
-every change to the image goes through _write_image/_record/truncate (the undo log records
-it first), a successful fsync forgets the log (_fsync_image), and while the power is off every
-request fails with EIO before raising any event (a request that was suspended when the power
-went fails when it wakes up: _check_power after each wait).
+Power cuts (README "Power cuts"): the undo log is a filter of the stack (crash/undo.py) and
+sees every change and flush there; here, while the power is off every request fails with EIO
+before raising any event (a request that was suspended when the power went fails when it
+wakes up: _check_power after each wait).
 """
 
 import errno as _errno
 import logging
 import os
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Iterator
 
 import trio
 
@@ -52,13 +55,16 @@ from blkfuse.block.image import (
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
     Bytes,
-    Image,
 )
-from blkfuse.crash.undo import CutReport, LogFull, UndoLog
+from blkfuse.block.stack import Stack
+from blkfuse.crash.snapshot import sparse_copy
+from blkfuse.crash.undo import CutReport
 from blkfuse.engine.core import Caller, Engine, Request
 from blkfuse.engine.effects import Effect, corrupt
 from blkfuse.errors import BlkfuseError
-from blkfuse.rules.model import CACHE_MODES, FORMATS, SECTOR_SIZE, InjectError
+from blkfuse.rules import profiles
+from blkfuse.rules.model import CACHE_MODES, FORMATS, SECTOR_SIZE, InjectError, Settings
+from blkfuse.rules.profiles import DEFAULT, Profile
 
 # QEMU keeps a node's length in sectors (bdrv_getlength): SECTOR_SIZE, as for sector rules.
 _MAX_BOUNCE_BUFFER = 32768 * SECTOR_SIZE  # io.c: the largest fallback write of zeroes
@@ -70,15 +76,6 @@ log = logging.getLogger(__name__)
 
 def _failure(error: int) -> OSError:
     return OSError(error, os.strerror(error))
-
-
-async def _settle(engine: Engine, outcome: int | Effect) -> tuple[int, Effect | None]:
-    """A check's non-zero outcome -> (errno, the corruption to apply), after its delay."""
-    if isinstance(outcome, int):
-        return outcome, None
-    if outcome.delay:
-        await engine.hold(outcome.delay)
-    return outcome.errno, (outcome if outcome.corrupt else None)
 
 
 _REQUEST_MAX_BYTES = (2**31 - 1) // 512 * 512  # BDRV_REQUEST_MAX_BYTES, a sector multiple
@@ -105,7 +102,7 @@ class BlockDevice:
     def __init__(
         self,
         engine: Engine,
-        image: Image,
+        stack: Stack,
         *,
         align: int | None = None,
         max_transfer: int | None = None,
@@ -115,17 +112,20 @@ class BlockDevice:
         max_discard: int | None = None,
         cache: str = "writeback",
         format: str = "raw",
-        unsynced: UndoLog | None = None,
+        profile: Profile = DEFAULT,
     ):
         if cache not in CACHE_MODES:
             raise ValueError(f"unknown cache mode {cache!r}")
         if format not in FORMATS:
             raise ValueError(f"unknown format {format!r}")
         self.engine = engine
-        self.image = image
-        self.unsynced = unsynced  # the undo log (-o track-unsynced=on), or None
+        self.stack = stack
+        self.below = stack.top  # every change and read goes to this node
         self.powered = True
-        self.cuts = 0  # power cuts so far: a flush spanning one fails
+        # When the last cut switched the power off: (CLOCK_MONOTONIC ns, CLOCK_REALTIME ns),
+        # stamped as `powered` goes False, so cuts of several mounts can be compared (Fleet).
+        self.cut_at: tuple[int, int] | None = None
+        self.last_cut: CutReport | None = None  # status "last_cut"
         self.align = align or 1
         self.max_transfer = max_transfer or 0
         self.opt_write_zero = opt_write_zero or 0
@@ -136,6 +136,10 @@ class BlockDevice:
         self.format = format
         self.raw = format == "raw"
         self.fua_always = cache in ("writethrough", "directsync")
+        # whose block layer (rules/profiles.py): QEMU 7.2 emulates a FUA write with a flush
+        # after it; 10.0 hands FUA down to the file, which writes with RWF_DSYNC
+        self.profile = profile
+        self.fua_flushes = profile.fua_is_a_flush
         self.no_flush = cache == "unsafe"
         # "Written since the last successful flush", as QEMU's write_gen/flushed_gen pairs.
         # Failed writes count too; a failed flush leaves its generation dirty.
@@ -146,11 +150,16 @@ class BlockDevice:
         self._flush_lock = trio.Lock()  # QEMU lets one flush per node run at a time
         self._blkdebug_flush_lock = trio.Lock()
         # The lean path (read_now/write_now) is possible at all: the raw node over blkdebug,
-        # no alignment padding, no max-transfer split. Anything that must see every request
-        # (a write log recording, say) turns it off with lean_off() and back with lean_on().
+        # no alignment padding, no max-transfer split. Reads: no filter of the stack observes
+        # them (each passes read straight on); writes: no filter at all (the undo log and a
+        # write log see every change). Anything else that must see every request turns it
+        # off with lean_off() and back with lean_on().
         self._lean_blockers = 0
         self._lean_static = self.raw and self.align == 1 and not self.max_transfer
         self.lean = self._lean_static
+        image = stack.image
+        self._lean_reads = self.below.read == image.read
+        self._lean_writes = self.below is image
 
     # ---- the lean path: a request nothing can see, in the fewest steps ----
 
@@ -167,8 +176,8 @@ class BlockDevice:
         """read(), done here and now if nothing can see it (engine.unseen) and the image
         reads inline; None if it must take the full path (nothing was done then). The
         engine ends up exactly as after read(): read_aio counted, the check found nothing."""
-        image = self.image
-        if not (self.lean and self.powered and image.reads_inline):
+        image = self.stack.image
+        if not (self.lean and self._lean_reads and self.powered and image.reads_inline):
             return None
         size = image.size()
         if length <= 0 or offset >= size:
@@ -181,51 +190,67 @@ class BlockDevice:
         return image.pread(offset, length)
 
     def write_now(self, offset: int, data: Bytes, *, writethrough: bool = False) -> int | None:
-        """write() of all of `data`, done here and now if nothing can see it: no FUA, no undo
-        log, the image writes inline, and engine.unseen; else None (nothing done). The
-        engine and the flush generations end up exactly as after write()."""
+        """write() of all of `data`, done here and now if nothing can see it: no FUA, no
+        filter (undo log, write log), the image writes inline, and engine.unseen; else None
+        (nothing done). The engine and the flush generations end up exactly as after write()."""
         length = len(data)
+        image = self.stack.image
         if not (
             self.lean
+            and self._lean_writes
             and self.powered
             and length
             and not writethrough
             and not self.fua_always
-            and self.unsynced is None
-            and self.image.writes_inline
+            and image.writes_inline
             and self.engine.unseen(_WRITE_EVENTS, "write", offset, length)
         ):
             return None
         try:
-            self.image.pwrite(offset, data)
+            image.pwrite(offset, data)
         finally:
             # counted failed or not, as _aligned_write and write() count them
             self._blkdebug_written += 1
             self._format_written += 1
         return length
 
+    @classmethod
+    def from_settings(cls, engine: Engine, stack: Stack, settings: Settings) -> "BlockDevice":
+        """The device a mount with these settings has, over `stack` (stack.build_stack)."""
+        return cls(
+            engine,
+            stack,
+            align=settings.align,
+            max_transfer=settings.max_transfer,
+            opt_write_zero=settings.opt_write_zero,
+            max_write_zero=settings.max_write_zero,
+            opt_discard=settings.opt_discard,
+            max_discard=settings.max_discard,
+            cache=settings.cache,
+            format=settings.format,
+            profile=profiles.profile(settings.qemu),
+        )
+
     def size(self, *, live: bool = False) -> int:
         """The image's size; `live`: asked of the backing file now (which a change made to it
         from outside the mount needs: stat shows it), else as the image keeps it."""
         if live:
-            self.image.forget_size()
-        return self.image.size()
+            self.stack.image.forget_size()
+        return self.below.size()
 
     def stat(self) -> os.stat_result:
         """The backing file's (owner, group and mode are what the mount shows)."""
-        return self.image.stat()
+        return self.stack.image.stat()
 
     def statvfs(self) -> os.statvfs_result:
         """The file system the backing file lives on."""
-        return self.image.statvfs()
+        return self.stack.image.statvfs()
 
     def truncate(self, size: int) -> None:
         """Resize. No event and no check, but QEMU's bdrv_co_truncate counts it as written
         at each node (bdrv_co_write_req_finish), so the next flush is checked."""
         self._check_power()
-        if self.unsynced is not None:
-            self.unsynced.record_resize(self.image, size)
-        self.image.truncate(size)
+        self.below.truncate(size)
         self._blkdebug_written += 1
         self._format_written += 1
 
@@ -253,7 +278,7 @@ class BlockDevice:
         in requests of at most BDRV_REQUEST_MAX_BYTES, as the export's loop does; the first
         failing one ends it. `writethrough` (a handle opened O_DSYNC): write-zeroes are FUA."""
         self._check_power()  # even a no-op range fails while the power is off
-        size = self.image.size()
+        size = self.below.size()
         keep_size = bool(mode & FALLOC_FL_KEEP_SIZE)
         if mode & FALLOC_FL_PUNCH_HOLE:
             if not keep_size:
@@ -284,11 +309,22 @@ class BlockDevice:
             await suspension.wait()
             self._check_power()
 
+    async def _settle(self, outcome: int | Effect) -> tuple[int, Effect | None]:
+        """A check's non-zero outcome -> (errno, the corruption to apply), after its delay.
+        A cut during the hold fails the request (engine.abort_holds); so does a hold that
+        ends while the power is off. A powercut rule cuts here: the request fails."""
+        if isinstance(outcome, int):
+            return outcome, None
+        if outcome.delay:
+            await self.engine.hold(outcome.delay)
+            self._check_power()
+        if outcome.powercut:
+            await self._rule_cut(outcome)
+            return _errno.EIO, None
+        return outcome.errno, (outcome if outcome.corrupt else None)
+
     def _check(self, iotype: str, offset: int, length: int, caller: Caller | None) -> int | Effect:
-        """0, an errno, or an Effect (for _settle). Without a caller, QEMU's three
-        arguments: engines that wrap check (the tests' recording engine) keep working."""
-        if caller is None:
-            return self.engine.check(iotype, offset, length)
+        """0, an errno, or an Effect (for _settle)."""
         return self.engine.check(iotype, offset, length, caller)
 
     async def _check_errno(
@@ -297,15 +333,13 @@ class BlockDevice:
         """A check where there is no data to corrupt: 0 or the errno, after any delay."""
         error = self._check(iotype, offset, length, caller)
         if error:
-            error, _ = await _settle(self.engine, error)
+            error, _ = await self._settle(error)
         return error
 
     def _decide(
         self, iotype: str, offset: int, length: int, caller: Caller | None
     ) -> tuple[InjectError | None, int | Effect]:
         """_check, with the rule met (for torn= and drop-unsynced=), or None."""
-        if caller is None:
-            return self.engine.decide(iotype, offset, length)
         return self.engine.decide(iotype, offset, length, caller)
 
     def _pieces(self, start: int, end: int) -> tuple[tuple[int, int], ...]:
@@ -323,7 +357,7 @@ class BlockDevice:
         for piece_start, piece_end in self._pieces(start, end):
             outcome = self._check(iotype, piece_start, piece_end - piece_start, caller)
             if outcome:
-                error, effect = await _settle(self.engine, outcome)
+                error, effect = await self._settle(outcome)
                 if error:
                     raise _failure(error)
                 if effect is not None:
@@ -343,7 +377,7 @@ class BlockDevice:
     ) -> bytes | bytearray:
         """Data at [offset, offset+length), short at end of image. Raises OSError."""
         self._check_power()
-        size = self.image.size()
+        size = self.below.size()
         if length <= 0 or offset >= size:
             return b""
         length = min(length, size - offset)
@@ -373,7 +407,7 @@ class BlockDevice:
         else:
             outcome = self._check("read", start, end - start, caller)
             if outcome:
-                error, effect = await _settle(self.engine, outcome)
+                error, effect = await self._settle(outcome)
                 if error:
                     raise _failure(error)
                 if effect is not None:
@@ -381,9 +415,9 @@ class BlockDevice:
         # The image answers inline from memory, or hands a read that would wait on a disk
         # to a worker thread (image.py): the events and the check above are done either way.
         if start == offset and end == offset + length:
-            data = await self.image.read(offset, length)
+            data = await self.below.read(offset, length)
         else:
-            data = (await self.image.read(start, end - start))[
+            data = (await self.below.read(start, end - start))[
                 offset - start : offset - start + length
             ]
         if corruptions:
@@ -413,13 +447,15 @@ class BlockDevice:
             return length
         try:
             step = self.max_transfer
+            # FUA goes down with each chunk (a filter below sees it); with a profile that
+            # emulates FUA, the raw node flushes after the last chunk instead.
             if not step or length <= step:
-                await self._write_chunk(offset, data, caller)
+                await self._write_chunk(offset, data, caller, fua)
             else:
                 view = memoryview(data)
                 for pos in range(0, length, step):
-                    await self._write_chunk(offset + pos, view[pos : pos + step], caller)
-            if fua:
+                    await self._write_chunk(offset + pos, view[pos : pos + step], caller, fua)
+            if fua and self.fua_flushes:
                 await self.flush(caller=caller)
         finally:
             # The raw node counts the write only now, after its FUA flush: so that
@@ -454,7 +490,8 @@ class BlockDevice:
         self, start: int, data: Bytes, request: Request, caller: Caller | None, fua: bool
     ) -> None:
         """bdrv_aligned_pwritev of data at the blkdebug node: pwritev, a check and a write
-        per max-transfer piece, the FUA flush (format none only), pwritev_done."""
+        per max-transfer piece, the FUA flush (format none only: the raw node emulates FUA
+        above, after the last chunk), pwritev_done. `fua` goes down with each piece."""
         engine = self.engine
         error = 0
         try:
@@ -468,7 +505,7 @@ class BlockDevice:
                 if isinstance(outcome, int):
                     error = outcome
                 else:  # an extension rule's delay or corruption (an Effect comes with its rule)
-                    error, effect = await _settle(engine, outcome)
+                    error, effect = await self._settle(outcome)
                     if effect is not None:
                         # silent corruption on the way to the disk, reported done: only
                         # inside the caller's data, never the read-modify-write padding
@@ -486,7 +523,9 @@ class BlockDevice:
                     elif error:
                         break  # pieces before it stay written, as in QEMU
                 try:
-                    await self._write_image(piece_start, piece)
+                    if piece:
+                        self._check_power()  # a request that outlived a cut changes nothing
+                        await self.below.write(piece_start, piece, fua=fua)
                 except OSError as failure:  # the undo log is full, or the backing file
                     error = failure.errno or _errno.EIO
                 if error:
@@ -494,9 +533,12 @@ class BlockDevice:
                 if engine.heal_rules:
                     engine.written(piece_start, piece_end - piece_start)
             if fua and not error:
-                # Emulated FUA: this write is not yet counted, so the flush is checked
-                # only if something before it was written since the last flush.
-                error = await self._blkdebug_flush_errno(caller)
+                if not self.fua_flushes:
+                    error = await self._fua_to_file()
+                elif not self.raw:
+                    # Emulated FUA: this write is not yet counted, so the flush is checked
+                    # only if something before it was written since the last flush.
+                    error = await self._blkdebug_flush_errno(caller)
             await self._event("pwritev_done", request)
         finally:
             self._blkdebug_written += 1
@@ -567,35 +609,13 @@ class BlockDevice:
         padded[offset - start : offset - start + len(data)] = data
         return padded
 
-    def _record(self, offset: int, length: int) -> None:
-        """Before any change to [offset, offset+length) of the image: the undo log keeps
-        what is there (raises LogFull, ENOSPC, at its cap; nothing is changed then)."""
-        if self.unsynced is not None and length > 0:
-            try:
-                self.unsynced.record_write(self.image, offset, length)
-            except LogFull as full:
-                log.warning("%s", full.strerror)
-                raise
-
-    async def _write_image(self, offset: int, data: Bytes) -> None:
-        """Every pwrite of the image passes here: the undo log sees it first. With the log,
-        the write is done right after the record, with no await between (unsynced.py); else
-        the image may hand it to a worker thread (image.py)."""
-        if not data:
-            return
-        if self.unsynced is not None:
-            self._record(offset, len(data))
-            self.image.pwrite(offset, data)
-        else:
-            await self.image.write(offset, data)
-
     async def _padding_read(
         self, offset: int, length: int, caller: Caller | None
     ) -> bytes | bytearray:
         # A rule may delay or fail this read; a corruption is not applied: the padding is
         # written back, and corrupting it would change bytes outside the request.
         await self._check_pieces("read", offset, offset + length, caller)
-        data = await self.image.read(offset, length)
+        data = await self.below.read(offset, length)
         return data + bytes(length - len(data))  # past the end of the image: zeros
 
     # ---- write-zeroes ----
@@ -621,7 +641,7 @@ class BlockDevice:
             return
         try:
             # The raw node passes the request down whole (no event: raw_co_pwrite_zeroes)
-            await self._zero_pwritev(offset, length, unmap, False, caller)
+            await self._zero_pwritev(offset, length, unmap, fua, caller)
             if fua:
                 await self.flush(caller=caller)
         finally:
@@ -711,31 +731,24 @@ class BlockDevice:
                 error = await self._check_errno("write", offset, num, caller)
                 if not error:
                     try:
-                        await self._write_image(offset, bytes(num))
+                        self._check_power()
+                        await self.below.write(offset, bytes(num), fua=fua)
                     except OSError as failure:
                         error = failure.errno or _errno.EIO
             else:
                 error = await self._check_errno("write-zeroes", offset, num, caller)
                 if not error:
-                    error = self._change(self._zero_image, offset, num, unmap)
-            need_flush = fua
+                    try:
+                        self._check_power()
+                        self.below.write_zeroes(offset, num, unmap, fua=fua)
+                    except OSError as failure:  # a full undo log: ENOSPC
+                        error = failure.errno or _errno.EIO
+            need_flush = fua and not self.raw  # the raw node emulates FUA above
             offset += num
             length -= num
         if not error and need_flush:
             error = await self._blkdebug_flush_errno(caller)
         return error
-
-    def _change(self, change: Callable[..., object], *args: object) -> int:
-        """Run an image change; 0, or the errno it failed with (a full undo log: ENOSPC)."""
-        try:
-            change(*args)
-        except OSError as failure:
-            return failure.errno or _errno.EIO
-        return 0
-
-    def _zero_image(self, offset: int, length: int, unmap: bool) -> None:
-        self._record(offset, length)
-        self.image.write_zeroes(offset, length, unmap)
 
     # ---- discard ----
 
@@ -782,8 +795,8 @@ class BlockDevice:
                 error = await self._check_errno("discard", offset, num, caller)
                 if error:
                     raise _failure(error)
-                self._record(offset, num)  # a discarded range reads as zeroes: undoable
-                self.image.punch_hole(offset, num)
+                self._check_power()
+                self.below.discard(offset, num)
             offset += num
             length -= num
 
@@ -791,7 +804,7 @@ class BlockDevice:
 
     def _length(self) -> int:
         """The node's length as QEMU sees it: whole sectors (bdrv_getlength rounds up)."""
-        return _round_up(self.image.size(), SECTOR_SIZE)
+        return _round_up(self.below.size(), SECTOR_SIZE)
 
     async def block_status(
         self, offset: int, length: int, *, want_zero: bool = True, caller: Caller | None = None
@@ -812,7 +825,7 @@ class BlockDevice:
             raise _failure(error)
         if not want_zero:
             return True, length
-        return self.image.extent(offset, length)
+        return self.below.extent(offset, length)
 
     async def seek(self, offset: int, whence: int, *, caller: Caller | None = None) -> int:
         """lseek SEEK_DATA / SEEK_HOLE, as QEMU 7.2's FUSE export (fuse_lseek) answers it:
@@ -870,18 +883,31 @@ class BlockDevice:
                     rule, error = self._decide("flush", 0, 0, caller)
                     if rule is not None:
                         if type(error) is not int:  # an extension rule's delay
-                            error, _ = await _settle(self.engine, error)
-                        if rule.drop_unsynced and self.unsynced is not None:
+                            error, _ = await self._settle(error)
+                        if rule.drop_unsynced:
                             await self._drop_unsynced()
                         if error:
                             return error
-                    await self._fsync_image()
-                elif self.unsynced and not self.no_flush:
-                    await self._fsync_image()  # only resizes since the last flush: no check
+                    await self.below.flush()
+                elif not self.no_flush and self.stack.holds_unsynced():
+                    # Nothing this node counted, but changes reached the image unsynced (a
+                    # FUA write's own data, format none): fsync them, no check.
+                    await self.below.flush()
             except OSError as failure:  # the power went during the fsync
                 return failure.errno or _errno.EIO
             self._blkdebug_flushed = generation
             return 0
+
+    async def _fua_to_file(self) -> int:
+        """A FUA write that reached the file (QEMU 10.0: pwritev2 with RWF_DSYNC): its data
+        is on the disk when it returns; no event, no check. 0 or the errno."""
+        if self.no_flush:
+            return 0
+        try:
+            await self.below.flush()
+        except OSError as failure:
+            return failure.errno or _errno.EIO
+        return 0
 
     # ---- power cuts (README "Power cuts") ----
 
@@ -889,27 +915,30 @@ class BlockDevice:
         if not self.powered:
             raise OSError(_errno.EIO, "the power is off (blkfuse powercut; poweron to restore)")
 
-    async def _fsync_image(self) -> None:
-        """fsync the image; if nothing cut the power meanwhile, the unsynced writes it
-        covered (those before it started) are synced now."""
-        cuts, covered = self.cuts, len(self.unsynced) if self.unsynced is not None else 0
-        await self.image.fsync()
-        if self.cuts != cuts:
-            raise OSError(_errno.EIO, "the power was cut during the fsync")
-        if covered and self.unsynced is not None:
-            self.unsynced.forget(covered)
-
     async def _drop_unsynced(self) -> None:
         """fsyncgate: a failing flush loses the dirty data; the disk keeps the flushed image."""
-        assert self.unsynced is not None  # drop-unsynced rules need track-unsynced
-        report = self.unsynced.cut(self.image, "none")
-        log.info("a flush met a drop-unsynced rule: %d unsynced writes reverted", report.writes)
-        await self.image.fsync()
+        report = await self.stack.drop_unsynced()
+        if report is not None:
+            log.info("a flush met a drop-unsynced rule: %d unsynced writes reverted", report.writes)
 
-    async def power_cut(self, keep: str, seed: int | None) -> CutReport:
+    async def _rule_cut(self, effect: Effect) -> None:
+        """A powercut rule acted on this request: cut now, with the mount's seed (a request
+        that reaches a rule after another cut finds the power off: nothing more to do)."""
+        if not self.powered:
+            return
+        await self.power_cut(
+            effect.powercut, self.engine.seed, effect.powercut_save or None, why="a powercut rule"
+        )
+
+    async def power_cut(
+        self, keep: str, seed: int | None, save: str | None = None, *, why: str = "powercut"
+    ) -> CutReport:
         """Lose the unsynced writes as `keep` says, make the image show it (fsynced), and
-        leave the power off. Suspended requests are let go first; they fail with EIO."""
-        if self.unsynced is None:
+        leave the power off; with `save`, write a sparse copy of the image there. Held and
+        suspended requests fail with EIO, whenever their tasks run (even after a poweron:
+        none of them may change the image the cut left). The report is also `last_cut`,
+        and logged."""
+        if self.stack.undo is None:
             raise BlkfuseError(
                 _errno.EINVAL,
                 "powercut needs -o track-unsynced=on (without it "
@@ -919,10 +948,19 @@ class BlockDevice:
         if not self.powered:
             raise BlkfuseError(_errno.EINVAL, "the power is already off (poweron first)")
         self.powered = False
-        self.cuts += 1
-        self.engine.release_suspended()
-        report = self.unsynced.cut(self.image, keep, seed)
-        await self.image.fsync()
+        self.cut_at = (time.clock_gettime_ns(time.CLOCK_MONOTONIC), time.time_ns())
+        lost = OSError(_errno.EIO, "the power was cut while the request was held")
+        self.engine.release_suspended(lost)
+        self.engine.abort_holds(lost)
+        report = await self.stack.power_cut(keep, seed)
+        if save is not None:
+            try:
+                await trio.to_thread.run_sync(sparse_copy, self.stack.image.fd, save)
+                report.saved = save
+            except OSError as error:
+                report.save_error = f"{save}: {error.strerror or error}"
+        self.last_cut = report
+        log.warning("power cut (%s): %s", why, report.text())
         return report
 
     def power_on(self) -> bool:
@@ -930,6 +968,7 @@ class BlockDevice:
         if self.powered:
             return False
         self.powered = True
+        log.warning("power on")
         # Everything on the image is synced now, as after a successful flush.
         self._format_flushed = self._format_written
         self._blkdebug_flushed = self._blkdebug_written

@@ -27,6 +27,11 @@ awaits, and they keep the one trio thread from waiting on a disk:
                                         file system supports it; where it does not (ext4,
                                         buffered), inline, since a buffered write only
                                         copies into the page cache
+    a file system that refuses          (overlayfs: the root of a Docker container) "blind":
+    RWF_NOWAIT                          it cannot say which reads the page cache answers,
+                                        so every read leaves the loop as a miss would (to
+                                        io_uring, else the pool), except at queue depth 1,
+                                        where it is done inline. Writes inline.
 
 io_uring (`uring=False` or BLKFUSE_URING=0 at mount: off, for A/B runs) beat the pool on a
 cold disk at queue depth 32 by 1.6x on the test VM: a worker thread needs the GIL back
@@ -78,7 +83,7 @@ MAX_IO_THREADS = 256
 # statfs f_type of file systems that live in memory (linux/magic.h).
 _MEMORY_FILE_SYSTEMS = {0x01021994, 0x858458F6}  # TMPFS_MAGIC, RAMFS_MAGIC
 
-INLINE, NOWAIT, POOL = "inline", "nowait", "pool"
+INLINE, NOWAIT, POOL, BLIND = "inline", "nowait", "pool", "blind"
 
 # Reads go through cachestat(2) first while more than this share of recent ones missed
 # the page cache (an average over the last ~16 reads).
@@ -132,13 +137,15 @@ class Image:
         self.loop_idle: Callable[[], bool] | None = None
         # io_threads=0: no pool, every read and write inline (as before it existed; A/B runs)
         self._read_mode = self._write_mode = _io_mode(self.fd) if io_threads else INLINE
+        if self._write_mode == BLIND:  # buffered writes only copy into the page cache
+            self._write_mode = INLINE
         # Every read / write is a plain pread / pwrite in the calling thread, never awaited
         # (BlockDevice's lean path does those itself). Reads never become inline later;
         # writes do where the file system refuses NOWAIT for them.
         self.reads_inline = self._read_mode == INLINE
         self.writes_inline = self._write_mode == INLINE
         # Page cache misses go to io_uring where it can be used, else to the pool (uring.py).
-        self._ring = Ring.open(self.fd) if uring and self._read_mode == NOWAIT else None
+        self._ring = Ring.open(self.fd) if uring and self._read_mode in (NOWAIT, BLIND) else None
         self._miss_share = 0.0  # recent reads that missed the page cache (average)
         self._cachestat = PageCacheQuery.open(self.fd) if self._read_mode == NOWAIT else None
         # How the reads went, for `status` and the tests: served inline (page cache or a
@@ -150,7 +157,7 @@ class Image:
 
     @property
     def io_mode(self) -> str:
-        """inline / nowait / pool: how reads are done (the module doc says what each means)."""
+        """inline / nowait / pool / blind: how reads are done (the module doc says what each means)."""
         return self._read_mode
 
     @property
@@ -193,7 +200,9 @@ class Image:
             data = b"".join(chunks)
         return data
 
-    def pwrite(self, offset: int, data: Bytes) -> int:
+    def pwrite(self, offset: int, data: Bytes, *, fua: bool = False) -> int:
+        """Write all of `data` on the calling thread. `fua` (node.py) changes nothing here:
+        the block layer above flushes after a FUA write, as QEMU's file node wants."""
         length = len(data)
         size = self._size
         if size is not None and offset + length > size:
@@ -232,7 +241,7 @@ class Image:
             except OSError as e:
                 if e.errno not in (_errno.EOPNOTSUPP, _errno.EINVAL):
                     raise
-                self._read_mode = POOL  # the file system cannot say; ask no more
+                self._read_mode = BLIND  # the file system cannot say; ask no more
                 got = 0
             if got == length:
                 self._miss_share *= 15 / 16
@@ -247,11 +256,13 @@ class Image:
             del buffer[got:]
             buffer += rest
             return buffer
+        if mode == BLIND:
+            return await self._cold_read(offset, length)
         self.pool_reads += 1
         return await self._in_pool(self.pread, offset, length)
 
-    async def write(self, offset: int, data: Bytes) -> int:
-        """Write all of `data` at `offset`; returns its length."""
+    async def write(self, offset: int, data: Bytes, *, fua: bool = False) -> int:
+        """Write all of `data` at `offset`; returns its length. `fua`: as pwrite."""
         mode = self._write_mode
         if mode == INLINE:
             return self.pwrite(offset, data)
@@ -369,7 +380,12 @@ class Image:
             if error.errno not in (_errno.EOPNOTSUPP, _errno.ENOTSUP, _errno.ENOSYS):
                 raise
 
-    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+    def discard(self, offset: int, length: int) -> None:
+        self.punch_hole(offset, length)
+
+    def write_zeroes(
+        self, offset: int, length: int, unmap: bool = False, *, fua: bool = False
+    ) -> None:
         """Zero [offset, offset+length), growing the file if it ends past it. As file-posix:
         with `unmap` punch a hole first; else (or if that is refused) ZERO_RANGE; where
         the file system supports neither, write zeroes."""
@@ -436,6 +452,10 @@ class Image:
         # request is interrupted meanwhile (it cannot be taken back anyway).
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(os.fsync, self.fd)
+
+    async def flush(self) -> None:
+        """The node protocol's name for fsync (node.py)."""
+        await self.fsync()
 
     def fsync_now(self) -> None:
         os.fsync(self.fd)
@@ -577,6 +597,14 @@ def _io_mode(fd: int) -> str:
         return INLINE
     if not hasattr(os, "RWF_NOWAIT"):
         return POOL
+    try:  # one byte (none at the end of the file): refused, or EAGAIN, or read
+        os.preadv(fd, (bytearray(1),), 0, os.RWF_NOWAIT)
+    except BlockingIOError:
+        pass
+    except OSError as e:
+        if e.errno in (_errno.EOPNOTSUPP, _errno.EINVAL):
+            return BLIND  # overlayfs (Docker's root) has no FMODE_NOWAIT
+        raise
     return NOWAIT
 
 

@@ -25,6 +25,9 @@ SUBCOMMANDS = {
     "check": "check",
     "events": "events",
     "trace": "trace",
+    "replay": "replay",
+    "log": "log",
+    "crashtest": "crashtest",
 }
 
 

@@ -8,6 +8,7 @@ import click
 
 from blkfuse.rules.config import (
     EXTENSION_OPTIONS,
+    LOG_WRITES_OPTIONS,
     MOUNT_OPTIONS,
     ConfigError,
     Note,
@@ -19,6 +20,7 @@ from blkfuse.rules.config import (
     rule_notes,
 )
 from blkfuse.rules.model import Rule, Settings
+from blkfuse.rules.profiles import profile, profile_notes
 
 
 @click.command(
@@ -41,7 +43,8 @@ Examples:
 @click.option(
     "--qemu",
     is_flag=True,
-    help="Fail (exit 1) naming every key and value QEMU 7.2's blkdebug would reject.",
+    help="Fail (exit 1) naming every key and value QEMU's blkdebug would reject (the QEMU "
+    "of -o qemu=7.2|10.0, default 7.2).",
 )
 def command(path: str | None, option_strings: tuple[str, ...], qemu: bool) -> None:
     """Check the blkdebug config file PATH and/or -o options; print each rule with its source.
@@ -70,7 +73,9 @@ def command(path: str | None, option_strings: tuple[str, ...], qemu: bool) -> No
         click.echo(f"blkfuse check: {error}", err=True)
         sys.exit(1)
     name = path or settings.config_path or "options"
-    extension_options = [key for key in options if key in EXTENSION_OPTIONS]
+    # qemu= names the QEMU to check against (profiles.py): it is no rule's, so not flagged
+    extension_options = [key for key in options if key in EXTENSION_OPTIONS and key != "qemu"]
+    qemu_name = f"QEMU {settings.qemu}"
     if qemu:
         problems = [f"{note.where}: {note.text}" for note in notes]
         problems += [
@@ -80,7 +85,7 @@ def command(path: str | None, option_strings: tuple[str, ...], qemu: bool) -> No
             for problem in problems:
                 click.echo(f"blkfuse check: {problem}", err=True)
             click.echo(
-                f"blkfuse check: {name}: QEMU 7.2 would reject {len(problems)} "
+                f"blkfuse check: {name}: {qemu_name} would reject {len(problems)} "
                 f"key{'s' if len(problems) != 1 else ''} or value"
                 f"{'s' if len(problems) != 1 else ''} (listed above)",
                 err=True,
@@ -92,11 +97,13 @@ def command(path: str | None, option_strings: tuple[str, ...], qemu: bool) -> No
     for rule in rules:
         mark = ""
         if id(rule) in marked:
-            mark = f"  (not portable: {', '.join(marked[id(rule)])}: QEMU 7.2 rejects it)"
+            mark = f"  (not portable: {', '.join(marked[id(rule)])}: {qemu_name} rejects it)"
         click.echo(f"{rule.source}: {format_rule(rule)}{rule_notes(rule)}{mark}")
     warning = arming_warning(_by_event(rules))
     if warning:
         click.echo(warning)
+    for line in profile_notes(profile(settings.qemu), rules, settings.cache):
+        click.echo(f"note: {line}")
     click.echo(_summary(name, rules, settings, notes))
 
 
@@ -141,6 +148,15 @@ def _summary(path: str, rules: list[Rule], settings: Settings, notes: list[Any])
         power += [f"unsynced-cap={settings.unsynced_cap}"] if settings.unsynced_cap else []
         power += [f"atomic={settings.atomic}"] if settings.atomic else []
         parts.append(" ".join(power) + " (not portable: blkfuse extension options)")
+    # QEMU's blklogwrites options belong to a node below blkdebug: blkdebug rejects them.
+    logged = [
+        f"{key}={settings.options[key]}" for key in LOG_WRITES_OPTIONS if key in settings.options
+    ]
+    if logged:
+        parts.append(
+            " ".join(logged)
+            + " (not portable: a blklogwrites node under blkdebug in QEMU, blkfuse extension options)"
+        )
     # blkfuse's own tuning: how the daemon waits and reads, never what a request sees.
     for key in ("io-threads", "poll-us"):
         value = getattr(settings, key.replace("-", "_"))
@@ -148,6 +164,8 @@ def _summary(path: str, rules: list[Rule], settings: Settings, notes: list[Any])
             parts.append(f"{key}={value} (not portable: blkfuse's own tuning)")
     if settings.seed is not None:
         parts.append(f"seed={settings.seed} (not portable)")
+    if "qemu" in settings.options:  # the profile checked against (default 7.2)
+        parts.append(f"qemu={settings.qemu} (QEMU {settings.qemu}'s blkdebug and block layer)")
     if notes:
         parts.append(
             f"{len(notes)} blkfuse extension{'s' if len(notes) != 1 else ''} in the "

@@ -2,7 +2,14 @@
 
 import click
 
-from blkfuse.rules.events import DEFAULT_IOTYPES, EVENT_ALIASES, EVENTS, IOTYPES, REACHABLE_EVENTS
+from blkfuse.rules.events import (
+    DEFAULT_IOTYPES,
+    EVENT_ALIASES,
+    EVENTS,
+    IOTYPES,
+    REACHABLE_EVENTS,
+    REACHED_BY,
+)
 
 
 @click.command(
@@ -29,8 +36,8 @@ def command(reachable: bool) -> None:
         aliases = [a for a, n in EVENT_ALIASES.items() if n == name]
         extra = f"  (also {', '.join(aliases)})" if aliases else ""
         click.echo(f"  {mark} {name}{extra}")
-    click.echo("io types (default: all but block-status):")
+    click.echo("io types (default: all but block-status), and the calls that reach them:")
     for t in IOTYPES:
+        reach = f"  {REACHED_BY[t]}" if t in REACHED_BY else "  (never reached through the mount)"
         note = "" if t in DEFAULT_IOTYPES else "  (not in the default set)"
-        reach = "" if t in ("read", "write", "flush") else "  (never reached through the mount)"
-        click.echo(f"    {t}{note}{reach}")
+        click.echo(f"    {t:<13}{reach}{note}")

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any, TypeVar
 
+    from blkfuse.client import holders
+
     T = TypeVar("T")
 
 # `blkfuse ctl`/`status` import this module on every call (blkfuse.cli.fast): what only
@@ -65,6 +67,8 @@ def _read_all(fd: int) -> bytes:
 def open_error(mountpoint: str | os.PathLike[str], e: OSError) -> str:
     """Why MNT/control could not be opened, in words."""
     if e.errno == errno.ENOENT:
+        if not os.path.lexists(mountpoint):
+            return f"{mountpoint}: no such file or directory"
         return f"{mountpoint}: not a blkfuse mount (no control file)"
     if e.errno == errno.ENOTCONN:
         return f"{mountpoint}: the blkfuse daemon is gone (run: blkfuse umount {mountpoint})"
@@ -82,30 +86,43 @@ def read_status(mountpoint: str | os.PathLike[str]) -> str:
         os.close(fd)
 
 
-def send(mountpoint: str | os.PathLike[str], text: str) -> str:
-    """Write `text` as one unit to the mount's control file; return the answer text.
+def open_control(mountpoint: str | os.PathLike[str]) -> int:
+    """Open MNT/control for a command (O_RDWR); ControlError with why it cannot be."""
+    try:
+        return os.open(control_path(mountpoint), os.O_RDWR)
+    except OSError as e:
+        raise ControlError(e.errno or errno.EIO, open_error(mountpoint, e)) from None
 
-    On failure raise ControlError: the write's errno and the daemon's own message (which it
-    leaves on the handle that wrote the command), or the errno's text if there is none; if
-    `control` cannot be opened, that errno and why (open_error).
+
+def exchange(fd: int, text: str) -> str:
+    """Write `text` as one command unit on an open control file; return the answer text.
+
+    ControlError on failure: the write's errno and the daemon's own message (which it leaves
+    on the handle that wrote the command), or the errno's text if there is none.
     """
     if not text.endswith("\n"):
         text += "\n"
     try:
-        fd = os.open(control_path(mountpoint), os.O_RDWR)
+        os.write(fd, text.encode())
     except OSError as e:
-        raise ControlError(e.errno or errno.EIO, open_error(mountpoint, e)) from None
-    try:
         try:
-            os.write(fd, text.encode())
-        except OSError as e:
-            try:
-                answer = _read_all(fd).decode(errors="replace").strip()
-            except OSError:
-                answer = ""
-            message = answer.removeprefix("error: ") or os.strerror(e.errno or errno.EIO)
-            raise ControlError(e.errno or errno.EIO, message) from None
-        return _read_all(fd).decode(errors="replace")
+            answer = _read_all(fd).decode(errors="replace").strip()
+        except OSError:
+            answer = ""
+        message = answer.removeprefix("error: ") or os.strerror(e.errno or errno.EIO)
+        raise ControlError(e.errno or errno.EIO, message) from None
+    return _read_all(fd).decode(errors="replace")
+
+
+def send(mountpoint: str | os.PathLike[str], text: str) -> str:
+    """Write `text` as one unit to the mount's control file; return the answer text.
+
+    On failure raise ControlError: the write's errno and the daemon's own message (see
+    exchange), or if `control` cannot be opened, that errno and why (open_error).
+    """
+    fd = open_control(mountpoint)
+    try:
+        return exchange(fd, text)
     finally:
         os.close(fd)
 
@@ -265,23 +282,112 @@ def _wait_unmounted(mountpoint: str, timeout: float) -> bool:
     return True
 
 
-def unmount(mountpoint: str | os.PathLike[str], timeout: float = 60.0) -> None:
-    """Unmount a blkfuse mount in order (what `blkfuse umount` does).
+def busy_message(
+    mountpoint: str, name: str, found: holders.Holders, suspended: int = 0, dead: bool = False
+) -> str:
+    """Why the mount may not go now: who uses its image and what to do, in order (each loop
+    device with where it is mounted: `losetup -d` on a mounted one only sets autoclear)."""
+    from blkfuse.daemon.lifecycle import GRACE_SECONDS  # the daemon's grace, said as it is
 
-    The daemon (found by its status) gets SIGTERM: it resumes every suspended request, lets
-    the requests in flight finish, fsyncs the image and unmounts; this waits up to `timeout`
-    s for the mount to go. A mount whose daemon is gone is removed directly; a daemon that
-    does not answer is detached lazily. MountError says why the mount is still there.
+    fixes = [use.fix() for use in found.loop_uses()]
+    if found.processes:
+        fixes.append("end or close those processes")
+    if suspended:
+        fixes.append(
+            f"resume the {suspended} suspended request{'s' if suspended > 1 else ''} "
+            f"(blkfuse ctl {mountpoint} resume TAG)"
+        )
+    if dead:
+        what = (
+            f"{mountpoint}: the daemon is gone, not unmounted: {found.describe()} still "
+            "uses the dead mount (its I/O fails)"
+        )
+        options = "or umount --lazy or --force (remove the dead mount anyway)"
+    else:
+        what = f"{mountpoint}: busy, not unmounted: {name} is in use by {found.describe()}"
+        options = (
+            f"or umount --lazy (detach after a grace of {GRACE_SECONDS:g} s) or --force "
+            "(fail their requests now)"
+        )
+    return f"{what}; {'; '.join(fixes)}; {options}"
+
+
+def users(mountpoint: str | os.PathLike[str], st: dict[str, Any] | None) -> holders.Holders:
+    """Who uses the image of the mount at `mountpoint` (its daemon left out): by the image's
+    path and inode while the daemon answers (`st`, its status), by path alone when it is gone
+    (st None): loop devices backed by a file in the mount, processes with one open or mapped."""
+    from blkfuse.client import holders
+
+    mnt = os.path.realpath(mountpoint)
+    if st is None:
+        found = holders.find_under(mnt)
+    else:
+        path = os.path.join(mnt, st["info"].get("name") or "")
+        try:
+            stat = os.stat(path)  # the daemon just answered: this getattr is safe
+        except OSError:
+            return holders.Holders()
+        found = holders.find(path, stat.st_dev, stat.st_ino, exclude=(int(st["info"]["pid"]),))
+    found.loops = holders.settle(found.loops)  # one just given losetup -d is on its way
+    return found
+
+
+def loop_users(mountpoint: str | os.PathLike[str]) -> list[holders.LoopUse]:
+    """The loop devices backed by a file in the mount at `mountpoint`, each with what uses it
+    (found by path alone: also for a mount whose daemon is gone)."""
+    from blkfuse.client import holders
+
+    devices = holders.settle(holders.loop_devices_under(os.path.realpath(mountpoint)))
+    return [holders.loop_use(dev) for dev in devices]
+
+
+def loop_users_message(
+    mountpoint: str, uses: list[holders.LoopUse], *, closed: bool = False
+) -> str:
+    """A mount taken down (`closed`) or about to be, while loop devices still use it."""
+    named = ", ".join(use.describe() for use in uses)
+    fixes = "; ".join(use.fix() for use in uses)
+    if closed:
+        return (
+            f"{mountpoint}: {named} still used the mount, which is gone now (its I/O fails): "
+            f"take it down before the mount ({fixes})"
+        )
+    return f"{mountpoint}: {named} still uses the mount: {fixes}"
+
+
+def unmount(
+    mountpoint: str | os.PathLike[str],
+    timeout: float = 60.0,
+    *,
+    lazy: bool = False,
+    force: bool = False,
+) -> None:
+    """Unmount a blkfuse mount in order: what `blkfuse umount` does, with its messages.
+
+    While anything uses the image (a process with it open or mapped, a loop device backed by
+    it: `users`) this refuses with MountError naming them and what to do, in order, unless
+    `lazy` or `force`; the same for a mount whose daemon is gone, whose users would be left on
+    a dead disk. Otherwise the daemon (found by its status) gets SIGTERM (`force`: SIGUSR1,
+    which fails every new request at once): it resumes every suspended request, lets the
+    requests in flight finish (`lazy`: open files get a grace), fsyncs the image and
+    unmounts; this waits up to `timeout` s for the mount to go. A dead mount is removed
+    directly; a daemon that does not answer is detached lazily. MountError says why the mount
+    is still there.
     """
     import signal
 
     from blkfuse.client import mounttab
 
+    if lazy and force:
+        raise MountError("--lazy and --force: choose one")
     mnt = os.path.abspath(mountpoint)
     if not mounttab.is_blkfuse_mount(mnt):
+        if not os.path.lexists(mnt):
+            raise MountError(f"{mnt}: no such file or directory")
         raise MountError(f"{mnt}: not a blkfuse mount")
     try:
-        pid = int(with_timeout(lambda: status(mnt), ANSWER_SECONDS)["info"]["pid"])
+        st = with_timeout(lambda: status(mnt), ANSWER_SECONDS)
+        pid = int(st["info"]["pid"])
     except NoAnswer:
         # A wedged daemon: detach the mount so nothing new reaches it.
         if fusermount(mnt, lazy=True):
@@ -291,14 +397,24 @@ def unmount(mountpoint: str | os.PathLike[str], timeout: float = 60.0) -> None:
             ) from None
         raise MountError(f"{mnt}: the daemon does not answer and unmounting failed") from None
     except ControlError as e:
-        # The daemon is gone (ENOTCONN) or does not answer: remove the mount itself.
+        # The daemon is gone (ENOTCONN) or does not answer: remove the mount itself, unless
+        # that leaves a user on a dead disk without being asked to.
+        if not (lazy or force) and e.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+            found = users(mnt, None)
+            if found:
+                raise MountError(busy_message(mnt, "", found, dead=True)) from None
         if fusermount(mnt) or fusermount(mnt, lazy=True):
             return
         raise MountError(f"{e.message} [{e.errno_name}]; and unmounting failed") from None
     except (ValueError, KeyError, TypeError) as e:
         raise MountError(f"{mnt}: the daemon's status is unreadable ({e})") from None
+    if not (lazy or force):
+        found = users(mnt, st)
+        if found:
+            name = st["info"].get("name") or ""
+            raise MountError(busy_message(mnt, name, found, len(st.get("suspended") or ())))
     try:
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGUSR1 if force else signal.SIGTERM)
     except ProcessLookupError:
         if not (fusermount(mnt) or fusermount(mnt, lazy=True)):
             raise MountError(

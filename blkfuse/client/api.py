@@ -16,18 +16,20 @@ is stopped as `blkfuse umount` stops it; a daemon that does not answer is killed
 mount removed lazily.
 """
 
+import json
 import os
 import re
 import shlex
 import signal
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 from blkfuse import client
-from blkfuse.client import mounttab
+from blkfuse.client import fsstack, mounttab
 from blkfuse.errors import ControlError, MountError
 
 StrPath = str | os.PathLike[str]
@@ -169,15 +171,18 @@ class Mount:
     def close(self, timeout: float = 60.0) -> None:
         """Unmount (what leaving the `with` block does): resume every suspended request and
         drop every breakpoint, then stop the daemon in order (it fsyncs the image); a daemon
-        that does not answer is killed and its mount removed. Idempotent. MountError only if
-        the mount could not be removed at all."""
+        that does not answer is killed and its mount removed. Idempotent. MountError if the
+        mount could not be removed at all, or if a loop device still used it (the mount is
+        gone all the same; the message names each loop device and where it is mounted, which
+        now sits on a dead disk: take them down before closing)."""
         if not self.mounted:
             return
         problem = None
+        loops = client.loop_users(self.mountpoint)
         if mounttab.is_blkfuse_mount(self.mountpoint):
             client.release_all(self.mountpoint)
             try:
-                client.unmount(self.mountpoint, timeout)
+                client.unmount(self.mountpoint, timeout, lazy=True)
             except MountError as e:
                 problem = e
                 if self.pid:
@@ -188,6 +193,8 @@ class Mount:
         if not client.force_unmount(self.mountpoint):
             raise MountError(f"{self.mountpoint}: still mounted ({problem})")
         self.mounted = False
+        if loops:  # unmounted all the same (leaving a `with` block always does), but loudly
+            raise MountError(client.loop_users_message(str(self.mountpoint), loops, closed=True))
 
     def __enter__(self) -> Self:
         return self.mount()
@@ -240,11 +247,16 @@ class Mount:
         extra = "" if timeout is None else f" {timeout:g}"
         self.ctl(f"wait_break {shlex.quote(tag)}{extra}")
 
-    def wait_hit(self, rule_id: int, timeout: float | None = None) -> int:
-        """Block until rule `rule_id` acts once more than when the wait began (fails a request,
-        sets a state); returns its hit count then. ControlError ETIMEDOUT after `timeout` s;
-        ENOENT for an unknown or spent rule."""
+    def wait_hit(self, rule_id: int, timeout: float | None = None, hits: int | None = None) -> int:
+        """Block until rule `rule_id` has acted (failed a request, begun a delay, set a state)
+        once more than when the wait began, or, if it is spent (once, count), at once: its
+        last act has begun. `hits=N`: until it has N hits in all (at once if it has: read its
+        hits, start the I/O, wait for hits + 1, and no act is missed). Returns its hit count
+        then. ControlError ETIMEDOUT after `timeout` s; ENOENT for an unknown rule, or one
+        spent before it could get there."""
         extra = "" if timeout is None else f" {timeout:g}"
+        if hits is not None:
+            extra += f" hits={int(hits)}"
         answer = self.ctl(f"wait_hit {int(rule_id)}{extra}")
         return int(answer.rsplit("hits=", 1)[1].split(")")[0])
 
@@ -255,6 +267,11 @@ class Mount:
     def remove_break(self, tag: str) -> None:
         """Drop breakpoint `tag`, waking its request if one is suspended there."""
         self.ctl(f"remove_break {shlex.quote(tag)}")
+
+    def mark(self, name: str) -> None:
+        """`mark NAME`: a mark entry in the write log (-o log-writes=FILE), where `blkfuse
+        replay --end-mark NAME` stops."""
+        self.ctl(f"mark {shlex.quote(name)}")
 
     def inject_error(self, **keys: object) -> int:
         """Add an [inject-error] rule (the config file's keys: event=, errno=, sector=,
@@ -292,6 +309,59 @@ class Mount:
         """The requests suspended now (tags, event, op, offset, length, seconds)."""
         result: list[dict[str, Any]] = self.status()["suspended"]
         return result
+
+    def powercut(
+        self, keep: str = "none", seed: int | None = None, save: StrPath | None = None
+    ) -> dict[str, Any]:
+        """Cut the power (needs -o track-unsynced=on): the unsynced writes are lost as `keep`
+        says (none, random, prefix; `seed` repeats a random or prefix cut on the same history),
+        then every request fails with EIO until poweron(). `save`: a sparse copy of the image
+        as the cut left it. Returns the cut (status "last_cut"): keep, seed, writes,
+        writes_kept/torn/lost, size, "lost" and "torn" as [[offset, length], ...], saved."""
+        words = [f"keep={keep}"]
+        if seed is not None:
+            words.append(f"seed={int(seed)}")
+        if save is not None:
+            words.append(f"save={shlex.quote(os.path.abspath(os.fspath(save)))}")
+        answer = self.ctl("powercut " + " ".join(words))
+        result: dict[str, Any] = json.loads(answer.strip().splitlines()[-1])
+        return result
+
+    def poweron(self, force: bool = False) -> None:
+        """Bring the device back. ControlError EBUSY while a loop device or a process still
+        holds the image (what it wrote before the cut could land after), unless `force`."""
+        self.ctl("poweron force" if force else "poweron")
+
+    @contextmanager
+    def filesystem(
+        self,
+        fstype: str = "ext4",
+        *,
+        mountpoint: StrPath | None = None,
+        mount_options: str | Sequence[str] | None = None,
+        make: bool = True,
+        **mkfs_options: object,
+    ) -> Iterator[Path]:
+        """A filesystem on a loop device (direct-io mode, checked) over this mount's image,
+        for a `with` block that gets its mounted directory:
+
+            with m.filesystem("ext4", b=4096, mount_options="noatime") as fs:
+                (fs / "f").write_text("x")
+
+        `fstype` is ext4, xfs or btrfs; `mkfs_options` are mkfs flags (a one-letter key is
+        `-k VALUE`, a longer one `--key VALUE`, True the flag alone); `make=False` mounts
+        the filesystem already on the image. `mountpoint` defaults to a temporary directory.
+        Leaving always tears down in order (umount, losetup -d, the loop device gone), so
+        the mount itself can then be unmounted; MountError names what could not go."""
+        with fsstack.filesystem(
+            self.image_path,
+            fstype,
+            mountpoint,
+            make=make,
+            mkfs_options=mkfs_options,
+            mount_options=mount_options,
+        ) as fs:
+            yield fs.mountpoint
 
     def trace(self) -> client.TraceStream:
         """The trace, live, from the requests after this call: iterate it for one dict per

@@ -6,10 +6,115 @@ itself: a stat() through a FUSE mount would be a request to the daemon being ask
 
 What a process holds is visible only to its owner and to root: as a normal user, other users'
 processes are not seen (`unreadable` counts them).
+
+A loop device is named with what uses it in turn (LoopUse): where it is mounted (by device
+number, from /proc/self/mountinfo) and the devices stacked on it (/sys/block/loopN/holders), so
+a message can say what to undo first: `losetup -d` on a mounted loop device only sets autoclear.
 """
 
 import os
+import time
 from dataclasses import dataclass, field
+
+from blkfuse.client import mounttab
+
+
+@dataclass(frozen=True)
+class LoopUse:
+    """One loop device and what uses it."""
+
+    device: str  # /dev/loopN
+    mountpoints: tuple[str, ...] = ()  # where it or one of its partitions is mounted
+    stacked: tuple[str, ...] = ()  # /dev/dm-0...: devices built on it (device mapper)
+    autoclear: bool = False  # `losetup -d` was given: it detaches once its last user goes
+
+    def describe(self) -> str:
+        """'loop device /dev/loop0 (mounted at /mnt/db)'."""
+        uses = [f"mounted at {', '.join(self.mountpoints)}"] if self.mountpoints else []
+        uses += [f"under {', '.join(self.stacked)}"] if self.stacked else []
+        return f"loop device {self.device}" + (f" ({'; '.join(uses)})" if uses else "")
+
+    def fix(self) -> str:
+        """What to do to let go of it, in order."""
+        steps = []
+        if self.mountpoints:
+            where = " ".join(self.mountpoints)
+            steps.append(
+                f"{self.device} is mounted at {where}: unmount that first (umount {where})"
+            )
+        if self.stacked:
+            steps.append(f"remove {' '.join(self.stacked)} (dmsetup remove)")
+        if self.autoclear and steps:
+            steps.append(f"{self.device} detaches itself (losetup -d was given)")
+        elif not self.autoclear:
+            steps.append(f"losetup -d {self.device}")
+        else:  # autoclear, nothing mounted on it: something still has it open
+            steps.append(f"{self.device} detaches once nothing has it open (losetup -d was given)")
+        return ", then ".join(steps)
+
+
+def loop_use(device: str) -> LoopUse:
+    """What uses loop device `device` (/dev/loopN) now."""
+    name = os.path.basename(device)
+    sys_dir = f"/sys/block/{name}"
+    numbers = set()
+    for part in [sys_dir] + [
+        f"{sys_dir}/{p}" for p in _listdir(sys_dir) if p.startswith(name + "p")
+    ]:
+        number = _read(f"{part}/dev")
+        if number:
+            numbers.add(number)
+    return LoopUse(
+        device=device,
+        mountpoints=tuple(mounttab.mountpoints_of(numbers)),
+        stacked=tuple(f"/dev/{h}" for h in sorted(_listdir(f"{sys_dir}/holders"))),
+        autoclear=_read(f"{sys_dir}/loop/autoclear") == "1",
+    )
+
+
+def settle(devices: list[str], timeout: float = 10.0) -> list[str]:
+    """`devices` (loop devices) without those that go within `timeout` s. A loop device given
+    `losetup -d` while something had it open (a file system just unmounted, udev's probe)
+    detaches once the last opener closes it: a teardown in the right order must not be
+    refused for that moment. Only such devices (autoclear set, nothing mounted or stacked on
+    them) are waited for; `timeout` is a hang guard for one that something keeps open."""
+    backing = {dev: _backing(dev) for dev in devices}
+
+    def still(dev: str) -> bool:  # still on the same file (a freed device may be reused)
+        return _backing(dev) == backing[dev] != ""
+
+    deadline = time.monotonic() + timeout
+    while True:
+        going = [
+            dev
+            for dev in devices
+            if still(dev)
+            and (use := loop_use(dev)).autoclear
+            and not (use.mountpoints or use.stacked)
+        ]
+        if not going or time.monotonic() > deadline:
+            return [dev for dev in devices if still(dev)]
+        time.sleep(0.01)
+
+
+def _backing(device: str) -> str:
+    """The backing file of loop device `device`, "" when it is not attached."""
+    return _read(f"/sys/block/{os.path.basename(device)}/loop/backing_file")
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            return f.read().rstrip("\n")
+    except OSError:
+        return ""
 
 
 @dataclass
@@ -23,9 +128,12 @@ class Holders:
     def __bool__(self) -> bool:
         return bool(self.processes or self.loops)
 
+    def loop_uses(self) -> list[LoopUse]:
+        return [loop_use(dev) for dev in self.loops]
+
     def describe(self) -> str:
-        """'loop device /dev/loop0, pid 12 (dd)'."""
-        parts = [f"loop device {dev}" for dev in self.loops]
+        """'loop device /dev/loop0 (mounted at /mnt/db), pid 12 (dd)'."""
+        parts = [use.describe() for use in self.loop_uses()]
         parts += [f"pid {pid} ({comm})" for pid, comm in self.processes]
         return ", ".join(parts)
 
@@ -62,27 +170,28 @@ def _maps(pid: int, dev: int, ino: int) -> bool:
     return False
 
 
+def _attached_loops() -> list[tuple[str, str]]:
+    """(/dev/loopN, its backing file as /sys/block/loopN/loop/backing_file names it: the path
+    the file had when it was attached) for every attached loop device, in device order."""
+    found = []
+    for name in _listdir("/sys/block"):
+        if name.startswith("loop"):
+            backing = _backing(name)
+            if backing:  # else not attached
+                found.append((f"/dev/{name}", backing))
+    return sorted(found, key=lambda item: (len(item[0]), item[0]))
+
+
 def loop_devices(path: str) -> list[str]:
-    """The loop devices whose backing file is `path` (as /sys/block/loop*/loop/backing_file
-    names it: the path the file had when it was attached)."""
-    found: list[str] = []
-    try:
-        names = os.listdir("/sys/block")
-    except OSError:
-        return found
-    for name in names:
-        if not name.startswith("loop"):
-            continue
-        try:
-            with open(
-                f"/sys/block/{name}/loop/backing_file", encoding="utf-8", errors="surrogateescape"
-            ) as f:
-                backing = f.read().rstrip("\n")
-        except OSError:  # not attached
-            continue
-        if backing == path:
-            found.append(f"/dev/{name}")
-    return sorted(found, key=lambda dev: (len(dev), dev))
+    """The loop devices whose backing file is `path`."""
+    return [dev for dev, backing in _attached_loops() if backing == path]
+
+
+def loop_devices_under(directory: str) -> list[str]:
+    """The loop devices whose backing file lies under `directory` (a mountpoint, spelt as the
+    kernel shows it): found without touching the files, so it works on a dead mount."""
+    prefix = directory.rstrip("/") + "/"
+    return [dev for dev, backing in _attached_loops() if backing.startswith(prefix)]
 
 
 def find(path: str, dev: int, ino: int, *, exclude: tuple[int, ...] = ()) -> Holders:
@@ -102,6 +211,45 @@ def find(path: str, dev: int, ino: int, *, exclude: tuple[int, ...] = ()) -> Hol
         try:
             if _opens(pid, path) or _maps(pid, dev, ino):
                 holders.processes.append((pid, comm(pid)))
+        except PermissionError:
+            holders.unreadable += 1
+        except OSError:  # the process ended meanwhile
+            continue
+    holders.processes.sort()
+    return holders
+
+
+def _uses_under(pid: int, prefix: str) -> bool:
+    """Does process `pid` have a file under `prefix` open or mapped? (Paths only: the files
+    are never touched.) Raises PermissionError if we may not look."""
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        try:
+            if os.readlink(f"{fd_dir}/{fd}").startswith(prefix):
+                return True
+        except OSError:  # closed meanwhile
+            continue
+    with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = line.split(None, 5)
+            if len(fields) == 6 and fields[5].rstrip("\n").startswith(prefix):
+                return True
+    return False
+
+
+def find_under(directory: str, *, exclude: tuple[int, ...] = ()) -> Holders:
+    """Everything holding a file under `directory` (a mountpoint, spelt as the kernel shows
+    it), found by path alone: for a mount whose daemon is gone, where nothing can be stat'ed.
+    This process and `exclude` are left out."""
+    holders = Holders(loops=loop_devices_under(directory))
+    prefix = directory.rstrip("/") + "/"
+    skip = {os.getpid(), *exclude}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in skip:
+            continue
+        try:
+            if _uses_under(int(entry), prefix):
+                holders.processes.append((int(entry), comm(int(entry))))
         except PermissionError:
             holders.unreadable += 1
         except OSError:  # the process ended meanwhile

@@ -11,6 +11,9 @@ import re
 from typing import NamedTuple
 
 MOUNTS = "/proc/self/mounts"
+# The same table with each mount's device number (major:minor), which /proc/self/mounts lacks:
+# a loop device's mounts are found by number, however its source is spelt.
+MOUNTINFO = "/proc/self/mountinfo"
 
 # How a blkfuse mount shows in the table (daemon.py mounts with fsname=blkfuse,subtype=blkfuse).
 FSTYPE = "fuse.blkfuse"
@@ -80,3 +83,19 @@ def is_blkfuse_mount(path: str | os.PathLike[str]) -> bool:
 def blkfuse_mounts() -> list[Entry]:
     """Every blkfuse mount this process can see."""
     return [e for e in entries() if e.is_blkfuse]
+
+
+def mountpoints_of(devices: set[str], path: str = MOUNTINFO) -> list[str]:
+    """Where the block devices `devices` ("major:minor", as /sys/block/*/dev says) are
+    mounted, in table order ([] if the table cannot be read)."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+    except OSError:
+        return []
+    found = []
+    for line in text.splitlines():
+        fields = line.split()  # ID PARENT MAJOR:MINOR ROOT MOUNTPOINT ...
+        if len(fields) >= 5 and fields[2] in devices:
+            found.append(unescape(fields[4]))
+    return found

@@ -10,18 +10,44 @@ enough). It gives tests one fixture:
 mounts `image` (a sparse file of `size` under the test's tmp_path when not given) on a fresh
 directory under tmp_path; `flags` are blkfuse.Mount's (name=, read_only=True, trace=...).
 Every mount is taken down when the test ends, passed or failed, suspended requests resumed
-first, so a failing test never leaves a process hanging on a mount.
+first, so a failing test never leaves a process hanging on a mount. A loop device still backed
+by the image fails the teardown, naming the device and where it is mounted; the teardown then
+takes it down in order (unmounts it, `losetup -d`, waits for it to go) before the mount, so
+nothing is left on a dead disk.
 """
 
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from blkfuse import client
+from blkfuse.client import holders
 from blkfuse.client.api import Mount, Options, StrPath, parse_size
 from blkfuse.errors import MountError
+
+# Hang guard, not a speed limit: a loop device detaches as soon as its last user closes it.
+DETACH_SECONDS = 30.0
+
+
+def _take_down(use: holders.LoopUse) -> list[str]:
+    """Unmount a loop device's file systems and detach it, in that order; what failed."""
+    failed = []
+    for where in reversed(use.mountpoints):  # the last mounted on top first
+        r = subprocess.run(["umount", where], capture_output=True, text=True)
+        if r.returncode != 0:
+            failed.append(f"umount {where}: {r.stderr.strip()}")
+    if use.stacked:
+        failed.append(f"{' '.join(use.stacked)} still on {use.device}: left alone")
+    if failed:
+        return failed
+    subprocess.run(["losetup", "-d", use.device], capture_output=True)
+    if holders.settle([use.device], DETACH_SECONDS):
+        return [f"{use.device} did not detach within {DETACH_SECONDS:g} s"]
+    return []
 
 
 @pytest.fixture
@@ -51,6 +77,19 @@ def blkfuse_mount(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
     yield factory
     problems = []
     for m in reversed(made):
+        uses = client.loop_users(m.mountpoint) if m.mounted else []
+        if uses:
+            failed = [f for use in uses for f in _take_down(use)]
+            done = (
+                f" (the teardown failed: {'; '.join(failed)})"
+                if failed
+                else " (the teardown did so)"
+            )
+            problems.append(
+                client.loop_users_message(str(m.mountpoint), uses)
+                + done
+                + ": take them down in the test"
+            )
         try:
             m.close()
         except MountError as e:

@@ -7,6 +7,10 @@ one entry, in the order it reached the image: its byte range, the image size bef
 the bytes it overwrote (its pre-image; none for the part beyond the old end). Undoing entries
 newest first gives back exactly the image as it was before them.
 
+A pre-image keeps only the data of the range: its holes (SEEK_DATA/SEEK_HOLE on the backing
+file) are noted as holes and cost nothing, and undoing punches them again. So a discard, a
+write-zeroes or a write over never-written space (mkfs on a sparse image) holds no bytes.
+
 Pre-images are appended to one log space: the first MEMORY_BYTES in memory, and beyond that
 the whole in-memory buffer goes to an unlinked scratch file (in $TMPDIR, or `scratch_dir`),
 so memory stays bounded. The cap (`-o unsynced-cap=SIZE`) bounds pre-image bytes plus
@@ -21,28 +25,38 @@ A cut decides what survives:
              image size is one more such coin (kept: the current size; lost: the flushed size)
 The coins come from random.Random(seed) in a fixed order (units by address, then the size), so
 the same seed on the same history gives the same image.
+
+UndoFilter is the log as a node of the stack (block/node.py, block/stack.py), right on the
+image: every change passing it is recorded first, a successful flush forgets what it covered,
+and `cut` is the power cut.
 """
 
 import errno as _errno
+import logging
 import os
 import random
 import re
 import tempfile
 from array import array
 from bisect import bisect_right
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from blkfuse.block.node import Filter
+from blkfuse.rules.model import POWERCUT_MODES
 
 if TYPE_CHECKING:
-    from blkfuse.block.image import Image
+    from blkfuse.block.image import Bytes, Image
 
 MEMORY_BYTES = 8 << 20  # pre-image bytes held in memory before spilling to scratch
 ENTRY_BYTES = 32  # bookkeeping per entry (four int64s), counted in the cap
 DEFAULT_CAP = 1 << 30
 DEFAULT_ATOMIC = 512
-KEEP_MODES = ("none", "random", "prefix")
+KEEP_MODES = POWERCUT_MODES
 
 _LOST_RUN = re.compile(b"0+")
+
+log = logging.getLogger(__name__)
 
 
 class LogFull(OSError):
@@ -65,22 +79,52 @@ class CutReport:
     bytes_kept: int = 0  # prefix/none: bytes written by kept / lost entries
     bytes_lost: int = 0
     size: int = 0  # the image size after the cut
+    # [offset, length] runs, merged and sorted: the bytes the cut set back to what they were
+    # at the last successful flush (or that it cut off or brought back at the end), and the
+    # ranges of the writes it tore (random: some of their units kept, some lost)
+    lost: list[list[int]] = field(default_factory=list)
+    torn: list[list[int]] = field(default_factory=list)
+    saved: str | None = None  # where a copy of the image as the cut left it was written
+    save_error: str | None = None  # why that copy could not be written
+
+    def as_dict(self) -> dict[str, Any]:
+        """What `status --json` shows as "last_cut" and the cut's answer ends with."""
+        return {
+            "keep": self.keep,
+            "seed": self.seed,
+            "writes": self.writes,
+            "writes_kept": self.writes_kept,
+            "writes_torn": self.writes_torn,
+            "writes_lost": self.writes_lost,
+            "atomic": self.atomic,
+            "size": self.size,
+            "lost": self.lost,
+            "torn": self.torn,
+            "saved": self.saved,
+            "save_error": self.save_error,
+        }
 
     def text(self) -> str:
         seed = f" seed={self.seed}" if self.seed is not None else ""
         head = f"powercut keep={self.keep}{seed}: "
         if self.keep == "random":
-            return (
-                head + f"{self.writes} unsynced writes ({self.writes_kept} kept, "
+            body = (
+                f"{self.writes} unsynced writes ({self.writes_kept} kept, "
                 f"{self.writes_torn} torn, {self.writes_lost} lost), {self.units} units "
                 f"of {self.atomic} bytes ({self.units_kept} kept, "
                 f"{self.units - self.units_kept} lost), size {self.size}"
             )
-        return (
-            head + f"{self.writes} unsynced writes ({self.writes_kept} kept, "
-            f"{self.writes_lost} lost), {self.bytes_kept} bytes kept, {self.bytes_lost} "
-            f"bytes lost, size {self.size}"
-        )
+        else:
+            body = (
+                f"{self.writes} unsynced writes ({self.writes_kept} kept, "
+                f"{self.writes_lost} lost), {self.bytes_kept} bytes kept, {self.bytes_lost} "
+                f"bytes lost, size {self.size}"
+            )
+        if self.saved is not None:
+            body += f", image saved to {self.saved}"
+        elif self.save_error is not None:
+            body += f", image NOT saved ({self.save_error})"
+        return head + body
 
 
 class UndoLog:
@@ -96,6 +140,10 @@ class UndoLog:
         self._length = array("q")  # bytes changed
         self._size = array("q")  # image size before the entry
         self._where = array("q")  # its pre-image's position in the log space
+        self._stored = array("q")  # its pre-image's bytes there (its data, not its holes)
+        # per entry: None, its old range is all data (stored whole); else the (start, end)
+        # pairs, flattened, of the data in it (stored one after the other); the rest is hole
+        self._layout: list[tuple[int, ...] | None] = []
         # Log space [0, spilled) is in the scratch file; the pre-images of entries from
         # _memory_first on are in memory, one bytes object each (not one growing bytearray:
         # appending 4 KiB to a large bytearray copies it, ~40 us a write).
@@ -134,6 +182,9 @@ class UndoLog:
 
     def _add(self, image: "Image", offset: int, length: int, size: int) -> None:
         kept = max(0, min(offset + length, size) - offset)
+        layout = _data_runs(image, offset, offset + kept) if kept else None
+        if layout is not None:
+            kept = sum(layout[j + 1] - layout[j] for j in range(0, len(layout), 2))
         if self.held() + kept + ENTRY_BYTES > self.cap:
             self.refused += 1
             self.last_refusal = (
@@ -143,19 +194,27 @@ class UndoLog:
                 "it failed with ENOSPC (fsync the image, or raise the cap)"
             )
             raise LogFull(_errno.ENOSPC, self.last_refusal)
-        preimage = image.pread(offset, kept) if kept else b""
+        if layout is None:
+            preimage = image.pread(offset, kept) if kept else b""
+        else:
+            preimage = b"".join(
+                image.pread(layout[j], layout[j + 1] - layout[j]) for j in range(0, len(layout), 2)
+            )
         self._offset.append(offset)
         self._length.append(length)
         self._size.append(size)
         self._where.append(self._spilled + self._memory_bytes)
+        self._stored.append(kept)
+        self._layout.append(layout)
         self._memory.append(preimage)
         self._memory_bytes += kept
         if self._memory_bytes > MEMORY_BYTES:
             try:
                 self._spill()
             except OSError:  # the scratch file is full or failing: refuse whole
-                for column in (self._offset, self._length, self._size, self._where):
+                for column in (self._offset, self._length, self._size, self._where, self._stored):
                     column.pop()
+                self._layout.pop()
                 self._memory.pop()
                 self._memory_bytes -= kept
                 raise
@@ -180,8 +239,7 @@ class UndoLog:
     def _preimage(self, i: int) -> bytes:
         if i >= self._memory_first:
             return self._memory[i - self._memory_first]
-        offset, length, size = self._offset[i], self._length[i], self._size[i]
-        kept = max(0, min(offset + length, size) - offset)
+        kept = self._stored[i]
         assert self._scratch is not None  # entries before _memory_first were spilled
         data = os.pread(self._scratch, kept, self._where[i])
         if len(data) != kept:
@@ -197,6 +255,8 @@ class UndoLog:
             self._length = array("q")
             self._size = array("q")
             self._where = array("q")
+            self._stored = array("q")
+            self._layout = []
             self._memory = []
             self._memory_first = self._memory_bytes = 0
             self._held = self.bytes = 0
@@ -205,11 +265,11 @@ class UndoLog:
             self._spilled = 0
             return
         for i in range(count):
-            offset, length, size = self._offset[i], self._length[i], self._size[i]
-            self._held -= max(0, min(offset + length, size) - offset)
-            self.bytes -= length
-        for column in (self._offset, self._length, self._size, self._where):
+            self._held -= self._stored[i]
+            self.bytes -= self._length[i]
+        for column in (self._offset, self._length, self._size, self._where, self._stored):
             del column[:count]
+        del self._layout[:count]
         if count <= self._memory_first:
             self._memory_first -= count
         else:
@@ -226,8 +286,8 @@ class UndoLog:
     # ---- cutting ---------------------------------------------------------------------------
 
     def cut(self, image: "Image", keep: str = "none", seed: int | None = None) -> CutReport:
-        """Apply a power cut to `image` (pwrites and a truncate; the caller fsyncs), then
-        forget everything. `seed` is needed for random and prefix."""
+        """Apply a power cut to `image` (pwrites, hole punches and a truncate; the caller
+        fsyncs), then forget everything. `seed` is needed for random and prefix."""
         if keep not in KEEP_MODES:
             raise ValueError(f"keep must be one of {', '.join(KEEP_MODES)}, not {keep!r}")
         n = len(self)
@@ -235,32 +295,78 @@ class UndoLog:
             keep=keep, seed=seed if keep != "none" else None, writes=n, atomic=self.atomic
         )
         rng = random.Random(seed)
+        lost: list[tuple[int, int]] = []  # [start, end) ranges, merged at the end
+        size_before = image.size()
         if keep == "random":
-            self._cut_random(image, rng, report)
+            torn: list[tuple[int, int]] = []
+            self._cut_random(image, rng, report, lost, torn)
+            report.torn = _merged(torn)
         else:
             first_lost = rng.randint(0, n) if keep == "prefix" else 0
             self._undo_from(image, first_lost)
             report.writes_kept, report.writes_lost = first_lost, n - first_lost
             report.bytes_kept = sum(self._length[:first_lost])
             report.bytes_lost = sum(self._length[first_lost:])
+            lost.extend(
+                (self._offset[i], self._offset[i] + self._length[i])
+                for i in range(first_lost, n)
+                if self._length[i]
+            )
         report.size = image.size()
+        if report.size != size_before:  # cut off, or brought back, at the end
+            lost.append((min(report.size, size_before), max(report.size, size_before)))
+        report.lost = _merged(lost)
         self.forget()
         return report
+
+    def _restore(self, image: "Image", i: int, lo: int, hi: int) -> None:
+        """Put entry i's pre-image back over [lo, hi), a part of its range: its data
+        written, its holes punched; what lay beyond the image's old end reads as zeros."""
+        offset, size, layout = self._offset[i], self._size[i], self._layout[i]
+        old_end = min(hi, max(lo, size))
+        if lo < old_end:
+            stored = self._preimage(i)
+            if layout is None:
+                image.pwrite(lo, stored[lo - offset : old_end - offset])
+            else:
+                position, where = lo, 0  # where: the run's place in `stored`
+                for j in range(0, len(layout), 2):
+                    start, end = layout[j], layout[j + 1]
+                    first, last = max(start, lo), min(end, old_end)
+                    if first < last:
+                        if position < first:
+                            _punch(image, position, first)
+                        skip = where + first - start
+                        image.pwrite(first, stored[skip : skip + last - first])
+                        position = last
+                    where += end - start
+                if position < old_end:
+                    _punch(image, position, old_end)
+        if old_end < hi:
+            _punch(image, old_end, hi)
 
     def _undo_from(self, image: "Image", first: int) -> None:
         """Undo entries first..n-1, newest first: the image as it was before entry `first`."""
         for i in range(len(self) - 1, first - 1, -1):
-            preimage = self._preimage(i)
-            if preimage:
-                image.pwrite(self._offset[i], preimage)
-            if image.size() != self._size[i]:
-                image.truncate(self._size[i])
+            offset, length, size = self._offset[i], self._length[i], self._size[i]
+            old_end = min(offset + length, size)
+            if old_end > offset:
+                self._restore(image, i, offset, old_end)
+            if image.size() != size:
+                image.truncate(size)
 
     def _units(self, i: int) -> tuple[int, int]:
         atomic = self.atomic
         return self._offset[i] // atomic, -(-(self._offset[i] + self._length[i]) // atomic)
 
-    def _cut_random(self, image: "Image", rng: random.Random, report: CutReport) -> None:
+    def _cut_random(
+        self,
+        image: "Image",
+        rng: random.Random,
+        report: CutReport,
+        lost: list[tuple[int, int]],
+        torn: list[tuple[int, int]],
+    ) -> None:
         n = len(self)
         if not n:
             return
@@ -294,22 +400,125 @@ class UndoLog:
             if kept == count:
                 report.writes_kept += 1
                 continue
+            offset, length = self._offset[i], self._length[i]
             if kept == 0:
                 report.writes_lost += 1
             else:
                 report.writes_torn += 1
+                torn.append((offset, offset + length))
             # Restore this entry's bytes in its lost units; beyond its old end, zeros.
-            offset, length, size = self._offset[i], self._length[i], self._size[i]
-            preimage = self._preimage(i)
             lsb_first = format(mine, f"0{count}b")[::-1].encode()
-            for lost in _LOST_RUN.finditer(lsb_first):
-                lo = max(offset, (first + lost.start()) * atomic)
-                hi = min(offset + length, (first + lost.end()) * atomic, final_size)
-                if lo >= hi:
-                    continue
-                old_end = min(hi, max(lo, size))
-                data = preimage[lo - offset : old_end - offset] + bytes(hi - old_end)
-                image.pwrite(lo, data)
+            for gone in _LOST_RUN.finditer(lsb_first):
+                lo = max(offset, (first + gone.start()) * atomic)
+                hi = min(offset + length, (first + gone.end()) * atomic, final_size)
+                if lo < hi:
+                    self._restore(image, i, lo, hi)
+                    lost.append((lo, hi))
         report.writes_kept += sum(1 for i in range(n) if not self._length[i])
         if image.size() != final_size:
             image.truncate(final_size)
+
+
+class UndoFilter(Filter):
+    """The undo log as a filter right over the image (-o track-unsynced=on).
+
+    Each change is recorded and then made with no await between (the pre-image read and
+    the write are one step, so the log's order is the image's); a write is therefore done
+    on the calling thread (Image.pwrite), never handed to a worker. A full log refuses the
+    change with ENOSPC before the image is touched."""
+
+    below: "Image"
+
+    def __init__(self, image: "Image", undo: UndoLog):
+        super().__init__(image)
+        self.log = undo
+        self.cuts = 0  # power cuts so far: a flush spanning one fails
+
+    def _record(self, offset: int, length: int) -> None:
+        if length > 0:
+            try:
+                self.log.record_write(self.below, offset, length)
+            except LogFull as full:
+                log.warning("%s", full.strerror)
+                raise
+
+    async def write(self, offset: int, data: "Bytes", *, fua: bool = False) -> int:
+        return self.pwrite(offset, data, fua=fua)
+
+    def pwrite(self, offset: int, data: "Bytes", *, fua: bool = False) -> int:
+        self._record(offset, len(data))
+        return self.below.pwrite(offset, data, fua=fua)
+
+    def write_zeroes(
+        self, offset: int, length: int, unmap: bool = False, *, fua: bool = False
+    ) -> None:
+        self._record(offset, length)
+        self.below.write_zeroes(offset, length, unmap, fua=fua)
+
+    def discard(self, offset: int, length: int) -> None:
+        self._record(offset, length)  # a discarded range reads as zeroes: undoable
+        self.below.discard(offset, length)
+
+    def truncate(self, size: int) -> None:
+        self.log.record_resize(self.below, size)
+        self.below.truncate(size)
+
+    async def flush(self) -> None:
+        """fsync; if no power cut came meanwhile, the entries it covered (those before it
+        started) are synced now and forgotten."""
+        cuts, covered = self.cuts, len(self.log)
+        await self.below.flush()
+        if self.cuts != cuts:
+            raise OSError(_errno.EIO, "the power was cut during the fsync")
+        if covered:
+            self.log.forget(covered)
+
+    def power_cut(self) -> None:
+        self.cuts += 1
+
+    async def cut(self, keep: str, seed: int | None = None) -> CutReport:
+        """Take back the unsynced writes as `keep` says, and fsync the result."""
+        report = self.log.cut(self.below, keep, seed)
+        await self.below.flush()
+        return report
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def _data_runs(image: "Image", start: int, end: int) -> tuple[int, ...] | None:
+    """The data in [start, end) of the image as flattened (start, end) pairs, the rest being
+    holes (SEEK_DATA/SEEK_HOLE: Image.extent); None when it is all data (the common case,
+    a write over data: two lseeks), or when the file cannot tell (then all is data)."""
+    is_data, count = image.extent(start, end - start)
+    if is_data and count >= end - start:
+        return None
+    runs: list[int] = []
+    position = start
+    while position < end:
+        if position > start:
+            is_data, count = image.extent(position, end - position)
+        count = max(1, min(count, end - position))
+        if is_data:
+            if runs and runs[-1] == position:
+                runs[-1] = position + count
+            else:
+                runs += (position, position + count)
+        position += count
+    return tuple(runs)
+
+
+def _punch(image: "Image", start: int, end: int) -> None:
+    """Make [start, end) read as zeros again: a hole where the file system can punch one."""
+    image.write_zeroes(start, end - start, True)
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[list[int]]:
+    """[start, end) ranges -> sorted [offset, length] runs, overlapping and touching merged."""
+    out: list[list[int]] = []
+    for start, end in sorted(ranges):
+        if out and start <= out[-1][0] + out[-1][1]:
+            out[-1][1] = max(out[-1][1], end - out[-1][0])
+        else:
+            out.append([start, end - start])
+    return out

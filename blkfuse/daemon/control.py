@@ -310,11 +310,11 @@ class Control:
             raise ControlError(_errno.ESHUTDOWN, f"wait_break {tag}: the mount is shutting down")
         return f"suspended at {tag}"
 
-    async def wait_hit(self, rule_id: int, timeout: float | None) -> str:
+    async def wait_hit(self, rule_id: int, timeout: float | None, target: int | None = None) -> str:
         with trio.CancelScope() as scope:
             self._hit_waits[scope] = rule_id
             try:
-                hits = await self.engine.wait_hit(rule_id, timeout)
+                hits = await self.engine.wait_hit(rule_id, timeout, target)
             finally:
                 del self._hit_waits[scope]
         if scope.cancelled_caught:
@@ -374,20 +374,37 @@ class Control:
                 if c
             ],
             "rules_healed": e.rules_healed,
+            "held_by_delay": e.held(),
+            # The old name of held_by_delay, kept for one release (it read like unsynced.held).
             "held": e.held(),
             "interrupted": {"count": e.interrupted, "last": _interrupted_dict(e.last_interrupted)},
             "last_result": self.last_result,
             "last_error": self.last_error,
             "last_error_errno": self.last_error_errno,
             **self._power_status(),
+            "log_writes": self._log_writes_status(),
+        }
+
+    def _log_writes_status(self) -> dict | None:
+        """The write log (-o log-writes=FILE): its path and entries so far, else None."""
+        from blkfuse.crash.recorder import Recorder
+
+        recorder = self.block.stack.find(Recorder) if self.block is not None else None
+        if recorder is None:
+            return None
+        return {
+            "path": recorder.path,
+            "entries": recorder.entries,
+            "sectorsize": recorder.sectorsize,
         }
 
     def _power_status(self) -> dict:
         """ "power" and "unsynced" (null when writes are not tracked) for the status."""
         block = self.block
-        log = block.unsynced if block is not None else None
+        undo = block.stack.undo if block is not None else None
         unsynced = None
-        if log is not None:
+        if undo is not None:
+            log = undo.log
             unsynced = {
                 "writes": len(log),
                 "bytes": log.bytes,
@@ -396,9 +413,16 @@ class Control:
                 "refused": log.refused,
                 "last_refusal": log.last_refusal,
             }
+        cut_at = block.cut_at if block is not None else None
+        last_cut = block.last_cut if block is not None else None
         return {
             "power": "off" if block is not None and not block.powered else "on",
             "unsynced": unsynced,
+            # when the last powercut switched the power off (null: never): Fleet's spread
+            "power_off_at": (
+                None if cut_at is None else {"monotonic_ns": cut_at[0], "realtime_ns": cut_at[1]}
+            ),
+            "last_cut": last_cut.as_dict() if last_cut is not None else None,
         }
 
     def status_text(self) -> str:
@@ -427,6 +451,8 @@ class Control:
                 opts.append("growable")
             if info.get("locking") is False:
                 opts.append("locking=off")
+            if info.get("qemu"):
+                opts.append(f"qemu={info['qemu']}")  # the profile (rules/profiles.py)
             out.append(f"image: {info['image']}" + (f" ({', '.join(opts)})" if opts else ""))
         if info.get("mountpoint"):
             out.append(f"mount: {info['mountpoint']} (daemon pid {info.get('pid')})")
@@ -464,8 +490,8 @@ class Control:
             if s["op"] is not None:
                 where = f" {s['op']} offset={s['offset']} length={s['length']}"
             out.append(f"  {','.join(s['tags'])} at {s['event']}:{where} for {s['seconds']:.1f}s")
-        if d["held"]:
-            out.append(f"held by a delay rule: {d['held']}")
+        if d["held_by_delay"]:
+            out.append(f"held by a delay rule: {d['held_by_delay']}")
 
         if d["waiting"]:
             out.append("wait_break pending: " + " ".join(d["waiting"]))
@@ -501,6 +527,9 @@ class Control:
                 f"unsynced: {u['writes']} writes, {u['bytes']} bytes (log holds "
                 f"{u['held']} of cap {u['cap']}; {u['refused']} refused at the cap)"
             )
+        block = self.block
+        if block is not None and block.last_cut is not None:
+            out.append(f"last cut: {block.last_cut.text()}")
         out.append(f"last result: {d['last_result'] or '-'}")
         if d["last_error"]:
             out.append(f"last error: {errno_name(d['last_error_errno'])}: {d['last_error']}")
@@ -561,15 +590,34 @@ async def _wait_break(control: Control, tag: str, timeout: float | None) -> str:
     return await control.wait_break(tag, timeout)
 
 
+def _wait_hit_args(words: list[str]) -> tuple[int, float | None, int | None]:
+    """ID [SECONDS] [hits=N], the last two in either order."""
+    rule_id = _nonneg_int(words[0], "rule id")
+    timeout = hits = None
+    for word in words[1:]:
+        if word.startswith("hits="):
+            if hits is not None:
+                raise ValueError("hits= given twice")
+            hits = _nonneg_int(word[5:], "hits")
+        elif timeout is None:
+            timeout = _seconds(word)
+        else:
+            raise ValueError(f'one timeout only, then "{word}" (hits=N for a count)')
+    return rule_id, timeout, hits
+
+
 @command(
-    "wait_hit ID [SECONDS]",
-    "block until rule ID acts once more (fails, sets a state...);\n"
-    "ENOENT for an unknown or spent rule, ETIMEDOUT after SECONDS",
-    nargs=(1, 2),
-    parse=lambda w: (_nonneg_int(w[0], "rule id"), _seconds(w[1]) if len(w) == 2 else None),
+    "wait_hit ID [SECONDS] [hits=N]",
+    "block until rule ID has acted (failed a request, begun a delay,\n"
+    "set a state) once more, or at once if it is spent (its last act\n"
+    "has begun); hits=N: until it has N hits in all (race-free);\n"
+    "ENOENT for an unknown rule or one that cannot get there,\n"
+    "ETIMEDOUT after SECONDS",
+    nargs=(1, 3),
+    parse=_wait_hit_args,
 )
-async def _wait_hit(control: Control, rule_id: int, timeout: float | None) -> str:
-    return await control.wait_hit(rule_id, timeout)
+async def _wait_hit(control: Control, rule_id: int, timeout: float | None, hits: int | None) -> str:
+    return await control.wait_hit(rule_id, timeout, hits)
 
 
 @command(
@@ -649,19 +697,20 @@ async def _status(control: Control, as_json: bool) -> str:
 
 # ---- power cuts (README "Power cuts"; blkfuse extensions) ----
 
-POWERCUT_USAGE = "powercut [keep=none|random|prefix] [seed=N]"
+POWERCUT_USAGE = "powercut [keep=none|random|prefix] [seed=N] [save=PATH]"
 
 
-def _parse_powercut(words: list[str]) -> tuple[str, int | None]:
-    """powercut's KEY=VALUE words -> (keep, seed); seed None: pick one (and tell it)."""
+def _parse_powercut(words: list[str]) -> tuple[str, int | None, str | None]:
+    """powercut's KEY=VALUE words -> (keep, seed, save); seed None: pick one (and tell it)."""
     from blkfuse.crash.undo import KEEP_MODES
 
     given = {}
     for word in words:
         key, equals, value = word.partition("=")
-        if not equals or key not in ("keep", "seed"):
+        if not equals or key not in ("keep", "seed", "save"):
             raise ValueError(
-                f"powercut: expected keep=... or seed=..., not {word!r} (usage: {POWERCUT_USAGE})"
+                f"powercut: expected keep=..., seed=... or save=..., not {word!r} "
+                f"(usage: {POWERCUT_USAGE})"
             )
         if key in given:
             raise ValueError(f"powercut: {key} given twice")
@@ -673,15 +722,31 @@ def _parse_powercut(words: list[str]) -> tuple[str, int | None]:
             f"{config.did_you_mean(keep, KEEP_MODES)}"
         )
     seed = _nonneg_int(given["seed"], "seed") if "seed" in given else None
-    return keep, seed
+    save = given.get("save")
+    if save is not None and not save.startswith("/"):
+        raise ValueError(
+            f"powercut: save= needs an absolute path (the daemon runs in /), not {save!r}"
+        )
+    return keep, seed, save
 
 
 def _check_power_rule(rule: Rule, block: BlockDevice | None) -> None:
-    if getattr(rule, "drop_unsynced", False) and (block is None or block.unsynced is None):
+    key = config.power_key(rule)
+    if key and (block is None or block.stack.undo is None):
         raise ControlError(
-            _errno.EINVAL,
-            "drop-unsynced needs the mount option track-unsynced=on (-o track-unsynced=on)",
+            _errno.EINVAL, f"{key} needs the mount option track-unsynced=on (-o track-unsynced=on)"
         )
+
+
+def _check_save_path(path: str) -> None:
+    """Refuse, before cutting, a save= path whose directory cannot take the copy."""
+    directory = os.path.dirname(path) or "/"
+    if not os.path.isdir(directory):
+        raise ControlError(_errno.ENOENT, f"powercut: save={path}: no directory {directory}")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ControlError(_errno.EACCES, f"powercut: save={path}: cannot write in {directory}")
+    if os.path.isdir(path):
+        raise ControlError(_errno.EISDIR, f"powercut: save={path}: is a directory")
 
 
 def _block_of(control: Control, name: str) -> BlockDevice:
@@ -693,21 +758,99 @@ def _block_of(control: Control, name: str) -> BlockDevice:
 @command(
     POWERCUT_USAGE,
     "\nlose the unsynced writes (-o track-unsynced=on) and power off:\n"
-    "every request fails with EIO until poweron",
-    nargs=(0, 2),
+    "every request fails with EIO until poweron; save=PATH: a sparse\n"
+    "copy of the image as the cut left it. The answer's last line is\n"
+    "JSON (as status json's last_cut: keep, seed, lost/torn extents)",
+    nargs=(0, 3),
     parse=_parse_powercut,
 )
-async def _powercut(control: Control, keep: str, seed: int | None) -> str:
+async def _powercut(control: Control, keep: str, seed: int | None, save: str | None) -> str:
     block = _block_of(control, "powercut")
+    if save is not None:
+        _check_save_path(save)
     if seed is None:
         seed = secrets.randbits(32)
-    report = await block.power_cut(keep, seed)
-    return report.text() + "; the power is off (poweron brings the device back)"
+    report = await block.power_cut(keep, seed, save)
+    control.last_result = report.text()  # the answer has two lines: not summarised by execute
+    return (
+        report.text()
+        + "; the power is off (poweron brings the device back)\n"
+        + json.dumps(report.as_dict(), separators=(",", ":"))
+    )
 
 
-@command("poweron", "bring the device back (the image as the cut left it)")
-async def _poweron(control: Control) -> str:
-    return "power on" if _block_of(control, "poweron").power_on() else "power on (it was on)"
+def _parse_poweron(words: list[str]) -> tuple[bool]:
+    if words and words != ["force"]:
+        raise ValueError(f"usage: poweron [force] (not {' '.join(words)!r})")
+    return (bool(words),)
+
+
+@command(
+    "poweron [force]",
+    "bring the device back (the image as the cut left it); refused while a\n"
+    "loop device or a process holds the image (force: anyway)",
+    nargs=(0, 1),
+    parse=_parse_poweron,
+)
+async def _poweron(control: Control, force: bool) -> str:
+    block = _block_of(control, "poweron")
+    if block.powered:
+        return "power on (it was on)"
+    if not force:
+        busy = await trio.to_thread.run_sync(_image_holders, control.info)
+        if busy:
+            raise ControlError(
+                _errno.EBUSY,
+                f"poweron: refused: the image is still held by {busy} (what it wrote before "
+                "the cut could still reach the image after the poweron); unmount and "
+                "`losetup -d` the loop device, end or close those processes, then poweron; "
+                "or `poweron force`",
+            )
+    block.power_on()
+    return "power on" + (" (forced)" if force else "")
+
+
+def _image_holders(info: dict[str, Any]) -> str:
+    """Who holds the mount's image file (holders.describe()), or ''. Runs in a thread: the
+    stat is a FUSE request to this very daemon."""
+    from blkfuse.client import holders
+
+    mountpoint, name = info.get("mountpoint"), info.get("name")
+    if not mountpoint or not name:
+        return ""
+    path = os.path.join(os.path.realpath(mountpoint), name)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    return holders.find(path, st.st_dev, st.st_ino).describe()
+
+
+def _mark_name(words: list[str]) -> tuple[str]:
+    if not words[0] or "\0" in words[0]:
+        raise ControlError(_errno.EINVAL, "mark: the name is empty")
+    return (words[0],)
+
+
+@command(
+    "mark NAME",
+    "append a mark entry named NAME to the write log (-o log-writes=FILE),\n"
+    "e.g. where a workload was acknowledged: blkfuse replay --end-mark NAME",
+    nargs=(1, 1),
+    parse=_mark_name,
+)
+async def _mark(control: Control, name: str) -> str:
+    from blkfuse.crash.recorder import Recorder
+
+    block = _block_of(control, "mark")
+    recorder = block.stack.find(Recorder)
+    if recorder is None:
+        raise ControlError(_errno.EINVAL, "mark needs a write log: mount with -o log-writes=FILE")
+    try:
+        block.stack.mark(name)
+    except ValueError as error:  # too long for the log's sector
+        raise ControlError(_errno.EINVAL, f"mark: {error}") from None
+    return f"mark {name}: entry {recorder.entries - 1} of {recorder.path}"
 
 
 @command("help", "this text")

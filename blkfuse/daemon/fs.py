@@ -127,16 +127,31 @@ class _Handle:
         return answer[start : start + size]
 
 
-def _fuse_error(e: Exception, name: str) -> pyfuse3.FUSEError:
-    """What a handler's failure answers: an OSError's errno, else EIO (logged: a bug)."""
-    if isinstance(e, OSError):
-        return pyfuse3.FUSEError(e.errno or errno.EIO)
-    log.exception("%s failed", name)
-    return pyfuse3.FUSEError(errno.EIO)
-
-
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
+
+
+# The last errno the kernel defines (EHWPOISON, asm-generic/errno.h). A rule may inject any
+# errno up to 511 (a FUSE reply's limit), but libfuses differ on one past this: 3.14 hands
+# it to the caller, 3.17 replies ERANGE ("bad error value"). blkfuse answers EIO for those
+# itself, so every libfuse answers the same (a deliberate difference: docs/design.md).
+KERNEL_LAST_ERRNO = 133
+
+
+def reply_errno(number: int | None) -> int:
+    """The errno a FUSE reply carries for a failure with `number`."""
+    if not number or number > KERNEL_LAST_ERRNO:
+        return errno.EIO
+    return number
+
+
+def _fuse_error(e: Exception, name: str) -> pyfuse3.FUSEError:
+    """What a handler's failure answers: an OSError's errno (reply_errno), else EIO (logged:
+    a bug)."""
+    if isinstance(e, OSError):
+        return pyfuse3.FUSEError(reply_errno(e.errno))
+    log.exception("%s failed", name)
+    return pyfuse3.FUSEError(errno.EIO)
 
 
 def _guard(

@@ -130,7 +130,7 @@ def prepare(
     if not os.path.isdir(mnt):
         raise MountError(f"{mountpoint}: mountpoint is not a directory")
     if _is_mountpoint(mnt):
-        raise MountError(f"{mountpoint}: something is already mounted there")
+        raise MountError(f"{mountpoint}: already mounted there: {_mounted_there(mnt)}")
     if not settings.nonempty:
         _refuse_nonempty(mountpoint, mnt)
     if os.path.realpath(image_path).startswith(os.path.realpath(mnt) + os.sep):
@@ -169,6 +169,46 @@ def prepare(
         log_file=log_file,
         trace_file=trace_file,
     )
+
+
+def _mounted_there(mnt: str, timeout: float = 2.0) -> str:
+    """What is mounted at `mnt`, in words, as the lock conflict names a holder: 'the blkfuse
+    mount of /img/disk.img (daemon pid 12); unmount it first (blkfuse umount /mnt/a)', 'an
+    ext4 file system (/dev/loop0)'. A blkfuse mount is asked for its status text (in a thread:
+    a wedged daemon must not hang the mount that asks)."""
+    import threading
+
+    entry = mounttab.find(mnt)
+    if entry is None:  # ismount says so, the table does not (another mount namespace)
+        return "something"
+    if not entry.is_blkfuse:
+        return f"a {entry.fstype} file system ({entry.source})"
+    found: dict[str, str] = {}
+
+    def ask() -> None:
+        try:
+            with open(layout.control_path(mnt), encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    line = line.rstrip("\n")
+                    if line.startswith("image: "):  # "image: PATH (cache=..., ...)"
+                        found["image"] = re.sub(r" \(cache=[^)]*\)$", "", line[7:])
+                    match = re.match(r"mount: .* \(daemon pid (\d+)\)$", line)
+                    if match:
+                        found["pid"] = match.group(1)
+                        return
+        except OSError as e:
+            found["error"] = e.strerror or str(e)
+
+    t = threading.Thread(target=ask, daemon=True)
+    t.start()
+    t.join(timeout)
+    umount = f"unmount it first (blkfuse umount {mnt})"
+    if "pid" in found:
+        image = found.get("image", "an image")
+        return f"the blkfuse mount of {image} (daemon pid {found['pid']}); {umount}"
+    if "error" in found:
+        return f"a blkfuse mount whose status cannot be read ({found['error']}); {umount}"
+    return f"a blkfuse mount whose daemon does not answer; {umount}"
 
 
 def _refuse_nonempty(mountpoint: str, mnt: str) -> None:
@@ -275,39 +315,32 @@ class Daemon:
 
     def __init__(self, m: Mount):
         from blkfuse.block.device import BlockDevice
-        from blkfuse.block.image import DEFAULT_IO_THREADS, Image
+        from blkfuse.block.stack import build_stack, open_image
         from blkfuse.daemon.control import Control
         from blkfuse.daemon.fs import Operations
         from blkfuse.daemon.fuseloop import DEFAULT_POLL_US
         from blkfuse.daemon.trace import TracedBlock, Tracer
         from blkfuse.engine.core import Engine
-        from blkfuse.rules import config
+        from blkfuse.rules import config, profiles
 
         self.m = m
         settings = m.settings
-        self.engine = Engine(m.rules, seed=settings.seed)
-        # cache=none/directsync: O_DIRECT, as QEMU's file node (BDRV_O_NOCACHE)
-        self.image = Image(
-            m.image_path,
-            read_only=m.read_only,
-            direct=settings.cache in ("none", "directsync"),
-            io_threads=(DEFAULT_IO_THREADS if settings.io_threads is None else settings.io_threads),
-            # page cache misses through io_uring where it works; "0": the pool (A/B runs)
-            uring=os.environ.get("BLKFUSE_URING", "1") != "0",
-        )
+        qemu = profiles.profile(settings.qemu)  # whose blkdebug and block layer
+        self.engine = Engine(m.rules, seed=settings.seed, profile=qemu)
+        self.image = open_image(m.image_path, settings, read_only=m.read_only)
         if settings.locking:
             try:
                 _lock_image(m, self.image.fd)
             except MountError:
                 self.image.close()
                 raise
-        self.unsynced = None
-        if settings.track_unsynced:
-            from blkfuse.crash.undo import DEFAULT_ATOMIC, DEFAULT_CAP, UndoLog
-
-            self.unsynced = UndoLog(
-                cap=settings.unsynced_cap or DEFAULT_CAP, atomic=settings.atomic or DEFAULT_ATOMIC
-            )
+        try:
+            self.stack = build_stack(settings, self.image)
+        except (OSError, ValueError) as error:  # the log-writes file (a LogFormatError too)
+            self.image.close()
+            where = settings.log_writes or m.image_path
+            reason = error.strerror if isinstance(error, OSError) else str(error)
+            raise MountError(f"option log-writes: {where}: {reason}") from None
         # -o poll-us wins; BLKFUSE_POLL_US changes the default (A/B runs, the test suite's
         # second pass with polling off).
         self.poll_us: int = DEFAULT_POLL_US if settings.poll_us is None else settings.poll_us
@@ -317,19 +350,7 @@ class Daemon:
             except ValueError:
                 log.warning("BLKFUSE_POLL_US is not a number; polling for %d us", DEFAULT_POLL_US)
                 self.poll_us = DEFAULT_POLL_US
-        self.block = BlockDevice(
-            self.engine,
-            self.image,
-            align=settings.align,
-            max_transfer=settings.max_transfer,
-            opt_write_zero=settings.opt_write_zero,
-            max_write_zero=settings.max_write_zero,
-            opt_discard=settings.opt_discard,
-            max_discard=settings.max_discard,
-            cache=settings.cache,
-            format=settings.format,
-            unsynced=self.unsynced,
-        )
+        self.block = BlockDevice.from_settings(self.engine, self.stack, settings)
         self.tracer = Tracer(self.engine, m.trace_file)
         info = {
             "image": m.image_path,
@@ -347,15 +368,19 @@ class Daemon:
             "read_only": m.read_only,
             "growable": settings.growable,
             "locking": settings.locking,
+            "qemu": settings.qemu,
             "io": self.image.io_mode,
             "io_uring": self.image.uses_uring,
             "io_threads": self.image.io_threads,
             "poll_us": self.poll_us,
         }
-        if self.unsynced is not None:
+        if settings.log_writes is not None:
+            info["log_writes"] = settings.log_writes
+        undo = self.stack.undo
+        if undo is not None:
             info["track_unsynced"] = True
-            info["unsynced_cap"] = self.unsynced.cap
-            info["atomic"] = self.unsynced.atomic
+            info["unsynced_cap"] = undo.log.cap
+            info["atomic"] = undo.log.atomic
         self.control = Control(
             self.engine,
             reload=lambda: config.load_rules(settings),
@@ -496,14 +521,14 @@ class Daemon:
             except OSError as e:
                 log.error("fsync of %s failed: %s", self.m.image_path, e)
                 status = 1
-            if self.state is not State.STARTING:
-                pyfuse3.close(unmount=True)
+            # The filters, then the image, before the unmount: once the mount is gone, a
+            # write log (-o log-writes) is complete, its last flush and superblock written.
             try:
-                self.image.close()
+                self.stack.close()
             except OSError:
                 pass
-            if self.unsynced is not None:
-                self.unsynced.close()
+            if self.state is not State.STARTING:
+                pyfuse3.close(unmount=True)
             self.tracer.close()
         log.info("unmounted %s", self.m.mountpoint)
         return status

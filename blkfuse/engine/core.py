@@ -36,6 +36,7 @@ from blkfuse.engine.effects import Effect
 from blkfuse.errors import BlkfuseError
 from blkfuse.rules.events import EVENTS, IOTYPES, canonical_event
 from blkfuse.rules.model import SECTOR_SIZE, Extensions, InjectError, Rule, SetState, Tally
+from blkfuse.rules.profiles import DEFAULT, Profile
 
 
 class EngineError(BlkfuseError):
@@ -69,7 +70,16 @@ class Interrupted(NamedTuple):
 class Suspension:
     """A request parked at a breakpoint until each of its tags has been resumed."""
 
-    __slots__ = ("event", "tags", "request", "since", "_done", "_registry", "_on_interrupt")
+    __slots__ = (
+        "event",
+        "tags",
+        "request",
+        "since",
+        "_done",
+        "_registry",
+        "_on_interrupt",
+        "_failure",
+    )
 
     def __init__(
         self,
@@ -86,6 +96,7 @@ class Suspension:
         self._done = trio.Event()
         self._registry = registry  # the engine's list of suspensions
         self._on_interrupt = on_interrupt
+        self._failure: OSError | None = None  # set by abort: what wait() raises
 
     @property
     def done(self) -> bool:
@@ -97,6 +108,12 @@ class Suspension:
         self.tags.clear()
         self._done.set()
 
+    def abort(self, failure: OSError) -> None:
+        """Release it so that its wait() raises `failure`: the request fails when it wakes,
+        whatever happened meanwhile (a power cut: a poweron before it runs changes nothing)."""
+        self._failure = failure
+        self.release()
+
     async def wait(self) -> None:
         try:
             await self._done.wait()
@@ -107,6 +124,8 @@ class Suspension:
                 if self._on_interrupt is not None:
                     self._on_interrupt(self)
                 self.release()
+        if self._failure is not None:  # a fresh exception per waiter: tracebacks differ
+            raise OSError(self._failure.errno, self._failure.strerror)
 
 
 class _ActiveSet:
@@ -326,7 +345,12 @@ def _is_persistent(rule: InjectError) -> bool:
 class Engine:
     """QEMU blkdebug's BDRVBlkdebugState and its operations, in Python."""
 
-    def __init__(self, rules: Iterable[Rule] = (), *, seed: int | None = None):
+    def __init__(
+        self, rules: Iterable[Rule] = (), *, seed: int | None = None, profile: Profile = DEFAULT
+    ):
+        self.profile = profile  # whose blkdebug (rules/profiles.py): what errno 0 spends
+        # a once rule is spent by a match that lets the request through (errno 0): QEMU 10.0
+        self._once_spends_errno0 = profile.once_spends_errno0
         self.state = 1
         self._rules: list[Rule | None] = []  # by id - _first_id; None once removed
         self._first_id = 1
@@ -344,7 +368,8 @@ class Engine:
         self.seed = secrets.randbits(32) if seed is None else seed
         self.random = random.Random(self.seed)
         self._suspended: list[Suspension] = []  # newest first, as QEMU's QLIST
-        self._holds: set[trio.CancelScope] = set()  # requests a delay rule is holding
+        # requests a delay rule is holding -> what the hold raises when it ends (None: go on)
+        self._holds: dict[trio.CancelScope, OSError | None] = {}
         self._changed = trio.Event()  # set when suspensions/breakpoints change
         self._hit_waits: dict[int, trio.Event] = {}  # rule id -> set at its next hit
         self._next_id = 1
@@ -427,9 +452,10 @@ class Engine:
         if self.tracer is not None:
             self.tracer.rule(rule.id)
         error = rule.errno
-        # errno 0 matches and lets the request through; a once rule stays (QEMU). A torn
-        # or drop-unsynced rule with errno 0 still does something, so once spends it.
-        if error or rule.torn >= 0 or rule.drop_unsynced:
+        # errno 0 matches and lets the request through; a once rule stays (QEMU 7.2; 10.0
+        # spends it). A torn or drop-unsynced rule with errno 0 still does something, so
+        # once spends it.
+        if error or rule.torn >= 0 or rule.drop_unsynced or self._once_spends_errno0:
             if rule.once:
                 self._active.discard(rule)
                 self._retire(rule)
@@ -498,7 +524,7 @@ class Engine:
                 if self._hit_waits:
                     self._wake_hit_waits(rule.id)
                 error = rule.errno
-                if error or rule.torn >= 0 or rule.drop_unsynced:
+                if error or rule.torn >= 0 or rule.drop_unsynced or self._once_spends_errno0:
                     if rule.once:
                         self._remove_armed(rule)
                     if error:
@@ -532,7 +558,8 @@ class Engine:
         if ext.jitter_us:
             delay_us += self.random.randint(0, ext.jitter_us)
         corrupt = ext.corrupt if iotype == "read" or iotype == "write" else ""
-        if not (error or delay_us or corrupt or rule.torn >= 0 or rule.drop_unsynced):
+        powercut = ext.powercut
+        if not (error or delay_us or corrupt or rule.torn >= 0 or rule.drop_unsynced or powercut):
             return 0  # errno 0: lets it through, as in QEMU
         tally.acted += 1
         if error:
@@ -544,7 +571,7 @@ class Engine:
             tally.corrupted += 1
         if rule.once or tally.acted == ext.count:
             self._remove_armed(rule)
-        if not (delay_us or corrupt):
+        if not (delay_us or corrupt or powercut):
             return error
         start, end = rule.span
         return Effect(
@@ -555,6 +582,8 @@ class Engine:
             start,
             end,
             self.random.getrandbits(64) if corrupt else 0,
+            powercut,
+            ext.powercut_save,
         )
 
     def written(self, offset: int, length: int) -> None:
@@ -688,14 +717,27 @@ class Engine:
             _errno.ETIMEDOUT, f'no request was suspended at tag "{tag}" within {timeout:g} s'
         )
 
-    def release_suspended(self) -> int:
-        """A power cut: let every suspended request go on (to fail), breakpoints stay set."""
+    def release_suspended(self, failure: OSError | None = None) -> int:
+        """A power cut: let every suspended request go on, breakpoints stay set. With
+        `failure`, each one raises it when it wakes (it fails, changing nothing more)."""
         suspended = list(self._suspended)
         for suspension in suspended:
-            suspension.release()
+            if failure is None:
+                suspension.release()
+            else:
+                suspension.abort(failure)
         if suspended:
             self._notify()
         return len(suspended)
+
+    def abort_holds(self, failure: OSError) -> int:
+        """A power cut: end every delay rule's hold now; each held request raises `failure`
+        (it must not go on to change the image, whenever its task runs). Their number."""
+        holds = list(self._holds)
+        for hold in holds:
+            self._holds[hold] = failure
+            hold.cancel()
+        return len(holds)
 
     def resume_all(self) -> None:
         """Shutdown: drop every breakpoint, release every suspended request and end every
@@ -710,12 +752,15 @@ class Engine:
     async def hold(self, seconds: float) -> None:
         """A delay rule's hold: sleep in the request's own task (nothing else waits), cut
         short by resume_all so that unmounting never waits out a long delay."""
+        failure = None
         with trio.move_on_after(seconds) as scope:
-            self._holds.add(scope)
+            self._holds[scope] = None
             try:
                 await trio.sleep_forever()
             finally:
-                self._holds.discard(scope)
+                failure = self._holds.pop(scope, None)
+        if failure is not None:
+            raise OSError(failure.errno, failure.strerror)
 
     def held(self) -> int:
         """How many requests a delay rule is holding right now."""
@@ -759,6 +804,8 @@ class Engine:
         hits) until removed or cleared, so a test can still see that it fired."""
         rule.spent = True
         self._unindex(rule)
+        if self._hit_waits:  # a wait for a count it can no longer reach ends now
+            self._wake_hit_waits(rule.id)
 
     def _delete(self, rule: Rule) -> None:
         self._rules[rule.id - self._first_id] = None
@@ -809,34 +856,54 @@ class Engine:
         if event is not None:
             event.set()
 
-    async def wait_hit(self, rule_id: int, timeout: float | None = None) -> int:
-        """Return once rule `rule_id` has acted (its hits grew) since the call; its hits then.
+    async def wait_hit(
+        self, rule_id: int, timeout: float | None = None, hits: int | None = None
+    ) -> int:
+        """Wait until rule `rule_id` has acted; return its hits then.
 
-        ENOENT for an unknown rule, for one removed while waiting, and at once for a spent one
-        (it cannot act again); ETIMEDOUT after `timeout` seconds. Costs the request path
-        nothing until a rule acts, then one dict lookup while someone waits.
+        "Acted" is when the rule decides a request (fails it, lets it through with errno 0,
+        begins a delay rule's hold, changes the state): its hit count grows then, before the
+        request is answered. Without `hits`, the wait is for one act more than the rule had
+        when the wait began, except for a spent rule (used up by once, count or heal): its
+        last act has already begun, so the wait is over at once; a wait issued while a
+        count=1 delay rule holds its request returns instead of racing it. With `hits`, the
+        wait is until the rule has `hits` hits in all (at once if it has), which is race-free
+        for any rule: read its hits, start the I/O, wait for hits + 1.
+
+        ENOENT for an unknown rule, for one removed or cleared while waiting, and for a spent
+        rule that cannot reach the count (one healed before it ever acted, say); ETIMEDOUT
+        after `timeout` seconds. Costs the request path nothing until a rule acts, then one
+        dict lookup while someone waits.
         """
         rule = self._lookup(rule_id)
         if rule is None:
             raise EngineError(_errno.ENOENT, f"no rule with id {rule_id}")
-        if rule.spent:
-            raise EngineError(
-                _errno.ENOENT,
-                f"rule {rule_id} is spent (once): it cannot act again (hits={rule.hits})",
-            )
-        start = rule.hits
+        if hits is not None:
+            target = hits
+        elif rule.spent and rule.hits:
+            return rule.hits  # its last act has begun; it cannot act again
+        else:
+            target = rule.hits + 1
         with trio.move_on_after(math.inf if timeout is None else timeout):
             while True:
+                if rule.hits >= target:
+                    return rule.hits
+                if self._lookup(rule_id) is not rule:
+                    raise EngineError(_errno.ENOENT, f"rule {rule_id} was removed while waiting")
+                if rule.spent:
+                    raise EngineError(
+                        _errno.ENOENT,
+                        f"rule {rule_id} is spent: it cannot act again (hits={rule.hits}, "
+                        f"waited for {target})",
+                    )
                 event = self._hit_waits.get(rule_id)
                 if event is None:
                     event = self._hit_waits[rule_id] = trio.Event()
                 await event.wait()
-                if rule.hits != start:
-                    return rule.hits
-                if self._lookup(rule_id) is not rule:
-                    raise EngineError(_errno.ENOENT, f"rule {rule_id} was removed while waiting")
         raise EngineError(
-            _errno.ETIMEDOUT, f"rule {rule_id} did not act within {timeout:g} s (hits={start})"
+            _errno.ETIMEDOUT,
+            f"rule {rule_id} did not act within {timeout:g} s (hits={rule.hits}, "
+            f"waited for {target})",
         )
 
     def set_state(self, state: int) -> None:

@@ -1,4 +1,5 @@
-"""What a rule does to a request besides failing it: hold it, or change its data.
+"""What a rule does to a request besides failing it: hold it, change its data, or cut the
+power at it.
 
 The engine decides (engine.check returns an Effect: how long to hold the request, whether it
 then fails, which corruption); block.py carries it out, since only it has the data. Corruption
@@ -20,6 +21,8 @@ class Effect(NamedTuple):
     start: int  # the bytes the rule covers (its span): corruption stays inside
     end: int
     seed: int  # the positions' and values' generator seed
+    powercut: str = ""  # cut the power right there (after the delay), keeping this
+    powercut_save: str = ""  # where to save a copy of the image as the cut left it
 
 
 _Data = TypeVar("_Data", bound=bytes | bytearray | memoryview)  # returned as given when untouched

@@ -34,12 +34,14 @@ from blkfuse.rules.model import (
     CACHE_MODES,
     CORRUPT_MODES,
     FORMATS,
+    POWERCUT_MODES,
     Extensions,
     InjectError,
     Rule,
     SetState,
     Settings,
 )
+from blkfuse.rules.profiles import PROFILES
 
 __all__ = [
     "ConfigError",
@@ -87,8 +89,11 @@ QEMU_KEYS = {
     "set-state": ("event", "state", "new_state"),
 }
 # Power-cut keys and options (issue 10): blkfuse extensions, QEMU rejects them.
-POWER_KEYS = ("torn", "drop-unsynced")
+POWER_KEYS = ("torn", "drop-unsynced", "powercut", "powercut-save")
 POWER_OPTIONS = ("track-unsynced", "unsynced-cap", "atomic")
+# Recording (issue 20): QEMU blklogwrites' options under their own names, plus the log file.
+# blkfuse extensions here: QEMU's blkdebug driver rejects them (they belong to a node below).
+LOG_WRITES_OPTIONS = ("log-writes", "log-sector-size", "log-append", "log-super-update-interval")
 # blkfuse's own keys: the one list of extensions (add new ones here). Every spelling accepts
 # them (file, -o, control); `blkfuse check` marks them and `check --qemu` names them as what
 # QEMU rejects.
@@ -128,7 +133,13 @@ _FLAG_OPTIONS = ("nonempty",)
 # The one list of extension options, as EXTENSION_KEYS is of keys: `blkfuse check` marks them.
 _SPEED_OPTIONS = {"io-threads": (0, 256), "poll-us": (0, 100_000)}
 EXTENSION_OPTIONS = (
-    ("cache", "format") + MOUNT_OPTIONS + tuple(_SPEED_OPTIONS) + POWER_OPTIONS + ("seed",)
+    ("cache", "format")
+    + MOUNT_OPTIONS
+    + tuple(_SPEED_OPTIONS)
+    + POWER_OPTIONS
+    + ("seed",)
+    + LOG_WRITES_OPTIONS
+    + ("qemu",)  # qemu=7.2|10.0: whose blkdebug and block layer (profiles.py)
 )
 _SETTING_OPTIONS = (
     ("config", "image", "x-image", "align", "max-transfer") + _BLKDEBUG_LIMITS + EXTENSION_OPTIONS
@@ -245,6 +256,23 @@ def _parse_torn(text: str) -> int:
     if value < 0 or value > _INT_MAX:
         raise _Invalid(f'torn must be a number of sectors from 0 to {_INT_MAX}, not "{text}"')
     return value
+
+
+def _parse_powercut(key: str, text: str) -> str:
+    """powercut=none|random|prefix: what the cut the rule fires keeps (an extension)."""
+    if text not in POWERCUT_MODES:
+        raise _Invalid(
+            f'powercut expects one of {", ".join(POWERCUT_MODES)} (what the cut keeps of the '
+            f'unsynced writes), not "{text}"{did_you_mean(text, POWERCUT_MODES)}'
+        )
+    return text
+
+
+def _parse_save_path(key: str, text: str) -> str:
+    """powercut-save=PATH: where the daemon writes its copy of the image (it runs in /)."""
+    if not text.startswith("/"):
+        raise _Invalid(f'{key} expects an absolute path (the daemon runs in /), not "{text}"')
+    return text
 
 
 def _parse_event(key: str, text: str) -> str:
@@ -389,6 +417,8 @@ _EXTENSION_PARSERS = {
     "uid": ("uid", _parse_id),
     "heal": ("heal", _parse_bool),
     "persistent": ("persistent", _parse_bool),
+    "powercut": ("powercut", _parse_powercut),
+    "powercut-save": ("powercut_save", _parse_save_path),
 }
 
 
@@ -464,6 +494,14 @@ def _checked_extensions(ext: Extensions, fields: dict, entries: dict, where: str
         refuse('heal needs sector: it models bad sectors that a write repairs')
     if "corrupt-bytes" in entries and not ext.corrupt:
         refuse('corrupt-bytes needs corrupt (flip, zero or random)')
+    if "powercut-save" in entries and not ext.powercut:
+        refuse("powercut-save needs powercut (none, random or prefix)")
+    if ext.powercut:
+        for other in ("torn", "drop-unsynced", "corrupt"):
+            if other in entries:
+                refuse(f"powercut and {other} cannot be combined: the cut ends the request")
+        if "errno" in entries and fields["errno"] != errno_module.EIO:
+            refuse("powercut fails the request with EIO (the power is off): leave errno out")
     if "count" in entries and fields.get("once"):
         refuse('once and count both limit the rule: once = "on" is count = "1"; use one')
     if "errno" in entries:
@@ -472,7 +510,7 @@ def _checked_extensions(ext: Extensions, fields: dict, entries: dict, where: str
                 'corrupt lets the request succeed with changed data: errno must be 0 '
                 'or absent (write a second rule to fail requests)'
             )
-    elif ext.corrupt or ext.delay_us or ext.jitter_us:
+    elif (ext.corrupt or ext.delay_us or ext.jitter_us) and not ext.powercut:
         fields["errno"] = 0  # a delay or a corruption alone does not fail the request
     return ext
 
@@ -830,12 +868,17 @@ def parse_options(
         if key in options:
             setattr(settings, key, _parse_mount_flag(key, _unquote_option(options[key])))
     _parse_power_options(options, settings)
+    _parse_log_writes_options(options, settings)
     if "seed" in options:
         text = _unquote_option(options["seed"])
         try:
             settings.seed = _parse_at_least(0)("seed", text)
         except _Invalid as error:
             raise ConfigError(f"option seed: {error}") from None
+    if "qemu" in options:
+        settings.qemu = _parse_choice(
+            "qemu", _unquote_option(options["qemu"]), tuple(PROFILES), "QEMU profile"
+        )
     return rules, settings
 
 
@@ -888,16 +931,65 @@ def _parse_power_options(options: dict, settings: Settings) -> None:
         settings.atomic = atomic
 
 
+def _parse_log_writes_options(options: dict, settings: Settings) -> None:
+    """log-writes=FILE and blklogwrites' log-sector-size, log-append, log-super-update-interval
+    (README "Record and replay"), checked as QEMU's blk_log_writes_open checks them."""
+    if "log-writes" in options:
+        settings.log_writes = _unquote_option(options["log-writes"])
+        if not settings.log_writes:
+            raise ConfigError("option log-writes: the log file path is empty")
+    for key in LOG_WRITES_OPTIONS[1:]:
+        if key in options and settings.log_writes is None:
+            raise ConfigError(f"option {key}: only means something with log-writes=FILE")
+    if "log-append" in options:
+        try:
+            settings.log_append = _parse_bool("log-append", _unquote_option(options["log-append"]))
+        except _Invalid as error:
+            raise ConfigError(f"option log-append: {error}") from None
+    if "log-sector-size" in options:
+        if settings.log_append:
+            raise ConfigError(
+                "option log-sector-size: log-append and log-sector-size are mutually exclusive"
+                " (an appended log keeps its own sector size)"
+            )
+        text = _unquote_option(options["log-sector-size"])
+        size = _parse_size("log-sector-size", text)
+        if size < 32 or size >= 1 << 24 or size & (size - 1):  # QEMU's bounds
+            raise ConfigError(
+                f'option log-sector-size: must be a power of two from 32 to 8M, not "{text}"'
+            )
+        settings.log_sector_size = size
+    if "log-super-update-interval" in options:
+        text = _unquote_option(options["log-super-update-interval"])
+        try:
+            settings.log_super_update_interval = _parse_at_least(1)(
+                "log-super-update-interval", text
+            )
+        except _Invalid as error:
+            raise ConfigError(f"option log-super-update-interval: {error}") from None
+
+
 def check_power_rules(rules: Sequence[Rule], settings: Settings) -> None:
-    """drop-unsynced reverts through the undo log: a rule with it needs track-unsynced=on."""
+    """drop-unsynced and powercut work through the undo log: they need track-unsynced=on."""
     if settings.track_unsynced:
         return
     for rule in rules:
-        if getattr(rule, "drop_unsynced", False):
+        key = power_key(rule)
+        if key:
             raise ConfigError(
-                f"{rule.source or 'rule'}: drop-unsynced needs the option "
+                f"{rule.source or 'rule'}: {key} needs the option "
                 "track-unsynced=on (-o track-unsynced=on)"
             )
+
+
+def power_key(rule: Rule) -> str:
+    """The key of `rule` that needs track-unsynced=on ('drop-unsynced', 'powercut'), or ''."""
+    if getattr(rule, "drop_unsynced", False):
+        return "drop-unsynced"
+    ext = getattr(rule, "ext", None)
+    if ext is not None and ext.powercut:
+        return "powercut"
+    return ""
 
 
 def parse_option_string(s: str) -> dict[str, str]:
@@ -1040,6 +1132,10 @@ def _extension_items(ext: Extensions) -> list[tuple[str, str]]:
         items.append(("heal", "on"))
     if ext.persistent:
         items.append(("persistent", "on"))
+    if ext.powercut:
+        items.append(("powercut", ext.powercut))
+    if ext.powercut_save:
+        items.append(("powercut-save", ext.powercut_save))
     return items
 
 

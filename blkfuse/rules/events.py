@@ -106,6 +106,19 @@ def never_fires_note(event: str) -> str:
 
 IOTYPES = ("read", "write", "write-zeroes", "discard", "flush", "block-status")
 
+# Every io type is reached through a mount, and by which calls (blkfuse's pyfuse3 patch passes
+# fallocate and lseek on: scripts/pyfuse3/). `blkfuse events` prints this; a test drives each
+# call through a real mount and checks that every io type named here meets its rules.
+REACHED_BY = {
+    "read": "read(2)",
+    "write": "write(2)",
+    "write-zeroes": "fallocate ZERO_RANGE",
+    "discard": "fallocate PUNCH_HOLE",
+    "flush": "fsync(2)",
+    "block-status": "lseek SEEK_DATA/SEEK_HOLE",
+}
+REACHABLE_IOTYPES = frozenset(REACHED_BY)
+
 # QEMU's default when a rule names no iotype: everything but block-status.
 DEFAULT_IOTYPES = frozenset(IOTYPES) - {"block-status"}
 

@@ -63,6 +63,9 @@ ANYWHERE_END = 2**63
 
 # What a rule may do to a request besides failing it.
 CORRUPT_MODES = ("flip", "zero", "random")
+# What a power cut keeps of the unsynced writes (crash/undo.py): the powercut command's keep=
+# and the powercut rule key.
+POWERCUT_MODES = ("none", "random", "prefix")
 
 
 @dataclass(slots=True, frozen=True)
@@ -88,6 +91,8 @@ class Extensions:
     uid: int = -1  # only requests sent by this user; -1: any
     heal: bool = False  # a successful write over the whole span removes the rule
     persistent: bool = False  # stays armed when later events replace the active set
+    powercut: str = ""  # cuts the power at the request it acts on, keeping this; "": no
+    powercut_save: str = ""  # ... and saves a sparse copy of the image as the cut left it
 
 
 @dataclass(slots=True, eq=False)
@@ -161,3 +166,10 @@ class Settings:
     io_threads: int | None = None  # -o io-threads: worker threads for disk I/O (image.py)
     poll_us: int | None = None  # -o poll-us: busy-poll window for /dev/fuse (fuseloop.py)
     seed: int | None = None  # -o seed: the one random generator's seed; None: random
+    qemu: str = "7.2"  # -o qemu: whose blkdebug and block layer to follow (profiles.py)
+    # -o log-writes=FILE: record every change and flush (crash/recorder.py), with QEMU
+    # blklogwrites' options
+    log_writes: str | None = None
+    log_sector_size: int | None = None
+    log_append: bool = False
+    log_super_update_interval: int | None = None

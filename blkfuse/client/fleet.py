@@ -1,0 +1,395 @@
+"""Several mounts, one command: correlated faults across the disks of a cluster.
+
+    from blkfuse import Fleet
+
+    fleet = Fleet([m1, m2, m3])                 # Mounts or mountpoints, in node order
+    cut = fleet.powercut(keep="random", seed=7) # every node at once
+    print(cut.text())                           # each node's answer and seed, the spread
+    fleet.poweron()
+
+Shared by `blkfuse ctl MNT1 MNT2 ... -- COMMAND` and the Python API, so both send the same
+way and derive the same seeds.
+
+How a command reaches several mounts: every control file is opened first (a mount that
+cannot be opened fails its node, the others still get the command); then one thread per
+node, each already holding its open file, waits at a barrier and writes the command the
+moment the barrier opens, so the writes go out together rather than one round trip after
+another (a write to `control` returns only once the daemon has run the command: a cut with
+its revert and fsync takes milliseconds). The answers are then collected; a node whose
+daemon does not answer within `timeout` seconds fails with ETIMEDOUT.
+
+Seeds: a `powercut` line sent to a fleet is given one fleet seed (the line's `seed=N`, or
+one picked at random); node i (0-based, in fleet order) cuts with `node_seed(N, i)`: the
+first 4 bytes, big-endian, of SHA-256 of the ASCII text "N:i" (for seed 7, node 0:
+`printf 7:0 | sha256sum | cut -c1-8` in hex). Each node's answer names the seed it used, so
+one node's cut replays alone with `blkfuse ctl MNT powercut keep=K seed=S`. The node index is
+the position in the whole fleet, so a subset cut (nodes=) gives a node the same seed as a
+cut of all.
+
+The spread: each daemon stamps the moment its power goes off (CLOCK_MONOTONIC, and
+CLOCK_REALTIME for comparing machines; status JSON "power_off_at"). After a fan-out cut the
+fleet reads every cut node's stamp and reports max - min of the monotonic stamps (all mounts
+of one machine share that clock), and the spread of the moments its threads issued the
+writes, which bounds what the client side contributes.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import secrets
+import shlex
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from blkfuse import client
+from blkfuse.errors import ControlError
+
+if TYPE_CHECKING:
+    from blkfuse.client.api import Mount
+
+StrPath = str | os.PathLike[str]
+
+# A fleet command waits this long for each daemon's answer (a cut reverts and fsyncs).
+FLEET_SECONDS = 60.0
+
+
+def node_seed(seed: int, index: int) -> int:
+    """The powercut seed of node `index` in a fleet cut with `seed` (see the module doc)."""
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def _powercut_seed(words: list[str]) -> tuple[int, list[str]] | None:
+    """A powercut line's fleet seed (given or picked) and its other words; None if the
+    line's seed is not a plain number (then it goes out as written, for the daemon to
+    refuse with its own message)."""
+    rest = [w for w in words[1:] if not w.startswith("seed=")]
+    given = [w.removeprefix("seed=") for w in words[1:] if w.startswith("seed=")]
+    if not given:
+        return secrets.randbits(32), rest
+    if len(given) == 1 and given[0].isdigit():
+        return int(given[0]), rest
+    return None
+
+
+def per_node_commands(text: str, count: int) -> tuple[list[str], int | None, list[int | None]]:
+    """The text each of `count` nodes is sent, the fleet seed (None: no powercut line) and
+    each node's powercut seed. Lines other than `powercut` go to every node unchanged."""
+    texts = [[] for _ in range(count)]  # type: list[list[str]]
+    fleet_seed: int | None = None
+    for line in text.splitlines() or [text]:
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError:
+            words = []  # the daemon names the quoting problem
+        seeded = _powercut_seed(words) if words[:1] == ["powercut"] else None
+        if seeded is None:
+            for lines in texts:
+                lines.append(line)
+            continue
+        if fleet_seed is None:
+            fleet_seed = seeded[0]
+        for i, lines in enumerate(texts):
+            lines.append(shlex.join(["powercut", *seeded[1], f"seed={node_seed(fleet_seed, i)}"]))
+    seeds: list[int | None] = [
+        None if fleet_seed is None else node_seed(fleet_seed, i) for i in range(count)
+    ]
+    return ["\n".join(lines) for lines in texts], fleet_seed, seeds
+
+
+@dataclass
+class NodeResult:
+    """One node's part of a fleet command."""
+
+    index: int  # its position in the fleet
+    mountpoint: str
+    command: str  # what it was sent
+    answer: str | None = None  # the daemon's answer, if the command succeeded
+    error: ControlError | None = None
+    seed: int | None = None  # powercut: the seed this node cut with
+    power_off_at: dict[str, int] | None = None  # powercut: the daemon's stamp
+    issued_ns: int | None = None  # CLOCK_MONOTONIC when its thread wrote the command
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "mountpoint": self.mountpoint,
+            "command": self.command,
+            "ok": self.ok,
+            "answer": self.answer,
+            "errno": None if self.error is None else self.error.errno_name,
+            "error": None if self.error is None else self.error.message,
+            "seed": self.seed,
+            "power_off_at": self.power_off_at,
+        }
+
+
+@dataclass
+class FleetResult:
+    """A fleet command's outcome: one NodeResult per node it was sent to (fleet order)."""
+
+    command: str
+    nodes: list[NodeResult]
+    seed: int | None = None  # the fleet seed of a powercut
+    spread_ns: int | None = None  # max - min of the cut nodes' power-off stamps
+    issue_spread_ns: int | None = None  # max - min of the moments the writes were issued
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(n.ok for n in self.nodes)
+
+    @property
+    def failed(self) -> list[NodeResult]:
+        return [n for n in self.nodes if not n.ok]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "command": self.command,
+            "ok": self.ok,
+            "seed": self.seed,
+            "spread_ns": self.spread_ns,
+            "issue_spread_ns": self.issue_spread_ns,
+            "nodes": [n.to_dict() for n in self.nodes],
+            "notes": self.notes,
+        }
+
+    def text(self) -> str:
+        """What `blkfuse ctl MNT1 MNT2 ... -- COMMAND` prints."""
+        out = []
+        if self.seed is not None:
+            out.append(
+                f"fleet seed {self.seed}: node i cut with the seed derived from {self.seed} "
+                "and i (each answer names it)"
+            )
+        for n in self.nodes:
+            if n.ok:
+                answer = (n.answer or "").rstrip("\n") or "ok"
+                out.append(f"{n.mountpoint}: {answer}")
+            else:
+                assert n.error is not None
+                out.append(f"{n.mountpoint}: FAILED: {n.error.message} [{n.error.errno_name}]")
+        if self.spread_ns is not None:
+            cut = sum(1 for n in self.nodes if n.power_off_at is not None)
+            issue = (
+                ""
+                if self.issue_spread_ns is None
+                else (f", writes issued within {self.issue_spread_ns / 1e6:.3f} ms")
+            )
+            out.append(
+                f"spread: the {cut} cuts landed within {self.spread_ns / 1e6:.3f} ms "
+                f"(CLOCK_MONOTONIC){issue}"
+            )
+        out.extend(self.notes)
+        return "\n".join(out) + "\n"
+
+    def raise_for_failure(self) -> None:
+        """FleetError naming every failed node, if any failed."""
+        if self.failed:
+            raise FleetError(self)
+
+
+class FleetError(ControlError):
+    """A fleet command failed on some node(s); `.result` holds every node's outcome (the
+    others did run it). `.errno` is the first failure's."""
+
+    def __init__(self, result: FleetResult) -> None:
+        failed = result.failed
+        first = failed[0].error
+        assert first is not None
+        message = "; ".join(
+            f"{n.mountpoint}: {n.error.message} [{n.error.errno_name}]"
+            for n in failed
+            if n.error is not None
+        )
+        super().__init__(first.errno, message)
+        self.result = result
+
+
+def fan_out(
+    mountpoints: Sequence[str], texts: Sequence[str], timeout: float = FLEET_SECONDS
+) -> list[tuple[str | None, ControlError | None, int | None]]:
+    """Send texts[i] to mountpoints[i], all at once (module doc): per node (answer, error,
+    the CLOCK_MONOTONIC ns its write was issued)."""
+    results: list[tuple[str | None, ControlError | None, int | None]] = [
+        (None, None, None) for _ in mountpoints
+    ]
+    fds: dict[int, int] = {}
+    for i, mnt in enumerate(mountpoints):
+        try:
+            fds[i] = client.open_control(mnt)
+        except ControlError as e:
+            results[i] = (None, e, None)
+    barrier = threading.Barrier(len(fds) + 1)
+
+    def node(i: int, fd: int) -> None:
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            return
+        issued = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        try:
+            results[i] = (client.exchange(fd, texts[i]), None, issued)
+        except ControlError as e:
+            results[i] = (None, e, issued)
+
+    threads = {i: threading.Thread(target=node, args=(i, fd), daemon=True) for i, fd in fds.items()}
+    for t in threads.values():
+        t.start()
+    barrier.wait()
+    deadline = time.monotonic() + timeout
+    wedged = set()
+    for i, t in threads.items():
+        t.join(max(0.0, deadline - time.monotonic()))
+        if t.is_alive():
+            wedged.add(i)
+            results[i] = (
+                None,
+                ControlError(errno.ETIMEDOUT, f"no answer within {timeout:g} s"),
+                None,
+            )
+    for i, fd in fds.items():
+        # A wedged node's thread still uses its fd: it is left open (closed with the
+        # process) rather than recycled under that thread's feet.
+        if i not in wedged:
+            os.close(fd)
+    return results
+
+
+def _power_off_at(mountpoint: str, timeout: float) -> dict[str, int] | None:
+    try:
+        st = client.with_timeout(lambda: client.status(mountpoint), timeout)
+    except (ControlError, client.NoAnswer, ValueError):
+        return None
+    stamp = st.get("power_off_at")
+    return stamp if isinstance(stamp, dict) else None
+
+
+def send_to(
+    mountpoints: Sequence[StrPath],
+    text: str,
+    indexes: Sequence[int] | None = None,
+    timeout: float = FLEET_SECONDS,
+) -> FleetResult:
+    """Send `text` to the nodes `indexes` (default all) of the fleet `mountpoints` at once.
+
+    A `powercut` line gets a fleet seed and a seed per node (module doc); after a cut every
+    cut node's power-off stamp is read and the spread computed. Never raises for a node's
+    failure: see FleetResult.ok / raise_for_failure.
+    """
+    mnts = [os.fspath(m) for m in mountpoints]
+    chosen = list(range(len(mnts))) if indexes is None else list(indexes)
+    texts, fleet_seed, seeds = per_node_commands(text, len(mnts))
+    answers = fan_out([mnts[i] for i in chosen], [texts[i] for i in chosen], timeout)
+    nodes = []
+    for i, (answer, error, issued) in zip(chosen, answers, strict=True):
+        nodes.append(
+            NodeResult(
+                index=i,
+                mountpoint=mnts[i],
+                command=texts[i],
+                answer=answer,
+                error=error,
+                seed=seeds[i],
+                issued_ns=issued,
+            )
+        )
+    result = FleetResult(command=text, nodes=nodes, seed=fleet_seed)
+    if fleet_seed is not None:
+        for n in nodes:
+            if n.ok:
+                n.power_off_at = _power_off_at(n.mountpoint, timeout)
+        stamps = [n.power_off_at["monotonic_ns"] for n in nodes if n.power_off_at]
+        if stamps:
+            result.spread_ns = max(stamps) - min(stamps)
+        issued_at = [n.issued_ns for n in nodes if n.issued_ns is not None]
+        if issued_at:
+            result.issue_spread_ns = max(issued_at) - min(issued_at)
+    return result
+
+
+class Fleet:
+    """Several blkfuse mounts driven as one: the disks of a cluster's nodes.
+
+    `mounts` are blkfuse.Mount objects or mountpoints, in node order (the order gives each
+    node its index, hence its powercut seed). Commands go to every node at once (or to
+    `nodes`: indexes, Mounts or mountpoints) and return a FleetResult with one NodeResult
+    per node; with check=True (the default) a failure on any node raises FleetError, whose
+    `.result` still says what every node did.
+    """
+
+    def __init__(self, mounts: Iterable[Mount | StrPath], timeout: float = FLEET_SECONDS):
+        self.mountpoints = [_mountpoint(m) for m in mounts]
+        if not self.mountpoints:
+            raise ValueError("a Fleet needs at least one mount")
+        self.timeout = timeout
+
+    def __len__(self) -> int:
+        return len(self.mountpoints)
+
+    def __repr__(self) -> str:
+        return f"<blkfuse.Fleet of {len(self)}: {' '.join(self.mountpoints)}>"
+
+    def _indexes(self, nodes: Iterable[int | Mount | StrPath] | None) -> list[int] | None:
+        if nodes is None:
+            return None
+        chosen = []
+        for node in nodes:
+            if isinstance(node, int):
+                if not 0 <= node < len(self):
+                    raise ValueError(f"no node {node} in a fleet of {len(self)}")
+                chosen.append(node)
+                continue
+            mnt = _mountpoint(node)
+            if mnt not in self.mountpoints:
+                raise ValueError(f"{mnt} is not in this fleet")
+            chosen.append(self.mountpoints.index(mnt))
+        return sorted(set(chosen))
+
+    def send(
+        self, command: str, nodes: Iterable[int | Mount | StrPath] | None = None, check: bool = True
+    ) -> FleetResult:
+        """Send `command` (control-file text) to every node, or to `nodes`, at once."""
+        result = send_to(self.mountpoints, command, self._indexes(nodes), self.timeout)
+        if check:
+            result.raise_for_failure()
+        return result
+
+    def powercut(
+        self,
+        nodes: Iterable[int | Mount | StrPath] | None = None,
+        keep: str = "none",
+        seed: int | None = None,
+        check: bool = True,
+    ) -> FleetResult:
+        """Cut the power of every node (or `nodes`) at once: `keep` as `powercut keep=`
+        (none, random, prefix), one fleet `seed` (random if None) from which each node's is
+        derived. The result has each node's answer and seed, and the spread of the cuts."""
+        words = ["powercut", f"keep={keep}"]
+        if seed is not None:
+            words.append(f"seed={int(seed)}")
+        return self.send(shlex.join(words), nodes, check)
+
+    def poweron(
+        self, nodes: Iterable[int | Mount | StrPath] | None = None, check: bool = True
+    ) -> FleetResult:
+        """Power every node (or `nodes`) back on."""
+        return self.send("poweron", nodes, check)
+
+    def status(self) -> list[dict[str, Any]]:
+        """Every node's status (as `blkfuse status --json`), in fleet order."""
+        return [client.status(m) for m in self.mountpoints]
+
+
+def _mountpoint(m: Mount | StrPath) -> str:
+    path = m if isinstance(m, (str, os.PathLike)) else m.mountpoint
+    return os.path.abspath(os.fspath(path))

@@ -1,0 +1,1 @@
+"""What the tests share: the block device builder (device.py); the lead adds the rest."""
