@@ -158,36 +158,51 @@ class BlockDevice:
         self._lean_static = self.raw and self.align == 1 and not self.max_transfer
         self.lean = self._lean_static
         image = stack.image
-        self._lean_reads = self.below.read == image.read
-        self._lean_writes = self.below is image
+        self._lean_reads = self.below.read == image.read and (
+            image.reads_inline or image.reads_nowait
+        )
+        self._lean_writes = self.below is image and not self.fua_always
+        # What the FUSE layer asks before trying read_now/write_now: those may apply at all.
+        self.lean_reads = self.lean and self._lean_reads
+        self.lean_writes = self.lean and self._lean_writes
 
     # ---- the lean path: a request nothing can see, in the fewest steps ----
 
     def lean_off(self) -> None:
         """From now on every request takes the full path (until as many lean_on())."""
         self._lean_blockers += 1
-        self.lean = False
+        self.lean = self.lean_reads = self.lean_writes = False
 
     def lean_on(self) -> None:
         self._lean_blockers -= 1
         self.lean = self._lean_static and not self._lean_blockers
+        self.lean_reads = self.lean and self._lean_reads
+        self.lean_writes = self.lean and self._lean_writes
 
-    def read_now(self, offset: int, length: int) -> bytes | None:
+    def read_now(self, offset: int, length: int) -> bytes | bytearray | None:
         """read(), done here and now if nothing can see it (engine.unseen) and the image
         reads inline; None if it must take the full path (nothing was done then). The
         engine ends up exactly as after read(): read_aio counted, the check found nothing."""
         image = self.stack.image
-        if not (self.lean and self._lean_reads and self.powered and image.reads_inline):
+        if not (self.lean_reads and self.powered):
             return None
         size = image.size()
         if length <= 0 or offset >= size:
             return None
         if length > size - offset:
             length = size - offset
-        if not self.engine.unseen(_READ_EVENTS, "read", offset, length):
+        if image.reads_inline:
+            if not self.engine.unseen(_READ_EVENTS, "read", offset, length):
+                return None
+            image.inline_reads += 1
+            return image.pread(offset, length)
+        # A disk-backed file: lean only if the page cache holds it all, asked first (a
+        # read has no effect: one the engine then refuses is simply done again in full).
+        data = image.read_cached(offset, length)
+        if data is None or not self.engine.unseen(_READ_EVENTS, "read", offset, length):
             return None
-        image.inline_reads += 1
-        return image.pread(offset, length)
+        image.cached_hit()
+        return data
 
     def write_now(self, offset: int, data: Bytes, *, writethrough: bool = False) -> int | None:
         """write() of all of `data`, done here and now if nothing can see it: no FUA, no
@@ -196,12 +211,10 @@ class BlockDevice:
         length = len(data)
         image = self.stack.image
         if not (
-            self.lean
-            and self._lean_writes
+            self.lean_writes
             and self.powered
             and length
             and not writethrough
-            and not self.fua_always
             and image.writes_inline
             and self.engine.unseen(_WRITE_EVENTS, "write", offset, length)
         ):

@@ -143,6 +143,7 @@ class Image:
         # (BlockDevice's lean path does those itself). Reads never become inline later;
         # writes do where the file system refuses NOWAIT for them.
         self.reads_inline = self._read_mode == INLINE
+        self.reads_nowait = self._read_mode == NOWAIT  # at the start (read_cached says now)
         self.writes_inline = self._write_mode == INLINE
         # Page cache misses go to io_uring where it can be used, else to the pool (uring.py).
         self._ring = Ring.open(self.fd) if uring and self._read_mode in (NOWAIT, BLIND) else None
@@ -217,6 +218,25 @@ class Image:
         return done
 
     # ---- awaited by the block layer: never waits on a disk in the trio thread ----
+
+    def read_cached(self, offset: int, length: int) -> bytearray | None:
+        """For BlockDevice's lean path on a disk-backed file: all of [offset, offset+length)
+        if the page cache holds it (preadv2 RWF_NOWAIT, in the calling thread), else None,
+        with nothing counted (read() then does it all: a miss costs one more NOWAIT try).
+        Only while recent reads mostly hit; the caller counts a hit it uses (cached_hit)."""
+        if self._read_mode != NOWAIT or self._miss_share > _COLD_SHARE:
+            return None
+        buffer = bytearray(length)
+        try:
+            got = os.preadv(self.fd, (buffer,), offset, os.RWF_NOWAIT)
+        except OSError:
+            return None
+        return buffer if got == length else None
+
+    def cached_hit(self) -> None:
+        """A read_cached() answer served a request: counted as read() counts a hit."""
+        self._miss_share *= 15 / 16
+        self.inline_reads += 1
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         """Data at [offset, offset+length), short only at the end of the file (a bytes-like

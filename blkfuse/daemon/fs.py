@@ -419,32 +419,41 @@ class Operations(pyfuse3.Operations):
     # read and write first try the lean path (README "Benchmarks"): an image request that
     # nothing can see (no rule, breakpoint, trace, watcher or log: BlockDevice.read_now and
     # write_now ask the engine) is done at once, without awaiting anything. So no other task
-    # can run while it is served: it needs no count in `inflight`, no guard coroutine, no
-    # caller; a failure is answered as _guard answers it. Anything else takes the full path.
+    # can run while it is served: it needs no count in `inflight` and no caller. Else the
+    # full path, with _guard's work written out (one coroutine per request, not two).
 
     async def read(
         self, fh: FileHandleT, off: int, size: int, ctx: RequestContext
     ) -> bytes | bytearray:
         h = self._handles.get(fh)
-        if h is not None and h.inode == IMAGE and not self.refusing:
+        if h is None or h.inode != IMAGE:
+            return await self._read_control(fh, off, size)
+        block = self.block
+        if block.lean_reads and not self.refusing:
             try:
-                data = self.block.read_now(off, size)
+                data = block.read_now(off, size)
             except Exception as e:
                 raise _fuse_error(e, "read") from None
             if data is not None:
                 return data
-        return await self._read(fh, off, size, ctx)
-
-    @_guard
-    async def _read(
-        self, fh: FileHandleT, off: int, size: int, ctx: RequestContext
-    ) -> bytes | bytearray:
-        h = self._handle(fh)
-        if h.inode == IMAGE:
+        self.inflight += 1  # _guard, written out
+        try:
             if self.refusing:
                 raise pyfuse3.FUSEError(self.refusing)
             # short at the end of the image
-            return await self.block.read(off, size, caller=_caller(ctx))
+            return await block.read(off, size, caller=_caller(ctx))
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as e:
+            raise _fuse_error(e, "read") from None
+        finally:
+            self.inflight -= 1
+            if not self.inflight:
+                self._wake_settled_waiter()
+
+    @_guard
+    async def _read_control(self, fh: FileHandleT, off: int, size: int) -> bytes | bytearray:
+        h = self._handle(fh)
         if h.answer is None:
             h.set_answer(self.control.status_text().encode())
         elif not isinstance(h.answer, bytes):  # after `trace`: a trace.Stream
@@ -455,43 +464,50 @@ class Operations(pyfuse3.Operations):
         self, fh: FileHandleT, off: int, buf: bytes, flags: int, ctx: RequestContext
     ) -> int:
         h = self._handles.get(fh)
+        if h is None or h.inode != IMAGE:
+            return await self._write_control(fh, buf)
+        block = self.block
+        # O_DSYNC in this write's flags: pwritev2(RWF_DSYNC/RWF_SYNC), or the handle's.
+        fua = h.writethrough or bool(flags & _WRITETHROUGH_FLAGS)
         if (
-            h is not None
-            and h.inode == IMAGE
-            and not (self.read_only or self.refusing or h.writethrough)
-            and not flags & _WRITETHROUGH_FLAGS
-            and (self.growable or off + len(buf) <= self.block.size())
+            block.lean_writes
+            and not (fua or self.read_only or self.refusing)
+            and (self.growable or off + len(buf) <= block.size())
         ):
             try:
-                n = self.block.write_now(off, buf)
+                n = block.write_now(off, buf)
             except Exception as e:
                 raise _fuse_error(e, "write") from None
             if n is not None:
                 self._mtime[IMAGE] = time.time_ns()
                 return n
-        return await self._write(fh, off, buf, flags, ctx)
-
-    @_guard
-    async def _write(
-        self, fh: FileHandleT, off: int, buf: bytes, flags: int, ctx: RequestContext
-    ) -> int:
-        h = self._handle(fh)
-        if h.inode == IMAGE:
+        self.inflight += 1  # _guard, written out
+        try:
             if self.read_only:
                 raise pyfuse3.FUSEError(errno.EROFS)
             if self.refusing:
                 raise pyfuse3.FUSEError(self.refusing)
             if not self.growable:
-                room = self.block.size() - off
+                room = block.size() - off
                 if room <= 0:
                     raise pyfuse3.FUSEError(errno.ENOSPC)  # a disk's end, as a block device
                 if room < len(buf):
                     buf = buf[:room]  # a short write: what fits
-            # O_DSYNC in this write's flags: pwritev2(RWF_DSYNC/RWF_SYNC), or the handle's.
-            fua = h.writethrough or bool(flags & _WRITETHROUGH_FLAGS)
-            n = await self.block.write(off, bytes(buf), writethrough=fua, caller=_caller(ctx))
+            n = await block.write(off, bytes(buf), writethrough=fua, caller=_caller(ctx))
             self._mtime[IMAGE] = time.time_ns()
             return n
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as e:
+            raise _fuse_error(e, "write") from None
+        finally:
+            self.inflight -= 1
+            if not self.inflight:
+                self._wake_settled_waiter()
+
+    @_guard
+    async def _write_control(self, fh: FileHandleT, buf: bytes) -> int:
+        h = self._handle(fh)
         # control: each write() is one unit of commands, whatever its offset
         try:
             text = bytes(buf).decode()
