@@ -7,7 +7,7 @@
 #     docker build --target runtime -t blkfuse .
 #     docker run ... blkfuse mount --foreground IMAGE MOUNTPOINT      (README "In Docker")
 #
-# BASE: any Debian 12 (bookworm) image, e.g. one made with debootstrap + `docker import`
+# BASE: any Debian 12 (bookworm) or 13 (trixie) image, e.g. one made with debootstrap + `docker import`
 #   where Docker Hub is out of reach (see README, "In Docker").
 # EXTRA_CA_CERTS: PEM text of extra CA certificates to trust, for networks whose HTTPS goes
 #   through an intercepting proxy; they are added to the system store, which pip then uses.

@@ -87,6 +87,15 @@ def qemu_io_version() -> str | None:
     return out.splitlines()[0] if out else None
 
 
+def installed_profile() -> str:
+    """The QEMU profile (blkfuse/rules/profiles.py) of the installed qemu-io: the live
+    differential tests compare blkfuse under that profile (-o qemu=...) with it."""
+    from blkfuse.rules.profiles import DEFAULT, for_version
+
+    version = qemu_io_version()
+    return for_version(version).name if version else DEFAULT.name
+
+
 # ---- scenarios ------------------------------------------------------------------------------
 
 
@@ -175,7 +184,11 @@ class Scenario:
         from blkfuse.rules.model import Settings
 
         settings = Settings(
-            align=self.align, max_transfer=self.max_transfer, cache=self.cache, format=self.format
+            align=self.align,
+            max_transfer=self.max_transfer,
+            cache=self.cache,
+            format=self.format,
+            qemu=installed_profile(),
         )
         for key, value in self.limits.items():
             setattr(settings, key.replace("-", "_"), value)
@@ -193,6 +206,7 @@ class Scenario:
             options["format"] = self.format
         if any(op[0] == "truncate" for op in self.ops):
             options["growable"] = "on"  # qemu-io may resize; a mount's size is fixed without
+        options["qemu"] = installed_profile()
         return options
 
     def describe(self) -> str:
@@ -572,11 +586,12 @@ def run_block(sc: Scenario) -> tuple[list, bytes, list]:
 
     from blkfuse.engine.core import Engine
     from blkfuse.rules.config import parse_config_text
+    from blkfuse.rules.profiles import profile
 
     class RecordingEngine(Engine):
         def __init__(self, rules):
             self.checks = []
-            super().__init__(rules)
+            super().__init__(rules, profile=profile(installed_profile()))
 
         def check(self, iotype, offset, length, caller=None):
             error = super().check(iotype, offset, length, caller)

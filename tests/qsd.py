@@ -121,6 +121,7 @@ class FileScenario:
         if self.format != "raw":
             options["format"] = self.format
         options["growable"] = "on"  # QEMU's export lets ZERO_RANGE grow the image
+        options["qemu"] = D.installed_profile()  # qsd and qemu-io come from one QEMU
         return options
 
     def describe(self) -> str:
@@ -271,6 +272,7 @@ def run_block(sc: FileScenario) -> tuple[list, bytes, int | None]:
 
     from blkfuse.block.image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
     from blkfuse.engine.core import Engine
+    from blkfuse.rules import profiles
     from blkfuse.rules.config import parse_config_text
 
     with tempfile.TemporaryDirectory(prefix="blkfuse-qsd-") as d:
@@ -286,7 +288,10 @@ def run_block(sc: FileScenario) -> tuple[list, bytes, int | None]:
                     self.failed_reads += 1
                 return error
 
-        engine = RecordingEngine(parse_config_text(sc.config, "generated.conf"))
+        engine = RecordingEngine(
+            parse_config_text(sc.config, "generated.conf"),
+            profile=profiles.profile(D.installed_profile()),
+        )
         stop = None
         settings = D.Scenario(
             seed=0,

@@ -118,6 +118,7 @@ def _differential(target: str, count: int, run_ours, fuse: bool = False) -> None
             qemu = dataclasses.replace(
                 qemu, results=D.through_fuse(qemu.results), check=D.through_fuse(qemu.check or [])
             )
+            rmw = [(i, D.through_fuse([D.Result(error)])[0].error) for i, error in rmw]
         try:
             problems, note = D.compare(sc, qemu, ours, image, rmw)
         except D.OracleError as e:

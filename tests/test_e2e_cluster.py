@@ -34,6 +34,7 @@ def test_etcd_cluster_keeps_every_acknowledged_key_through_correlated_cuts(tmp_p
         timeout=1500,
     )
     out = r.stdout + r.stderr
+    assert result.exists(), out  # the script writes its result however the run went
     report = json.loads(result.read_text())
     assert [i["scenario"] for i in report["iterations"]] == SCENARIOS, out
     for it in report["iterations"]:
@@ -47,6 +48,14 @@ def test_etcd_cluster_keeps_every_acknowledged_key_through_correlated_cuts(tmp_p
     assert len(by_name["all-none"]["cuts"]) == 3 and len(by_name["majority"]["cuts"]) == 2
     assert len(by_name["rolling"]["cuts"]) == 3
     assert by_name["minority"]["served"] >= 20  # the majority kept acknowledging puts
+    # --quick cuts all-random while one node's flush is held at a breakpoint and the majority
+    # while both nodes' are: those cuts found the writes the held flush was to make durable
+    assert by_name["all-none"]["held"] == []
+    for name, held in (("all-random", 1), ("majority", 2)):
+        it = by_name[name]
+        assert len(it["held"]) == held, it
+        found = {c["node"]: c["unsynced_writes"] for c in it["cuts"]}
+        assert all(found[i] > 0 for i in it["held"]), it
     # the negative control bit: acknowledged keys lost, not a run that failed to happen
     assert report["control_bit"], out
     control = report["control"][-1]

@@ -10,7 +10,7 @@ import os
 import pytest
 
 import blkfuse
-from blkfuse.client.fleet import FleetError, node_seed, per_node_commands
+from blkfuse.client.fleet import FleetError, cut_report, node_seed, per_node_commands
 
 from conftest import blkfuse as run_blkfuse
 from imageio import MiB
@@ -65,6 +65,15 @@ def test_a_powercut_line_gets_each_nodes_seed_and_other_lines_go_unchanged():
     assert texts == ["powercut seed=x"] * 2 and seed is None
 
 
+def test_the_json_line_of_a_powercut_answer_is_the_nodescut_report():
+    answer = (
+        'powercut keep=none: 1 unsynced writes ...; the power is off\n{"keep":"none","seed":3}\n'
+    )
+    assert cut_report(answer) == {"keep": "none", "seed": 3}
+    assert cut_report("powercut keep=none: 0 unsynced writes; the power is off\n") is None
+    assert cut_report("a\n{not json\n") is None
+
+
 # -- through real mounts -----------------------------------------------------------------------
 
 
@@ -79,6 +88,9 @@ def test_fleet_powercut_cuts_every_node_with_its_derived_seed_and_reports_the_sp
         st = m.status()
         assert st["power"] == "off"
         assert n.power_off_at == st["power_off_at"]
+        # the answer's JSON line is the node's cut, as its status's last_cut
+        assert n.cut == st["last_cut"] and n.cut["seed"] == n.seed and n.cut["keep"] == "random"
+        assert n.cut["writes"] == 1  # the one unsynced pwrite
         assert set(n.power_off_at) == {"monotonic_ns", "realtime_ns"}
     stamps = [n.power_off_at["monotonic_ns"] for n in result.nodes]
     assert result.spread_ns == max(stamps) - min(stamps)  # reported, whatever it is
@@ -151,3 +163,17 @@ def test_ctl_with_several_mounts_cuts_them_all_and_exits_1_if_one_fails(mount, f
     assert r.returncode == 0 and r.stdout == "state 3\n"
     r = run_blkfuse("ctl", "--", "poweron")
     assert r.returncode == 1 and "no mountpoint before" in r.stderr
+
+
+def test_the_daemon_logs_the_moment_its_power_went_off(mount, fuse_dir):
+    log = fuse_dir / "daemon.log"
+    m = mount(*TRACK, "--log", log)
+    result = blkfuse.Fleet([m.api]).powercut(seed=4)
+    stamp = result.nodes[0].power_off_at
+    assert result.spread_ns == 0  # one node: nothing to spread
+    text = log.read_text()
+    assert (
+        f"power cut (keep=none seed={node_seed(4, 0)}) at CLOCK_MONOTONIC "
+        f"{stamp['monotonic_ns']} ns, CLOCK_REALTIME {stamp['realtime_ns']} ns"
+    ) in text
+    m.ctl("poweron")

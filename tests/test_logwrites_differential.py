@@ -22,6 +22,8 @@ from blkfuse.crash.replay import Target
 
 import differential as D
 
+pytestmark = pytest.mark.qemu
+
 SEED = int(os.environ.get("BLKFUSE_DIFF_SEED", "2020"))
 MAGIC = (0x6A736677736872).to_bytes(8, "little")
 COUNT = int(os.environ.get("BLKFUSE_LOGWRITES_SCENARIOS", "40"))

@@ -166,6 +166,7 @@ def test_bad_input_is_refused_by_name(tmp_path: Path) -> None:
         list(read_log(path)[1])
 
 
+@pytest.mark.qemu
 def test_reads_the_log_qemu_blklogwrites_writes(tmp_path: Path) -> None:
     image, log = tmp_path / "disk.img", tmp_path / "disk.log"
     image.write_bytes(bytes(1 << 20))

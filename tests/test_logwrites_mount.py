@@ -317,3 +317,83 @@ def test_a_power_cut_appends_a_powercut_mark_after_everything_that_reached_the_i
     target.write_bytes(initial)
     assert replay(log, target, "--next-flush").returncode == 0
     assert sha(target) == synced
+
+
+def test_a_failed_write_is_not_logged_and_a_torn_one_logs_what_it_wrote(mount, fuse_dir):
+    log = fuse_dir / "rules.log"
+    m = mount(
+        "-o",
+        f"log-writes={log},"
+        "inject-error.0.event=none,inject-error.0.iotype=write,inject-error.0.errno=5,"
+        "inject-error.0.sector=8,inject-error.0.once=on,"
+        "inject-error.1.event=none,inject-error.1.iotype=write,inject-error.1.errno=5,"
+        "inject-error.1.sector=64,inject-error.1.torn=3,inject-error.1.once=on",
+        data=bytes(MiB),
+    )
+    fd = os.open(m.file, os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as e:
+            os.pwrite(fd, b"F" * 4096, 4096)  # failed by rule 0 before the image
+        assert e.value.errno == errno.EIO
+        with pytest.raises(OSError):
+            os.pwrite(fd, b"T" * 4096, 32768)  # torn by rule 1: 3 sectors persist
+        os.pwrite(fd, b"K" * 512, 0)
+    finally:
+        os.close(fd)
+    m.umount()
+    written = [(e.sector, e.nr_sectors, e.data) for e in read_log(log)[1] if e.is_write]
+    assert written == [(64, 3, b"T" * 1536), (0, 1, b"K" * 512)]
+    assert m.image.read_bytes()[32768:36864] == b"T" * 1536 + bytes(2560)
+
+
+def test_replay_onto_a_loop_device_gives_the_recorded_image(mount, fuse_dir):
+    from blkfuse.client.fsstack import loop_device
+
+    log = fuse_dir / "dev.log"
+    initial = random.Random(3).randbytes(MiB)
+    m = mount("-o", f"log-writes={log}", data=initial)
+    fd = os.open(m.file, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"W" * 8192, 16384)
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 65536, 65536)
+        fallocate(fd, FALLOC_FL_ZERO_RANGE, 262144, 4096)
+        m.api.mark("done")
+    finally:
+        os.close(fd)
+    m.umount()
+    assert [e.flags_text for e in read_log(log)[1]] == ["NONE", "DISCARD", "NONE", "MARK", "FLUSH"]
+    backing = fuse_dir / "device-backing.img"
+    backing.write_bytes(initial)
+    with loop_device(backing, direct_io=False) as device:
+        done = replay(log, Path(device), "--end-mark", "done", "-v")
+        assert done.returncode == 0, done.stderr
+        assert "replaying 1@" in done.stdout and "DISCARD" in done.stdout
+    assert sha(backing) == sha(m.image)
+
+
+def test_a_full_log_fails_the_request_with_its_errno_and_stays_readable(mount, fuse_dir):
+    small = fuse_dir / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], check=True)
+    try:
+        log = small / "full.log"
+        m = mount("-o", f"log-writes={log}")
+        fd = os.open(m.file, os.O_RDWR)
+        failed = None
+        try:
+            for i in range(40):  # 40 x (4 KiB + a header) > 64 KiB
+                try:
+                    os.pwrite(fd, bytes([i + 1]) * 4096, i * 4096)
+                    os.fsync(fd)
+                except OSError as e:
+                    failed = (i, e.errno)
+                    break
+        finally:
+            os.close(fd)
+        assert failed is not None and failed[1] == errno.ENOSPC
+        m.umount()
+        listed = list(read_log(log)[1])
+        assert listed and all(e.is_write or e.is_flush for e in listed)
+        assert [e.sector for e in listed if e.is_write] == [8 * i for i in range(failed[0])]
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

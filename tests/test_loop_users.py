@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from blkfuse import Mount, MountError
-from blkfuse.client import holders
+from blkfuse.client import fsstack, holders
 
 from conftest import BLKFUSE, blkfuse, is_mounted
 
@@ -52,22 +52,11 @@ def wait_detached(dev: str, was: str) -> None:
 
 @contextlib.contextmanager
 def ext4_on_loop(image: Path, where: Path):
-    """ext4 on a loop device over `image`, mounted at `where`; yields the device. Always torn
-    down in order: unmount, detach, wait for the device to go."""
-    dev = run("losetup", "--find", "--show", image)
-    was = backing(dev)
-    try:
-        run("mkfs.ext4", "-q", dev)
-        where.mkdir(exist_ok=True)
-        run("mount", dev, where)
-        try:
-            yield dev
-        finally:
-            if os.path.ismount(where):
-                subprocess.run(["umount", where], capture_output=True)
-    finally:
-        subprocess.run(["losetup", "-d", dev], capture_output=True)
-        wait_detached(dev, was)
+    """ext4 on a loop device over `image`, mounted at `where` (blkfuse's own stack, torn down
+    in order after the block); yields the device."""
+    where.mkdir(exist_ok=True)
+    with fsstack.filesystem(image, "ext4", where) as fs:
+        yield fs.device
 
 
 def one_line_refusal(r) -> str:

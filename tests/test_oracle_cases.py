@@ -1,4 +1,4 @@
-"""QEMU 7.2's recorded blkdebug answers (tests/data/oracle/*.json), replayed against blkfuse.
+"""QEMU's recorded blkdebug answers (7.2: tests/data/oracle/*.json; 10.0: qemu-10.0/), replayed against blkfuse.
 
 Every case runs on two targets: the block layer directly ("block") and a real FUSE mount
 ("mount"). Per command the outcome must equal QEMU's, and the image afterwards must equal
@@ -17,17 +17,21 @@ TARGETS = {"block": oracle.replay_block, "mount": oracle.replay_mount}
 
 def test_cases_are_copied_into_the_repo():
     assert len(CASES) >= 51
+    for qemu in oracle.QEMU_VERSIONS:  # every version answers every case
+        assert [oracle.load_case(name, qemu)["name"] for name in CASES] == CASES
     assert set(oracle.DELIBERATE) <= set(CASES), set(oracle.DELIBERATE) - set(CASES)
 
 
 @pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("qemu", oracle.QEMU_VERSIONS)
 @pytest.mark.parametrize("name", CASES)
-def test_case(name, target, tmp_path):
+def test_case(name, qemu, target, tmp_path):
+    """QEMU `qemu`'s recorded answers, through blkfuse with -o qemu=`qemu`."""
     if target == "mount":
         why_not = oracle.mount_available()
         if why_not:
             pytest.skip(why_not)
-    case = oracle.load_case(name)
+    case = oracle.load_case(name, qemu)
     exp = oracle.expectation(case, target)
     got = TARGETS[target](case, tmp_path)
     problems = oracle.compare(case, exp, got)
@@ -38,7 +42,7 @@ def test_case(name, target, tmp_path):
                 f"expected a config error naming blkdebug.conf:LINE, got {got.config_error!r}"
             )
     assert not problems, (
-        f"{name} ({target}) disagrees with QEMU"
+        f"{name} ({target}) disagrees with QEMU {qemu}"
         + (f" [{exp.note}]" if exp.note else "")
         + ":\n  "
         + "\n  ".join(problems)

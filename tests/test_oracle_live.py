@@ -233,6 +233,7 @@ def test_live_scenario(name, target, tmp_path):
         "ops": ops,
         "expect": expect,
         "final_image": oracle.runs_of(image),
+        "qemu": D.installed_profile(),  # the answers are the installed qemu-io's
     }
     exp = oracle.expectation(case, target)
     bdir = tmp_path / target

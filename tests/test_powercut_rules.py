@@ -258,5 +258,5 @@ def test_poweron_refuses_while_a_loop_device_or_a_process_holds_the_image(mount,
     assert m.ctl("poweron").startswith("power on")
     assert "last cut: powercut keep=random seed=3: " in m.status_text()
     text = log.read_text()
-    assert text.count("power cut (powercut): powercut keep=") == 2
+    assert text.count(" ns, by powercut: powercut keep=") == 2
     assert text.count("power on") >= 2

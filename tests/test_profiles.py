@@ -166,3 +166,44 @@ def test_check_names_the_profile_and_what_it_changes(tmp_path):
     assert r.returncode == 0, r.stderr
     r = blkfuse("check", "--qemu", str(conf), "-o", "qemu=10.0,seed=3", check=False)
     assert r.returncode == 1 and "QEMU 10.0 would reject 1 key" in r.stderr
+
+
+@pytest.mark.parametrize("qemu", [QEMU_7_2, QEMU_10_0])
+def test_punch_hole_under_each_profile(tmp_path, qemu):
+    """fallocate(PUNCH_HOLE) as each QEMU's FUSE export maps it: a discard (7.2), or a
+    write-zeroes that may unmap and must not fall back (10.0; qsd 10.0.13, measured)."""
+    from blkfuse.block.image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+
+    punch = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    rules = (
+        '[inject-error]\nevent = "none"\niotype = "discard"\nsector = "20"\n'
+        '[inject-error]\nevent = "none"\niotype = "write-zeroes"\nsector = "40"\n'
+    )
+    dev, engine, path = _device(tmp_path / "d", qemu, rules, align=4096)
+    path.write_bytes(b"\x11" * 65536)
+    ranges = ((0, 4608), (4096, 4096), (8192, 4096), (20480, 4096), (100, 10))
+
+    async def main():
+        answers = []
+        for offset, length in ranges:
+            try:
+                await dev.fallocate(punch, offset, length)
+                answers.append("ok")
+            except OSError as e:
+                answers.append(errno.errorcode[e.errno])
+        return answers
+
+    answers = trio.run(main)
+    dev.stack.image.close()
+    data = path.read_bytes()
+    events = [e for e in engine.trace if isinstance(e, str) and e != "none"]
+    if qemu is QEMU_7_2:  # discards: whole blocks only, the 512-byte tail dropped unchecked
+        assert answers == ["ok", "ok", "EIO", "ok", "ok"]
+        assert data[:8192] == bytes(8192) and data[8192:12288] == b"\x11" * 4096
+        assert events == []  # a discard raises no event
+    else:  # padding refused before any event, nothing zeroed; write-zeroes rules apply
+        assert answers == ["ENOTSUP", "ok", "ok", "EIO", "ENOTSUP"]
+        assert data[:4096] == b"\x11" * 4096 and data[4096:12288] == bytes(8192)
+        assert events == ["pwritev_zero", "pwritev_done"] * 3
+    # the write-zeroes rule's range: discarded in 7.2, refused (EIO) in 10.0
+    assert data[20480:24576] == (bytes(4096) if qemu is QEMU_7_2 else b"\x11" * 4096)

@@ -299,7 +299,19 @@ class BlockDevice:
             if mode & ~(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE):
                 raise _failure(_errno.EOPNOTSUPP)
             for piece, count in _export_requests(offset, min(length, size - offset)):
-                await self.discard(piece, count, caller=caller)
+                if self.profile.punch_hole_is_write_zeroes:
+                    # QEMU 10.0's export: write-zeroes that may unmap and must not fall
+                    # back to writing zeroes (BDRV_REQ_NO_FALLBACK: ENOTSUP instead)
+                    await self.write_zeroes(
+                        piece,
+                        count,
+                        unmap=True,
+                        writethrough=writethrough,
+                        caller=caller,
+                        no_fallback=True,
+                    )
+                else:
+                    await self.discard(piece, count, caller=caller)
         elif mode & FALLOC_FL_ZERO_RANGE:
             if mode & ~(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE):
                 raise _failure(_errno.EOPNOTSUPP)
@@ -641,36 +653,48 @@ class BlockDevice:
         unmap: bool = False,
         writethrough: bool = False,
         caller: Caller | None = None,
+        no_fallback: bool = False,
     ) -> None:
         """Zero [offset, offset+length) (fallocate ZERO_RANGE; with `unmap` the backing
         file may punch a hole, as `write -z -u`). Raises OSError; pieces before a failing
-        one stay zeroed. Counts as written for the next flush, failed or not."""
+        one stay zeroed. Counts as written for the next flush, failed or not.
+        `no_fallback` (QEMU's BDRV_REQ_NO_FALLBACK): what would need padding or a write of
+        zeroes fails with ENOTSUP instead."""
         if length <= 0:
             return
         self._check_power()
         fua = writethrough or self.fua_always
         if not self.raw:
-            await self._zero_pwritev(offset, length, unmap, fua, caller)
+            await self._zero_pwritev(offset, length, unmap, fua, caller, no_fallback)
             return
         try:
             # The raw node passes the request down whole (no event: raw_co_pwrite_zeroes)
-            await self._zero_pwritev(offset, length, unmap, fua, caller)
+            await self._zero_pwritev(offset, length, unmap, fua, caller, no_fallback)
             if fua:
                 await self.flush(caller=caller)
         finally:
             self._format_written += 1
 
     async def _zero_pwritev(
-        self, offset: int, length: int, unmap: bool, fua: bool, caller: Caller | None
+        self,
+        offset: int,
+        length: int,
+        unmap: bool,
+        fua: bool,
+        caller: Caller | None,
+        no_fallback: bool = False,
     ) -> None:
         """bdrv_co_do_zero_pwritev at the blkdebug node: unaligned ends are padded and
-        written as data (pwritev, iotype write), the aligned middle as zeroes."""
+        written as data (pwritev, iotype write), the aligned middle as zeroes; with
+        `no_fallback` padding is refused (ENOTSUP, before any event)."""
         request = Request("write-zeroes", offset, length)
         end_of_request = offset + length
         start, end = self._padded(offset, length)
         if start == offset and end == end_of_request:
-            await self._aligned_zero(offset, end, unmap, fua, request, caller)
+            await self._aligned_zero(offset, end, unmap, fua, request, caller, no_fallback)
             return
+        if no_fallback:
+            raise _failure(_errno.ENOTSUP)
         align = self.align
         try:
             head, tail, merged = await self._rmw_read(offset, length, start, end, request, caller)
@@ -698,14 +722,23 @@ class BlockDevice:
             await self._aligned_write(middle_end, buffer, request, caller, fua)
 
     async def _aligned_zero(
-        self, start: int, end: int, unmap: bool, fua: bool, request: Request, caller: Caller | None
+        self,
+        start: int,
+        end: int,
+        unmap: bool,
+        fua: bool,
+        request: Request,
+        caller: Caller | None,
+        no_fallback: bool = False,
     ) -> None:
         """bdrv_aligned_pwritev with BDRV_REQ_ZERO_WRITE: pwritev_zero, the pieces,
         pwritev_done."""
         error = 0
         try:
             await self._event("pwritev_zero", request)
-            error = await self._do_pwrite_zeroes(start, end - start, unmap, fua, caller)
+            error = await self._do_pwrite_zeroes(
+                start, end - start, unmap, fua, caller, no_fallback
+            )
             await self._event("pwritev_done", request)
         finally:
             self._blkdebug_written += 1
@@ -713,7 +746,13 @@ class BlockDevice:
             raise _failure(error)
 
     async def _do_pwrite_zeroes(
-        self, offset: int, length: int, unmap: bool, fua: bool, caller: Caller | None
+        self,
+        offset: int,
+        length: int,
+        unmap: bool,
+        fua: bool,
+        caller: Caller | None,
+        no_fallback: bool = False,
     ) -> int:
         """bdrv_co_do_pwrite_zeroes at the blkdebug node; 0 or the errno.
 
@@ -738,7 +777,9 @@ class BlockDevice:
             elif tail and num > alignment:
                 num -= tail
             num = min(num, max_zeroes)
-            if num < alignment:
+            if num < alignment and no_fallback:
+                error = _errno.ENOTSUP  # no fallback write of zeroes: the caller hears it
+            elif num < alignment:
                 # blkdebug_co_pwrite_zeroes: -ENOTSUP; the fallback write of zeroes
                 num = min(num, max_transfer)
                 error = await self._check_errno("write", offset, num, caller)
@@ -750,6 +791,9 @@ class BlockDevice:
                         error = failure.errno or _errno.EIO
             else:
                 error = await self._check_errno("write-zeroes", offset, num, caller)
+                file_align = self.stack.image.zero_align  # the O_DIRECT file node's own alignment
+                if not error and no_fallback and (offset % file_align or num % file_align):
+                    error = _errno.ENOTSUP  # the file node would pad it: refused as well
                 if not error:
                     try:
                         self._check_power()
@@ -973,7 +1017,15 @@ class BlockDevice:
             except OSError as error:
                 report.save_error = f"{save}: {error.strerror or error}"
         self.last_cut = report
-        log.warning("power cut (%s): %s", why, report.text())
+        # the stamps let cuts of several mounts be compared (Fleet)
+        log.warning(
+            "power cut (keep=%s seed=%s) at CLOCK_MONOTONIC %d ns, CLOCK_REALTIME %d ns, by %s: %s",
+            keep,
+            seed,
+            *self.cut_at,
+            why,
+            report.text(),
+        )
         return report
 
     def power_on(self) -> bool:

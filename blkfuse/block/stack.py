@@ -116,7 +116,7 @@ def build_stack(settings: Settings, image: Image) -> Stack:
         recorder = stack.add(
             Recorder.open(
                 stack.top,
-                settings.log_writes,
+                os.path.abspath(settings.log_writes),  # as the status shows it
                 image.pread,
                 sectorsize=settings.log_sector_size,
                 append=settings.log_append,

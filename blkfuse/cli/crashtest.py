@@ -32,9 +32,11 @@ The workload and the check are shell commands. They get:
   BLKFUSE_CRASH_ID (check, recover) the crash state's ID, e.g. p17-s3
 
 \b
-Crash points follow every flush, every FUA write and every mark. At each
-point every write a flush covered is kept; of the writes since: state s0
-loses them all, s1..sN keep a seeded random subset, torn at --atomic bytes.
+Crash points: at every flush (in flight: what it is to cover written, not
+yet durable), after every FUA write and after every mark. At each point every
+write a completed flush covered is kept; of the writes since: state s0 loses
+them all, s1..sN each lose, keep or tear (at --atomic bytes) every one of
+them by a seeded coin.
 Each state is built, fsck'd (ext4; exit 0 and 1 are fine), mounted, then
 --recover and --check run; check exit 0 means consistent.
 
@@ -100,7 +102,9 @@ def summary(report: Report) -> str:
 @click.option("--check", metavar="CMD", help="Exit 0 if the state is consistent.")
 @click.option("--setup", metavar="CMD", help="Runs before the workload; its writes are durable.")
 @click.option("--recover", metavar="CMD", help="Runs on each state before --check.")
-@click.option("--size", default="256M", show_default=True, help="Size of the image.")
+@click.option(
+    "--size", metavar="SIZE", default="256M", show_default=True, help="Size of the image."
+)
 @click.option(
     "--fs",
     type=click.Choice(FILESYSTEMS),
@@ -125,6 +129,7 @@ def summary(report: Report) -> str:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random states.")
 @click.option(
     "--atomic",
+    metavar="BYTES",
     default="512",
     show_default=True,
     help="Bytes a write is torn at (a power of two, at least 512).",

@@ -15,7 +15,8 @@ Examples:
   blkfuse mount --config rules.conf disk.img /mnt/faulty
   blkfuse mount -o inject-error.0.event=read_aio,inject-error.0.sector=8 disk.img /mnt/faulty
   blkfuse mount blkdebug:rules.conf:disk.img /mnt/faulty      # QEMU's spelling
-  blkfuse mount -o growable=on,locking=off disk.img /mnt/faulty""",
+  blkfuse mount -o growable=on,locking=off disk.img /mnt/faulty
+  blkfuse mount -o log-writes=disk.log disk.img /mnt/faulty   # record; blkfuse replay""",
 )
 @click.option(
     "--config", "config_path", metavar="RULES", help="blkdebug config file (QEMU's format)."
@@ -29,8 +30,8 @@ Examples:
     "inject-error.0.event=read_aio,inject-error.0.errno=28,align=4096,"
     "max-transfer=65536, opt-/max-write-zero, opt-/max-discard; and qemu-io's "
     "cache=writeback|writethrough|directsync|none|unsafe (-t), format=raw|none "
-    "(none: blkdebug without the raw node) (repeatable; option rules come "
-    "after config rules).",
+    "(none: blkdebug without the raw node), qemu=7.2|10.0 (whose blkdebug and block "
+    "layer to follow; default 7.2) (repeatable; option rules come after config rules).",
 )
 @click.option("--name", help="Name of the image file in the mount (default: the image's).")
 @click.option(

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import secrets
 import shlex
@@ -113,6 +114,7 @@ class NodeResult:
     error: ControlError | None = None
     seed: int | None = None  # powercut: the seed this node cut with
     power_off_at: dict[str, int] | None = None  # powercut: the daemon's stamp
+    cut: dict[str, Any] | None = None  # powercut: the answer's JSON line, when it has one
     issued_ns: int | None = None  # CLOCK_MONOTONIC when its thread wrote the command
 
     @property
@@ -130,6 +132,7 @@ class NodeResult:
             "error": None if self.error is None else self.error.message,
             "seed": self.seed,
             "power_off_at": self.power_off_at,
+            "cut": self.cut,
         }
 
 
@@ -173,8 +176,10 @@ class FleetResult:
             )
         for n in self.nodes:
             if n.ok:
-                answer = (n.answer or "").rstrip("\n") or "ok"
-                out.append(f"{n.mountpoint}: {answer}")
+                lines = (n.answer or "").rstrip("\n").splitlines()
+                if n.cut is not None:
+                    lines = lines[:-1]  # the JSON line: in --json as "cut"
+                out.append(f"{n.mountpoint}: " + ("\n".join(lines) or "ok"))
             else:
                 assert n.error is not None
                 out.append(f"{n.mountpoint}: FAILED: {n.error.message} [{n.error.errno_name}]")
@@ -274,6 +279,18 @@ def _power_off_at(mountpoint: str, timeout: float) -> dict[str, int] | None:
     return stamp if isinstance(stamp, dict) else None
 
 
+def cut_report(answer: str) -> dict[str, Any] | None:
+    """The JSON line a powercut answer ends with (what it lost and tore), if it has one."""
+    lines = answer.strip().splitlines()
+    if not lines or not lines[-1].startswith("{"):
+        return None
+    try:
+        report = json.loads(lines[-1])
+    except ValueError:
+        return None
+    return report if isinstance(report, dict) else None
+
+
 def send_to(
     mountpoints: Sequence[StrPath],
     text: str,
@@ -308,6 +325,7 @@ def send_to(
         for n in nodes:
             if n.ok:
                 n.power_off_at = _power_off_at(n.mountpoint, timeout)
+                n.cut = cut_report(n.answer or "")
         stamps = [n.power_off_at["monotonic_ns"] for n in nodes if n.power_off_at]
         if stamps:
             result.spread_ns = max(stamps) - min(stamps)

@@ -156,9 +156,17 @@ def _loop_name(device: str) -> str:
     return os.path.basename(device)
 
 
-def attached(device: str) -> bool:
-    """Is the loop device still bound to a file?"""
-    return os.path.exists(f"/sys/block/{_loop_name(device)}/loop/backing_file")
+def backing_file(device: str) -> str:
+    """The file a loop device is bound to ("" when it is free)."""
+    try:
+        with open(
+            f"/sys/block/{_loop_name(device)}/loop/backing_file",
+            encoding="utf-8",
+            errors="surrogateescape",
+        ) as f:
+            return f.read().rstrip("\n")
+    except OSError:
+        return ""
 
 
 def attach(path: StrPath, direct_io: bool = True) -> str:
@@ -185,21 +193,27 @@ def attach(path: StrPath, direct_io: bool = True) -> str:
     return device
 
 
-def detach(device: str, timeout: float = DETACH_SECONDS) -> None:
+def detach(device: str, timeout: float = DETACH_SECONDS, bound_to: str | None = None) -> None:
     """`losetup -d`, then wait until the kernel has let the device go (udev may hold it open
-    for a moment, and until then `losetup -d` has only set autoclear)."""
-    if not attached(device):
+    for a moment, and until then `losetup -d` has only set autoclear). `bound_to`: the file
+    it was attached to (its backing_file then); a device no longer on it was let go already,
+    and may be someone else's now."""
+    if not backing_file(device):
+        return
+    if bound_to is not None and backing_file(device) != bound_to:
         return
     entry = next((e for e in mounttab.entries() if e.source == device), None)
     if entry is not None:
         raise MountError(f"{device} is mounted at {entry.mountpoint}: unmount that first")
+    was = backing_file(device)
     r = subprocess.run(["losetup", "-d", device], capture_output=True, text=True)
     deadline = time.monotonic() + timeout
-    while attached(device):
+    # bound to the same file: once freed, the device may be taken at once by anyone else
+    while was and backing_file(device) == was:
         if time.monotonic() > deadline:
             said = " ".join(r.stderr.split())
             raise MountError(
-                f"{device} is still attached {timeout:g} s after losetup -d"
+                f"{device} is still attached to {was} {timeout:g} s after losetup -d"
                 + (f" ({said})" if said else "")
             )
         time.sleep(0.01)
@@ -209,10 +223,11 @@ def detach(device: str, timeout: float = DETACH_SECONDS) -> None:
 def loop_device(path: StrPath, direct_io: bool = True) -> Iterator[str]:
     """A loop device over `path` for the `with` block, detached (and gone) after it."""
     device = attach(path, direct_io)
+    bound = backing_file(device)
     try:
         yield device
     finally:
-        detach(device)
+        detach(device, bound_to=bound)
 
 
 # -- mounts --------------------------------------------------------------------------------------
@@ -321,6 +336,7 @@ def filesystem(
         mountpoint = tempfile.mkdtemp(prefix=f"blkfuse-{fstype}-")
     where = Path(mountpoint)
     device = attach(image, direct_io)
+    bound = backing_file(device)
     mounted = False
     try:
         if make:
@@ -336,7 +352,7 @@ def filesystem(
             except MountError as e:
                 busy = MountError(f"{e}; {device} stays attached until that is unmounted")
         if busy is None:
-            detach(device)
+            detach(device, bound_to=bound)
         if made_dir and busy is None:
             os.rmdir(where)
         if busy is not None:

@@ -17,7 +17,6 @@ nothing is left on a dead disk.
 """
 
 import os
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,28 +24,28 @@ from typing import Any
 import pytest
 
 from blkfuse import client
-from blkfuse.client import holders
+from blkfuse.client import fsstack, holders
 from blkfuse.client.api import Mount, Options, StrPath, parse_size
 from blkfuse.errors import MountError
 
-# Hang guard, not a speed limit: a loop device detaches as soon as its last user closes it.
-DETACH_SECONDS = 30.0
-
 
 def _take_down(use: holders.LoopUse) -> list[str]:
-    """Unmount a loop device's file systems and detach it, in that order; what failed."""
+    """Unmount a loop device's file systems and detach it, in that order (the steps of the
+    one loop-device + filesystem stack, blkfuse.client.fsstack); what failed."""
     failed = []
     for where in reversed(use.mountpoints):  # the last mounted on top first
-        r = subprocess.run(["umount", where], capture_output=True, text=True)
-        if r.returncode != 0:
-            failed.append(f"umount {where}: {r.stderr.strip()}")
+        try:
+            fsstack.umount(where)
+        except MountError as e:
+            failed.append(str(e))
     if use.stacked:
         failed.append(f"{' '.join(use.stacked)} still on {use.device}: left alone")
     if failed:
         return failed
-    subprocess.run(["losetup", "-d", use.device], capture_output=True)
-    if holders.settle([use.device], DETACH_SECONDS):
-        return [f"{use.device} did not detach within {DETACH_SECONDS:g} s"]
+    try:
+        fsstack.detach(use.device)
+    except MountError as e:
+        return [str(e)]
     return []
 
 

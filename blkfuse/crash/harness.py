@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -338,6 +337,19 @@ def check_state(
         shutil.rmtree(here, ignore_errors=True)
 
 
+def check_state_confirmed(
+    plan: CrashPlan, state: CrashState, params: Mapping[str, Any], settings: Settings, workdir: Path
+) -> Failure | None:
+    """check_state, and an unmountable state once more from scratch: another program on the
+    machine may detach a loop device it does not own (a stale `losetup -d NAME` after the
+    name was reused) while a state is being mounted. Only a refusal that repeats on a fresh
+    image and device is the state's."""
+    failure = check_state(plan, state, params, settings, workdir)
+    if failure is not None and failure.kind == "unmountable":
+        failure = check_state(plan, state, params, settings, workdir)
+    return failure
+
+
 def _check_mount_options(fs: str, recorded: str) -> str | None:
     """The recorded run's mount options, plus what lets copies of one filesystem be mounted
     side by side (-j)."""
@@ -371,7 +383,6 @@ def check_states(
     report.crash_points = len(plan.points)
     report.planned = len(states)
     order = {s.id: n for n, s in enumerate(states)}
-    lock = threading.Lock()
     started = time.monotonic()
     pending = iter(states)
     running: dict[Future[Failure | None], CrashState] = {}
@@ -382,7 +393,9 @@ def check_states(
                 state = next(pending, None)
                 if state is None:
                     break
-                running[pool.submit(check_state, plan, state, params, settings, workdir)] = state
+                running[
+                    pool.submit(check_state_confirmed, plan, state, params, settings, workdir)
+                ] = state
             if not running:
                 break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -392,13 +405,12 @@ def check_states(
                     failure = future.result()
                 except Exception as e:  # the harness itself failed on this state
                     failure = Failure(state.id, "error", f"{type(e).__name__}: {e}")
-                with lock:
-                    report.states += 1
-                    if failure is None:
-                        report.passed += 1
-                    else:
-                        report.failures.append(failure)
-                        stop = stop or not settings.keep_going
+                report.states += 1
+                if failure is None:
+                    report.passed += 1
+                else:
+                    report.failures.append(failure)
+                    stop = stop or not settings.keep_going
                 if progress is not None:
                     progress(report, state, failure)
     report.failures.sort(key=lambda f: order[f.id])

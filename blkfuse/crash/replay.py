@@ -228,8 +228,9 @@ def replay(
         for entry, after in positioned:
             if opts.verbose:
                 size = entry.nr_sectors * superblock.sectorsize
-                out(
-                    f"replaying {entry.index}@{after}: sector {entry.sector}, size {size}, "
+                header_end = after - (0 if entry.is_discard else entry.nr_sectors)
+                out(  # replay-log's line: the position is the log sector after the header
+                    f"replaying {entry.index}@{header_end}: sector {entry.sector}, size {size}, "
                     f"flags {entry.flags:#x}({entry.flags_text})"
                     + (f" mark {entry.mark}" if entry.mark is not None else "")
                 )

@@ -26,10 +26,19 @@ class Profile:
     # check); 10.0 passes FUA down to the file, which writes with RWF_DSYNC: no flush, no
     # flush events, no flush check.
     fua_is_a_flush: bool
+    # fallocate(PUNCH_HOLE|KEEP_SIZE) through the FUSE export: a discard (7.2: iotype
+    # discard, no event, pieces it cannot discard dropped), or a write-zeroes that may unmap
+    # and must not fall back (10.0: pwritev_zero/pwritev_done, iotype write-zeroes, and
+    # ENOTSUP where padding or a write of zeroes would be needed). Measured with qsd 10.0.13.
+    punch_hole_is_write_zeroes: bool
 
 
-QEMU_7_2 = Profile(name="7.2", once_spends_errno0=False, fua_is_a_flush=True)
-QEMU_10_0 = Profile(name="10.0", once_spends_errno0=True, fua_is_a_flush=False)
+QEMU_7_2 = Profile(
+    name="7.2", once_spends_errno0=False, fua_is_a_flush=True, punch_hole_is_write_zeroes=False
+)
+QEMU_10_0 = Profile(
+    name="10.0", once_spends_errno0=True, fua_is_a_flush=False, punch_hole_is_write_zeroes=True
+)
 
 PROFILES = {p.name: p for p in (QEMU_7_2, QEMU_10_0)}
 DEFAULT = QEMU_7_2
