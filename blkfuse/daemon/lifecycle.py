@@ -351,6 +351,8 @@ class Daemon:
                 log.warning("BLKFUSE_POLL_US is not a number; polling for %d us", DEFAULT_POLL_US)
                 self.poll_us = DEFAULT_POLL_US
         self.block = BlockDevice.from_settings(self.engine, self.stack, settings)
+        if os.environ.get("BLKFUSE_LEAN", "1") == "0":  # every request the full way (A/B runs)
+            self.block.lean_off()
         self.tracer = Tracer(self.engine, m.trace_file)
         info = {
             "image": m.image_path,
