@@ -583,25 +583,19 @@ def run_block(sc: Scenario) -> tuple[list, bytes, list]:
     padding read."""
     import trio
     from support.device import build_device
+    from support.recorder import Recorder
 
     from blkfuse.engine.core import Engine
     from blkfuse.rules.config import parse_config_text
     from blkfuse.rules.profiles import profile
 
-    class RecordingEngine(Engine):
-        def __init__(self, rules):
-            self.checks = []
-            super().__init__(rules, profile=profile(installed_profile()))
-
-        def check(self, iotype, offset, length, caller=None):
-            error = super().check(iotype, offset, length, caller)
-            self.checks.append((iotype, error))
-            return error
-
     with tempfile.TemporaryDirectory(prefix="blkfuse-diff-") as d:
         path = Path(d) / "img.raw"
         path.write_bytes(sc.image())
-        engine = RecordingEngine(parse_config_text(sc.config, "generated.conf"))
+        engine = Engine(
+            parse_config_text(sc.config, "generated.conf"), profile=profile(installed_profile())
+        )
+        recorder = Recorder(engine)  # every check, through the engine's tracer hooks
         settings = sc.settings()
         dev = build_device(path, engine, settings=settings)
         image = dev.stack.image
@@ -630,13 +624,13 @@ def run_block(sc: Scenario) -> tuple[list, bytes, list]:
 
         async def main():
             for i, op in enumerate(sc.ops):
-                engine.checks.clear()
+                recorder.clear()
                 try:
                     results.append(await one(op))
                 except OSError as e:
                     results.append(Result(e.errno))
                 if op[0] in ("write", "zero"):
-                    failed_reads = [err for kind, err in engine.checks if kind == "read" and err]
+                    failed_reads = [err for kind, err in recorder.checks if kind == "read" and err]
                     if failed_reads:
                         deliberate.append((i, failed_reads[0]))
 

@@ -5,7 +5,7 @@ A case is a blkdebug config plus qemu-io commands and, per command, what QEMU an
 on one of two targets and returns, per command, an outcome in the case's vocabulary
 ("ok", "EIO", "ERRNO_200", "MISCOMPARE", "NOT_RUN") plus the image bytes afterwards:
 
-  block  BlockDevice(Engine(rules), Image(path), align=..., max_transfer=...) in trio.run
+  block  support.device.build_device(path, Engine(rules), settings=...) in trio.run
   mount  a real mount (blkfuse.Mount): the image file opened O_DIRECT (plus O_DSYNC for
          writethrough), os.preadv/os.pwritev/os.fsync, break commands through `control`
 

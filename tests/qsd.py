@@ -269,6 +269,7 @@ def run_block(sc: FileScenario) -> tuple[list, bytes, int | None]:
     (the deliberate difference), or None."""
     import trio
     from support.device import build_device
+    from support.recorder import Recorder
 
     from blkfuse.block.image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
     from blkfuse.engine.core import Engine
@@ -279,19 +280,15 @@ def run_block(sc: FileScenario) -> tuple[list, bytes, int | None]:
         path = Path(d) / "img.raw"
         sc.make_image(path)
 
-        class RecordingEngine(Engine):
-            failed_reads = 0
-
-            def check(self, iotype, offset, length, caller=None):
-                error = super().check(iotype, offset, length, caller)
-                if error and iotype == "read":
-                    self.failed_reads += 1
-                return error
-
-        engine = RecordingEngine(
+        engine = Engine(
             parse_config_text(sc.config, "generated.conf"),
             profile=profiles.profile(D.installed_profile()),
         )
+        recorder = Recorder(engine)  # every check, through the engine's tracer hooks
+
+        def failed_reads() -> int:
+            return sum(1 for iotype, error in recorder.checks if iotype == "read" and error)
+
         stop = None
         settings = D.Scenario(
             seed=0,
@@ -330,14 +327,14 @@ def run_block(sc: FileScenario) -> tuple[list, bytes, int | None]:
         async def main():
             nonlocal stop
             for i, op in enumerate(sc.ops):
-                before = engine.failed_reads
+                before = failed_reads()
                 try:
                     results.append(await one(op))
                 except OSError as e:
                     results.append(oracle.errname(e.errno))
                 if (
                     op[0] in ("write", "zero", "zero_keep")
-                    and engine.failed_reads > before
+                    and failed_reads() > before
                     and stop is None
                 ):
                     stop = i

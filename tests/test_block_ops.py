@@ -8,33 +8,19 @@ import os
 import pytest
 import trio
 from support.device import build_device
+from support.recorder import Recorder
 
-from blkfuse.engine.core import Caller, Engine
+from blkfuse.daemon.callers import Caller
+from blkfuse.engine.core import Engine
 from blkfuse.rules.config import ConfigError, parse_config_text, parse_options
-
-
-class Recorder(Engine):
-    """An engine that remembers the events and checks in order."""
-
-    def __init__(self, rules=()):
-        self.trace = []
-        super().__init__(rules)
-
-    def fire(self, event, request=None):
-        self.trace.append(event)
-        return super().fire(event, request)
-
-    def check(self, iotype, offset, length, caller=None):
-        self.trace.append((iotype, offset, length))
-        return super().check(iotype, offset, length, caller)
 
 
 def device(tmp_path, size=65536, fill=0x77, config="", **kw):
     path = tmp_path / "img.raw"
     path.write_bytes(bytes([fill]) * size)
-    engine = Recorder(parse_config_text(config, "t.conf"))
-    engine.trace.clear()
-    return build_device(path, engine, **kw), engine, path
+    engine = Engine(parse_config_text(config, "t.conf"))
+    recorder = Recorder(engine)  # events and checks, through the engine's tracer hooks
+    return build_device(path, engine, **kw), recorder, path
 
 
 def run(fn, *args):
@@ -143,6 +129,27 @@ def test_unsafe_flush_never_reaches_blkdebug(tmp_path):
 
     run(main)
     assert "flush_to_disk" not in engine.trace and ("flush", 0, 0) not in engine.trace
+
+
+def test_the_recorder_sees_writes_and_flushes_checked(tmp_path):
+    """The counterpart of the test above: in writeback mode the same write and flush are
+    checked, and the recorder (on the engine's tracer hooks) sees both."""
+    dev, engine, _ = device(tmp_path)
+
+    async def main():
+        await dev.write(0, b"x" * 512)
+        await dev.flush()
+
+    run(main)
+    assert engine.trace == [
+        "write_aio",
+        "pwritev",
+        ("write", 0, 512),
+        "pwritev_done",
+        "flush_to_os",
+        "flush_to_disk",
+        ("flush", 0, 0),
+    ]
 
 
 def test_format_none_raises_no_raw_events(tmp_path):
@@ -260,3 +267,29 @@ def test_truncate_counts_as_written(tmp_path):
 
     run(main)
     assert "flush_to_disk" in engine.trace
+
+
+@pytest.mark.parametrize(
+    "mode, offset, length, decoded, size",
+    [
+        (0x03, 0, 4096, "discard", 8192),  # PUNCH_HOLE|KEEP_SIZE
+        (0x10, 4096, 8192, "write-zeroes", 12288),  # ZERO_RANGE: grows
+        (0x11, 4096, 8192, "write-zeroes", 8192),  # ZERO_RANGE|KEEP_SIZE: clamped
+        (0x00, 8192, 4096, "allocate", 12288),  # past the end: grows
+        (0x00, 4096, 8192, "allocate", 8192),  # inside: EOPNOTSUPP when run
+        (0x02, 0, 4096, errno.EINVAL, None),  # PUNCH_HOLE without KEEP_SIZE
+        (0x08, 0, 4096, errno.EOPNOTSUPP, None),  # COLLAPSE_RANGE
+        (0x13, 0, 4096, errno.EOPNOTSUPP, None),  # PUNCH_HOLE|KEEP_SIZE|ZERO_RANGE
+    ],
+)
+def test_fallocate_modes_are_decoded_in_one_place(mode, offset, length, decoded, size):
+    from blkfuse.block.device import fallocate_request, fallocate_size
+
+    if isinstance(decoded, int):
+        for decode in (lambda: fallocate_request(mode), lambda: fallocate_size(mode, 0, 1, 8192)):
+            with pytest.raises(OSError) as info:
+                decode()
+            assert info.value.errno == decoded
+        return
+    assert fallocate_request(mode) == decoded
+    assert fallocate_size(mode, offset, length, 8192) == size

@@ -52,10 +52,17 @@ def test_etcd_cluster_keeps_every_acknowledged_key_through_correlated_cuts(tmp_p
     # while both nodes' are: those cuts found the writes the held flush was to make durable
     assert by_name["all-none"]["held"] == []
     for name, held in (("all-random", 1), ("majority", 2)):
-        it = by_name[name]
-        assert len(it["held"]) == held, it
-        found = {c["node"]: c["unsynced_writes"] for c in it["cuts"]}
-        assert all(found[i] > 0 for i in it["held"]), it
+        assert len(by_name[name]["held"]) == held, by_name[name]
+    # A held flush may have nothing new to cover (the one before it synced everything: jbd2's
+    # preflush after a commit), so one held node may find nothing; the cuts of the held runs
+    # together must have found unsynced writes, or they were no-ops.
+    found = [
+        c["unsynced_writes"]
+        for name in ("all-random", "majority")
+        for c in by_name[name]["cuts"]
+        if c["node"] in by_name[name]["held"]
+    ]
+    assert sum(found) > 0, [by_name["all-random"], by_name["majority"]]
     # the negative control bit: acknowledged keys lost, not a run that failed to happen
     assert report["control_bit"], out
     control = report["control"][-1]

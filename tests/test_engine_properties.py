@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from hypothesis import given, settings, strategies as st
 
-from blkfuse.engine.core import Caller, Engine
+from blkfuse.daemon.callers import Caller
+from blkfuse.engine.core import Engine
 from blkfuse.engine.effects import Effect
 from blkfuse.rules.events import DEFAULT_IOTYPES, IOTYPES
 from blkfuse.rules.model import Extensions, InjectError, SetState

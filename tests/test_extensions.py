@@ -9,8 +9,9 @@ import pytest
 import trio
 from support.device import build_device
 
+from blkfuse.daemon.callers import Caller
 from blkfuse.daemon.control import Control, ControlError
-from blkfuse.engine.core import Caller, Engine
+from blkfuse.engine.core import Engine
 from blkfuse.engine.effects import Effect
 from blkfuse.rules import config
 from blkfuse.rules.config import ConfigError, format_rule, parse_config_text, parse_rule_args
@@ -103,7 +104,9 @@ def test_errno_defaults():
         (["delay=10"], "with a unit"),
         (["delay=10 parsecs"], "with a unit"),
         (["delay=0.1ns"], "shorter than the 1us"),
-        (["delay=25h"], "with a unit"),
+        (["delay=25h"], "too long"),
+        (["delay=30m1h"], "largest first"),
+        (["delay=1h 30"], "with a unit"),
         (["delay=90000s"], "too long"),
         (["corrupt=flop"], 'did you mean "flip"'),
         (["corrupt=flip", "errno=5"], "errno must be 0 or absent"),
@@ -286,11 +289,11 @@ def test_persistent_rules_survive_a_later_arming():
 
 def test_plain_rules_keep_the_fast_path():
     e = engine(rule("event=none", "sector=8"))
-    assert "check" not in vars(e)  # the class's plain check
+    assert e._plain  # decide takes QEMU's one lookup
     rid = e.add_rule(rule("event=none", "probability=0.5", "iotype=discard"))
-    assert "check" in vars(e)  # shadowed while it is armed
+    assert not e._plain  # the extension path while it is armed
     e.remove_rule(rid)
-    assert "check" not in vars(e)
+    assert e._plain
 
 
 # ---- block layer: the data ------------------------------------------------------------------
@@ -447,7 +450,7 @@ def test_check_marks_extensions_and_qemu_mode_names_every_one(tmp_path):
 
 
 def test_shutdown_ends_a_hold_early(device):
-    """resume_all (unmount) cuts a delay short: the held request goes on, or fails with its
+    """Holds.end_all (unmount) cuts a delay short: the held request goes on, or fails with its
     rule's errno; nothing waits out a long delay."""
     dev, _ = device(
         rule("event=none", "delay=3600s", "errno=5", "iotype=write"),
@@ -470,11 +473,30 @@ def test_shutdown_ends_a_hold_early(device):
             nursery.start_soon(write)
             nursery.start_soon(read)
             await trio.testing.wait_all_tasks_blocked()
-            assert dev.engine.held() == 2
-            dev.engine.resume_all()
+            assert len(dev.holds) == 2
+            dev.holds.end_all()
 
     import trio.testing
 
     trio.run(main)
     assert sorted(outcomes) == [("read", 512), ("write", 5)]
-    assert dev.engine.held() == 0
+    assert len(dev.holds) == 0
+
+
+@pytest.mark.parametrize(
+    "text, micros, shown",
+    [
+        ("24h", 24 * 3600 * 10**6, "24h"),
+        ("90m", 90 * 60 * 10**6, "90m"),
+        ("1h30m", 90 * 60 * 10**6, "90m"),
+        ("1m30.5s", 90_500_000, "90500ms"),
+        ("1s500ms", 1_500_000, "1500ms"),
+        ("2 ms", 2000, "2ms"),
+        ("1500ns", 2, "2us"),
+    ],
+)
+def test_durations_take_hours_minutes_and_combinations(text, micros, shown):
+    r = rule("event=none", f"delay={text}")
+    assert r.ext.delay_us == micros
+    assert format_rule(r) == f"inject-error event=none errno=0 delay={shown}"
+    assert parse_rule_args("inject-error", format_rule(r).split()[1:]).ext.delay_us == micros

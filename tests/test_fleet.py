@@ -74,6 +74,15 @@ def test_the_json_line_of_a_powercut_answer_is_the_nodescut_report():
     assert cut_report("a\n{not json\n") is None
 
 
+def test_a_fleet_cut_saves_each_nodes_image_to_its_own_path():
+    texts, _, _ = per_node_commands("powercut seed=1 save=/var/tmp/cut-{node}.img", 2)
+    assert [t.split()[1] for t in texts] == ["save=/var/tmp/cut-0.img", "save=/var/tmp/cut-1.img"]
+    with pytest.raises(ValueError, match=r"every node would save its image there"):
+        per_node_commands("powercut save=/var/tmp/cut.img", 2)
+    texts, _, _ = per_node_commands("powercut seed=1 save=/var/tmp/cut.img", 1)  # one node
+    assert texts[0].startswith("powercut save=/var/tmp/cut.img seed=")
+
+
 # -- through real mounts -----------------------------------------------------------------------
 
 
@@ -106,13 +115,16 @@ def test_fleet_powercut_cuts_every_node_with_its_derived_seed_and_reports_the_sp
     assert all(m.status()["power"] == "on" for m in nodes)
 
 
-def test_fleet_keep_none_loses_every_nodes_unsynced_writes(mount):
+def test_fleet_keep_none_loses_every_nodes_unsynced_writes(mount, fuse_dir):
     nodes = three(mount)
     fleet = blkfuse.Fleet([m.mnt for m in nodes])  # mountpoints do as well as Mounts
-    fleet.powercut()
+    result = fleet.powercut(save=fuse_dir / "cut-{node}.img")
     fleet.poweron()
-    for m in nodes:
+    for i, m in enumerate(nodes):
         assert read(m, 0, 8192) == bytes(8192)
+        saved = fuse_dir / f"cut-{i}.img"
+        assert result.nodes[i].cut["saved"] == str(saved)
+        assert saved.read_bytes() == m.image.read_bytes()  # each node saved its own image
 
 
 def test_a_subset_cut_keeps_the_fleet_index_seed_and_leaves_the_others_on(mount):

@@ -9,12 +9,9 @@ import threading
 import pytest
 
 from conftest import blkfuse
+from imageio import pattern
 
 KiB = 1024
-
-
-def pattern(n, seed=0):
-    return bytes((i * 7 + seed) & 0xFF for i in range(n))
 
 
 def reads(m, n, offset=0, length=512):

@@ -287,3 +287,36 @@ def test_trace_names_the_caller_and_fallocate_ops(fuse_dir):
     )
     assert results == [0, 0]
     assert [r["op"] for r in records[1:]] == ["discard", "write-zeroes"], records
+
+
+def test_extension_rules_that_act_are_traced_through_a_mount(fuse_dir):
+    """Every rule that acts on a request is in its record's rules: a read failed by a
+    probability rule, a write held by a delay rule, a read let through by count's rule
+    once it is spent is not (the extension path used to leave them all out)."""
+    img = fuse_dir / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    mnt = fuse_dir / "mnt"
+    mnt.mkdir()
+    trace_file = fuse_dir / "trace.jsonl"
+    options = {
+        "seed": 1,  # random.Random(1)'s first draw is 0.13: the probability rule acts
+        "inject-error.0.event": "none",
+        "inject-error.0.iotype": "read",
+        "inject-error.0.probability": 0.5,
+        "inject-error.0.count": 1,
+        "inject-error.1.event": "none",
+        "inject-error.1.iotype": "write",
+        "inject-error.1.delay": "1ms",
+    }
+    with Mount(img, mnt, trace=trace_file, options=options) as m:
+        fd = os.open(m.image_path, os.O_RDWR)
+        try:
+            with pytest.raises(OSError) as e:
+                os.pread(fd, 512, 0)
+            assert e.value.errno == errno.EIO
+            os.pread(fd, 512, 0)  # the rule is spent
+            os.pwrite(fd, b"d" * 512, 4096)
+        finally:
+            os.close(fd)
+    got = [(r["op"], r["rules"], r["errno"]) for r in _records(trace_file)]
+    assert got == [("read", [1], errno.EIO), ("read", [], 0), ("write", [2], 0)]

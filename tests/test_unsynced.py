@@ -385,14 +385,14 @@ def test_unaligned_write_with_align_is_undone_exactly(tmp_path):
 # ---- the engine side of the keys ----------------------------------------------------------
 
 
-def test_match_answers_the_rule_and_once_spends_a_torn_rule_even_with_errno_0():
+def test_decide_answers_the_rule_and_once_spends_a_torn_rule_even_with_errno_0():
     plain = InjectError("none", errno=0, once=True, iotypes=frozenset({"read"}))
     torn = InjectError("none", errno=0, torn=1, once=True, iotypes=frozenset({"write"}))
     engine = Engine([plain, torn])
-    assert engine.match("read", 0, 512) is plain
-    assert engine.match("read", 0, 512) is plain  # errno 0, once: stays (QEMU)
-    assert engine.match("write", 0, 512) is torn
-    assert engine.match("write", 0, 512) is None  # torn, once: spent
+    assert engine.decide("read", 0, 512) == (plain, 0)
+    assert engine.decide("read", 0, 512) == (plain, 0)  # errno 0, once: stays (QEMU)
+    assert engine.decide("write", 0, 512) == (torn, 0)
+    assert engine.decide("write", 0, 512) == (None, 0)  # torn, once: spent
     assert engine.check("read", 0, 512) == 0 and plain.hits == 3
     assert engine.errors_injected == {}
 

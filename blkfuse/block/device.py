@@ -29,10 +29,10 @@ and directsync open the file O_DIRECT (image.py; invisible to rules).
 
 BlockDevice reproduces that with the engine and the node below it (the top of the stack,
 stack.py), and nothing about FUSE. The `caller` keyword of each request is the FUSE caller
-(engine.Caller) or None.
+(an engine.Sender: daemon/callers.py's Caller) or None.
 
 A check answers 0, an errno, or (blkfuse's extension rules) an Effect: the request is held
-in its own task (engine.hold: nothing else waits for it), then fails or goes on, and a
+in its own task (Holds: nothing else waits for it), then fails or goes on, and a
 corruption changes the data of a read or write, inside the request and the rule's sectors
 only (never read-modify-write padding, never write-zeroes, discard or block status).
 
@@ -59,11 +59,11 @@ from blkfuse.block.image import (
 from blkfuse.block.stack import Stack
 from blkfuse.crash.snapshot import sparse_copy
 from blkfuse.crash.undo import CutReport
-from blkfuse.engine.core import Caller, Engine, Request
+from blkfuse.engine.core import Engine, Request, Sender
 from blkfuse.engine.effects import Effect, corrupt
 from blkfuse.errors import BlkfuseError
 from blkfuse.rules import profiles
-from blkfuse.rules.model import CACHE_MODES, FORMATS, SECTOR_SIZE, InjectError, Settings
+from blkfuse.rules.model import CACHE_MODES, FORMATS, SECTOR_SIZE, Settings
 from blkfuse.rules.profiles import DEFAULT, Profile
 
 # QEMU keeps a node's length in sectors (bdrv_getlength): SECTOR_SIZE, as for sector rules.
@@ -76,6 +76,44 @@ log = logging.getLogger(__name__)
 
 def _failure(error: int) -> OSError:
     return OSError(error, os.strerror(error))
+
+
+class Holds:
+    """The requests a delay rule holds right now: each sleeps in its own task (nothing else
+    waits for it). `end_all` (unmounting) cuts every hold short, so shutdown never waits out
+    a long delay; `abort` (a power cut) ends them with an error each held request raises."""
+
+    def __init__(self) -> None:
+        # each hold -> what it raises when it ends (None: the request goes on)
+        self._scopes: dict[trio.CancelScope, OSError | None] = {}
+
+    def __len__(self) -> int:
+        return len(self._scopes)
+
+    async def hold(self, seconds: float) -> None:
+        failure = None
+        with trio.move_on_after(seconds) as scope:
+            self._scopes[scope] = None
+            try:
+                await trio.sleep_forever()
+            finally:
+                failure = self._scopes.pop(scope, None)
+        if failure is not None:  # a fresh exception per request: tracebacks differ
+            raise OSError(failure.errno, failure.strerror)
+
+    def end_all(self) -> None:
+        """The held requests go on now (or fail with their rule's errno)."""
+        for scope in list(self._scopes):
+            scope.cancel()
+
+    def abort(self, failure: OSError) -> int:
+        """End every hold now; each held request raises `failure` (it must not go on to
+        change the image, whenever its task runs). Their number."""
+        scopes = list(self._scopes)
+        for scope in scopes:
+            self._scopes[scope] = failure
+            scope.cancel()
+        return len(scopes)
 
 
 _REQUEST_MAX_BYTES = (2**31 - 1) // 512 * 512  # BDRV_REQUEST_MAX_BYTES, a sector multiple
@@ -96,6 +134,46 @@ def _export_requests(offset: int, length: int) -> Iterator[tuple[int, int]]:
 
 def _round_up(value: int, align: int) -> int:
     return -(-value // align) * align
+
+
+# ---- fallocate(2) modes: decoded here only ----
+
+
+def fallocate_request(mode: int) -> str:
+    """The block request fallocate(2) `mode` becomes, as QEMU 7.2's FUSE export maps it
+    (fuse_fallocate): PUNCH_HOLE|KEEP_SIZE "discard", ZERO_RANGE (KEEP_SIZE or not)
+    "write-zeroes", 0 "allocate" (growing only). OSError for anything else: PUNCH_HOLE
+    without KEEP_SIZE EINVAL, other bits EOPNOTSUPP."""
+    if mode & FALLOC_FL_PUNCH_HOLE:
+        if not mode & FALLOC_FL_KEEP_SIZE:
+            raise _failure(_errno.EINVAL)
+        if mode & ~(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE):
+            raise _failure(_errno.EOPNOTSUPP)
+        return "discard"
+    if mode & FALLOC_FL_ZERO_RANGE:
+        if mode & ~(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE):
+            raise _failure(_errno.EOPNOTSUPP)
+        return "write-zeroes"
+    if mode == 0:
+        return "allocate"
+    raise _failure(_errno.EOPNOTSUPP)
+
+
+def fallocate_iotype(mode: int) -> str:
+    """The io type a fallocate(2) request is (the trace's op), valid mode or not."""
+    return "discard" if mode & FALLOC_FL_PUNCH_HOLE else "write-zeroes"
+
+
+def fallocate_size(mode: int, offset: int, length: int, size: int) -> int:
+    """The image's size after fallocate(2) on an image of `size`: write-zeroes without
+    KEEP_SIZE and allocate past the end grow it to offset+length; nothing else changes it.
+    OSError for a mode fallocate_request refuses."""
+    request = fallocate_request(mode)
+    if request == "discard" or mode & FALLOC_FL_KEEP_SIZE or offset + length <= size:
+        return size
+    if request == "allocate" and offset < size:
+        return size  # inside the image: EOPNOTSUPP, as QEMU
+    return offset + length
 
 
 class BlockDevice:
@@ -119,6 +197,7 @@ class BlockDevice:
         if format not in FORMATS:
             raise ValueError(f"unknown format {format!r}")
         self.engine = engine
+        self.holds = Holds()  # requests a delay rule holds
         self.stack = stack
         self.below = stack.top  # every change and read goes to this node
         self.powered = True
@@ -274,7 +353,7 @@ class BlockDevice:
         length: int,
         *,
         writethrough: bool = False,
-        caller: Caller | None = None,
+        caller: Sender | None = None,
     ) -> None:
         """fallocate(2) on the image, as QEMU 7.2's FUSE export maps it (fuse_fallocate):
 
@@ -292,12 +371,9 @@ class BlockDevice:
         failing one ends it. `writethrough` (a handle opened O_DSYNC): write-zeroes are FUA."""
         self._check_power()  # even a no-op range fails while the power is off
         size = self.below.size()
-        keep_size = bool(mode & FALLOC_FL_KEEP_SIZE)
-        if mode & FALLOC_FL_PUNCH_HOLE:
-            if not keep_size:
-                raise _failure(_errno.EINVAL)
-            if mode & ~(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE):
-                raise _failure(_errno.EOPNOTSUPP)
+        request = fallocate_request(mode)
+        new_size = fallocate_size(mode, offset, length, size)
+        if request == "discard":
             for piece, count in _export_requests(offset, min(length, size - offset)):
                 if self.profile.punch_hole_is_write_zeroes:
                     # QEMU 10.0's export: write-zeroes that may unmap and must not fall
@@ -312,19 +388,15 @@ class BlockDevice:
                     )
                 else:
                     await self.discard(piece, count, caller=caller)
-        elif mode & FALLOC_FL_ZERO_RANGE:
-            if mode & ~(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE):
-                raise _failure(_errno.EOPNOTSUPP)
-            if keep_size:
+        elif request == "write-zeroes":
+            if mode & FALLOC_FL_KEEP_SIZE:
                 length = min(length, size - offset)
-            elif offset + length > size:
-                self.truncate(offset + length)
+            elif new_size > size:
+                self.truncate(new_size)
             for piece, count in _export_requests(offset, length):
                 await self.write_zeroes(piece, count, writethrough=writethrough, caller=caller)
-        elif mode == 0:
-            if offset < size:
-                raise _failure(_errno.EOPNOTSUPP)
-            self.truncate(offset + length)
+        elif new_size > size:  # allocate: only past the end
+            self.truncate(new_size)
         else:
             raise _failure(_errno.EOPNOTSUPP)
 
@@ -336,36 +408,26 @@ class BlockDevice:
 
     async def _settle(self, outcome: int | Effect) -> tuple[int, Effect | None]:
         """A check's non-zero outcome -> (errno, the corruption to apply), after its delay.
-        A cut during the hold fails the request (engine.abort_holds); so does a hold that
+        A cut during the hold fails the request (Holds.abort); so does a hold that
         ends while the power is off. A powercut rule cuts here: the request fails."""
         if isinstance(outcome, int):
             return outcome, None
         if outcome.delay:
-            await self.engine.hold(outcome.delay)
+            await self.holds.hold(outcome.delay)
             self._check_power()
         if outcome.powercut:
             await self._rule_cut(outcome)
             return _errno.EIO, None
         return outcome.errno, (outcome if outcome.corrupt else None)
 
-    def _check(self, iotype: str, offset: int, length: int, caller: Caller | None) -> int | Effect:
-        """0, an errno, or an Effect (for _settle)."""
-        return self.engine.check(iotype, offset, length, caller)
-
     async def _check_errno(
-        self, iotype: str, offset: int, length: int, caller: Caller | None
+        self, iotype: str, offset: int, length: int, caller: Sender | None
     ) -> int:
         """A check where there is no data to corrupt: 0 or the errno, after any delay."""
-        error = self._check(iotype, offset, length, caller)
+        _, error = self.engine.decide(iotype, offset, length, caller)
         if error:
             error, _ = await self._settle(error)
         return error
-
-    def _decide(
-        self, iotype: str, offset: int, length: int, caller: Caller | None
-    ) -> tuple[InjectError | None, int | Effect]:
-        """_check, with the rule met (for torn= and drop-unsynced=), or None."""
-        return self.engine.decide(iotype, offset, length, caller)
 
     def _pieces(self, start: int, end: int) -> tuple[tuple[int, int], ...]:
         """The driver calls blkdebug's node makes for [start, end): one, or max-transfer
@@ -375,12 +437,12 @@ class BlockDevice:
             return ((start, end),)
         return tuple((pos, min(pos + step, end)) for pos in range(start, end, step))
 
-    async def _check_pieces(self, iotype: str, start: int, end: int, caller: Caller | None) -> list:
+    async def _check_pieces(self, iotype: str, start: int, end: int, caller: Sender | None) -> list:
         """Check each piece; raise for the first failing one. Returns the corruptions to
         apply, as (effect, piece start, piece end)."""
         corruptions = []
         for piece_start, piece_end in self._pieces(start, end):
-            outcome = self._check(iotype, piece_start, piece_end - piece_start, caller)
+            _, outcome = self.engine.decide(iotype, piece_start, piece_end - piece_start, caller)
             if outcome:
                 error, effect = await self._settle(outcome)
                 if error:
@@ -398,7 +460,7 @@ class BlockDevice:
     # ---- read ----
 
     async def read(
-        self, offset: int, length: int, *, caller: Caller | None = None
+        self, offset: int, length: int, *, caller: Sender | None = None
     ) -> bytes | bytearray:
         """Data at [offset, offset+length), short at end of image. Raises OSError."""
         self._check_power()
@@ -418,7 +480,7 @@ class BlockDevice:
         )
 
     async def _read_chunk(
-        self, offset: int, length: int, caller: Caller | None
+        self, offset: int, length: int, caller: Sender | None
     ) -> bytes | bytearray:
         if self.raw:
             suspension = self.engine.fire("read_aio", Request("read", offset, length))
@@ -430,7 +492,7 @@ class BlockDevice:
         if self.max_transfer:
             corruptions = await self._check_pieces("read", start, end, caller)
         else:
-            outcome = self._check("read", start, end - start, caller)
+            _, outcome = self.engine.decide("read", start, end - start, caller)
             if outcome:
                 error, effect = await self._settle(outcome)
                 if error:
@@ -454,7 +516,7 @@ class BlockDevice:
     # ---- write ----
 
     async def write(
-        self, offset: int, data: Bytes, *, writethrough: bool = False, caller: Caller | None = None
+        self, offset: int, data: Bytes, *, writethrough: bool = False, caller: Sender | None = None
     ) -> int:
         """Write all of `data` or raise OSError. Chunks before a failing one stay written.
 
@@ -489,7 +551,7 @@ class BlockDevice:
         return length
 
     async def _write_chunk(
-        self, offset: int, data: Bytes, caller: Caller | None, fua: bool = False
+        self, offset: int, data: Bytes, caller: Sender | None, fua: bool = False
     ) -> None:
         length = len(data)
         request = Request("write", offset, length)
@@ -512,7 +574,7 @@ class BlockDevice:
         await self._aligned_write(start, data, request, caller, fua)
 
     async def _aligned_write(
-        self, start: int, data: Bytes, request: Request, caller: Caller | None, fua: bool
+        self, start: int, data: Bytes, request: Request, caller: Sender | None, fua: bool
     ) -> None:
         """bdrv_aligned_pwritev of data at the blkdebug node: pwritev, a check and a write
         per max-transfer piece, the FUA flush (format none only: the raw node emulates FUA
@@ -526,7 +588,7 @@ class BlockDevice:
                 self._check_power()
             for piece_start, piece_end in self._pieces(start, start + len(data)):
                 piece = data[piece_start - start : piece_end - start]
-                rule, outcome = self._decide("write", piece_start, piece_end - piece_start, caller)
+                rule, outcome = engine.decide("write", piece_start, piece_end - piece_start, caller)
                 if isinstance(outcome, int):
                     error = outcome
                 else:  # an extension rule's delay or corruption (an Effect comes with its rule)
@@ -577,7 +639,7 @@ class BlockDevice:
         start: int,
         end: int,
         request: Request,
-        caller: Caller | None,
+        caller: Sender | None,
     ) -> tuple[bytes | bytearray | None, bytes | bytearray | None, bool]:
         """The padding blocks of an unaligned request: (head, tail, merged).
 
@@ -618,7 +680,7 @@ class BlockDevice:
         start: int,
         end: int,
         request: Request,
-        caller: Caller | None,
+        caller: Sender | None,
     ) -> bytearray:
         """The aligned buffer for an unaligned write, padding read from the image."""
         head, tail, merged = await self._rmw_read(offset, len(data), start, end, request, caller)
@@ -635,7 +697,7 @@ class BlockDevice:
         return padded
 
     async def _padding_read(
-        self, offset: int, length: int, caller: Caller | None
+        self, offset: int, length: int, caller: Sender | None
     ) -> bytes | bytearray:
         # A rule may delay or fail this read; a corruption is not applied: the padding is
         # written back, and corrupting it would change bytes outside the request.
@@ -652,7 +714,7 @@ class BlockDevice:
         *,
         unmap: bool = False,
         writethrough: bool = False,
-        caller: Caller | None = None,
+        caller: Sender | None = None,
         no_fallback: bool = False,
     ) -> None:
         """Zero [offset, offset+length) (fallocate ZERO_RANGE; with `unmap` the backing
@@ -681,7 +743,7 @@ class BlockDevice:
         length: int,
         unmap: bool,
         fua: bool,
-        caller: Caller | None,
+        caller: Sender | None,
         no_fallback: bool = False,
     ) -> None:
         """bdrv_co_do_zero_pwritev at the blkdebug node: unaligned ends are padded and
@@ -728,7 +790,7 @@ class BlockDevice:
         unmap: bool,
         fua: bool,
         request: Request,
-        caller: Caller | None,
+        caller: Sender | None,
         no_fallback: bool = False,
     ) -> None:
         """bdrv_aligned_pwritev with BDRV_REQ_ZERO_WRITE: pwritev_zero, the pieces,
@@ -751,7 +813,7 @@ class BlockDevice:
         length: int,
         unmap: bool,
         fua: bool,
-        caller: Caller | None,
+        caller: Sender | None,
         no_fallback: bool = False,
     ) -> int:
         """bdrv_co_do_pwrite_zeroes at the blkdebug node; 0 or the errno.
@@ -809,7 +871,7 @@ class BlockDevice:
 
     # ---- discard ----
 
-    async def discard(self, offset: int, length: int, *, caller: Caller | None = None) -> None:
+    async def discard(self, offset: int, length: int, *, caller: Sender | None = None) -> None:
         """Discard [offset, offset+length) (fallocate PUNCH_HOLE|KEEP_SIZE). No event.
         Raises OSError; pieces before a failing one stay discarded. Counts as written
         for the next flush, failed or not."""
@@ -823,7 +885,7 @@ class BlockDevice:
             if self.raw:
                 self._format_written += 1
 
-    async def _pdiscard(self, offset: int, length: int, caller: Caller | None) -> None:
+    async def _pdiscard(self, offset: int, length: int, caller: Sender | None) -> None:
         """bdrv_co_pdiscard at the blkdebug node: pieces up to the first opt-discard
         boundary, then at most max-discard, then the tail; blkdebug drops (ENOTSUP, no
         check) a piece shorter than `align`. The raw node above splits at the same
@@ -864,7 +926,7 @@ class BlockDevice:
         return _round_up(self.below.size(), SECTOR_SIZE)
 
     async def block_status(
-        self, offset: int, length: int, *, want_zero: bool = True, caller: Caller | None = None
+        self, offset: int, length: int, *, want_zero: bool = True, caller: Sender | None = None
     ) -> tuple[bool, int]:
         """(data?, bytes): the extent at `offset`, at most `length` long; (False, 0) at or
         past the end. The blkdebug node checks [offset, offset+length) rounded out to
@@ -884,7 +946,7 @@ class BlockDevice:
             return True, length
         return self.below.extent(offset, length)
 
-    async def seek(self, offset: int, whence: int, *, caller: Caller | None = None) -> int:
+    async def seek(self, offset: int, whence: int, *, caller: Sender | None = None) -> int:
         """lseek SEEK_DATA / SEEK_HOLE, as QEMU 7.2's FUSE export (fuse_lseek) answers it:
         one block-status query per extent from `offset` on, each checked. ENXIO past the
         end (and for SEEK_DATA at the end), EINVAL for another whence."""
@@ -907,7 +969,7 @@ class BlockDevice:
 
     # ---- flush ----
 
-    async def flush(self, *, caller: Caller | None = None) -> None:
+    async def flush(self, *, caller: Sender | None = None) -> None:
         """fsync: events always; the check and the real fsync only if something was
         written since the last successful flush. Raises OSError."""
         self._check_power()
@@ -928,7 +990,7 @@ class BlockDevice:
                     raise _failure(error)
             self._format_flushed = format_generation
 
-    async def _blkdebug_flush_errno(self, caller: Caller | None) -> int:
+    async def _blkdebug_flush_errno(self, caller: Sender | None) -> int:
         """bdrv_co_flush of the blkdebug node: 0 or the errno. cache=unsafe never gets
         past BDRV_O_NO_FLUSH to the check or the real fsync."""
         async with self._blkdebug_flush_lock:
@@ -937,7 +999,7 @@ class BlockDevice:
             generation = self._blkdebug_written
             try:
                 if self._blkdebug_flushed != generation and not self.no_flush:
-                    rule, error = self._decide("flush", 0, 0, caller)
+                    rule, error = self.engine.decide("flush", 0, 0, caller)
                     if rule is not None:
                         if type(error) is not int:  # an extension rule's delay
                             error, _ = await self._settle(error)
@@ -1008,7 +1070,7 @@ class BlockDevice:
         self.cut_at = (time.clock_gettime_ns(time.CLOCK_MONOTONIC), time.time_ns())
         lost = OSError(_errno.EIO, "the power was cut while the request was held")
         self.engine.release_suspended(lost)
-        self.engine.abort_holds(lost)
+        self.holds.abort(lost)
         report = await self.stack.power_cut(keep, seed)
         if save is not None:
             try:

@@ -31,7 +31,7 @@ class Stack:
         self.top: Node = image
         self.filters: list[Filter] = []  # top first
 
-    def add(self, node: Filter) -> Filter:
+    def add(self, node: _F) -> _F:
         """Put `node` (made over the current top) on top."""
         if node.below is not self.top:
             raise ValueError("a filter goes over the current top of the stack")
@@ -55,10 +55,7 @@ class Stack:
         """Changes reached the image that no flush covered yet (known to the undo log, and
         to any filter whose unflushed() says so, the write recorder): a flush must reach
         them even where blkdebug's generation would skip it."""
-        undo = self.undo
-        return (undo is not None and len(undo.log) > 0) or any(
-            node.unflushed() for node in self.filters
-        )
+        return any(node.unflushed() for node in self.filters)
 
     async def power_cut(self, keep: str, seed: int | None) -> CutReport:
         """Every filter hears of the cut (top first), then the undo filter takes back the
@@ -113,7 +110,7 @@ def build_stack(settings: Settings, image: Image) -> Stack:
         # reaches the image, not what a power cut takes back.
         from blkfuse.crash.recorder import Recorder
 
-        recorder = stack.add(
+        stack.add(
             Recorder.open(
                 stack.top,
                 os.path.abspath(settings.log_writes),  # as the status shows it
@@ -122,8 +119,7 @@ def build_stack(settings: Settings, image: Image) -> Stack:
                 append=settings.log_append,
                 super_update_interval=settings.log_super_update_interval
                 or DEFAULT_SUPER_UPDATE_INTERVAL,
+                flush_on_close=settings.cache != "unsafe",
             )
         )
-        assert isinstance(recorder, Recorder)
-        recorder.flush_on_close = settings.cache != "unsafe"  # BDRV_O_NO_FLUSH: no flush
     return stack

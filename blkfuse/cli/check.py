@@ -6,10 +6,8 @@ from typing import Any
 
 import click
 
+from blkfuse.rules import options as option_table
 from blkfuse.rules.config import (
-    EXTENSION_OPTIONS,
-    LOG_WRITES_OPTIONS,
-    MOUNT_OPTIONS,
     ConfigError,
     Note,
     arming_warning,
@@ -73,8 +71,8 @@ def command(path: str | None, option_strings: tuple[str, ...], qemu: bool) -> No
         click.echo(f"blkfuse check: {error}", err=True)
         sys.exit(1)
     name = path or settings.config_path or "options"
-    # qemu= names the QEMU to check against (profiles.py): it is no rule's, so not flagged
-    extension_options = [key for key in options if key in EXTENSION_OPTIONS and key != "qemu"]
+    # qemu= names the QEMU to check against (profiles.py): no rule's option, so not flagged
+    extension_options = [key for key in options if key in option_table.EXTENSION_OPTIONS]
     qemu_name = f"QEMU {settings.qemu}"
     if qemu:
         problems = [f"{note.where}: {note.text}" for note in notes]
@@ -120,52 +118,8 @@ def _summary(path: str, rules: list[Rule], settings: Settings, notes: list[Any])
     parts = [f"{path}: OK, {len(rules)} {noun}"]
     if rules:
         parts[0] += " (" + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) + ")"
-    for key in (
-        "align",
-        "max-transfer",
-        "opt-write-zero",
-        "max-write-zero",
-        "opt-discard",
-        "max-discard",
-    ):
-        value = getattr(settings, key.replace("-", "_"))
-        if value:
-            parts.append(f"{key}={value}")
-    # Not blkdebug options: qemu-io's -t MODE and --image-opts driver=blkdebug say these.
-    if settings.cache != "writeback":
-        parts.append(f"cache={settings.cache} (not portable: qemu-io -t {settings.cache})")
-    if settings.format != "raw":
-        parts.append("format=none (not portable: qemu-io --image-opts driver=blkdebug,...)")
-    # blkfuse's own mount options: no QEMU command line has them.
-    for key in MOUNT_OPTIONS:
-        if key not in settings.options:
-            continue
-        parts.append(
-            f"{key}={settings.options[key] or 'on'} (not portable: a blkfuse mount option)"
-        )
-    if settings.track_unsynced:
-        power = ["track-unsynced=on"]
-        power += [f"unsynced-cap={settings.unsynced_cap}"] if settings.unsynced_cap else []
-        power += [f"atomic={settings.atomic}"] if settings.atomic else []
-        parts.append(" ".join(power) + " (not portable: blkfuse extension options)")
-    # QEMU's blklogwrites options belong to a node below blkdebug: blkdebug rejects them.
-    logged = [
-        f"{key}={settings.options[key]}" for key in LOG_WRITES_OPTIONS if key in settings.options
-    ]
-    if logged:
-        parts.append(
-            " ".join(logged)
-            + " (not portable: a blklogwrites node under blkdebug in QEMU, blkfuse extension options)"
-        )
-    # blkfuse's own tuning: how the daemon waits and reads, never what a request sees.
-    for key in ("io-threads", "poll-us"):
-        value = getattr(settings, key.replace("-", "_"))
-        if value is not None:
-            parts.append(f"{key}={value} (not portable: blkfuse's own tuning)")
-    if settings.seed is not None:
-        parts.append(f"seed={settings.seed} (not portable)")
-    if "qemu" in settings.options:  # the profile checked against (default 7.2)
-        parts.append(f"qemu={settings.qemu} (QEMU {settings.qemu}'s blkdebug and block layer)")
+    # Options QEMU's blkdebug rejects say what does the same in QEMU, if anything.
+    parts += option_table.summary(settings)
     if notes:
         parts.append(
             f"{len(notes)} blkfuse extension{'s' if len(notes) != 1 else ''} in the "

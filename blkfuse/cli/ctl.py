@@ -70,7 +70,10 @@ def command(ctx: click.Context, as_json: bool, words: tuple[str, ...]) -> None:
         fail("no mountpoint before `--` (blkfuse ctl MNT1 MNT2 ... -- COMMAND)")
     from blkfuse.client.fleet import send_to
 
-    result = send_to(fleet, " ".join(words))
+    try:
+        result = send_to(fleet, " ".join(words))
+    except ValueError as e:
+        fail(str(e))
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=1))
     else:

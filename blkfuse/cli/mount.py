@@ -6,18 +6,37 @@ import sys
 import click
 
 from blkfuse.cli._common import fail
+from blkfuse.rules import keys, options
 
 
-@click.command(
-    "mount",
-    epilog="""\b
-Examples:
-  blkfuse mount --config rules.conf disk.img /mnt/faulty
-  blkfuse mount -o inject-error.0.event=read_aio,inject-error.0.sector=8 disk.img /mnt/faulty
-  blkfuse mount blkdebug:rules.conf:disk.img /mnt/faulty      # QEMU's spelling
-  blkfuse mount -o growable=on,locking=off disk.img /mnt/faulty
-  blkfuse mount -o log-writes=disk.log disk.img /mnt/faulty   # record; blkfuse replay""",
-)
+def _epilog() -> str:
+    """Examples, then every -o option and rule key, from their tables (rules/options.py,
+    rules/keys.py)."""
+    lines = [
+        "\b",
+        "Examples:",
+        "  blkfuse mount --config rules.conf disk.img /mnt/faulty",
+        "  blkfuse mount -o inject-error.0.event=read_aio,inject-error.0.sector=8 disk.img "
+        "/mnt/faulty",
+        "  blkfuse mount blkdebug:rules.conf:disk.img /mnt/faulty      # QEMU's spelling",
+        "  blkfuse mount -o growable=on,locking=off disk.img /mnt/faulty",
+        "  blkfuse mount -o log-writes=disk.log disk.img /mnt/faulty   # record; blkfuse replay",
+        "",
+        "\b",
+        "-o options (* not portable: QEMU's blkdebug rejects it):",
+        *(f"  {line}" for line in options.help_lines()),
+    ]
+    for kind in keys.KINDS:
+        lines += [
+            "",
+            "\b",
+            f"-o {kind}.N.KEY=VALUE: rule N (from 0), as a [{kind}] section; its keys:",
+            *(f"  {line}" for line in keys.help_lines(kind)),
+        ]
+    return "\n".join(lines)
+
+
+@click.command("mount", epilog=_epilog())
 @click.option(
     "--config", "config_path", metavar="RULES", help="blkdebug config file (QEMU's format)."
 )
@@ -27,11 +46,9 @@ Examples:
     multiple=True,
     metavar="KEY=VALUE,...",
     help="QEMU blockdev-style options, e.g. "
-    "inject-error.0.event=read_aio,inject-error.0.errno=28,align=4096,"
-    "max-transfer=65536, opt-/max-write-zero, opt-/max-discard; and qemu-io's "
-    "cache=writeback|writethrough|directsync|none|unsafe (-t), format=raw|none "
-    "(none: blkdebug without the raw node), qemu=7.2|10.0 (whose blkdebug and block "
-    "layer to follow; default 7.2) (repeatable; option rules come after config rules).",
+    "inject-error.0.event=read_aio,inject-error.0.errno=28,align=4096 "
+    "(repeatable; option rules come after config rules; every option and key is "
+    "listed below).",
 )
 @click.option("--name", help="Name of the image file in the mount (default: the image's).")
 @click.option(

@@ -31,6 +31,7 @@ from typing import Any, Self
 from blkfuse import client
 from blkfuse.client import fsstack, mounttab
 from blkfuse.errors import ControlError, MountError
+from blkfuse.rules import values
 
 StrPath = str | os.PathLike[str]
 Options = Mapping[str, object] | str | Sequence[str]
@@ -38,19 +39,15 @@ Options = Mapping[str, object] | str | Sequence[str]
 # Hang guard, not a speed limit: `blkfuse mount` returns as soon as the mount is live.
 MOUNT_SECONDS = 120.0
 
-_SIZE = re.compile(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", re.IGNORECASE)
-
 
 def parse_size(size: int | str) -> int:
-    """Bytes from 4096, "64M", "1G", "512K", "1GiB" (binary units, as qemu-img and truncate)."""
+    """Bytes from 4096, "64M", "1.5G", "512K", "1GiB": the one size grammar (rules/values.py,
+    as -o options read sizes; binary units, as qemu-img and truncate). ValueError if not."""
     if isinstance(size, int):
         if size < 0:
             raise ValueError(f"size must not be negative: {size}")
         return size
-    m = _SIZE.fullmatch(size)
-    if not m:
-        raise ValueError(f"not a size: {size!r} (e.g. 4096, 512K, 64M, 1G)")
-    return int(m.group(1)) << (10 * " KMGT".index(m.group(2).upper() or " "))
+    return values.parse_size("size", size)
 
 
 def option_string(options: Options) -> list[str]:

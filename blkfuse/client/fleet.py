@@ -44,7 +44,7 @@ import shlex
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from blkfuse import client
@@ -80,7 +80,9 @@ def _powercut_seed(words: list[str]) -> tuple[int, list[str]] | None:
 
 def per_node_commands(text: str, count: int) -> tuple[list[str], int | None, list[int | None]]:
     """The text each of `count` nodes is sent, the fleet seed (None: no powercut line) and
-    each node's powercut seed. Lines other than `powercut` go to every node unchanged."""
+    each node's powercut seed. Lines other than `powercut` go to every node unchanged.
+    A powercut's `save=PATH` must hold `{node}` (replaced by each node's index) when the
+    fleet has several nodes: ValueError otherwise, before anything is sent."""
     texts = [[] for _ in range(count)]  # type: list[list[str]]
     fleet_seed: int | None = None
     for line in text.splitlines() or [text]:
@@ -95,8 +97,15 @@ def per_node_commands(text: str, count: int) -> tuple[list[str], int | None, lis
             continue
         if fleet_seed is None:
             fleet_seed = seeded[0]
+        saves = [w for w in seeded[1] if w.startswith("save=")]
+        if count > 1 and any("{node}" not in w for w in saves):
+            raise ValueError(
+                f"{saves[0]}: every node would save its image there; put {{node}} in the path "
+                "for the node's index (save=/var/tmp/cut-{node}.img)"
+            )
         for i, lines in enumerate(texts):
-            lines.append(shlex.join(["powercut", *seeded[1], f"seed={node_seed(fleet_seed, i)}"]))
+            rest = [w.replace("{node}", str(i)) if w.startswith("save=") else w for w in seeded[1]]
+            lines.append(shlex.join(["powercut", *rest, f"seed={node_seed(fleet_seed, i)}"]))
     seeds: list[int | None] = [
         None if fleet_seed is None else node_seed(fleet_seed, i) for i in range(count)
     ]
@@ -132,6 +141,7 @@ class NodeResult:
             "error": None if self.error is None else self.error.message,
             "seed": self.seed,
             "power_off_at": self.power_off_at,
+            "issued_ns": self.issued_ns,
             "cut": self.cut,
         }
 
@@ -145,7 +155,6 @@ class FleetResult:
     seed: int | None = None  # the fleet seed of a powercut
     spread_ns: int | None = None  # max - min of the cut nodes' power-off stamps
     issue_spread_ns: int | None = None  # max - min of the moments the writes were issued
-    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -163,7 +172,6 @@ class FleetResult:
             "spread_ns": self.spread_ns,
             "issue_spread_ns": self.issue_spread_ns,
             "nodes": [n.to_dict() for n in self.nodes],
-            "notes": self.notes,
         }
 
     def text(self) -> str:
@@ -194,7 +202,6 @@ class FleetResult:
                 f"spread: the {cut} cuts landed within {self.spread_ns / 1e6:.3f} ms "
                 f"(CLOCK_MONOTONIC){issue}"
             )
-        out.extend(self.notes)
         return "\n".join(out) + "\n"
 
     def raise_for_failure(self) -> None:
@@ -388,13 +395,18 @@ class Fleet:
         keep: str = "none",
         seed: int | None = None,
         check: bool = True,
+        save: StrPath | None = None,
     ) -> FleetResult:
         """Cut the power of every node (or `nodes`) at once: `keep` as `powercut keep=`
         (none, random, prefix), one fleet `seed` (random if None) from which each node's is
-        derived. The result has each node's answer and seed, and the spread of the cuts."""
+        derived; `save`: a path holding `{node}` where each node saves a copy of its image
+        as the cut left it. The result has each node's answer, seed and cut, and the spread
+        of the cuts."""
         words = ["powercut", f"keep={keep}"]
         if seed is not None:
             words.append(f"seed={int(seed)}")
+        if save is not None:
+            words.append(f"save={os.path.abspath(os.fspath(save))}")
         return self.send(shlex.join(words), nodes, check)
 
     def poweron(

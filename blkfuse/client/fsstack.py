@@ -265,32 +265,56 @@ def mount(
     device: StrPath, mountpoint: StrPath, fstype: str, options: MountOptions | None = None
 ) -> None:
     """Mount; MountError with mount's words and, since mount(8) only says "wrong fs type,
-    bad option, bad superblock...", what the kernel logged about the device."""
+    bad option, bad superblock...", what the kernel logged about the device meanwhile."""
     opts = mount_option_string(options)
     cmd = ["mount", "-t", fstype] + (["-o", opts] if opts else [])
-    try:
-        _run([*cmd, os.fspath(device), os.fspath(mountpoint)], f"mount {fstype}")
-    except MountError as e:
-        said = kernel_log(os.fspath(device))
-        raise MountError(f"{e} | kernel: {' / '.join(said)}" if said else str(e)) from None
+    with KernelLog(os.fspath(device)) as kernel:
+        try:
+            _run([*cmd, os.fspath(device), os.fspath(mountpoint)], f"mount {fstype}")
+        except MountError as e:
+            said = kernel.lines()
+            raise MountError(f"{e} | kernel: {' / '.join(said)}" if said else str(e)) from None
 
 
-def kernel_log(device: str, lines: int = 4) -> list[str]:
-    """The kernel's last lines about a loop device since it was attached (the attach logs
-    "loopN: detected capacity change"), without their timestamps."""
-    name = os.path.basename(device)
-    try:
-        r = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    about: list[str] = []
-    for line in r.stdout.splitlines():
-        text = line.split("] ", 1)[-1]
-        if text.startswith(f"{name}: detected capacity change"):
-            about = []
-        elif f"({name})" in text or text.startswith(f"{name}:") or f"device {name})" in text:
-            about.append(text)
-    return about[-lines:]
+class KernelLog:
+    """What the kernel logs about one device from now on (/dev/kmsg, read from its end:
+    exact under other devices' noise, no dmesg run). Empty where /dev/kmsg is unreadable."""
+
+    def __init__(self, device: str) -> None:
+        self.name = os.path.basename(device)
+        try:
+            self.fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            os.lseek(self.fd, 0, os.SEEK_END)
+        except OSError:
+            self.fd = -1
+
+    def lines(self, most: int = 4) -> list[str]:
+        about: list[str] = []
+        while self.fd >= 0:
+            try:
+                record = os.read(self.fd, 8192)
+            except BlockingIOError:
+                break
+            except BrokenPipeError:  # records overwritten before we read them: go on
+                continue
+            except OSError:
+                break
+            text = record.decode(errors="replace").split(";", 1)[-1].split("\n", 1)[0]
+            if (
+                f"({self.name})" in text
+                or text.startswith(f"{self.name}:")
+                or (f"device {self.name})" in text)
+            ):
+                about.append(text)
+        return about[-most:]
+
+    def __enter__(self) -> "KernelLog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def umount(mountpoint: StrPath) -> None:

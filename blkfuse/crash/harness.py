@@ -202,7 +202,9 @@ def record(settings: Settings, workdir: Path) -> None:
         raise CrashtestError(f"recording: {e}") from None
     image.unlink()
     _, entries = logwrites.read_log(log, data=False)
-    start = next((e.index for e in entries if e.is_mark and e.mark == START_MARK), None)
+    # read to the end: the reader closes the log file when it is exhausted
+    starts = [e.index for e in entries if e.is_mark and e.mark == START_MARK]
+    start = starts[0] if starts else None
     if start is None:
         raise CrashtestError(f"{log}: the mark {START_MARK} is missing")
     (workdir / PLAN_FILE).write_text(json.dumps(_plan_params(settings, start), indent=1) + "\n")

@@ -37,7 +37,7 @@ import trio
 
 from blkfuse.block.image import Bytes
 from blkfuse.block.node import Filter, Node
-from blkfuse.crash.logwrites import DEFAULT_SECTOR_SIZE, DEFAULT_SUPER_UPDATE_INTERVAL, LogWriter
+from blkfuse.crash.logwrites import DEFAULT_SUPER_UPDATE_INTERVAL, LogWriter
 
 POWERCUT_MARK = "powercut"
 RESIZE_MARK_PREFIX = "resize:"
@@ -62,7 +62,12 @@ class Recorder(Filter):
     (short at its end), for padding: the image's own pread (reads pass filters unchanged)."""
 
     def __init__(
-        self, below: Node, writer: LogWriter, read_image: Callable[[int, int], bytes]
+        self,
+        below: Node,
+        writer: LogWriter,
+        read_image: Callable[[int, int], bytes],
+        *,
+        flush_on_close: bool = True,
     ) -> None:
         super().__init__(below)
         self.writer = writer
@@ -70,7 +75,9 @@ class Recorder(Filter):
         self._read_image = read_image
         # Recorded since the last flush entry: QEMU's write_gen != flushed_gen at its node.
         self._changed = False
-        self.flush_on_close = True
+        # The daemon's final fsync is a flush of this node (not with cache=unsafe: there QEMU
+        # never flushes below blkdebug, BDRV_O_NO_FLUSH).
+        self.flush_on_close = flush_on_close
 
     @classmethod
     def open(
@@ -82,9 +89,8 @@ class Recorder(Filter):
         sectorsize: int | None = None,
         append: bool = False,
         super_update_interval: int = DEFAULT_SUPER_UPDATE_INTERVAL,
+        flush_on_close: bool = True,
     ) -> "Recorder":
-        if sectorsize is None and not append:
-            sectorsize = DEFAULT_SECTOR_SIZE
         writer = LogWriter(
             path,
             sectorsize=sectorsize,
@@ -92,7 +98,7 @@ class Recorder(Filter):
             super_update_interval=super_update_interval,
             autosync=False,
         )
-        return cls(below, writer, read_image)
+        return cls(below, writer, read_image, flush_on_close=flush_on_close)
 
     @property
     def path(self) -> str:

@@ -476,6 +476,9 @@ class UndoFilter(Filter):
     def power_cut(self) -> None:
         self.cuts += 1
 
+    def unflushed(self) -> bool:
+        return len(self.log) > 0
+
     async def cut(self, keep: str, seed: int | None = None) -> CutReport:
         """Take back the unsynced writes as `keep` says, and fsync the result."""
         report = self.log.cut(self.below, keep, seed)

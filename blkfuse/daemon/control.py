@@ -30,9 +30,9 @@ import trio
 
 from blkfuse.daemon import memory
 from blkfuse.errors import BlkfuseError, ControlError, errno_name
-from blkfuse.rules import config
-from blkfuse.rules.events import EVENTS, IOTYPES, canonical_event, never_fires_note
-from blkfuse.rules.model import Extensions, InjectError, Rule
+from blkfuse.rules import config, keys
+from blkfuse.rules.events import EVENTS, canonical_event, never_fires_note
+from blkfuse.rules.model import InjectError, Rule, Settings
 
 if TYPE_CHECKING:
     from blkfuse.block.device import BlockDevice
@@ -101,6 +101,9 @@ def help_text() -> str:
         first, *rest = c.summary.splitlines()
         lines.append(f"  {c.usage:<27} {first}".rstrip())
         lines.extend(f"  {'':<27} {more}" for more in rest)
+    for kind in keys.KINDS:
+        lines.append(f"{kind} keys (* a blkfuse extension: QEMU rejects it):")
+        lines.extend(f"  {line}" for line in keys.help_lines(kind))
     lines += [
         "A bad line (syntax, unknown event, bad rule option) fails the whole write with nothing "
         "applied.",
@@ -222,8 +225,10 @@ class Control:
         info: dict[str, Any] | None = None,
         block: BlockDevice | None = None,
         tracer: Tracer | None = None,
+        settings: Settings | None = None,
     ) -> None:
         self.engine = engine
+        self.settings = settings if settings is not None else Settings()  # the mount's options
         self.block = block  # block.BlockDevice: power cuts and the undo log
         self.tracer = tracer  # trace.Tracer, for the `trace` command
         self._reload = reload
@@ -374,9 +379,9 @@ class Control:
                 if c
             ],
             "rules_healed": e.rules_healed,
-            "held_by_delay": e.held(),
+            "held_by_delay": self._held(),
             # The old name of held_by_delay, kept for one release (it read like unsynced.held).
-            "held": e.held(),
+            "held": self._held(),
             "interrupted": {"count": e.interrupted, "last": _interrupted_dict(e.last_interrupted)},
             "last_result": self.last_result,
             "last_error": self.last_error,
@@ -397,6 +402,10 @@ class Control:
             "entries": recorder.entries,
             "sectorsize": recorder.sectorsize,
         }
+
+    def _held(self) -> int:
+        """Requests a delay rule holds now (the block layer holds them: BlockDevice.holds)."""
+        return len(self.block.holds) if self.block is not None else 0
 
     def _power_status(self) -> dict:
         """ "power" and "unsynced" (null when writes are not tracked) for the status."""
@@ -622,16 +631,13 @@ async def _wait_hit(control: Control, rule_id: int, timeout: float | None, hits:
 
 @command(
     "inject-error KEY=VALUE ...",
-    "add an [inject-error] rule (event=, errno=, sector=, once=,\n"
-    "immediately=, state=, iotype=; extensions: probability=, after=,\n"
-    "count=, sectors=, delay=, jitter=, corrupt=, corrupt-bytes=,\n"
-    "pid=, comm=, uid=, heal=, persistent=); its id is in the status",
+    "add an [inject-error] rule (its keys below); its id is in the status",
     nargs=(1, None),
     parse=_rule_parser("inject-error"),
     aliases=("inject_error",),
 )
 async def _inject_error(control: Control, rule: Rule) -> str:
-    _check_power_rule(rule, control.block)
+    _check_rule_needs(rule, control)
     rule_id = control.engine.add_rule(rule)
     # rules armed by `none` next to rules armed later: the first later arming drops them
     warning = config.arming_warning(control.engine.rules_by_event())
@@ -640,7 +646,7 @@ async def _inject_error(control: Control, rule: Rule) -> str:
 
 @command(
     "set-state KEY=VALUE ...",
-    "add a [set-state] rule (event=, state=, new_state=)",
+    "add a [set-state] rule (its keys below)",
     nargs=(1, None),
     parse=_rule_parser("set-state"),
     aliases=("set_state",),
@@ -730,12 +736,12 @@ def _parse_powercut(words: list[str]) -> tuple[str, int | None, str | None]:
     return keep, seed, save
 
 
-def _check_power_rule(rule: Rule, block: BlockDevice | None) -> None:
-    key = config.power_key(rule)
-    if key and (block is None or block.stack.undo is None):
-        raise ControlError(
-            _errno.EINVAL, f"{key} needs the mount option track-unsynced=on (-o track-unsynced=on)"
-        )
+def _check_rule_needs(rule: Rule, control: Control) -> None:
+    """A key that needs a mount option the mount lacks (config.check_rule_needs)."""
+    try:
+        config.check_rule_needs([rule], control.settings, where="control")
+    except config.ConfigError as e:
+        raise ControlError(_errno.EINVAL, str(e).removeprefix("control: ")) from None
 
 
 def _check_save_path(path: str) -> None:
@@ -898,9 +904,6 @@ def _did(r: Rule, engine: Engine) -> str:
     return f" (failed={tally.failed} delayed={tally.delayed} corrupted={tally.corrupted})"
 
 
-_PLAIN = Extensions()
-
-
 def _rule_dict(r: Rule, engine: Engine) -> dict[str, Any]:
     d = {
         "id": r.id,
@@ -912,51 +915,22 @@ def _rule_dict(r: Rule, engine: Engine) -> dict[str, Any]:
         "spent": r.spent,
         "text": _format_rule(r),
     }
+    d.update(keys.rule_json(r))
     if isinstance(r, InjectError):
-        d.update(
-            {
-                "errno": r.errno,
-                "errno_name": errno_name(r.errno),
-                "sector": r.sector,
-                "once": r.once,
-                "immediately": r.immediately,
-                "iotypes": [t for t in IOTYPES if t in r.iotypes],
-            }
-        )
-        d.update(_extension_dict(r, engine))
-    else:
-        d["new_state"] = r.new_state
+        d["errno_name"] = errno_name(r.errno)
+        d.update(_tally_dict(r, engine))
     return d
 
 
-def _extension_dict(r: InjectError, engine: Engine) -> dict[str, Any]:
-    """Every extension key of an inject-error rule (defaults for a QEMU rule) and what the
-    rule did: failed, delayed, corrupted (a QEMU rule only fails, or with errno 0 passes)."""
-    ext = r.ext if r.ext is not None else _PLAIN
-    d = {
-        "probability": ext.probability,
-        "after": ext.after,
-        "count": ext.count or None,
-        "sectors": ext.sectors or None,
-        "delay_us": ext.delay_us,
-        "jitter_us": ext.jitter_us,
-        "corrupt": ext.corrupt or None,
-        "corrupt_bytes": ext.corrupt_bytes if ext.corrupt else None,
-        "pid": ext.pid if ext.pid >= 0 else None,
-        "comm": ext.comm or None,
-        "uid": ext.uid if ext.uid >= 0 else None,
-        "heal": ext.heal,
-        "persistent": ext.persistent,
-        "extension": r.ext is not None,
-    }
+def _tally_dict(r: InjectError, engine: Engine) -> dict[str, Any]:
+    """What the rule did: failed, delayed, corrupted (a QEMU rule only fails, or with errno 0
+    passes)."""
     if r.ext is None:
-        d.update(failed=r.hits if r.errno else 0, delayed=0, corrupted=0, reached=r.hits)
-    else:
-        tally = engine.tally(r)
-        d.update(
-            failed=tally.failed,
-            delayed=tally.delayed,
-            corrupted=tally.corrupted,
-            reached=tally.seen,
-        )
-    return d
+        return {"failed": r.hits if r.errno else 0, "delayed": 0, "corrupted": 0, "reached": r.hits}
+    tally = engine.tally(r)
+    return {
+        "failed": tally.failed,
+        "delayed": tally.delayed,
+        "corrupted": tally.corrupted,
+        "reached": tally.seen,
+    }

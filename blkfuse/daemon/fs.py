@@ -67,11 +67,10 @@ from pyfuse3 import (
     StatvfsData,
 )
 
-from blkfuse.block.device import BlockDevice
-from blkfuse.block.image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE
+from blkfuse.block.device import BlockDevice, fallocate_size
+from blkfuse.daemon.callers import Caller
 from blkfuse.daemon.control import Control, ControlError
 from blkfuse.daemon.trace import Stream
-from blkfuse.engine.core import Caller
 from blkfuse.layout import CONTROL_NAME, image_name_problem
 
 log = logging.getLogger(__name__)
@@ -550,12 +549,7 @@ class Operations(pyfuse3.Operations):
         if self.refusing:
             raise pyfuse3.FUSEError(self.refusing)
         size = self.block.size()
-        grows = (
-            not mode & FALLOC_FL_KEEP_SIZE
-            and offset + length > size
-            and (mode == FALLOC_FL_ZERO_RANGE or (mode == 0 and offset >= size))
-        )
-        if grows and not self.growable:
+        if not self.growable and fallocate_size(mode, offset, length, size) > size:
             raise pyfuse3.FUSEError(errno.ENOSPC)  # a disk's size is fixed
         await self.block.fallocate(
             mode, offset, length, writethrough=h.writethrough, caller=_caller(ctx)

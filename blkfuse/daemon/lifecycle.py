@@ -389,6 +389,7 @@ class Daemon:
             info=info,
             block=self.block,
             tracer=self.tracer,
+            settings=settings,
         )
         memory.give_back()  # the parser's scratch memory, before serving for hours
         self.ops = Operations(
@@ -482,6 +483,7 @@ class Daemon:
             self.state = State.STOPPING
             self.control.close()
             self.engine.resume_all()
+            self.block.holds.end_all()  # delay rules' holds end now
 
     async def _grace_then_stop(self) -> None:
         """Let in-flight requests and open files finish (GRACE_SECONDS at most; after a forced

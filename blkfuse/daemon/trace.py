@@ -28,6 +28,9 @@ from typing import Any
 
 import trio
 
+from blkfuse.block.device import fallocate_iotype
+from blkfuse.daemon.callers import command_name
+
 # The op names are the io type names (events.IOTYPES).
 _OPS = {
     "read": "read",
@@ -38,7 +41,6 @@ _OPS = {
     "block_status": "block-status",
 }
 
-_PUNCH_HOLE = 0x02  # FALLOC_FL_PUNCH_HOLE
 
 HEARTBEAT = 0.5  # seconds a stream read waits before answering a bare newline
 STREAM_BACKLOG = 100_000  # records kept for a reader that falls behind; older ones are dropped
@@ -178,9 +180,14 @@ class Tracer:
             record.events.append(name)
 
     def rule(self, rule_id: int) -> None:
+        """A rule acted on the request (engine._hit): failed, held, changed or passed it."""
         record = _current.get()
         if record is not None and rule_id not in record.rules:
             record.rules.append(rule_id)
+
+    def checked(self, iotype: str, offset: int, length: int, rule: Any, outcome: Any) -> None:
+        """Every check (engine.decide), whatever its outcome: the trace keeps requests and the
+        rules that acted (rule above), not each check of a request's pieces."""
 
     def suspended(self, event: str) -> None:
         record = _current.get()
@@ -229,10 +236,8 @@ class Tracer:
     def _comm_of(self, pid: int) -> str | None:
         comm = self._comm.get(pid)
         if comm is None:
-            try:
-                with open(f"/proc/{pid}/comm", "rb") as f:
-                    comm = f.read().decode(errors="replace").strip()
-            except OSError:
+            comm = command_name(pid)
+            if comm is None:
                 return None
             if len(self._comm) > 4096:  # pids are reused; keep the cache small
                 self._comm.clear()
@@ -282,7 +287,7 @@ class TracedBlock:
 
     async def fallocate(self, mode: int, offset: int, length: int, **kw: Any) -> Any:
         """fallocate(2): PUNCH_HOLE is a discard, the other modes write zeroes."""
-        op = "discard" if mode & _PUNCH_HOLE else "write-zeroes"
+        op = fallocate_iotype(mode)
         return await self._tracer.run(
             op,
             offset,

@@ -7,15 +7,20 @@ Pure: no file I/O and no FUSE. It follows QEMU 7.2's block/blkdebug.c as observe
   inject-error rules replace the active set (only if there is at least one), the first
   matching set-state rule in file order sets the new state, then breakpoints on the event
   suspend the request.
-- `check(iotype, offset, length)` picks the first active rule (in file order) whose iotype
-  allows the request and whose sector byte, if any, lies inside it.
+- `decide(iotype, offset, length, caller)` picks the first active rule (in file order) whose
+  iotype allows the request and whose sector byte, if any, lies inside it, and answers
+  (that rule, its outcome): 0, an errno, or an Effect (extension rules: hold, corrupt).
+  Every rule that acts on a request goes through `_hit`: its hits, the wait_hit waiters,
+  the tracer, the errors counted.
 
 blkfuse's extension keys (README "Beyond blkdebug") only add to this: a rule with any of them
-carries `rule.ext`, and while such a rule is armed `check` takes a second path that walks the
-candidates in priority order and lets each decide (caller, after, probability, heal) whether it
-acts; the first that acts decides the request. Persistent rules sit in a second active set that
-no event replaces. While no extension rule is armed, `check` is exactly the plain path.
+carries `rule.ext`, and while such a rule is armed `decide` walks the candidates in priority
+order and lets each decide (caller, after, probability, heal) whether it acts; the first that
+acts decides the request. Persistent rules sit in a second active set that no event replaces.
+While no extension rule is armed, `decide` takes the plain path: QEMU's one lookup.
 
+What the engine does not do: sleep (a delay is an Effect the block layer holds the request
+for) or read /proc (a caller filter asks the request's Sender, which the FUSE layer gives).
 Breakpoint suspension uses trio primitives, so a suspended request costs one parked task.
 """
 
@@ -27,11 +32,10 @@ import time
 from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import trio
 
-from blkfuse.engine import callers
 from blkfuse.engine.effects import Effect
 from blkfuse.errors import BlkfuseError
 from blkfuse.rules.events import EVENTS, IOTYPES, canonical_event
@@ -43,12 +47,27 @@ class EngineError(BlkfuseError):
     """A command the engine cannot carry out; `errno` is what the control write fails with."""
 
 
-class Caller(NamedTuple):
-    """Who sent an image request, from the FUSE request's context (None where unknown)."""
+class Sender(Protocol):
+    """Who sent a request, as caller filters (pid=, uid=, comm=) ask: the FUSE layer gives one
+    (daemon/callers.py: from the request's context, the rest read from /proc on demand)."""
 
-    pid: int
-    uid: int
-    gid: int
+    @property
+    def pid(self) -> int: ...  # the sending thread
+
+    @property
+    def uid(self) -> int: ...
+
+    def process(self) -> int | None:
+        """The process (thread group) the sending thread belongs to; None if gone."""
+        ...
+
+    def command(self) -> str | None:
+        """Its command name (15 bytes at most, as /proc/PID/comm); None if gone."""
+        ...
+
+
+# decide()'s answer when no rule acts: one shared tuple, nothing allocated per request.
+_PASS: "tuple[InjectError | None, int | Effect]" = (None, 0)
 
 
 class Request(NamedTuple):
@@ -368,8 +387,6 @@ class Engine:
         self.seed = secrets.randbits(32) if seed is None else seed
         self.random = random.Random(self.seed)
         self._suspended: list[Suspension] = []  # newest first, as QEMU's QLIST
-        # requests a delay rule is holding -> what the hold raises when it ends (None: go on)
-        self._holds: dict[trio.CancelScope, OSError | None] = {}
         self._changed = trio.Event()  # set when suspensions/breakpoints change
         self._hit_waits: dict[int, trio.Event] = {}  # rule id -> set at its next hit
         self._next_id = 1
@@ -416,60 +433,55 @@ class Engine:
             self._active.replace(armed)
             self._sets_changed()
         if new_state_rule is not None:
-            new_state_rule.hits += 1
             self.state = new_state_rule.new_state
-            if self._hit_waits:
-                self._wake_hit_waits(new_state_rule.id)
-            if self.tracer is not None:
-                self.tracer.rule(new_state_rule.id)
+            self._hit(new_state_rule, 0)
+
+    def decide(
+        self, iotype: str, offset: int, length: int, caller: Sender | None = None
+    ) -> tuple[InjectError | None, int | Effect]:
+        """(the rule that acts on this request or None, its outcome): 0 if the request may go
+        on, else the errno it fails with, or (extension rules only) an Effect: hold it, then
+        fail it or change its data. `length` 0: a flush. The block layer needs the rule itself
+        for the torn= and drop-unsynced= extensions."""
+        if self._plain:  # QEMU's path: no extension rule armed
+            if not self._active.count and self.tracer is None:
+                return _PASS  # the common case, first: nothing armed, nobody watching
+            rule = self._active.find(iotype, offset, length) if self._active.count else None
+            outcome: int | Effect = 0 if rule is None else self._plain_hit(rule)
+        else:
+            rule, outcome = self._decide_extended(iotype, offset, length, caller)
+        if self.tracer is not None:
+            self.tracer.checked(iotype, offset, length, rule, outcome)
+        return _PASS if rule is None else (rule, outcome)
 
     def check(
-        self, iotype: str, offset: int, length: int, caller: Caller | None = None
+        self, iotype: str, offset: int, length: int, caller: Sender | None = None
     ) -> int | Effect:
-        """0 if the request may go on, else the errno it fails with, or (extension rules
-        only) an Effect: hold it, then fail it or change its data. `length` 0: a flush.
+        """decide()'s outcome alone (the engine's tests ask this)."""
+        return self.decide(iotype, offset, length, caller)[1]
 
-        This is the QEMU path. While an extension rule is armed, `_sets_changed` shadows it
-        (and match and decide) with the extension path on the instance, so the plain path
-        pays nothing for them.
-        """
-        if not self._active.count:
-            return 0
-        rule = self.match(iotype, offset, length)
-        return rule.errno if rule is not None else 0
-
-    def match(self, iotype: str, offset: int, length: int) -> InjectError | None:
-        """check(), answering the rule the request met (errno 0 included), or None: the
-        block layer needs the rule itself for the torn= and drop-unsynced= extensions."""
-        if not self._active.count:
-            return None
-        rule = self._active.find(iotype, offset, length)
-        if rule is None:
-            return None
+    def _hit(self, rule: Rule, error: int) -> None:
+        """A rule acted (failed, passed or changed a request, or set the state): the one place
+        that counts it, wakes its wait_hit waiters, tells the tracer and counts the error."""
         rule.hits += 1
         if self._hit_waits:
             self._wake_hit_waits(rule.id)
         if self.tracer is not None:
             self.tracer.rule(rule.id)
-        error = rule.errno
-        # errno 0 matches and lets the request through; a once rule stays (QEMU 7.2; 10.0
-        # spends it). A torn or drop-unsynced rule with errno 0 still does something, so
-        # once spends it.
-        if error or rule.torn >= 0 or rule.drop_unsynced or self._once_spends_errno0:
-            if rule.once:
-                self._active.discard(rule)
-                self._retire(rule)
-            if error:
-                self.errors_injected[error] = self.errors_injected.get(error, 0) + 1
-        return rule
+        if error:
+            self.errors_injected[error] = self.errors_injected.get(error, 0) + 1
 
-    def decide(
-        self, iotype: str, offset: int, length: int, caller: Caller | None = None
-    ) -> tuple[InjectError | None, int | Effect]:
-        """check() and match() in one: (the rule that decided or None, check's answer), for
-        the block layer's writes and flushes, which need both."""
-        rule = self.match(iotype, offset, length)
-        return rule, (rule.errno if rule is not None else 0)
+    def _plain_hit(self, rule: InjectError) -> int:
+        """A QEMU rule met the request: its errno decides (0 lets it through). A once rule is
+        spent when it failed it (with errno 0 it stays in QEMU 7.2; 10.0 spends it); a torn
+        or drop-unsynced rule with errno 0 still does something, so once spends it too."""
+        error = rule.errno
+        self._hit(rule, error)
+        if rule.once and (
+            error or rule.torn >= 0 or rule.drop_unsynced or self._once_spends_errno0
+        ):
+            self._remove_armed(rule)
+        return error
 
     def unseen(self, events: tuple[str, ...], iotype: str, offset: int, length: int) -> bool:
         """The lean path (README "Benchmarks"): True if nothing can see a request that raises
@@ -498,18 +510,8 @@ class Engine:
 
     # ---- extension rules: the second path ----
 
-    def _check_extended(
-        self, iotype: str, offset: int, length: int, caller: Caller | None = None
-    ) -> int | Effect:
-        return self._decide_extended(iotype, offset, length, caller)[1]
-
-    def _match_extended(
-        self, iotype: str, offset: int, length: int, caller: Caller | None = None
-    ) -> InjectError | None:
-        return self._decide_extended(iotype, offset, length, caller)[0]
-
     def _decide_extended(
-        self, iotype: str, offset: int, length: int, caller: Caller | None = None
+        self, iotype: str, offset: int, length: int, caller: Sender | None
     ) -> tuple[InjectError | None, int | Effect]:
         rules = self._active.candidates(iotype, offset, length)
         if self._kept.count:
@@ -519,17 +521,8 @@ class Engine:
             rules.sort(key=_by_id)
         for rule in rules:
             ext = rule.ext
-            if ext is None:  # a QEMU rule decides as it always has (match)
-                rule.hits += 1
-                if self._hit_waits:
-                    self._wake_hit_waits(rule.id)
-                error = rule.errno
-                if error or rule.torn >= 0 or rule.drop_unsynced or self._once_spends_errno0:
-                    if rule.once:
-                        self._remove_armed(rule)
-                    if error:
-                        self.errors_injected[error] = self.errors_injected.get(error, 0) + 1
-                return rule, error
+            if ext is None:  # a QEMU rule decides as it always has
+                return rule, self._plain_hit(rule)
             if ext.pid >= 0 or ext.uid >= 0 or ext.comm:
                 if not _caller_matches(ext, caller):
                     continue
@@ -550,10 +543,8 @@ class Engine:
 
     def _act(self, rule: InjectError, ext: Extensions, tally: Tally, iotype: str) -> int | Effect:
         """What `rule`, which acts on this request, does to it."""
-        rule.hits += 1
-        if self._hit_waits:
-            self._wake_hit_waits(rule.id)
         error = rule.errno
+        self._hit(rule, error)
         delay_us = ext.delay_us
         if ext.jitter_us:
             delay_us += self.random.randint(0, ext.jitter_us)
@@ -564,7 +555,6 @@ class Engine:
         tally.acted += 1
         if error:
             tally.failed += 1
-            self.errors_injected[error] = self.errors_injected.get(error, 0) + 1
         if delay_us:
             tally.delayed += 1
         if corrupt:
@@ -622,17 +612,7 @@ class Engine:
         self._sets_changed()
 
     def _sets_changed(self) -> None:
-        plain = not (self._active.special or self._kept.count)
-        if plain != self._plain:
-            self._plain = plain
-            if plain:
-                del self.check, self.match, self.decide
-            else:
-                # Swapped on the instance, not branched on per call: the plain path stays one
-                # call with no test (a measured hot-path choice); del above restores it.
-                self.check = self._check_extended  # type: ignore[method-assign]
-                self.match = self._match_extended  # type: ignore[method-assign]
-                self.decide = self._decide_extended  # type: ignore[method-assign]
+        self._plain = not (self._active.special or self._kept.count)
 
     # ---- breakpoints ----
 
@@ -730,41 +710,12 @@ class Engine:
             self._notify()
         return len(suspended)
 
-    def abort_holds(self, failure: OSError) -> int:
-        """A power cut: end every delay rule's hold now; each held request raises `failure`
-        (it must not go on to change the image, whenever its task runs). Their number."""
-        holds = list(self._holds)
-        for hold in holds:
-            self._holds[hold] = failure
-            hold.cancel()
-        return len(holds)
-
     def resume_all(self) -> None:
-        """Shutdown: drop every breakpoint, release every suspended request and end every
-        delay early (the held requests go on, or fail with their rule's errno)."""
+        """Shutdown: drop every breakpoint and release every suspended request."""
         self._breakpoints.clear()
         for suspension in list(self._suspended):
             suspension.release()
-        for hold in list(self._holds):
-            hold.cancel()
         self._notify()
-
-    async def hold(self, seconds: float) -> None:
-        """A delay rule's hold: sleep in the request's own task (nothing else waits), cut
-        short by resume_all so that unmounting never waits out a long delay."""
-        failure = None
-        with trio.move_on_after(seconds) as scope:
-            self._holds[scope] = None
-            try:
-                await trio.sleep_forever()
-            finally:
-                failure = self._holds.pop(scope, None)
-        if failure is not None:
-            raise OSError(failure.errno, failure.strerror)
-
-    def held(self) -> int:
-        """How many requests a delay rule is holding right now."""
-        return len(self._holds)
 
     def breakpoints(self) -> list[tuple[str, str]]:
         return [(event, tag) for event, tags in self._breakpoints.items() for tag in tags]
@@ -941,22 +892,22 @@ class Engine:
         return sorted(self._active.in_priority_order() + self._kept.in_priority_order(), key=_by_id)
 
 
-def _caller_matches(ext: Extensions, caller: Caller | None) -> bool:
+def _caller_matches(ext: Extensions, caller: Sender | None) -> bool:
     """Whether the request's sender passes the rule's pid/uid/comm filters. An unknown
     sender (an op without a request context) passes none: a filter is a restriction."""
     if caller is None:
         return False
     if ext.uid >= 0 and caller.uid != ext.uid:
         return False
-    if ext.pid >= 0 and caller.pid != ext.pid and callers.thread_group(caller.pid) != ext.pid:
+    if ext.pid >= 0 and caller.pid != ext.pid and caller.process() != ext.pid:
         return False
-    if ext.comm and callers.command_name(caller.pid) != ext.comm:
+    if ext.comm and caller.command() != ext.comm:
         return False
     return True
 
 
 __all__ = [
-    "Caller",
+    "Sender",
     "Effect",
     "Engine",
     "EngineError",

@@ -1,1 +1,2 @@
-"""What the tests share: the block device builder (device.py); the lead adds the rest."""
+"""What the tests share: the block device builder as the daemon builds it (device.py) and a
+recorder on the engine's tracer hooks (recorder.py). I/O on a mounted image: tests/imageio.py."""

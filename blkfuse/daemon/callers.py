@@ -1,9 +1,26 @@
-"""Who sent a request, beyond the pid/uid/gid the FUSE header carries: read from /proc.
+"""Who sent a request: the pid/uid/gid the FUSE header carries, and what /proc says of it.
 
-Only rules with a `comm` or `pid` filter need this, and only when a request reaches them, so
-the plain check never touches /proc. The FUSE header's pid is the sending *thread*'s id; a
+`Caller` is the engine's Sender (engine/core.py) as the FUSE layer gives it. Only rules with a
+`comm` or `pid` filter ask for more than the header, and only when a request reaches them, so
+the plain path never touches /proc. The FUSE header's pid is the sending *thread*'s id; a
 `pid` filter matches the thread id or its process (thread group) id.
 """
+
+from typing import NamedTuple
+
+
+class Caller(NamedTuple):
+    """Who sent an image request, from the FUSE request's context (None where unknown)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+    def process(self) -> int | None:
+        return thread_group(self.pid)
+
+    def command(self) -> str | None:
+        return command_name(self.pid)
 
 
 def command_name(pid: int) -> str | None:
