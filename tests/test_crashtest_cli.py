@@ -139,7 +139,10 @@ def test_an_unmountable_state_is_its_own_kind(tmp_path):
         (["--workload", "true"], "give --workload CMD and --check CMD"),
         (["--dir", "/nonexistent", "--replay", "p1-s0"], "--replay needs --dir DIR"),
         (["--workload", "true", "--check", "true", "--fs", "ext5"], "'ext5' is not one of"),
-        (["--workload", "true", "--check", "true", "--size", "lots"], "not a size: 'lots'"),
+        (
+            ["--workload", "true", "--check", "true", "--size", "lots"],
+            'expects a size (like 4096, 4k, 1.5G or 1M), not "lots"',
+        ),
         (["--workload", "true", "--check", "true", "--atomic", "1000"], "power of two"),
     ],
 )
