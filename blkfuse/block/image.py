@@ -147,7 +147,7 @@ class Image:
         self._pool: WorkerPool | None = None  # made at the first I/O that needs it
         # Set by the daemon (fuseloop.Loop.idle): True when no other request waits. A read
         # that would go to the pool is then done inline: at queue depth 1 the hop to a
-        # thread and back costs more than it saves (measured: README).
+        # thread and back costs more than it saves (measured: docs/benchmarks.md).
         self.loop_idle: Callable[[], bool] | None = None
         # io_threads=0: no pool, every read and write inline (as before it existed; A/B runs)
         self._read_mode = self._write_mode = _io_mode(self.fd) if io_threads else INLINE
