@@ -36,6 +36,7 @@ from blkfuse.rules.model import InjectError, Rule, Settings
 
 if TYPE_CHECKING:
     from blkfuse.block.device import BlockDevice
+    from blkfuse.crash.undo import CutReport
     from blkfuse.daemon.trace import Stream, Tracer
     from blkfuse.engine.core import Engine, Interrupted
 
@@ -240,6 +241,12 @@ class Control:
         self._closing = False
         self._waits: dict[trio.CancelScope, str] = {}  # pending wait_break -> its tag
         self._hit_waits: dict[trio.CancelScope, int] = {}  # pending wait_hit -> its rule id
+        # powercut-arm: the cut the daemon's ARM_SIGNAL fires (daemon/lifecycle.py), and the
+        # outcome of the last one fired (powercut-wait answers it)
+        self.armed: ArmedCut | None = None
+        self.fired: FiredCut | None = None
+        self.firing: ArmedCut | None = None  # fired, its cut still running (revert, save)
+        self._fired = trio.Event()
 
     # -- shutdown ---------------------------------------------------------------------------
 
@@ -303,6 +310,32 @@ class Control:
             self.last_result = "; ".join(summary)
         answers = [r for r in results if r]
         return "\n".join(a.rstrip("\n") for a in answers) + ("\n" if answers else "")
+
+    async def fire_armed(self) -> bool:
+        """Fire the armed cut (the daemon's ARM_SIGNAL task calls this): the power goes off
+        in this task's own turn, before it first awaits, through the one BlockDevice.power_cut.
+        Its answer or error is kept for powercut-wait. False if nothing was armed."""
+        armed, self.armed = self.armed, None
+        if armed is None:
+            return False
+        self.firing = armed
+        try:
+            block = _block_of(self, "powercut")
+            report = await block.power_cut(
+                armed.keep, armed.seed, armed.save, why="an armed powercut (SIGUSR2)"
+            )
+        except BlkfuseError as e:
+            error = ControlError(e.errno, f"the armed powercut failed: {e.message}")
+            self.fired = FiredCut(armed, None, error)
+            self.last_error, self.last_error_errno = error.message, e.errno
+        else:
+            self.fired = FiredCut(armed, _cut_answer(report), None)
+            self.last_result = report.text()
+        finally:
+            self.firing = None
+        self._fired.set()
+        self._fired = trio.Event()
+        return True
 
     async def wait_break(self, tag: str, timeout: float | None) -> str:
         with trio.CancelScope() as scope:
@@ -432,6 +465,8 @@ class Control:
                 None if cut_at is None else {"monotonic_ns": cut_at[0], "realtime_ns": cut_at[1]}
             ),
             "last_cut": last_cut.as_dict() if last_cut is not None else None,
+            # powercut-arm: the cut a signal would fire now (null: none armed)
+            "armed": None if self.armed is None else self.armed.as_dict(),
         }
 
     def status_text(self) -> str:
@@ -539,6 +574,8 @@ class Control:
         block = self.block
         if block is not None and block.last_cut is not None:
             out.append(f"last cut: {block.last_cut.text()}")
+        if self.armed is not None:
+            out.append(f"armed: {self.armed.text()} (fired by SIGUSR2 to pid {info.get('pid')})")
         out.append(f"last result: {d['last_result'] or '-'}")
         if d["last_error"]:
             out.append(f"last error: {errno_name(d['last_error_errno'])}: {d['last_error']}")
@@ -778,11 +815,117 @@ async def _powercut(control: Control, keep: str, seed: int | None, save: str | N
         seed = secrets.randbits(32)
     report = await block.power_cut(keep, seed, save)
     control.last_result = report.text()  # the answer has two lines: not summarised by execute
+    return _cut_answer(report)
+
+
+def _cut_answer(report: CutReport) -> str:
+    """What powercut (and powercut-wait, for an armed cut) answers."""
     return (
         report.text()
         + "; the power is off (poweron brings the device back)\n"
         + json.dumps(report.as_dict(), separators=(",", ":"))
     )
+
+
+# ---- armed cuts: the cut is set up through the control file, fired by a signal ----
+# A control write queues in /dev/fuse behind the mount's own requests; a signal does not, so
+# cuts of several loaded mounts land together (client/fleet.py, docs/clusters.md).
+
+
+@dataclass(frozen=True)
+class ArmedCut:
+    """A powercut-arm: what the signal will cut with."""
+
+    keep: str
+    seed: int
+    save: str | None
+
+    def text(self) -> str:
+        save = f" save={self.save}" if self.save is not None else ""
+        return f"powercut keep={self.keep} seed={self.seed}{save}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"keep": self.keep, "seed": self.seed, "save": self.save}
+
+
+@dataclass(frozen=True)
+class FiredCut:
+    """An armed cut after its signal: the cut's answer, or why it failed."""
+
+    armed: ArmedCut
+    answer: str | None
+    error: ControlError | None
+
+
+@command(
+    "powercut-arm [keep=none|random|prefix] [seed=N] [save=PATH]",
+    "\narm a powercut (checked now, words as powercut's) that SIGUSR2 to the\n"
+    "daemon (status json info.pid) fires at once, without queueing behind\n"
+    "the mount's requests as a control write does (blkfuse ctl MNT... --\n"
+    "powercut uses it); refused while one is armed (EBUSY) or power is off",
+    nargs=(0, 3),
+    parse=_parse_powercut,
+)
+async def _powercut_arm(control: Control, keep: str, seed: int | None, save: str | None) -> str:
+    block = _block_of(control, "powercut-arm")
+    if control.armed is not None:
+        raise ControlError(
+            _errno.EBUSY,
+            f"powercut-arm: a cut is already armed ({control.armed.text()}); powercut-disarm first",
+        )
+    if block.stack.undo is None:
+        raise ControlError(
+            _errno.EINVAL,
+            "powercut-arm: powercut needs -o track-unsynced=on (without it blkfuse keeps "
+            "nothing to undo unsynced writes with)",
+        )
+    if not block.powered:
+        raise ControlError(_errno.EINVAL, "powercut-arm: the power is already off (poweron first)")
+    if save is not None:
+        _check_save_path(save)
+    control.armed = ArmedCut(keep, secrets.randbits(32) if seed is None else seed, save)
+    return f"armed: {control.armed.text()}; SIGUSR2 to pid {os.getpid()} fires it"
+
+
+@command("powercut-disarm", "drop the armed powercut (ENOENT: none armed)")
+async def _powercut_disarm(control: Control) -> str:
+    if control.armed is None:
+        raise ControlError(_errno.ENOENT, "powercut-disarm: no powercut is armed")
+    armed, control.armed = control.armed, None
+    control.fired = None
+    control._fired.set()  # a powercut-wait for it ends: nothing will fire
+    control._fired = trio.Event()
+    return f"disarmed: {armed.text()}"
+
+
+def _optional_seconds(words: list[str]) -> tuple[float | None]:
+    return (_seconds(words[0]) if words else None,)
+
+
+@command(
+    "powercut-wait [TIMEOUT]",
+    "wait until the armed powercut has fired (at once if it has) and answer\n"
+    "as powercut does (ENOENT: none armed, or disarmed; ETIMEDOUT)",
+    nargs=(0, 1),
+    parse=_optional_seconds,
+)
+async def _powercut_wait(control: Control, timeout: float | None) -> str:
+    if control.armed is not None or control.firing is not None:
+        fired = control._fired
+        with trio.move_on_after(math.inf if timeout is None else timeout):
+            await fired.wait()
+        if not fired.is_set():
+            raise ControlError(
+                _errno.ETIMEDOUT, f"powercut-wait: the armed cut did not fire within {timeout:g} s"
+            )
+    if control.fired is None:
+        raise ControlError(
+            _errno.ENOENT, "powercut-wait: no armed powercut fired (none armed, or disarmed)"
+        )
+    if control.fired.error is not None:
+        raise control.fired.error
+    assert control.fired.answer is not None
+    return control.fired.answer
 
 
 def _parse_poweron(words: list[str]) -> tuple[bool]:
