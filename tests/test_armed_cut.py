@@ -64,7 +64,7 @@ def test_an_armed_cut_fires_on_sigusr2_with_its_seed_through_the_one_power_cut(m
     assert answer.startswith("armed: powercut keep=random seed=99;")
     assert f"SIGUSR2 to pid {pid}" in answer
     st = armed.status()
-    assert st["armed"] == {"keep": "random", "seed": 99, "save": None}
+    assert st["armed"] == {"keep": "random", "seed": 99, "save": None, "fifo": None}
     assert st["power"] == "on" and st["power_off_at"] is None
     assert "armed: powercut keep=random seed=99" in armed.status_text()
     assert read(armed, 0, 4096) == b"A" * 4096  # armed is not cut: it still serves
@@ -114,7 +114,7 @@ def test_a_second_arm_is_refused_and_leaves_the_first(mount):
     assert e.errno == errno.EBUSY
     assert "already armed (powercut keep=prefix seed=1)" in e.strerror
     assert "powercut-disarm first" in e.strerror
-    assert m.status()["armed"] == {"keep": "prefix", "seed": 1, "save": None}
+    assert m.status()["armed"] == {"keep": "prefix", "seed": 1, "save": None, "fifo": None}
     m.ctl("powercut-disarm")
     m.ctl("powercut-arm keep=random seed=2")  # once disarmed, a new arm is taken
     assert m.status()["armed"]["seed"] == 2
@@ -132,6 +132,9 @@ def test_a_bad_arm_names_the_problem_and_arms_nothing(mount, fuse_dir):
         (f"powercut-arm save={fuse_dir}/no/such.img", errno.ENOENT, "no directory"),
         ("powercut-wait soon", errno.EINVAL, "number of seconds"),
         ("state 2\npowercut-arm bad", errno.EINVAL, "expected keep=..."),
+        ("powercut-arm fifo=rel", errno.EINVAL, "fifo= needs an absolute path"),
+        (f"powercut-arm fifo={fuse_dir}/none", errno.ENOENT, "No such file"),
+        (f"powercut-arm fifo={fuse_dir}", errno.EINVAL, "not a FIFO"),
     ]:
         e = ctl_error(m, text)
         assert e.errno == code and words in e.strerror, (text, e)
@@ -140,6 +143,48 @@ def test_a_bad_arm_names_the_problem_and_arms_nothing(mount, fuse_dir):
     e = ctl_error(m, "powercut-arm")
     assert e.errno == errno.EINVAL and "already off" in e.strerror
     assert m.status()["armed"] is None
+
+
+def test_a_write_to_its_fifo_fires_every_daemon_armed_on_it(mount, fuse_dir):
+    nodes = [mount(*TRACK, data=bytes(MiB)) for _ in range(2)]
+    fifo = fuse_dir / "fire"
+    os.mkfifo(fifo)
+    for i, m in enumerate(nodes):
+        unsynced_writes(m, 1)
+        answer = m.ctl(f"powercut-arm seed={i} fifo={fifo}")
+        assert f"or a write to {fifo} fires it" in answer
+        assert m.status()["armed"]["fifo"] == str(fifo)
+    fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # the daemons hold the read end
+    os.write(fd, b"!")
+    os.close(fd)
+    for m in nodes:
+        answer = m.ctl("powercut-wait")
+        st = m.status()
+        assert json.loads(answer.splitlines()[-1]) == st["last_cut"]
+        assert st["power"] == "off" and st["armed"] is None and st["last_cut"]["writes_lost"] == 1
+        m.ctl("poweron")
+        assert read(m, 0, 4096) == bytes(4096)  # the unsynced write was lost
+
+
+def test_a_disarmed_fifo_arm_lets_go_of_the_fifo(mount, fuse_dir):
+    m = mount(*TRACK)
+    fifo = fuse_dir / "fire"
+    os.mkfifo(fifo)
+    m.ctl(f"powercut-arm fifo={fifo}")
+    m.ctl("powercut-disarm")
+    # no reader is left: a writer that will not wait finds none (ENXIO)
+    deadline = time.monotonic() + HANG_GUARD_SECONDS
+    while True:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError as e:
+            assert e.errno == errno.ENXIO
+            break
+        assert time.monotonic() < deadline, "the daemon kept the FIFO open"
+        time.sleep(0.01)
+    assert m.status()["power"] == "on"
+    m.ctl(f"powercut-arm seed=8 fifo={fifo}")  # and it can be armed on it again
+    assert m.status()["armed"]["seed"] == 8
 
 
 def test_a_wait_for_an_armed_cut_that_is_not_fired_times_out(mount):
@@ -186,11 +231,14 @@ def test_a_fleet_cut_arms_every_node_then_fires_them_by_signal(mount, fuse_dir):
     assert "signals sent within" in result.text()
     assert "by an armed powercut (SIGUSR2)" in log.read_text()
     fleet.poweron()
-    # the old way stays reachable, for comparison
-    again = fleet.powercut(keep="random", seed=21, via="write")
-    assert again.ok and again.via == "write" and "writes issued within" in again.text()
-    assert [n.cut for n in again.nodes] == [n.cut for n in result.nodes]  # same seeds, same cuts
-    fleet.poweron()
+    # the other ways make the same cuts (same seeds, same history)
+    for via, issued in [("fifo", "the FIFO written within"), ("write", "writes issued within")]:
+        again = fleet.powercut(keep="random", seed=21, via=via)
+        assert again.ok and again.via == via and issued in again.text()
+        assert [n.cut for n in again.nodes] == [n.cut for n in result.nodes]
+        assert all(m.status()["armed"] is None for m in nodes)
+        fleet.poweron()
+    assert "by an armed powercut (fifo=/" in log.read_text()
 
 
 def test_a_node_that_cannot_be_armed_leaves_every_node_uncut(mount):
@@ -213,7 +261,7 @@ def test_a_node_that_cannot_be_armed_leaves_every_node_uncut(mount):
 def test_ctl_cuts_several_mounts_by_signal_or_by_write(mount):
     nodes = three(mount)
     mnts = [str(m.mnt) for m in nodes]
-    for via in ("signal", "write"):
+    for via in ("signal", "fifo", "write"):
         r = run_blkfuse("ctl", "--json", "--via", via, *mnts, "--", "powercut", "seed=3")
         assert r.returncode == 0, r.stdout + r.stderr
         out = json.loads(r.stdout)

@@ -57,12 +57,13 @@ Examples:
 )
 @click.option(
     "--via",
-    type=click.Choice(["signal", "write"]),
+    type=click.Choice(["signal", "fifo", "write"]),
     default="signal",
     show_default=True,
     help="With several mounts, how a powercut reaches them: armed through each control file "
-    "then fired by a signal to every daemon (cuts land together even on busy mounts), or "
-    "the powercut line written to every control file (queued behind each mount's requests).",
+    "then fired by a signal to every daemon (cuts land together even on busy mounts), or by "
+    "one write to a FIFO every daemon watches; or the powercut line written to every "
+    "control file (queued behind each mount's requests).",
 )
 @click.argument("words", nargs=-1, required=True, metavar="MOUNTPOINT COMMAND...")
 @click.pass_context

@@ -42,6 +42,7 @@ import os
 import secrets
 import shlex
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -61,8 +62,9 @@ FLEET_SECONDS = 60.0
 
 # How a fleet powercut reaches the daemons (module doc): armed then fired by ARM_SIGNAL
 # (daemon/lifecycle.py), or the powercut line written to every control file.
-VIAS = ("signal", "write")
+VIAS = ("signal", "fifo", "write")
 ARM_SIGNAL = signal.SIGUSR2
+ISSUED = {"signal": "signals sent", "fifo": "the FIFO written", "write": "writes issued"}
 
 
 def node_seed(seed: int, index: int) -> int:
@@ -204,10 +206,7 @@ class FleetResult:
             issue = (
                 ""
                 if self.issue_spread_ns is None
-                else (
-                    f", {'signals sent' if self.via == 'signal' else 'writes issued'} within "
-                    f"{self.issue_spread_ns / 1e6:.3f} ms"
-                )
+                else (f", {ISSUED[self.via or 'write']} within {self.issue_spread_ns / 1e6:.3f} ms")
             )
             out.append(
                 f"spread: the {cut} cuts landed within {self.spread_ns / 1e6:.3f} ms "
@@ -348,21 +347,42 @@ def _daemon_pid(mountpoint: str, timeout: float) -> int:
 
 
 def signal_cut(
-    mountpoints: Sequence[str], arms: Sequence[str], timeout: float = FLEET_SECONDS
+    mountpoints: Sequence[str],
+    arms: Sequence[str],
+    timeout: float = FLEET_SECONDS,
+    fifo: bool = False,
 ) -> list[tuple[str | None, ControlError | None, int | None]]:
     """Cut every mount by arming it through its control file (`arms[i]`, powercut-arm
     lines) and then firing all the armed cuts with ARM_SIGNAL, back to back: a signal does
     not wait in /dev/fuse behind the mount's own requests as a control write does, so the
     cuts of busy mounts land together. If any node cannot be armed, the armed ones are
     disarmed and none is cut. Per node (answer, error, CLOCK_MONOTONIC ns of its signal);
-    the answer is the cut's, as powercut's (read back with powercut-wait)."""
+    the answer is the cut's, as powercut's (read back with powercut-wait).
+
+    fifo=True: every daemon is armed on one FIFO (powercut-arm fifo=, in a directory made
+    for the cut) and one write to it fires them all: the kernel wakes every daemon in that
+    one call, where N signals are N calls, between which the sender can lose the CPU to
+    the daemon it just woke."""
+    with tempfile.TemporaryDirectory(prefix="blkfuse-cut-") as scratch:
+        trigger = None
+        if fifo:
+            os.chmod(scratch, 0o755)  # the daemons open the FIFO, whoever they run as
+            trigger = os.path.join(scratch, "fire")
+            os.mkfifo(trigger, 0o644)
+            arms = [f"{arm} {shlex.quote('fifo=' + trigger)}" for arm in arms]
+        return _armed_cut(mountpoints, arms, timeout, trigger)
+
+
+def _armed_cut(
+    mountpoints: Sequence[str], arms: Sequence[str], timeout: float, trigger: str | None
+) -> list[tuple[str | None, ControlError | None, int | None]]:
     results: list[tuple[str | None, ControlError | None, int | None]] = [
         (None, None, None) for _ in mountpoints
     ]
-    pids: dict[int, int] = {}
+    pids: dict[int, int | None] = {}
     for i, mnt in enumerate(mountpoints):
-        try:
-            pids[i] = _daemon_pid(mnt, timeout)
+        try:  # a FIFO reaches the daemon without its pid (from another pid namespace, say)
+            pids[i] = _daemon_pid(mnt, timeout) if trigger is None else None
         except ControlError as e:
             results[i] = (None, e, None)
     chosen = sorted(pids)
@@ -383,10 +403,21 @@ def signal_cut(
             )
         return results
     issued: dict[int, int] = {}
-    for i in chosen:
+    if trigger is not None:
+        # the daemons hold its read end: this open does not block, the write wakes them all
+        fd = os.open(trigger, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            at = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            os.write(fd, b"!")
+        finally:
+            os.close(fd)
+        issued = dict.fromkeys(chosen, at)
+    for i in chosen if trigger is None else ():
+        pid = pids[i]
+        assert pid is not None
         issued[i] = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         try:
-            os.kill(pids[i], ARM_SIGNAL)
+            os.kill(pid, ARM_SIGNAL)
         except OSError as e:
             results[i] = (None, ControlError(e.errno or errno.ESRCH, f"signal: {e}"), issued[i])
     fired = [i for i in chosen if results[i][1] is None]
@@ -418,9 +449,9 @@ def send_to(
     mnts = [os.fspath(m) for m in mountpoints]
     chosen = list(range(len(mnts))) if indexes is None else list(indexes)
     texts, fleet_seed, seeds = per_node_commands(text, len(mnts))
-    arms = armed_texts([texts[i] for i in chosen]) if via == "signal" else None
+    arms = armed_texts([texts[i] for i in chosen]) if via != "write" else None
     if arms is not None:
-        answers = signal_cut([mnts[i] for i in chosen], arms, timeout)
+        answers = signal_cut([mnts[i] for i in chosen], arms, timeout, fifo=via == "fifo")
     else:
         answers = fan_out([mnts[i] for i in chosen], [texts[i] for i in chosen], timeout)
     nodes = []
@@ -438,7 +469,7 @@ def send_to(
         )
     result = FleetResult(command=text, nodes=nodes, seed=fleet_seed)
     if fleet_seed is not None:
-        result.via = "signal" if arms is not None else "write"
+        result.via = via if arms is not None else "write"
     if fleet_seed is not None:
         for n in nodes:
             if n.ok:

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import errno as _errno
 import json
+import logging
 import math
 import os
 import secrets
 import shlex
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -39,6 +41,8 @@ if TYPE_CHECKING:
     from blkfuse.crash.undo import CutReport
     from blkfuse.daemon.trace import Stream, Tracer
     from blkfuse.engine.core import Engine, Interrupted
+
+log = logging.getLogger(__name__)
 
 # A human reads the text status: 100,000 rule lines would bury everything else.
 TEXT_RULES_SHOWN = 200
@@ -246,6 +250,7 @@ class Control:
         self.armed: ArmedCut | None = None
         self.fired: FiredCut | None = None
         self.firing: ArmedCut | None = None  # fired, its cut still running (revert, save)
+        self.trigger: trio.CancelScope | None = None  # powercut-arm fifo=: its watch
         self._fired = trio.Event()
 
     # -- shutdown ---------------------------------------------------------------------------
@@ -311,18 +316,25 @@ class Control:
         answers = [r for r in results if r]
         return "\n".join(a.rstrip("\n") for a in answers) + ("\n" if answers else "")
 
-    async def fire_armed(self) -> bool:
+    def drop_trigger(self) -> None:
+        """End the FIFO watch of powercut-arm fifo=, if any (it closes its fd)."""
+        if self.trigger is not None and not self.trigger.shield:
+            self.trigger.cancel()
+        self.trigger = None
+
+    async def fire_armed(self, by: str = "SIGUSR2") -> bool:
         """Fire the armed cut (the daemon's ARM_SIGNAL task calls this): the power goes off
         in this task's own turn, before it first awaits, through the one BlockDevice.power_cut.
         Its answer or error is kept for powercut-wait. False if nothing was armed."""
         armed, self.armed = self.armed, None
         if armed is None:
             return False
+        self.drop_trigger()
         self.firing = armed
         try:
             block = _block_of(self, "powercut")
             report = await block.power_cut(
-                armed.keep, armed.seed, armed.save, why="an armed powercut (SIGUSR2)"
+                armed.keep, armed.seed, armed.save, why=f"an armed powercut ({by})"
             )
         except BlkfuseError as e:
             error = ControlError(e.errno, f"the armed powercut failed: {e.message}")
@@ -839,13 +851,14 @@ class ArmedCut:
     keep: str
     seed: int
     save: str | None
+    fifo: str | None = None  # also fired when this FIFO becomes readable
 
     def text(self) -> str:
         save = f" save={self.save}" if self.save is not None else ""
         return f"powercut keep={self.keep} seed={self.seed}{save}"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"keep": self.keep, "seed": self.seed, "save": self.save}
+        return {"keep": self.keep, "seed": self.seed, "save": self.save, "fifo": self.fifo}
 
 
 @dataclass(frozen=True)
@@ -857,16 +870,61 @@ class FiredCut:
     error: ControlError | None
 
 
+def _parse_powercut_arm(words: list[str]) -> tuple[str, int | None, str | None, str | None]:
+    """powercut's words plus fifo=PATH -> (keep, seed, save, fifo)."""
+    fifos = [w.removeprefix("fifo=") for w in words if w.startswith("fifo=")]
+    if len(fifos) > 1:
+        raise ValueError("powercut-arm: fifo given twice")
+    if fifos and not fifos[0].startswith("/"):
+        raise ValueError(f"powercut-arm: fifo= needs an absolute path, not {fifos[0]!r}")
+    keep, seed, save = _parse_powercut([w for w in words if not w.startswith("fifo=")])
+    return keep, seed, save, fifos[0] if fifos else None
+
+
+def _open_fifo(path: str) -> int:
+    """The read end of the FIFO at `path`, not blocking (a writer need not exist yet)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ControlError(
+            e.errno or _errno.EIO, f"powercut-arm: fifo={path}: {e.strerror}"
+        ) from None
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ControlError(_errno.EINVAL, f"powercut-arm: fifo={path}: not a FIFO (mkfifo)")
+    return fd
+
+
+async def _fire_when_readable(control: Control, fd: int, scope: trio.CancelScope) -> None:
+    """A system task: fire the armed cut once the FIFO is readable (a writer wrote, or the
+    last writer closed it). It reads nothing: the other daemons on the same FIFO must see it
+    readable too. Ends, closing the fd, when the cut fires or is disarmed."""
+    try:
+        with scope:
+            await trio.lowlevel.wait_readable(fd)
+            scope.shield = True  # disarm can no longer stop a cut under way
+            if control.armed is not None and control.armed.fifo is not None:
+                await control.fire_armed(by=f"fifo={control.armed.fifo}")
+    except Exception:  # a system task's exception would end the daemon
+        log.exception("powercut-arm: the FIFO watch failed")
+    finally:
+        os.close(fd)
+
+
 @command(
-    "powercut-arm [keep=none|random|prefix] [seed=N] [save=PATH]",
+    "powercut-arm [keep=none|random|prefix] [seed=N] [save=PATH] [fifo=PATH]",
     "\narm a powercut (checked now, words as powercut's) that SIGUSR2 to the\n"
     "daemon (status json info.pid) fires at once, without queueing behind\n"
     "the mount's requests as a control write does (blkfuse ctl MNT... --\n"
-    "powercut uses it); refused while one is armed (EBUSY) or power is off",
-    nargs=(0, 3),
-    parse=_parse_powercut,
+    "powercut uses it); fifo=PATH: also fired when that FIFO turns readable\n"
+    "(one write fires every daemon armed on it); refused while one is armed\n"
+    "(EBUSY) or the power is off",
+    nargs=(0, 4),
+    parse=_parse_powercut_arm,
 )
-async def _powercut_arm(control: Control, keep: str, seed: int | None, save: str | None) -> str:
+async def _powercut_arm(
+    control: Control, keep: str, seed: int | None, save: str | None, fifo: str | None
+) -> str:
     block = _block_of(control, "powercut-arm")
     if control.armed is not None:
         raise ControlError(
@@ -883,8 +941,15 @@ async def _powercut_arm(control: Control, keep: str, seed: int | None, save: str
         raise ControlError(_errno.EINVAL, "powercut-arm: the power is already off (poweron first)")
     if save is not None:
         _check_save_path(save)
-    control.armed = ArmedCut(keep, secrets.randbits(32) if seed is None else seed, save)
-    return f"armed: {control.armed.text()}; SIGUSR2 to pid {os.getpid()} fires it"
+    fd = _open_fifo(fifo) if fifo is not None else None  # the last check: nothing after fails
+    control.armed = ArmedCut(keep, secrets.randbits(32) if seed is None else seed, save, fifo)
+    if fd is not None:
+        control.trigger = trio.CancelScope()
+        trio.lowlevel.spawn_system_task(
+            _fire_when_readable, control, fd, control.trigger, name="blkfuse-powercut-fifo"
+        )
+    by = f" or a write to {fifo}" if fifo is not None else ""
+    return f"armed: {control.armed.text()}; SIGUSR2 to pid {os.getpid()}{by} fires it"
 
 
 @command("powercut-disarm", "drop the armed powercut (ENOENT: none armed)")
@@ -892,6 +957,7 @@ async def _powercut_disarm(control: Control) -> str:
     if control.armed is None:
         raise ControlError(_errno.ENOENT, "powercut-disarm: no powercut is armed")
     armed, control.armed = control.armed, None
+    control.drop_trigger()
     control.fired = None
     control._fired.set()  # a powercut-wait for it ends: nothing will fire
     control._fired = trio.Event()
