@@ -58,12 +58,12 @@ Examples:
 @click.option(
     "--via",
     type=click.Choice(["signal", "fifo", "write"]),
-    default="signal",
+    default="fifo",
     show_default=True,
-    help="With several mounts, how a powercut reaches them: armed through each control file "
-    "then fired by a signal to every daemon (cuts land together even on busy mounts), or by "
-    "one write to a FIFO every daemon watches; or the powercut line written to every "
-    "control file (queued behind each mount's requests).",
+    help="With several mounts, how a powercut reaches them: armed through each control file, "
+    "then fired by one write to a FIFO every daemon watches (fifo) or by SIGUSR2 to each "
+    "daemon (signal), so cuts land together even on busy mounts; or the powercut line "
+    "written to every control file (write: queued behind each mount's own requests).",
 )
 @click.argument("words", nargs=-1, required=True, metavar="MOUNTPOINT COMMAND...")
 @click.pass_context
@@ -82,8 +82,9 @@ def command(ctx: click.Context, as_json: bool, via: str, words: tuple[str, ...])
     `powercut` gets one seed (its seed=N, or a random one, printed); node i (0-based, in the
     order given) cuts with the first 4 bytes of SHA-256("N:i") as its seed, named in its
     answer. The cut is armed on every mount (powercut-arm; if any refuses, none is cut),
-    then fired by SIGUSR2 to every daemon (--via write: the powercut line itself is
-    written). After a cut the spread of the daemons' power-off stamps is printed.
+    then fired by one write to a FIFO they all watch (--via signal: SIGUSR2 to each
+    daemon; --via write: the powercut line itself is written, as any command). After a cut
+    the spread of the daemons' power-off stamps is printed.
     """
     fleet = ctx.meta.get("blkfuse.fleet")
     if fleet is None:

@@ -26,6 +26,18 @@ one node's cut replays alone with `blkfuse ctl MNT powercut keep=K seed=S`. The 
 the position in the whole fleet, so a subset cut (nodes=) gives a node the same seed as a
 cut of all.
 
+How a powercut reaches several mounts (`via`): a control write is a FUSE request, queued
+in /dev/fuse behind the mount's own I/O and run by the same loop, so on busy mounts the
+written cuts land milliseconds apart. By default ("fifo") the fleet arms every node through
+its control file (`powercut-arm ... fifo=PATH`: checked and acknowledged like any command;
+if any node refuses, the armed ones are disarmed and none is cut), then writes one byte to
+that FIFO: the kernel wakes every daemon in that one call, and each cuts from its own watch
+task, not behind its queue. "signal" arms the same way and sends SIGUSR2 to each daemon
+(N calls; the sender can lose the CPU to a daemon it woke); "write" writes the powercut
+line as any other command. Either armed way then reads each cut's answer with
+`powercut-wait`, the same text a written powercut answers. scripts/bench-spread measures
+the three.
+
 The spread: each daemon stamps the moment its power goes off (CLOCK_MONOTONIC, and
 CLOCK_REALTIME for comparing machines; status JSON "power_off_at"). After a fan-out cut the
 fleet reads every cut node's stamp and reports max - min of the monotonic stamps (all mounts
@@ -434,14 +446,14 @@ def send_to(
     text: str,
     indexes: Sequence[int] | None = None,
     timeout: float = FLEET_SECONDS,
-    via: str = "signal",
+    via: str = "fifo",
 ) -> FleetResult:
     """Send `text` to the nodes `indexes` (default all) of the fleet `mountpoints` at once.
 
     A `powercut` line gets a fleet seed and a seed per node (module doc); after a cut every
     cut node's power-off stamp is read and the spread computed. A text that is one
-    `powercut` line is cut `via` "signal" (armed, then fired: signal_cut) or "write" (the
-    line written to every control file at once). Never raises for a node's failure: see
+    `powercut` line is cut `via` "fifo" or "signal" (armed, then fired: signal_cut) or
+    "write" (the line written to every control file at once); other texts are written. Never raises for a node's failure: see
     FleetResult.ok / raise_for_failure.
     """
     if via not in VIAS:
@@ -527,10 +539,10 @@ class Fleet:
         command: str,
         nodes: Iterable[int | Mount | StrPath] | None = None,
         check: bool = True,
-        via: str = "signal",
+        via: str = "fifo",
     ) -> FleetResult:
         """Send `command` (control-file text) to every node, or to `nodes`, at once; a lone
-        powercut line is cut `via` "signal" or "write" (send_to)."""
+        powercut line is cut `via` "fifo", "signal" or "write" (send_to)."""
         result = send_to(self.mountpoints, command, self._indexes(nodes), self.timeout, via)
         if check:
             result.raise_for_failure()
@@ -543,14 +555,15 @@ class Fleet:
         seed: int | None = None,
         check: bool = True,
         save: StrPath | None = None,
-        via: str = "signal",
+        via: str = "fifo",
     ) -> FleetResult:
         """Cut the power of every node (or `nodes`) at once: `keep` as `powercut keep=`
         (none, random, prefix), one fleet `seed` (random if None) from which each node's is
         derived; `save`: a path holding `{node}` where each node saves a copy of its image
-        as the cut left it; `via`: "signal" (armed through each control file, then fired by
-        a signal to every daemon: the default, the tighter spread under load) or "write"
-        (the powercut line written to every control file). The result has each node's
+        as the cut left it; `via`: how the cut reaches the daemons (send_to): "fifo" (the
+        default: armed through each control file, then fired by one write to a FIFO all
+        of them watch; the tightest spread under load), "signal" (armed, then SIGUSR2 to
+        each daemon) or "write" (the powercut line written to every control file). The result has each node's
         answer, seed and cut, and the spread of the cuts."""
         words = ["powercut", f"keep={keep}"]
         if seed is not None:

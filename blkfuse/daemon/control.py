@@ -261,6 +261,10 @@ class Control:
         self._closing = True
         for scope in [*self._waits, *self._hit_waits]:
             scope.cancel()
+        if self.armed is not None:  # nothing fires during a shutdown; powercut-wait ends
+            self.armed = None
+            self.drop_trigger()
+            self._fired.set()
         if self.tracer is not None:
             self.tracer.end_streams()  # trace readers get end of file
 
@@ -980,6 +984,8 @@ async def _powercut_wait(control: Control, timeout: float | None) -> str:
         fired = control._fired
         with trio.move_on_after(math.inf if timeout is None else timeout):
             await fired.wait()
+        if control._closing:
+            raise ControlError(_errno.ESHUTDOWN, "the mount is shutting down")
         if not fired.is_set():
             raise ControlError(
                 _errno.ETIMEDOUT, f"powercut-wait: the armed cut did not fire within {timeout:g} s"
