@@ -109,6 +109,8 @@ def _differential(target: str, count: int, run_ours, fuse: bool = False) -> None
     seed = _seed()
     print(f"BLKFUSE_DIFF_SEED={seed}")  # shown by pytest whenever the test fails
     scenarios = D.generate_all(seed, count)
+    if fuse:  # as a file client can send them (10.0: no discard; differential.py)
+        scenarios = [D.as_file_operations(sc) for sc in scenarios]
     with ThreadPoolExecutor(_pool_size()) as pool:
         answers = list(pool.map(D.run_qemu, scenarios))
     failures, oracle_errors, deliberate = [], [], []

@@ -12,6 +12,7 @@ import pytest
 import trio
 from support.device import build_device
 
+from blkfuse.block.device import Holds
 from blkfuse.block.image import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -166,3 +167,56 @@ def test_a_held_write_fails_even_when_the_power_is_back_before_its_task_runs(tmp
 
     trio.run(main)
     image.close()
+
+
+def test_aborted_holds_and_suspensions_raise_the_failure_when_the_task_runs():
+    """Holds.abort ends every delay's hold now and each raises the failure given;
+    Engine.release_suspended(failure) does the same for breakpoints; a hold that ends by
+    itself, or a plain release, raises nothing."""
+    engine = Engine()
+    holds = Holds()
+    outcomes = {}
+
+    async def main():
+        async def held(name, seconds):
+            try:
+                await holds.hold(seconds)
+                outcomes[name] = "went on"
+            except OSError as e:
+                outcomes[name] = e.errno
+
+        async def suspended(name, tag):
+            suspension = engine.fire("read_aio")
+            assert suspension is not None
+            try:
+                await suspension.wait()
+                outcomes[name] = "went on"
+            except OSError as e:
+                outcomes[name] = e.errno
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(held, "short", 0.001)
+            while "short" not in outcomes:
+                await trio.sleep(0.001)
+            nursery.start_soon(held, "long", 600)
+            engine.add_breakpoint("read_aio", "B")
+            nursery.start_soon(suspended, "broken", "B")
+            while len(holds) != 1 or not engine.is_suspended("B"):
+                await trio.sleep(0)
+            failure = OSError(errno.EIO, "cut")
+            assert holds.abort(failure) == 1
+            assert engine.release_suspended(failure) == 1
+        engine.add_breakpoint("read_aio", "C")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(suspended, "released", "C")
+            while not engine.is_suspended("C"):
+                await trio.sleep(0)
+            engine.release_suspended()
+
+    trio.run(main)
+    assert outcomes == {
+        "short": "went on",
+        "long": errno.EIO,
+        "broken": errno.EIO,
+        "released": "went on",
+    }

@@ -120,6 +120,13 @@ class Image:
         if not os.path.isfile(path) and not _is_block_device(self.fd):
             os.close(self.fd)
             raise OSError(f"{path}: not a regular file or block device")
+        # The file's size, kept as QEMU's block layer keeps a regular file's (bs->total_sectors):
+        # asked once, then updated by every change made here, so a request costs no lseek.
+        # A block device's is asked every time (QEMU's host_device has_variable_length). A
+        # change from outside shows at the next forget_size() (the mount's stat asks for it).
+        # None: ask the file at the next size().
+        self._size: int | None = None
+        self._size_cached = not _is_block_device(self.fd)
         # The request alignment QEMU's O_DIRECT file node would pick (write_zeroes uses it)
         self.zero_align = _probe_alignment(self.fd) if direct else 1
         self.io_threads = io_threads
@@ -132,6 +139,12 @@ class Image:
         self._read_mode = self._write_mode = _io_mode(self.fd) if io_threads else INLINE
         if self._write_mode == BLIND:  # buffered writes only copy into the page cache
             self._write_mode = INLINE
+        # Every read / write is a plain pread / pwrite in the calling thread, never awaited
+        # (BlockDevice's lean path does those itself). Reads never become inline later;
+        # writes do where the file system refuses NOWAIT for them.
+        self.reads_inline = self._read_mode == INLINE
+        self.reads_nowait = self._read_mode == NOWAIT  # at the start (read_cached says now)
+        self.writes_inline = self._write_mode == INLINE
         # Page cache misses go to io_uring where it can be used, else to the pool (uring.py).
         self._ring = Ring.open(self.fd) if uring and self._read_mode in (NOWAIT, BLIND) else None
         self._miss_share = 0.0  # recent reads that missed the page cache (average)
@@ -154,7 +167,22 @@ class Image:
         return self._ring is not None
 
     def size(self) -> int:
-        return os.lseek(self.fd, 0, os.SEEK_END)
+        size = self._size
+        if size is None:
+            size = os.lseek(self.fd, 0, os.SEEK_END)
+            if self._size_cached:
+                self._size = size
+        return size
+
+    def forget_size(self) -> None:
+        """Ask the file for its size at the next size() (it may have changed from outside)."""
+        self._size = None
+
+    def _may_grow(self, end: int) -> None:
+        """Before a change that ends at `end`: past the known size, ask the file again after."""
+        size = self._size
+        if size is not None and end > size:
+            self._size = None
 
     def pread(self, offset: int, length: int) -> bytes:
         if self.direct:
@@ -176,15 +204,39 @@ class Image:
     def pwrite(self, offset: int, data: Bytes, *, fua: bool = False) -> int:
         """Write all of `data` on the calling thread. `fua` (node.py) changes nothing here:
         the block layer above flushes after a FUA write, as QEMU's file node wants."""
+        length = len(data)
+        size = self._size
+        if size is not None and offset + length > size:
+            self._size = None  # _may_grow, inline: every write passes here
         if self.direct:
             return self._direct_pwrite(offset, data)
-        view = memoryview(data)
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self.fd, view[done:], offset + done)
+        done = os.pwrite(self.fd, data, offset)
+        if done < length:  # a short write (a signal, a full file system): the rest
+            view = memoryview(data)
+            while done < length:
+                done += os.pwrite(self.fd, view[done:], offset + done)
         return done
 
     # ---- awaited by the block layer: never waits on a disk in the trio thread ----
+
+    def read_cached(self, offset: int, length: int) -> bytearray | None:
+        """For BlockDevice's lean path on a disk-backed file: all of [offset, offset+length)
+        if the page cache holds it (preadv2 RWF_NOWAIT, in the calling thread), else None,
+        with nothing counted (read() then does it all: a miss costs one more NOWAIT try).
+        Only while recent reads mostly hit; the caller counts a hit it uses (cached_hit)."""
+        if self._read_mode != NOWAIT or self._miss_share > _COLD_SHARE:
+            return None
+        buffer = bytearray(length)
+        try:
+            got = os.preadv(self.fd, (buffer,), offset, os.RWF_NOWAIT)
+        except OSError:
+            return None
+        return buffer if got == length else None
+
+    def cached_hit(self) -> None:
+        """A read_cached() answer served a request: counted as read() counts a hit."""
+        self._miss_share *= 15 / 16
+        self.inline_reads += 1
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         """Data at [offset, offset+length), short only at the end of the file (a bytes-like
@@ -236,6 +288,7 @@ class Image:
             return self.pwrite(offset, data)
         if mode == NOWAIT:
             view = memoryview(data)
+            self._may_grow(offset + len(view))
             try:
                 done = os.pwritev(self.fd, (view,), offset, os.RWF_NOWAIT)
             except BlockingIOError:
@@ -246,12 +299,15 @@ class Image:
                 # ext4 and others refuse NOWAIT for buffered writes: those only copy into
                 # the page cache, so they stay inline from now on.
                 self._write_mode = INLINE
+                self.writes_inline = True
                 return self.pwrite(offset, data)
             if done == len(view):
                 return done
             await self._in_pool(self.pwrite, offset + done, view[done:])
+            self._may_grow(offset + len(view))  # a size() asked meanwhile saw the old end
             return len(view)
         await self._in_pool(self.pwrite, offset, data)
+        self._may_grow(offset + len(data))
         return len(data)
 
     async def _cold_read(self, offset: int, length: int) -> bytes | bytearray:
@@ -330,6 +386,7 @@ class Image:
         new_size = max(size, offset + length)
         if end > new_size:
             os.ftruncate(self.fd, new_size)  # the last block ran past the end of the file
+        self._size = None
         return length
 
     # ---- zeroing, holes, extents ----
@@ -354,6 +411,7 @@ class Image:
         the file system supports neither, write zeroes."""
         if length <= 0:
             return
+        self._may_grow(offset + length)
         if self.zero_align > 1:
             # QEMU's O_DIRECT file node pads to its alignment first: partial blocks at
             # either end are written as data (read-modify-write), which allocates them;
@@ -429,6 +487,7 @@ class Image:
         return os.fstatvfs(self.fd)
 
     def truncate(self, size: int) -> None:
+        self._size = None
         os.ftruncate(self.fd, size)
 
     def close(self) -> None:

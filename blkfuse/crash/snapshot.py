@@ -12,7 +12,16 @@ _CHUNK = 8 << 20
 
 
 def sparse_copy(fd: int, path: str) -> None:
-    """Copy the file open as `fd` to `path`, holes as holes. Raises OSError."""
+    """Copy the file open as `fd` to `path`, holes as holes. Raises OSError. The file is
+    opened again for this (an O_DIRECT descriptor, cache=none, would refuse plain buffers)."""
+    source = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _copy(source, path)
+    finally:
+        os.close(source)
+
+
+def _copy(fd: int, path: str) -> None:
     size = os.fstat(fd).st_size
     directory, name = os.path.split(path)
     temporary = os.path.join(directory, f".{name}.{os.getpid()}.tmp")

@@ -492,7 +492,14 @@ class UndoFilter(Filter):
 def _data_runs(image: "Image", start: int, end: int) -> tuple[int, ...] | None:
     """The data in [start, end) of the image as flattened (start, end) pairs, the rest being
     holes (SEEK_DATA/SEEK_HOLE: Image.extent); None when it is all data (the common case,
-    a write over data: two lseeks), or when the file cannot tell (then all is data)."""
+    a write over data), or when the file cannot tell (then all is data)."""
+    fd = getattr(image, "fd", None)
+    if fd is not None:  # the common case in one lseek (~1 us; Image.extent takes two)
+        try:
+            if os.lseek(fd, start, os.SEEK_HOLE) >= end:
+                return None
+        except OSError:
+            return None
     is_data, count = image.extent(start, end - start)
     if is_data and count >= end - start:
         return None

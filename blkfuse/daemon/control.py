@@ -797,8 +797,13 @@ def _check_rule_needs(rule: Rule, control: Control) -> None:
         raise ControlError(_errno.EINVAL, str(e).removeprefix("control: ")) from None
 
 
-def _check_save_path(path: str) -> None:
-    """Refuse, before cutting, a save= path whose directory cannot take the copy."""
+def _check_save_path(path: str, mountpoint: str | None) -> None:
+    """Refuse, before cutting, a save= path whose directory cannot take the copy. Runs in a
+    thread: a path through another FUSE mount must not stall this daemon's loop."""
+    if mountpoint and os.path.normpath(path).startswith(os.path.normpath(mountpoint) + "/"):
+        raise ControlError(
+            _errno.EINVAL, f"powercut: save={path}: not inside the mount (it holds no files)"
+        )
     directory = os.path.dirname(path) or "/"
     if not os.path.isdir(directory):
         raise ControlError(_errno.ENOENT, f"powercut: save={path}: no directory {directory}")
@@ -826,7 +831,7 @@ def _block_of(control: Control, name: str) -> BlockDevice:
 async def _powercut(control: Control, keep: str, seed: int | None, save: str | None) -> str:
     block = _block_of(control, "powercut")
     if save is not None:
-        _check_save_path(save)
+        await trio.to_thread.run_sync(_check_save_path, save, control.info.get("mountpoint"))
     if seed is None:
         seed = secrets.randbits(32)
     report = await block.power_cut(keep, seed, save)
@@ -915,6 +920,22 @@ async def _fire_when_readable(control: Control, fd: int, scope: trio.CancelScope
         os.close(fd)
 
 
+def _check_armable(control: Control, block: BlockDevice) -> None:
+    if control.armed is not None:
+        raise ControlError(
+            _errno.EBUSY,
+            f"powercut-arm: a cut is already armed ({control.armed.text()}); powercut-disarm first",
+        )
+    if block.stack.undo is None:
+        raise ControlError(
+            _errno.EINVAL,
+            "powercut-arm: powercut needs -o track-unsynced=on (without it blkfuse keeps "
+            "nothing to undo unsynced writes with)",
+        )
+    if not block.powered:
+        raise ControlError(_errno.EINVAL, "powercut-arm: the power is already off (poweron first)")
+
+
 @command(
     "powercut-arm [keep=none|random|prefix] [seed=N] [save=PATH] [fifo=PATH]",
     "\narm a powercut (checked now, words as powercut's) that SIGUSR2 to the\n"
@@ -930,21 +951,10 @@ async def _powercut_arm(
     control: Control, keep: str, seed: int | None, save: str | None, fifo: str | None
 ) -> str:
     block = _block_of(control, "powercut-arm")
-    if control.armed is not None:
-        raise ControlError(
-            _errno.EBUSY,
-            f"powercut-arm: a cut is already armed ({control.armed.text()}); powercut-disarm first",
-        )
-    if block.stack.undo is None:
-        raise ControlError(
-            _errno.EINVAL,
-            "powercut-arm: powercut needs -o track-unsynced=on (without it blkfuse keeps "
-            "nothing to undo unsynced writes with)",
-        )
-    if not block.powered:
-        raise ControlError(_errno.EINVAL, "powercut-arm: the power is already off (poweron first)")
+    _check_armable(control, block)
     if save is not None:
-        _check_save_path(save)
+        await trio.to_thread.run_sync(_check_save_path, save, control.info.get("mountpoint"))
+        _check_armable(control, block)  # again: another write may have armed meanwhile
     fd = _open_fifo(fifo) if fifo is not None else None  # the last check: nothing after fails
     control.armed = ArmedCut(keep, secrets.randbits(32) if seed is None else seed, save, fifo)
     if fd is not None:
@@ -1020,31 +1030,39 @@ async def _poweron(control: Control, force: bool) -> str:
     if not force:
         busy = await trio.to_thread.run_sync(_image_holders, control.info)
         if busy:
+            who, fixes = busy
             raise ControlError(
                 _errno.EBUSY,
-                f"poweron: refused: the image is still held by {busy} (what it wrote before "
-                "the cut could still reach the image after the poweron); unmount and "
-                "`losetup -d` the loop device, end or close those processes, then poweron; "
+                f"poweron: refused: the image is still held by {who} (what it wrote before "
+                f"the cut could reach the image after the poweron); {fixes}, then poweron; "
                 "or `poweron force`",
             )
     block.power_on()
     return "power on" + (" (forced)" if force else "")
 
 
-def _image_holders(info: dict[str, Any]) -> str:
-    """Who holds the mount's image file (holders.describe()), or ''. Runs in a thread: the
-    stat is a FUSE request to this very daemon."""
+def _image_holders(info: dict[str, Any]) -> tuple[str, str] | None:
+    """Who holds the mount's image file and what to do about it, in order, as `umount`
+    says it (client/holders.py); None if nothing does. Runs in a thread: the stat is a FUSE
+    request to this very daemon, and a loop device given `losetup -d` is waited for."""
     from blkfuse.client import holders
 
     mountpoint, name = info.get("mountpoint"), info.get("name")
     if not mountpoint or not name:
-        return ""
+        return None
     path = os.path.join(os.path.realpath(mountpoint), name)
     try:
         st = os.stat(path)
     except OSError:
-        return ""
-    return holders.find(path, st.st_dev, st.st_ino).describe()
+        return None
+    found = holders.find(path, st.st_dev, st.st_ino)
+    found.loops = holders.settle(found.loops)  # one just given losetup -d is on its way
+    if not found:
+        return None
+    fixes = [use.fix() for use in found.loop_uses()]
+    if found.processes:
+        fixes.append("end or close those processes")
+    return found.describe(), "; ".join(fixes)
 
 
 def _mark_name(words: list[str]) -> tuple[str]:

@@ -108,9 +108,12 @@ def _is_fuse_device(fd: int) -> bool:
         return False
 
 
-def install(poll_us: int = 0) -> Loop:
+def install(poll_us: int = 0, *, handoff: bool = False) -> Loop:
     """Replace trio.lowlevel.wait_readable (pyfuse3 looks it up at every call) with the fast
-    wait; `poll_us` is the longest busy-poll window (0: never spin)."""
+    wait; `poll_us` is the longest busy-poll window (0: never spin). `handoff`: the request
+    loop is the patch's hand-off loop, which waits only after /dev/fuse answered EAGAIN, so
+    the zero-timeout poll of step 1 would nearly always find nothing: it is skipped unless it
+    is the first turn of a spin."""
     window = AdaptiveWindow(poll_us)
     state: dict[int, Any] = {}  # /dev/fuse fd -> (poll object, run queue, trio's epoll fd)
     others = set()  # fds that are not /dev/fuse
@@ -134,8 +137,9 @@ def install(poll_us: int = 0) -> Loop:
                 poller.register(trio_fd, select.POLLIN)
             entry = state[number] = (poller, runq, trio_fd)
         poller, runq, trio_fd = entry
-        ready = poller.poll(0)
-        if not ready and window.ns and not runq:
+        spin = window.ns and not runq
+        ready = poller.poll(0) if spin or not handoff else []
+        if not ready and spin:
             # Nothing else can become runnable while we spin (one thread): only I/O, which
             # shows on trio's epoll fd, or a timer, at most one window late.
             start = monotonic_ns()

@@ -356,6 +356,8 @@ class Daemon:
                 log.warning("BLKFUSE_POLL_US is not a number; polling for %d us", DEFAULT_POLL_US)
                 self.poll_us = DEFAULT_POLL_US
         self.block = BlockDevice.from_settings(self.engine, self.stack, settings)
+        if os.environ.get("BLKFUSE_LEAN", "1") == "0":  # every request the full way (A/B runs)
+            self.block.lean_off()
         self.tracer = Tracer(self.engine, m.trace_file)
         info = {
             "image": m.image_path,
@@ -442,18 +444,18 @@ class Daemon:
         import pyfuse3
         import trio
 
+        # handoff (the patch's request loop): a worker reads on while handlers do not
+        # wait; "0" is pyfuse3's locked loop, a task switch per request (A/B runs)
+        handoff = os.environ.get("BLKFUSE_HANDOFF", "1") != "0"
         if os.environ.get("BLKFUSE_FASTLOOP", "1") != "0":  # "0": pyfuse3's own waits, for A/B runs
             from blkfuse.daemon import fuseloop
 
-            loop = fuseloop.install(self.poll_us)
+            loop = fuseloop.install(self.poll_us, handoff=handoff)
             self.image.loop_idle = loop.idle
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._watch_signals)
             nursery.start_soon(self._watch_arm_signal)
-            # handoff (the patch's request loop): a worker reads on while handlers do not
-            # wait; "0" is pyfuse3's locked loop, a task switch per request (A/B runs)
-            handoff = os.environ.get("BLKFUSE_HANDOFF", "1") != "0"
             await pyfuse3.main(min_tasks=IDLE_TASKS, max_tasks=MAX_TASKS, handoff=handoff)
             # The loop ended: by our shutdown, or the kernel ended the session (unmounted).
             self._stop()

@@ -32,6 +32,7 @@ from blkfuse.rules.values import (
     format_duration,
     parse_at_least,
     parse_bool,
+    parse_choice,
     parse_duration,
     parse_errno,
     parse_number,
@@ -150,23 +151,9 @@ def parse_comm(key: str, text: str) -> str:
     return text
 
 
-def parse_corrupt(key: str, text: str) -> str:
-    if text not in CORRUPT_MODES:
-        raise Invalid(
-            f'corrupt expects one of {", ".join(CORRUPT_MODES)}, not "{text}"'
-            f"{did_you_mean(text, CORRUPT_MODES)}"
-        )
-    return text
-
-
-def parse_powercut(key: str, text: str) -> str:
-    """powercut=none|random|prefix: what the cut the rule fires keeps (an extension)."""
-    if text not in POWERCUT_MODES:
-        raise Invalid(
-            f'powercut expects one of {", ".join(POWERCUT_MODES)} (what the cut keeps of the '
-            f'unsynced writes), not "{text}"{did_you_mean(text, POWERCUT_MODES)}'
-        )
-    return text
+parse_corrupt = parse_choice(CORRUPT_MODES)
+# powercut=none|random|prefix: what the cut the rule fires keeps (an extension)
+parse_powercut = parse_choice(POWERCUT_MODES, " (what the cut keeps of the unsynced writes)")
 
 
 def parse_save_path(key: str, text: str) -> str:

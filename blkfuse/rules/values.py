@@ -77,6 +77,20 @@ def parse_at_least(minimum: int, maximum: int = INT64_MAX) -> Callable[[str, str
     return parse
 
 
+def parse_choice(choices: tuple[str, ...], what: str = "") -> Callable[[str, str], str]:
+    """A parser of one word of `choices`; `what` says what the choice is, for the message."""
+
+    def parse(key: str, text: str) -> str:
+        if text not in choices:
+            raise Invalid(
+                f'{key} expects one of {", ".join(choices)}{what}, not "{text}"'
+                f"{did_you_mean(text, choices)}"
+            )
+        return text
+
+    return parse
+
+
 # ---- on/off -------------------------------------------------------------------------------
 
 BOOLEANS = {
