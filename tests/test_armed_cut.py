@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -276,3 +277,23 @@ def test_ctl_cuts_several_mounts_by_signal_or_by_write(mount):
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads(r.stdout)["via"] == "write"
     assert all(m.status()["state"] == 2 for m in nodes)
+
+
+def test_umount_drops_the_armed_cut_and_ends_a_pending_wait_with_eshutdown(mount):
+    m = mount(*TRACK)
+    unsynced_writes(m, 1)
+    m.ctl("powercut-arm seed=6")
+    box = {}
+
+    def waiter():
+        try:
+            m._ctl("powercut-wait")
+        except OSError as e:
+            box["errno"] = e.errno
+
+    t = threading.Thread(target=waiter, daemon=True)
+    t.start()
+    m.umount()  # orderly: the unsynced write is kept, nothing is cut
+    t.join(HANG_GUARD_SECONDS)
+    assert not t.is_alive() and box["errno"] == errno.ESHUTDOWN
+    assert m.image.read_bytes()[:4096] == b"A" * 4096
