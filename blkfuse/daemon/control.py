@@ -591,7 +591,10 @@ class Control:
         if block is not None and block.last_cut is not None:
             out.append(f"last cut: {block.last_cut.text()}")
         if self.armed is not None:
-            out.append(f"armed: {self.armed.text()} (fired by SIGUSR2 to pid {info.get('pid')})")
+            fifo = f" or a write to {self.armed.fifo}" if self.armed.fifo else ""
+            out.append(
+                f"armed: {self.armed.text()} (fired by SIGUSR2 to pid {info.get('pid')}{fifo})"
+            )
         out.append(f"last result: {d['last_result'] or '-'}")
         if d["last_error"]:
             out.append(f"last error: {errno_name(d['last_error_errno'])}: {d['last_error']}")
@@ -848,9 +851,9 @@ def _cut_answer(report: CutReport) -> str:
     )
 
 
-# ---- armed cuts: the cut is set up through the control file, fired by a signal ----
-# A control write queues in /dev/fuse behind the mount's own requests; a signal does not, so
-# cuts of several loaded mounts land together (client/fleet.py, docs/clusters.md).
+# ---- armed cuts: set up through the control file, fired by a signal or a FIFO ----
+# A control write queues in /dev/fuse behind the mount's own requests; a signal or a FIFO
+# does not, so cuts of several loaded mounts land together (client/fleet.py, docs/clusters.md).
 
 
 @dataclass(frozen=True)
