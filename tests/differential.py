@@ -87,6 +87,19 @@ def qemu_io_version() -> str | None:
     return out.splitlines()[0] if out else None
 
 
+def as_file_operations(sc: "Scenario") -> "Scenario":
+    """`sc` as a FUSE client can send it to the installed QEMU's FUSE export: where that
+    export makes PUNCH_HOLE a write-zeroes (10.0: docs/design.md, "QEMU profiles") no file
+    operation is a discard, so the discard ops go (tests/qsd.py checks PUNCH_HOLE itself)."""
+    import dataclasses
+
+    from blkfuse.rules.profiles import profile
+
+    if not profile(installed_profile()).punch_hole_is_write_zeroes:
+        return sc
+    return dataclasses.replace(sc, ops=[op for op in sc.ops if op[0] != "discard"])
+
+
 def installed_profile() -> str:
     """The QEMU profile (blkfuse/rules/profiles.py) of the installed qemu-io: the live
     differential tests compare blkfuse under that profile (-o qemu=...) with it."""

@@ -109,15 +109,8 @@ def _differential(target: str, count: int, run_ours, fuse: bool = False) -> None
     seed = _seed()
     print(f"BLKFUSE_DIFF_SEED={seed}")  # shown by pytest whenever the test fails
     scenarios = D.generate_all(seed, count)
-    if fuse and D.installed_profile() != "7.2":
-        # A file's PUNCH_HOLE is QEMU's FUSE export's request, and from 10.0 on that is a
-        # write-zeroes, not qemu-io's `discard` (docs/design.md, "QEMU profiles"): no file
-        # operation sends a discard, so the scenarios run without them (the qsd differential
-        # holds PUNCH_HOLE to QEMU's own export).
-        scenarios = [
-            dataclasses.replace(sc, ops=[op for op in sc.ops if op[0] != "discard"])
-            for sc in scenarios
-        ]
+    if fuse:  # as a file client can send them (10.0: no discard; differential.py)
+        scenarios = [D.as_file_operations(sc) for sc in scenarios]
     with ThreadPoolExecutor(_pool_size()) as pool:
         answers = list(pool.map(D.run_qemu, scenarios))
     failures, oracle_errors, deliberate = [], [], []

@@ -85,7 +85,8 @@ def _before_the_deliberate_difference(sc: D.Scenario) -> D.Scenario:
 
 def _scenarios() -> list[D.Scenario]:
     return [
-        _before_the_deliberate_difference(_sector_aligned(sc)) for sc in D.generate_all(SEED, COUNT)
+        _before_the_deliberate_difference(D.as_file_operations(_sector_aligned(sc)))
+        for sc in D.generate_all(SEED, COUNT)
     ]
 
 
