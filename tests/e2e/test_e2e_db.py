@@ -1,8 +1,8 @@
 """Real software under faults: scripts/e2e-db runs SQLite on ext4 on a loop device over a
 blkfuse mount (ENOSPC, a held COMMIT, EIO on the journal); see the script's docstring."""
 
+import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +14,7 @@ SCRIPT = os.path.join(REPO, "scripts", "e2e-db")
 STEPS = ("a ENOSPC", "b breakpoint on flush_to_disk", "c EIO on a journal write")
 
 
-def test_sqlite_on_ext4_on_a_loop_device_under_faults():
+def test_sqlite_on_ext4_on_a_loop_device_under_faults(tmp_path):
     # Only where loop devices truly cannot exist: the script needs root and /dev/loop-control.
     if os.geteuid() != 0:
         pytest.skip("needs root for losetup and mount")
@@ -22,17 +22,28 @@ def test_sqlite_on_ext4_on_a_loop_device_under_faults():
         pytest.skip("no loop devices here (/dev/loop-control is missing)")
     for tool in ("losetup", "mkfs.ext4"):
         assert shutil.which(tool), f"{tool} missing (scripts/setup installs it)"
-    r = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, timeout=600)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out
-    for step in STEPS:
-        assert re.search(rf"^PASS step {re.escape(step)}", out, re.M), out
-    assert "database or disk is full" in out
+    out = tmp_path / "e2e-db.json"
+    r = subprocess.run(
+        [sys.executable, SCRIPT, "--json", str(out)], capture_output=True, text=True, timeout=600
+    )
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log
+    result = json.loads(out.read_text())
+    assert result["ok"] and result["cleanup"] == [], log
+    steps = result["steps"]
+    assert [s["name"][: len(want)] for s, want in zip(steps, STEPS, strict=True)] == list(STEPS)
+    assert all(s["pass"] for s in steps), log
+    enospc, held, eio = (s["facts"] for s in steps)
+    assert "database or disk is full" in enospc["sqlite_error"]
+    assert enospc["integrity_check"] == [["ok"]] and enospc["rows_after_insert"] == 51
+    assert held["held"] == ["flush"] and held["row_after_resume"] == [["held"]]
     # ext4's own state says it (read where a container cannot read the kernel log)
-    assert re.search(r"ext4 remounted read-only \(/proc/mounts: ro\), errors_count 0 -> [1-9]", out)
-    assert "Remounting filesystem read-only" in out or "kernel log not readable here" in out
+    assert eio["read_only"]
+    assert eio["errors_count_after"] > eio["errors_count_before"]
+    assert eio["failed_writes"] > 0
+    assert eio["kernel_remount"] or eio["kernel_log_unreadable"], eio
     # its own work directory is left with nothing mounted (others may run beside it)
-    work = re.search(r"^stack: (\S*/blkfuse-e2e-db-[^/]+)/", out, re.M)
-    assert work, out
+    work = result["work"]
+    assert "/blkfuse-e2e-db-" in work and result["stack"]["fs"].startswith(work + "/"), result
     with open("/proc/mounts") as f:
-        assert work.group(1) + "/" not in f.read()
+        assert work + "/" not in f.read()
