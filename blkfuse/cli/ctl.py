@@ -17,8 +17,24 @@ class _FleetCommand(click.Command):
         if "--" in args:
             at = args.index("--")
             before, after = args[:at], args[at + 1 :]
-            options = [a for a in before if a.startswith("-")]
-            ctx.meta["blkfuse.fleet"] = [a for a in before if not a.startswith("-")]
+            # an option that takes a value (--via signal) keeps its value with it
+            valued = {
+                name
+                for p in self.params
+                if isinstance(p, click.Option) and not p.is_flag
+                for name in p.opts
+            }
+            options, mountpoints = [], []
+            words = iter(before)
+            for word in words:
+                if word.startswith("-"):
+                    options.append(word)
+                    value = next(words, None) if word in valued else None
+                    if value is not None:
+                        options.append(value)
+                else:
+                    mountpoints.append(word)
+            ctx.meta["blkfuse.fleet"] = mountpoints
             args = [*options, "--", *after]
         return super().parse_args(ctx, args)
 
@@ -39,9 +55,19 @@ Examples:
 @click.option(
     "--json", "as_json", is_flag=True, help="With several mounts: print the outcome as JSON."
 )
+@click.option(
+    "--via",
+    type=click.Choice(["signal", "fifo", "write"]),
+    default="fifo",
+    show_default=True,
+    help="With several mounts, how a powercut reaches them: armed through each control file, "
+    "then fired by one write to a FIFO every daemon watches (fifo) or by SIGUSR2 to each "
+    "daemon (signal), so cuts land together even on busy mounts; or the powercut line "
+    "written to every control file (write: queued behind each mount's own requests).",
+)
 @click.argument("words", nargs=-1, required=True, metavar="MOUNTPOINT COMMAND...")
 @click.pass_context
-def command(ctx: click.Context, as_json: bool, words: tuple[str, ...]) -> None:
+def command(ctx: click.Context, as_json: bool, via: str, words: tuple[str, ...]) -> None:
     """Send COMMAND to the mount at MOUNTPOINT and print its answer; or, after `--`, to
     every mount named before it, at once.
 
@@ -55,7 +81,10 @@ def command(ctx: click.Context, as_json: bool, words: tuple[str, ...]) -> None:
     mount's answer is printed after its name, and the exit status is 1 if any failed. A
     `powercut` gets one seed (its seed=N, or a random one, printed); node i (0-based, in the
     order given) cuts with the first 4 bytes of SHA-256("N:i") as its seed, named in its
-    answer. After a cut the spread of the daemons' power-off stamps is printed.
+    answer. The cut is armed on every mount (powercut-arm; if any refuses, none is cut),
+    then fired by one write to a FIFO they all watch (--via signal: SIGUSR2 to each
+    daemon; --via write: the powercut line itself is written, as any command). After a cut
+    the spread of the daemons' power-off stamps is printed.
     """
     fleet = ctx.meta.get("blkfuse.fleet")
     if fleet is None:
@@ -71,7 +100,7 @@ def command(ctx: click.Context, as_json: bool, words: tuple[str, ...]) -> None:
     from blkfuse.client.fleet import send_to
 
     try:
-        result = send_to(fleet, " ".join(words))
+        result = send_to(fleet, " ".join(words), via=via)
     except ValueError as e:
         fail(str(e))
     if as_json:

@@ -26,6 +26,18 @@ one node's cut replays alone with `blkfuse ctl MNT powercut keep=K seed=S`. The 
 the position in the whole fleet, so a subset cut (nodes=) gives a node the same seed as a
 cut of all.
 
+How a powercut reaches several mounts (`via`): a control write is a FUSE request, queued
+in /dev/fuse behind the mount's own I/O and run by the same loop, so on busy mounts the
+written cuts land milliseconds apart. By default ("fifo") the fleet arms every node through
+its control file (`powercut-arm ... fifo=PATH`: checked and acknowledged like any command;
+if any node refuses, the armed ones are disarmed and none is cut), then writes one byte to
+that FIFO: the kernel wakes every daemon in that one call, and each cuts from its own watch
+task, not behind its queue. "signal" arms the same way and sends SIGUSR2 to each daemon
+(N calls; the sender can lose the CPU to a daemon it woke); "write" writes the powercut
+line as any other command. Either armed way then reads each cut's answer with
+`powercut-wait`, the same text a written powercut answers. scripts/bench-spread measures
+the three.
+
 The spread: each daemon stamps the moment its power goes off (CLOCK_MONOTONIC, and
 CLOCK_REALTIME for comparing machines; status JSON "power_off_at"). After a fan-out cut the
 fleet reads every cut node's stamp and reports max - min of the monotonic stamps (all mounts
@@ -41,6 +53,8 @@ import json
 import os
 import secrets
 import shlex
+import signal
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -57,6 +71,12 @@ StrPath = str | os.PathLike[str]
 
 # A fleet command waits this long for each daemon's answer (a cut reverts and fsyncs).
 FLEET_SECONDS = 60.0
+
+# How a fleet powercut reaches the daemons (module doc): armed then fired by ARM_SIGNAL
+# (daemon/lifecycle.py), or the powercut line written to every control file.
+VIAS = ("signal", "fifo", "write")
+ARM_SIGNAL = signal.SIGUSR2
+ISSUED = {"signal": "signals sent", "fifo": "the FIFO written", "write": "writes issued"}
 
 
 def node_seed(seed: int, index: int) -> int:
@@ -90,7 +110,7 @@ def per_node_commands(text: str, count: int) -> tuple[list[str], int | None, lis
             words = shlex.split(line, comments=True)
         except ValueError:
             words = []  # the daemon names the quoting problem
-        seeded = _powercut_seed(words) if words[:1] == ["powercut"] else None
+        seeded = _powercut_seed(words) if words[:1] in (["powercut"], ["powercut-arm"]) else None
         if seeded is None:
             for lines in texts:
                 lines.append(line)
@@ -105,7 +125,7 @@ def per_node_commands(text: str, count: int) -> tuple[list[str], int | None, lis
             )
         for i, lines in enumerate(texts):
             rest = [w.replace("{node}", str(i)) if w.startswith("save=") else w for w in seeded[1]]
-            lines.append(shlex.join(["powercut", *rest, f"seed={node_seed(fleet_seed, i)}"]))
+            lines.append(shlex.join([words[0], *rest, f"seed={node_seed(fleet_seed, i)}"]))
     seeds: list[int | None] = [
         None if fleet_seed is None else node_seed(fleet_seed, i) for i in range(count)
     ]
@@ -155,6 +175,7 @@ class FleetResult:
     seed: int | None = None  # the fleet seed of a powercut
     spread_ns: int | None = None  # max - min of the cut nodes' power-off stamps
     issue_spread_ns: int | None = None  # max - min of the moments the writes were issued
+    via: str | None = None  # a powercut: "signal" (armed, then fired) or "write" (module doc)
 
     @property
     def ok(self) -> bool:
@@ -171,6 +192,7 @@ class FleetResult:
             "seed": self.seed,
             "spread_ns": self.spread_ns,
             "issue_spread_ns": self.issue_spread_ns,
+            "via": self.via,
             "nodes": [n.to_dict() for n in self.nodes],
         }
 
@@ -196,7 +218,7 @@ class FleetResult:
             issue = (
                 ""
                 if self.issue_spread_ns is None
-                else (f", writes issued within {self.issue_spread_ns / 1e6:.3f} ms")
+                else (f", {ISSUED[self.via or 'write']} within {self.issue_spread_ns / 1e6:.3f} ms")
             )
             out.append(
                 f"spread: the {cut} cuts landed within {self.spread_ns / 1e6:.3f} ms "
@@ -298,22 +320,152 @@ def cut_report(answer: str) -> dict[str, Any] | None:
     return report if isinstance(report, dict) else None
 
 
+def armed_texts(texts: Sequence[str]) -> list[str] | None:
+    """Each node's text as a `powercut-arm` line, if each is one `powercut` line and nothing
+    else (what the signal way can fire); None otherwise."""
+    armed = []
+    for text in texts:
+        try:
+            lines = [shlex.split(line, comments=True) for line in text.splitlines()]
+        except ValueError:
+            return None
+        words = [w for w in lines if w]
+        if len(words) != 1 or words[0][0] != "powercut":
+            return None
+        armed.append(shlex.join(["powercut-arm", *words[0][1:]]))
+    return armed
+
+
+def _daemon_pid(mountpoint: str, timeout: float) -> int:
+    """The pid of the daemon serving `mountpoint`, which this process can signal."""
+    try:
+        st = client.with_timeout(lambda: client.status(mountpoint), timeout)
+    except client.NoAnswer:
+        raise ControlError(errno.ETIMEDOUT, f"no status within {timeout:g} s") from None
+    except ValueError as e:
+        raise ControlError(errno.EIO, f"unreadable status: {e}") from None
+    pid = st.get("info", {}).get("pid")
+    if not isinstance(pid, int):
+        raise ControlError(errno.EIO, "the status names no daemon pid")
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        raise ControlError(
+            e.errno or errno.ESRCH,
+            f"cannot signal the daemon (pid {pid}): {e.strerror}; cut with --via write "
+            "(via='write') when the daemon runs in another pid namespace",
+        ) from None
+    return pid
+
+
+def signal_cut(
+    mountpoints: Sequence[str],
+    arms: Sequence[str],
+    timeout: float = FLEET_SECONDS,
+    fifo: bool = False,
+) -> list[tuple[str | None, ControlError | None, int | None]]:
+    """Cut every mount by arming it through its control file (`arms[i]`, powercut-arm
+    lines) and then firing all the armed cuts with ARM_SIGNAL, back to back: a signal does
+    not wait in /dev/fuse behind the mount's own requests as a control write does, so the
+    cuts of busy mounts land together. If any node cannot be armed, the armed ones are
+    disarmed and none is cut. Per node (answer, error, CLOCK_MONOTONIC ns of its signal);
+    the answer is the cut's, as powercut's (read back with powercut-wait).
+
+    fifo=True: every daemon is armed on one FIFO (powercut-arm fifo=, in a directory made
+    for the cut) and one write to it fires them all: the kernel wakes every daemon in that
+    one call, where N signals are N calls, between which the sender can lose the CPU to
+    the daemon it just woke."""
+    with tempfile.TemporaryDirectory(prefix="blkfuse-cut-") as scratch:
+        trigger = None
+        if fifo:
+            os.chmod(scratch, 0o755)  # the daemons open the FIFO, whoever they run as
+            trigger = os.path.join(scratch, "fire")
+            os.mkfifo(trigger, 0o644)
+            arms = [f"{arm} {shlex.quote('fifo=' + trigger)}" for arm in arms]
+        return _armed_cut(mountpoints, arms, timeout, trigger)
+
+
+def _armed_cut(
+    mountpoints: Sequence[str], arms: Sequence[str], timeout: float, trigger: str | None
+) -> list[tuple[str | None, ControlError | None, int | None]]:
+    results: list[tuple[str | None, ControlError | None, int | None]] = [
+        (None, None, None) for _ in mountpoints
+    ]
+    pids: dict[int, int | None] = {}
+    for i, mnt in enumerate(mountpoints):
+        try:  # a FIFO reaches the daemon without its pid (from another pid namespace, say)
+            pids[i] = _daemon_pid(mnt, timeout) if trigger is None else None
+        except ControlError as e:
+            results[i] = (None, e, None)
+    chosen = sorted(pids)
+    armed = fan_out([mountpoints[i] for i in chosen], [arms[i] for i in chosen], timeout)
+    for i, (_, error, _) in zip(chosen, armed, strict=True):
+        if error is not None:
+            results[i] = (None, error, None)
+    failed = [i for i, r in enumerate(results) if r[1] is not None]
+    if failed:
+        ready = [i for i in chosen if results[i][1] is None]
+        fan_out([mountpoints[i] for i in ready], ["powercut-disarm"] * len(ready), timeout)
+        why = ", ".join(f"node {i}" for i in failed)
+        for i in ready:
+            results[i] = (
+                None,
+                ControlError(errno.ECANCELED, f"not cut: {why} could not be armed (disarmed)"),
+                None,
+            )
+        return results
+    issued: dict[int, int] = {}
+    if trigger is not None:
+        # the daemons hold its read end: this open does not block, the write wakes them all
+        fd = os.open(trigger, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            at = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            os.write(fd, b"!")
+        finally:
+            os.close(fd)
+        issued = dict.fromkeys(chosen, at)
+    for i in chosen if trigger is None else ():
+        pid = pids[i]
+        assert pid is not None
+        issued[i] = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        try:
+            os.kill(pid, ARM_SIGNAL)
+        except OSError as e:
+            results[i] = (None, ControlError(e.errno or errno.ESRCH, f"signal: {e}"), issued[i])
+    fired = [i for i in chosen if results[i][1] is None]
+    answers = fan_out(
+        [mountpoints[i] for i in fired], [f"powercut-wait {timeout:g}"] * len(fired), timeout
+    )
+    for i, (answer, error, _) in zip(fired, answers, strict=True):
+        results[i] = (answer, error, issued[i])
+    return results
+
+
 def send_to(
     mountpoints: Sequence[StrPath],
     text: str,
     indexes: Sequence[int] | None = None,
     timeout: float = FLEET_SECONDS,
+    via: str = "fifo",
 ) -> FleetResult:
     """Send `text` to the nodes `indexes` (default all) of the fleet `mountpoints` at once.
 
     A `powercut` line gets a fleet seed and a seed per node (module doc); after a cut every
-    cut node's power-off stamp is read and the spread computed. Never raises for a node's
-    failure: see FleetResult.ok / raise_for_failure.
+    cut node's power-off stamp is read and the spread computed. A text that is one
+    `powercut` line is cut `via` "fifo" or "signal" (armed, then fired: signal_cut) or
+    "write" (the line written to every control file at once); other texts are written. Never raises for a node's failure: see
+    FleetResult.ok / raise_for_failure.
     """
+    if via not in VIAS:
+        raise ValueError(f"via must be one of {', '.join(VIAS)}, not {via!r}")
     mnts = [os.fspath(m) for m in mountpoints]
     chosen = list(range(len(mnts))) if indexes is None else list(indexes)
     texts, fleet_seed, seeds = per_node_commands(text, len(mnts))
-    answers = fan_out([mnts[i] for i in chosen], [texts[i] for i in chosen], timeout)
+    arms = armed_texts([texts[i] for i in chosen]) if via != "write" else None
+    if arms is not None:
+        answers = signal_cut([mnts[i] for i in chosen], arms, timeout, fifo=via == "fifo")
+    else:
+        answers = fan_out([mnts[i] for i in chosen], [texts[i] for i in chosen], timeout)
     nodes = []
     for i, (answer, error, issued) in zip(chosen, answers, strict=True):
         nodes.append(
@@ -328,6 +480,8 @@ def send_to(
             )
         )
     result = FleetResult(command=text, nodes=nodes, seed=fleet_seed)
+    if fleet_seed is not None:
+        result.via = via if arms is not None else "write"
     if fleet_seed is not None:
         for n in nodes:
             if n.ok:
@@ -381,10 +535,15 @@ class Fleet:
         return sorted(set(chosen))
 
     def send(
-        self, command: str, nodes: Iterable[int | Mount | StrPath] | None = None, check: bool = True
+        self,
+        command: str,
+        nodes: Iterable[int | Mount | StrPath] | None = None,
+        check: bool = True,
+        via: str = "fifo",
     ) -> FleetResult:
-        """Send `command` (control-file text) to every node, or to `nodes`, at once."""
-        result = send_to(self.mountpoints, command, self._indexes(nodes), self.timeout)
+        """Send `command` (control-file text) to every node, or to `nodes`, at once; a lone
+        powercut line is cut `via` "fifo", "signal" or "write" (send_to)."""
+        result = send_to(self.mountpoints, command, self._indexes(nodes), self.timeout, via)
         if check:
             result.raise_for_failure()
         return result
@@ -396,18 +555,22 @@ class Fleet:
         seed: int | None = None,
         check: bool = True,
         save: StrPath | None = None,
+        via: str = "fifo",
     ) -> FleetResult:
         """Cut the power of every node (or `nodes`) at once: `keep` as `powercut keep=`
         (none, random, prefix), one fleet `seed` (random if None) from which each node's is
         derived; `save`: a path holding `{node}` where each node saves a copy of its image
-        as the cut left it. The result has each node's answer, seed and cut, and the spread
-        of the cuts."""
+        as the cut left it; `via`: how the cut reaches the daemons (send_to): "fifo" (the
+        default: armed through each control file, then fired by one write to a FIFO all
+        of them watch; the tightest spread under load), "signal" (armed, then SIGUSR2 to
+        each daemon) or "write" (the powercut line written to every control file). The result has each node's
+        answer, seed and cut, and the spread of the cuts."""
         words = ["powercut", f"keep={keep}"]
         if seed is not None:
             words.append(f"seed={int(seed)}")
         if save is not None:
             words.append(f"save={os.path.abspath(os.fspath(save))}")
-        return self.send(shlex.join(words), nodes, check)
+        return self.send(shlex.join(words), nodes, check, via)
 
     def poweron(
         self, nodes: Iterable[int | Mount | StrPath] | None = None, check: bool = True

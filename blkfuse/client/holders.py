@@ -14,6 +14,7 @@ a message can say what to undo first: `losetup -d` on a mounted loop device only
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from blkfuse.client import mounttab
@@ -200,16 +201,23 @@ def find(path: str, dev: int, ino: int, *, exclude: tuple[int, ...] = ()) -> Hol
     `path` must be spelt as the kernel shows it (os.path.realpath of the file's path). This
     process and `exclude` are left out.
     """
-    holders = Holders(loops=loop_devices(path))
+    return _scan(
+        Holders(loops=loop_devices(path)),
+        lambda pid: _opens(pid, path) or _maps(pid, dev, ino),
+        exclude,
+    )
+
+
+def _scan(holders: Holders, uses: Callable[[int], bool], exclude: tuple[int, ...]) -> Holders:
+    """Add to `holders` every process (but this one and `exclude`) that `uses` says holds
+    the file; a process we may not look at is counted as unreadable."""
     skip = {os.getpid(), *exclude}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or int(entry) in skip:
             continue
         pid = int(entry)
-        if pid in skip:
-            continue
         try:
-            if _opens(pid, path) or _maps(pid, dev, ino):
+            if uses(pid):
                 holders.processes.append((pid, comm(pid)))
         except PermissionError:
             holders.unreadable += 1
@@ -241,18 +249,7 @@ def find_under(directory: str, *, exclude: tuple[int, ...] = ()) -> Holders:
     """Everything holding a file under `directory` (a mountpoint, spelt as the kernel shows
     it), found by path alone: for a mount whose daemon is gone, where nothing can be stat'ed.
     This process and `exclude` are left out."""
-    holders = Holders(loops=loop_devices_under(directory))
     prefix = directory.rstrip("/") + "/"
-    skip = {os.getpid(), *exclude}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in skip:
-            continue
-        try:
-            if _uses_under(int(entry), prefix):
-                holders.processes.append((int(entry), comm(int(entry))))
-        except PermissionError:
-            holders.unreadable += 1
-        except OSError:  # the process ended meanwhile
-            continue
-    holders.processes.sort()
-    return holders
+    return _scan(
+        Holders(loops=loop_devices_under(directory)), lambda pid: _uses_under(pid, prefix), exclude
+    )

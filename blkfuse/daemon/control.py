@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import errno as _errno
 import json
+import logging
 import math
 import os
 import secrets
 import shlex
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -36,8 +38,11 @@ from blkfuse.rules.model import InjectError, Rule, Settings
 
 if TYPE_CHECKING:
     from blkfuse.block.device import BlockDevice
+    from blkfuse.crash.undo import CutReport
     from blkfuse.daemon.trace import Stream, Tracer
     from blkfuse.engine.core import Engine, Interrupted
+
+log = logging.getLogger(__name__)
 
 # A human reads the text status: 100,000 rule lines would bury everything else.
 TEXT_RULES_SHOWN = 200
@@ -240,6 +245,13 @@ class Control:
         self._closing = False
         self._waits: dict[trio.CancelScope, str] = {}  # pending wait_break -> its tag
         self._hit_waits: dict[trio.CancelScope, int] = {}  # pending wait_hit -> its rule id
+        # powercut-arm: the cut the daemon's ARM_SIGNAL fires (daemon/lifecycle.py), and the
+        # outcome of the last one fired (powercut-wait answers it)
+        self.armed: ArmedCut | None = None
+        self.fired: FiredCut | None = None
+        self.firing: ArmedCut | None = None  # fired, its cut still running (revert, save)
+        self.trigger: trio.CancelScope | None = None  # powercut-arm fifo=: its watch
+        self._fired = trio.Event()
 
     # -- shutdown ---------------------------------------------------------------------------
 
@@ -249,6 +261,10 @@ class Control:
         self._closing = True
         for scope in [*self._waits, *self._hit_waits]:
             scope.cancel()
+        if self.armed is not None:  # nothing fires during a shutdown; powercut-wait ends
+            self.armed = None
+            self.drop_trigger()
+            self._fired.set()
         if self.tracer is not None:
             self.tracer.end_streams()  # trace readers get end of file
 
@@ -303,6 +319,39 @@ class Control:
             self.last_result = "; ".join(summary)
         answers = [r for r in results if r]
         return "\n".join(a.rstrip("\n") for a in answers) + ("\n" if answers else "")
+
+    def drop_trigger(self) -> None:
+        """End the FIFO watch of powercut-arm fifo=, if any (it closes its fd)."""
+        if self.trigger is not None and not self.trigger.shield:
+            self.trigger.cancel()
+        self.trigger = None
+
+    async def fire_armed(self, by: str = "SIGUSR2") -> bool:
+        """Fire the armed cut (the daemon's ARM_SIGNAL task calls this): the power goes off
+        in this task's own turn, before it first awaits, through the one BlockDevice.power_cut.
+        Its answer or error is kept for powercut-wait. False if nothing was armed."""
+        armed, self.armed = self.armed, None
+        if armed is None:
+            return False
+        self.drop_trigger()
+        self.firing = armed
+        try:
+            block = _block_of(self, "powercut")
+            report = await block.power_cut(
+                armed.keep, armed.seed, armed.save, why=f"an armed powercut ({by})"
+            )
+        except BlkfuseError as e:
+            error = ControlError(e.errno, f"the armed powercut failed: {e.message}")
+            self.fired = FiredCut(armed, None, error)
+            self.last_error, self.last_error_errno = error.message, e.errno
+        else:
+            self.fired = FiredCut(armed, _cut_answer(report), None)
+            self.last_result = report.text()
+        finally:
+            self.firing = None
+        self._fired.set()
+        self._fired = trio.Event()
+        return True
 
     async def wait_break(self, tag: str, timeout: float | None) -> str:
         with trio.CancelScope() as scope:
@@ -432,6 +481,8 @@ class Control:
                 None if cut_at is None else {"monotonic_ns": cut_at[0], "realtime_ns": cut_at[1]}
             ),
             "last_cut": last_cut.as_dict() if last_cut is not None else None,
+            # powercut-arm: the cut a signal would fire now (null: none armed)
+            "armed": None if self.armed is None else self.armed.as_dict(),
         }
 
     def status_text(self) -> str:
@@ -539,6 +590,11 @@ class Control:
         block = self.block
         if block is not None and block.last_cut is not None:
             out.append(f"last cut: {block.last_cut.text()}")
+        if self.armed is not None:
+            fifo = f" or a write to {self.armed.fifo}" if self.armed.fifo else ""
+            out.append(
+                f"armed: {self.armed.text()} (fired by SIGUSR2 to pid {info.get('pid')}{fifo})"
+            )
         out.append(f"last result: {d['last_result'] or '-'}")
         if d["last_error"]:
             out.append(f"last error: {errno_name(d['last_error_errno'])}: {d['last_error']}")
@@ -783,11 +839,178 @@ async def _powercut(control: Control, keep: str, seed: int | None, save: str | N
         seed = secrets.randbits(32)
     report = await block.power_cut(keep, seed, save)
     control.last_result = report.text()  # the answer has two lines: not summarised by execute
+    return _cut_answer(report)
+
+
+def _cut_answer(report: CutReport) -> str:
+    """What powercut (and powercut-wait, for an armed cut) answers."""
     return (
         report.text()
         + "; the power is off (poweron brings the device back)\n"
         + json.dumps(report.as_dict(), separators=(",", ":"))
     )
+
+
+# ---- armed cuts: set up through the control file, fired by a signal or a FIFO ----
+# A control write queues in /dev/fuse behind the mount's own requests; a signal or a FIFO
+# does not, so cuts of several loaded mounts land together (client/fleet.py, docs/clusters.md).
+
+
+@dataclass(frozen=True)
+class ArmedCut:
+    """A powercut-arm: what the signal will cut with."""
+
+    keep: str
+    seed: int
+    save: str | None
+    fifo: str | None = None  # also fired when this FIFO becomes readable
+
+    def text(self) -> str:
+        save = f" save={self.save}" if self.save is not None else ""
+        return f"powercut keep={self.keep} seed={self.seed}{save}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"keep": self.keep, "seed": self.seed, "save": self.save, "fifo": self.fifo}
+
+
+@dataclass(frozen=True)
+class FiredCut:
+    """An armed cut after its signal: the cut's answer, or why it failed."""
+
+    armed: ArmedCut
+    answer: str | None
+    error: ControlError | None
+
+
+def _parse_powercut_arm(words: list[str]) -> tuple[str, int | None, str | None, str | None]:
+    """powercut's words plus fifo=PATH -> (keep, seed, save, fifo)."""
+    fifos = [w.removeprefix("fifo=") for w in words if w.startswith("fifo=")]
+    if len(fifos) > 1:
+        raise ValueError("powercut-arm: fifo given twice")
+    if fifos and not fifos[0].startswith("/"):
+        raise ValueError(f"powercut-arm: fifo= needs an absolute path, not {fifos[0]!r}")
+    keep, seed, save = _parse_powercut([w for w in words if not w.startswith("fifo=")])
+    return keep, seed, save, fifos[0] if fifos else None
+
+
+def _open_fifo(path: str) -> int:
+    """The read end of the FIFO at `path`, not blocking (a writer need not exist yet)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ControlError(
+            e.errno or _errno.EIO, f"powercut-arm: fifo={path}: {e.strerror}"
+        ) from None
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ControlError(_errno.EINVAL, f"powercut-arm: fifo={path}: not a FIFO (mkfifo)")
+    return fd
+
+
+async def _fire_when_readable(control: Control, fd: int, scope: trio.CancelScope) -> None:
+    """A system task: fire the armed cut once the FIFO is readable (a writer wrote, or the
+    last writer closed it). It reads nothing: the other daemons on the same FIFO must see it
+    readable too. Ends, closing the fd, when the cut fires or is disarmed."""
+    try:
+        with scope:
+            await trio.lowlevel.wait_readable(fd)
+            scope.shield = True  # disarm can no longer stop a cut under way
+            if control.armed is not None and control.armed.fifo is not None:
+                await control.fire_armed(by=f"fifo={control.armed.fifo}")
+    except Exception:  # a system task's exception would end the daemon
+        log.exception("powercut-arm: the FIFO watch failed")
+    finally:
+        os.close(fd)
+
+
+def _check_armable(control: Control, block: BlockDevice) -> None:
+    if control.armed is not None:
+        raise ControlError(
+            _errno.EBUSY,
+            f"powercut-arm: a cut is already armed ({control.armed.text()}); powercut-disarm first",
+        )
+    if block.stack.undo is None:
+        raise ControlError(
+            _errno.EINVAL,
+            "powercut-arm: powercut needs -o track-unsynced=on (without it blkfuse keeps "
+            "nothing to undo unsynced writes with)",
+        )
+    if not block.powered:
+        raise ControlError(_errno.EINVAL, "powercut-arm: the power is already off (poweron first)")
+
+
+@command(
+    "powercut-arm [keep=none|random|prefix] [seed=N] [save=PATH] [fifo=PATH]",
+    "\narm a powercut (checked now, words as powercut's) that SIGUSR2 to the\n"
+    "daemon (status json info.pid) fires at once, without queueing behind\n"
+    "the mount's requests as a control write does (blkfuse ctl MNT... --\n"
+    "powercut uses it); fifo=PATH: also fired when that FIFO turns readable\n"
+    "(one write fires every daemon armed on it); refused while one is armed\n"
+    "(EBUSY) or the power is off",
+    nargs=(0, 4),
+    parse=_parse_powercut_arm,
+)
+async def _powercut_arm(
+    control: Control, keep: str, seed: int | None, save: str | None, fifo: str | None
+) -> str:
+    block = _block_of(control, "powercut-arm")
+    _check_armable(control, block)
+    if save is not None:
+        await trio.to_thread.run_sync(_check_save_path, save, control.info.get("mountpoint"))
+        _check_armable(control, block)  # again: another write may have armed meanwhile
+    fd = _open_fifo(fifo) if fifo is not None else None  # the last check: nothing after fails
+    control.armed = ArmedCut(keep, secrets.randbits(32) if seed is None else seed, save, fifo)
+    if fd is not None:
+        control.trigger = trio.CancelScope()
+        trio.lowlevel.spawn_system_task(
+            _fire_when_readable, control, fd, control.trigger, name="blkfuse-powercut-fifo"
+        )
+    by = f" or a write to {fifo}" if fifo is not None else ""
+    return f"armed: {control.armed.text()}; SIGUSR2 to pid {os.getpid()}{by} fires it"
+
+
+@command("powercut-disarm", "drop the armed powercut (ENOENT: none armed)")
+async def _powercut_disarm(control: Control) -> str:
+    if control.armed is None:
+        raise ControlError(_errno.ENOENT, "powercut-disarm: no powercut is armed")
+    armed, control.armed = control.armed, None
+    control.drop_trigger()
+    control.fired = None
+    control._fired.set()  # a powercut-wait for it ends: nothing will fire
+    control._fired = trio.Event()
+    return f"disarmed: {armed.text()}"
+
+
+def _optional_seconds(words: list[str]) -> tuple[float | None]:
+    return (_seconds(words[0]) if words else None,)
+
+
+@command(
+    "powercut-wait [TIMEOUT]",
+    "wait until the armed powercut has fired (at once if it has) and answer\n"
+    "as powercut does (ENOENT: none armed, or disarmed; ETIMEDOUT)",
+    nargs=(0, 1),
+    parse=_optional_seconds,
+)
+async def _powercut_wait(control: Control, timeout: float | None) -> str:
+    if control.armed is not None or control.firing is not None:
+        fired = control._fired
+        with trio.move_on_after(math.inf if timeout is None else timeout):
+            await fired.wait()
+        if control._closing:
+            raise ControlError(_errno.ESHUTDOWN, "the mount is shutting down")
+        if not fired.is_set():
+            raise ControlError(
+                _errno.ETIMEDOUT, f"powercut-wait: the armed cut did not fire within {timeout:g} s"
+            )
+    if control.fired is None:
+        raise ControlError(
+            _errno.ENOENT, "powercut-wait: no armed powercut fired (none armed, or disarmed)"
+        )
+    if control.fired.error is not None:
+        raise control.fired.error
+    assert control.fired.answer is not None
+    return control.fired.answer
 
 
 def _parse_poweron(words: list[str]) -> tuple[bool]:

@@ -57,6 +57,11 @@ GRACE_SECONDS = 5.0
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 FORCE_SIGNAL = signal.SIGUSR1
 _ALL_SIGNALS = SHUTDOWN_SIGNALS + (FORCE_SIGNAL,)
+# Fires the cut armed by the control command powercut-arm (daemon/control.py): a signal is
+# not queued in /dev/fuse behind the mount's requests as a control write is, so the cuts of
+# several busy mounts land together (client/fleet.py).
+ARM_SIGNAL = signal.SIGUSR2
+_MASKED_SIGNALS = _ALL_SIGNALS + (ARM_SIGNAL,)
 
 
 @dataclass
@@ -416,7 +421,7 @@ class Daemon:
         # The image's opens for writing fail with EROFS in fs.py instead.
         # From the moment the mount exists until the trio loop listens for them, a shutdown
         # signal must wait, not kill the daemon and leave a dead mount behind.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, _MASKED_SIGNALS)
         # libfuse reports why a mount failed on stderr; catch it for the one-line reason.
         with tempfile.TemporaryFile() as err:
             saved = os.dup(2)
@@ -424,7 +429,7 @@ class Daemon:
             try:
                 pyfuse3.init(self.ops, self.m.mountpoint, options)
             except Exception as e:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, _ALL_SIGNALS)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _MASKED_SIGNALS)
                 os.dup2(saved, 2)
                 err.seek(0)
                 why = err.read().decode(errors="replace").strip().splitlines()
@@ -450,6 +455,7 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._watch_signals)
+            nursery.start_soon(self._watch_arm_signal)
             await pyfuse3.main(min_tasks=IDLE_TASKS, max_tasks=MAX_TASKS, handoff=handoff)
             # The loop ended: by our shutdown, or the kernel ended the session (unmounted).
             self._stop()
@@ -474,6 +480,19 @@ class Daemon:
                     self._release()
                     self._nursery.start_soon(self._grace_then_stop)
                 # Later signals are absorbed: the shutdown under way finishes in order.
+
+    async def _watch_arm_signal(self) -> None:
+        """ARM_SIGNAL fires the armed powercut, here, in this task's turn: its own receiver,
+        so a cut's revert and fsync never delay a shutdown signal's handling."""
+        import trio
+
+        with trio.open_signal_receiver(ARM_SIGNAL) as signals:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, (ARM_SIGNAL,))
+            async for _ in signals:
+                if self.state is not State.SERVING:
+                    log.warning("SIGUSR2: the mount is shutting down: no cut")
+                elif not await self.control.fire_armed():
+                    log.warning("SIGUSR2: no powercut armed (powercut-arm): ignored")
 
     def _release(self) -> None:
         """Shutdown's first step, once (SERVING -> STOPPING): control takes no more commands

@@ -343,6 +343,7 @@ def test_status_dict_is_json_and_stable():
         "power_off_at",
         "unsynced",
         "last_cut",
+        "armed",
         "log_writes",
     }
     assert d["state"] == 3
