@@ -1,4 +1,4 @@
-"""What QEMU's block layer does around blkdebug, for one image (docs: README "Events").
+"""What QEMU's block layer does around blkdebug, for one image (docs: docs/reference.md "Events").
 
 QEMU stacks a raw format node over the blkdebug node over the file. A request's life
 there decides which events blkdebug sees, in which order, and when it is checked:

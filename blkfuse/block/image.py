@@ -75,24 +75,14 @@ _ZERO_CHUNK = 1 << 20
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 _libc.fallocate.restype = ctypes.c_int
-_libc.fstatfs.argtypes = (ctypes.c_int, ctypes.c_void_p)
-_libc.fstatfs.restype = ctypes.c_int
-_TMPFS_MAGIC = 0x01021994
-
-
-def _fs_type(fd: int) -> int:
-    """statfs(2)'s f_type of the file system holding `fd` (0 if it cannot tell)."""
-    buffer = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86-64
-    if _libc.fstatfs(fd, buffer) != 0:
-        return 0
-    return ctypes.c_long.from_buffer(buffer).value  # f_type is its first field
 
 
 DEFAULT_IO_THREADS = 4
 MAX_IO_THREADS = 256
 
 # statfs f_type of file systems that live in memory (linux/magic.h).
-_MEMORY_FILE_SYSTEMS = {0x01021994, 0x858458F6}  # TMPFS_MAGIC, RAMFS_MAGIC
+_TMPFS_MAGIC = 0x01021994
+_MEMORY_FILE_SYSTEMS = {_TMPFS_MAGIC, 0x858458F6}  # and RAMFS_MAGIC
 
 INLINE, NOWAIT, POOL, BLIND = "inline", "nowait", "pool", "blind"
 
@@ -140,14 +130,14 @@ class Image:
         self._size_cached = not _is_block_device(self.fd)
         # tmpfs answers SEEK_HOLE by walking its pages up to the next hole: 29 ms for a full
         # 1 GiB file (Linux 6.1). Who asks per write (the undo log) must know (crash/undo.py).
-        self.seek_hole_scans = _fs_type(self.fd) == _TMPFS_MAGIC
+        self.seek_hole_scans = _file_system_type(self.fd) == _TMPFS_MAGIC
         # The request alignment QEMU's O_DIRECT file node would pick (write_zeroes uses it)
         self.zero_align = _probe_alignment(self.fd) if direct else 1
         self.io_threads = io_threads
         self._pool: WorkerPool | None = None  # made at the first I/O that needs it
         # Set by the daemon (fuseloop.Loop.idle): True when no other request waits. A read
         # that would go to the pool is then done inline: at queue depth 1 the hop to a
-        # thread and back costs more than it saves (measured: README).
+        # thread and back costs more than it saves (measured: docs/benchmarks.md).
         self.loop_idle: Callable[[], bool] | None = None
         # io_threads=0: no pool, every read and write inline (as before it existed; A/B runs)
         self._read_mode = self._write_mode = _io_mode(self.fd) if io_threads else INLINE
@@ -637,8 +627,11 @@ def _io_mode(fd: int) -> str:
         return INLINE
     if not hasattr(os, "RWF_NOWAIT"):
         return POOL
-    try:  # one byte (none at the end of the file): refused, or EAGAIN, or read
-        os.preadv(fd, (bytearray(1),), 0, os.RWF_NOWAIT)
+    # Asked at the end of the file: the flag is refused before any read, and a read at offset
+    # 0 would start readahead, caching pages QEMU never reads (an unwritten extent with
+    # cached pages is data to SEEK_DATA: the qsd differential saw it after a ZERO_RANGE).
+    try:
+        os.preadv(fd, (bytearray(1),), os.lseek(fd, 0, os.SEEK_END), os.RWF_NOWAIT)
     except BlockingIOError:
         pass
     except OSError as e:

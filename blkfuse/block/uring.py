@@ -2,8 +2,8 @@
 
 A backing read that misses the page cache must not block the one trio thread (image.py).
 Handing it to a worker thread costs a GIL hand-off at every step of the hop, and with
-several workers and a busy trio thread those hand-offs dominate (measured: README). Here the
-trio thread submits the read to the kernel (one io_uring_enter) and parks the request's
+several workers and a busy trio thread those hand-offs dominate (measured:
+docs/benchmarks.md). Here the trio thread submits the read to the kernel (one io_uring_enter) and parks the request's
 task; the kernel reads, posts the completion to a ring in shared memory and signals an
 eventfd that trio's epoll watches; a system task reaps the ring and reschedules the tasks.
 No Python thread, so no GIL traffic, at any queue depth.

@@ -415,7 +415,7 @@ class Operations(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(errno.EBADF) from None
 
-    # read and write first try the lean path (README "Benchmarks"): an image request that
+    # read and write first try the lean path (docs/benchmarks.md): an image request that
     # nothing can see (no rule, breakpoint, trace, watcher or log: BlockDevice.read_now and
     # write_now ask the engine) is done at once, without awaiting anything. So no other task
     # can run while it is served: it needs no count in `inflight` and no caller. Else the

@@ -35,7 +35,8 @@ import trio
 # A checkpoint at least every this many fast returns: fairness for other trio tasks.
 _CHECKPOINT_EVERY = 8
 
-# The longest busy-poll window unless -o poll-us says otherwise (chosen by measurement: README).
+# The longest busy-poll window unless -o poll-us says otherwise (chosen by measurement:
+# docs/benchmarks.md).
 DEFAULT_POLL_US = 50
 
 # QEMU's adaptive polling constants: the first window, and the factor it grows by.

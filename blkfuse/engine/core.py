@@ -484,7 +484,7 @@ class Engine:
         return error
 
     def unseen(self, events: tuple[str, ...], iotype: str, offset: int, length: int) -> bool:
-        """The lean path (README "Benchmarks"): True if nothing can see a request that raises
+        """The lean path (docs/benchmarks.md): True if nothing can see a request that raises
         `events` and is then checked once as (iotype, offset, length): no rule or breakpoint
         on those events, no trace, no extension rule armed, and no armed rule it meets. Then
         its events are counted as fired, exactly as fire() and check() would leave the

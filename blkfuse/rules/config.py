@@ -12,7 +12,8 @@ Four spellings lead to the same rule objects (rules.py):
 
 Every error is a ConfigError whose text says where (``rules.conf:3:``, ``option
 inject-error.0.evnt:``, ``control:``), what is wrong and, for a misspelt name, the closest
-valid one. What QEMU accepts we accept, with these deliberate differences (README):
+valid one. What QEMU accepts we accept, with these deliberate differences (docs/reference.md,
+"Known differences from QEMU"):
 a negative errno or sector is an error (QEMU wraps "-5" to a negative errno that silently
 skips the I/O, and "-1" to "any sector"); errno may be a name ("ENOSPC"); errno is at most
 511 (the largest error a FUSE reply can carry); pre-2015 dotted event names still work;
