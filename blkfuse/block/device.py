@@ -216,9 +216,11 @@ class BlockDevice:
         self.raw = format == "raw"
         self.fua_always = cache in ("writethrough", "directsync")
         # whose block layer (rules/profiles.py): QEMU 7.2 emulates a FUA write with a flush
-        # after it; 10.0 hands FUA down to the file, which writes with RWF_DSYNC
+        # after it; 10.0 hands FUA down to the file, which writes with RWF_DSYNC, unless a
+        # filter below takes no FUA (the write recorder, as QEMU 10.0's blklogwrites: its
+        # block layer then emulates FUA with a flush, as 7.2 does everywhere)
         self.profile = profile
-        self.fua_flushes = profile.fua_is_a_flush
+        self.fua_flushes = profile.fua_is_a_flush or not stack.takes_fua()
         self.no_flush = cache == "unsafe"
         # "Written since the last successful flush", as QEMU's write_gen/flushed_gen pairs.
         # Failed writes count too; a failed flush leaves its generation dirty.

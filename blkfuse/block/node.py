@@ -71,6 +71,11 @@ class Filter:
     observes; the others are bound straight to the node below when the filter is made, so
     a pass-through costs nothing per request (the methods below are their documentation)."""
 
+    # The node takes a FUA write as one (QEMU's supported_write_flags has BDRV_REQ_FUA): a
+    # node that does not makes the block layer above emulate FUA with a flush after the
+    # write, under every profile (device.py, `fua_flushes`).
+    takes_fua = True
+
     def __init__(self, below: Node):
         self.below = below
         for name in NODE_METHODS:

@@ -57,6 +57,11 @@ class Stack:
         them even where blkdebug's generation would skip it."""
         return any(node.unflushed() for node in self.filters)
 
+    def takes_fua(self) -> bool:
+        """Every filter takes FUA writes as such (the image does: RWF_DSYNC). One that does
+        not (the write recorder, as QEMU's blklogwrites) gets FUA emulated with a flush."""
+        return all(node.takes_fua for node in self.filters)
+
     async def power_cut(self, keep: str, seed: int | None) -> CutReport:
         """Every filter hears of the cut (top first), then the undo filter takes back the
         unsynced writes as `keep` says. Needs the undo filter (the caller checked)."""

@@ -265,7 +265,9 @@ def mount(
     device: StrPath, mountpoint: StrPath, fstype: str, options: MountOptions | None = None
 ) -> None:
     """Mount; MountError with mount's words and, since mount(8) only says "wrong fs type,
-    bad option, bad superblock...", what the kernel logged about the device meanwhile."""
+    bad option, bad superblock...", what the kernel logged about the device meanwhile
+    (where /dev/kmsg is readable: not in a container) and what blkid finds on the device
+    (everywhere: no filesystem at all, another type, or the right one the kernel refused)."""
     opts = mount_option_string(options)
     cmd = ["mount", "-t", fstype] + (["-o", opts] if opts else [])
     with KernelLog(os.fspath(device)) as kernel:
@@ -273,12 +275,36 @@ def mount(
             _run([*cmd, os.fspath(device), os.fspath(mountpoint)], f"mount {fstype}")
         except MountError as e:
             said = kernel.lines()
-            raise MountError(f"{e} | kernel: {' / '.join(said)}" if said else str(e)) from None
+            why = f"{e} | kernel: {' / '.join(said)}" if said else str(e)
+            raise MountError(f"{why} | {on_disk(os.fspath(device), fstype)}") from None
+
+
+def on_disk(device: str, fstype: str) -> str:
+    """What blkid's low-level probe (superblocks, not its cache) finds on `device`, said
+    against the `fstype` a mount expected."""
+    if shutil.which("blkid") is None:
+        return "blkid: not installed"
+    r = subprocess.run(
+        ["blkid", "-p", "-s", "TYPE", "-o", "value", device],
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_SECONDS,
+        stdin=subprocess.DEVNULL,
+    )
+    found = r.stdout.strip()
+    if r.returncode == 2 or (r.returncode == 0 and not found):
+        return f"blkid: no filesystem signature on {device}"
+    if r.returncode != 0:
+        return f"blkid: {' '.join(r.stderr.split()) or f'exit status {r.returncode}'}"
+    if found != fstype:
+        return f"blkid: {device} holds {found}, not {fstype}"
+    return f"blkid: {device} holds {fstype} (its superblock is there; the kernel refused it)"
 
 
 class KernelLog:
     """What the kernel logs about one device from now on (/dev/kmsg, read from its end:
-    exact under other devices' noise, no dmesg run). Empty where /dev/kmsg is unreadable."""
+    exact under other devices' noise, no dmesg run). Empty where /dev/kmsg is unreadable
+    (a container: no /dev/kmsg, or no CAP_SYSLOG); `readable` says which."""
 
     def __init__(self, device: str) -> None:
         self.name = os.path.basename(device)
@@ -287,6 +313,7 @@ class KernelLog:
             os.lseek(self.fd, 0, os.SEEK_END)
         except OSError:
             self.fd = -1
+        self.readable = self.fd >= 0
 
     def lines(self, most: int = 4) -> list[str]:
         about: list[str] = []
@@ -300,11 +327,10 @@ class KernelLog:
             except OSError:
                 break
             text = record.decode(errors="replace").split(";", 1)[-1].split("\n", 1)[0]
-            if (
-                f"({self.name})" in text
-                or text.startswith(f"{self.name}:")
-                or (f"device {self.name})" in text)
-            ):
+            # the filesystems' lines ("XFS (loop3): ...", "EXT4-fs (loop3): ...", "BTRFS
+            # error (device loop3): ..."), not the block layer's ("loop3: detected capacity
+            # change ..."), which a reused device number prints late, for its last user
+            if f"({self.name})" in text or f"device {self.name})" in text:
                 about.append(text)
         return about[-most:]
 

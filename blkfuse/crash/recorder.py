@@ -18,7 +18,9 @@ the recorder pads instead, with what the image holds once the change is done):
     resize         a mark `resize:SIZE` (QEMU's node passes a resize through unlogged);
                    `blkfuse replay` truncates a regular-file target there
     FUA write      the write entry carries LOG_FUA_FLAG (as the kernel's dm-log-writes;
-                   QEMU's driver never sets it), followed by the flush that emulates it
+                   QEMU's driver never sets it), followed by the flush that emulates it:
+                   QEMU's node declares no FUA support, so its block layer emulates FUA
+                   above it under every profile (10.0 too, which passes FUA to a file)
     flush          a flush entry, if anything was recorded since the last one (QEMU's node
                    skips the flush otherwise: its write generation is clean); the superblock
                    is rewritten and the log fsynced before the flush is acknowledged
@@ -60,6 +62,10 @@ class Recorder(Filter):
     over the undo filter). Each change is passed on, then logged once it is done; a change
     that raises is not logged. `read_image(offset, length)` reads the image as it is now
     (short at its end), for padding: the image's own pread (reads pass filters unchanged)."""
+
+    # QEMU's blklogwrites sets no supported_write_flags: a FUA write above it is a write,
+    # then a flush (logged), in QEMU 10.0 as in 7.2.
+    takes_fua = False
 
     def __init__(
         self,

@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from blkfuse.client import fsstack
+
 from conftest import blkfuse
 
 # Three records written to the raw image, each acknowledged once it is durable.
@@ -129,7 +131,12 @@ def test_an_unmountable_state_is_its_own_kind(tmp_path):
     first = report["failures"][0]
     assert first["kind"] == "unmountable"
     assert first["output"].startswith("mount xfs: mount -t xfs -o nouuid /dev/loop")
-    assert "| kernel: XFS (loop" in first["output"]  # the reason, not only "wrong fs type"
+    # the reason, not only "wrong fs type": the superblock is gone (and the kernel says so
+    # where its log is readable)
+    assert "| blkid: no filesystem signature on /dev/loop" in first["output"]
+    with fsstack.KernelLog("/dev/null") as kernel:
+        if kernel.readable:
+            assert "| kernel: XFS (loop" in first["output"]
     assert report["unmountable"] >= 1
 
 

@@ -10,6 +10,7 @@ import pytest
 import trio
 from support.device import build_device
 
+from blkfuse.crash.logwrites import FLUSH, read_log
 from blkfuse.engine.core import Engine
 from blkfuse.rules.config import ConfigError, parse_config_text, parse_options
 from blkfuse.rules.profiles import DEFAULT, PROFILES, QEMU_7_2, QEMU_10_0, for_version, profile
@@ -207,3 +208,25 @@ def test_punch_hole_under_each_profile(tmp_path, qemu):
         assert events == ["pwritev_zero", "pwritev_done"] * 3
     # the write-zeroes rule's range: discarded in 7.2, refused (EIO) in 10.0
     assert data[20480:24576] == (bytes(4096) if qemu is QEMU_7_2 else b"\x11" * 4096)
+
+
+@pytest.mark.parametrize("qemu", [QEMU_7_2, QEMU_10_0])
+def test_a_fua_write_over_the_write_recorder_is_a_flush_under_each_profile(tmp_path, qemu):
+    """QEMU's blklogwrites takes no FUA, so even 10.0 emulates a FUA write above it with a
+    flush: the log has a flush entry after each FUA write, and the flush events fire (what
+    qemu-io 10.0 logs with cache=directsync, tests/test_logwrites_differential.py)."""
+    log = tmp_path / "w.log"
+    dev, engine, _ = _device(
+        tmp_path / "d", qemu, cache="directsync", format="raw", log_writes=str(log)
+    )
+
+    async def main():
+        for offset, byte in ((0, b"a"), (4096, b"b"), (8192, b"c")):
+            await dev.write(offset, byte * 4096)
+
+    trio.run(main)
+    dev.stack.close()
+    entries = list(read_log(log, trailing=True)[1])
+    kinds = ["flush" if e.flags & FLUSH else e.sector for e in entries]
+    assert kinds == [0, "flush", 8, "flush", 16, "flush"]
+    assert "flush_to_os" in engine.trace
