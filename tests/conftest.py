@@ -33,6 +33,19 @@ def blkfuse(
     return r
 
 
+# The layer of a test is the directory it is in (tests/unit/, mount/, qemu/, e2e/): each test
+# gets that marker (pyproject.toml registers them), so `pytest -m unit` runs the fast ones.
+LAYERS = ("unit", "mount", "qemu", "e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    tests = Path(__file__).resolve().parent
+    for item in items:
+        layer = item.path.resolve().parent
+        if layer.parent == tests and layer.name in LAYERS:
+            item.add_marker(layer.name)
+
+
 is_mounted = mounttab.is_mounted
 force_unmount = client.force_unmount
 

@@ -166,7 +166,7 @@ class Scenario:
         self, config_path: Path, image_path: Path, flush_as: str, log_path: Path | None = None
     ) -> list[str]:
         """With `log_path`: a blklogwrites node logging to it between blkdebug and the file
-        (what blkfuse's -o log-writes records, tests/test_logwrites_differential.py)."""
+        (what blkfuse's -o log-writes records, tests/qemu/test_logwrites_differential.py)."""
         argv = [QEMU_IO, "-t", self.cache]
         blkdebug = self.blkdebug_options()
         if log_path is not None:

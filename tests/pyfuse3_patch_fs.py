@@ -1,4 +1,4 @@
-"""A tiny pyfuse3 filesystem for tests/test_pyfuse3_patch.py (run as a script, one per mount).
+"""A tiny pyfuse3 filesystem for tests/mount/test_pyfuse3_patch.py (run as a script, one per mount).
 
     python pyfuse3_patch_fs.py MOUNTPOINT LOG [--plain] [--locked]
 

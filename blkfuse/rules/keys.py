@@ -1,7 +1,7 @@
 """The rule keys: one table (KEYS), one row per key, and everything about a key comes from its
 row: the config reader, `-o inject-error.N.KEY`, the control file's rule commands, `blkfuse
 check` (portable or not), the status (text and JSON), the control `help` and the README's key
-table (tests/test_keys.py holds them to it).
+table (tests/unit/test_keys.py holds them to it).
 
 Adding a key is adding a row (and the field it sets, on the rule or on its Extensions):
 
@@ -60,7 +60,7 @@ class KeySpec:
     needs: str = ""  # a mount option (options.py) it needs on: "track-unsynced"
     value: str = "N"  # the help's placeholder: KEY=VALUE
     help: str = ""  # one line, for `help`, --help and the README
-    example: str = ""  # words of a rule that sets it (tests/test_keys.py round-trips it)
+    example: str = ""  # words of a rule that sets it (tests/unit/test_keys.py round-trips it)
 
 
 # ---- the parsers only rule keys use -------------------------------------------------------

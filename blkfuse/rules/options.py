@@ -1,7 +1,7 @@
 """The mount options (`-o KEY=VALUE,...` beside the rules): one table (OPTIONS), one row per
 option, and everything about an option comes from its row: parse_options reads them in table
 order into Settings, `blkfuse check` marks the ones QEMU's blkdebug rejects, `blkfuse mount
---help` lists them, and so does the README (tests/test_keys.py holds them to it).
+--help` lists them, and so does the README (tests/unit/test_keys.py holds them to it).
 
 Adding an option is adding a row (and its Settings field):
 
@@ -49,7 +49,7 @@ class OptionSpec:
     shown: bool = True  # in blkfuse check's summary when given
     value: str = "N"  # the help's placeholder
     help: str = ""  # one line, for --help and the README
-    example: str = ""  # a value (tests/test_keys.py reads it through every place)
+    example: str = ""  # a value (tests/unit/test_keys.py reads it through every place)
 
 
 def _plain(key: str, text: str, settings: Settings) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "e2e-crash"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "e2e-crash"
 
 
 def proofs(tmp_path, *names, extra=()):

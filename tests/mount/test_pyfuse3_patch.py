@@ -26,7 +26,7 @@ from blkfuse.block.image import (
 
 from conftest import force_unmount, is_mounted
 
-FS = Path(__file__).with_name("pyfuse3_patch_fs.py")
+FS = Path(__file__).resolve().parents[1] / "pyfuse3_patch_fs.py"
 # Hang guard, not a timing check: how long a step may take before the test fails.
 WEDGED_SECONDS = 120
 

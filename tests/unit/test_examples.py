@@ -9,7 +9,7 @@ from support.device import build_device
 from blkfuse.engine.core import Engine
 from blkfuse.rules.config import parse_config_file
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "blkfuse" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "blkfuse" / "examples"
 
 
 def outcomes(tmp_path, name, ops):

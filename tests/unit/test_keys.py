@@ -24,7 +24,7 @@ from blkfuse.rules.config import (
 )
 from blkfuse.rules.model import Settings
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 TRACKED = Settings(track_unsynced=True)
 
 

@@ -287,7 +287,7 @@ def test_fails_while_a_request_is_suspended(blkfuse_mount):
 
 def _readme_example() -> str:
     """The README's pytest example (the python block that uses blkfuse_mount)."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     blocks = [b.split("```", 1)[0] for b in readme.split("```python\n")[1:]]
     [example] = [b for b in blocks if "def test_" in b and "blkfuse_mount" in b]
     return example

@@ -23,7 +23,7 @@ from blkfuse.rules.config import (
 from blkfuse.rules.events import DEFAULT_IOTYPES
 from blkfuse.rules.model import InjectError, SetState, Settings
 
-ORACLE = pathlib.Path(__file__).parent / "data" / "oracle"
+ORACLE = pathlib.Path(__file__).resolve().parents[1] / "data" / "oracle"
 
 
 def one_rule(body: str, section: str = "inject-error"):

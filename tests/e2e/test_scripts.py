@@ -10,7 +10,7 @@ import pytest
 
 from conftest import force_unmount, is_mounted
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_demo_shows_the_injected_error_and_the_breakpoint(tmp_path):

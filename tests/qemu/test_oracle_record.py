@@ -10,7 +10,7 @@ import pytest
 
 import differential as D
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "scripts", "oracle-record")
 
 pytestmark = [

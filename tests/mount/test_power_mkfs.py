@@ -39,7 +39,7 @@ def test_mkfs_ext4_on_a_16g_sparse_tracked_mount_with_a_64m_cap(mount):
 
 def test_bench_mkfs_prints_the_ratio_line_per_size():
     """scripts/bench-mkfs runs end to end (its numbers are for README, not asserted)."""
-    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench-mkfs")
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "bench-mkfs")
     r = subprocess.run([script, "--sizes", "64M", "--runs", "1"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     size, *numbers = r.stdout.splitlines()[-1].split()
