@@ -41,3 +41,20 @@ class Writer(threading.Thread):
                 os.close(fd)
         except OSError as e:
             self.error = e
+
+
+def write_unsynced(m, offset: int, data: bytes) -> None:
+    """A plain pwrite through the mount, no fsync: it stays in the undo log until a flush."""
+    fd = open_image(m)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def read(m, offset: int, length: int) -> bytes:
+    fd = open_image(m, os.O_RDONLY)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)

@@ -15,26 +15,10 @@ import blkfuse
 from blkfuse.client.fleet import FleetError, node_seed
 
 from conftest import blkfuse as run_blkfuse
-from imageio import MiB
+from imageio import MiB, read, write_unsynced
 
 TRACK = ("-o", "track-unsynced=on")
 HANG_GUARD_SECONDS = 60  # a daemon silent this long is wedged: the test fails, not hangs
-
-
-def write_unsynced(m, offset, data):
-    fd = os.open(m.file, os.O_RDWR)
-    try:
-        os.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
-
-
-def read(m, offset, length):
-    fd = os.open(m.file, os.O_RDONLY)
-    try:
-        return os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
 
 
 def ctl_error(m, text):

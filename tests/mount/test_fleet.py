@@ -5,7 +5,6 @@ seeds, the spread of the cuts, poweron, failures on some nodes."""
 import errno
 import hashlib
 import json
-import os
 
 import pytest
 
@@ -13,25 +12,9 @@ import blkfuse
 from blkfuse.client.fleet import FleetError, cut_report, node_seed, per_node_commands
 
 from conftest import blkfuse as run_blkfuse
-from imageio import MiB
+from imageio import MiB, read, write_unsynced
 
 TRACK = ("-o", "track-unsynced=on")
-
-
-def write_unsynced(m, offset, data):
-    fd = os.open(m.file, os.O_RDWR)
-    try:
-        os.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
-
-
-def read(m, offset, length):
-    fd = os.open(m.file, os.O_RDONLY)
-    try:
-        return os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
 
 
 def three(mount):

@@ -474,20 +474,26 @@ def test_each_mode_matches_the_model_on_random_histories(tmp_path, history_seed)
                     offset = history.randrange(0, 36 * KiB)
                     await d.block.write(offset, noise(history.randrange(1, 6000), step))
                     snapshots.append(d.data())
-            synced, current = snapshots[0], snapshots[-1]
             report = await d.block.power_cut(keep, history_seed)
             after = d.data()
-            if keep == "none":
-                assert after == synced
-            elif keep == "prefix":
-                assert after == snapshots[report.writes_kept]
-            else:
-                assert len(after) in (len(synced), len(current))
-                for unit in range(0, len(after), atomic):
-                    got = after[unit : unit + atomic]
-                    now = current[unit : unit + atomic].ljust(atomic, b"\0")[: len(got)]
-                    old = synced[unit : unit + atomic].ljust(atomic, b"\0")[: len(got)]
-                    assert got in (now, old), f"unit {unit // atomic}"
+            check_cut(after, snapshots, report, keep, atomic)
 
         run(main)
         d.image.close()
+
+
+def check_cut(after: bytes, snapshots: list, report, keep: str, atomic: int) -> None:
+    """The image after a cut is what the model says: snapshots[0] the last flushed image,
+    snapshots[i] the image after the i-th unsynced change."""
+    synced, current = snapshots[0], snapshots[-1]
+    if keep == "none":
+        assert after == synced
+    elif keep == "prefix":
+        assert after == snapshots[report.writes_kept]
+    else:
+        assert len(after) in (len(synced), len(current))
+        for unit in range(0, len(after), atomic):
+            got = after[unit : unit + atomic]
+            now = current[unit : unit + atomic].ljust(atomic, b"\0")[: len(got)]
+            old = synced[unit : unit + atomic].ljust(atomic, b"\0")[: len(got)]
+            assert got in (now, old), f"unit {unit // atomic}"
