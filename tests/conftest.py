@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from blkfuse import ControlError, Mount, MountError, client
-from blkfuse.client import mounttab
+from blkfuse.client import fsstack, mounttab
 
 BLKFUSE = client.blkfuse_command()
 
@@ -105,12 +106,76 @@ class Mounted:
         assert not is_mounted(self.mnt)
 
 
+# Loop devices a test leaves attached: nothing fails (no filesystem is mounted on them), but
+# every run would leave more on the machine. Other runs on the same machine attach and detach
+# their own meanwhile, so a device counts only if it was attached during the test (by the
+# kernel's diskseq: never one that was there before) and is backed by a file of this test's
+# scratch directories, by a deleted file, or by a file of a detached mount (the kernel then
+# names the file from that mount's root, as /disk0.img: a dead blkfuse mount taken away).
+# Hang guard, not a timing check: another run's device of that kind is gone once its own
+# teardown has run.
+LOOP_SETTLE_SECONDS = 30.0
+_scratch_dirs: list[Path] = []  # this test's fuse_dir
+
+
+def _loop_attachments() -> dict[str, tuple[str, str]]:
+    """/dev/loopN -> (fsstack.attachment, backing file) for every attached loop device."""
+    found = {}
+    for name in os.listdir("/sys/block"):
+        if name.startswith("loop"):
+            device = f"/dev/{name}"
+            attachment = fsstack.attachment(device)
+            if attachment:
+                found[device] = (attachment, fsstack.backing_file(device))
+    return found
+
+
+def _left_by_a_test(backing: str, dirs: list[str]) -> bool:
+    if backing.endswith(" (deleted)") or any(backing.startswith(d + "/") for d in dirs):
+        return True
+    # a detached mount's file: its first component is no entry of / (a look at / only: a
+    # path through a mount could be a request to a suspended daemon)
+    top = backing.split("/")[1] if backing.startswith("/") else ""
+    return bool(top) and not os.path.lexists("/" + top)
+
+
+@pytest.fixture(autouse=True)
+def no_loop_device_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fails the test that leaves a loop device attached (set up first: checked last, after
+    every other fixture's teardown)."""
+    before = {attachment for attachment, _ in _loop_attachments().values()}
+    _scratch_dirs.clear()
+    yield
+    dirs = [os.path.realpath(d) for d in _scratch_dirs]
+    tmp = request.node.funcargs.get("tmp_path") if hasattr(request.node, "funcargs") else None
+    if tmp is not None:
+        dirs.append(os.path.realpath(tmp))
+    deadline = time.monotonic() + LOOP_SETTLE_SECONDS
+    while True:
+        left = {
+            device: backing
+            for device, (attachment, backing) in _loop_attachments().items()
+            if attachment not in before and _left_by_a_test(backing, dirs)
+        }
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if left:
+        pytest.fail(
+            "loop devices left attached: "
+            + ", ".join(f"{device} on {backing}" for device, backing in sorted(left.items()))
+            + f" (losetup -d {' '.join(sorted(left))})",
+            pytrace=False,
+        )
+
+
 @pytest.fixture
 def fuse_dir() -> Iterator[Path]:
     """A scratch directory every user can reach (pytest's tmp_path is 0700 root's)."""
     if not os.path.exists("/dev/fuse"):
         pytest.skip("/dev/fuse is missing")
     d = Path(tempfile.mkdtemp(prefix="blkfuse-test-"))
+    _scratch_dirs.append(d)
     os.chmod(d, 0o755)
     yield d
     shutil.rmtree(d, ignore_errors=True)

@@ -169,6 +169,23 @@ def backing_file(device: str) -> str:
         return ""
 
 
+def attachment(device: str) -> str:
+    """What tells this attachment of a loop device from any later one ("" when it is free):
+    its disk sequence number (/sys/block/loopN/diskseq, Linux 5.15+), which the kernel bumps
+    on every attach and detach. Not the backing file's path: that changes under the device
+    when the mount holding the file is detached (a dead blkfuse mount taken away with
+    --force shows its image as /disk.img), and a teardown comparing paths would then take
+    its own device for someone else's and leave it attached. Without diskseq, the path."""
+    backing = backing_file(device)
+    if not backing:
+        return ""
+    try:
+        with open(f"/sys/block/{_loop_name(device)}/diskseq") as f:
+            return "diskseq " + f.read().strip()
+    except OSError:
+        return backing
+
+
 def attach(path: StrPath, direct_io: bool = True) -> str:
     """A new loop device over `path` (/dev/loopN). With direct_io it must really be in
     direct-io mode; a file system that cannot do O_DIRECT is refused with the reason."""
@@ -193,14 +210,15 @@ def attach(path: StrPath, direct_io: bool = True) -> str:
     return device
 
 
-def detach(device: str, timeout: float = DETACH_SECONDS, bound_to: str | None = None) -> None:
+def detach(device: str, timeout: float = DETACH_SECONDS, attached: str | None = None) -> None:
     """`losetup -d`, then wait until the kernel has let the device go (udev may hold it open
-    for a moment, and until then `losetup -d` has only set autoclear). `bound_to`: the file
-    it was attached to (its backing_file then); a device no longer on it was let go already,
-    and may be someone else's now."""
-    if not backing_file(device):
+    for a moment, and until then `losetup -d` has only set autoclear). `attached`: what
+    attachment(device) said when it was attached; a device no longer in that attachment was
+    let go already, and may be someone else's now."""
+    current = attachment(device)
+    if not current:
         return
-    if bound_to is not None and backing_file(device) != bound_to:
+    if attached is not None and current != attached:
         return
     entry = next((e for e in mounttab.entries() if e.source == device), None)
     if entry is not None:
@@ -208,8 +226,8 @@ def detach(device: str, timeout: float = DETACH_SECONDS, bound_to: str | None = 
     was = backing_file(device)
     r = subprocess.run(["losetup", "-d", device], capture_output=True, text=True)
     deadline = time.monotonic() + timeout
-    # bound to the same file: once freed, the device may be taken at once by anyone else
-    while was and backing_file(device) == was:
+    # the same attachment: once freed, the device may be taken at once by anyone else
+    while attachment(device) == current:
         if time.monotonic() > deadline:
             said = " ".join(r.stderr.split())
             raise MountError(
@@ -223,11 +241,11 @@ def detach(device: str, timeout: float = DETACH_SECONDS, bound_to: str | None = 
 def loop_device(path: StrPath, direct_io: bool = True) -> Iterator[str]:
     """A loop device over `path` for the `with` block, detached (and gone) after it."""
     device = attach(path, direct_io)
-    bound = backing_file(device)
+    bound = attachment(device)
     try:
         yield device
     finally:
-        detach(device, bound_to=bound)
+        detach(device, attached=bound)
 
 
 # -- mounts --------------------------------------------------------------------------------------
@@ -386,7 +404,7 @@ def filesystem(
         mountpoint = tempfile.mkdtemp(prefix=f"blkfuse-{fstype}-")
     where = Path(mountpoint)
     device = attach(image, direct_io)
-    bound = backing_file(device)
+    bound = attachment(device)
     mounted = False
     try:
         if make:
@@ -402,7 +420,7 @@ def filesystem(
             except MountError as e:
                 busy = MountError(f"{e}; {device} stays attached until that is unmounted")
         if busy is None:
-            detach(device, bound_to=bound)
+            detach(device, attached=bound)
         if made_dir and busy is None:
             os.rmdir(where)
         if busy is not None:

@@ -89,6 +89,7 @@ def test_umount_of_a_dead_daemon_refuses_while_ext4_on_a_loop_device_uses_it(mou
     m = mount(size=16 * MiB)
     fs = m.base / "ext4"
     with ext4_on_loop(m.file, fs) as dev:
+        ours = fsstack.attachment(dev)
         os.kill(m.pid, signal.SIGKILL)
         while os.path.exists(f"/proc/{m.pid}") and "zombie" not in _state(m.pid):
             time.sleep(0.01)
@@ -101,6 +102,9 @@ def test_umount_of_a_dead_daemon_refuses_while_ext4_on_a_loop_device_uses_it(mou
         r = blkfuse("umount", "--force", m.mnt)
         assert r.returncode == 0, r.stderr
         assert not is_mounted(m.mnt)
+        assert backing(dev) == "/" + m.file.name  # named from the detached mount's root now
+    # the stack's teardown still knows its device and detaches it
+    assert fsstack.attachment(dev) != ours
 
 
 def _state(pid: int) -> str:
@@ -119,11 +123,13 @@ def test_mount_close_fails_loudly_when_a_loop_device_still_uses_it(fuse_dir):
     m = Mount(image, mnt).mount()
     try:
         with ext4_on_loop(m.image_path, fs) as dev:
+            ours = fsstack.attachment(dev)
             with pytest.raises(MountError) as e:
                 m.close(timeout=60)
             assert f"loop device {dev} (mounted at {fs}) still used the mount" in str(e.value)
             assert f"unmount that first (umount {fs})" in str(e.value)
             assert not m.mounted and not is_mounted(mnt)  # closed all the same
+        assert fsstack.attachment(dev) != ours  # and the stack's device went with the stack
     finally:
         m.close()
 
