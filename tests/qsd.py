@@ -260,6 +260,7 @@ def run_qsd(sc: FileScenario) -> tuple[list, bytes] | str:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            proc.stdout.close()  # else an unclosed-file ResourceWarning: an error in the suite
         return results, image.read_bytes()
 
 

@@ -232,6 +232,7 @@ def test_handlers_that_wait_each_get_a_worker_and_the_others_keep_flowing(tinyfs
         for r in readers:
             r.kill()
             r.wait()
+            r.stdout.close()  # communicate() did unless the test failed before it
 
 
 def test_blkfuse_refuses_to_mount_with_an_unpatched_pyfuse3(monkeypatch, tmp_path):

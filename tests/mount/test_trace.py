@@ -229,23 +229,24 @@ def test_blkfuse_trace_command(fuse_dir):
     with Mount(img, mnt) as m:
         import subprocess
 
-        p = subprocess.Popen(
+        # `with`: its stdout pipe is closed after (left open, the garbage collector found it
+        # later, in whichever test was running, and warned of an unclosed file)
+        with subprocess.Popen(
             client.blkfuse_command() + ["trace", "-n", "2", str(mnt)],
             stdout=subprocess.PIPE,
             text=True,
-        )
-        try:
-            fd = os.open(m.image_path, os.O_RDWR)
-            # Until the command's stream is open, requests are not traced: write until two
-            # records came (the command exits after -n 2).
-            while p.poll() is None:
-                os.pwrite(fd, b"t" * 512, 0)
-            os.close(fd)
-            out = p.stdout.read()
-        finally:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
+        ) as p:
+            try:
+                fd = os.open(m.image_path, os.O_RDWR)
+                # Until the command's stream is open, requests are not traced: write until
+                # two records came (the command exits after -n 2).
+                while p.poll() is None:
+                    os.pwrite(fd, b"t" * 512, 0)
+                os.close(fd)
+                out = p.stdout.read()
+            finally:
+                if p.poll() is None:
+                    p.kill()
         assert p.returncode == 0
         lines = [json.loads(x) for x in out.splitlines()]
         assert [(r["op"], r["offset"], r["length"], r["errno"]) for r in lines] == [
