@@ -222,6 +222,11 @@ class BlockDevice:
         self.profile = profile
         self.fua_flushes = profile.fua_is_a_flush or not stack.takes_fua()
         self.no_flush = cache == "unsafe"
+        undo = stack.undo
+        if undo is not None:
+            # A FUA write that reaches the file makes that write durable, and only it (not
+            # the unsynced writes before it, as a flush would); unsafe ignores FUA.
+            undo.fua_durable = not self.fua_flushes and not self.no_flush
         # "Written since the last successful flush", as QEMU's write_gen/flushed_gen pairs.
         # Failed writes count too; a failed flush leaves its generation dirty.
         self._format_written = 0
@@ -1021,13 +1026,21 @@ class BlockDevice:
 
     async def _fua_to_file(self) -> int:
         """A FUA write that reached the file (QEMU 10.0: pwritev2 with RWF_DSYNC): its data
-        is on the disk when it returns; no event, no check. 0 or the errno."""
+        is on the disk when it returns; no event, no check. 0 or the errno.
+
+        The undo log took the write as durable as it was made (UndoFilter.fua_durable), and
+        nothing else: the unsynced writes before it stay unsynced, as RWF_DSYNC leaves them.
+        The backing file is fsynced in a worker thread (coarser than RWF_DSYNC on the one
+        write, which would wait for the disk in the trio thread, where the undo filter
+        writes), past the filters, so none of them takes it for a flush of everything."""
         if self.no_flush:
             return 0
         try:
-            await self.below.flush()
+            await self.stack.image.flush()
         except OSError as failure:
             return failure.errno or _errno.EIO
+        if not self.powered:  # the power went during the fsync: the write is not acknowledged
+            return _errno.EIO
         return 0
 
     # ---- power cuts (README "Power cuts") ----
