@@ -58,7 +58,7 @@ from blkfuse.block.image import (
 )
 from blkfuse.block.stack import Stack
 from blkfuse.crash.snapshot import sparse_copy
-from blkfuse.crash.undo import CutReport
+from blkfuse.crash.undo import CutReport, rule_cut_seed
 from blkfuse.engine.core import Engine, Request, Sender
 from blkfuse.engine.effects import Effect, corrupt
 from blkfuse.errors import BlkfuseError
@@ -205,6 +205,7 @@ class BlockDevice:
         # stamped as `powered` goes False, so cuts of several mounts can be compared (Fleet).
         self.cut_at: tuple[int, int] | None = None
         self.last_cut: CutReport | None = None  # status "last_cut"
+        self.rule_cuts = 0  # cuts powercut rules fired: each draws its own seed
         self.align = align or 1
         self.max_transfer = max_transfer or 0
         self.opt_write_zero = opt_write_zero or 0
@@ -1056,13 +1057,17 @@ class BlockDevice:
             log.info("a flush met a drop-unsynced rule: %d unsynced writes reverted", report.writes)
 
     async def _rule_cut(self, effect: Effect) -> None:
-        """A powercut rule acted on this request: cut now, with the mount's seed (a request
-        that reaches a rule after another cut finds the power off: nothing more to do)."""
+        """A powercut rule acted on this request: cut now (a request that reaches a rule after
+        another cut finds the power off: nothing more to do). The seed comes from the mount's
+        and the cut's number among the rule cuts of this mount (`rule_cut_seed`: the first
+        uses the mount's seed), so cuts after a poweron draw new coins."""
         if not self.powered:
             return
-        await self.power_cut(
-            effect.powercut, self.engine.seed, effect.powercut_save or None, why="a powercut rule"
-        )
+        ordinal, mount_seed = self.rule_cuts, self.engine.seed
+        seed = rule_cut_seed(mount_seed, ordinal)
+        self.rule_cuts += 1
+        why = f"a powercut rule (the mount's rule cut {ordinal + 1}, its seed from -o seed={mount_seed})"
+        await self.power_cut(effect.powercut, seed, effect.powercut_save or None, why=why)
 
     async def power_cut(
         self, keep: str, seed: int | None, save: str | None = None, *, why: str = "powercut"

@@ -24,7 +24,8 @@ A cut decides what survives:
              lost (its bytes as of the last flush) with probability 1/2, independently; the
              image size is one more such coin (kept: the current size; lost: the flushed size)
 The coins come from random.Random(seed) in a fixed order (units by address, then the size), so
-the same seed on the same history gives the same image.
+the same seed on the same history gives the same image. A cut a powercut rule fires takes its
+seed from the mount's seed and how many rule cuts came before it (`rule_cut_seed`).
 
 A write that reached the file as a FUA write (QEMU 10.0's file node writes it with RWF_DSYNC;
 UndoFilter.fua_durable) is durable when it returns, and only it: it is no entry (nothing
@@ -41,6 +42,7 @@ and `cut` is the power cut.
 """
 
 import errno as _errno
+import hashlib
 import logging
 import os
 import random
@@ -134,6 +136,19 @@ class CutReport:
         elif self.save_error is not None:
             body += f", image NOT saved ({self.save_error})"
         return head + body
+
+
+def rule_cut_seed(seed: int, ordinal: int) -> int:
+    """The seed of a mount's cut number `ordinal` (0: the first) fired by a powercut rule,
+    from the mount's seed (-o seed=N): the first uses the mount's seed itself; each later one
+    the first 4 bytes, big-endian, of SHA-256 of the ASCII text "SEED:cut:ORDINAL" (for seed
+    7, the second cut: `printf 7:cut:1 | sha256sum | cut -c1-8` in hex). So two rule cuts of
+    one run draw different coins, and each is replayed alone by `powercut seed=` with the
+    seed its report names."""
+    if ordinal == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:cut:{ordinal}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
 
 
 class UndoLog:
