@@ -43,9 +43,10 @@ def pattern(cut: dict) -> tuple:
     )
 
 
-def test_two_rule_cuts_in_one_mount_draw_different_coins_and_each_replays(mount):
+def test_two_rule_cuts_in_one_mount_draw_different_coins_and_each_replays(mount, fuse_dir):
     seed = 1234
-    m = mount("-o", f"track-unsynced=on,seed={seed}", size=SIZE)
+    log = fuse_dir / "daemon.log"
+    m = mount("-o", f"track-unsynced=on,seed={seed}", "--log", log, size=SIZE)
     m.ctl("inject-error event=flush_to_os iotype=flush powercut=random")
     cuts = []
     for n in range(2):
@@ -60,6 +61,14 @@ def test_two_rule_cuts_in_one_mount_draw_different_coins_and_each_replays(mount)
     # old behaviour) the two patterns were the same; 128 unit coins and a size coin each.
     assert cuts[1]["seed"] != seed
     assert pattern(cuts[0]) != pattern(cuts[1])
+    # the daemon's log names each cut's seed and where it came from
+    text = log.read_text()
+    for n, cut in enumerate(cuts):
+        assert f"power cut (keep=random seed={cut['seed']}) at CLOCK_MONOTONIC " in text
+        assert (
+            f"by a powercut rule (the mount's rule cut {n + 1}, its seed from -o seed={seed})"
+            in text
+        )
     m.umount()
 
     # Each reported seed replays its cut on a fresh mount with the same round of writes.
