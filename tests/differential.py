@@ -39,8 +39,11 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 import oracle
 
@@ -748,3 +751,45 @@ def _errno_number(name: str) -> int:
 def mount_deliberate(sc: Scenario) -> list:
     """The block layer's view of where a scenario hits the deliberate RMW difference."""
     return run_block(sc)[2]
+
+
+# The runner both differential tests share (test_differential_qemu.py, test_differential_qsd.py)
+
+# CI must be repeatable: a red run has to mean the same thing when it is run again. So under
+# CI=true the default seed is fixed; at a developer's desk every run explores a fresh seed.
+CI_SEED = 20261121
+
+
+def run_seed() -> int:
+    """The seed of this run's scenarios: BLKFUSE_DIFF_SEED, else CI_SEED under CI, else fresh."""
+    value = os.environ.get("BLKFUSE_DIFF_SEED")
+    if value:
+        return int(value, 0)
+    if os.environ.get("CI") == "true":
+        return CI_SEED
+    return random.SystemRandom().randrange(1, 2**31)
+
+
+def scenario_count(name: str, default: int) -> int:
+    """How many scenarios to run: the environment variable `name`, else `default`."""
+    return int(os.environ.get(name, default))
+
+
+def through_mounts(
+    tmp_path: Path, run_mount: Callable, stop_of: Callable
+) -> Callable[[int, object], tuple]:
+    """A differential's run_ours(k, scenario) through real blkfuse mounts: scenario k runs in
+    its own directory tmp_path/s<k> by run_mount(scenario, workdir) -> (results, image), and
+    stop_of(scenario) says where ours stops at a deliberate difference. Skips the calling test
+    where this machine cannot mount (which the suite counts as a failure)."""
+    why_not = oracle.mount_available()
+    if why_not:
+        pytest.skip(why_not)
+
+    def through_the_mount(k: int, sc) -> tuple:
+        workdir = tmp_path / f"s{k}"
+        workdir.mkdir()
+        results, image = run_mount(sc, workdir)
+        return results, image, stop_of(sc)
+
+    return through_the_mount
