@@ -115,6 +115,21 @@ def installed_profile() -> str:
 # ---- scenarios ------------------------------------------------------------------------------
 
 
+def node_mount_options(sc) -> dict[str, str]:
+    """The mount options that give a scenario's nodes its settings (the limits, align,
+    max-transfer, cache mode, format): a qemu-io Scenario's and a qsd FileScenario's alike."""
+    options = {key: str(value) for key, value in sc.limits.items()}
+    if sc.align:
+        options["align"] = str(sc.align)
+    if sc.max_transfer:
+        options["max-transfer"] = str(sc.max_transfer)
+    if sc.cache != "writeback":
+        options["cache"] = sc.cache
+    if sc.format != "raw":
+        options["format"] = sc.format
+    return options
+
+
 @dataclass
 class Scenario:
     seed: int
@@ -211,15 +226,7 @@ class Scenario:
         return settings
 
     def mount_options(self) -> dict[str, str]:
-        options = {key: str(value) for key, value in self.limits.items()}
-        if self.align:
-            options["align"] = str(self.align)
-        if self.max_transfer:
-            options["max-transfer"] = str(self.max_transfer)
-        if self.cache != "writeback":
-            options["cache"] = self.cache
-        if self.format != "raw":
-            options["format"] = self.format
+        options = node_mount_options(self)
         if any(op[0] == "truncate" for op in self.ops):
             options["growable"] = "on"  # qemu-io may resize; a mount's size is fixed without
         options["qemu"] = installed_profile()
@@ -462,42 +469,36 @@ def through_fuse(results: list) -> list:
 _HEX = re.compile(r"^[0-9a-f]{8}:  ((?:[0-9a-f]{2} )+)")
 
 
+# The commands whose qemu-io answer is a failure line or a success line (and, for a read, the
+# data): op kind -> (the failure line's prefix, the strerror follows; the success line as a
+# regex, n the op's length).
+_ANSWERS = {
+    "read": ("read failed: ", "read {n}/{n} bytes"),
+    "write": ("write failed: ", "wrote {n}/{n} bytes"),
+    "zero": ("write failed: ", "wrote {n}/{n} bytes"),
+    "discard": ("discard failed: ", "discard {n}/{n} bytes"),
+    "alloc": ("is_allocated failed: ", r"\d+/\d+ bytes (not )?allocated at offset"),
+}
+
+
 def _parse_segment(op, lines: list[str], flush_as: str) -> Result:
     kind = op[0]
     text = "\n".join(lines)
-    if kind == "read":
+    if kind in _ANSWERS:
+        failure, success = _ANSWERS[kind]
         for line in lines:
-            if line.startswith("read failed: "):
-                return Result(errno_of(line[len("read failed: ") :]))
+            if line.startswith(failure):
+                return Result(errno_of(line[len(failure) :]))
+        if not any(re.match(success.format(n=op[2]), line) for line in lines):
+            raise ValueError(f"unexpected qemu-io output for {op}: {text!r}")
+        if kind != "read":
+            return OK
         data = bytearray()
         for line in lines:
             m = _HEX.match(line)
             if m:
                 data += bytes.fromhex(m.group(1))
-        if not any(line.startswith(f"read {op[2]}/{op[2]} bytes") for line in lines):
-            raise ValueError(f"unexpected qemu-io output for {op}: {text!r}")
         return Result(0, bytes(data))
-    if kind in ("write", "zero"):
-        for line in lines:
-            if line.startswith("write failed: "):
-                return Result(errno_of(line[len("write failed: ") :]))
-        if not any(line.startswith(f"wrote {op[2]}/{op[2]} bytes") for line in lines):
-            raise ValueError(f"unexpected qemu-io output for {op}: {text!r}")
-        return OK
-    if kind == "discard":
-        for line in lines:
-            if line.startswith("discard failed: "):
-                return Result(errno_of(line[len("discard failed: ") :]))
-        if not any(line.startswith(f"discard {op[2]}/{op[2]} bytes") for line in lines):
-            raise ValueError(f"unexpected qemu-io output for {op}: {text!r}")
-        return OK
-    if kind == "alloc":
-        for line in lines:
-            if line.startswith("is_allocated failed: "):
-                return Result(errno_of(line[len("is_allocated failed: ") :]))
-        if not any(re.match(r"\d+/\d+ bytes (not )?allocated at offset", line) for line in lines):
-            raise ValueError(f"unexpected qemu-io output for {op}: {text!r}")
-        return OK
     if kind == "truncate":
         if lines:
             raise ValueError(f"unexpected qemu-io output for {op}: {text!r}")
