@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from blkfuse import ControlError, Mount, MountError, client
-from blkfuse.client import fsstack, mounttab
+from blkfuse.client import fsstack, holders, mounttab
 
 BLKFUSE = client.blkfuse_command()
 
@@ -108,56 +108,52 @@ class Mounted:
 
 # Loop devices a test leaves attached: nothing fails (no filesystem is mounted on them), but
 # every run would leave more on the machine. Other runs on the same machine attach and detach
-# their own meanwhile, so a device counts only if it was attached during the test (by the
-# kernel's diskseq: never one that was there before) and is backed by a file of this test's
-# scratch directories, by a deleted file, or by a file of a detached mount (the kernel then
-# names the file from that mount's root, as /disk0.img: a dead blkfuse mount taken away).
-# Hang guard, not a timing check: another run's device of that kind is gone once its own
-# teardown has run.
+# (and, with older code, leak) their own meanwhile, so only this test's count: those this
+# process attached through blkfuse's stack (fsstack.attached_here: its teardowns must let them
+# go, even when the mount below went first and the kernel names the image /disk0.img), and
+# those attached during the test (by the kernel's diskseq, never one there before) to a file
+# in the test's own scratch directories.
+# Hang guard, not a timing check: a device given `losetup -d` (autoclear) goes once its last
+# user closes it; one without autoclear stays.
 LOOP_SETTLE_SECONDS = 30.0
 _scratch_dirs: list[Path] = []  # this test's fuse_dir
 
 
-def _loop_attachments() -> dict[str, tuple[str, str]]:
-    """/dev/loopN -> (fsstack.attachment, backing file) for every attached loop device."""
-    found = {}
-    for name in os.listdir("/sys/block"):
-        if name.startswith("loop"):
-            device = f"/dev/{name}"
-            attachment = fsstack.attachment(device)
-            if attachment:
-                found[device] = (attachment, fsstack.backing_file(device))
-    return found
-
-
-def _left_by_a_test(backing: str, dirs: list[str]) -> bool:
-    if backing.endswith(" (deleted)") or any(backing.startswith(d + "/") for d in dirs):
-        return True
-    # a detached mount's file: its first component is no entry of / (a look at / only: a
-    # path through a mount could be a request to a suspended daemon)
-    top = backing.split("/")[1] if backing.startswith("/") else ""
-    return bool(top) and not os.path.lexists("/" + top)
+def _loops_left(before: dict[str, str], dirs: list[str]) -> dict[str, str]:
+    """/dev/loopN -> backing file, for the loop devices this test left (see above)."""
+    left = {
+        device: fsstack.backing_file(device)
+        for device, attachment in fsstack.attached_here().items()
+        if before.get(device) != attachment
+    }
+    for name in os.listdir("/sys/block") if dirs else ():
+        device = f"/dev/{name}"
+        if name.startswith("loop") and device not in left:
+            attachment, backing = fsstack.attachment(device), fsstack.backing_file(device)
+            if attachment and attachment not in before.values():
+                if any(backing.startswith(d + "/") for d in dirs):
+                    left[device] = backing
+    return left
 
 
 @pytest.fixture(autouse=True)
 def no_loop_device_left(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fails the test that leaves a loop device attached (set up first: checked last, after
     every other fixture's teardown)."""
-    before = {attachment for attachment, _ in _loop_attachments().values()}
+    before = {
+        f"/dev/{name}": fsstack.attachment(f"/dev/{name}")
+        for name in os.listdir("/sys/block")
+        if name.startswith("loop")
+    }
     _scratch_dirs.clear()
     yield
     dirs = [os.path.realpath(d) for d in _scratch_dirs]
-    tmp = request.node.funcargs.get("tmp_path") if hasattr(request.node, "funcargs") else None
+    tmp = getattr(request.node, "funcargs", {}).get("tmp_path")
     if tmp is not None:
         dirs.append(os.path.realpath(tmp))
     deadline = time.monotonic() + LOOP_SETTLE_SECONDS
-    while True:
-        left = {
-            device: backing
-            for device, (attachment, backing) in _loop_attachments().items()
-            if attachment not in before and _left_by_a_test(backing, dirs)
-        }
-        if not left or time.monotonic() > deadline:
+    while (left := _loops_left(before, dirs)) and time.monotonic() < deadline:
+        if not any(holders.loop_use(device).autoclear for device in left):
             break
         time.sleep(0.05)
     if left:

@@ -186,6 +186,20 @@ def attachment(device: str) -> str:
         return backing
 
 
+# The loop devices this process attached (attach()): device -> attachment. Pruned as they go.
+_attached: dict[str, str] = {}
+
+
+def attached_here() -> dict[str, str]:
+    """The loop devices this process attached that are still in that attachment (device ->
+    attachment()): those its teardowns have not let go. tests/conftest.py fails a test that
+    leaves one: on a shared machine other processes' devices say nothing about this one's."""
+    for device, ours in list(_attached.items()):
+        if attachment(device) != ours:
+            del _attached[device]
+    return dict(_attached)
+
+
 def attach(path: StrPath, direct_io: bool = True) -> str:
     """A new loop device over `path` (/dev/loopN). With direct_io it must really be in
     direct-io mode; a file system that cannot do O_DIRECT is refused with the reason."""
@@ -193,6 +207,7 @@ def attach(path: StrPath, direct_io: bool = True) -> str:
     if direct_io:
         cmd.append("--direct-io=on")
     device = _run([*cmd, os.fspath(path)], f"loop device over {os.fspath(path)}").strip()
+    _attached[device] = attachment(device)
     if direct_io:
         try:
             with open(f"/sys/block/{_loop_name(device)}/loop/dio") as f:
