@@ -154,7 +154,7 @@ class Mount:
             raise MountError(message or f"blkfuse mount failed (exit status {r.returncode})")
         self.mounted = True
         try:
-            info = self.status()["info"]
+            info = client.status(self.mountpoint, rules=0)["info"]  # not 100k rules
             self.pid = int(info["pid"])
             self.name = str(info["name"])
             self.backing = Path(info["image"])
