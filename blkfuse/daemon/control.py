@@ -788,9 +788,18 @@ async def _status(control: Control, as_json: bool, rules_listed: int | None) -> 
 
     if len(states) < 1000:
         return render()
-    answer = await trio.to_thread.run_sync(render)
-    memory.give_back()  # the rule dicts of a huge status are garbage now
-    return answer
+
+    def render_and_give_back() -> str:
+        try:
+            return render()
+        finally:
+            # The rule dicts are garbage now: drop them, then give their heap back (glibc
+            # keeps it otherwise: 60 -> 140 MB of RSS for 100k rules, for good).
+            status["rules"] = None
+            states.clear()
+            memory.give_back()
+
+    return await trio.to_thread.run_sync(render_and_give_back)
 
 
 def json_document(status: dict[str, Any]) -> str:
