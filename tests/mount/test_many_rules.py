@@ -59,3 +59,15 @@ def test_100k_rules_are_listed_and_the_mount_unmounts_in_order(mount, fuse_dir):
     # A lazy detach (the daemon did not answer in time) exits 1 saying "detached lazily".
     assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
     assert not is_mounted(m.mnt)
+
+
+def test_100k_rules_through_the_python_api(mount, fuse_dir):
+    conf = fuse_dir / "rules.conf"
+    write_rules(conf)
+    m = mount("--config", conf, size=1 << 30)  # blkfuse.Mount: its info from `rules=0`
+    first = m.api.status(rules=3)
+    assert [rule["sector"] for rule in first["rules"]] == [1_000_000, 1_000_001, 1_000_002]
+    assert first["rule_count"] == RULES and len(first["active"]) == 3
+    assert m.api.suspended() == []
+    m.api.close()  # release_all and the unmount: both ask rules=0
+    assert not is_mounted(m.mnt)
