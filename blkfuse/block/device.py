@@ -238,7 +238,7 @@ class BlockDevice:
         self._lean_blockers = 0
         self._lean_static = self.raw and self.align == 1 and not self.max_transfer
         self.lean = self._lean_static
-        image = stack.image
+        image = self._image = stack.image
         self._lean_reads = self.below.read == image.read and (
             image.reads_inline or image.reads_nowait
         )
@@ -264,9 +264,9 @@ class BlockDevice:
         """read(), done here and now if nothing can see it (engine.unseen) and the image
         reads inline; None if it must take the full path (nothing was done then). The
         engine ends up exactly as after read(): read_aio counted, the check found nothing."""
-        image = self.stack.image
-        if not (self.lean_reads and self.powered):
+        if not self.lean_reads:
             return None
+        image = self._image
         size = image.size()
         if length <= 0 or offset >= size:
             return None
@@ -290,10 +290,9 @@ class BlockDevice:
         filter (undo log, write log), the image writes inline, and engine.unseen; else None
         (nothing done). The engine and the flush generations end up exactly as after write()."""
         length = len(data)
-        image = self.stack.image
+        image = self._image
         if not (
             self.lean_writes
-            and self.powered
             and length
             and not writethrough
             and image.writes_inline
@@ -1069,6 +1068,7 @@ class BlockDevice:
         if not self.powered:
             raise BlkfuseError(_errno.EINVAL, "the power is already off (poweron first)")
         self.powered = False
+        self.lean_off()  # every request now meets the cut on the full path
         self.cut_at = (time.clock_gettime_ns(time.CLOCK_MONOTONIC), time.time_ns())
         lost = OSError(_errno.EIO, "the power was cut while the request was held")
         self.engine.release_suspended(lost)
@@ -1097,6 +1097,7 @@ class BlockDevice:
         if self.powered:
             return False
         self.powered = True
+        self.lean_on()
         log.warning("power on")
         # Everything on the image is synced now, as after a successful flush.
         self._format_flushed = self._format_written
