@@ -1,5 +1,5 @@
-"""Real FUSE mounts for tests, through blkfuse's own Python API (blkfuse.api.Mount); always
-unmounted afterwards, suspended requests resumed first."""
+"""Real FUSE mounts for tests, through blkfuse's own Python API (blkfuse.client.api.Mount);
+always unmounted afterwards, suspended requests resumed first."""
 
 import json
 import os

@@ -39,8 +39,11 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 import oracle
 
@@ -110,6 +113,21 @@ def installed_profile() -> str:
 
 
 # ---- scenarios ------------------------------------------------------------------------------
+
+
+def node_mount_options(sc) -> dict[str, str]:
+    """The mount options that give a scenario's nodes its settings (the limits, align,
+    max-transfer, cache mode, format): a qemu-io Scenario's and a qsd FileScenario's alike."""
+    options = {key: str(value) for key, value in sc.limits.items()}
+    if sc.align:
+        options["align"] = str(sc.align)
+    if sc.max_transfer:
+        options["max-transfer"] = str(sc.max_transfer)
+    if sc.cache != "writeback":
+        options["cache"] = sc.cache
+    if sc.format != "raw":
+        options["format"] = sc.format
+    return options
 
 
 @dataclass
@@ -208,15 +226,7 @@ class Scenario:
         return settings
 
     def mount_options(self) -> dict[str, str]:
-        options = {key: str(value) for key, value in self.limits.items()}
-        if self.align:
-            options["align"] = str(self.align)
-        if self.max_transfer:
-            options["max-transfer"] = str(self.max_transfer)
-        if self.cache != "writeback":
-            options["cache"] = self.cache
-        if self.format != "raw":
-            options["format"] = self.format
+        options = node_mount_options(self)
         if any(op[0] == "truncate" for op in self.ops):
             options["growable"] = "on"  # qemu-io may resize; a mount's size is fixed without
         options["qemu"] = installed_profile()
@@ -459,42 +469,36 @@ def through_fuse(results: list) -> list:
 _HEX = re.compile(r"^[0-9a-f]{8}:  ((?:[0-9a-f]{2} )+)")
 
 
+# The commands whose qemu-io answer is a failure line or a success line (and, for a read, the
+# data): op kind -> (the failure line's prefix, the strerror follows; the success line as a
+# regex, n the op's length).
+_ANSWERS = {
+    "read": ("read failed: ", "read {n}/{n} bytes"),
+    "write": ("write failed: ", "wrote {n}/{n} bytes"),
+    "zero": ("write failed: ", "wrote {n}/{n} bytes"),
+    "discard": ("discard failed: ", "discard {n}/{n} bytes"),
+    "alloc": ("is_allocated failed: ", r"\d+/\d+ bytes (not )?allocated at offset"),
+}
+
+
 def _parse_segment(op, lines: list[str], flush_as: str) -> Result:
     kind = op[0]
     text = "\n".join(lines)
-    if kind == "read":
+    if kind in _ANSWERS:
+        failure, success = _ANSWERS[kind]
         for line in lines:
-            if line.startswith("read failed: "):
-                return Result(errno_of(line[len("read failed: ") :]))
+            if line.startswith(failure):
+                return Result(errno_of(line[len(failure) :]))
+        if not any(re.match(success.format(n=op[2]), line) for line in lines):
+            raise ValueError(f"unexpected qemu-io output for {op}: {text!r}")
+        if kind != "read":
+            return OK
         data = bytearray()
         for line in lines:
             m = _HEX.match(line)
             if m:
                 data += bytes.fromhex(m.group(1))
-        if not any(line.startswith(f"read {op[2]}/{op[2]} bytes") for line in lines):
-            raise ValueError(f"unexpected qemu-io output for {op}: {text!r}")
         return Result(0, bytes(data))
-    if kind in ("write", "zero"):
-        for line in lines:
-            if line.startswith("write failed: "):
-                return Result(errno_of(line[len("write failed: ") :]))
-        if not any(line.startswith(f"wrote {op[2]}/{op[2]} bytes") for line in lines):
-            raise ValueError(f"unexpected qemu-io output for {op}: {text!r}")
-        return OK
-    if kind == "discard":
-        for line in lines:
-            if line.startswith("discard failed: "):
-                return Result(errno_of(line[len("discard failed: ") :]))
-        if not any(line.startswith(f"discard {op[2]}/{op[2]} bytes") for line in lines):
-            raise ValueError(f"unexpected qemu-io output for {op}: {text!r}")
-        return OK
-    if kind == "alloc":
-        for line in lines:
-            if line.startswith("is_allocated failed: "):
-                return Result(errno_of(line[len("is_allocated failed: ") :]))
-        if not any(re.match(r"\d+/\d+ bytes (not )?allocated at offset", line) for line in lines):
-            raise ValueError(f"unexpected qemu-io output for {op}: {text!r}")
-        return OK
     if kind == "truncate":
         if lines:
             raise ValueError(f"unexpected qemu-io output for {op}: {text!r}")
@@ -748,3 +752,45 @@ def _errno_number(name: str) -> int:
 def mount_deliberate(sc: Scenario) -> list:
     """The block layer's view of where a scenario hits the deliberate RMW difference."""
     return run_block(sc)[2]
+
+
+# The runner both differential tests share (test_differential_qemu.py, test_differential_qsd.py)
+
+# CI must be repeatable: a red run has to mean the same thing when it is run again. So under
+# CI=true the default seed is fixed; at a developer's desk every run explores a fresh seed.
+CI_SEED = 20261121
+
+
+def run_seed() -> int:
+    """The seed of this run's scenarios: BLKFUSE_DIFF_SEED, else CI_SEED under CI, else fresh."""
+    value = os.environ.get("BLKFUSE_DIFF_SEED")
+    if value:
+        return int(value, 0)
+    if os.environ.get("CI") == "true":
+        return CI_SEED
+    return random.SystemRandom().randrange(1, 2**31)
+
+
+def scenario_count(name: str, default: int) -> int:
+    """How many scenarios to run: the environment variable `name`, else `default`."""
+    return int(os.environ.get(name, default))
+
+
+def through_mounts(
+    tmp_path: Path, run_mount: Callable, stop_of: Callable
+) -> Callable[[int, object], tuple]:
+    """A differential's run_ours(k, scenario) through real blkfuse mounts: scenario k runs in
+    its own directory tmp_path/s<k> by run_mount(scenario, workdir) -> (results, image), and
+    stop_of(scenario) says where ours stops at a deliberate difference. Skips the calling test
+    where this machine cannot mount (which the suite counts as a failure)."""
+    why_not = oracle.mount_available()
+    if why_not:
+        pytest.skip(why_not)
+
+    def through_the_mount(k: int, sc) -> tuple:
+        workdir = tmp_path / f"s{k}"
+        workdir.mkdir()
+        results, image = run_mount(sc, workdir)
+        return results, image, stop_of(sc)
+
+    return through_the_mount

@@ -1,4 +1,5 @@
-"""I/O on a mounted image for the mount tests: test data, O_DIRECT buffers, a blocking writer."""
+"""I/O on a mounted image for the mount tests: test data, O_DIRECT buffers, a blocking writer
+and a blocking control command."""
 
 import mmap
 import os
@@ -39,6 +40,22 @@ class Writer(threading.Thread):
                 self.result = os.pwrite(fd, self.data, self.offset)
             finally:
                 os.close(fd)
+        except OSError as e:
+            self.error = e
+
+
+class Command(threading.Thread):
+    """A control command in its own thread (it may block: wait_break, powercut-wait)."""
+
+    def __init__(self, m, command: str):
+        super().__init__(daemon=True)
+        self.m, self.command = m, command
+        self.answer: str | None = None
+        self.error: OSError | None = None
+
+    def run(self) -> None:
+        try:
+            self.answer = self.m._ctl(self.command)
         except OSError as e:
             self.error = e
 

@@ -111,15 +111,7 @@ class FileScenario:
         return argv
 
     def mount_options(self) -> dict[str, str]:
-        options = {key: str(value) for key, value in self.limits.items()}
-        if self.align:
-            options["align"] = str(self.align)
-        if self.max_transfer:
-            options["max-transfer"] = str(self.max_transfer)
-        if self.cache != "writeback":
-            options["cache"] = self.cache
-        if self.format != "raw":
-            options["format"] = self.format
+        options = D.node_mount_options(self)
         options["growable"] = "on"  # QEMU's export lets ZERO_RANGE grow the image
         options["qemu"] = D.installed_profile()  # qsd and qemu-io come from one QEMU
         return options

@@ -1,6 +1,6 @@
 """Talking to a live mount from outside its daemon: control commands, status, unmount.
 
-Shared by the CLI (`blkfuse ctl/status/umount`), the Python API (blkfuse.api) and the
+Shared by the CLI (`blkfuse ctl/status/umount`), the Python API (blkfuse.client.api) and the
 scripts, so there is one way to send a command and one way to take a mount down.
 
 A control command is written as one write(2) to MNT/control and its answer read back on the

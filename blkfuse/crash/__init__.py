@@ -1,1 +1,1 @@
-"""Power cuts and crash states: the undo log of unsynced writes."""
+"""Power cuts and crash states: the undo log, snapshots, write logs (record, replay), crashtest."""

@@ -146,17 +146,9 @@ def prepare(
             "container --device /dev/fuse)"
         )
     if log_file:
-        log_file = os.path.abspath(log_file)
-        try:
-            open(log_file, "a").close()
-        except OSError as e:
-            raise MountError(f"{log_file}: cannot write the log: {e.strerror}") from None
+        log_file = _writable(log_file, "log")
     if trace_file:
-        trace_file = os.path.abspath(trace_file)
-        try:
-            open(trace_file, "a").close()
-        except OSError as e:
-            raise MountError(f"{trace_file}: cannot write the trace: {e.strerror}") from None
+        trace_file = _writable(trace_file, "trace")
 
     if name is None:
         name = os.path.basename(image_path)
@@ -214,6 +206,16 @@ def _mounted_there(mnt: str, timeout: float = 2.0) -> str:
     if "error" in found:
         return f"a blkfuse mount whose status cannot be read ({found['error']}); {umount}"
     return f"a blkfuse mount whose daemon does not answer; {umount}"
+
+
+def _writable(path: str, what: str) -> str:
+    """`path` made absolute, once it is known that the daemon can write its `what` there."""
+    path = os.path.abspath(path)
+    try:
+        open(path, "a").close()
+    except OSError as e:
+        raise MountError(f"{path}: cannot write the {what}: {e.strerror}") from None
+    return path
 
 
 def _refuse_nonempty(mountpoint: str, mnt: str) -> None:

@@ -6,7 +6,6 @@ import errno
 import json
 import os
 import signal
-import threading
 import time
 
 import pytest
@@ -15,7 +14,7 @@ import blkfuse
 from blkfuse.client.fleet import FleetError, node_seed
 
 from conftest import blkfuse as run_blkfuse
-from imageio import MiB, read, write_unsynced
+from imageio import Command, MiB, read, write_unsynced
 
 TRACK = ("-o", "track-unsynced=on")
 HANG_GUARD_SECONDS = 60  # a daemon silent this long is wedged: the test fails, not hangs
@@ -267,17 +266,9 @@ def test_umount_drops_the_armed_cut_and_ends_a_pending_wait_with_eshutdown(mount
     m = mount(*TRACK)
     unsynced_writes(m, 1)
     m.ctl("powercut-arm seed=6")
-    box = {}
-
-    def waiter():
-        try:
-            m._ctl("powercut-wait")
-        except OSError as e:
-            box["errno"] = e.errno
-
-    t = threading.Thread(target=waiter, daemon=True)
+    t = Command(m, "powercut-wait")
     t.start()
     m.umount()  # orderly: the unsynced write is kept, nothing is cut
     t.join(HANG_GUARD_SECONDS)
-    assert not t.is_alive() and box["errno"] == errno.ESHUTDOWN
+    assert not t.is_alive() and t.error is not None and t.error.errno == errno.ESHUTDOWN
     assert m.image.read_bytes()[:4096] == b"A" * 4096

@@ -49,6 +49,14 @@ def test_missing_image_and_mountpoints(mount, fuse_dir):
     assert sorted(os.listdir(m.mnt)) == ["control", m.name]
 
 
+def test_a_log_or_trace_file_that_cannot_be_written(mount, fuse_dir):
+    missing = fuse_dir / "no-such-dir"
+    m, r = mount("--log", missing / "log", expect_ok=False)
+    _assert_failed(m, r, f"{missing / 'log'}: cannot write the log: No such file or directory")
+    m, r = mount("--trace", missing / "trace", expect_ok=False)
+    _assert_failed(m, r, f"{missing / 'trace'}: cannot write the trace: No such file")
+
+
 def test_status_and_ctl_of_a_path_that_does_not_exist(fuse_dir):
     missing = fuse_dir / "no" / "such" / "dir"
     for args in (["status"], ["status", "--json"], ["ctl"]):

@@ -14,35 +14,29 @@ from imageio import pattern
 KiB = 1024
 
 
-def reads(m, n, offset=0, length=512):
-    """n preads of the image file: None for a success, else the errno."""
-    fd = os.open(m.file, os.O_RDONLY)
+def _errnos(m, n, flags, io):
+    """n calls of io(fd) on the image file: None for a success, else the errno."""
+    fd = os.open(m.file, flags)
     try:
         out = []
         for _ in range(n):
             try:
-                os.pread(fd, length, offset)
+                io(fd)
                 out.append(None)
             except OSError as e:
                 out.append(e.errno)
         return out
     finally:
         os.close(fd)
+
+
+def reads(m, n, offset=0, length=512):
+    """n preads of the image file: None for a success, else the errno."""
+    return _errnos(m, n, os.O_RDONLY, lambda fd: os.pread(fd, length, offset))
 
 
 def writes(m, n, offset=0, length=512):
-    fd = os.open(m.file, os.O_RDWR)
-    try:
-        out = []
-        for _ in range(n):
-            try:
-                os.pwrite(fd, b"w" * length, offset)
-                out.append(None)
-            except OSError as e:
-                out.append(e.errno)
-        return out
-    finally:
-        os.close(fd)
+    return _errnos(m, n, os.O_RDWR, lambda fd: os.pwrite(fd, b"w" * length, offset))
 
 
 def test_probability_is_binomial_and_replays_with_the_seed(mount):

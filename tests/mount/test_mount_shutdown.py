@@ -5,13 +5,12 @@ import errno
 import os
 import signal
 import subprocess
-import threading
 import time
 
 import pytest
 
 from conftest import blkfuse, force_unmount, is_mounted
-from imageio import KiB, MiB, Writer, open_image, pattern
+from imageio import Command, KiB, MiB, Writer, open_image, pattern
 
 
 def test_mountpoint_with_a_space(mount):
@@ -37,15 +36,7 @@ def test_umount_releases_a_suspended_write_and_keeps_its_data(mount):
 def test_umount_fails_a_pending_wait_break_with_eshutdown(mount):
     m = mount()
     m.ctl("break read_aio Z")
-    box = {}
-
-    def waiter():
-        try:
-            m._ctl("wait_break Z")
-        except OSError as e:
-            box["errno"] = e.errno
-
-    t = threading.Thread(target=waiter, daemon=True)
+    t = Command(m, "wait_break Z")
     t.start()
     while m.status()["waiting"] != ["Z"]:  # the daemon holds the wait
         assert t.is_alive()
@@ -53,7 +44,7 @@ def test_umount_fails_a_pending_wait_break_with_eshutdown(mount):
     assert "wait_break pending: Z" in m.status_text()
     m.umount()
     t.join(60)
-    assert not t.is_alive() and box["errno"] == errno.ESHUTDOWN
+    assert not t.is_alive() and t.error is not None and t.error.errno == errno.ESHUTDOWN
 
 
 def test_umount_with_a_file_held_open(mount):

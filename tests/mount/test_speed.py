@@ -102,6 +102,19 @@ def test_memory_file_system_reads_inline():
         assert image.pool_reads == 0
 
 
+async def _read_at_once(image, offsets, length=20000) -> dict[int, bytes]:
+    """`length` bytes at each offset, every read in flight at once (a trio task each)."""
+    results = {}
+
+    async def one(offset):
+        results[offset] = bytes(await image.read(offset, length))
+
+    async with trio.open_nursery() as nursery:
+        for offset in offsets:
+            nursery.start_soon(one, offset)
+    return results
+
+
 @pytest.mark.parametrize("uring", [True, False], ids=["io_uring", "pool"])
 def test_cold_reads_leave_the_loop_with_the_same_data(disk_image, uring):
     image = Image(str(disk_image), io_threads=2, uring=uring)
@@ -109,18 +122,7 @@ def test_cold_reads_leave_the_loop_with_the_same_data(disk_image, uring):
     _drop_cache(image)
     offsets = [i * 64 * 1024 + 512 for i in range(40)]
 
-    async def main():
-        results = {}
-
-        async def one(offset):
-            results[offset] = bytes(await image.read(offset, 20000))
-
-        async with trio.open_nursery() as nursery:
-            for offset in offsets:
-                nursery.start_soon(one, offset)
-        return results
-
-    results = trio.run(main)
+    results = trio.run(_read_at_once, image, offsets)
     for offset in offsets:
         assert results[offset] == expected[offset : offset + 20000]
     if image.io_mode != INLINE:  # /var/tmp is on a disk (not tmpfs) here
@@ -173,14 +175,7 @@ def test_a_file_system_without_nowait_reads_blind_off_the_loop(overlay_image, ur
     offsets = [i * 64 * 1024 + 512 for i in range(40)]
 
     async def main():
-        results = {}
-
-        async def one(offset):
-            results[offset] = bytes(await image.read(offset, 20000))
-
-        async with trio.open_nursery() as nursery:
-            for offset in offsets:
-                nursery.start_soon(one, offset)
+        results = await _read_at_once(image, offsets)
         await image.write(7, b"written")
         expected[7:14] = b"written"
         results[0] = bytes(await image.read(0, 4096))

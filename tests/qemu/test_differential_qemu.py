@@ -15,36 +15,16 @@ documented behaviour (the write fails with the read's errno) and compares no fur
 
 import dataclasses
 import os
-import random
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 import differential as D
-import oracle
 
 pytestmark = [
     pytest.mark.qemu,
     pytest.mark.skipif(D.QEMU_IO is None, reason="qemu-io is not installed"),
 ]
-
-
-# CI must be repeatable: a red run has to mean the same thing when it is run again. So under
-# CI=true the default seed is fixed; at a developer's desk every run explores a fresh seed.
-CI_SEED = 20261121
-
-
-def _seed() -> int:
-    value = os.environ.get("BLKFUSE_DIFF_SEED")
-    if value:
-        return int(value, 0)
-    if os.environ.get("CI") == "true":
-        return CI_SEED
-    return random.SystemRandom().randrange(1, 2**31)
-
-
-def _count(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
 
 
 def _pool_size() -> int:
@@ -106,7 +86,7 @@ def _differential(target: str, count: int, run_ours, fuse: bool = False) -> None
     """Generate `count` scenarios, ask qemu-io, run each through `run_ours(k, scenario)` ->
     (results, image, deliberate differences), and fail on any disagreement. `fuse`: ours
     went through a mount, so QEMU's answers are compared as a FUSE reply carries them."""
-    seed = _seed()
+    seed = D.run_seed()
     print(f"BLKFUSE_DIFF_SEED={seed}")  # shown by pytest whenever the test fails
     scenarios = D.generate_all(seed, count)
     if fuse:  # as a file client can send them (10.0: no discard; differential.py)
@@ -142,18 +122,11 @@ def _differential(target: str, count: int, run_ours, fuse: bool = False) -> None
 
 
 def test_block_layer_matches_qemu_io():
-    _differential("block layer", _count("BLKFUSE_DIFF_N", 240), lambda k, sc: D.run_block(sc))
+    count = D.scenario_count("BLKFUSE_DIFF_N", 240)
+    _differential("block layer", count, lambda k, sc: D.run_block(sc))
 
 
 def test_mount_matches_qemu_io(tmp_path):
-    why_not = oracle.mount_available()
-    if why_not:
-        pytest.skip(why_not)
-
-    def through_the_mount(k, sc):
-        workdir = tmp_path / f"s{k}"
-        workdir.mkdir()
-        ours, image = D.run_mount(sc, workdir)
-        return ours, image, D.mount_deliberate(sc)
-
-    _differential("mount", _count("BLKFUSE_DIFF_MOUNT_N", 30), through_the_mount, fuse=True)
+    through_the_mount = D.through_mounts(tmp_path, D.run_mount, D.mount_deliberate)
+    count = D.scenario_count("BLKFUSE_DIFF_MOUNT_N", 30)
+    _differential("mount", count, through_the_mount, fuse=True)

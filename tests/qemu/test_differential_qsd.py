@@ -22,9 +22,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import qsd
-from test_differential_qemu import _count, _seed
 
-import oracle
+import differential as D
 
 pytestmark = [
     pytest.mark.qemu,
@@ -34,7 +33,7 @@ pytestmark = [
 
 
 def _qsd_differential(target: str, count: int, run_ours) -> None:
-    seed = _seed()
+    seed = D.run_seed()
     print(f"BLKFUSE_DIFF_SEED={seed}")
     scenarios = qsd.generate_all(seed, count)
     with ProcessPoolExecutor(3) as pool:
@@ -72,18 +71,10 @@ def _qsd_differential(target: str, count: int, run_ours) -> None:
 
 
 def test_block_layer_matches_qemu_fuse_export():
-    _qsd_differential("block layer", _count("BLKFUSE_QSD_N", 40), lambda k, sc: qsd.run_block(sc))
+    count = D.scenario_count("BLKFUSE_QSD_N", 40)
+    _qsd_differential("block layer", count, lambda k, sc: qsd.run_block(sc))
 
 
 def test_mount_matches_qemu_fuse_export(tmp_path):
-    why_not = oracle.mount_available()
-    if why_not:
-        pytest.skip(why_not)
-
-    def through_the_mount(k, sc):
-        workdir = tmp_path / f"s{k}"
-        workdir.mkdir()
-        results, image = qsd.run_mount(sc, workdir)
-        return results, image, qsd.run_block(sc)[2]
-
-    _qsd_differential("mount", _count("BLKFUSE_QSD_MOUNT_N", 20), through_the_mount)
+    through_the_mount = D.through_mounts(tmp_path, qsd.run_mount, lambda sc: qsd.run_block(sc)[2])
+    _qsd_differential("mount", D.scenario_count("BLKFUSE_QSD_MOUNT_N", 20), through_the_mount)
