@@ -451,11 +451,10 @@ class Operations(pyfuse3.Operations):
             or h.writethrough
             or flags & _WRITETHROUGH_FLAGS  # FUA: pwritev2(RWF_DSYNC/RWF_SYNC)
             or self.read_only
-            or (not self.growable and off + len(buf) > block.size())
         ):
             return None
         try:
-            n = block.write_now(off, buf)
+            n = block.write_now(off, buf, grow=self.growable)
         except Exception as e:
             raise _fuse_error(e, "write") from None
         if n is not None:

@@ -147,6 +147,18 @@ class Suspension:
             raise OSError(self._failure.errno, self._failure.strerror)
 
 
+class RequestKind:
+    """One kind of request the lean path serves (Engine.request_kind): the io type it is
+    checked as, the events it raises, and how many unseen() let through."""
+
+    __slots__ = ("iotype", "events", "unseen")
+
+    def __init__(self, iotype: str, events: tuple[str, ...]):
+        self.iotype = iotype
+        self.events = events
+        self.unseen = 0
+
+
 class _ActiveSet:
     """The armed inject-error rules, indexed so a check never scans all of them.
 
@@ -161,7 +173,17 @@ class _ActiveSet:
     of ranges (an interval index that stays a pair of flat arrays per bucket).
     """
 
-    __slots__ = ("anywhere", "first_anywhere", "offsets", "at_offset", "count", "special", "ranges")
+    __slots__ = (
+        "anywhere",
+        "first_anywhere",
+        "offsets",
+        "at_offset",
+        "count",
+        "special",
+        "ranges",
+        "lo",
+        "hi",
+    )
 
     def __init__(self) -> None:
         self.replace(())
@@ -186,6 +208,7 @@ class _ActiveSet:
         # 8 bytes an offset in an array, not a 32-byte int object each in a list
         self.offsets = array("q", [rule.sector * SECTOR_SIZE for rule in located])
         self.at_offset = located
+        self._span()
         self.count = len(self.anywhere) + len(located) + len(ranged)
         self.special = special
         # bucket -> (starts in bytes, the rules), both sorted by start
@@ -219,6 +242,7 @@ class _ActiveSet:
             i = bisect_left(self.offsets, offset)
             self.offsets.insert(i, offset)
             self.at_offset.insert(i, rule)
+            self._span()
         self.count += 1
 
     def discard(self, rule: InjectError) -> bool:
@@ -278,11 +302,18 @@ class _ActiveSet:
                 if self.at_offset[i] is rule:
                     del self.offsets[i]
                     del self.at_offset[i]
+                    self._span()
                     break
                 i += 1
             else:
                 return False
         return True
+
+    def _span(self) -> None:
+        """lo, hi: the lowest and highest byte of a sector rule (lo > hi: none), as plain
+        ints, so Engine.unseen tells a request that meets none with two comparisons."""
+        offsets = self.offsets
+        self.lo, self.hi = (offsets[0], offsets[-1]) if offsets else (1 << 63, -1)
 
     def _index_anywhere(self) -> None:
         first: dict[str, InjectError] = {}
@@ -390,7 +421,8 @@ class Engine:
         self._changed = trio.Event()  # set when suspensions/breakpoints change
         self._hit_waits: dict[int, trio.Event] = {}  # rule id -> set at its next hit
         self._next_id = 1
-        self.event_counts = dict.fromkeys(EVENTS, 0)
+        self._fired = dict.fromkeys(EVENTS, 0)  # events raised by fire()
+        self._kinds: list[RequestKind] = []  # what unseen() let through (event_counts adds it)
         self.errors_injected: dict[int, int] = {}
         self.interrupted = 0  # suspended requests interrupted
         self.last_interrupted: Interrupted | None = None
@@ -402,9 +434,24 @@ class Engine:
 
     # ---- events and checks: the per-request hot path ----
 
+    @property
+    def event_counts(self) -> dict[str, int]:
+        """How many times each event was raised, by fire() or on the lean path (a new dict)."""
+        counts = dict(self._fired)
+        for kind in self._kinds:
+            for event in kind.events:
+                counts[event] += kind.unseen
+        return counts
+
+    def request_kind(self, iotype: str, events: tuple[str, ...]) -> "RequestKind":
+        """A kind of request for unseen(): checked as `iotype`, raising `events`."""
+        kind = RequestKind(iotype, events)
+        self._kinds.append(kind)
+        return kind
+
     def fire(self, event: str, request: Request | None = None) -> Suspension | None:
         """Raise `event`. Returns a Suspension the caller must await, or None."""
-        self.event_counts[event] += 1
+        self._fired[event] += 1
         if self.tracer is not None:
             self.tracer.event(event)
         rules = self._by_event.get(event)
@@ -483,29 +530,31 @@ class Engine:
             self._remove_armed(rule)
         return error
 
-    def unseen(self, events: tuple[str, ...], iotype: str, offset: int, length: int) -> bool:
-        """The lean path (docs/benchmarks.md): True if nothing can see a request that raises
-        `events` and is then checked once as (iotype, offset, length): no rule or breakpoint
-        on those events, no trace, no extension rule armed, and no armed rule it meets. Then
-        its events are counted as fired, exactly as fire() and check() would leave the
-        engine. False: nothing was done, the request takes the full path."""
+    def unseen(self, kind: "RequestKind", offset: int, length: int) -> bool:
+        """The lean path (docs/benchmarks.md): True if nothing can see a request of `kind`
+        (request_kind()) at (offset, length): no rule or breakpoint on its events, no trace,
+        no extension rule armed, and no armed rule it meets. Then its events are counted as
+        fired, exactly as fire() and check() would leave the engine. False: nothing was
+        done, the request takes the full path. Every request that no rule can see passes
+        here, so each step is as cheap as it can be: one counter per kind of request, and
+        the armed sector rules' span (lo, hi) as ints."""
         if self._breakpoints or self.tracer is not None or not self._plain:
             return False
         by_event = self._by_event
-        for event in events:
+        for event in kind.events:
             if event in by_event:
                 return False
         active = self._active
-        if active.count:
-            if iotype in active.first_anywhere:
-                return False  # a rule without a sector meets every request of its io type
-            offsets = active.offsets  # sorted: the request may meet one only between them
-            if offsets and offset <= offsets[-1] and offsets[0] < offset + length:
-                if active.find(iotype, offset, length) is not None:
-                    return False
-        counts = self.event_counts
-        for event in events:
-            counts[event] += 1
+        if active.count and (
+            kind.iotype in active.first_anywhere  # a rule without a sector meets every request
+            or (
+                offset <= active.hi
+                and active.lo < offset + length
+                and active.find(kind.iotype, offset, length) is not None
+            )
+        ):
+            return False
+        kind.unseen += 1
         return True
 
     # ---- extension rules: the second path ----
@@ -870,7 +919,7 @@ class Engine:
             self._insert(rule)
         self.state = 1
         self.random.seed(self.seed)  # a fresh open: the same decisions again
-        self.event_counts["none"] += 1
+        self._fired["none"] += 1
         rules_of_none = self._by_event.get("none")
         if rules_of_none:
             self._run_rules(rules_of_none)
