@@ -58,7 +58,7 @@ from blkfuse.block.image import (
 )
 from blkfuse.block.stack import Stack
 from blkfuse.crash.snapshot import sparse_copy
-from blkfuse.crash.undo import CutReport
+from blkfuse.crash.undo import CutReport, rule_cut_seed
 from blkfuse.engine.core import Engine, Request, Sender
 from blkfuse.engine.effects import Effect, corrupt
 from blkfuse.errors import BlkfuseError
@@ -205,6 +205,7 @@ class BlockDevice:
         # stamped as `powered` goes False, so cuts of several mounts can be compared (Fleet).
         self.cut_at: tuple[int, int] | None = None
         self.last_cut: CutReport | None = None  # status "last_cut"
+        self.rule_cuts = 0  # cuts powercut rules fired: each draws its own seed
         self.align = align or 1
         self.max_transfer = max_transfer or 0
         self.opt_write_zero = opt_write_zero or 0
@@ -222,6 +223,11 @@ class BlockDevice:
         self.profile = profile
         self.fua_flushes = profile.fua_is_a_flush or not stack.takes_fua()
         self.no_flush = cache == "unsafe"
+        undo = stack.undo
+        if undo is not None:
+            # A FUA write that reaches the file makes that write durable, and only it (not
+            # the unsynced writes before it, as a flush would); unsafe ignores FUA.
+            undo.fua_durable = not self.fua_flushes and not self.no_flush
         # "Written since the last successful flush", as QEMU's write_gen/flushed_gen pairs.
         # Failed writes count too; a failed flush leaves its generation dirty.
         self._format_written = 0
@@ -1033,13 +1039,21 @@ class BlockDevice:
 
     async def _fua_to_file(self) -> int:
         """A FUA write that reached the file (QEMU 10.0: pwritev2 with RWF_DSYNC): its data
-        is on the disk when it returns; no event, no check. 0 or the errno."""
+        is on the disk when it returns; no event, no check. 0 or the errno.
+
+        The undo log took the write as durable as it was made (UndoFilter.fua_durable), and
+        nothing else: the unsynced writes before it stay unsynced, as RWF_DSYNC leaves them.
+        The backing file is fsynced in a worker thread (coarser than RWF_DSYNC on the one
+        write, which would wait for the disk in the trio thread, where the undo filter
+        writes), past the filters, so none of them takes it for a flush of everything."""
         if self.no_flush:
             return 0
         try:
-            await self.below.flush()
+            await self.stack.image.flush()
         except OSError as failure:
             return failure.errno or _errno.EIO
+        if not self.powered:  # the power went during the fsync: the write is not acknowledged
+            return _errno.EIO
         return 0
 
     # ---- power cuts (README "Power cuts") ----
@@ -1055,13 +1069,17 @@ class BlockDevice:
             log.info("a flush met a drop-unsynced rule: %d unsynced writes reverted", report.writes)
 
     async def _rule_cut(self, effect: Effect) -> None:
-        """A powercut rule acted on this request: cut now, with the mount's seed (a request
-        that reaches a rule after another cut finds the power off: nothing more to do)."""
+        """A powercut rule acted on this request: cut now (a request that reaches a rule after
+        another cut finds the power off: nothing more to do). The seed comes from the mount's
+        and the cut's number among the rule cuts of this mount (`rule_cut_seed`: the first
+        uses the mount's seed), so cuts after a poweron draw new coins."""
         if not self.powered:
             return
-        await self.power_cut(
-            effect.powercut, self.engine.seed, effect.powercut_save or None, why="a powercut rule"
-        )
+        ordinal, mount_seed = self.rule_cuts, self.engine.seed
+        seed = rule_cut_seed(mount_seed, ordinal)
+        self.rule_cuts += 1
+        why = f"a powercut rule (the mount's rule cut {ordinal + 1}, its seed from -o seed={mount_seed})"
+        await self.power_cut(effect.powercut, seed, effect.powercut_save or None, why=why)
 
     async def power_cut(
         self, keep: str, seed: int | None, save: str | None = None, *, why: str = "powercut"

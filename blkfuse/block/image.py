@@ -208,7 +208,8 @@ class Image:
 
     def pwrite(self, offset: int, data: Bytes, *, fua: bool = False) -> int:
         """Write all of `data` on the calling thread. `fua` (node.py) changes nothing here:
-        the block layer above flushes after a FUA write, as QEMU's file node wants."""
+        the block device fsyncs the file after a FUA write that reaches it (QEMU 10.0), or
+        flushes the stack after one it emulates (7.2, as QEMU's file node wants there)."""
         length = len(data)
         size = self.known_size
         if size is not None and offset + length > size:

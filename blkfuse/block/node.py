@@ -9,8 +9,10 @@ the method: a filter overrides only what it observes.
     size()                             the length in bytes
     read(offset, length)               data, short only at the end
     write(offset, data, fua=)          all of `data`; `fua`: the request was a FUA write
-                                       (its flush comes separately, as QEMU emulates FUA
-                                       above the file; a recorder below blkdebug sees it)
+                                       (where FUA is emulated, 7.2 or a filter that takes
+                                       none, its flush comes separately; else it reaches
+                                       the file as one, and the undo filter takes it as
+                                       durable by itself; a recorder below blkdebug sees it)
     pwrite(offset, data, fua=)         the same write, finished before it returns (no await
                                        in between: the undo log reads what it overwrites
                                        and writes in one step)

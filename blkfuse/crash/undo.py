@@ -24,7 +24,17 @@ A cut decides what survives:
              lost (its bytes as of the last flush) with probability 1/2, independently; the
              image size is one more such coin (kept: the current size; lost: the flushed size)
 The coins come from random.Random(seed) in a fixed order (units by address, then the size), so
-the same seed on the same history gives the same image.
+the same seed on the same history gives the same image. A cut a powercut rule fires takes its
+seed from the mount's seed and how many rule cuts came before it (`rule_cut_seed`).
+
+A write that reached the file as a FUA write (QEMU 10.0's file node writes it with RWF_DSYNC;
+UndoFilter.fua_durable) is durable when it returns, and only it: it is no entry (nothing
+takes it back), but the log notes its range and after which entry it came. A cut then
+treats the flushed image with the durable writes applied, in order, as what a lost byte goes
+back to: an entry before a durable write never restores over the durable write's bytes (and
+never truncates below its end), while the rest of that entry stays revertible; an entry
+after it has the durable bytes in its pre-image anyway. So a journal's commit record written
+FUA survives the cut, and the un-flushed data before it may still be lost, as on a disk.
 
 UndoFilter is the log as a node of the stack (block/node.py, block/stack.py), right on the
 image: every change passing it is recorded first, a successful flush forgets what it covered,
@@ -32,6 +42,7 @@ and `cut` is the power cut.
 """
 
 import errno as _errno
+import hashlib
 import logging
 import os
 import random
@@ -127,6 +138,19 @@ class CutReport:
         return head + body
 
 
+def rule_cut_seed(seed: int, ordinal: int) -> int:
+    """The seed of a mount's cut number `ordinal` (0: the first) fired by a powercut rule,
+    from the mount's seed (-o seed=N): the first uses the mount's seed itself; each later one
+    the first 4 bytes, big-endian, of SHA-256 of the ASCII text "SEED:cut:ORDINAL" (for seed
+    7, the second cut: `printf 7:cut:1 | sha256sum | cut -c1-8` in hex). So two rule cuts of
+    one run draw different coins, and each is replayed alone by `powercut seed=` with the
+    seed its report names."""
+    if ordinal == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:cut:{ordinal}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
 class UndoLog:
     """Entries since the last successful flush, oldest first. Single-threaded (trio)."""
 
@@ -153,6 +177,11 @@ class UndoLog:
         self._spilled = 0
         self._scratch: int | None = None
         self._held = 0  # pre-image bytes of live entries
+        # The durable (FUA) writes that came after some live entry: (after, start, end) each,
+        # `after` being how many entries were in the log when it was made; oldest first.
+        self._durable_after = array("q")
+        self._durable_start = array("q")
+        self._durable_end = array("q")
         self.bytes = 0  # bytes the live entries changed (status "bytes")
         self.refused = 0  # entries refused at the cap
         self.last_refusal: str | None = None
@@ -162,7 +191,7 @@ class UndoLog:
 
     def held(self) -> int:
         """What counts against the cap now."""
-        return self._held + ENTRY_BYTES * len(self._offset)
+        return self._held + ENTRY_BYTES * (len(self._offset) + len(self._durable_after))
 
     # ---- recording -------------------------------------------------------------------------
 
@@ -171,6 +200,33 @@ class UndoLog:
         Raises LogFull (ENOSPC), or OSError if the scratch file cannot be written."""
         size = image.size()
         self._add(image, offset, length, size)
+
+    def record_durable(self, offset: int, length: int) -> bool:
+        """Call right before writing [offset, offset+length) as a durable (FUA) write: no
+        entry, no pre-image; the entries before it will not take its bytes back. Raises
+        LogFull (ENOSPC) where the note would pass the cap. With no entry in the log there
+        is nothing it must be kept from, so nothing is noted: False."""
+        n = len(self._offset)
+        if not n or length <= 0:
+            return False
+        if self.held() + ENTRY_BYTES > self.cap:
+            self.refused += 1
+            self.last_refusal = (
+                f"the unsynced-write log is full: the note of a {length}-byte FUA write at "
+                f"offset {offset} would pass unsynced-cap={self.cap} "
+                f"({len(self)} writes, {self._held} bytes of pre-images held); "
+                "it failed with ENOSPC (fsync the image, or raise the cap)"
+            )
+            raise LogFull(_errno.ENOSPC, self.last_refusal)
+        self._durable_after.append(n)
+        self._durable_start.append(offset)
+        self._durable_end.append(offset + length)
+        return True
+
+    def drop_last_durable(self) -> None:
+        """The durable write just noted failed: forget its note."""
+        for column in (self._durable_after, self._durable_start, self._durable_end):
+            column.pop()
 
     def record_resize(self, image: "Image", new_size: int) -> None:
         """Call right before truncating `image` to `new_size`."""
@@ -260,6 +316,9 @@ class UndoLog:
             self._memory = []
             self._memory_first = self._memory_bytes = 0
             self._held = self.bytes = 0
+            self._durable_after = array("q")
+            self._durable_start = array("q")
+            self._durable_end = array("q")
             if self._spilled and self._scratch is not None:
                 os.ftruncate(self._scratch, 0)  # give the scratch space back
             self._spilled = 0
@@ -270,6 +329,12 @@ class UndoLog:
         for column in (self._offset, self._length, self._size, self._where, self._stored):
             del column[:count]
         del self._layout[:count]
+        # a durable write that came after no remaining entry needs no note any more
+        gone = bisect_right(self._durable_after, count)
+        for column in (self._durable_after, self._durable_start, self._durable_end):
+            del column[:gone]
+        for j in range(len(self._durable_after)):
+            self._durable_after[j] -= count
         if count <= self._memory_first:
             self._memory_first -= count
         else:
@@ -303,15 +368,10 @@ class UndoLog:
             report.torn = _merged(torn)
         else:
             first_lost = rng.randint(0, n) if keep == "prefix" else 0
-            self._undo_from(image, first_lost)
+            self._undo_from(image, first_lost, lost)
             report.writes_kept, report.writes_lost = first_lost, n - first_lost
             report.bytes_kept = sum(self._length[:first_lost])
             report.bytes_lost = sum(self._length[first_lost:])
-            lost.extend(
-                (self._offset[i], self._offset[i] + self._length[i])
-                for i in range(first_lost, n)
-                if self._length[i]
-            )
         report.size = image.size()
         if report.size != size_before:  # cut off, or brought back, at the end
             lost.append((min(report.size, size_before), max(report.size, size_before)))
@@ -345,15 +405,24 @@ class UndoLog:
         if old_end < hi:
             _punch(image, old_end, hi)
 
-    def _undo_from(self, image: "Image", first: int) -> None:
-        """Undo entries first..n-1, newest first: the image as it was before entry `first`."""
+    def _durable_from_newest(self) -> "_DurableSince":
+        """The durable writes, to be taken in as the entries are walked newest first."""
+        return _DurableSince(self._durable_after, self._durable_start, self._durable_end)
+
+    def _undo_from(self, image: "Image", first: int, lost: list[tuple[int, int]]) -> None:
+        """Undo entries first..n-1, newest first: the image as it was before entry `first`,
+        with every durable write since then on it (their bytes, and the size up to their
+        end). Appends what it restored to `lost`."""
+        durable = self._durable_from_newest()
         for i in range(len(self) - 1, first - 1, -1):
+            covered = durable.since(i)
             offset, length, size = self._offset[i], self._length[i], self._size[i]
-            old_end = min(offset + length, size)
-            if old_end > offset:
-                self._restore(image, i, offset, old_end)
-            if image.size() != size:
-                image.truncate(size)
+            floor = max(size, covered.end)  # a durable write past the old end stays
+            for lo, hi in covered.outside(offset, min(offset + length, floor)):
+                self._restore(image, i, lo, hi)  # past `size`: zeros
+            lost.extend(covered.outside(offset, offset + length))
+            if image.size() != floor:
+                image.truncate(floor)
 
     def _units(self, i: int) -> tuple[int, int]:
         atomic = self.atomic
@@ -385,11 +454,15 @@ class UndoLog:
             coins.append(bits)
             report.units += end - first
             report.units_kept += bits.bit_count()
-        synced_size, current_size = self._size[0], image.size()
+        durable = self._durable_from_newest()
+        # lost, the size is the flushed one, or up to the end of a durable write past it
+        synced_size = max(self._size[0], max(self._durable_end, default=0))
+        current_size = image.size()
         final_size = current_size if rng.getrandbits(1) else synced_size
 
         atomic = self.atomic
         for i in range(n - 1, -1, -1):
+            covered = durable.since(i)
             first, end = self._units(i)
             if first == end:
                 continue
@@ -411,12 +484,59 @@ class UndoLog:
             for gone in _LOST_RUN.finditer(lsb_first):
                 lo = max(offset, (first + gone.start()) * atomic)
                 hi = min(offset + length, (first + gone.end()) * atomic, final_size)
-                if lo < hi:
-                    self._restore(image, i, lo, hi)
-                    lost.append((lo, hi))
+                for piece in covered.outside(lo, hi):  # never over a durable write
+                    self._restore(image, i, *piece)
+                    lost.append(piece)
         report.writes_kept += sum(1 for i in range(n) if not self._length[i])
         if image.size() != final_size:
             image.truncate(final_size)
+
+
+class _DurableSince:
+    """The durable writes made after entry i, as disjoint sorted [start, end) ranges, for i
+    going down (entries walked newest first): `since(i)` takes in those noted after it."""
+
+    def __init__(self, after: "array[int]", start: "array[int]", end: "array[int]"):
+        self._after, self._start, self._end = after, start, end
+        self._next = len(after) - 1  # the newest not yet taken in
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.end = 0  # the furthest end of them
+
+    def since(self, i: int) -> "_DurableSince":
+        while self._next >= 0 and self._after[self._next] > i:
+            self._add(self._start[self._next], self._end[self._next])
+            self._next -= 1
+        return self
+
+    def _add(self, start: int, end: int) -> None:
+        if start >= end:
+            return
+        self.end = max(self.end, end)
+        starts, ends = self.starts, self.ends
+        lo = bisect_right(ends, start - 1)  # the first range ending at or after `start`
+        hi = bisect_right(starts, end)  # past the last range starting at or before `end`
+        if lo < hi:
+            start, end = min(start, starts[lo]), max(end, ends[hi - 1])
+        starts[lo:hi] = [start]
+        ends[lo:hi] = [end]
+
+    def outside(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of [start, end) that no durable write covers, in order."""
+        if start >= end:
+            return []
+        starts, ends = self.starts, self.ends
+        pieces = []
+        j = bisect_right(ends, start)
+        while start < end:
+            if j == len(starts) or starts[j] >= end:
+                pieces.append((start, end))
+                break
+            if starts[j] > start:
+                pieces.append((start, starts[j]))
+            start = max(start, ends[j])
+            j += 1
+        return pieces
 
 
 class UndoFilter(Filter):
@@ -425,7 +545,13 @@ class UndoFilter(Filter):
     Each change is recorded and then made with no await between (the pre-image read and
     the write are one step, so the log's order is the image's); a write is therefore done
     on the calling thread (Image.pwrite), never handed to a worker. A full log refuses the
-    change with ENOSPC before the image is touched."""
+    change with ENOSPC before the image is touched.
+
+    `fua_durable`: a write that comes with the FUA bit reaches the file as a FUA write
+    (QEMU 10.0's file node: RWF_DSYNC), so it is durable as soon as it is made, and only
+    it. The block device sets it (device.py): where it emulates FUA with a flush after the
+    write (QEMU 7.2, a filter that takes no FUA, cache=unsafe) the bit changes nothing here
+    and the flush makes the write durable, with everything before it."""
 
     below: "Image"
 
@@ -433,6 +559,7 @@ class UndoFilter(Filter):
         super().__init__(image)
         self.log = undo
         self.cuts = 0  # power cuts so far: a flush spanning one fails
+        self.fua_durable = False
 
     def _record(self, offset: int, length: int) -> None:
         if length > 0:
@@ -442,12 +569,30 @@ class UndoFilter(Filter):
                 log.warning("%s", full.strerror)
                 raise
 
+    def _record_durable(self, offset: int, length: int) -> bool:
+        try:
+            return self.log.record_durable(offset, length)
+        except LogFull as full:
+            log.warning("%s", full.strerror)
+            raise
+
     async def write(self, offset: int, data: "Bytes", *, fua: bool = False) -> int:
         return self.pwrite(offset, data, fua=fua)
 
     def pwrite(self, offset: int, data: "Bytes", *, fua: bool = False) -> int:
-        self._record(offset, len(data))
-        return self.below.pwrite(offset, data, fua=fua)
+        if not (fua and self.fua_durable):
+            self._record(offset, len(data))
+            return self.below.pwrite(offset, data, fua=fua)
+        noted = self._record_durable(offset, len(data))
+        try:
+            return self.below.pwrite(offset, data, fua=fua)
+        except OSError:
+            # A failed FUA write promised nothing: the entries before it take their bytes
+            # back over it at a cut (what it wrote where no entry holds a pre-image stays,
+            # as a disk may have written part of it).
+            if noted:
+                self.log.drop_last_durable()
+            raise
 
     def write_zeroes(
         self, offset: int, length: int, unmap: bool = False, *, fua: bool = False
