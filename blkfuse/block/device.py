@@ -300,6 +300,28 @@ class BlockDevice:
         image.cached_hit()
         return cached
 
+    async def read_unseen(self, offset: int, length: int) -> bytes | bytearray | None:
+        """read() of a request nothing can see (engine.unseen) whose data the image must
+        wait for (a page-cache miss read_now could not answer): counted as read() counts it,
+        then straight to the image, which reads it through io_uring or a worker thread;
+        None (nothing done) if it must take the full path. As exact as read(): that too
+        counts the request's events and checks it before it awaits the image, and nothing
+        else happens after (a rule or breakpoint added meanwhile cannot reach it there
+        either)."""
+        if not self.lean_reads:
+            return None
+        image = self._image
+        size = image.known_size
+        if size is None:
+            size = image.size()
+        if length <= 0 or offset >= size:
+            return None
+        if length > size - offset:
+            length = size - offset
+        if not self.engine.unseen(self._lean_read_kind, offset, length):
+            return None
+        return await image.read(offset, length)
+
     def write_now(self, offset: int, data: Bytes, *, grow: bool = True) -> int | None:
         """write() of all of `data` (not FUA), done here and now if nothing can see it: no
         filter (undo log, write log), the image writes inline, and engine.unseen; else None

@@ -473,8 +473,13 @@ class Operations(pyfuse3.Operations):
         try:
             if self.refusing:
                 raise pyfuse3.FUSEError(self.refusing)
+            block = self.block
+            if block.lean_reads:  # read_nowait could not answer: the image must wait
+                data = await block.read_unseen(off, size)
+                if data is not None:
+                    return data
             # short at the end of the image
-            return await self.block.read(off, size, caller=_caller(ctx))
+            return await block.read(off, size, caller=_caller(ctx))
         except pyfuse3.FUSEError:
             raise
         except Exception as e:
