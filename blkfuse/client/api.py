@@ -154,7 +154,7 @@ class Mount:
             raise MountError(message or f"blkfuse mount failed (exit status {r.returncode})")
         self.mounted = True
         try:
-            info = self.status()["info"]
+            info = self.status(rules=0)["info"]  # the rule list can be 100,000 long
             self.pid = int(info["pid"])
             self.name = str(info["name"])
             self.backing = Path(info["image"])
@@ -226,9 +226,10 @@ class Mount:
         daemon's answer. ControlError with the write's errno and the daemon's message."""
         return client.send(self.mountpoint, text)
 
-    def status(self) -> dict[str, Any]:
-        """The status, exactly as `blkfuse status --json` prints it."""
-        return client.status(self.mountpoint)
+    def status(self, rules: int | None = None) -> dict[str, Any]:
+        """The status, exactly as `blkfuse status --json` prints it; `rules`: list only the
+        first that many rules (0: none, for the rest of the status at once)."""
+        return client.status(self.mountpoint, rules)
 
     def status_text(self) -> str:
         """The human status (what reading `control` shows)."""
@@ -304,7 +305,7 @@ class Mount:
 
     def suspended(self) -> list[dict[str, Any]]:
         """The requests suspended now (tags, event, op, offset, length, seconds)."""
-        result: list[dict[str, Any]] = self.status()["suspended"]
+        result: list[dict[str, Any]] = self.status(rules=0)["suspended"]
         return result
 
     def powercut(

@@ -301,7 +301,7 @@ def fan_out(
 
 def _power_off_at(mountpoint: str, timeout: float) -> dict[str, int] | None:
     try:
-        st = client.with_timeout(lambda: client.status(mountpoint), timeout)
+        st = client.with_timeout(lambda: client.status(mountpoint, rules=0), timeout)
     except (ControlError, client.NoAnswer, ValueError):
         return None
     stamp = st.get("power_off_at")
@@ -339,7 +339,7 @@ def armed_texts(texts: Sequence[str]) -> list[str] | None:
 def _daemon_pid(mountpoint: str, timeout: float) -> int:
     """The pid of the daemon serving `mountpoint`, which this process can signal."""
     try:
-        st = client.with_timeout(lambda: client.status(mountpoint), timeout)
+        st = client.with_timeout(lambda: client.status(mountpoint, rules=0), timeout)
     except client.NoAnswer:
         raise ControlError(errno.ETIMEDOUT, f"no status within {timeout:g} s") from None
     except ValueError as e:

@@ -7,7 +7,7 @@ import pytest
 import trio
 from hypothesis import given, settings, strategies as st
 
-from blkfuse.daemon.control import Control, ControlError, parse
+from blkfuse.daemon.control import Control, ControlError, json_document, parse
 from blkfuse.engine.core import Engine, Request
 from blkfuse.rules import config
 from blkfuse.rules.model import InjectError, SetState
@@ -324,7 +324,9 @@ def test_status_dict_is_json_and_stable():
         "info",
         "state",
         "rules",
+        "rule_count",
         "active",
+        "active_count",
         "breakpoints",
         "suspended",
         "waiting",
@@ -370,3 +372,53 @@ def test_text_status_caps_the_rule_list_and_json_lists_all():
     assert "rules: 300" in text and "... 100 more" in text and "(300 rules)" in text
     assert text.count("inject-error event=none") == 200
     assert len(json.loads(run(control.execute, "status json"))["rules"]) == 300
+
+
+def test_status_rules_word_lists_as_many_rules_as_asked():
+    engine, control = make([InjectError("none", sector=1000 + i) for i in range(300)])
+    text = ok(control, "status rules=all")
+    assert text.count("inject-error event=none") == 300 and " more" not in text
+    assert "active: " + " ".join(str(i) for i in range(1, 301)) + "\n" in text
+    assert ok(control, "status rules=5").count("inject-error event=none") == 5
+    assert "... 295 more, not listed here (`blkfuse status --all MNT`" in ok(
+        control, "status rules=5"
+    )
+    brief = json.loads(ok(control, "status json rules=0"))
+    assert brief["rules"] == [] and brief["active"] == []
+    assert brief["rule_count"] == brief["active_count"] == 300
+    whole = json.loads(ok(control, "status json"))
+    assert {k: v for k, v in brief.items() if k not in ("rules", "active")} == {
+        k: v for k, v in whole.items() if k not in ("rules", "active")
+    }
+    first = json.loads(ok(control, "status json rules=2"))
+    assert first["rules"] == whole["rules"][:2] and first["active"] == [1, 2]
+    assert json.loads(ok(control, "status json rules=all")) == whole
+    for bad in (
+        "status rules=x",
+        "status rules=-1",
+        "status jsn",
+        "status json all",
+        "status rules=1 json",
+    ):
+        assert "rules=" in fails(control, bad, errno.EINVAL).message  # usage, or what is wrong
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=200)
+@given(
+    st.dictionaries(st.text(), _json_values, max_size=4),
+    st.lists(st.dictionaries(st.text(), _json_values, max_size=3), max_size=3),
+    st.lists(st.integers(), max_size=3),
+)
+def test_json_document_is_the_status_as_json(rest, rules, active):
+    status = {**rest, "rules": rules, "active": active}
+    text = json_document(status)
+    assert json.loads(text) == json.loads(json.dumps(status))
+    assert list(json.loads(text)) == list(status)  # the keys in the status's order
+    assert text.count("\n") >= len(rules)  # a rule a line
