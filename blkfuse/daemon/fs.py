@@ -174,9 +174,7 @@ def _guard(
         except Exception as e:
             raise _fuse_error(e, fn.__name__) from None
         finally:
-            self.inflight -= 1
-            if not self.inflight:
-                self._wake_settled_waiter()
+            self._request_done()
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
@@ -229,6 +227,12 @@ class Operations(pyfuse3.Operations):
         now = time.time_ns()
         self._mtime = {ROOT: now, IMAGE: now, CONTROL: now}
         self._next_control_inode = FIRST_FRESH_CONTROL
+
+    def _request_done(self) -> None:
+        """One request in flight less (_guard, read, write); the last wakes wait_settled."""
+        self.inflight -= 1
+        if not self.inflight:
+            self._wake_settled_waiter()
 
     def refuse(self, error: int) -> None:
         """From now on, every new request on the image fails with `error` (forced shutdown)."""
@@ -485,9 +489,7 @@ class Operations(pyfuse3.Operations):
         except Exception as e:
             raise _fuse_error(e, "read") from None
         finally:
-            self.inflight -= 1
-            if not self.inflight:
-                self._wake_settled_waiter()
+            self._request_done()
 
     @_guard
     async def _read_control(self, fh: FileHandleT, off: int, size: int) -> bytes | bytearray:
@@ -527,9 +529,7 @@ class Operations(pyfuse3.Operations):
         except Exception as e:
             raise _fuse_error(e, "write") from None
         finally:
-            self.inflight -= 1
-            if not self.inflight:
-                self._wake_settled_waiter()
+            self._request_done()
 
     @_guard
     async def _write_control(self, fh: FileHandleT, buf: bytes) -> int:
