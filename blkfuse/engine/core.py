@@ -151,12 +151,15 @@ class RequestKind:
     """One kind of request the lean path serves (Engine.request_kind): the io type it is
     checked as, the events it raises, and how many unseen() let through."""
 
-    __slots__ = ("iotype", "events", "unseen")
+    __slots__ = ("iotype", "events", "unseen", "has_rules", "rules_seen")
 
     def __init__(self, iotype: str, events: tuple[str, ...]):
         self.iotype = iotype
         self.events = events
         self.unseen = 0
+        # whether a rule is on one of its events, as of the engine's rule_changes rules_seen
+        self.has_rules = True
+        self.rules_seen = -1
 
 
 class _ActiveSet:
@@ -405,6 +408,7 @@ class Engine:
         self._rules: list[Rule | None] = []  # by id - _first_id; None once removed
         self._first_id = 1
         self._by_event: dict[str, list[Rule]] = {}  # event -> its rules, file order
+        self._rule_changes = 0  # counts changes to _by_event (RequestKind caches its answer)
         self._breakpoints: dict[str, list[str]] = {}  # event -> tags, in order set
         self._active = _ActiveSet()
         self._kept = _ActiveSet()  # persistent rules once armed: no event replaces them
@@ -540,10 +544,11 @@ class Engine:
         the armed sector rules' span (lo, hi) as ints."""
         if self._breakpoints or self.tracer is not None or not self._plain:
             return False
-        by_event = self._by_event
-        for event in kind.events:
-            if event in by_event:
-                return False
+        if kind.rules_seen != self._rule_changes:  # rules were added or removed since
+            kind.rules_seen = self._rule_changes
+            kind.has_rules = any(event in self._by_event for event in kind.events)
+        if kind.has_rules:
+            return False
         active = self._active
         if active.count and (
             kind.iotype in active.first_anywhere  # a rule without a sector meets every request
@@ -782,6 +787,7 @@ class Engine:
             self.heal_rules += rule.ext.heal
         self._rules.append(rule)
         self._by_event.setdefault(rule.event, []).append(rule)
+        self._rule_changes += 1
         return rule.id
 
     def _lookup(self, rule_id: int) -> Rule | None:
@@ -798,6 +804,7 @@ class Engine:
         siblings.remove(rule)
         if not siblings:
             del self._by_event[rule.event]
+        self._rule_changes += 1
 
     def _retire(self, rule: Rule) -> None:
         """A used-up rule: no event matches it again, but it stays listed (spent, with its
@@ -841,6 +848,7 @@ class Engine:
         self._rules = []
         self._first_id = self._next_id
         self._by_event.clear()
+        self._rule_changes += 1
         self._active.replace(())
         self._kept.replace(())
         self._tallies.clear()

@@ -143,9 +143,15 @@ def test_anything_that_could_see_a_request_turns_the_lean_path_off(tmp_path):
         dev.engine.add_breakpoint("flush_to_os", "A")  # any breakpoint
         assert dev.read_now(0, 512) is None and dev.write_now(0, b"x") is None
         dev.engine.remove_breakpoint("A")
-        dev.engine.add_rule(parse_config_text('[inject-error]\nevent = "read_aio"\n', "t")[0])
+        rule_id = dev.engine.add_rule(
+            parse_config_text('[inject-error]\nevent = "read_aio"\n', "t")[0]
+        )
         assert dev.read_now(0, 512) is None  # a rule on its event
         assert dev.write_now(0, b"x") == 1
+        dev.engine.remove_rule(rule_id)
+        assert dev.read_now(0, 512) is not None  # gone: lean again
+        dev.engine.add_rule(parse_config_text('[inject-error]\nevent = "read_aio"\n', "t")[0])
+        assert dev.read_now(0, 512) is None
         dev.lean_off()  # what a recording filter does
         assert dev.read_now(0, 512) is None and dev.write_now(0, b"x") is None
         dev.lean_on()
