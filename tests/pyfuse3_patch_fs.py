@@ -9,6 +9,10 @@ waits until a write at 8192 opens the gate (then answers what it wrote); lseek a
 offset + 1000 for SEEK_DATA and 777 for SEEK_HOLE. `--plain`: an Operations subclass that opts
 in to nothing and defines no fallocate or lseek (the upstream behaviour). `--locked`:
 pyfuse3's locked request loop (`main(handoff=False)`) instead of the patch's hand-off.
+`--nowait`: also `enable_nowait_io` (patch 0003): read_nowait/write_nowait answer requests at
+NOWAIT_OFFSET and beyond themselves (logged as read-nowait/write-nowait), fail one at
+NOWAIT_ERRNO_OFFSET with EXDEV, raise RuntimeError at NOWAIT_CRASH_OFFSET, and pass every
+other request on to read/write (logged as read-passed/write-passed, then as usual).
 """
 
 import errno
@@ -24,6 +28,9 @@ FILE = pyfuse3.ROOT_INODE + 1
 SIZE = 1 << 20
 BLOCKING_OFFSET = 4096
 GATE_OFFSET = 8192
+NOWAIT_OFFSET = 65536
+NOWAIT_ERRNO_OFFSET = 2 * NOWAIT_OFFSET
+NOWAIT_CRASH_OFFSET = 3 * NOWAIT_OFFSET
 
 
 class Log:
@@ -131,9 +138,39 @@ class Patched(Plain):
         return offset + 1000 if whence == os.SEEK_DATA else 777
 
 
+class Nowait(Patched):
+    enable_nowait_io = True
+
+    def _nowait(self, op: str, off: int, size: int, flags: int | None = None) -> bool:
+        """Whether the nowait handler answers (raising for the two special offsets)."""
+        if off == NOWAIT_ERRNO_OFFSET:
+            raise pyfuse3.FUSEError(errno.EXDEV)
+        if off == NOWAIT_CRASH_OFFSET:
+            raise RuntimeError("the nowait handler failed")
+        answers = off >= NOWAIT_OFFSET
+        record = {"op": f"{op}-nowait" if answers else f"{op}-passed", "off": off, "size": size}
+        if flags is not None:
+            record["flags"] = flags
+        self.log(**record)
+        return answers
+
+    def read_nowait(self, fh, off, size):
+        if not self._nowait("read", off, size):
+            return None
+        return bytes(self.data[off : off + size])
+
+    def write_nowait(self, fh, off, buf, flags):
+        if not self._nowait("write", off, len(buf), flags):
+            return None
+        self.data[off : off + len(buf)] = buf
+        return len(buf)
+
+
 def main() -> None:
     mountpoint, log_path = sys.argv[1], sys.argv[2]
-    ops = (Plain if "--plain" in sys.argv[3:] else Patched)(Log(log_path))
+    flags = sys.argv[3:]
+    kind = Plain if "--plain" in flags else Nowait if "--nowait" in flags else Patched
+    ops = kind(Log(log_path))
     options = set(pyfuse3.default_options) | {"fsname=pyfuse3test"}
     pyfuse3.init(ops, mountpoint, options)
     print("ready", flush=True)

@@ -242,9 +242,11 @@ class BlockDevice:
         # write log see every change). Anything else that must see every request turns it
         # off with lean_off() and back with lean_on().
         self._lean_blockers = 0
+        self._lean_read_kind = engine.request_kind("read", _READ_EVENTS)
+        self._lean_write_kind = engine.request_kind("write", _WRITE_EVENTS)
         self._lean_static = self.raw and self.align == 1 and not self.max_transfer
         self.lean = self._lean_static
-        image = stack.image
+        image = self._image = stack.image
         self._lean_reads = self.below.read == image.read and (
             image.reads_inline or image.reads_nowait
         )
@@ -270,41 +272,73 @@ class BlockDevice:
         """read(), done here and now if nothing can see it (engine.unseen) and the image
         reads inline; None if it must take the full path (nothing was done then). The
         engine ends up exactly as after read(): read_aio counted, the check found nothing."""
-        image = self.stack.image
-        if not (self.lean_reads and self.powered):
+        if not self.lean_reads:
             return None
-        size = image.size()
+        image = self._image
+        size = image.known_size
+        if size is None:
+            size = image.size()
         if length <= 0 or offset >= size:
             return None
         if length > size - offset:
             length = size - offset
         if image.reads_inline:
-            if not self.engine.unseen(_READ_EVENTS, "read", offset, length):
+            if not self.engine.unseen(self._lean_read_kind, offset, length):
                 return None
             image.inline_reads += 1
+            if not image.direct:
+                # image.pread's first step, here: a call less per request (docs/benchmarks.md)
+                data = os.pread(image.fd, length, offset)
+                if len(data) == length:
+                    return data
             return image.pread(offset, length)
         # A disk-backed file: lean only if the page cache holds it all, asked first (a
         # read has no effect: one the engine then refuses is simply done again in full).
-        data = image.read_cached(offset, length)
-        if data is None or not self.engine.unseen(_READ_EVENTS, "read", offset, length):
+        cached = image.read_cached(offset, length)
+        if cached is None or not self.engine.unseen(self._lean_read_kind, offset, length):
             return None
         image.cached_hit()
-        return data
+        return cached
 
-    def write_now(self, offset: int, data: Bytes, *, writethrough: bool = False) -> int | None:
-        """write() of all of `data`, done here and now if nothing can see it: no FUA, no
+    async def read_unseen(self, offset: int, length: int) -> bytes | bytearray | None:
+        """read() of a request nothing can see (engine.unseen) whose data the image must
+        wait for (a page-cache miss read_now could not answer): counted as read() counts it,
+        then straight to the image, which reads it through io_uring or a worker thread;
+        None (nothing done) if it must take the full path. As exact as read(): that too
+        counts the request's events and checks it before it awaits the image, and nothing
+        else happens after (a rule or breakpoint added meanwhile cannot reach it there
+        either)."""
+        if not self.lean_reads:
+            return None
+        image = self._image
+        size = image.known_size
+        if size is None:
+            size = image.size()
+        if length <= 0 or offset >= size:
+            return None
+        if length > size - offset:
+            length = size - offset
+        if not self.engine.unseen(self._lean_read_kind, offset, length):
+            return None
+        return await image.read(offset, length)
+
+    def write_now(self, offset: int, data: Bytes, *, grow: bool = True) -> int | None:
+        """write() of all of `data` (not FUA), done here and now if nothing can see it: no
         filter (undo log, write log), the image writes inline, and engine.unseen; else None
-        (nothing done). The engine and the flush generations end up exactly as after write()."""
+        (nothing done). `grow` False: a write past the image's end is not done here either
+        (the full path answers it, short or ENOSPC). The engine and the flush generations
+        end up exactly as after write()."""
         length = len(data)
-        image = self.stack.image
-        if not (
-            self.lean_writes
-            and self.powered
-            and length
-            and not writethrough
-            and image.writes_inline
-            and self.engine.unseen(_WRITE_EVENTS, "write", offset, length)
-        ):
+        image = self._image
+        if not (self.lean_writes and length and image.writes_inline):
+            return None
+        if not grow:
+            size = image.known_size
+            if size is None:
+                size = image.size()
+            if offset + length > size:
+                return None
+        if not self.engine.unseen(self._lean_write_kind, offset, length):
             return None
         try:
             image.pwrite(offset, data)
@@ -1087,6 +1121,7 @@ class BlockDevice:
         if not self.powered:
             raise BlkfuseError(_errno.EINVAL, "the power is already off (poweron first)")
         self.powered = False
+        self.lean_off()  # every request now meets the cut on the full path
         self.cut_at = (time.clock_gettime_ns(time.CLOCK_MONOTONIC), time.time_ns())
         lost = OSError(_errno.EIO, "the power was cut while the request was held")
         self.engine.release_suspended(lost)
@@ -1115,6 +1150,7 @@ class BlockDevice:
         if self.powered:
             return False
         self.powered = True
+        self.lean_on()
         log.warning("power on")
         # Everything on the image is synced now, as after a successful flush.
         self._format_flushed = self._format_written

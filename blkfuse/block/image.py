@@ -125,8 +125,9 @@ class Image:
         # asked once, then updated by every change made here, so a request costs no lseek.
         # A block device's is asked every time (QEMU's host_device has_variable_length). A
         # change from outside shows at the next forget_size() (the mount's stat asks for it).
-        # None: ask the file at the next size().
-        self._size: int | None = None
+        # None: ask the file at the next size(). (Public for BlockDevice.read_now, which
+        # saves a call per request with it.)
+        self.known_size: int | None = None
         self._size_cached = not _is_block_device(self.fd)
         # tmpfs answers SEEK_HOLE by walking its pages up to the next hole: 29 ms for a full
         # 1 GiB file (Linux 6.1). Who asks per write (the undo log) must know (crash/undo.py).
@@ -171,22 +172,22 @@ class Image:
         return self._ring is not None
 
     def size(self) -> int:
-        size = self._size
+        size = self.known_size
         if size is None:
             size = os.lseek(self.fd, 0, os.SEEK_END)
             if self._size_cached:
-                self._size = size
+                self.known_size = size
         return size
 
     def forget_size(self) -> None:
         """Ask the file for its size at the next size() (it may have changed from outside)."""
-        self._size = None
+        self.known_size = None
 
     def _may_grow(self, end: int) -> None:
         """Before a change that ends at `end`: past the known size, ask the file again after."""
-        size = self._size
+        size = self.known_size
         if size is not None and end > size:
-            self._size = None
+            self.known_size = None
 
     def pread(self, offset: int, length: int) -> bytes:
         if self.direct:
@@ -210,9 +211,9 @@ class Image:
         the block device fsyncs the file after a FUA write that reaches it (QEMU 10.0), or
         flushes the stack after one it emulates (7.2, as QEMU's file node wants there)."""
         length = len(data)
-        size = self._size
+        size = self.known_size
         if size is not None and offset + length > size:
-            self._size = None  # _may_grow, inline: every write passes here
+            self.known_size = None  # _may_grow, inline: every write passes here
         if self.direct:
             return self._direct_pwrite(offset, data)
         done = os.pwrite(self.fd, data, offset)
@@ -391,7 +392,7 @@ class Image:
         new_size = max(size, offset + length)
         if end > new_size:
             os.ftruncate(self.fd, new_size)  # the last block ran past the end of the file
-        self._size = None
+        self.known_size = None
         return length
 
     # ---- zeroing, holes, extents ----
@@ -498,7 +499,7 @@ class Image:
         return os.fstatvfs(self.fd)
 
     def truncate(self, size: int) -> None:
-        self._size = None
+        self.known_size = None
         os.ftruncate(self.fd, size)
 
     def close(self) -> None:

@@ -84,7 +84,13 @@ FIRST_FRESH_CONTROL = 16
 # Names never change, so the kernel may cache lookups; the image's attributes are live.
 ENTRY_TIMEOUT = 300
 # What blkfuse needs from pyfuse3 beyond upstream 3.5.0: scripts/pyfuse3's patches.
-PYFUSE3_FEATURES = ("fallocate", "lseek", "enable_io_context", "enable_interrupts")
+PYFUSE3_FEATURES = (
+    "fallocate",
+    "lseek",
+    "enable_io_context",
+    "enable_interrupts",
+    "enable_nowait_io",
+)
 
 
 def missing_pyfuse3_features() -> list[str]:
@@ -168,9 +174,7 @@ def _guard(
         except Exception as e:
             raise _fuse_error(e, fn.__name__) from None
         finally:
-            self.inflight -= 1
-            if not self.inflight:
-                self._wake_settled_waiter()
+            self._request_done()
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
@@ -190,6 +194,7 @@ class Operations(pyfuse3.Operations):
     enable_acl = False
     enable_io_context = True  # the patch: write flags, the caller of read/write/fsync
     enable_interrupts = True  # the patch: FUSE_INTERRUPT cancels the handler
+    enable_nowait_io = True  # the patch: the lean path answers in read_nowait/write_nowait
 
     def __init__(
         self,
@@ -223,8 +228,16 @@ class Operations(pyfuse3.Operations):
         self._mtime = {ROOT: now, IMAGE: now, CONTROL: now}
         self._next_control_inode = FIRST_FRESH_CONTROL
 
+    def _request_done(self) -> None:
+        """One request in flight less (_guard, read, write); the last wakes wait_settled."""
+        self.inflight -= 1
+        if not self.inflight:
+            self._wake_settled_waiter()
+
     def refuse(self, error: int) -> None:
         """From now on, every new request on the image fails with `error` (forced shutdown)."""
+        if not self.refusing:
+            self.block.lean_off()  # every request now meets the refusal in read/write
         self.refusing = error
         self._wake_settled_waiter()  # open files no longer count
 
@@ -415,11 +428,44 @@ class Operations(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(errno.EBADF) from None
 
-    # read and write first try the lean path (docs/benchmarks.md): an image request that
-    # nothing can see (no rule, breakpoint, trace, watcher or log: BlockDevice.read_now and
-    # write_now ask the engine) is done at once, without awaiting anything. So no other task
-    # can run while it is served: it needs no count in `inflight` and no caller. Else the
-    # full path, with _guard's work written out (one coroutine per request, not two).
+    # The lean path (docs/benchmarks.md): an image request that nothing can see (no rule,
+    # breakpoint, trace, watcher or log: BlockDevice.read_now and write_now ask the engine) is
+    # answered in read_nowait/write_nowait, which pyfuse3 calls as it hands the request over
+    # (the patch's enable_nowait_io): no coroutine, no RequestContext, no interrupt
+    # registration, no caller, and no count in `inflight` (no other task runs meanwhile).
+    # None: pyfuse3 passes the request on to read/write, the full path. A refusal (a forced
+    # shutdown) and a power cut turn the lean path off (lean_off), so they are met there.
+
+    def read_nowait(self, fh: FileHandleT, off: int, size: int) -> bytes | bytearray | None:
+        h = self._handles.get(fh)
+        if h is None or h.inode != IMAGE or not self.block.lean_reads:
+            return None
+        try:
+            return self.block.read_now(off, size)
+        except Exception as e:
+            raise _fuse_error(e, "read") from None
+
+    def write_nowait(self, fh: FileHandleT, off: int, buf: bytes, flags: int) -> int | None:
+        h = self._handles.get(fh)
+        if h is None or h.inode != IMAGE:
+            return None
+        block = self.block
+        if (
+            not block.lean_writes
+            or h.writethrough
+            or flags & _WRITETHROUGH_FLAGS  # FUA: pwritev2(RWF_DSYNC/RWF_SYNC)
+            or self.read_only
+        ):
+            return None
+        try:
+            n = block.write_now(off, buf, grow=self.growable)
+        except Exception as e:
+            raise _fuse_error(e, "write") from None
+        if n is not None:
+            self._mtime[IMAGE] = time.time_ns()
+        return n
+
+    # The full path, with _guard's work written out (one coroutine per request, not two).
 
     async def read(
         self, fh: FileHandleT, off: int, size: int, ctx: RequestContext
@@ -427,18 +473,15 @@ class Operations(pyfuse3.Operations):
         h = self._handles.get(fh)
         if h is None or h.inode != IMAGE:
             return await self._read_control(fh, off, size)
-        block = self.block
-        if block.lean_reads and not self.refusing:
-            try:
-                data = block.read_now(off, size)
-            except Exception as e:
-                raise _fuse_error(e, "read") from None
-            if data is not None:
-                return data
         self.inflight += 1  # _guard, written out
         try:
             if self.refusing:
                 raise pyfuse3.FUSEError(self.refusing)
+            block = self.block
+            if block.lean_reads:  # read_nowait could not answer: the image must wait
+                data = await block.read_unseen(off, size)
+                if data is not None:
+                    return data
             # short at the end of the image
             return await block.read(off, size, caller=_caller(ctx))
         except pyfuse3.FUSEError:
@@ -446,9 +489,7 @@ class Operations(pyfuse3.Operations):
         except Exception as e:
             raise _fuse_error(e, "read") from None
         finally:
-            self.inflight -= 1
-            if not self.inflight:
-                self._wake_settled_waiter()
+            self._request_done()
 
     @_guard
     async def _read_control(self, fh: FileHandleT, off: int, size: int) -> bytes | bytearray:
@@ -468,18 +509,6 @@ class Operations(pyfuse3.Operations):
         block = self.block
         # O_DSYNC in this write's flags: pwritev2(RWF_DSYNC/RWF_SYNC), or the handle's.
         fua = h.writethrough or bool(flags & _WRITETHROUGH_FLAGS)
-        if (
-            block.lean_writes
-            and not (fua or self.read_only or self.refusing)
-            and (self.growable or off + len(buf) <= block.size())
-        ):
-            try:
-                n = block.write_now(off, buf)
-            except Exception as e:
-                raise _fuse_error(e, "write") from None
-            if n is not None:
-                self._mtime[IMAGE] = time.time_ns()
-                return n
         self.inflight += 1  # _guard, written out
         try:
             if self.read_only:
@@ -500,9 +529,7 @@ class Operations(pyfuse3.Operations):
         except Exception as e:
             raise _fuse_error(e, "write") from None
         finally:
-            self.inflight -= 1
-            if not self.inflight:
-                self._wake_settled_waiter()
+            self._request_done()
 
     @_guard
     async def _write_control(self, fh: FileHandleT, buf: bytes) -> int:

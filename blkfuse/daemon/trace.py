@@ -266,6 +266,9 @@ class TracedBlock:
     def write_now(self, offset: int, data: Any, **kw: Any) -> None:
         return None
 
+    async def read_unseen(self, offset: int, length: int) -> None:
+        return None
+
     async def read(self, offset: int, length: int, **kw: Any) -> Any:
         return await self._tracer.run(
             "read", offset, length, kw.get("caller"), lambda: self._block.read(offset, length, **kw)

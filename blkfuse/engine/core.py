@@ -147,6 +147,21 @@ class Suspension:
             raise OSError(self._failure.errno, self._failure.strerror)
 
 
+class RequestKind:
+    """One kind of request the lean path serves (Engine.request_kind): the io type it is
+    checked as, the events it raises, and how many unseen() let through."""
+
+    __slots__ = ("iotype", "events", "unseen", "has_rules", "rules_seen")
+
+    def __init__(self, iotype: str, events: tuple[str, ...]):
+        self.iotype = iotype
+        self.events = events
+        self.unseen = 0
+        # whether a rule is on one of its events, as of the engine's rule_changes rules_seen
+        self.has_rules = True
+        self.rules_seen = -1
+
+
 class _ActiveSet:
     """The armed inject-error rules, indexed so a check never scans all of them.
 
@@ -161,7 +176,17 @@ class _ActiveSet:
     of ranges (an interval index that stays a pair of flat arrays per bucket).
     """
 
-    __slots__ = ("anywhere", "first_anywhere", "offsets", "at_offset", "count", "special", "ranges")
+    __slots__ = (
+        "anywhere",
+        "first_anywhere",
+        "offsets",
+        "at_offset",
+        "count",
+        "special",
+        "ranges",
+        "lo",
+        "hi",
+    )
 
     def __init__(self) -> None:
         self.replace(())
@@ -186,6 +211,7 @@ class _ActiveSet:
         # 8 bytes an offset in an array, not a 32-byte int object each in a list
         self.offsets = array("q", [rule.sector * SECTOR_SIZE for rule in located])
         self.at_offset = located
+        self._span()
         self.count = len(self.anywhere) + len(located) + len(ranged)
         self.special = special
         # bucket -> (starts in bytes, the rules), both sorted by start
@@ -219,6 +245,7 @@ class _ActiveSet:
             i = bisect_left(self.offsets, offset)
             self.offsets.insert(i, offset)
             self.at_offset.insert(i, rule)
+            self._span()
         self.count += 1
 
     def discard(self, rule: InjectError) -> bool:
@@ -278,11 +305,18 @@ class _ActiveSet:
                 if self.at_offset[i] is rule:
                     del self.offsets[i]
                     del self.at_offset[i]
+                    self._span()
                     break
                 i += 1
             else:
                 return False
         return True
+
+    def _span(self) -> None:
+        """lo, hi: the lowest and highest byte of a sector rule (lo > hi: none), as plain
+        ints, so Engine.unseen tells a request that meets none with two comparisons."""
+        offsets = self.offsets
+        self.lo, self.hi = (offsets[0], offsets[-1]) if offsets else (1 << 63, -1)
 
     def _index_anywhere(self) -> None:
         first: dict[str, InjectError] = {}
@@ -374,6 +408,7 @@ class Engine:
         self._rules: list[Rule | None] = []  # by id - _first_id; None once removed
         self._first_id = 1
         self._by_event: dict[str, list[Rule]] = {}  # event -> its rules, file order
+        self._rule_changes = 0  # counts changes to _by_event (RequestKind caches its answer)
         self._breakpoints: dict[str, list[str]] = {}  # event -> tags, in order set
         self._active = _ActiveSet()
         self._kept = _ActiveSet()  # persistent rules once armed: no event replaces them
@@ -390,7 +425,8 @@ class Engine:
         self._changed = trio.Event()  # set when suspensions/breakpoints change
         self._hit_waits: dict[int, trio.Event] = {}  # rule id -> set at its next hit
         self._next_id = 1
-        self.event_counts = dict.fromkeys(EVENTS, 0)
+        self._fired = dict.fromkeys(EVENTS, 0)  # events raised by fire()
+        self._kinds: list[RequestKind] = []  # what unseen() let through (event_counts adds it)
         self.errors_injected: dict[int, int] = {}
         self.interrupted = 0  # suspended requests interrupted
         self.last_interrupted: Interrupted | None = None
@@ -402,9 +438,24 @@ class Engine:
 
     # ---- events and checks: the per-request hot path ----
 
+    @property
+    def event_counts(self) -> dict[str, int]:
+        """How many times each event was raised, by fire() or on the lean path (a new dict)."""
+        counts = dict(self._fired)
+        for kind in self._kinds:
+            for event in kind.events:
+                counts[event] += kind.unseen
+        return counts
+
+    def request_kind(self, iotype: str, events: tuple[str, ...]) -> "RequestKind":
+        """A kind of request for unseen(): checked as `iotype`, raising `events`."""
+        kind = RequestKind(iotype, events)
+        self._kinds.append(kind)
+        return kind
+
     def fire(self, event: str, request: Request | None = None) -> Suspension | None:
         """Raise `event`. Returns a Suspension the caller must await, or None."""
-        self.event_counts[event] += 1
+        self._fired[event] += 1
         if self.tracer is not None:
             self.tracer.event(event)
         rules = self._by_event.get(event)
@@ -483,29 +534,32 @@ class Engine:
             self._remove_armed(rule)
         return error
 
-    def unseen(self, events: tuple[str, ...], iotype: str, offset: int, length: int) -> bool:
-        """The lean path (docs/benchmarks.md): True if nothing can see a request that raises
-        `events` and is then checked once as (iotype, offset, length): no rule or breakpoint
-        on those events, no trace, no extension rule armed, and no armed rule it meets. Then
-        its events are counted as fired, exactly as fire() and check() would leave the
-        engine. False: nothing was done, the request takes the full path."""
+    def unseen(self, kind: "RequestKind", offset: int, length: int) -> bool:
+        """The lean path (docs/benchmarks.md): True if nothing can see a request of `kind`
+        (request_kind()) at (offset, length): no rule or breakpoint on its events, no trace,
+        no extension rule armed, and no armed rule it meets. Then its events are counted as
+        fired, exactly as fire() and check() would leave the engine. False: nothing was
+        done, the request takes the full path. Every request that no rule can see passes
+        here, so each step is as cheap as it can be: one counter per kind of request, and
+        the armed sector rules' span (lo, hi) as ints."""
         if self._breakpoints or self.tracer is not None or not self._plain:
             return False
-        by_event = self._by_event
-        for event in events:
-            if event in by_event:
-                return False
+        if kind.rules_seen != self._rule_changes:  # rules were added or removed since
+            kind.rules_seen = self._rule_changes
+            kind.has_rules = any(event in self._by_event for event in kind.events)
+        if kind.has_rules:
+            return False
         active = self._active
-        if active.count:
-            if iotype in active.first_anywhere:
-                return False  # a rule without a sector meets every request of its io type
-            offsets = active.offsets  # sorted: the request may meet one only between them
-            if offsets and offset <= offsets[-1] and offsets[0] < offset + length:
-                if active.find(iotype, offset, length) is not None:
-                    return False
-        counts = self.event_counts
-        for event in events:
-            counts[event] += 1
+        if active.count and (
+            kind.iotype in active.first_anywhere  # a rule without a sector meets every request
+            or (
+                offset <= active.hi
+                and active.lo < offset + length
+                and active.find(kind.iotype, offset, length) is not None
+            )
+        ):
+            return False
+        kind.unseen += 1
         return True
 
     # ---- extension rules: the second path ----
@@ -733,6 +787,7 @@ class Engine:
             self.heal_rules += rule.ext.heal
         self._rules.append(rule)
         self._by_event.setdefault(rule.event, []).append(rule)
+        self._rule_changes += 1
         return rule.id
 
     def _lookup(self, rule_id: int) -> Rule | None:
@@ -749,6 +804,7 @@ class Engine:
         siblings.remove(rule)
         if not siblings:
             del self._by_event[rule.event]
+        self._rule_changes += 1
 
     def _retire(self, rule: Rule) -> None:
         """A used-up rule: no event matches it again, but it stays listed (spent, with its
@@ -792,6 +848,7 @@ class Engine:
         self._rules = []
         self._first_id = self._next_id
         self._by_event.clear()
+        self._rule_changes += 1
         self._active.replace(())
         self._kept.replace(())
         self._tallies.clear()
@@ -870,7 +927,7 @@ class Engine:
             self._insert(rule)
         self.state = 1
         self.random.seed(self.seed)  # a fresh open: the same decisions again
-        self.event_counts["none"] += 1
+        self._fired["none"] += 1
         rules_of_none = self._by_event.get("none")
         if rules_of_none:
             self._run_rules(rules_of_none)

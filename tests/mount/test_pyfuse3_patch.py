@@ -32,15 +32,19 @@ WEDGED_SECONDS = 120
 
 
 class TinyFs:
-    def __init__(self, base: Path, plain: bool, locked: bool = False):
+    def __init__(self, base: Path, plain: bool, locked: bool = False, nowait: bool = False):
         self.mnt = base / "mnt"
         self.mnt.mkdir()
         self.log_path = base / "log"
         self.log_path.touch()
         args = [sys.executable, str(FS), str(self.mnt), str(self.log_path)]
         self.proc = subprocess.Popen(
-            args + (["--plain"] if plain else []) + (["--locked"] if locked else []),
+            args
+            + (["--plain"] if plain else [])
+            + (["--locked"] if locked else [])
+            + (["--nowait"] if nowait else []),
             stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
         )
         assert self.proc.stdout.readline().strip() == "ready"
@@ -59,6 +63,8 @@ class TinyFs:
         raise AssertionError(f"never logged; log: {self.log()}")
 
     def close(self) -> None:
+        if self.proc.stderr.closed:
+            return  # closed already
         force_unmount(self.mnt)
         try:
             self.proc.wait(WEDGED_SECONDS)
@@ -67,6 +73,8 @@ class TinyFs:
             self.proc.wait()
         finally:
             self.proc.stdout.close()
+            self.stderr = self.proc.stderr.read()
+            self.proc.stderr.close()
         assert not is_mounted(self.mnt)
 
 
@@ -74,10 +82,10 @@ class TinyFs:
 def tinyfs(fuse_dir):
     made = []
 
-    def _make(plain: bool = False, locked: bool = False) -> TinyFs:
+    def _make(plain: bool = False, locked: bool = False, nowait: bool = False) -> TinyFs:
         sub = fuse_dir / f"fs{len(made)}"
         sub.mkdir()
-        fs = TinyFs(sub, plain, locked)
+        fs = TinyFs(sub, plain, locked, nowait)
         made.append(fs)
         return fs
 
@@ -233,6 +241,73 @@ def test_handlers_that_wait_each_get_a_worker_and_the_others_keep_flowing(tinyfs
             r.kill()
             r.wait()
             r.stdout.close()  # communicate() did unless the test failed before it
+
+
+NOWAIT = 65536  # tests/pyfuse3_patch_fs.py's NOWAIT_OFFSET
+
+
+@pytest.mark.parametrize("locked", [False, True], ids=["handoff", "locked-loop"])
+def test_nowait_handlers_answer_requests_or_pass_them_on_unchanged(tinyfs, locked):
+    """enable_nowait_io (0003): read_nowait/write_nowait see every read and write first; what
+    they answer never reaches read/write, what they pass on (None) reaches them with the
+    request context and flags as before; a FUSEError they raise is the request's errno."""
+    fs = tinyfs(nowait=True, locked=locked)
+    fd = os.open(fs.file, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"n" * 512, NOWAIT)
+        os.pwritev(fd, [b"s" * 512], NOWAIT + 512, os.RWF_DSYNC)
+        assert os.pread(fd, 1024, NOWAIT) == b"n" * 512 + b"s" * 512
+        os.pwrite(fd, b"p" * 512, 0)
+        assert os.pread(fd, 512, 0) == b"p" * 512
+        for call in (
+            lambda: os.pread(fd, 512, 2 * NOWAIT),
+            lambda: os.pwrite(fd, b"e", 2 * NOWAIT),
+        ):
+            with pytest.raises(OSError) as e:
+                call()
+            assert e.value.errno == errno.EXDEV
+    finally:
+        os.close(fd)
+    me = {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
+    ops = [(r["op"], r["off"]) for r in fs.log() if r["op"] != "fsync"]
+    assert ops == [
+        ("write-nowait", NOWAIT),
+        ("write-nowait", NOWAIT + 512),
+        ("read-nowait", NOWAIT),
+        ("write-passed", 0),
+        ("write", 0),
+        ("read-passed", 0),
+        ("read", 0),
+    ]
+    nowait_writes = [r for r in fs.log() if r["op"] == "write-nowait"]
+    assert not nowait_writes[0]["flags"] & os.O_DSYNC
+    assert nowait_writes[1]["flags"] & os.O_DSYNC
+    passed_on = [r for r in fs.log() if r["op"] in ("read", "write")]
+    assert all(r["ctx"] == me for r in passed_on)
+
+
+def test_an_exception_in_a_nowait_handler_ends_main_as_a_handlers_would(tinyfs):
+    """Anything but FUSEError raised by read_nowait propagates out of pyfuse3.main(), as
+    from an async handler: the file system stops, with the exception in its traceback."""
+    fs = tinyfs(nowait=True)
+    reader = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys; os.pread(os.open(sys.argv[1], os.O_RDONLY), 512, int(sys.argv[2]))",
+            str(fs.file),
+            str(3 * NOWAIT),
+        ],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert fs.proc.wait(WEDGED_SECONDS) != 0
+        reader.wait(WEDGED_SECONDS)  # answered by the kernel once the session is gone
+    finally:
+        reader.kill()
+        reader.wait()
+    fs.close()
+    assert "RuntimeError: the nowait handler failed" in fs.stderr
 
 
 def test_blkfuse_refuses_to_mount_with_an_unpatched_pyfuse3(monkeypatch, tmp_path):

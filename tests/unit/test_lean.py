@@ -54,7 +54,10 @@ ops = st.lists(
 
 
 def replay(path, config, requests, lean, **options):
-    """Run `requests` on a fresh device over `path`; what anyone could see afterwards."""
+    """Run `requests` on a fresh device over `path`; what anyone could see afterwards.
+    `lean`: "now" offers reads to read_now (the nowait handler's), "await" to read_unseen
+    (the async handler's, when the image must wait), both then the full path; writes go
+    to write_now first either way. False: the lean path is off."""
     dev = build_device(path, rules=parse_config_text(config, "t.conf"), seed=1, **options)
     if not lean:
         dev.lean_off()
@@ -65,7 +68,10 @@ def replay(path, config, requests, lean, **options):
         for op, offset, length in requests:
             try:
                 if op == "read":
-                    data = dev.read_now(offset, length)
+                    if lean == "await":
+                        data = await dev.read_unseen(offset, length)
+                    else:
+                        data = dev.read_now(offset, length)
                     if data is None:
                         data = await dev.read(offset, length)
                     else:
@@ -107,11 +113,12 @@ def replay(path, config, requests, lean, **options):
 def test_lean_and_full_paths_leave_the_same_trace(tmp_path, config, requests, inline):
     options = {"io_threads": 0} if inline else {}  # inline image I/O, or NOWAIT on a disk
     results = []
-    for lean in (True, False):
+    for lean in ("now", "await", False):
         path = tmp_path / f"img-{lean}.raw"
         path.write_bytes(bytes(range(256)) * (SIZE // 256))
         results.append(replay(path, config, requests, lean, **options)[0])
-    assert results[0] == results[1]
+    assert results[0] == results[2]
+    assert results[1] == results[2]
 
 
 def test_the_lean_path_is_taken_when_nothing_can_see_the_request(tmp_path):
@@ -119,7 +126,7 @@ def test_the_lean_path_is_taken_when_nothing_can_see_the_request(tmp_path):
     path.write_bytes(bytes(SIZE))
     far = '[inject-error]\nevent = "none"\nerrno = "5"\nsector = "120"\n'  # byte 61440
     requests = [("read", 0, 4096), ("write", 4096, 4096), ("read", 61440, 512)]
-    seen, lean_used = replay(path, far, requests, True, io_threads=0)
+    seen, lean_used = replay(path, far, requests, "now", io_threads=0)
     assert lean_used == 2  # the read of the rule's sector took the full path, and failed
     assert seen["answers"] == [bytes(4096), 4096, errno.EIO]
     assert seen["events"]["read_aio"] == 2 and seen["events"]["pwritev_done"] == 1
@@ -136,9 +143,15 @@ def test_anything_that_could_see_a_request_turns_the_lean_path_off(tmp_path):
         dev.engine.add_breakpoint("flush_to_os", "A")  # any breakpoint
         assert dev.read_now(0, 512) is None and dev.write_now(0, b"x") is None
         dev.engine.remove_breakpoint("A")
-        dev.engine.add_rule(parse_config_text('[inject-error]\nevent = "read_aio"\n', "t")[0])
+        rule_id = dev.engine.add_rule(
+            parse_config_text('[inject-error]\nevent = "read_aio"\n', "t")[0]
+        )
         assert dev.read_now(0, 512) is None  # a rule on its event
         assert dev.write_now(0, b"x") == 1
+        dev.engine.remove_rule(rule_id)
+        assert dev.read_now(0, 512) is not None  # gone: lean again
+        dev.engine.add_rule(parse_config_text('[inject-error]\nevent = "read_aio"\n', "t")[0])
+        assert dev.read_now(0, 512) is None
         dev.lean_off()  # what a recording filter does
         assert dev.read_now(0, 512) is None and dev.write_now(0, b"x") is None
         dev.lean_on()
