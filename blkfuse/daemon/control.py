@@ -33,7 +33,7 @@ import trio
 
 from blkfuse.daemon import memory
 from blkfuse.errors import BlkfuseError, ControlError, errno_name
-from blkfuse.rules import config, keys
+from blkfuse.rules import config, keys, values
 from blkfuse.rules.events import EVENTS, canonical_event, never_fires_note
 from blkfuse.rules.model import InjectError, Rule, Settings, Tally
 
@@ -151,10 +151,15 @@ def _nonneg_int(word: str, what: str) -> int:
 
 
 def _seconds(word: str) -> float:
+    """A timeout: a number of seconds (2.5), or a duration with its unit as rule keys take
+    them (500ms, 10m, 1h30m: values.parse_duration)."""
     try:
         s = float(word)
     except ValueError:
-        raise ValueError(f'timeout must be a number of seconds, not "{word}"') from None
+        try:
+            return values.parse_duration("timeout", word) / 1e6
+        except values.Invalid as e:
+            raise ValueError(f"{e} (or a number of seconds)") from None
     if not math.isfinite(s) or s < 0:
         raise ValueError(f'timeout must be a finite number of seconds >= 0, not "{word}"')
     return s
@@ -306,16 +311,8 @@ class Control:
                     # wait_break, say); pyfuse3 answers the write EINTR. Shutdown does not
                     # get here: it fails a pending wait with ESHUTDOWN instead.
                     done = " (lines before it were applied)" if results else ""
-                    what = " ".join(
-                        [
-                            entry.name,
-                            *(
-                                f"{a:g}" if isinstance(a, float) else str(a)
-                                for a in args
-                                if a is not None
-                            ),
-                        ]
-                    )
+                    # the line as written (its parsed arguments would read "True", "600")
+                    what = " ".join(shlex.split(text.splitlines()[lineno - 1], comments=True))
                     self.last_error = (
                         f"line {lineno}: {what}: interrupted (the writer got a signal){done}"
                     )

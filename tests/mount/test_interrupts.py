@@ -39,7 +39,7 @@ def _start(m, client: str) -> subprocess.Popen:
     if client == "dd":
         args = ["dd", "if=/dev/zero", f"of={m.file}", "bs=4k", "count=1", "conv=notrunc"]
     elif client == "ctl":
-        args = BLKFUSE + ["ctl", str(m.mnt), "wait_break W"]
+        args = BLKFUSE + ["ctl", str(m.mnt), "wait_break W 10m"]
     elif client == "wait_break":
         args = [sys.executable, "-c", PYTHON_CLIENT, str(m.control), "wait_break"]
     else:
@@ -116,7 +116,9 @@ def test_a_pending_wait_break_can_be_killed(mount, signum, client):
     _wait_until(lambda: m.status()["waiting"] == [], "wait_break W gone")
     status = m.status()
     assert status["last_error_errno"] == errno.EINTR
-    assert "wait_break W" in status["last_error"]
+    # the line as the writer wrote it
+    written = "wait_break W 10m" if client == "ctl" else "wait_break W"
+    assert status["last_error"].startswith(f"line 1: {written}: interrupted"), status["last_error"]
     assert status["breakpoints"] == [{"event": "write_aio", "tag": "W"}]  # still set
     _still_serves_with_breakpoint(m)
 

@@ -422,3 +422,35 @@ def test_json_document_is_the_status_as_json(rest, rules, active):
     assert json.loads(text) == json.loads(json.dumps(status))
     assert list(json.loads(text)) == list(status)  # the keys in the status's order
     assert text.count("\n") >= len(rules)  # a rule a line
+
+
+@pytest.mark.parametrize(
+    "line, timeout",
+    [
+        ("wait_break W 2.5", 2.5),
+        ("wait_break W 500ms", 0.5),
+        ("wait_break W 10m", 600.0),
+        ("wait_break W 1h30m", 5400.0),
+        ("wait_hit 3 1m hits=2", 60.0),
+    ],
+)
+def test_timeouts_take_seconds_or_a_duration_with_its_unit(line, timeout):
+    [(_, _, args)] = parse(line)
+    assert timeout in args
+
+
+@pytest.mark.parametrize(
+    "word, why",
+    [
+        ("soon", "expects a duration with a unit"),
+        ("1m30", "expects a duration with a unit"),
+        ("25h", "too long"),
+        ("-1", ">= 0"),
+    ],
+)
+def test_a_bad_timeout_says_what_is_wrong(word, why):
+    with pytest.raises(ControlError) as e:
+        parse(f"wait_break W {word}")
+    assert e.value.errno == errno.EINVAL
+    assert "timeout" in e.value.message and why in e.value.message
+    assert "seconds" in e.value.message
