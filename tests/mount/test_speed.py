@@ -196,7 +196,10 @@ def test_a_file_system_without_nowait_reads_blind_off_the_loop(overlay_image, ur
     assert overlay_image.read_bytes() == expected
 
 
-def test_io_uring_reads_short_at_the_end_fail_with_the_errno_and_close(disk_image):
+@pytest.mark.parametrize("sqpoll", [True, False], ids=["sqpoll", "plain"])
+def test_io_uring_reads_short_at_the_end_fail_with_the_errno_and_close(disk_image, sqpoll):
+    """Both kinds of ring: with a kernel submission thread (what Ring.open takes where the
+    kernel allows it) and without (where it does not)."""
     fd = os.open(disk_image, os.O_RDONLY)
     ring = Ring.open(fd)
     if ring is None:  # not usable here (kernel, seccomp, not x86-64): images use the pool
@@ -205,6 +208,14 @@ def test_io_uring_reads_short_at_the_end_fail_with_the_errno_and_close(disk_imag
         assert not image.uses_uring
         image.close()
         return
+    if ring.sqpoll != sqpoll:
+        ring.close()
+        try:
+            ring = Ring(fd, sqpoll=sqpoll)
+        except OSError:  # this kernel refuses SQPOLL: Ring.open's plain ring is the one used
+            assert sqpoll
+            os.close(fd)
+            return
     expected = disk_image.read_bytes()
 
     async def main():
@@ -226,7 +237,7 @@ def test_io_uring_reads_short_at_the_end_fail_with_the_errno_and_close(disk_imag
     trio.run(main)
     trio.run(main)  # a second trio run gets its own reaper
     directory = os.open(disk_image.parent, os.O_RDONLY)
-    bad = Ring(directory)
+    bad = Ring(directory, sqpoll=sqpoll)
     with pytest.raises(OSError) as failure:
         trio.run(bad.read, 0, 10)
     assert failure.value.errno == errno.EISDIR
