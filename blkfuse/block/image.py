@@ -34,8 +34,9 @@ awaits, and they keep the one trio thread from waiting on a disk:
                                         where it is done inline. Writes inline.
 
 io_uring (`uring=False` or BLKFUSE_URING=0 at mount: off, for A/B runs) beat the pool on a
-cold disk at queue depth 32 by 1.6x on the test VM: a worker thread needs the GIL back
-after every syscall, and with a busy trio thread those hand-offs cost more than the reads.
+cold disk at queue depth 32 by 1.6x on the test VM (2026-12-06, idle: the pool 6.8k IOPS,
+the plain ring 16.7k, the ring with a submission thread about 21k; uring.py): a worker thread needs the GIL back after every syscall, and with a busy
+trio thread those hand-offs cost more than the reads.
 The pool is `io_threads` worker threads at most (0: no pool, all I/O inline), so a burst of cold reads is a bounded queue
 at the disk, not a thread per request. It is a plain job queue, not trio.to_thread, which
 cost twice the CPU per hop (measured: 240 against 130 us on the loaded test machine). With
