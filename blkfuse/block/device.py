@@ -308,6 +308,8 @@ class BlockDevice:
         counts the request's events and checks it before it awaits the image, and nothing
         else happens after (a rule or breakpoint added meanwhile cannot reach it there
         either)."""
+        # read_now's first steps, repeated: a helper shared with it cost read_now 1,600
+        # instructions per request (25%, scripts/handler-cost, 2026-12-06)
         if not self.lean_reads:
             return None
         image = self._image
