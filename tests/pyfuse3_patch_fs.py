@@ -13,6 +13,13 @@ pyfuse3's locked request loop (`main(handoff=False)`) instead of the patch's han
 NOWAIT_OFFSET and beyond themselves (logged as read-nowait/write-nowait), fail one at
 NOWAIT_ERRNO_OFFSET with EXDEV, raise RuntimeError at NOWAIT_CRASH_OFFSET, and pass every
 other request on to read/write (logged as read-passed/write-passed, then as usual).
+`--later`: as `--nowait`, and the nowait handlers answer later (patch 0004,
+`pyfuse3.reply_later()`) from LATER_OFFSET on: requests are held until a read at
+LATER_GO_OFFSET (a read: FUSE serialises the writes to a file), then answered in the reverse order of their arrival, from a trio task (logged
+as read-answered/write-answered); at LATER_ERRNO_OFFSET the answer is EXDEV at once, at
+LATER_DROP_OFFSET the PendingReply is dropped unanswered, and at LATER_WITHDRAWN_OFFSET
+the handler takes one and then returns None. What the PendingReply says to a second answer,
+an answer of the wrong kind or one after withdrawal is logged (op "refused").
 """
 
 import errno
@@ -31,6 +38,11 @@ GATE_OFFSET = 8192
 NOWAIT_OFFSET = 65536
 NOWAIT_ERRNO_OFFSET = 2 * NOWAIT_OFFSET
 NOWAIT_CRASH_OFFSET = 3 * NOWAIT_OFFSET
+LATER_OFFSET = 4 * NOWAIT_OFFSET
+LATER_ERRNO_OFFSET = 5 * NOWAIT_OFFSET
+LATER_DROP_OFFSET = 6 * NOWAIT_OFFSET
+LATER_WITHDRAWN_OFFSET = 7 * NOWAIT_OFFSET
+LATER_GO_OFFSET = 8 * NOWAIT_OFFSET
 
 
 class Log:
@@ -166,17 +178,106 @@ class Nowait(Patched):
         return len(buf)
 
 
+class Later(Nowait):
+    def __init__(self, log: Log):
+        super().__init__(log)
+        self.held: list[tuple[str, pyfuse3.PendingReply, int, bytes | None]] = []
+        self.nursery: trio.Nursery | None = None
+
+    def _refused(self, attempt: str, call) -> None:
+        try:
+            call()
+        except (RuntimeError, TypeError) as e:
+            self.log(op="refused", attempt=attempt, error=f"{type(e).__name__}: {e}")
+        else:
+            self.log(op="not-refused", attempt=attempt)
+
+    def _later(self, op: str, off: int, data: bytes | None):
+        """The nowait handlers' answer from LATER_OFFSET on; None below it (as Nowait), and
+        False where the request is to be passed on after all."""
+        if off < LATER_OFFSET:
+            return None
+        if off == LATER_GO_OFFSET:
+            self.log(op="go", held=len(self.held))
+            self.nursery.start_soon(self._answer, self.held[::-1])
+            self.held = []
+            return None if op == "write" else bytes(self.data[off : off + 512])
+        reply = pyfuse3.reply_later()
+        assert pyfuse3.reply_later() is reply  # the same one, asked twice
+        self.log(op=f"{op}-later", off=off)
+        if off == LATER_DROP_OFFSET:
+            return reply  # dropped unanswered: the kernel gets EIO
+        if off == LATER_WITHDRAWN_OFFSET:
+            self.withdrawn = reply
+            return False
+        if off == LATER_ERRNO_OFFSET:
+            self.nursery.start_soon(self._answer, [(op, reply, off, data)])
+        else:
+            self.held.append((op, reply, off, data))
+        return reply
+
+    def read_nowait(self, fh, off, size):
+        later = self._later("read", off, None)
+        if later is False:
+            self.log(op="read-passed", off=off, size=size)
+            return None
+        return later if later is not None else super().read_nowait(fh, off, size)
+
+    def write_nowait(self, fh, off, buf, flags):
+        later = self._later("write", off, buf)
+        if later is False:
+            self.log(op="write-passed", off=off, size=len(buf), flags=flags)
+            return None
+        return later if later is not None else super().write_nowait(fh, off, buf, flags)
+
+    async def read(self, fh, off, size, ctx):
+        if off == LATER_WITHDRAWN_OFFSET:
+            self._refused("withdrawn", lambda: self.withdrawn.data(b"w"))
+            self._refused("outside", pyfuse3.reply_later)
+        return await super().read(fh, off, size, ctx)
+
+    async def _answer(self, answers) -> None:
+        """Answer from a task of its own, as a completion would (never inside a handler)."""
+        await trio.lowlevel.checkpoint()
+        for op, reply, off, data in answers:
+            self.log(op=f"{op}-answered", off=off)
+            if off == LATER_ERRNO_OFFSET:
+                reply.error(errno.EXDEV)
+            elif op == "read":
+                self._refused("wrong-kind", lambda reply=reply: reply.written(1))
+                reply.data(bytes(self.data[off : off + 512]))
+            else:
+                self.data[off : off + len(data)] = data
+                reply.written(len(data))
+            self._refused("twice", lambda reply=reply: reply.error(errno.EIO))
+
+
 def main() -> None:
     mountpoint, log_path = sys.argv[1], sys.argv[2]
     flags = sys.argv[3:]
-    kind = Plain if "--plain" in flags else Nowait if "--nowait" in flags else Patched
+    if "--plain" in flags:
+        kind = Plain
+    elif "--later" in flags:
+        kind = Later
+    elif "--nowait" in flags:
+        kind = Nowait
+    else:
+        kind = Patched
     ops = kind(Log(log_path))
     options = set(pyfuse3.default_options) | {"fsname=pyfuse3test"}
     pyfuse3.init(ops, mountpoint, options)
     print("ready", flush=True)
     handoff = "--locked" not in sys.argv[3:]
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            if isinstance(ops, Later):
+                ops.nursery = nursery
+            await pyfuse3.main(handoff=handoff)
+            nursery.cancel_scope.cancel()
+
     try:
-        trio.run(lambda: pyfuse3.main(handoff=handoff))
+        trio.run(serve)
     finally:
         pyfuse3.close(unmount=True)
 

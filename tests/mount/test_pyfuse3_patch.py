@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,14 @@ WEDGED_SECONDS = 120
 
 
 class TinyFs:
-    def __init__(self, base: Path, plain: bool, locked: bool = False, nowait: bool = False):
+    def __init__(
+        self,
+        base: Path,
+        plain: bool,
+        locked: bool = False,
+        nowait: bool = False,
+        later: bool = False,
+    ):
         self.mnt = base / "mnt"
         self.mnt.mkdir()
         self.log_path = base / "log"
@@ -42,7 +50,8 @@ class TinyFs:
             args
             + (["--plain"] if plain else [])
             + (["--locked"] if locked else [])
-            + (["--nowait"] if nowait else []),
+            + (["--nowait"] if nowait else [])
+            + (["--later"] if later else []),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -82,10 +91,12 @@ class TinyFs:
 def tinyfs(fuse_dir):
     made = []
 
-    def _make(plain: bool = False, locked: bool = False, nowait: bool = False) -> TinyFs:
+    def _make(
+        plain: bool = False, locked: bool = False, nowait: bool = False, later: bool = False
+    ) -> TinyFs:
         sub = fuse_dir / f"fs{len(made)}"
         sub.mkdir()
-        fs = TinyFs(sub, plain, locked, nowait)
+        fs = TinyFs(sub, plain, locked, nowait, later)
         made.append(fs)
         return fs
 
@@ -284,6 +295,70 @@ def test_nowait_handlers_answer_requests_or_pass_them_on_unchanged(tinyfs, locke
     assert nowait_writes[1]["flags"] & os.O_DSYNC
     passed_on = [r for r in fs.log() if r["op"] in ("read", "write")]
     assert all(r["ctx"] == me for r in passed_on)
+
+
+# tests/pyfuse3_patch_fs.py's LATER_*_OFFSET
+LATER, LATER_ERRNO, LATER_DROP, LATER_WITHDRAWN, LATER_GO = (n * NOWAIT for n in range(4, 9))
+
+
+@pytest.mark.parametrize("locked", [False, True], ids=["handoff", "locked-loop"])
+def test_nowait_handlers_answer_later_through_a_pending_reply(tinyfs, locked):
+    """reply_later (0004): a nowait handler returns the request's PendingReply and answers it
+    later from another task. Requests held that way do not hold up the loop (four reads wait
+    at once, and the write that releases them is served meanwhile); each gets its own answer
+    in whatever order they come; error() is the request's errno; a PendingReply dropped
+    unanswered answers EIO; one the handler did not return answers nothing (the request went
+    on to read()); a second answer, or one of the wrong kind, is refused."""
+    fs = tinyfs(later=True, locked=locked)
+    fd = os.open(fs.file, os.O_RDWR)
+    # Not `with`: a failure must not wait for calls still held (the unmount ends them).
+    pool = ThreadPoolExecutor(4)
+    try:
+        os.pread(fd, 512, LATER_GO)  # nothing held: a no-op release
+        # One write (the kernel lets one write at a time into a file), then four reads.
+        for count, op in ((1, "write-later"), (4, "read-later")):
+            if op == "write-later":
+                calls = [pool.submit(os.pwrite, fd, b"A" * 512 + b"B" * 1536, LATER)]
+            else:
+                calls = [pool.submit(os.pread, fd, 512, LATER + 512 * i) for i in range(4)]
+            deadline = time.monotonic() + WEDGED_SECONDS
+            while sum(r["op"] == op for r in fs.log()) < count:
+                assert time.monotonic() < deadline, fs.log()
+                time.sleep(0.01)
+            assert not any(c.done() for c in calls)  # held, all at once
+            os.pread(fd, 512, LATER_GO)  # served meanwhile; releases them
+            results = [c.result(WEDGED_SECONDS) for c in calls]
+            if op == "write-later":
+                assert results == [2048]
+            else:
+                assert results == [b"A" * 512] + [b"B" * 512] * 3
+        for call in (
+            lambda: os.pread(fd, 512, LATER_ERRNO),
+            lambda: os.pwrite(fd, b"e", LATER_ERRNO),
+        ):
+            with pytest.raises(OSError) as e:
+                call()
+            assert e.value.errno == errno.EXDEV
+        with pytest.raises(OSError) as e:
+            os.pread(fd, 512, LATER_DROP)
+        assert e.value.errno == errno.EIO
+        assert os.pread(fd, 512, LATER_WITHDRAWN) == bytes(512)
+    finally:
+        pool.shutdown(wait=False)
+        os.close(fd)
+    log = fs.log()
+    answered = [r["off"] for r in log if r["op"] in ("write-answered", "read-answered")]
+    reads = [LATER + 512 * i for i in reversed(range(4))]  # reverse order of arrival
+    assert answered == [LATER] + reads + [LATER_ERRNO, LATER_ERRNO]
+    assert [r["held"] for r in log if r["op"] == "go"] == [0, 1, 4]
+    refused = [(r["attempt"], r["error"]) for r in log if r["op"] in ("refused", "not-refused")]
+    twice = ("twice", "RuntimeError: no request to answer: answered already, or not returned")
+    wrong = ("wrong-kind", "TypeError: a read request cannot be answered with written()")
+    assert refused == [twice] + [wrong, twice] * 4 + [twice] * 2 + [
+        ("withdrawn", twice[1]),
+        ("outside", "RuntimeError: reply_later() is only for read_nowait and write_nowait"),
+    ]
+    assert {"op": "read-passed", "off": LATER_WITHDRAWN, "size": 512} in log
 
 
 def test_an_exception_in_a_nowait_handler_ends_main_as_a_handlers_would(tinyfs):
