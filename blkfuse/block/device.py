@@ -46,7 +46,8 @@ import errno as _errno
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import trio
 
@@ -323,6 +324,31 @@ class BlockDevice:
         if not self.engine.unseen(self._lean_read_kind, offset, length):
             return None
         return await image.read(offset, length)
+
+    def read_later(
+        self, offset: int, length: int, done: Callable[[Any], None]
+    ) -> bytes | bytearray | bool:
+        """read() of a request nothing can see that read_now could not answer (the page cache
+        misses), without a task: the data if the image can give it now after all; True if
+        the image started the read and will call done(data) or done(OSError) when it ends
+        (Image.read_later); False if it must take the full path (nothing was done then). As
+        exact as read_unseen, for the same reason."""
+        # read_now's first steps, repeated: see read_unseen
+        if not self.lean_reads:
+            return False
+        image = self._image
+        if not image.can_read_later():
+            return False
+        size = image.known_size
+        if size is None:
+            size = image.size()
+        if length <= 0 or offset >= size:
+            return False
+        if length > size - offset:
+            length = size - offset
+        if not self.engine.unseen(self._lean_read_kind, offset, length):
+            return False
+        return image.read_later(offset, length, done)
 
     def write_now(self, offset: int, data: Bytes, *, grow: bool = True) -> int | None:
         """write() of all of `data` (not FUA), done here and now if nothing can see it: no

@@ -167,6 +167,15 @@ class Image:
         """inline / nowait / pool / blind: how reads are done (the module doc says what each means)."""
         return self._read_mode
 
+    def read_counts(self) -> dict[str, int]:
+        """How the backing reads went so far (`status json`'s backing_reads)."""
+        return {
+            "inline": self.inline_reads,
+            "io_uring": self.uring_reads,
+            "pool": self.pool_reads,
+            "waited_inline": self.blocking_inline,
+        }
+
     @property
     def uses_uring(self) -> bool:
         """Page cache misses are read through io_uring (else in the worker pool)."""
@@ -239,6 +248,45 @@ class Image:
         except OSError:
             return None
         return buffer if got == length else None
+
+    def can_read_later(self) -> bool:
+        """read_later() would do the read: the file's misses go to io_uring, which has room."""
+        ring = self._ring
+        return ring is not None and ring.busy < ring.capacity
+
+    def read_later(
+        self, offset: int, length: int, done: Callable[[Any], None]
+    ) -> bytes | bytearray | bool:
+        """For BlockDevice's lean path, after read_cached() could not answer, and only if
+        can_read_later(): the data at [offset, offset+length) if it can be had now (the page
+        cache holds it after all, or nothing else waits: queue depth 1), else True: the read
+        is started, and done(data) or done(OSError) is called when it ends, from the ring's
+        reaper task (data short only at the end of the file). Counted as read() counts it."""
+        ring = self._ring
+        assert ring is not None  # can_read_later() said so
+        if self._miss_share > _COLD_SHARE and self._cachestat is not None:
+            # read_cached() asked nothing while reads mostly miss: ask now
+            if self._cachestat.all_cached(offset, length):
+                self._miss_share *= 15 / 16
+                self.inline_reads += 1
+                return self.pread(offset, length)
+        self._miss_share = self._miss_share * 15 / 16 + 1 / 16
+        if not ring.busy and self.loop_idle is not None and self.loop_idle():
+            self.blocking_inline += 1  # queue depth 1: as _cold_read
+            return self.pread(offset, length)
+        self.uring_reads += 1
+
+        def finish(data: Any) -> None:
+            if type(data) is bytearray and len(data) < length:
+                # the end of the file, or a short read: pread finds out (as _cold_read)
+                try:
+                    data += self.pread(offset + len(data), length - len(data))
+                except OSError as e:
+                    data = e
+            done(data)
+
+        ring.start(offset, length, finish)
+        return True
 
     def cached_hit(self) -> None:
         """A read_cached() answer served a request: counted as read() counts a hit."""

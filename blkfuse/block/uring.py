@@ -34,6 +34,7 @@ import mmap
 import os
 import platform
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import outcome
@@ -152,9 +153,9 @@ class Ring:
         except BaseException:
             self.close()
             raise
-        # in flight: user_data -> (the parked task, or None if nobody waits any more; its
-        # buffer, alive until the kernel is done with it)
-        self._inflight: dict[int, tuple[trio.lowlevel.Task | None, Any]] = {}
+        # in flight: user_data -> (what to call with the result, or None if nobody wants it
+        # any more; its buffer, alive until the kernel is done with it)
+        self._inflight: dict[int, tuple[Callable[[Any], None] | None, Any]] = {}
         self._next_id = 1
         self._reaper_token: trio.lowlevel.TrioToken | None = None
         self.submitted = 0
@@ -176,8 +177,12 @@ class Ring:
     def busy(self) -> int:
         return len(self._inflight)
 
-    async def read(self, offset: int, length: int) -> bytearray:
-        """`length` bytes at `offset` (short only at the end of the file); OSError on failure."""
+    def start(self, offset: int, length: int, done: Callable[[Any], None]) -> None:
+        """Start reading `length` bytes at `offset`: done(data) once they are in (a bytearray,
+        short only at the end of the file or on an interrupted read), done(OSError) if the
+        read failed, called from the reaper task, never from here. `done` must not raise.
+        BlockingIOError (nothing started) if the ring is full, OSError if the kernel refused
+        the entry (its completion, if any, then calls nobody)."""
         if len(self._inflight) >= self.capacity:
             raise BlockingIOError(errno.EAGAIN, "io_uring full")  # the caller reads another way
         token = trio.lowlevel.current_trio_token()
@@ -209,7 +214,7 @@ class Ring:
             0,
         )
         if self.sqpoll:
-            self._inflight[request] = (trio.lowlevel.current_task(), buffer)
+            self._inflight[request] = (done, buffer)
             words[self._sq_tail] = (tail + 1) & 0xFFFFFFFF  # publishes it (x86-64: ordered)
             # Always nudge the thread rather than read IORING_SQ_NEED_WAKEUP first: that read
             # would need a full barrier after the tail store (x86-64 may do the load first,
@@ -220,7 +225,7 @@ class Ring:
                 < 0
             ):
                 # The entry is out of our hands (the thread may read it yet): its buffer
-                # stays referenced until its completion, which nobody waits for then.
+                # stays referenced until its completion, which calls nobody then.
                 self._inflight[request] = (None, buffer)
                 raise OSError(ctypes.get_errno() or errno.EIO, "io_uring_enter failed")
         else:
@@ -228,15 +233,18 @@ class Ring:
             if _syscall(_SYS_IO_URING_ENTER, self.ring_fd, 1, 0, 0, None, 0) != 1:
                 words[self._sq_tail] = tail  # not consumed: take it back
                 raise OSError(ctypes.get_errno() or errno.EIO, "io_uring_enter failed")
-            self._inflight[request] = (trio.lowlevel.current_task(), buffer)
+            self._inflight[request] = (done, buffer)
         self.submitted += 1
-        # Not cancellable: the kernel writes into `buffer` until it completes.
+
+    async def read(self, offset: int, length: int) -> bytearray:
+        """`length` bytes at `offset` (short only at the end of the file); OSError on failure.
+        Not cancellable: the kernel writes into the buffer until the read completes."""
+        task = trio.lowlevel.current_task()
+        self.start(offset, length, lambda got: trio.lowlevel.reschedule(task, outcome.Value(got)))
         got = await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
-        if got < 0:
-            raise OSError(-got, os.strerror(-got))
-        if got < length:  # a short read: the end of the file, or (rarely) an interrupted one
-            del buffer[got:]
-        return buffer
+        if isinstance(got, OSError):
+            raise got
+        return got
 
     def _reap_completions(self) -> None:
         words = self._words
@@ -246,10 +254,16 @@ class Ring:
                 self._rings, self._cqes + (head & self._cq_mask) * _CQE.size
             )
             head = (head + 1) & 0xFFFFFFFF
-            waiter = self._inflight.pop(request, None)
-            if waiter is not None and waiter[0] is not None:
-                trio.lowlevel.reschedule(waiter[0], outcome.Value(result))
-        words[self._cq_head] = head
+            words[self._cq_head] = head  # the entry is read: before a callback runs
+            done, buffer = self._inflight.pop(request, (None, b""))
+            if done is None:
+                continue
+            if result < 0:
+                done(OSError(-result, os.strerror(-result)))
+            else:
+                if result < len(buffer):  # the end of the file, or (rarely) an interrupted read
+                    del buffer[result:]
+                done(buffer)
 
     async def _reap(self) -> None:
         while True:

@@ -453,6 +453,9 @@ class Control:
             "last_error_errno": self.last_error_errno,
             **self._power_status(),
             "log_writes": self._log_writes_status(),
+            "backing_reads": (
+                self.block.stack.image.read_counts() if self.block is not None else None
+            ),
         }
 
     def _log_writes_status(self) -> dict | None:

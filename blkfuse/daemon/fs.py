@@ -98,6 +98,8 @@ def missing_pyfuse3_features() -> list[str]:
     missing = [name for name in PYFUSE3_FEATURES if not hasattr(pyfuse3.Operations, name)]
     if not hasattr(pyfuse3._pyfuse3, "resume"):  # 0002: the request loop's hand-off
         missing.append("main(handoff=)")
+    if not hasattr(pyfuse3, "reply_later"):  # 0004: nowait handlers answer later
+        missing.append("reply_later")
     return missing
 
 
@@ -436,14 +438,46 @@ class Operations(pyfuse3.Operations):
     # None: pyfuse3 passes the request on to read/write, the full path. A refusal (a forced
     # shutdown) and a power cut turn the lean path off (lean_off), so they are met there.
 
-    def read_nowait(self, fh: FileHandleT, off: int, size: int) -> bytes | bytearray | None:
+    def read_nowait(
+        self, fh: FileHandleT, off: int, size: int
+    ) -> bytes | bytearray | pyfuse3.PendingReply | None:
         h = self._handles.get(fh)
-        if h is None or h.inode != IMAGE or not self.block.lean_reads:
+        if h is None or h.inode != IMAGE:
+            return None
+        block = self.block
+        if not block.lean_reads:
             return None
         try:
-            return self.block.read_now(off, size)
+            data = block.read_now(off, size)
         except Exception as e:
             raise _fuse_error(e, "read") from None
+        if data is not None:
+            return data
+        # A page-cache miss: start the read here and answer when it ends, with no task
+        # (read() would await it in one: pyfuse3's coroutine, a hand-off and a wake-up).
+        reply = pyfuse3.reply_later()
+        self.inflight += 1
+        try:
+            started = block.read_later(off, size, lambda got: self._answer_read(reply, got))
+        except Exception as e:
+            self._request_done()
+            raise _fuse_error(e, "read") from None
+        if started is True:
+            return reply
+        self._request_done()
+        return None if started is False else started  # read() takes it; or the data now
+
+    def _answer_read(self, reply: pyfuse3.PendingReply, got: bytes | bytearray | Exception) -> None:
+        """A read_later() ends (from the ring's reaper task: must not raise)."""
+        try:
+            if isinstance(got, Exception):
+                reply.error(_fuse_error(got, "read").errno)
+            else:
+                reply.data(got)
+        except RuntimeError as e:  # the session ended first (a forced unmount): nobody waits
+            log.debug("read answered after the session ended: %s", e)
+        finally:
+            self._request_done()
 
     def write_nowait(self, fh: FileHandleT, off: int, buf: bytes, flags: int) -> int | None:
         h = self._handles.get(fh)

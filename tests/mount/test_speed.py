@@ -252,6 +252,90 @@ def test_io_uring_reads_short_at_the_end_fail_with_the_errno_and_close(disk_imag
     os.close(fd)
 
 
+def test_read_later_answers_now_or_through_the_callback(disk_image):
+    """Image.read_later (the lean path after a page-cache miss, fs.read_nowait): with a ring,
+    a miss starts the read and the data (or the OSError) comes to the callback from the
+    reaper task; with nothing else waiting (loop idle) it reads at once; a hit found by
+    cachestat while reads mostly miss is read at once too. Without a ring it is never offered."""
+    image = Image(str(disk_image), io_threads=2, uring=True)
+    expected = disk_image.read_bytes()
+    try:
+        if not image.uses_uring:  # no io_uring here: fs.read_nowait never gets this far
+            assert not image.can_read_later()
+            return
+        _drop_cache(image)
+        answers = {}
+
+        async def main():
+            done = trio.Event()
+
+            def answer(offset):
+                def got(data):
+                    answers[offset] = data
+                    if len(answers) == 64:
+                        done.set()
+
+                return got
+
+            for offset in range(0, 4 * MiB, 64 * 1024):
+                assert image.can_read_later()
+                started = image.read_later(offset, 4096, answer(offset))
+                assert started is True  # a miss, and the loop is not known to be idle
+            await done.wait()
+            # Short at the end of the file: the callback gets what is there.
+            late = trio.Event()
+            image.read_later(
+                4 * MiB - 100, 4096, lambda data: (answers.update(end=data), late.set())
+            )
+            await late.wait()
+            # Idle: read at once, in the loop.
+            _drop_cache(image)
+            image.loop_idle = lambda: True
+            assert bytes(image.read_later(8192, 512, None)) == expected[8192:8704]
+            # Reads mostly missed, so read_later asks cachestat first: a page in the cache
+            # is read at once (where cachestat(2) exists), even with requests waiting.
+            if image._cachestat is not None:
+                image.loop_idle = lambda: False
+                image.pread(0, 4096)
+                assert bytes(image.read_later(0, 4096, None)) == expected[:4096]
+
+        trio.run(main)
+        for offset in range(0, 4 * MiB, 64 * 1024):
+            assert bytes(answers[offset]) == expected[offset : offset + 4096]
+        assert bytes(answers["end"]) == expected[-100:]
+        assert image.uring_reads == 65 and image.blocking_inline == 1
+    finally:
+        image.close()
+
+
+def test_a_failed_read_later_reaches_the_callback_as_oserror(tmp_path):
+    """A read the kernel fails (EISDIR: the fd is a directory) comes to the callback as
+    OSError with its errno, from the reaper; the ring goes on."""
+    directory = os.open(tmp_path, os.O_RDONLY)
+    ring = Ring.open(directory)
+    if ring is None:
+        os.close(directory)
+        pytest.skip("io_uring cannot be used here")
+    got = []
+
+    async def main():
+        done = trio.Event()
+
+        def answer(result):
+            got.append(result)
+            done.set()
+
+        ring.start(0, 10, answer)
+        await done.wait()
+
+    try:
+        trio.run(main)
+    finally:
+        ring.close()
+        os.close(directory)
+    assert isinstance(got[0], OSError) and got[0].errno == errno.EISDIR
+
+
 def test_the_pool_path_and_a_failing_read_through_the_block_layer(disk_image):
     """Every read forced through the worker pool (as for O_DIRECT backing): same data, same
     events and checks, and an OSError in the worker reaches the caller."""
@@ -329,6 +413,7 @@ def test_cold_disk_image_through_the_mount(mount, options):
             options.split(",")[0][8:]
         )
         fd = os.open(image, os.O_RDONLY)
+        os.fsync(fd)  # dirty pages stay cached through DONTNEED
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
         errors = []
@@ -351,6 +436,12 @@ def test_cold_disk_image_through_the_mount(mount, options):
         for t in threads:
             t.join()
         assert not errors
+        reads = m.status()["backing_reads"]
+        assert sum(reads.values()) >= 128  # every request's read, counted once
+        if info["io_uring"]:
+            # eight readers at once: misses met other requests waiting, so some went to the
+            # ring, answered later (fs.read_nowait's PendingReply)
+            assert reads["io_uring"] > 0 and reads["pool"] == 0, reads
         m.umount()
     finally:
         for p in base.iterdir():

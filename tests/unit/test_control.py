@@ -347,6 +347,7 @@ def test_status_dict_is_json_and_stable():
         "last_cut",
         "armed",
         "log_writes",
+        "backing_reads",
     }
     assert d["state"] == 3
     assert d["events"] == {"read_aio": 1, "none": 1}
