@@ -442,23 +442,24 @@ class Operations(pyfuse3.Operations):
         self, fh: FileHandleT, off: int, size: int
     ) -> bytes | bytearray | pyfuse3.PendingReply | None:
         h = self._handles.get(fh)
-        if h is None or h.inode != IMAGE:
-            return None
-        block = self.block
-        if not block.lean_reads:
+        if h is None or h.inode != IMAGE or not self.block.lean_reads:
             return None
         try:
-            data = block.read_now(off, size)
+            data = self.block.read_now(off, size)
         except Exception as e:
             raise _fuse_error(e, "read") from None
-        if data is not None:
-            return data
-        # A page-cache miss: start the read here and answer when it ends, with no task
-        # (read() would await it in one: pyfuse3's coroutine, a hand-off and a wake-up).
+        if data is None:
+            return self._read_later(off, size)
+        return data
+
+    def _read_later(self, off: int, size: int) -> bytes | bytearray | pyfuse3.PendingReply | None:
+        """read_nowait after a page-cache miss: start the read here and answer when it ends,
+        with no task (read() would await it in one: pyfuse3's coroutine, a hand-off and a
+        wake-up); None if the full path must take it."""
         reply = pyfuse3.reply_later()
         self.inflight += 1
         try:
-            started = block.read_later(off, size, lambda got: self._answer_read(reply, got))
+            started = self.block.read_later(off, size, lambda got: self._answer_read(reply, got))
         except Exception as e:
             self._request_done()
             raise _fuse_error(e, "read") from None
