@@ -249,6 +249,17 @@ class Image:
             return None
         return buffer if got == length else None
 
+    def _read_if_cached(self, offset: int, length: int) -> bytes | None:
+        """While reads mostly miss (cachestat(2) is cheaper than a NOWAIT read that misses):
+        the data if the page cache holds all of it, else None; a hit or a miss, counted."""
+        assert self._cachestat is not None
+        if self._cachestat.all_cached(offset, length):
+            self._miss_share *= 15 / 16
+            self.inline_reads += 1
+            return self.pread(offset, length)
+        self._miss_share = self._miss_share * 15 / 16 + 1 / 16
+        return None
+
     def can_read_later(self) -> bool:
         """read_later() would do the read: the file's misses go to io_uring, which has room."""
         ring = self._ring
@@ -266,11 +277,11 @@ class Image:
         assert ring is not None  # can_read_later() said so
         if self._miss_share > _COLD_SHARE and self._cachestat is not None:
             # read_cached() asked nothing while reads mostly miss: ask now
-            if self._cachestat.all_cached(offset, length):
-                self._miss_share *= 15 / 16
-                self.inline_reads += 1
-                return self.pread(offset, length)
-        self._miss_share = self._miss_share * 15 / 16 + 1 / 16
+            data = self._read_if_cached(offset, length)
+            if data is not None:
+                return data
+        else:
+            self._miss_share = self._miss_share * 15 / 16 + 1 / 16  # read_cached()'s miss
         if not ring.busy and self.loop_idle is not None and self.loop_idle():
             self.blocking_inline += 1  # queue depth 1: as _cold_read
             return self.pread(offset, length)
@@ -302,11 +313,9 @@ class Image:
             return self.pread(offset, length)
         if mode == NOWAIT:
             if self._miss_share > _COLD_SHARE and self._cachestat is not None:
-                if self._cachestat.all_cached(offset, length):
-                    self._miss_share *= 15 / 16
-                    self.inline_reads += 1
-                    return self.pread(offset, length)
-                self._miss_share = self._miss_share * 15 / 16 + 1 / 16
+                data = self._read_if_cached(offset, length)
+                if data is not None:
+                    return data
                 return await self._cold_read(offset, length)
             buffer = bytearray(length)
             try:
