@@ -282,16 +282,15 @@ class Image:
                 return data
         else:
             self._miss_share = self._miss_share * 15 / 16 + 1 / 16  # read_cached()'s miss
-        if not ring.busy and self.loop_idle is not None and self.loop_idle():
+        if self._alone(ring.busy):
             self.blocking_inline += 1  # queue depth 1: as _cold_read
             return self.pread(offset, length)
         self.uring_reads += 1
 
         def finish(data: Any) -> None:
-            if type(data) is bytearray and len(data) < length:
-                # the end of the file, or a short read: pread finds out (as _cold_read)
+            if type(data) is bytearray:
                 try:
-                    data += self.pread(offset + len(data), length - len(data))
+                    data = self._complete(data, offset, length)
                 except OSError as e:
                     data = e
             done(data)
@@ -374,18 +373,27 @@ class Image:
         self._may_grow(offset + len(data))
         return len(data)
 
+    def _alone(self, busy: int) -> bool:
+        """No read of this kind in flight (`busy`) and no request waiting on /dev/fuse: a
+        read done in the loop now holds nobody up (queue depth 1)."""
+        return not busy and self.loop_idle is not None and self.loop_idle()
+
+    def _complete(self, data: bytearray, offset: int, length: int) -> bytearray:
+        """A ring read's data, short only at the end of the file: the ring's read came back
+        short (the end of the file, or an interrupted read), so pread finds out which."""
+        if len(data) < length:
+            data += self.pread(offset + len(data), length - len(data))
+        return data
+
     async def _cold_read(self, offset: int, length: int) -> bytes | bytearray:
         """A read the page cache cannot answer: through io_uring, else the worker pool."""
         ring = self._ring
         if ring is not None and ring.busy < ring.capacity:
-            if not ring.busy and self.loop_idle is not None and self.loop_idle():
+            if self._alone(ring.busy):
                 self.blocking_inline += 1  # queue depth 1: the hop costs more than it saves
                 return self.pread(offset, length)
             self.uring_reads += 1
-            data = await ring.read(offset, length)
-            if len(data) < length:  # the end of the file, or a short read: pread finds out
-                data += self.pread(offset + len(data), length - len(data))
-            return data
+            return self._complete(await ring.read(offset, length), offset, length)
         self.pool_reads += 1
         return await self._in_pool(self.pread, offset, length)
 
@@ -393,7 +401,7 @@ class Image:
         pool = self._pool
         if pool is None:
             pool = self._pool = WorkerPool(self.io_threads)
-        if not pool.busy and self.loop_idle is not None and self.loop_idle():
+        if self._alone(pool.busy):
             self.blocking_inline += 1
             return function(*args)
         return await pool.run(function, *args)
