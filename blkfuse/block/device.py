@@ -55,6 +55,7 @@ from blkfuse.block.image import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
+    MAPPED_READ_MIN,
     Bytes,
 )
 from blkfuse.block.stack import Stack
@@ -269,10 +270,12 @@ class BlockDevice:
         self.lean_reads = self.lean and self._lean_reads
         self.lean_writes = self.lean and self._lean_writes
 
-    def read_now(self, offset: int, length: int) -> bytes | bytearray | None:
+    def read_now(self, offset: int, length: int) -> bytes | bytearray | memoryview | None:
         """read(), done here and now if nothing can see it (engine.unseen) and the image
         reads inline; None if it must take the full path (nothing was done then). The
-        engine ends up exactly as after read(): read_aio counted, the check found nothing."""
+        engine ends up exactly as after read(): read_aio counted, the check found nothing.
+        A large read's data is a view of the file's mapping (Image.read_mapped), valid until
+        the next read_now: the caller sends it on at once."""
         if not self.lean_reads:
             return None
         image = self._image
@@ -283,6 +286,11 @@ class BlockDevice:
             return None
         if length > size - offset:
             length = size - offset
+        if length >= MAPPED_READ_MIN and image.can_map(offset, length):
+            # Large and in the page cache: a view of the file's mapping, not a copy
+            if not self.engine.unseen(self._lean_read_kind, offset, length):
+                return None
+            return image.read_mapped(offset, length)
         if image.reads_inline:
             if not self.engine.unseen(self._lean_read_kind, offset, length):
                 return None

@@ -53,6 +53,7 @@ import os
 import queue
 import stat
 import struct
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -86,6 +87,15 @@ _TMPFS_MAGIC = 0x01021994
 _MEMORY_FILE_SYSTEMS = {_TMPFS_MAGIC, 0x858458F6}  # and RAMFS_MAGIC
 
 INLINE, NOWAIT, POOL, BLIND = "inline", "nowait", "pool", "blind"
+
+# A lean read at least this long whose data the page cache holds is answered from a mapping of
+# the file, not a pread: the reply's copy into /dev/fuse then reads the page cache itself, one
+# copy of the data instead of two. Below this, mapping and unmapping cost more than the copy
+# saved (measured: docs/benchmarks.md, "Large reads").
+MAPPED_READ_MIN = 256 * 1024
+
+# Python 3.13's mmap can skip its dup() of the descriptor (and the close() when unmapped)
+_MMAP_NO_DUP: dict[str, Any] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 
 # Reads go through cachestat(2) first while more than this share of recent ones missed
 # the page cache (an average over the last ~16 reads).
@@ -161,6 +171,7 @@ class Image:
         self.pool_reads = 0
         self.uring_reads = 0
         self.blocking_inline = 0  # of those, done inline anyway: nothing else waited
+        self.mapped_reads = 0  # large reads answered from a mapping (read_mapped)
 
     @property
     def io_mode(self) -> str:
@@ -174,6 +185,7 @@ class Image:
             "io_uring": self.uring_reads,
             "pool": self.pool_reads,
             "waited_inline": self.blocking_inline,
+            "mapped": self.mapped_reads,
         }
 
     @property
@@ -297,6 +309,46 @@ class Image:
 
         ring.start(offset, length, finish)
         return True
+
+    def can_map(self, offset: int, length: int) -> bool:
+        """For BlockDevice's lean path: read_mapped() may answer [offset, offset+length) without
+        blocking the loop: the file lives in memory (or every read is inline anyway), or, while
+        reads mostly hit, cachestat(2) finds it all in the page cache."""
+        if self.direct:
+            return False  # O_DIRECT: the page cache is not the file's truth
+        if self.reads_inline:
+            return True
+        cachestat = self._cachestat
+        return (
+            cachestat is not None
+            and self._miss_share <= _COLD_SHARE
+            and cachestat.all_cached(offset, length)
+        )
+
+    def read_mapped(self, offset: int, length: int) -> memoryview | bytes:
+        """[offset, offset+length), inside the file (can_map() allowed it), as a read-only view
+        of a mapping of the file made for this read and unmapped when the view is released:
+        sending it to /dev/fuse copies straight from the page cache. Counted as read() counts
+        a hit. (One mapping kept for the whole file measured slower: dropping the pages it
+        touched, so that they do not pile up in the daemon's RSS, cost more than mapping.)"""
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        self._miss_share *= 15 / 16
+        try:
+            mapping = mmap.mmap(
+                self.fd,
+                offset + length - start,
+                mmap.MAP_SHARED,
+                mmap.PROT_READ,
+                offset=start,
+                **_MMAP_NO_DUP,
+            )
+        except (ValueError, OSError):
+            # The file shrank behind the known size (ValueError: past its end), or its file
+            # system cannot map it: pread answers as a read always did (short at the end)
+            self.inline_reads += 1
+            return self.pread(offset, length)
+        self.mapped_reads += 1
+        return memoryview(mapping)[offset - start :]
 
     def cached_hit(self) -> None:
         """A read_cached() answer served a request: counted as read() counts a hit."""

@@ -440,7 +440,7 @@ class Operations(pyfuse3.Operations):
 
     def read_nowait(
         self, fh: FileHandleT, off: int, size: int
-    ) -> bytes | bytearray | pyfuse3.PendingReply | None:
+    ) -> bytes | bytearray | memoryview | pyfuse3.PendingReply | None:
         h = self._handles.get(fh)
         if h is None or h.inode != IMAGE or not self.block.lean_reads:
             return None

@@ -2,6 +2,7 @@
 the event loop (page cache check, worker pool), and their options. No timing is asserted."""
 
 import errno
+import mmap
 import os
 import subprocess
 import tempfile
@@ -12,7 +13,7 @@ import pytest
 import trio
 from support.device import build_device
 
-from blkfuse.block.image import BLIND, INLINE, NOWAIT, POOL, Image, WorkerPool
+from blkfuse.block.image import BLIND, INLINE, MAPPED_READ_MIN, NOWAIT, POOL, Image, WorkerPool
 from blkfuse.block.uring import Ring
 from blkfuse.daemon import fuseloop
 from blkfuse.rules.config import ConfigError, parse_option_string, parse_options
@@ -362,6 +363,30 @@ def test_the_pool_path_and_a_failing_read_through_the_block_layer(disk_image):
     assert disk_image.read_bytes()[:8192] == bytes(expected[:8192])
 
 
+def test_a_disk_image_maps_only_what_the_page_cache_holds(disk_image):
+    image = Image(str(disk_image))
+    expected = disk_image.read_bytes()
+    length = MAPPED_READ_MIN
+    assert image.io_mode == NOWAIT  # /var/tmp is on a disk (not tmpfs) here
+    image.pread(0, 4 * MiB)  # all cached
+    if image._cachestat is None:  # no cachestat(2) (Linux < 6.5, or seccomp): never maps
+        assert not image.can_map(0, length)
+    else:
+        assert image.can_map(0, length)
+        view = image.read_mapped(MiB, length)
+        assert view == expected[MiB : MiB + length]
+        view.release()
+        _drop_cache(image)
+        assert not image.can_map(MiB, length)  # the loop would wait for the disk
+        image.pread(MiB, 4096)
+        assert not image.can_map(MiB, length)  # only partly cached
+    image.close()
+    direct = Image(str(disk_image), direct=True)
+    direct.pread(0, 4096)
+    assert not direct.can_map(0, 4096)  # O_DIRECT reads never come from the page cache
+    direct.close()
+
+
 def test_no_io_threads_means_everything_inline(disk_image):
     image = Image(str(disk_image), io_threads=0)
     assert image.io_mode == INLINE
@@ -447,6 +472,33 @@ def test_cold_disk_image_through_the_mount(mount, options):
         for p in base.iterdir():
             p.unlink()
         base.rmdir()
+
+
+def test_large_reads_through_the_mount_come_from_a_mapping(mount):
+    data = os.urandom(4 * MiB + 3000)  # the end is not on a page boundary
+    with tempfile.NamedTemporaryFile(dir="/dev/shm", prefix="blkfuse-mapped-") as image:
+        image.write(data)
+        image.flush()
+        m = mount("-o", "inject-error.0.event=none,inject-error.0.sector=100", image=image.name)
+        _read_large_through(m, data)
+        reads = m.status()["backing_reads"]
+        assert reads["mapped"] >= 4, reads
+        m.umount()
+
+
+def _read_large_through(m, data):
+    fd = os.open(m.file, os.O_RDONLY | os.O_DIRECT)
+    buffer = mmap.mmap(-1, MiB)  # page-aligned, as O_DIRECT wants
+    try:
+        for offset in (MiB, MiB + MiB // 2, 2 * MiB, 3 * MiB + 4096):  # the last: to the end
+            got = os.preadv(fd, [buffer], offset)
+            assert buffer[:got] == data[offset : offset + MiB]
+        with pytest.raises(OSError) as failed:  # the rule's sector: the full path, which fails
+            os.preadv(fd, [buffer], 0)
+        assert failed.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+        buffer.close()
 
 
 def test_bad_speed_option_at_mount_is_one_line(mount):

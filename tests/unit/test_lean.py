@@ -4,11 +4,13 @@ flush generations as the full path, request for request, whatever the rules."""
 
 import errno
 import os
+from unittest import mock
 
 import trio
 from hypothesis import HealthCheck, given, settings, strategies as st
 from support.device import build_device
 
+from blkfuse.block import device
 from blkfuse.rules.config import parse_config_text
 
 KiB = 1024
@@ -76,11 +78,16 @@ async def read_later(dev, offset, length):
 
 def replay(path, config, requests, lean, **options):
     """Run `requests` on a fresh device over `path`; what anyone could see afterwards.
-    `lean`: "now" offers reads to read_now (the nowait handler's), "await" to read_unseen
+    `lean`: "now" offers reads to read_now (the nowait handler's), "mapped" too but with
+    every read large enough to be answered from a mapping, "await" to read_unseen
     (the async handler's, when the image must wait), "later" to read_later (the nowait
     handler's after a page-cache miss: io_uring where the image has one, answered through
     the callback), each then the full path; writes go to write_now first either way.
     False: the lean path is off."""
+    if lean == "mapped":
+        with mock.patch.object(device, "MAPPED_READ_MIN", 1):
+            seen, lean_used = replay(path, config, requests, "now", **options)
+        return seen, lean_used
     dev = build_device(path, rules=parse_config_text(config, "t.conf"), seed=1, **options)
     if not lean:
         dev.lean_off()
@@ -138,11 +145,12 @@ def replay(path, config, requests, lean, **options):
 def test_lean_and_full_paths_leave_the_same_trace(tmp_path, config, requests, inline):
     options = {"io_threads": 0} if inline else {}  # inline image I/O, or NOWAIT on a disk
     results = {}
-    for lean in ("now", "await", "later", False):
+    for lean in ("now", "mapped", "await", "later", False):
         path = tmp_path / f"img-{lean}.raw"
         path.write_bytes(bytes(range(256)) * (SIZE // 256))
         results[lean] = replay(path, config, requests, lean, **options)[0]
     assert results["now"] == results[False]
+    assert results["mapped"] == results[False]
     assert results["await"] == results[False]
     assert results["later"] == results[False]
 
@@ -222,3 +230,40 @@ def test_lean_requests_through_a_mount_count_every_event(mount):
     assert events["read_aio"] == 20
     assert events["write_aio"] == events["pwritev"] == events["pwritev_done"] == 20
     assert events["flush_to_disk"] == 1  # the lean writes counted as written since the flush
+
+
+def _mappings_of(path) -> int:
+    with open("/proc/self/maps") as maps:
+        return sum(1 for line in maps if line.rstrip().endswith(str(path)))
+
+
+RULE_AT_SECTOR_1000 = '[inject-error]\nevent = "none"\nerrno = "5"\nsector = "1000"\n'
+
+
+def test_a_large_read_is_a_view_of_the_file_mapped_for_it(tmp_path):
+    path = tmp_path / "img.raw"
+    content = os.urandom(1024 * KiB + 1000)  # the end is not on a page boundary
+    path.write_bytes(content)
+    dev = build_device(path, io_threads=0)
+    image = dev.stack.image
+    large = device.MAPPED_READ_MIN
+    data = dev.read_now(4096, large)
+    assert type(data) is memoryview and data == content[4096 : 4096 + large]
+    assert _mappings_of(path) == 1
+    del data  # the reply is sent: the mapping goes with the view
+    assert _mappings_of(path) == 0
+    tail = len(content) - large
+    assert dev.read_now(tail, large + 4096) == content[tail:]  # cut at the end, as a pread
+    assert type(dev.read_now(0, large - 512)) is bytes  # smaller: copied
+    assert image.read_counts()["mapped"] == 2
+    assert dev.engine.event_counts["read_aio"] == 3  # counted as every lean read
+    # a rule that sees the request: the full path reads it (and fails it)
+    dev.engine.add_rule(parse_config_text(RULE_AT_SECTOR_1000, "t")[0])
+    assert dev.read_now(0, large) == content[:large]  # sector 1000 is past it: lean
+    assert dev.read_now(1000 * 512 - 4096, large) is None
+    # the file shrank behind the size the device keeps: read as a pread would, short
+    os.truncate(path, 600 * KiB)
+    assert dev.read_now(512 * KiB - 4096, large) == content[512 * KiB - 4096 : 600 * KiB]
+    assert image.read_counts()["mapped"] == 3
+    assert _mappings_of(path) == 0
+    dev.stack.close()
