@@ -304,7 +304,11 @@ class BlockDevice:
         # A disk-backed file: lean only if the page cache holds it all, asked first (a
         # read has no effect: one the engine then refuses is simply done again in full).
         cached = image.read_cached(offset, length)
-        if cached is None or not self.engine.unseen(self._lean_read_kind, offset, length):
+        if cached is None:
+            if image.misses_alone() and self.engine.unseen(self._lean_read_kind, offset, length):
+                return image.read_alone(offset, length)  # queue depth 1, reads mostly miss
+            return None
+        if not self.engine.unseen(self._lean_read_kind, offset, length):
             return None
         image.cached_hit()
         return cached

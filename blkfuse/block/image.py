@@ -350,6 +350,24 @@ class Image:
         self.mapped_reads += 1
         return memoryview(mapping)[offset - start :]
 
+    def misses_alone(self) -> bool:
+        """For BlockDevice's lean path, after read_cached() could not answer: reads mostly
+        miss and nothing else waits (queue depth 1), so the read is best done in the loop now
+        (read_alone): a miss would be read there anyway, after a cachestat and a
+        PendingReply that cost about a fifth of the request (measured: docs/benchmarks.md),
+        and a hit costs what read_cached's would."""
+        if self._miss_share <= _COLD_SHARE:
+            return False
+        # Reads in flight count as waiting: at queue depth 32 /dev/fuse is often empty
+        # while all the requests are in the ring (or the pool) meanwhile
+        waiting = self._ring if self._ring is not None else self._pool
+        return self._alone(waiting.busy if waiting is not None else 0)
+
+    def read_alone(self, offset: int, length: int) -> bytes:
+        """The read misses_alone() allowed, counted as _cold_read counts one."""
+        self.blocking_inline += 1
+        return self.pread(offset, length)
+
     def cached_hit(self) -> None:
         """A read_cached() answer served a request: counted as read() counts a hit."""
         self._miss_share *= 15 / 16

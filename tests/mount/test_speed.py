@@ -309,6 +309,41 @@ def test_read_later_answers_now_or_through_the_callback(disk_image):
         image.close()
 
 
+def test_a_miss_with_nothing_else_waiting_is_read_in_read_now(disk_image):
+    """Queue depth 1 while reads mostly miss: BlockDevice.read_now reads it in the loop (as
+    read_later would, without its cachestat and PendingReply); with a request waiting it
+    leaves the read to read_later, and while reads mostly hit it never blocks."""
+    dev = build_device(disk_image, io_threads=2)
+    image = dev.stack.image
+    expected = disk_image.read_bytes()
+    try:
+        if image.io_mode != NOWAIT:  # /var/tmp is on a disk here; elsewhere nothing to test
+            return
+        image.loop_idle = lambda: True
+        _drop_cache(image)
+        assert dev.read_now(0, 4096) is None  # reads were hitting: NOWAIT, which missed
+        image._miss_share = 1.0  # as after a run of misses (read_later counts them)
+        assert dev.read_now(8192, 4096) == expected[8192 : 8192 + 4096]
+        assert image.blocking_inline == 1
+        image.loop_idle = lambda: False  # another request waits: not here
+        assert dev.read_now(65536, 4096) is None
+        assert image.blocking_inline == 1
+        assert dev.engine.event_counts["read_aio"] == 1  # only the one read_now answered
+        if image.uses_uring:
+
+            async def main():
+                done = trio.Event()
+                assert image.read_later(MiB, 4096, lambda data: done.set()) is True
+                image.loop_idle = lambda: True  # /dev/fuse is empty, but a read is in flight
+                assert dev.read_now(2 * MiB, 4096) is None
+                await done.wait()
+
+            trio.run(main)
+            assert image.blocking_inline == 1
+    finally:
+        dev.stack.close()
+
+
 def test_a_failed_read_later_reaches_the_callback_as_oserror(tmp_path):
     """A read the kernel fails (EISDIR: the fd is a directory) comes to the callback as
     OSError with its errno, from the reaper; the ring goes on."""
