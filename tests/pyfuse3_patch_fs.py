@@ -131,7 +131,9 @@ class Patched(Plain):
         return bytes(self.data[off : off + size])
 
     async def write(self, fh, off, buf, flags, ctx):
-        self.log(op="write", off=off, size=len(buf), flags=flags, ctx=_ctx(ctx))
+        self.log(
+            op="write", off=off, size=len(buf), flags=flags, ctx=_ctx(ctx), buf=type(buf).__name__
+        )
         self.data[off : off + len(buf)] = buf
         if off == GATE_OFFSET:
             self.gate.set()
@@ -150,10 +152,19 @@ class Patched(Plain):
         return offset + 1000 if whence == os.SEEK_DATA else 777
 
 
+def _released(view) -> bool:
+    try:
+        len(view)
+    except ValueError:  # "operation forbidden on released memoryview object"
+        return True
+    return False
+
+
 class Nowait(Patched):
     enable_nowait_io = True
+    lent = None  # the buffer the last write_nowait got: lent for that call only (0005)
 
-    def _nowait(self, op: str, off: int, size: int, flags: int | None = None) -> bool:
+    def _nowait(self, op: str, off: int, size: int, flags: int | None = None, **more) -> bool:
         """Whether the nowait handler answers (raising for the two special offsets)."""
         if off == NOWAIT_ERRNO_OFFSET:
             raise pyfuse3.FUSEError(errno.EXDEV)
@@ -163,7 +174,7 @@ class Nowait(Patched):
         record = {"op": f"{op}-nowait" if answers else f"{op}-passed", "off": off, "size": size}
         if flags is not None:
             record["flags"] = flags
-        self.log(**record)
+        self.log(**record, **more)
         return answers
 
     def read_nowait(self, fh, off, size):
@@ -172,7 +183,11 @@ class Nowait(Patched):
         return bytes(self.data[off : off + size])
 
     def write_nowait(self, fh, off, buf, flags):
-        if not self._nowait("write", off, len(buf), flags):
+        earlier, self.lent = self.lent, buf
+        lent = {"buf": type(buf).__name__, "readonly": memoryview(buf).readonly}
+        if earlier is not None:
+            lent["earlier_released"] = _released(earlier)
+        if not self._nowait("write", off, len(buf), flags, **lent):
             return None
         self.data[off : off + len(buf)] = buf
         return len(buf)
@@ -224,7 +239,7 @@ class Later(Nowait):
         return later if later is not None else super().read_nowait(fh, off, size)
 
     def write_nowait(self, fh, off, buf, flags):
-        later = self._later("write", off, buf)
+        later = self._later("write", off, bytes(buf))  # buf is lent for this call only
         if later is False:
             self.log(op="write-passed", off=off, size=len(buf), flags=flags)
             return None

@@ -68,6 +68,7 @@ from pyfuse3 import (
 )
 
 from blkfuse.block.device import BlockDevice, fallocate_size
+from blkfuse.block.image import Bytes
 from blkfuse.daemon.callers import Caller
 from blkfuse.daemon.control import Control, ControlError
 from blkfuse.daemon.trace import Stream
@@ -480,7 +481,8 @@ class Operations(pyfuse3.Operations):
         finally:
             self._request_done()
 
-    def write_nowait(self, fh: FileHandleT, off: int, buf: bytes, flags: int) -> int | None:
+    def write_nowait(self, fh: FileHandleT, off: int, buf: Bytes, flags: int) -> int | None:
+        # buf: libfuse's buffer, lent for this call (patch 0005): written now or not at all
         h = self._handles.get(fh)
         if h is None or h.inode != IMAGE:
             return None

@@ -261,7 +261,8 @@ NOWAIT = 65536  # tests/pyfuse3_patch_fs.py's NOWAIT_OFFSET
 def test_nowait_handlers_answer_requests_or_pass_them_on_unchanged(tinyfs, locked):
     """enable_nowait_io (0003): read_nowait/write_nowait see every read and write first; what
     they answer never reaches read/write, what they pass on (None) reaches them with the
-    request context and flags as before; a FUSEError they raise is the request's errno."""
+    request context and flags as before; a FUSEError they raise is the request's errno.
+    write_nowait's data is libfuse's buffer, lent for the call (0005)."""
     fs = tinyfs(nowait=True, locked=locked)
     fd = os.open(fs.file, os.O_RDWR)
     try:
@@ -295,6 +296,12 @@ def test_nowait_handlers_answer_requests_or_pass_them_on_unchanged(tinyfs, locke
     assert nowait_writes[1]["flags"] & os.O_DSYNC
     passed_on = [r for r in fs.log() if r["op"] in ("read", "write")]
     assert all(r["ctx"] == me for r in passed_on)
+    # 0005: write_nowait borrows libfuse's buffer (read-only, released after the call: a view
+    # kept past it fails), and write gets bytes of its own
+    writes = [r for r in fs.log() if r["op"] in ("write-nowait", "write-passed")]
+    assert all(r["buf"] == "memoryview" and r["readonly"] for r in writes)
+    assert all(r["earlier_released"] for r in writes[1:])
+    assert [r["buf"] for r in passed_on if r["op"] == "write"] == ["bytes"]
 
 
 # tests/pyfuse3_patch_fs.py's LATER_*_OFFSET
