@@ -274,8 +274,8 @@ class BlockDevice:
         """read(), done here and now if nothing can see it (engine.unseen) and the image
         reads inline; None if it must take the full path (nothing was done then). The
         engine ends up exactly as after read(): read_aio counted, the check found nothing.
-        A large read's data is a view of the file's mapping (Image.read_mapped), valid until
-        the next read_now: the caller sends it on at once."""
+        A large read's data is a view of a mapping of the file made for it (Image.read_mapped,
+        unmapped when the view goes): the FUSE reply copies it straight from the page cache."""
         if not self.lean_reads:
             return None
         image = self._image

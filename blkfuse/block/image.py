@@ -91,7 +91,7 @@ INLINE, NOWAIT, POOL, BLIND = "inline", "nowait", "pool", "blind"
 # A lean read at least this long whose data the page cache holds is answered from a mapping of
 # the file, not a pread: the reply's copy into /dev/fuse then reads the page cache itself, one
 # copy of the data instead of two. Below this, mapping and unmapping cost more than the copy
-# saved (measured: docs/benchmarks.md, "Large reads").
+# saved (measured: docs/benchmarks.md, "Large requests without a copy").
 MAPPED_READ_MIN = 256 * 1024
 
 # Python 3.13's mmap can skip its dup() of the descriptor (and the close() when unmapped)
