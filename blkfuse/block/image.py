@@ -295,8 +295,7 @@ class Image:
         else:
             self._miss_share = self._miss_share * 15 / 16 + 1 / 16  # read_cached()'s miss
         if self._alone(ring.busy):
-            self.blocking_inline += 1  # queue depth 1: as _cold_read
-            return self.pread(offset, length)
+            return self.read_alone(offset, length)
         self.uring_reads += 1
 
         def finish(data: Any) -> None:
@@ -364,7 +363,9 @@ class Image:
         return self._alone(waiting.busy if waiting is not None else 0)
 
     def read_alone(self, offset: int, length: int) -> bytes:
-        """The read misses_alone() allowed, counted as _cold_read counts one."""
+        """A miss read in the loop because nothing else waits (misses_alone, read_later,
+        _cold_read): at queue depth 1 the hop to the ring or a thread costs more than it
+        saves. Counted as waited_inline."""
         self.blocking_inline += 1
         return self.pread(offset, length)
 
@@ -460,8 +461,7 @@ class Image:
         ring = self._ring
         if ring is not None and ring.busy < ring.capacity:
             if self._alone(ring.busy):
-                self.blocking_inline += 1  # queue depth 1: the hop costs more than it saves
-                return self.pread(offset, length)
+                return self.read_alone(offset, length)
             self.uring_reads += 1
             return self._complete(await ring.read(offset, length), offset, length)
         self.pool_reads += 1
